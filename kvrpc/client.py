@@ -1,0 +1,472 @@
+"""AsyncClient, and SyncClient: the same client driven from a background event-loop thread.
+
+Both keep one table of pending requests, resolved by one receive loop: the async client's
+entries are asyncio futures, the sync client's are :class:`MessagingFuture`s. Every pending
+call ends: with its reply, with :class:`RequestTimeout` when its deadline passes (a late reply
+is then dropped and counted), or with :class:`ConnectionLost` when the connection breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Final, Protocol
+
+import anyio
+import anyio.abc
+
+from kvrpc import codec
+from kvrpc.codec import Buffer, MessageKind
+from kvrpc.errors import (
+    ClientClosed,
+    ConnectionLost,
+    KvrpcError,
+    MessageTooLarge,
+    PayloadValidationError,
+    ProtocolError,
+    RequestTimeout,
+    TransportError,
+    error_from_wire,
+)
+from kvrpc.futures import MessagingFuture
+from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
+from kvrpc.transport import ClientTransport, TransportOptions, connect_client
+
+__all__ = ["DEFAULT", "AsyncClient", "ClientStats", "SyncClient"]
+
+logger = logging.getLogger("kvrpc.client")
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Stands for "the client's own default timeout" in per-call arguments.
+DEFAULT: Final = _Default()
+
+Timeout = float | None | _Default
+ProtocolRef = str | ProtocolDefinition
+
+
+class _Sink(Protocol):
+    """What a pending request resolves: an asyncio future or a MessagingFuture."""
+
+    def done(self) -> bool: ...
+    def set_result(self, value: Any, /) -> None: ...
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+
+@dataclass
+class ClientStats:
+    """Counters of one client's traffic."""
+
+    requests: int = 0  #: requests sent
+    replies: int = 0  #: replies matched to a pending request
+    timeouts: int = 0  #: requests failed with RequestTimeout
+    late_replies: int = 0  #: replies for no pending request (timed out, cancelled, unknown)
+    malformed: int = 0  #: messages from the server that could not be decoded
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+class _Pending:
+    __slots__ = ("definition", "on_done", "sink", "timer")
+
+    def __init__(
+        self,
+        sink: _Sink,
+        definition: ProtocolDefinition | None,
+        timer: asyncio.TimerHandle | None,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        self.sink = sink
+        self.definition = definition
+        self.timer = timer
+        self.on_done = on_done
+
+
+class AsyncClient:
+    """An asyncio client for one server URL; open it with ``async with``.
+
+    ``timeout`` is the default per-call deadline in seconds (None waits forever);
+    ``validate`` checks payloads before sending and responses on arrival against the
+    protocol definitions of ``registry``; ``max_in_flight`` bounds pending calls (further
+    submits wait for a free slot). Use it from the event loop that opened it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        registry: ProtocolRegistry | None = None,
+        timeout: float | None = 30.0,
+        connect_timeout: float = 10.0,
+        validate: bool = True,
+        max_message_size: int = 256 * 1024 * 1024,
+        max_in_flight: int = 1024,
+    ) -> None:
+        self.url = url
+        self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.validate = validate
+        self.max_message_size = max_message_size
+        self.max_in_flight = max_in_flight
+        self.stats = ClientStats()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._transport: ClientTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._exit_stack: AsyncExitStack | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._broken: KvrpcError | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._exit_stack is not None:
+            raise ClientClosed("this client is already open")
+        stack = AsyncExitStack()
+        try:
+            transport = connect_client(self.url, TransportOptions(self.max_message_size))
+            try:
+                with anyio.fail_after(self.connect_timeout):
+                    await transport.connect()
+            except TimeoutError:
+                raise TransportError(
+                    f"could not connect to {self.url} within {self.connect_timeout}s; "
+                    "is the server running?"
+                ) from None
+            stack.push_async_callback(transport.close)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._broken = None
+        self._exit_stack = stack
+        self._task_group.start_soon(self._receive_loop, transport)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, task_group = self._exit_stack, self._task_group
+        if stack is None or task_group is None:
+            return
+        self._exit_stack = self._task_group = None
+        self._fail_all(ClientClosed(f"client for {self.url} was closed"))
+        task_group.cancel_scope.cancel()
+        await stack.__aexit__(exc_type, exc, tb)
+
+    # ------------------------------------------------------------------ calling
+
+    async def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
+        """Call ``protocol`` with ``payload`` and return its (validated) response.
+
+        Raises :class:`RequestTimeout`, :class:`ConnectionLost`, the server's error
+        (:class:`RemoteError` for a handler's own exception), or
+        :class:`PayloadValidationError` before sending anything if the payload is invalid.
+        """
+        future = await self.submit(protocol, *payload, timeout=timeout)
+        return await future
+
+    async def submit(
+        self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT
+    ) -> asyncio.Future[Any]:
+        """Send a request and return the future of its reply, for many calls in flight.
+
+        Waits while ``max_in_flight`` calls are pending. The future fails the same ways
+        :meth:`call` does.
+        """
+        request_id, definition, frames = self.prepare(protocol, payload)
+        slots = self._require_open()
+        await slots.acquire()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: self._forget(request_id))
+        self._register(request_id, future, definition, timeout, slots.release)
+        await self._send(request_id, frames)
+        return future
+
+    def prepare(
+        self, protocol: ProtocolRef, payload: Sequence[Any]
+    ) -> tuple[int, ProtocolDefinition | None, list[Buffer]]:
+        """Validate and encode a request; thread-safe, touches no socket.
+
+        Returns ``(request_id, definition, frames)``; the definition is None for a name the
+        local registry does not know, which is then sent unvalidated.
+        """
+        if isinstance(protocol, ProtocolDefinition):
+            definition: ProtocolDefinition | None = protocol
+            name = protocol.name
+        else:
+            name = protocol
+            definition = self.registry.get(name) if name in self.registry else None
+        if definition is not None and self.validate:
+            definition.validate_payload(payload)
+        request_id = next(self._ids)  # next() on a count is atomic under the GIL
+        frames = codec.encode_request(request_id, name, payload)
+        size = codec.message_size(frames)
+        if size > self.max_message_size:
+            raise MessageTooLarge(
+                f"request of {size} bytes exceeds max_message_size ({self.max_message_size})"
+            )
+        return request_id, definition, frames
+
+    # ------------------------------------------------------------------ pending table
+
+    def _require_open(self) -> asyncio.Semaphore:
+        if self._broken is not None:
+            raise self._broken
+        if self._slots is None or self._exit_stack is None:
+            raise ClientClosed(f"client for {self.url} is not open; use 'async with'")
+        return self._slots
+
+    def _register(
+        self,
+        request_id: int,
+        sink: _Sink,
+        definition: ProtocolDefinition | None,
+        timeout: Timeout,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        seconds = self.timeout if isinstance(timeout, _Default) else timeout
+        timer = None
+        if seconds is not None:
+            # The deadline belongs to the request, not to whoever awaits it: a submitted
+            # future times out even if nobody is waiting on it yet.
+            assert self._loop is not None
+            timer = self._loop.call_later(seconds, self._expire, request_id, seconds)
+        self._pending[request_id] = _Pending(sink, definition, timer, on_done)
+        self.stats.requests += 1
+
+    async def _send(self, request_id: int, frames: list[Buffer]) -> None:
+        assert self._transport is not None
+        try:
+            await self._transport.send(frames)
+        except ConnectionLost as exc:
+            self._resolve_error(request_id, exc)
+
+    def _pop(self, request_id: int) -> _Pending | None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            if entry.timer is not None:
+                entry.timer.cancel()
+            if entry.on_done is not None:
+                entry.on_done()
+        return entry
+
+    def _forget(self, request_id: int) -> None:
+        """Drop a request whose future finished or was cancelled by its caller."""
+        self._pop(request_id)
+
+    def _resolve_error(self, request_id: int, exc: BaseException) -> None:
+        entry = self._pop(request_id)
+        if entry is not None and not entry.sink.done():
+            entry.sink.set_exception(exc)
+
+    def _expire(self, request_id: int, seconds: float) -> None:
+        entry = self._pending.get(request_id)
+        if entry is None:
+            return
+        entry.timer = None
+        self.stats.timeouts += 1
+        name = entry.definition.name if entry.definition else "request"
+        self._resolve_error(
+            request_id, RequestTimeout(f"{name} got no reply from {self.url} within {seconds}s")
+        )
+
+    def _fail_all(self, exc: KvrpcError) -> None:
+        for request_id in list(self._pending):
+            self._resolve_error(request_id, exc)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive_loop(self, transport: ClientTransport) -> None:
+        try:
+            while True:
+                self._on_message(await transport.recv())
+        except ConnectionLost as exc:
+            lost = exc
+        except Exception as exc:  # a broken transport must not leave calls hanging
+            logger.exception("receive loop for %s failed", self.url)
+            lost = ConnectionLost(f"receiving from {self.url} failed: {exc}")
+        pending = len(self._pending)
+        self._broken = ConnectionLost(f"connection to {self.url} lost: {lost}")
+        if pending:
+            logger.warning("connection to %s lost with %d calls pending", self.url, pending)
+        self._fail_all(self._broken)
+
+    def _on_message(self, frames: list[Buffer]) -> None:
+        try:
+            message = codec.decode(frames)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
+                # The reply is unreadable, but we know whose it is: fail that call now.
+                self._resolve_error(exc.request_id, exc)
+            return
+        if message.kind is MessageKind.REQUEST:
+            self.stats.malformed += 1
+            return
+        entry = self._pop(message.request_id)
+        if entry is None:
+            self.stats.late_replies += 1
+            return
+        self.stats.replies += 1
+        sink = entry.sink
+        if sink.done():  # cancelled by its caller meanwhile
+            return
+        if message.kind is MessageKind.ERROR:
+            type_name, text = message.payload
+            sink.set_exception(error_from_wire(str(type_name), str(text)))
+            return
+        value = message.payload
+        if entry.definition is not None and self.validate:
+            try:
+                value = entry.definition.validate_response(value)
+            except PayloadValidationError as exc:
+                sink.set_exception(exc)
+                return
+        sink.set_result(value)
+
+    # ------------------------------------------------------------------ used by SyncClient
+
+    def _submit_threadsafe(
+        self,
+        request_id: int,
+        definition: ProtocolDefinition | None,
+        frames: list[Buffer],
+        sink: MessagingFuture[Any],
+        timeout: Timeout,
+        on_done: Callable[[], None],
+    ) -> None:
+        """Register and send a prepared request; runs on the client's loop."""
+        try:
+            self._require_open()
+        except KvrpcError as exc:
+            on_done()
+            sink.set_exception(exc)
+            return
+        self._register(request_id, sink, definition, timeout, on_done)
+        assert self._task_group is not None
+        self._task_group.start_soon(self._send, request_id, frames)
+
+
+class SyncClient:
+    """A blocking client: an :class:`AsyncClient` driven by its own event-loop thread.
+
+    Safe to use from many threads at once. ``submit`` returns a :class:`MessagingFuture`,
+    ``call`` blocks for the result. Takes the same keyword options as :class:`AsyncClient`.
+    Connects in the constructor; raises :class:`TransportError` if it cannot.
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self._client = AsyncClient(url, **options)
+        self._slots = threading.BoundedSemaphore(self._client.max_in_flight)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"kvrpc-client {url}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    @property
+    def url(self) -> str:
+        """The server URL."""
+        return self._client.url
+
+    @property
+    def stats(self) -> ClientStats:
+        """The underlying client's counters."""
+        return self._client.stats
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with self._client:
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def submit(
+        self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT
+    ) -> MessagingFuture[Any]:
+        """Send a request and return a :class:`MessagingFuture` of its reply.
+
+        Validation errors are raised here, in the calling thread. Blocks while
+        ``max_in_flight`` calls are pending.
+        """
+        if self._closed or self._loop is None:
+            raise ClientClosed(f"client for {self.url} is closed")
+        request_id, definition, frames = self._client.prepare(protocol, payload)
+        future: MessagingFuture[Any] = MessagingFuture()
+        self._slots.acquire()
+        try:
+            self._loop.call_soon_threadsafe(
+                self._client._submit_threadsafe,
+                request_id,
+                definition,
+                frames,
+                future,
+                timeout,
+                self._slots.release,
+            )
+        except RuntimeError:  # the loop has stopped
+            self._slots.release()
+            raise ClientClosed(f"client for {self.url} is closed") from None
+        return future
+
+    def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
+        """Call and block for the response; raises what :meth:`AsyncClient.call` raises."""
+        return self.submit(protocol, *payload, timeout=timeout).result()
+
+    def close(self) -> None:
+        """Fail pending calls with :class:`ClientClosed`, stop the loop thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass
+        self._thread.join()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

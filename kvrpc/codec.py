@@ -1,0 +1,406 @@
+"""Sans-IO wire codec: messages to frames and back, without touching a socket.
+
+A message travels as a list of frames. Frame 0 is a msgpack array
+``[wire_version, kind, request_id, name, payload]``; every further frame is an out-of-band
+buffer that the payload refers to by index through an ext type, so large ``bytes``,
+``memoryview`` and CPU tensors are handed to the transport as they are instead of being copied
+into the header.
+
+Custom types travel as msgpack ext types registered in one table (:func:`register_ext`):
+codes 0-63 belong to kvrpc, 64-127 to extensions.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import msgpack
+
+from kvrpc.errors import EncodeError, ProtocolError, VersionMismatch
+
+__all__ = [
+    "OOB_THRESHOLD",
+    "WIRE_VERSION",
+    "Buffer",
+    "ExtType",
+    "Message",
+    "MessageKind",
+    "decode",
+    "encode",
+    "encode_error",
+    "encode_request",
+    "encode_response",
+    "message_size",
+    "peek",
+    "register_ext",
+]
+
+#: Bumped whenever the frame layout changes; peers of another version are refused.
+WIRE_VERSION: Final = 1
+
+#: ``bytes``/``bytearray`` of at least this many bytes travel as their own frame.
+OOB_THRESHOLD: Final = 1024
+
+#: What a frame may be: anything exposing the buffer protocol.
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+# Ext codes kvrpc uses itself. The rest of 0-63 is reserved for kvrpc's own wire types.
+_EXT_BUFFER: Final = 0
+_EXT_TENSOR: Final = 1
+_EXT_TUPLE: Final = 2
+_FIRST_EXTENSION_CODE: Final = 64
+_LAST_EXT_CODE: Final = 127
+
+# Enough header bytes for the array marker, version, kind and a 64-bit request id.
+_PEEK_BYTES: Final = 32
+
+_BUFFER_REF = struct.Struct("<IB")  # frame index, buffer kind
+_KIND_BYTES: Final = 0
+_KIND_VIEW: Final = 1
+
+# Exact types msgpack packs natively and the payload walk can skip.
+_SCALARS: Final[frozenset[type]] = frozenset({int, float, str, bool, type(None)})
+
+
+class MessageKind(enum.IntEnum):
+    """What a message is: a request, a successful response, or an error response."""
+
+    REQUEST = 0
+    RESPONSE = 1
+    ERROR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded message.
+
+    ``payload`` is the tuple of arguments for a request, the return value for a response,
+    and ``(error_type_name, error_message)`` for an error.
+    """
+
+    kind: MessageKind
+    request_id: int
+    name: str
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ExtType:
+    """One entry of the ext-type table: how a custom class travels as msgpack ext data."""
+
+    code: int
+    cls: type[Any]
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
+
+
+_EXT_BY_CODE: dict[int, ExtType] = {}
+_EXT_BY_CLASS: dict[type[Any], ExtType] = {}
+
+
+def register_ext(
+    code: int,
+    cls: type[Any],
+    encode: Callable[[Any], bytes],
+    decode: Callable[[bytes], Any],
+) -> None:
+    """Register how instances of ``cls`` travel on the wire, as msgpack ext type ``code``.
+
+    Extensions use codes 64-127; codes 0-63 are kept for types defined inside kvrpc. The same
+    registration must happen in every process that sends or receives the type. Registering a
+    code or a class twice raises ``ValueError``.
+    """
+    if not 0 <= code <= _LAST_EXT_CODE:
+        raise ValueError(f"ext code {code} is outside 0-{_LAST_EXT_CODE}")
+    if code < _FIRST_EXTENSION_CODE and not cls.__module__.startswith("kvrpc."):
+        raise ValueError(
+            f"ext codes 0-{_FIRST_EXTENSION_CODE - 1} are reserved for kvrpc; "
+            f"register {cls.__qualname__} with a code from {_FIRST_EXTENSION_CODE} to "
+            f"{_LAST_EXT_CODE}"
+        )
+    if code in (_EXT_BUFFER, _EXT_TENSOR, _EXT_TUPLE) or code in _EXT_BY_CODE:
+        raise ValueError(f"ext code {code} is already registered")
+    if cls in _EXT_BY_CLASS:
+        raise ValueError(f"{cls.__qualname__} already has ext code {_EXT_BY_CLASS[cls].code}")
+    entry = ExtType(code, cls, encode, decode)
+    _EXT_BY_CODE[code] = entry
+    _EXT_BY_CLASS[cls] = entry
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+def encode_request(request_id: int, name: str, args: Sequence[Any]) -> list[Buffer]:
+    """Frames of a request calling protocol ``name`` with positional ``args``."""
+    return _encode(MessageKind.REQUEST, request_id, name, list(args))
+
+
+def encode_response(request_id: int, value: Any) -> list[Buffer]:
+    """Frames of a successful response carrying ``value``."""
+    return _encode(MessageKind.RESPONSE, request_id, "", value)
+
+
+def encode_error(request_id: int, type_name: str, message: str) -> list[Buffer]:
+    """Frames of an error response naming the exception type and its message."""
+    return _encode(MessageKind.ERROR, request_id, "", [type_name, message])
+
+
+def encode(message: Message) -> list[Buffer]:
+    """Frames of any :class:`Message` (the inverse of :func:`decode`)."""
+    payload = message.payload
+    if message.kind is not MessageKind.RESPONSE:
+        payload = list(payload)
+    return _encode(message.kind, message.request_id, message.name, payload)
+
+
+def _encode(kind: MessageKind, request_id: int, name: str, payload: Any) -> list[Buffer]:
+    frames: list[Buffer] = [b""]
+    default = _make_default(frames)
+    try:
+        lifted = _lift(payload, frames, default)
+        frames[0] = msgpack.packb(
+            [WIRE_VERSION, int(kind), request_id, name, lifted],
+            default=default,
+            strict_types=True,  # so tuples reach `default` and come back as tuples
+            use_bin_type=True,
+        )
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode payload of {name or kind.name.lower()}: {exc}") from exc
+    return frames
+
+
+def _make_default(frames: list[Buffer]) -> Callable[[Any], Any]:
+    def default(obj: Any) -> Any:
+        if type(obj) is tuple:
+            return msgpack.ExtType(
+                _EXT_TUPLE,
+                msgpack.packb(list(obj), default=default, strict_types=True, use_bin_type=True),
+            )
+        entry = _EXT_BY_CLASS.get(type(obj))
+        if entry is not None:
+            return msgpack.ExtType(entry.code, entry.encode(obj))
+        pydantic = sys.modules.get("pydantic")  # no model can exist before pydantic is loaded
+        if pydantic is not None and isinstance(obj, pydantic.BaseModel):
+            # A model travels as its field dict; the receiver's strict validation rebuilds it.
+            return _lift(obj.model_dump(), frames, default)
+        if isinstance(obj, enum.Enum):
+            return obj.value
+        for base in (bool, int, float, str, bytes, list, dict):
+            # strict_types hands subclasses (IntEnum aside, OrderedDict, ...) to us; send the base.
+            if isinstance(obj, base):
+                return _lift(base(obj), frames, default)
+        if isinstance(obj, tuple):  # a namedtuple
+            return default(tuple(obj))
+        raise EncodeError(
+            f"kvrpc cannot encode {type(obj).__qualname__}; send a wire type (None, bool, int, "
+            "float, str, bytes, list, tuple, dict, a pydantic model, a CPU tensor) or register "
+            "the type with kvrpc.codec.register_ext"
+        )
+
+    return default
+
+
+def _lift(obj: Any, frames: list[Buffer], default: Callable[[Any], Any]) -> Any:
+    """Replace large buffers and tensors inside ``obj`` by references to frames of their own.
+
+    msgpack packs ``bytes`` natively without asking ``default``, so they have to be found by
+    walking the payload first; containers are rebuilt only where something was replaced.
+    """
+    kind = type(obj)
+    if kind in _SCALARS:
+        return obj
+    if kind is bytes or kind is bytearray:
+        if len(obj) < OOB_THRESHOLD:
+            return obj
+        return _buffer_ref(obj, _KIND_BYTES, frames)
+    if kind is memoryview:
+        view = obj if obj.c_contiguous else memoryview(obj.tobytes())
+        return _buffer_ref(
+            view.cast("B") if view.ndim != 1 or view.format != "B" else view, _KIND_VIEW, frames
+        )
+    if kind is list:
+        if _SCALARS.issuperset(map(type, obj)):
+            return obj
+        return [_lift(item, frames, default) for item in obj]
+    if kind is tuple:
+        if _SCALARS.issuperset(map(type, obj)):
+            return obj
+        return tuple(_lift(item, frames, default) for item in obj)
+    if kind is dict:
+        if _SCALARS.issuperset(map(type, obj.values())):
+            return obj
+        return {key: _lift(value, frames, default) for key, value in obj.items()}
+    torch = sys.modules.get("torch")  # only a process that made a tensor has torch loaded
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _tensor_ref(obj, frames)
+    return obj
+
+
+def _buffer_ref(data: Buffer, buffer_kind: int, frames: list[Buffer]) -> msgpack.ExtType:
+    frames.append(data)
+    return msgpack.ExtType(_EXT_BUFFER, _BUFFER_REF.pack(len(frames) - 1, buffer_kind))
+
+
+def _tensor_ref(tensor: Any, frames: list[Buffer]) -> msgpack.ExtType:
+    if tensor.device.type != "cpu":
+        raise EncodeError(
+            f"a tensor on {tensor.device} cannot travel in a message; move it to the CPU, or "
+            "share it through the KV service's CUDA IPC transfer mode"
+        )
+    flat = tensor.detach().contiguous().reshape(-1)
+    frames.append(memoryview(flat.view(_torch_uint8()).numpy()))
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    meta = msgpack.packb([len(frames) - 1, dtype, list(tensor.shape)])
+    return msgpack.ExtType(_EXT_TENSOR, meta)
+
+
+def _torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+# --------------------------------------------------------------------------------- decoding
+
+
+def decode(frames: Sequence[Buffer]) -> Message:
+    """Decode the frames of one message.
+
+    Raises :class:`ProtocolError` (or :class:`VersionMismatch`) for anything malformed; its
+    ``request_id`` attribute holds the request id whenever the header got that far, so a
+    server can still answer the request with an error.
+    """
+    if not frames:
+        raise ProtocolError("empty message: no frames")
+    used: set[int] = set()
+    unpacker = msgpack.Unpacker(
+        ext_hook=_make_ext_hook(frames, used),
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=max(len(frames[0]), 1),
+    )
+    request_id: int | None = None
+    kind: MessageKind | None = None
+    try:
+        unpacker.feed(frames[0])
+        if unpacker.read_array_header() != 5:
+            raise ProtocolError("header is not a 5-element array")
+        version = unpacker.unpack()
+        if version != WIRE_VERSION:
+            raise VersionMismatch(
+                f"peer speaks wire version {version!r}, this kvrpc speaks {WIRE_VERSION}; "
+                "run the same kvrpc release on both sides"
+            )
+        raw_kind = unpacker.unpack()
+        kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+        if kind is None:
+            raise ProtocolError(f"unknown message kind {raw_kind!r}")
+        raw_id = unpacker.unpack()
+        if type(raw_id) is not int or raw_id < 0:
+            raise ProtocolError(f"request id must be a non-negative int, got {raw_id!r}")
+        request_id = raw_id
+        name = unpacker.unpack()
+        if type(name) is not str:
+            raise ProtocolError(f"protocol name must be a str, got {type(name).__name__}")
+        payload = unpacker.unpack()
+        if unpacker.tell() != len(frames[0]):
+            raise ProtocolError("trailing bytes after the header")
+    except ProtocolError as exc:
+        exc.request_id, exc.kind = request_id, kind
+        raise
+    except Exception as exc:  # msgpack raises many types for corrupt input
+        raise ProtocolError(
+            f"malformed header: {type(exc).__name__}: {exc}", request_id=request_id, kind=kind
+        ) from exc
+    if len(used) != len(frames) - 1:
+        raise ProtocolError(
+            f"message has {len(frames) - 1} buffer frames but its header refers to {len(used)}",
+            request_id=request_id,
+            kind=kind,
+        )
+    if kind is MessageKind.RESPONSE:
+        return Message(kind, request_id, name, payload)
+    if type(payload) is not list or (kind is MessageKind.ERROR and len(payload) != 2):
+        raise ProtocolError(
+            f"{kind.name.lower()} payload has the wrong shape", request_id=request_id, kind=kind
+        )
+    return Message(kind, request_id, name, tuple(payload))
+
+
+def _make_ext_hook(frames: Sequence[Buffer], used: set[int]) -> Callable[[int, bytes], Any]:
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == _EXT_BUFFER:
+            index, buffer_kind = _BUFFER_REF.unpack(data)
+            frame = _claim_frame(frames, used, index)
+            if buffer_kind == _KIND_VIEW:
+                return memoryview(frame)
+            return frame if type(frame) is bytes else bytes(frame)
+        if code == _EXT_TENSOR:
+            index, dtype, shape = msgpack.unpackb(data)
+            return _tensor_from_frame(_claim_frame(frames, used, index), dtype, shape)
+        if code == _EXT_TUPLE:
+            return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False))
+        entry = _EXT_BY_CODE.get(code)
+        if entry is None:
+            raise ProtocolError(f"unknown ext type code {code}: is the extension registered?")
+        return entry.decode(data)
+
+    return ext_hook
+
+
+def _claim_frame(frames: Sequence[Buffer], used: set[int], index: int) -> Buffer:
+    if not 1 <= index < len(frames) or index in used:
+        raise ProtocolError(f"bad buffer reference to frame {index} of {len(frames)}")
+    used.add(index)
+    return frames[index]
+
+
+def _tensor_from_frame(frame: Buffer, dtype_name: str, shape: list[int]) -> Any:
+    """Rebuild a tensor over the frame's memory; a read-only frame is copied once first."""
+    import torch
+
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
+    view = memoryview(frame)
+    if view.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    try:
+        return torch.frombuffer(view, dtype=torch.uint8).view(dtype).reshape(shape)
+    except RuntimeError as exc:
+        raise ProtocolError(f"tensor frame does not match {dtype_name}{shape}: {exc}") from exc
+
+
+def peek(frames: Sequence[Buffer]) -> tuple[MessageKind | None, int | None]:
+    """Read only the kind and request id of a message, or None for what cannot be read.
+
+    For answering messages that will not be decoded in full (oversized ones): it looks at the
+    first bytes of the header and never at the payload or the buffers.
+    """
+    if not frames:
+        return None, None
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(bytes(memoryview(frames[0])[:_PEEK_BYTES]))
+    try:
+        if unpacker.read_array_header() != 5 or unpacker.unpack() != WIRE_VERSION:
+            return None, None
+        raw_kind, raw_id = unpacker.unpack(), unpacker.unpack()
+    except Exception:  # truncated or corrupt: nothing to answer
+        return None, None
+    kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+    request_id = raw_id if type(raw_id) is int and raw_id >= 0 else None
+    return kind, request_id
+
+
+def message_size(frames: Sequence[Buffer]) -> int:
+    """Total size in bytes of a message's frames."""
+    return sum(memoryview(f).nbytes for f in frames)

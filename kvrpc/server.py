@@ -1,0 +1,392 @@
+"""RPCServer: receive, validate, dispatch, reply.
+
+Every request is checked before its handler runs: size, decoding, protocol name, the per-peer
+in-flight limit, and the payload against the protocol's types. Anything that fails gets an
+error reply when its request id could be read, and is dropped and counted otherwise; the
+server keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+
+from kvrpc import codec
+from kvrpc.codec import Buffer, MessageKind
+from kvrpc.errors import (
+    ConnectionLost,
+    DuplicateProtocol,
+    MessageTooLarge,
+    PayloadValidationError,
+    ProtocolError,
+    ServerBusy,
+    UnknownProtocol,
+)
+from kvrpc.protocol import (
+    ECHO,
+    LIST_PROTOCOLS,
+    PING,
+    STATS,
+    HandlerType,
+    ProtocolDefinition,
+    ProtocolRegistry,
+)
+from kvrpc.transport import Peer, ServerTransport, TransportOptions, create_server
+
+__all__ = ["RPCServer", "ServerStats"]
+
+logger = logging.getLogger("kvrpc.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class ServerStats:
+    """Counters of everything the server received; read them with ``rpc.stats``."""
+
+    requests: int = 0  #: requests decoded
+    responses: int = 0  #: successful replies sent
+    error_replies: int = 0  #: error replies sent, for any reason
+    handler_errors: int = 0  #: handlers that raised
+    malformed: int = 0  #: messages that could not be decoded
+    oversized: int = 0  #: messages over max_message_size
+    unknown_protocol: int = 0  #: requests naming no handled protocol
+    invalid_payload: int = 0  #: payloads failing validation
+    busy: int = 0  #: requests refused with ServerBusy
+    unexpected: int = 0  #: responses or errors sent to the server, which takes only requests
+    dropped: int = 0  #: messages dropped without any reply (no request id could be read)
+    in_flight: int = 0  #: requests running in tasks or threads right now
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    definition: ProtocolDefinition
+    fn: Callable[..., Any]
+    is_async: bool
+
+
+class RPCServer:
+    """Serves the protocols of a registry over the transport named by ``url``.
+
+    Use it as an async context manager (it serves in the background while the body runs) or
+    ``await server.serve()`` (it serves until :meth:`stop`). Handlers are registered before
+    or after start, with :meth:`handler` as a decorator or :meth:`register`.
+
+    ``max_workers`` bounds the thread pool of BLOCKING handlers; ``max_in_flight_per_peer``
+    bounds the requests one client may have running at once (more get :class:`ServerBusy`);
+    ``shutdown_grace`` is how long shutdown waits for running requests before cancelling them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        registry: ProtocolRegistry | None = None,
+        max_workers: int = 8,
+        max_message_size: int = 256 * 1024 * 1024,
+        max_in_flight_per_peer: int = 256,
+        shutdown_grace: float = 5.0,
+    ) -> None:
+        if max_workers < 1 or max_in_flight_per_peer < 1 or max_message_size < 64:
+            raise ValueError("max_workers, max_in_flight_per_peer and max_message_size are limits")
+        self.url = url
+        self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
+        self.max_workers = max_workers
+        self.max_message_size = max_message_size
+        self.max_in_flight_per_peer = max_in_flight_per_peer
+        self.shutdown_grace = shutdown_grace
+        self._stats = ServerStats()
+        self._handlers: dict[str, _Handler] = {}
+        self._per_peer: dict[Peer, int] = {}
+        self._accepting = False
+        self._transport: ServerTransport | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._exit_stack: AsyncExitStack | None = None
+        self._stop_requested: anyio.Event | None = None
+        self._register_builtins()
+
+    # ------------------------------------------------------------------ registration
+
+    def handler(self, protocol: str | ProtocolDefinition) -> Callable[[F], F]:
+        """Decorator form of :meth:`register`."""
+
+        def decorate(fn: F) -> F:
+            self.register(protocol, fn)
+            return fn
+
+        return decorate
+
+    def register(self, protocol: str | ProtocolDefinition, fn: Callable[..., Any]) -> None:
+        """Handle ``protocol`` with ``fn(*payload)``.
+
+        A definition not yet in the server's registry is added to it; a name must already be
+        there. ``fn`` may be ``async def`` or return an awaitable only if the protocol is
+        NONBLOCKING. Registering a second handler raises :class:`DuplicateProtocol`.
+        """
+        if isinstance(protocol, ProtocolDefinition):
+            if protocol.name not in self.registry:
+                self.registry.add(protocol)
+            elif self.registry.get(protocol.name) != protocol:
+                raise DuplicateProtocol(
+                    f"the registry defines {protocol.name!r} differently from the definition given"
+                )
+            definition = protocol
+        else:
+            definition = self.registry.get(protocol)
+        if definition.name in self._handlers:
+            raise DuplicateProtocol(f"{definition.name!r} already has a handler")
+        is_async = inspect.iscoroutinefunction(fn)
+        if is_async and definition.handler_type is HandlerType.BLOCKING:
+            raise TypeError(
+                f"{definition.name} is BLOCKING, so its handler runs in a thread: give a plain "
+                "function, or declare the protocol NONBLOCKING to use 'async def'"
+            )
+        self._handlers[definition.name] = _Handler(definition, fn, is_async)
+
+    def _register_builtins(self) -> None:
+        for definition, fn in (
+            (PING, lambda: "pong"),
+            (ECHO, lambda value: value),
+            (LIST_PROTOCOLS, lambda: sorted(self._handlers)),
+            (STATS, lambda: self._stats.as_dict()),
+        ):
+            if definition.name in self.registry:
+                self.register(definition.name, fn)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def stats(self) -> ServerStats:
+        """The live counters (read them on the server's event loop)."""
+        return self._stats
+
+    async def __aenter__(self) -> RPCServer:
+        if self._exit_stack is not None:
+            raise RuntimeError("this RPCServer is already running")
+        stack = AsyncExitStack()
+        try:
+            transport = create_server(self.url, TransportOptions(self.max_message_size))
+            await transport.start()
+            stack.push_async_callback(transport.close)
+            self._executor = ThreadPoolExecutor(self.max_workers, "kvrpc-blocking")
+            stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._transport = transport
+        self._exit_stack = stack
+        self._stop_requested = anyio.Event()
+        self._accepting = True
+        self._task_group.start_soon(self._receive_loop, transport)
+        logger.info("kvrpc server listening on %s", self.url)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, task_group = self._exit_stack, self._task_group
+        if stack is None or task_group is None:
+            return
+        try:
+            await self._drain()
+            task_group.cancel_scope.cancel()
+        finally:
+            self._exit_stack = self._task_group = None
+            await stack.__aexit__(exc_type, exc, tb)
+        logger.info("kvrpc server on %s stopped", self.url)
+
+    async def serve(self) -> None:
+        """Serve until :meth:`stop` is called, then shut down gracefully."""
+        async with self:
+            assert self._stop_requested is not None
+            await self._stop_requested.wait()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to return after a graceful shutdown; call on the server's loop."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def _drain(self) -> None:
+        """Refuse new requests, then give running ones up to ``shutdown_grace`` to finish."""
+        self._accepting = False
+        with anyio.move_on_after(self.shutdown_grace):
+            while self._stats.in_flight:
+                # Polling keeps the hot path free of per-request event bookkeeping.
+                await anyio.sleep(0.005)
+        if self._stats.in_flight:
+            logger.warning(
+                "cancelling %d requests still running at shutdown", self._stats.in_flight
+            )
+
+    # ------------------------------------------------------------------ the receive path
+
+    async def _receive_loop(self, transport: ServerTransport) -> None:
+        while True:
+            try:
+                peer, frames = await transport.recv()
+            except ConnectionLost:
+                return
+            try:
+                await self._handle(peer, frames)
+            except Exception:  # a bug here must not stop the server for everyone
+                logger.exception("unexpected error while handling a message from %r", peer)
+
+    async def _handle(self, peer: Peer, frames: list[Buffer]) -> None:
+        stats = self._stats
+        if codec.message_size(frames) > self.max_message_size:
+            stats.oversized += 1
+            kind, request_id = codec.peek(frames)
+            await self._refuse(
+                peer,
+                kind,
+                request_id,
+                MessageTooLarge(
+                    f"message of {codec.message_size(frames)} bytes exceeds the server's "
+                    f"max_message_size of {self.max_message_size}"
+                ),
+            )
+            return
+        try:
+            message = codec.decode(frames)
+        except ProtocolError as exc:
+            stats.malformed += 1
+            await self._refuse(peer, exc.kind, exc.request_id, exc)
+            return
+        if message.kind is not MessageKind.REQUEST:
+            stats.unexpected += 1
+            stats.dropped += 1
+            return
+        stats.requests += 1
+        request_id = message.request_id
+        handler = self._handlers.get(message.name)
+        if handler is None:
+            stats.unknown_protocol += 1
+            await self._send_error(
+                peer, request_id, UnknownProtocol(f"server has no protocol {message.name!r}")
+            )
+            return
+        if not self._accepting:
+            stats.busy += 1
+            await self._send_error(peer, request_id, ServerBusy("server is shutting down"))
+            return
+        try:
+            args = handler.definition.validate_payload(message.payload)
+        except PayloadValidationError as exc:
+            stats.invalid_payload += 1
+            await self._send_error(peer, request_id, exc)
+            return
+        inline = not handler.is_async and handler.definition.handler_type is HandlerType.NONBLOCKING
+        if inline:
+            # Plain non-blocking handlers run inline: no task, no thread, the fastest path.
+            try:
+                result = handler.fn(*args)
+            except Exception as exc:
+                stats.handler_errors += 1
+                await self._send_error(peer, request_id, exc)
+                return
+            if not inspect.isawaitable(result):
+                await self._send_result(peer, request_id, result)
+                return
+            self._start(peer, request_id, functools.partial(_await, result))
+            return
+        if self._per_peer.get(peer, 0) >= self.max_in_flight_per_peer:
+            stats.busy += 1
+            await self._send_error(
+                peer,
+                request_id,
+                ServerBusy(
+                    f"more than {self.max_in_flight_per_peer} requests in flight from "
+                    "this client; wait for replies before sending more"
+                ),
+            )
+            return
+        if handler.is_async:
+            self._start(peer, request_id, functools.partial(handler.fn, *args))
+        else:
+            self._start(peer, request_id, functools.partial(self._in_thread, handler.fn, args))
+
+    def _start(self, peer: Peer, request_id: int, call: Callable[[], Awaitable[Any]]) -> None:
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._stats.in_flight += 1
+        assert self._task_group is not None
+        self._task_group.start_soon(self._run, peer, request_id, call)
+
+    async def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        assert self._executor is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run(self, peer: Peer, request_id: int, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            result = await call()
+        except Exception as exc:
+            self._stats.handler_errors += 1
+            await self._send_error(peer, request_id, exc)
+        else:
+            await self._send_result(peer, request_id, result)
+        finally:
+            self._stats.in_flight -= 1
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
+
+    # ------------------------------------------------------------------ replies
+
+    async def _send_result(self, peer: Peer, request_id: int, result: Any) -> None:
+        try:
+            frames = codec.encode_response(request_id, result)
+        except ProtocolError as exc:
+            self._stats.handler_errors += 1
+            await self._send_error(peer, request_id, exc)
+            return
+        await self._send(peer, frames)
+        self._stats.responses += 1
+
+    async def _send_error(self, peer: Peer, request_id: int, exc: BaseException) -> None:
+        logger.debug("request %d from %r failed", request_id, peer, exc_info=exc)
+        frames = codec.encode_error(request_id, type(exc).__name__, str(exc))
+        await self._send(peer, frames)
+        self._stats.error_replies += 1
+
+    async def _refuse(
+        self, peer: Peer, kind: MessageKind | None, request_id: int | None, exc: Exception
+    ) -> None:
+        """Answer an unusable message with an error if it was a request with a readable id."""
+        if kind is MessageKind.REQUEST and request_id is not None:
+            await self._send_error(peer, request_id, exc)
+        else:
+            self._stats.dropped += 1
+            logger.debug("dropped a message from %r: %s", peer, exc)
+
+    async def _send(self, peer: Peer, frames: list[Buffer]) -> None:
+        assert self._transport is not None
+        try:
+            await self._transport.send(peer, frames)
+        except ConnectionLost:
+            pass  # the peer went away; its reply has nowhere to go
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
