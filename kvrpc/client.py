@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -454,10 +454,8 @@ class SyncClient:
             return
         self._closed = True
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            try:
+            with suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass
         self._thread.join()
 
     def __enter__(self) -> SyncClient:

@@ -63,6 +63,8 @@ _BUFFER_REF = struct.Struct("<IB")  # frame index, buffer kind
 _KIND_BYTES: Final = 0
 _KIND_VIEW: Final = 1
 
+_NATIVE_BASES: Final[tuple[type[Any], ...]] = (bool, int, float, str, bytes, list, dict)
+
 # Exact types msgpack packs natively and the payload walk can skip.
 _SCALARS: Final[frozenset[type]] = frozenset({int, float, str, bool, type(None)})
 
@@ -192,8 +194,8 @@ def _make_default(frames: list[Buffer]) -> Callable[[Any], Any]:
             return _lift(obj.model_dump(), frames, default)
         if isinstance(obj, enum.Enum):
             return obj.value
-        for base in (bool, int, float, str, bytes, list, dict):
-            # strict_types hands subclasses (IntEnum aside, OrderedDict, ...) to us; send the base.
+        for base in _NATIVE_BASES:
+            # strict_types hands us subclasses (OrderedDict, a str subclass...): send the base.
             if isinstance(obj, base):
                 return _lift(base(obj), frames, default)
         if isinstance(obj, tuple):  # a namedtuple

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
@@ -79,17 +80,13 @@ class MessagingFuture(Generic[T]):
 
     def set_result(self, value: T) -> None:
         """Resolve with ``value``; ignored if the future was already resolved or cancelled."""
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             self._future.set_result(value)
-        except concurrent.futures.InvalidStateError:
-            pass
 
     def set_exception(self, exc: BaseException) -> None:
         """Fail with ``exc``; ignored if the future was already resolved or cancelled."""
-        try:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             self._future.set_exception(exc)
-        except concurrent.futures.InvalidStateError:
-            pass
 
     def to_cuda_future(self, device: Any = None) -> CUDAMessagingFuture[T]:
         """A :class:`CUDAMessagingFuture` over this future, for results that carry a CUDA event.

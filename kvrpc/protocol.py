@@ -78,7 +78,7 @@ class ProtocolDefinition:
     def _payload_adapter(self) -> TypeAdapter[Any]:
         from pydantic import TypeAdapter
 
-        return TypeAdapter(tuple[self.payload] if self.payload else tuple[()])  # type: ignore[misc]
+        return TypeAdapter(tuple.__class_getitem__(self.payload if self.payload else ((),)))
 
     @cached_property
     def _response_adapter(self) -> TypeAdapter[Any]:

@@ -9,6 +9,7 @@ server keeps serving either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -230,7 +231,7 @@ class RPCServer:
         """Refuse new requests, then give running ones up to ``shutdown_grace`` to finish."""
         self._accepting = False
         with anyio.move_on_after(self.shutdown_grace):
-            while self._stats.in_flight:
+            while self._stats.in_flight:  # noqa: ASYNC110
                 # Polling keeps the hot path free of per-request event bookkeeping.
                 await anyio.sleep(0.005)
         if self._stats.in_flight:
@@ -382,10 +383,8 @@ class RPCServer:
 
     async def _send(self, peer: Peer, frames: list[Buffer]) -> None:
         assert self._transport is not None
-        try:
+        with contextlib.suppress(ConnectionLost):  # a peer gone away takes no replies
             await self._transport.send(peer, frames)
-        except ConnectionLost:
-            pass  # the peer went away; its reply has nowhere to go
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:

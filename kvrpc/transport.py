@@ -10,6 +10,7 @@ and for servers and clients in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from collections.abc import Sequence
@@ -164,9 +165,9 @@ def get_plugin(scheme: str) -> TransportPlugin:
                     f"the plugin for {scheme}:// ({entry.value}) failed to import: {exc}"
                 ) from exc
             # An entry point may name a plugin class or a ready instance.
-            plugin = loaded() if isinstance(loaded, type) else loaded
-            _plugins[scheme] = plugin
-            return plugin
+            found_plugin: TransportPlugin = loaded() if isinstance(loaded, type) else loaded
+            _plugins[scheme] = found_plugin
+            return found_plugin
     package = _KNOWN_PACKAGES.get(scheme)
     if package is not None:
         raise TransportNotFound(
@@ -217,17 +218,14 @@ class _Endpoint:
         """Deliver a control item without waiting (close notices)."""
 
         def deliver() -> None:
-            try:
+            # A full queue means the reader is far behind; it sees the closed flag instead.
+            with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(item)
-            except asyncio.QueueFull:  # the reader is far behind; it will see the flag
-                pass
 
         if self.loop.is_closed():
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self.loop.call_soon_threadsafe(deliver)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
 
 
 def _copy_frames(frames: Sequence[Buffer]) -> list[Buffer]:
