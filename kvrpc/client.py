@@ -172,7 +172,9 @@ class AsyncClient:
         self._exit_stack = self._task_group = None
         self._fail_all(ClientClosed(f"client for {self.url} was closed"))
         task_group.cancel_scope.cancel()
-        await stack.__aexit__(exc_type, exc, tb)
+        # The body's own exception is not the task group's business: handing it over would
+        # come back wrapped in an ExceptionGroup instead of propagating as it is.
+        await stack.aclose()
 
     # ------------------------------------------------------------------ calling
 

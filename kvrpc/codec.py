@@ -295,19 +295,22 @@ def decode(frames: Sequence[Buffer]) -> Message:
         if unpacker.read_array_header() != 5:
             raise ProtocolError("header is not a 5-element array")
         version = unpacker.unpack()
+        raw_kind = unpacker.unpack()
+        kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+        raw_id = unpacker.unpack()
+        if type(raw_id) is int and raw_id >= 0:
+            request_id = raw_id
+        # Version, kind and request id come first in every wire version, so a peer of another
+        # version can still be told, in a reply to its own request, what went wrong.
         if version != WIRE_VERSION:
             raise VersionMismatch(
                 f"peer speaks wire version {version!r}, this kvrpc speaks {WIRE_VERSION}; "
                 "run the same kvrpc release on both sides"
             )
-        raw_kind = unpacker.unpack()
-        kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
         if kind is None:
             raise ProtocolError(f"unknown message kind {raw_kind!r}")
-        raw_id = unpacker.unpack()
-        if type(raw_id) is not int or raw_id < 0:
+        if request_id is None:
             raise ProtocolError(f"request id must be a non-negative int, got {raw_id!r}")
-        request_id = raw_id
         name = unpacker.unpack()
         if type(name) is not str:
             raise ProtocolError(f"protocol name must be a str, got {type(name).__name__}")
@@ -393,7 +396,7 @@ def peek(frames: Sequence[Buffer]) -> tuple[MessageKind | None, int | None]:
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(bytes(memoryview(frames[0])[:_PEEK_BYTES]))
     try:
-        if unpacker.read_array_header() != 5 or unpacker.unpack() != WIRE_VERSION:
+        if unpacker.read_array_header() != 5 or type(unpacker.unpack()) is not int:
             return None, None
         raw_kind, raw_id = unpacker.unpack(), unpacker.unpack()
     except Exception:  # truncated or corrupt: nothing to answer

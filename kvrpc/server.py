@@ -213,14 +213,20 @@ class RPCServer:
             task_group.cancel_scope.cancel()
         finally:
             self._exit_stack = self._task_group = None
-            await stack.__aexit__(exc_type, exc, tb)
+            # Keep the body's exception out of the task group so it propagates unwrapped.
+            await stack.aclose()
         logger.info("kvrpc server on %s stopped", self.url)
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` is called, then shut down gracefully."""
         async with self:
-            assert self._stop_requested is not None
-            await self._stop_requested.wait()
+            await self.wait_for_stop()
+
+    async def wait_for_stop(self) -> None:
+        """Wait, while serving, until :meth:`stop` is called."""
+        if self._stop_requested is None:
+            raise RuntimeError("the server is not running")
+        await self._stop_requested.wait()
 
     def stop(self) -> None:
         """Ask :meth:`serve` to return after a graceful shutdown; call on the server's loop."""

@@ -1,0 +1,192 @@
+"""The ``kvrpc`` command: ``serve``, ``demo``, ``ping``, ``stats`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvrpc.errors import KvrpcError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvrpc`` command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # Only a server's log is worth reading by default; the other commands print their results.
+    quiet = logging.INFO if args.command == "serve" else logging.WARNING
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else quiet,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        result: int = args.run(args)
+    except KvrpcError as exc:
+        print(f"kvrpc {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrpc", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run an RPC server until SIGINT/SIGTERM")
+    serve.add_argument("--url", default="zmq+tcp://127.0.0.1:5555", help="URL to bind")
+    serve.add_argument("--max-workers", type=int, default=8, help="BLOCKING handler threads")
+    serve.set_defaults(run=_run_serve)
+
+    demo = commands.add_parser("demo", help="a server and a client over inproc:// making calls")
+    demo.set_defaults(run=_run_demo)
+
+    ping = commands.add_parser("ping", help="call rpc.ping on a server")
+    ping.add_argument("url")
+    ping.add_argument("--count", type=int, default=3)
+    ping.add_argument("--timeout", type=float, default=5.0, help="seconds per ping")
+    ping.set_defaults(run=_run_ping)
+
+    stats = commands.add_parser("stats", help="print a server's counters as JSON")
+    stats.add_argument("url")
+    stats.add_argument("--timeout", type=float, default=5.0)
+    stats.set_defaults(run=_run_stats)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    rpc = benches.add_parser("rpc", help="round trip, pipelined throughput and bandwidth")
+    rpc.add_argument("--url", default="inproc://kvrpc-bench", help="transport to measure")
+    rpc.add_argument("--calls", type=int, default=5000, help="sequential pings measured")
+    rpc.add_argument("--pipelined", type=int, default=20000, help="calls in the pipelined run")
+    rpc.add_argument("--window", type=int, default=64, help="calls in flight when pipelined")
+    rpc.add_argument("--payload-mib", type=int, default=8, help="echo payload for bandwidth")
+    rpc.add_argument("--rounds", type=int, default=5, help="echo round trips for bandwidth")
+    rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    rpc.set_defaults(run=_run_bench_rpc)
+    return parser
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from kvrpc.server import RPCServer
+
+    async def serve() -> None:
+        server = RPCServer(args.url, max_workers=args.max_workers)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        async with server:
+            logging.getLogger("kvrpc").info(
+                "ready: serving %s with %d blocking workers", args.url, args.max_workers
+            )
+            print(f"kvrpc ready {args.url}", flush=True)
+            await server.wait_for_stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kvrpc.client import AsyncClient
+    from kvrpc.protocol import HandlerType, ProtocolDefinition
+    from kvrpc.server import RPCServer
+
+    add = ProtocolDefinition("demo.add", (int, int), int)
+    digest = ProtocolDefinition("demo.sha256", (bytes,), str, HandlerType.BLOCKING)
+    url = "inproc://kvrpc-demo"
+
+    async def demo() -> None:
+        server = RPCServer(url)
+        server.register(add, lambda a, b: a + b)
+        server.register(digest, lambda data: hashlib.sha256(data).hexdigest())
+        async with server, AsyncClient(url, registry=server.registry) as client:
+            names = await client.call("rpc.list_protocols")
+            print(f"server on {url}; protocols: {', '.join(names)}")
+            print(f"rpc.ping -> {await client.call('rpc.ping')}")
+            print(f"demo.add(2, 40) -> {await client.call(add, 2, 40)}")
+            blob = bytes(range(256)) * 4096  # 1 MiB, travels as its own frame
+            remote = await client.call(digest, blob)
+            print(
+                f"demo.sha256(1 MiB) on a worker thread -> {remote[:16]}... "
+                f"(matches local: {remote == hashlib.sha256(blob).hexdigest()})"
+            )
+            futures = [await client.submit(add, i, i) for i in range(100)]
+            total = sum(await asyncio.gather(*futures))
+            print(f"100 pipelined demo.add calls -> sum {total}")
+            try:
+                await client.call("demo.add", 1, "2")
+            except KvrpcError as exc:
+                print(f"bad payload refused before sending: {type(exc).__name__}: {exc}")
+            stats = await client.call("rpc.stats")
+            print(f"server stats: requests={stats['requests']} responses={stats['responses']}")
+
+    asyncio.run(demo())
+    return 0
+
+
+# ------------------------------------------------------------------------------ ping / stats
+
+
+def _run_ping(args: argparse.Namespace) -> int:
+    import time
+
+    from kvrpc.client import SyncClient
+
+    with SyncClient(args.url, timeout=args.timeout, connect_timeout=args.timeout) as client:
+        for _ in range(args.count):
+            start = time.perf_counter()
+            answer = client.call("rpc.ping")
+            print(f"{answer} from {args.url} in {(time.perf_counter() - start) * 1e6:.0f} us")
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from kvrpc.client import SyncClient
+
+    with SyncClient(args.url, timeout=args.timeout, connect_timeout=args.timeout) as client:
+        print(json.dumps(client.call("rpc.stats"), indent=2, sort_keys=True))
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+
+
+def _run_bench_rpc(args: argparse.Namespace) -> int:
+    from kvrpc.bench import run_rpc_bench
+
+    figures = asyncio.run(run_rpc_bench(args))
+    print(_table(figures))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=2)
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _table(figures: dict[str, Any]) -> str:
+    rows = [
+        (key, f"{value:,.1f}" if isinstance(value, float) else str(value))
+        for key, value in figures.items()
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
