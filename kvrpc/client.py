@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from kvrpc import codec
+from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.codec import Buffer, MessageKind
 from kvrpc.errors import (
     ClientClosed,
@@ -134,6 +135,21 @@ class AsyncClient:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def connect(self) -> AsyncClient:
+        """Connect within ``connect_timeout``; raises :class:`TransportError` if it cannot.
+
+        :meth:`aclose` undoes it, possibly from another task of the same event loop.
+        """
         if self._exit_stack is not None:
             raise ClientClosed("this client is already open")
         stack = AsyncExitStack()
@@ -148,7 +164,9 @@ class AsyncClient:
                     "is the server running?"
                 ) from None
             stack.push_async_callback(transport.close)
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            tasks = OwnedTaskGroup(f"kvrpc-client {self.url}")
+            self._task_group = await tasks.open()
+            stack.push_async_callback(tasks.close)
         except BaseException:
             await stack.aclose()
             raise
@@ -160,21 +178,15 @@ class AsyncClient:
         self._task_group.start_soon(self._receive_loop, transport)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, task_group = self._exit_stack, self._task_group
-        if stack is None or task_group is None:
+    async def aclose(self) -> None:
+        """Fail pending calls with :class:`ClientClosed` and disconnect; idempotent."""
+        stack = self._exit_stack
+        if stack is None:
             return
-        self._exit_stack = self._task_group = None
+        self._exit_stack = None
         self._fail_all(ClientClosed(f"client for {self.url} was closed"))
-        task_group.cancel_scope.cancel()
-        # The body's own exception is not the task group's business: handing it over would
-        # come back wrapped in an ExceptionGroup instead of propagating as it is.
-        await stack.aclose()
+        await stack.aclose()  # stops the receive loop, then closes the transport
+        self._task_group = None
 
     # ------------------------------------------------------------------ calling
 

@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 
 from kvrpc import codec
+from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.codec import Buffer, MessageKind
 from kvrpc.errors import (
     ConnectionLost,
@@ -173,11 +174,31 @@ class RPCServer:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def serving(self) -> bool:
+        """True from a completed :meth:`start` until shutdown begins."""
+        return self._exit_stack is not None and self._accepting
+
+    @property
     def stats(self) -> ServerStats:
         """The live counters (read them on the server's event loop)."""
         return self._stats
 
     async def __aenter__(self) -> RPCServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> RPCServer:
+        """Bind the transport and serve in the background; :meth:`aclose` undoes it.
+
+        Start and close may happen in different tasks of the same event loop.
+        """
         if self._exit_stack is not None:
             raise RuntimeError("this RPCServer is already running")
         stack = AsyncExitStack()
@@ -187,7 +208,9 @@ class RPCServer:
             stack.push_async_callback(transport.close)
             self._executor = ThreadPoolExecutor(self.max_workers, "kvrpc-blocking")
             stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            tasks = OwnedTaskGroup(f"kvrpc-server {self.url}")
+            self._task_group = await tasks.open()
+            stack.push_async_callback(tasks.close)
         except BaseException:
             await stack.aclose()
             raise
@@ -199,22 +222,21 @@ class RPCServer:
         logger.info("kvrpc server listening on %s", self.url)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        stack, task_group = self._exit_stack, self._task_group
-        if stack is None or task_group is None:
+    async def aclose(self) -> None:
+        """Shut down gracefully; idempotent.
+
+        Refuses new requests, lets running ones finish within ``shutdown_grace`` seconds,
+        cancels the rest, then closes the transport.
+        """
+        stack = self._exit_stack
+        if stack is None:
             return
         try:
             await self._drain()
-            task_group.cancel_scope.cancel()
         finally:
-            self._exit_stack = self._task_group = None
-            # Keep the body's exception out of the task group so it propagates unwrapped.
-            await stack.aclose()
+            self._exit_stack = None
+            await stack.aclose()  # cancels the tasks, then the pool, then the transport
+            self._task_group = None
         logger.info("kvrpc server on %s stopped", self.url)
 
     async def serve(self) -> None:
