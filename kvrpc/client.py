@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import asdict, dataclass
@@ -131,6 +132,9 @@ class AsyncClient:
         self._exit_stack: AsyncExitStack | None = None
         self._slots: asyncio.Semaphore | None = None
         self._broken: KvrpcError | None = None
+        # Requests submitted from other threads, waiting for the outbox task to send them.
+        self._outbox: deque[tuple[int, list[Buffer]]] = deque()
+        self._outbox_ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +180,7 @@ class AsyncClient:
         self._broken = None
         self._exit_stack = stack
         self._task_group.start_soon(self._receive_loop, transport)
+        self._task_group.start_soon(self._outbox_loop)
         return self
 
     async def aclose(self) -> None:
@@ -378,8 +383,17 @@ class AsyncClient:
             sink.set_exception(exc)
             return
         self._register(request_id, sink, definition, timeout, on_done)
-        assert self._task_group is not None
-        self._task_group.start_soon(self._send, request_id, frames)
+        self._outbox.append((request_id, frames))
+        self._outbox_ready.set()
+
+    async def _outbox_loop(self) -> None:
+        """Send what other threads submitted, in order, from one task of the task group."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                request_id, frames = self._outbox.popleft()
+                await self._send(request_id, frames)
 
 
 class SyncClient:

@@ -121,6 +121,7 @@ class RPCServer:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._stop_requested: anyio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._register_builtins()
 
     # ------------------------------------------------------------------ registration
@@ -217,6 +218,7 @@ class RPCServer:
         self._transport = transport
         self._exit_stack = stack
         self._stop_requested = anyio.Event()
+        self._loop = asyncio.get_running_loop()
         self._accepting = True
         self._task_group.start_soon(self._receive_loop, transport)
         logger.info("kvrpc server listening on %s", self.url)
@@ -251,9 +253,19 @@ class RPCServer:
         await self._stop_requested.wait()
 
     def stop(self) -> None:
-        """Ask :meth:`serve` to return after a graceful shutdown; call on the server's loop."""
-        if self._stop_requested is not None:
-            self._stop_requested.set()
+        """Ask :meth:`serve` / :meth:`wait_for_stop` to return; safe from any thread."""
+        loop, requested = self._loop, self._stop_requested
+        if loop is None or requested is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            requested.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop already closed: nothing to stop
+                loop.call_soon_threadsafe(requested.set)
 
     async def _drain(self) -> None:
         """Refuse new requests, then give running ones up to ``shutdown_grace`` to finish."""

@@ -1,0 +1,301 @@
+"""AsyncClient and SyncClient: results, errors, timeouts, lost connections, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kvrpc import (
+    AsyncClient,
+    ClientClosed,
+    ConnectionLost,
+    HandlerType,
+    MessagingFuture,
+    PayloadValidationError,
+    ProtocolDefinition,
+    RequestTimeout,
+    RPCServer,
+    SyncClient,
+    TransportError,
+    codec,
+)
+from kvrpc.codec import MessageKind
+from kvrpc.errors import VersionMismatch
+from kvrpc.transport import create_server
+
+ADD = ProtocolDefinition("calc.add", (int, int), int)
+NAP = ProtocolDefinition("calc.nap", (float, int), int)  # sleeps, then returns its tag
+HOLD = ProtocolDefinition("calc.hold", (float,), str, HandlerType.BLOCKING)
+LIAR = ProtocolDefinition("calc.liar", (), int)  # declares int, returns a str
+
+
+def install(server: RPCServer) -> None:
+    async def nap(seconds: float, tag: int) -> int:
+        await asyncio.sleep(seconds)
+        return tag
+
+    def hold(seconds: float) -> str:
+        time.sleep(seconds)
+        return "held"
+
+    server.register(ADD, lambda a, b: a + b)
+    server.register(NAP, nap)
+    server.register(HOLD, hold)
+    server.register(LIAR, lambda: "not an int")
+
+
+# ----------------------------------------------------------------------------- AsyncClient
+
+
+async def test_submit_keeps_many_calls_in_flight_and_matches_replies(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        # Later submits finish first: replies must still reach their own futures.
+        futures = [await client.submit(NAP, 0.05 - i * 0.001, i) for i in range(40)]
+        assert await asyncio.gather(*futures) == list(range(40))
+
+
+async def test_invalid_payload_is_refused_before_sending(server: RPCServer, url: str) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        with pytest.raises(PayloadValidationError, match="calc.add"):
+            await client.call(ADD, 1, "2")
+        with pytest.raises(PayloadValidationError, match="takes 2"):
+            await client.call("calc.add", 1)
+    assert server.stats.requests == 0
+
+
+async def test_response_of_the_wrong_type_is_a_validation_error(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        with pytest.raises(PayloadValidationError, match="response"):
+            await client.call(LIAR)
+    async with AsyncClient(url, registry=server.registry, validate=False) as client:
+        assert await client.call(LIAR) == "not an int"
+
+
+async def test_timeout_raises_and_late_reply_is_dropped_not_misdelivered(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        with pytest.raises(RequestTimeout, match="calc.nap"):
+            await client.call(NAP, 0.2, 111, timeout=0.05)
+        # The late reply (111) arrives while this call waits; it must not answer it.
+        assert await client.call(NAP, 0.3, 222) == 222
+        assert client.stats.late_replies == 1
+        assert client.stats.timeouts == 1
+
+
+async def test_request_timeout_is_also_a_builtin_timeout_error(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry, timeout=0.02) as client:
+        with pytest.raises(TimeoutError):
+            await client.call(NAP, 0.5, 1)
+
+
+async def test_submitted_future_times_out_even_if_nobody_awaits_it(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        future = await client.submit(NAP, 1.0, 1, timeout=0.05)
+        await asyncio.sleep(0.2)
+        assert future.done()
+        assert isinstance(future.exception(), RequestTimeout)
+
+
+async def test_cancelled_call_frees_its_slot(server: RPCServer, url: str) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry, max_in_flight=1) as client:
+        task = asyncio.create_task(client.call(NAP, 1.0, 1))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # With max_in_flight=1 this would wait forever if the cancelled call kept its slot.
+        assert await asyncio.wait_for(client.call(ADD, 1, 1), 2) == 2
+
+
+async def test_lost_connection_fails_every_pending_call(url: str) -> None:
+    server = RPCServer(url, shutdown_grace=0.05)
+    install(server)
+    await server.start()
+    async with AsyncClient(url, registry=server.registry, timeout=30) as client:
+        pending = [await client.submit(NAP, 10.0, i) for i in range(5)]
+        while server.stats.in_flight < 5:  # noqa: ASYNC110 - wait until all are running
+            await asyncio.sleep(0.005)
+        start = time.perf_counter()
+        await server.aclose()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, ConnectionLost) for r in results), results
+        assert time.perf_counter() - start < 5
+        with pytest.raises(ConnectionLost):
+            await client.call("rpc.ping")
+
+
+async def test_closing_the_client_fails_pending_calls_with_client_closed(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    client = await AsyncClient(url, registry=server.registry).connect()
+    pending = await client.submit(NAP, 10.0, 1)
+    await client.aclose()
+    with pytest.raises(ClientClosed):
+        await pending
+    with pytest.raises(ClientClosed):
+        await client.call("rpc.ping")
+
+
+async def test_unreachable_server_is_a_transport_error(url: str) -> None:
+    with pytest.raises(TransportError, match="no server"):
+        async with AsyncClient(url):
+            pass
+
+
+async def test_malformed_and_unknown_replies_are_counted_and_ignored(url: str) -> None:
+    """A misbehaving server: junk and unsolicited replies before the real answer."""
+    fake = create_server(url)
+    await fake.start()
+
+    async def misbehave() -> None:
+        peer, frames = await fake.recv()
+        request = codec.decode(frames)
+        await fake.send(peer, [b"\xff\x00garbage"])
+        await fake.send(peer, codec.encode_response(request.request_id + 1000, "stray"))
+        await fake.send(peer, codec.encode_response(request.request_id, "pong"))
+
+    async with AsyncClient(url, timeout=5) as client:
+        task = asyncio.create_task(misbehave())
+        assert await client.call("rpc.ping") == "pong"
+        await task
+        assert client.stats.malformed == 1
+        assert client.stats.late_replies == 1
+    await fake.close()
+
+
+async def test_reply_from_another_wire_version_fails_that_call_at_once(url: str) -> None:
+    fake = create_server(url)
+    await fake.start()
+
+    async def answer_in_version_2() -> None:
+        import msgpack
+
+        peer, frames = await fake.recv()
+        request = codec.decode(frames)
+        await fake.send(peer, [msgpack.packb([2, int(MessageKind.RESPONSE),
+                                              request.request_id, "", "pong"])])
+
+    async with AsyncClient(url, timeout=5) as client:
+        task = asyncio.create_task(answer_in_version_2())
+        with pytest.raises(VersionMismatch, match="version 2"):
+            await client.call("rpc.ping")
+        await task
+    await fake.close()
+
+
+# ----------------------------------------------------------------------------- SyncClient
+
+
+def run_server_in_thread(url: str) -> tuple[threading.Thread, list[RPCServer]]:
+    """A server on its own loop thread, as an engine process would talk to a separate one."""
+    holder: list[RPCServer] = []
+    started = threading.Event()
+
+    async def main() -> None:
+        server = RPCServer(url, max_workers=4, shutdown_grace=0.2)
+        install(server)
+        holder.append(server)
+        async with server:
+            started.set()
+            await server.wait_for_stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(5)
+    return thread, holder
+
+
+def stop_server_thread(thread: threading.Thread, holder: list[RPCServer]) -> None:
+    holder[0].stop()  # from this thread: stop() is thread-safe
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def threaded_server(url: str):  # type: ignore[no-untyped-def]
+    thread, holder = run_server_in_thread(url)
+    yield holder[0]
+    stop_server_thread(thread, holder)
+
+
+def test_sync_call_and_submit(threaded_server: RPCServer, url: str) -> None:
+    with SyncClient(url, registry=threaded_server.registry) as client:
+        assert client.call(ADD, 20, 22) == 42
+        future = client.submit(NAP, 0.01, 7)
+        assert isinstance(future, MessagingFuture)
+        assert future.result(timeout=5) == 7
+
+
+def test_sync_client_from_eight_threads_at_once(threaded_server: RPCServer, url: str) -> None:
+    with SyncClient(url, registry=threaded_server.registry) as client:
+
+        def worker(base: int) -> list[int]:
+            return [client.call(ADD, base, i) for i in range(200)]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(worker, [t * 1000 for t in range(8)]))
+    for t, got in enumerate(results):
+        assert got == [t * 1000 + i for i in range(200)]
+
+
+def test_sync_validation_errors_raise_in_the_calling_thread(
+    threaded_server: RPCServer, url: str
+) -> None:
+    with SyncClient(url, registry=threaded_server.registry) as client:
+        with pytest.raises(PayloadValidationError):
+            client.submit(ADD, "1", 2)
+        assert client.call(ADD, 1, 2) == 3
+
+
+def test_sync_timeout_and_future_wait(threaded_server: RPCServer, url: str) -> None:
+    with SyncClient(url, registry=threaded_server.registry) as client:
+        future = client.submit(HOLD, 0.3, timeout=0.05)
+        assert not future.wait(timeout=0.01)
+        with pytest.raises(RequestTimeout):
+            future.result(timeout=5)
+
+
+def test_sync_client_close_fails_pending_calls(threaded_server: RPCServer, url: str) -> None:
+    client = SyncClient(url, registry=threaded_server.registry)
+    pending = client.submit(NAP, 5.0, 1)
+    client.close()
+    with pytest.raises(ClientClosed):
+        pending.result(timeout=5)
+    with pytest.raises(ClientClosed):
+        client.call("rpc.ping")
+
+
+def test_sync_client_to_unreachable_server_raises_at_once(url: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(TransportError, match=url):
+        SyncClient(url)
+    assert time.perf_counter() - start < 5
+
+
+async def test_messaging_future_from_sync_client_is_awaitable(
+    threaded_server: RPCServer, url: str
+) -> None:
+    with SyncClient(url, registry=threaded_server.registry) as client:
+        future = client.submit(ADD, 2, 2)
+        assert await future == 4
