@@ -64,7 +64,7 @@ async def test_submit_keeps_many_calls_in_flight_and_matches_replies(
 async def test_invalid_payload_is_refused_before_sending(server: RPCServer, url: str) -> None:
     install(server)
     async with AsyncClient(url, registry=server.registry) as client:
-        with pytest.raises(PayloadValidationError, match="calc.add"):
+        with pytest.raises(PayloadValidationError, match=r"calc\.add"):
             await client.call(ADD, 1, "2")
         with pytest.raises(PayloadValidationError, match="takes 2"):
             await client.call("calc.add", 1)
@@ -87,7 +87,7 @@ async def test_timeout_raises_and_late_reply_is_dropped_not_misdelivered(
 ) -> None:
     install(server)
     async with AsyncClient(url, registry=server.registry) as client:
-        with pytest.raises(RequestTimeout, match="calc.nap"):
+        with pytest.raises(RequestTimeout, match=r"calc\.nap"):
             await client.call(NAP, 0.2, 111, timeout=0.05)
         # The late reply (111) arrives while this call waits; it must not answer it.
         assert await client.call(NAP, 0.3, 222) == 222
