@@ -26,7 +26,17 @@ from kvrpc.protocol import ECHO, PING
 from kvrpc.server import RPCServer
 from kvrpc.transport import parse_url
 
-__all__ = ["percentile", "run_rpc_bench"]
+__all__ = ["measure_import", "percentile", "run_rpc_bench"]
+
+# Run in a fresh interpreter: prints the import time of kvrpc in seconds and which heavy
+# modules it pulled in.
+_IMPORT_PROBE = """
+import sys, time
+start = time.perf_counter()
+import kvrpc
+elapsed = time.perf_counter() - start
+print(elapsed, 'torch' in sys.modules, 'pydantic' in sys.modules)
+"""
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -34,6 +44,33 @@ def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
     return ordered[index]
+
+
+def measure_import(runs: int) -> dict[str, Any]:
+    """Median ``import kvrpc`` time over ``runs`` fresh interpreters, and a bare baseline."""
+    import subprocess
+
+    probe, bare, heavy = [], [], set()
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True
+        ).stdout.split()
+        probe.append(float(out[0]))
+        heavy |= {
+            name
+            for name, loaded in zip(("torch", "pydantic"), out[1:], strict=False)
+            if loaded == "True"
+        }
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        bare.append(time.perf_counter() - start)
+    return {
+        "import_kvrpc_median_ms": statistics.median(probe) * 1e3,
+        "import_kvrpc_max_ms": max(probe) * 1e3,
+        "bare_interpreter_start_median_ms": statistics.median(bare) * 1e3,
+        "heavy_modules_imported": ", ".join(sorted(heavy)) or "none",
+        "runs": runs,
+    }
 
 
 def _progress(text: str) -> None:

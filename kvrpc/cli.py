@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     rpc.add_argument("--rounds", type=int, default=5, help="echo round trips for bandwidth")
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     rpc.set_defaults(run=_run_bench_rpc)
+    imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
+    imports.add_argument("--runs", type=int, default=15)
+    imports.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    imports.set_defaults(run=_run_bench_import)
     return parser
 
 
@@ -169,12 +173,21 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _run_bench_rpc(args: argparse.Namespace) -> int:
     from kvrpc.bench import run_rpc_bench
 
-    figures = asyncio.run(run_rpc_bench(args))
+    return _report(asyncio.run(run_rpc_bench(args)), args.json)
+
+
+def _run_bench_import(args: argparse.Namespace) -> int:
+    from kvrpc.bench import measure_import
+
+    return _report(measure_import(args.runs), args.json)
+
+
+def _report(figures: dict[str, Any], json_path: str | None) -> int:
     print(_table(figures))
-    if args.json:
-        with open(args.json, "w") as out:
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(figures, out, indent=2)
-        print(f"figures written to {args.json}")
+        print(f"figures written to {json_path}")
     return 0
 
 

@@ -95,9 +95,7 @@ async def test_timeout_raises_and_late_reply_is_dropped_not_misdelivered(
         assert client.stats.timeouts == 1
 
 
-async def test_request_timeout_is_also_a_builtin_timeout_error(
-    server: RPCServer, url: str
-) -> None:
+async def test_request_timeout_is_also_a_builtin_timeout_error(server: RPCServer, url: str) -> None:
     install(server)
     async with AsyncClient(url, registry=server.registry, timeout=0.02) as client:
         with pytest.raises(TimeoutError):
@@ -193,8 +191,9 @@ async def test_reply_from_another_wire_version_fails_that_call_at_once(url: str)
 
         peer, frames = await fake.recv()
         request = codec.decode(frames)
-        await fake.send(peer, [msgpack.packb([2, int(MessageKind.RESPONSE),
-                                              request.request_id, "", "pong"])])
+        await fake.send(
+            peer, [msgpack.packb([2, int(MessageKind.RESPONSE), request.request_id, "", "pong"])]
+        )
 
     async with AsyncClient(url, timeout=5) as client:
         task = asyncio.create_task(answer_in_version_2())

@@ -212,9 +212,7 @@ async def test_random_bytes_are_dropped_counted_and_serving_goes_on(
     await peer.close()
 
 
-async def test_truncated_header_without_request_id_is_dropped(
-    server: RPCServer, url: str
-) -> None:
+async def test_truncated_header_without_request_id_is_dropped(server: RPCServer, url: str) -> None:
     whole = codec.encode_request(7, "rpc.ping", [])[0]
     peer = await raw_peer(url)
     await peer.send([whole[:3]])  # array marker, version, kind: no request id yet
@@ -286,9 +284,7 @@ async def test_oversized_message_gets_error_reply_and_no_decode(url: str) -> Non
         assert server.stats.oversized == 1
 
 
-async def test_response_sent_to_server_is_dropped_and_counted(
-    server: RPCServer, url: str
-) -> None:
+async def test_response_sent_to_server_is_dropped_and_counted(server: RPCServer, url: str) -> None:
     peer = await raw_peer(url)
     await peer.send(codec.encode_response(123456, "unsolicited"))
     await peer.send(codec.encode_error(654321, "ValueError", "nobody asked"))
