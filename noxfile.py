@@ -23,7 +23,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     # torch is not needed to type-check: kvrpc imports it lazily and mypy treats it as Any.
-    session.install("mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.6")
+    session.install("mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10")
     session.run("mypy", "--strict", "kvrpc")
 
 

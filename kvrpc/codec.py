@@ -13,6 +13,7 @@ codes 0-63 belong to kvrpc, 64-127 to extensions.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -173,7 +174,8 @@ def _encode(kind: MessageKind, request_id: int, name: str, payload: Any) -> list
         )
     except EncodeError:
         raise
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        # RuntimeError: what torch raises for a tensor it cannot flatten or view as bytes.
         raise EncodeError(f"cannot encode payload of {name or kind.name.lower()}: {exc}") from exc
     return frames
 
@@ -256,17 +258,25 @@ def _tensor_ref(tensor: Any, frames: list[Buffer]) -> msgpack.ExtType:
             f"a tensor on {tensor.device} cannot travel in a message; move it to the CPU, or "
             "share it through the KV service's CUDA IPC transfer mode"
         )
-    flat = tensor.detach().contiguous().reshape(-1)
-    frames.append(memoryview(flat.view(_torch_uint8()).numpy()))
+    if tensor.layout is not _torch().strided or tensor.is_quantized or tensor.is_nested:
+        raise EncodeError(
+            f"only plain strided tensors can travel in a message, not a {tensor.layout} "
+            f"{'quantized ' if tensor.is_quantized else ''}tensor; convert it first "
+            "(for example .to_dense() or .dequantize())"
+        )
+    # Conjugate and negative views are lazy bits on the tensor, not bytes in its storage:
+    # resolve them so the receiver gets the values the sender sees.
+    flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    frames.append(memoryview(flat.view(_torch().uint8).numpy()))
     dtype = str(tensor.dtype).removeprefix("torch.")
     meta = msgpack.packb([len(frames) - 1, dtype, list(tensor.shape)])
     return msgpack.ExtType(_EXT_TENSOR, meta)
 
 
-def _torch_uint8() -> Any:
+def _torch() -> Any:
     import torch
 
-    return torch.uint8
+    return torch
 
 
 # --------------------------------------------------------------------------------- decoding
@@ -292,21 +302,25 @@ def decode(frames: Sequence[Buffer]) -> Message:
     kind: MessageKind | None = None
     try:
         unpacker.feed(frames[0])
-        if unpacker.read_array_header() != 5:
-            raise ProtocolError("header is not a 5-element array")
-        version = unpacker.unpack()
-        raw_kind = unpacker.unpack()
+        length = unpacker.read_array_header()
+        # Version, kind and request id come first in every wire version, so a peer of another
+        # version can still be told, in a reply to its own request, what went wrong; only the
+        # number of fields after them may differ between versions.
+        version = unpacker.unpack() if length >= 1 else None
+        raw_kind = unpacker.unpack() if length >= 2 else None
         kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
-        raw_id = unpacker.unpack()
+        raw_id = unpacker.unpack() if length >= 3 else None
         if type(raw_id) is int and raw_id >= 0:
             request_id = raw_id
-        # Version, kind and request id come first in every wire version, so a peer of another
-        # version can still be told, in a reply to its own request, what went wrong.
+        if type(version) is not int:
+            raise ProtocolError(f"header does not start with a wire version: {version!r}")
         if version != WIRE_VERSION:
             raise VersionMismatch(
                 f"peer speaks wire version {version!r}, this kvrpc speaks {WIRE_VERSION}; "
                 "run the same kvrpc release on both sides"
             )
+        if length != 5:
+            raise ProtocolError(f"header has {length} fields, wire version {WIRE_VERSION} has 5")
         if kind is None:
             raise ProtocolError(f"unknown message kind {raw_kind!r}")
         if request_id is None:
@@ -374,7 +388,14 @@ def _tensor_from_frame(frame: Buffer, dtype_name: str, shape: list[int]) -> Any:
     dtype = getattr(torch, dtype_name, None)
     if not isinstance(dtype, torch.dtype):
         raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
+    if type(shape) is not list or not all(type(n) is int and n >= 0 for n in shape):
+        raise ProtocolError(f"tensor shape must be a list of non-negative ints, got {shape!r}")
     view = memoryview(frame)
+    expected = math.prod(shape) * dtype.itemsize
+    if view.nbytes != expected:
+        raise ProtocolError(
+            f"tensor frame holds {view.nbytes} bytes but {dtype_name}{shape} needs {expected}"
+        )
     if view.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if view.readonly:

@@ -76,15 +76,23 @@ class ProtocolDefinition:
     # pydantic is imported on first validation, not with kvrpc: it costs ~60 ms at start-up.
     @cached_property
     def _payload_adapter(self) -> TypeAdapter[Any]:
-        from pydantic import TypeAdapter
-
-        return TypeAdapter(tuple.__class_getitem__(self.payload if self.payload else ((),)))
+        return _adapter(self.name, "payload", tuple.__class_getitem__(self.payload or ((),)))
 
     @cached_property
     def _response_adapter(self) -> TypeAdapter[Any]:
-        from pydantic import TypeAdapter
+        # Wrapped in a 1-tuple so that one config (arbitrary types allowed) applies to every
+        # response type, models included: pydantic refuses a config for a bare model.
+        response = type(None) if self.response is None else self.response
+        return _adapter(self.name, "response", tuple[response])  # type: ignore[valid-type]
 
-        return TypeAdapter(type(None) if self.response is None else self.response)
+    def check_types(self) -> None:
+        """Build the payload and response validators now.
+
+        Raises ``TypeError`` naming the protocol if one of its types cannot be validated.
+        :meth:`RPCServer.register <kvrpc.server.RPCServer.register>` calls it, so a bad
+        definition fails at start-up rather than on its first request.
+        """
+        _ = self._payload_adapter, self._response_adapter
 
     def validate_payload(self, args: Iterable[Any]) -> tuple[Any, ...]:
         """Check positional ``args`` against the payload types and return the validated tuple.
@@ -107,9 +115,26 @@ class ProtocolDefinition:
         """Check a response against the response type and return the validated value."""
         adapter = self._response_adapter
         try:
-            return adapter.validate_python(value, strict=True)
+            return adapter.validate_python((value,), strict=True)[0]
         except _validation_error() as exc:
             raise PayloadValidationError(f"{self.name} response: {_describe(exc)}") from None
+
+
+def _adapter(name: str, what: str, annotation: Any) -> TypeAdapter[Any]:
+    from pydantic import ConfigDict, PydanticSchemaGenerationError, PydanticUserError, TypeAdapter
+
+    # Types pydantic has no schema for (memoryview, torch.Tensor, an ext type's plain class)
+    # are checked with isinstance: the codec, not pydantic, decides how they travel.
+    try:
+        adapter = TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
+        if not adapter.pydantic_complete:
+            # An unresolved forward reference would otherwise fail only on first validation.
+            adapter.rebuild(raise_errors=True)
+        return adapter
+    except (PydanticSchemaGenerationError, PydanticUserError, NameError) as exc:
+        raise TypeError(f"{name}: its {what} type {annotation!r} cannot be validated: {exc}") from (
+            exc
+        )
 
 
 def _validation_error() -> type[ValidationError]:

@@ -143,6 +143,7 @@ class RPCServer:
         NONBLOCKING. Registering a second handler raises :class:`DuplicateProtocol`.
         """
         if isinstance(protocol, ProtocolDefinition):
+            protocol.check_types()  # a bad type fails here, at start-up, not on a request
             if protocol.name not in self.registry:
                 self.registry.add(protocol)
             elif self.registry.get(protocol.name) != protocol:
@@ -152,6 +153,7 @@ class RPCServer:
             definition = protocol
         else:
             definition = self.registry.get(protocol)
+            definition.check_types()
         if definition.name in self._handlers:
             raise DuplicateProtocol(f"{definition.name!r} already has a handler")
         is_async = inspect.iscoroutinefunction(fn)

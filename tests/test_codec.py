@@ -344,12 +344,6 @@ def test_contiguous_cpu_tensor_travels_out_of_band_without_copy() -> None:
     assert torch.frombuffer(bytearray(frames[1]), dtype=torch.int32).tolist() == [0, 0, 7, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: kvrpc/codec.py:260 _tensor_ref calls flat.view(torch.uint8) on a conjugate "
-    "view (t.conj() of a complex CPU tensor); torch raises RuntimeError, which _encode "
-    "(line 176) does not turn into EncodeError, instead of resolve_conj() first",
-)
 def test_conjugate_view_tensor_round_trips_with_its_values() -> None:
     tensor = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
     got = decode(encode_response(1, tensor.conj())).payload
@@ -362,30 +356,14 @@ def test_conjugate_view_tensor_round_trips_with_its_values() -> None:
         pytest.param(
             lambda: torch.eye(3).to_sparse(),
             id="sparse",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: kvrpc/codec.py:259 .contiguous() raises RuntimeError for a sparse "
-                "tensor, and _encode (line 176) lets RuntimeError escape instead of EncodeError",
-            ),
         ),
         pytest.param(
             lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
             id="nested",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: kvrpc/codec.py:259 .reshape(-1) raises RuntimeError for a nested "
-                "tensor, and _encode (line 176) lets RuntimeError escape instead of EncodeError",
-            ),
         ),
         pytest.param(
             lambda: torch.quantize_per_tensor(torch.tensor([0.5, -0.3]), 0.1, 10, torch.quint8),
             id="quantized",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: kvrpc/codec.py:259-261 sends a quantized tensor's raw bytes and "
-                "dtype name without its scale/zero point; it encodes without error and decodes "
-                "as a broken quint8 tensor on the plain CPU backend (q_scale() raises)",
-            ),
         ),
     ],
 )
@@ -640,18 +618,7 @@ def _tensor_header(dtype: str, shape: list[int]) -> bytes:
         ("int64", [3], b"\0" * 4),
         ("nonsense", [1], b"\0" * 4),
         ("Tensor", [1], b"\0" * 4),
-        pytest.param(
-            "float32",
-            [4, 4],
-            b"",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: kvrpc/codec.py:378-379 _tensor_from_frame returns "
-                "torch.empty(shape) for a 0-byte frame without checking the shape, so an "
-                "empty frame decodes as an uninitialised float32[4, 4] (leaking process "
-                "memory; any shape allocates) instead of raising ProtocolError",
-            ),
-        ),
+        ("float32", [4, 4], b""),
     ],
 )
 def test_tensor_frame_that_does_not_match_its_dtype_and_shape_raises_protocol_error(
@@ -676,7 +643,30 @@ def test_tensor_frame_that_does_not_match_its_dtype_and_shape_raises_protocol_er
 def test_header_that_is_not_a_5_element_array_raises_protocol_error(header: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         decode([header])
-    assert info.value.request_id is None
+    assert not isinstance(info.value, VersionMismatch)
+
+
+@pytest.mark.parametrize("fields", [3, 4, 6])
+def test_header_of_another_length_keeps_its_request_id_so_it_can_be_answered(fields: int) -> None:
+    header = [WIRE_VERSION, 0, 9, "x.y", [], "extra"][:fields]
+    with pytest.raises(ProtocolError, match=f"{fields} fields") as info:
+        decode([msgpack.packb(header)])
+    assert info.value.request_id == 9
+
+
+@pytest.mark.parametrize("fields", [3, 4, 6, 7])
+def test_header_of_another_version_and_length_raises_version_mismatch(fields: int) -> None:
+    header = [WIRE_VERSION + 1, 0, 9, "x.y", [], "a", "b"][:fields]
+    with pytest.raises(VersionMismatch) as info:
+        decode([msgpack.packb(header)])
+    assert info.value.request_id == 9
+
+
+@pytest.mark.parametrize("version", [True, 1.0, "1", None])
+def test_wire_version_must_be_an_int(version: Any) -> None:
+    with pytest.raises(ProtocolError, match="wire version") as info:
+        decode([msgpack.packb([version, 0, 9, "x.y", []])])
+    assert not isinstance(info.value, VersionMismatch)
 
 
 @pytest.mark.parametrize("kind", [3, -1, "request", None, 1.0])

@@ -317,3 +317,35 @@ def test_response_tuple_stays_a_tuple() -> None:
     value = define("kv.span", response=tuple[int, int]).validate_response((0, 8))
     assert type(value) is tuple
     assert value == (0, 8)
+
+
+# ------------------------------------------------------------------ types pydantic cannot schema
+
+
+class Opaque:
+    """A plain class with no pydantic schema, as an extension's ext type might be."""
+
+
+@pytest.mark.parametrize(
+    ("payload_type", "good", "bad"),
+    [(memoryview, memoryview(b"ab"), b"ab"), (Opaque, Opaque(), object())],
+    ids=["memoryview", "plain_class"],
+)
+def test_types_without_a_pydantic_schema_are_checked_with_isinstance(
+    payload_type: Any, good: Any, bad: Any
+) -> None:
+    definition = define("ext.take", payload_type, response=payload_type)
+    assert definition.validate_payload([good]) == (good,)
+    assert definition.validate_response(good) is good
+    with pytest.raises(PayloadValidationError, match=r"argument 0"):
+        definition.validate_payload([bad])
+
+
+def test_a_type_that_cannot_be_validated_raises_type_error_naming_the_protocol() -> None:
+    definition = define("ext.broken", "NoSuchType")
+    with pytest.raises(TypeError, match=r"ext\.broken: its payload type"):
+        definition.check_types()
+
+
+def test_check_types_builds_both_validators_of_a_sound_definition() -> None:
+    define("ext.fine", int, response=list[str]).check_types()

@@ -374,3 +374,23 @@ async def test_decode_errors_are_protocol_errors() -> None:
     # The server relies on this: anything malformed is a ProtocolError, never another type.
     with pytest.raises(ProtocolError):
         codec.decode([b"\xc1"])
+
+
+def test_register_rejects_a_definition_whose_types_cannot_be_validated() -> None:
+    server = RPCServer("inproc://never-started")
+    broken = ProtocolDefinition("calc.broken", ("NoSuchType",), int)
+    with pytest.raises(TypeError, match=r"calc\.broken"):
+        server.register(broken, lambda value: 0)
+    assert "calc.broken" not in server.registry
+
+
+async def test_tensor_and_memoryview_payloads_are_declared_by_their_type(
+    server: RPCServer, url: str
+) -> None:
+    torch = pytest.importorskip("torch")
+    total = ProtocolDefinition("buf.total", (torch.Tensor, memoryview), float)
+    server.register(total, lambda tensor, view: float(tensor.sum()) + len(view))
+    async with AsyncClient(url) as client:
+        assert await client.call(total, torch.ones(2048), memoryview(b"x" * 4096)) == 6144.0
+        with pytest.raises(PayloadValidationError):
+            await client.call(total, [1.0, 2.0], memoryview(b""))
