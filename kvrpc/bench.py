@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -109,36 +110,26 @@ async def _server_for(url: str) -> AsyncIterator[str]:
 
 
 async def run_rpc_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure ping round trips, pipelined calls and echo bandwidth against ``args.url``."""
+    """Measure ping round trips, pipelined calls and echo bandwidth against ``args.url``.
+
+    For ``inproc://`` the same figures are taken, in the same run, for a raw baseline: two
+    tasks passing requests and replies through asyncio queues, the least any in-process RPC
+    must do. The ratios (kvrpc / raw) are what to compare between machines.
+    """
     payload = os.urandom(args.payload_mib * 1024 * 1024)
     figures: dict[str, Any] = {"url": args.url}
     async with _server_for(args.url) as where:
         figures["server"] = where
         async with AsyncClient(args.url, timeout=60.0) as client:
             _progress(f"warming up against {args.url} ({where})")
-            for _ in range(min(500, args.calls)):
-                await client.call(PING)
 
-            _progress(f"{args.calls} sequential rpc.ping calls")
-            samples = []
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                await client.call(PING)
-                samples.append(time.perf_counter() - start)
-            figures["ping_p50_us"] = percentile(samples, 0.50) * 1e6
-            figures["ping_p99_us"] = percentile(samples, 0.99) * 1e6
-            figures["ping_mean_us"] = statistics.fmean(samples) * 1e6
+            async def ping() -> Any:
+                return await client.call(PING)
 
-            _progress(f"{args.pipelined} rpc.ping calls, {args.window} in flight")
-            window: deque[asyncio.Future[Any]] = deque()
-            start = time.perf_counter()
-            for _ in range(args.pipelined):
-                window.append(await client.submit(PING))
-                if len(window) >= args.window:
-                    await window.popleft()
-            while window:
-                await window.popleft()
-            figures["pipelined_calls_per_s"] = args.pipelined / (time.perf_counter() - start)
+            async def submit_ping() -> asyncio.Future[Any]:
+                return await client.submit(PING)
+
+            figures.update(await _latency_and_rate(ping, submit_ping, args))
 
             _progress(f"{args.rounds} rpc.echo round trips of {args.payload_mib} MiB")
             start = time.perf_counter()
@@ -150,4 +141,81 @@ async def run_rpc_bench(args: argparse.Namespace) -> dict[str, Any]:
             # Bytes moved each round: the payload out and back.
             figures["echo_gb_per_s"] = 2 * len(payload) * args.rounds / elapsed / 1e9
             figures["echo_payload_mib"] = args.payload_mib
+    if parse_url(args.url).scheme == "inproc":
+        _progress("raw baseline: asyncio queue echo between two tasks")
+        async with _raw_queue_echo() as (raw_call, raw_submit):
+            raw = await _latency_and_rate(raw_call, raw_submit, args)
+        figures.update({f"raw_{key}": value for key, value in raw.items()})
+        figures["ping_p50_ratio_to_raw"] = figures["ping_p50_us"] / raw["ping_p50_us"]
+        figures["pipelined_ratio_to_raw"] = (
+            figures["pipelined_calls_per_s"] / raw["pipelined_calls_per_s"]
+        )
     return figures
+
+
+async def _latency_and_rate(
+    call: Callable[[], Awaitable[Any]],
+    submit: Callable[[], Awaitable[asyncio.Future[Any]]],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Sequential round-trip percentiles and pipelined calls/s of one call path."""
+    for _ in range(min(500, args.calls)):
+        await call()
+    _progress(f"{args.calls} sequential calls")
+    samples = []
+    for _ in range(args.calls):
+        start = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - start)
+    _progress(f"{args.pipelined} calls, {args.window} in flight")
+    window: deque[asyncio.Future[Any]] = deque()
+    start = time.perf_counter()
+    for _ in range(args.pipelined):
+        window.append(await submit())
+        if len(window) >= args.window:
+            await window.popleft()
+    while window:
+        await window.popleft()
+    return {
+        "ping_p50_us": percentile(samples, 0.50) * 1e6,
+        "ping_p99_us": percentile(samples, 0.99) * 1e6,
+        "ping_mean_us": statistics.fmean(samples) * 1e6,
+        "pipelined_calls_per_s": args.pipelined / (time.perf_counter() - start),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _raw_queue_echo() -> AsyncIterator[
+    tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[asyncio.Future[Any]]]]
+]:
+    """A bare request/reply pair of tasks: a server task and a client reader, two queues."""
+    requests: asyncio.Queue[tuple[int, str]] = asyncio.Queue(1024)
+    replies: asyncio.Queue[tuple[int, str]] = asyncio.Queue(1024)
+    pending: dict[int, asyncio.Future[Any]] = {}
+    ids = itertools.count()
+    loop = asyncio.get_running_loop()
+
+    async def serve() -> None:
+        while True:
+            request_id, _ = await requests.get()
+            await replies.put((request_id, "pong"))
+
+    async def read() -> None:
+        while True:
+            request_id, value = await replies.get()
+            pending.pop(request_id).set_result(value)
+
+    async def submit() -> asyncio.Future[Any]:
+        request_id = next(ids)
+        future = pending[request_id] = loop.create_future()
+        await requests.put((request_id, "rpc.ping"))
+        return future
+
+    async def call() -> Any:
+        return await (await submit())
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(serve)
+        tasks.start_soon(read)
+        yield call, submit
+        tasks.cancel_scope.cancel()

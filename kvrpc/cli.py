@@ -125,13 +125,17 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(f"demo.add(2, 40) -> {await client.call(add, 2, 40)}")
             blob = bytes(range(256)) * 4096  # 1 MiB, travels as its own frame
             remote = await client.call(digest, blob)
+            matches = remote == hashlib.sha256(blob).hexdigest()
             print(
                 f"demo.sha256(1 MiB) on a worker thread -> {remote[:16]}... "
-                f"(matches local: {remote == hashlib.sha256(blob).hexdigest()})"
+                f"(matches local: {matches})"
             )
             futures = [await client.submit(add, i, i) for i in range(100)]
             total = sum(await asyncio.gather(*futures))
             print(f"100 pipelined demo.add calls -> sum {total}")
+            # The demo is also the README's smoke test: a wrong answer must fail it.
+            if not matches or total != 9900:
+                raise KvrpcError("demo got a wrong answer from the server")
             try:
                 await client.call("demo.add", 1, "2")
             except KvrpcError as exc:
@@ -191,9 +195,14 @@ def _report(figures: dict[str, Any], json_path: str | None) -> int:
     return 0
 
 
+def _number(value: float) -> str:
+    # Ratios and small figures need their significant digits; large ones need grouping.
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
 def _table(figures: dict[str, Any]) -> str:
     rows = [
-        (key, f"{value:,.1f}" if isinstance(value, float) else str(value))
+        (key, _number(value) if isinstance(value, float) else str(value))
         for key, value in figures.items()
     ]
     width = max(len(key) for key, _ in rows)

@@ -78,6 +78,9 @@ class MessageKind(enum.IntEnum):
     ERROR = 2
 
 
+_KINDS: Final = tuple(MessageKind)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """A decoded message.
@@ -291,6 +294,37 @@ def decode(frames: Sequence[Buffer]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message: no frames")
+    # Fast path: one C call, then a few type checks. Anything unusual is decoded again by the
+    # careful path below, which reads field by field to say exactly what is wrong.
+    used: set[int] = set()
+    try:
+        header = msgpack.unpackb(
+            frames[0], ext_hook=_make_ext_hook(frames, used), raw=False, strict_map_key=False
+        )
+    except Exception:
+        header = None
+    if (
+        type(header) is list
+        and len(header) == 5
+        and type(header[0]) is int
+        and header[0] == WIRE_VERSION
+        and type(header[1]) is int
+        and 0 <= header[1] <= 2
+        and type(header[2]) is int
+        and header[2] >= 0
+        and type(header[3]) is str
+        and len(used) == len(frames) - 1
+    ):
+        _, raw_kind, request_id, name, payload = header
+        kind = _KINDS[raw_kind]
+        if kind is MessageKind.RESPONSE:
+            return Message(kind, request_id, name, payload)
+        if type(payload) is list and (kind is MessageKind.REQUEST or len(payload) == 2):
+            return Message(kind, request_id, name, tuple(payload))
+    return _decode_carefully(frames)
+
+
+def _decode_carefully(frames: Sequence[Buffer]) -> Message:
     used: set[int] = set()
     unpacker = msgpack.Unpacker(
         ext_hook=_make_ext_hook(frames, used),

@@ -63,3 +63,23 @@ def test_example_runs_and_prints_real_replies(script: str) -> None:
     assert not missing, f"{script} did not print {missing}; it printed:\n{done.stdout}"
     # An example must not pass while printing tracebacks (from loop callbacks, for instance).
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def _complete_programs(doc: str) -> list[str]:
+    """The ```python blocks of ``doc`` that are whole programs (they start their own loop)."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+    return [block for block in blocks if "asyncio.run(main())" in block]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [("README.md", "42"), ("docs/core.md", "pong")])
+def test_documented_programs_run_as_written(doc: str, expected: str) -> None:
+    programs = _complete_programs(doc)
+    assert programs, f"{doc} has no complete program to run"
+    for program in programs:
+        done = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    assert expected in done.stdout

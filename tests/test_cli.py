@@ -1,0 +1,95 @@
+"""The `kvrpc` command line, run as a user runs it: a real process per command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KVRPC = [sys.executable, "-m", "kvrpc"]
+
+
+def kvrpc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KVRPC, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_makes_real_calls_and_reports_them() -> None:
+    done = kvrpc("demo")
+    assert done.returncode == 0, done.stderr
+    assert "rpc.ping -> pong" in done.stdout
+    assert "demo.add(2, 40) -> 42" in done.stdout
+    assert "(matches local: True)" in done.stdout
+    assert "100 pipelined demo.add calls -> sum 9900" in done.stdout
+    assert "PayloadValidationError" in done.stdout
+
+
+def test_bench_rpc_prints_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "rpc.json"
+    done = kvrpc(
+        "bench", "rpc", "--url", "inproc://cli-bench", "--calls", "200", "--pipelined", "500",
+        "--rounds", "2", "--payload-mib", "1", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ping_p50_us" in done.stdout
+    assert "[bench]" in done.stderr  # progress is visible while it runs
+    figures = json.loads(out.read_text())
+    assert 0 < figures["ping_p50_us"] <= figures["ping_p99_us"]
+    assert figures["pipelined_calls_per_s"] > 0
+    assert figures["echo_gb_per_s"] > 0
+
+
+def test_bench_import_reports_that_kvrpc_imports_neither_torch_nor_pydantic(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "import.json"
+    done = kvrpc("bench", "import", "--runs", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["heavy_modules_imported"] == "none"
+    assert figures["import_kvrpc_median_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("command", "package"),
+    [
+        (("serve", "--url", "zmq+tcp://127.0.0.1:5555"), "kvrpc-zmq"),
+        (("ping", "unix:///tmp/kvrpc-cli-test.sock", "--timeout", "2"), "kvrpc-unix"),
+    ],
+    ids=["serve-zmq", "ping-unix"],
+)
+def test_a_scheme_without_its_plugin_fails_naming_the_package(
+    command: tuple[str, ...], package: str
+) -> None:
+    done = kvrpc(*command, timeout=60)
+    assert done.returncode == 1
+    assert package in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_bad_url_fails_with_a_message_not_a_traceback() -> None:
+    done = kvrpc("ping", "no-scheme-here", timeout=60)
+    assert done.returncode == 1
+    assert "no-scheme-here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_prints_a_ready_line_and_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
+    child = subprocess.Popen(
+        [*KVRPC, "serve", "--url", "inproc://cli-serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "kvrpc ready inproc://cli-serve"
+        child.send_signal(sig)
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.communicate()
