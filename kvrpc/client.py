@@ -9,6 +9,7 @@ is then dropped and counted), or with :class:`ConnectionLost` when the connectio
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -470,7 +471,15 @@ class SyncClient:
         except RuntimeError:  # the loop has stopped
             self._slots.release()
             raise ClientClosed(f"client for {self.url} is closed") from None
+        future.add_done_callback(functools.partial(self._withdraw_if_cancelled, request_id))
         return future
+
+    def _withdraw_if_cancelled(self, request_id: int, future: MessagingFuture[Any]) -> None:
+        # A caller who cancels stops waiting; the request's slot must come back at once rather
+        # than when a reply or the timeout eventually arrives.
+        if future.cancelled() and self._loop is not None:
+            with suppress(RuntimeError):  # the loop has stopped: close() freed everything
+                self._loop.call_soon_threadsafe(self._client._forget, request_id)
 
     def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
         """Call and block for the response; raises what :meth:`AsyncClient.call` raises."""

@@ -298,3 +298,16 @@ async def test_messaging_future_from_sync_client_is_awaitable(
     with SyncClient(url, registry=threaded_server.registry) as client:
         future = client.submit(ADD, 2, 2)
         assert await future == 4
+
+
+def test_cancelling_a_sync_future_frees_its_slot(threaded_server: RPCServer, url: str) -> None:
+    with SyncClient(url, registry=threaded_server.registry, max_in_flight=1) as client:
+        slow = client.submit(NAP, 5.0, 1)
+        assert slow.cancel()
+        # With max_in_flight=1, submit would block until the 5 s nap ended if the cancelled
+        # call kept its slot; run it in a thread so a regression fails instead of hanging.
+        answer: list[int] = []
+        caller = threading.Thread(target=lambda: answer.append(client.call(ADD, 1, 1)))
+        caller.start()
+        caller.join(2)
+        assert answer == [2]
