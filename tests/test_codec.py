@@ -81,6 +81,9 @@ def assert_same(got: Any, expected: Any) -> None:
         assert list(got) == list(expected)
         for key in expected:
             assert_same(got[key], expected[key])
+    elif isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected)
     else:
         assert got == expected
 
@@ -187,6 +190,14 @@ _large_bytes = st.builds(
     st.integers(OOB_THRESHOLD - 2, 3 * OOB_THRESHOLD),
     st.integers(0, 255),
 )
+_int64 = st.integers(-(2**63), 2**63 - 1)
+_points = st.builds(Point, _int64, _int64)  # an ext type registered by this module
+_tensors = st.builds(
+    lambda values, dtype, rows: torch.tensor(values, dtype=dtype).reshape(rows, -1),
+    st.lists(st.integers(-100, 100), min_size=0, max_size=600).filter(lambda v: len(v) % 2 == 0),
+    st.sampled_from([torch.int16, torch.int64, torch.float32, torch.bfloat16]),
+    st.sampled_from([1, 2]),
+)  # every CPU tensor travels as a frame of its own, empty ones included
 _leaves = (
     st.none()
     | st.booleans()
@@ -195,6 +206,8 @@ _leaves = (
     | st.text(max_size=20)
     | _small_bytes
     | _large_bytes
+    | _points
+    | _tensors
 )
 payloads = st.recursive(
     _leaves,
