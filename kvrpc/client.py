@@ -117,13 +117,23 @@ class AsyncClient:
         max_message_size: int = 256 * 1024 * 1024,
         max_in_flight: int = 1024,
     ) -> None:
+        from kvrpc.config import ClientConfig, load
+
+        self.config = load(
+            ClientConfig,
+            "client",
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_message_size=max_message_size,
+            max_in_flight=max_in_flight,
+        )
         self.url = url
         self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.timeout = self.config.timeout
+        self.connect_timeout = self.config.connect_timeout
         self.validate = validate
-        self.max_message_size = max_message_size
-        self.max_in_flight = max_in_flight
+        self.max_message_size = self.config.max_message_size
+        self.max_in_flight = self.config.max_in_flight
         self.stats = ClientStats()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}

@@ -104,14 +104,22 @@ class RPCServer:
         max_in_flight_per_peer: int = 256,
         shutdown_grace: float = 5.0,
     ) -> None:
-        if max_workers < 1 or max_in_flight_per_peer < 1 or max_message_size < 64:
-            raise ValueError("max_workers, max_in_flight_per_peer and max_message_size are limits")
+        from kvrpc.config import ServerConfig, load
+
+        self.config = load(
+            ServerConfig,
+            "RPCServer",
+            max_workers=max_workers,
+            max_message_size=max_message_size,
+            max_in_flight_per_peer=max_in_flight_per_peer,
+            shutdown_grace=shutdown_grace,
+        )
         self.url = url
         self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
-        self.max_workers = max_workers
-        self.max_message_size = max_message_size
-        self.max_in_flight_per_peer = max_in_flight_per_peer
-        self.shutdown_grace = shutdown_grace
+        self.max_workers = self.config.max_workers
+        self.max_message_size = self.config.max_message_size
+        self.max_in_flight_per_peer = self.config.max_in_flight_per_peer
+        self.shutdown_grace = self.config.shutdown_grace
         self._stats = ServerStats()
         self._handlers: dict[str, _Handler] = {}
         self._per_peer: dict[Peer, int] = {}

@@ -1,0 +1,61 @@
+"""Validated settings of servers and clients.
+
+Each class checks its values once, when a server or client is made, so that a zero thread pool
+or a negative timeout is an error naming the setting rather than a hang later on. This module
+imports pydantic; the server and client import it only when they are constructed, which keeps
+``import kvrpc`` light.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ClientConfig", "ServerConfig", "load"]
+
+MiB = 1024 * 1024
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class ServerConfig(_Settings):
+    """Limits of an :class:`~kvrpc.server.RPCServer`."""
+
+    #: Threads that run BLOCKING handlers.
+    max_workers: int = Field(8, ge=1)
+    #: Largest message accepted, header and buffers together, in bytes.
+    max_message_size: int = Field(256 * MiB, ge=64)
+    #: Requests one client may have running at once; more are answered ``ServerBusy``.
+    max_in_flight_per_peer: int = Field(256, ge=1)
+    #: Seconds shutdown waits for running requests before cancelling them.
+    shutdown_grace: float = Field(5.0, ge=0)
+
+
+class ClientConfig(_Settings):
+    """Limits of an :class:`~kvrpc.client.AsyncClient` (and so of a ``SyncClient``)."""
+
+    #: Default per-call deadline in seconds; None waits forever.
+    timeout: float | None = Field(30.0, gt=0)
+    #: Seconds to wait for the transport to connect.
+    connect_timeout: float = Field(10.0, gt=0)
+    #: Largest message accepted from the server, in bytes.
+    max_message_size: int = Field(256 * MiB, ge=64)
+    #: Calls pending at once; further submits wait for a free slot.
+    max_in_flight: int = Field(1024, ge=1)
+
+
+def load(settings: type[C], owner: str, **values: Any) -> C:
+    """Build ``settings`` from ``values``; a bad value raises ``ValueError`` naming it."""
+    try:
+        return settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        )
+        raise ValueError(f"{owner}: {problems}") from None
