@@ -12,6 +12,7 @@ codes 0-63 belong to kvrpc, 64-127 to extensions.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import math
 import struct
@@ -270,10 +271,25 @@ def _tensor_ref(tensor: Any, frames: list[Buffer]) -> msgpack.ExtType:
     # Conjugate and negative views are lazy bits on the tensor, not bytes in its storage:
     # resolve them so the receiver gets the values the sender sees.
     flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    frames.append(memoryview(flat.view(_torch().uint8).numpy()))
+    frames.append(_tensor_memory(flat))
     dtype = str(tensor.dtype).removeprefix("torch.")
     meta = msgpack.packb([len(frames) - 1, dtype, list(tensor.shape)])
     return msgpack.ExtType(_EXT_TENSOR, meta)
+
+
+def _tensor_memory(flat: Any) -> memoryview:
+    """A byte view of a contiguous CPU tensor's memory, without a copy and without numpy.
+
+    torch tensors do not export the buffer protocol, and numpy is not a dependency; a ctypes
+    array over the data pointer is. The array holds the tensor, so the memory stays valid for
+    as long as the view (and so the frame) lives.
+    """
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(flat.data_ptr())
+    array.owner = flat
+    return memoryview(array).cast("B")
 
 
 def _torch() -> Any:
