@@ -358,7 +358,7 @@ def _decode_carefully(frames: Sequence[Buffer]) -> Message:
         # number of fields after them may differ between versions.
         version = unpacker.unpack() if length >= 1 else None
         raw_kind = unpacker.unpack() if length >= 2 else None
-        kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+        kind = _KINDS[raw_kind] if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
         raw_id = unpacker.unpack() if length >= 3 else None
         if type(raw_id) is int and raw_id >= 0:
             request_id = raw_id

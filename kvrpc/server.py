@@ -151,17 +151,15 @@ class RPCServer:
         NONBLOCKING. Registering a second handler raises :class:`DuplicateProtocol`.
         """
         if isinstance(protocol, ProtocolDefinition):
-            protocol.check_types()  # a bad type fails here, at start-up, not on a request
-            if protocol.name not in self.registry:
-                self.registry.add(protocol)
-            elif self.registry.get(protocol.name) != protocol:
+            definition = protocol
+            known = self.registry.get(protocol.name) if protocol.name in self.registry else None
+            if known is not None and known != protocol:
                 raise DuplicateProtocol(
                     f"the registry defines {protocol.name!r} differently from the definition given"
                 )
-            definition = protocol
         else:
-            definition = self.registry.get(protocol)
-            definition.check_types()
+            definition = known = self.registry.get(protocol)
+        definition.check_types()  # a bad type fails here, at start-up, not on a request
         if definition.name in self._handlers:
             raise DuplicateProtocol(f"{definition.name!r} already has a handler")
         is_async = inspect.iscoroutinefunction(fn)
@@ -170,6 +168,9 @@ class RPCServer:
                 f"{definition.name} is BLOCKING, so its handler runs in a thread: give a plain "
                 "function, or declare the protocol NONBLOCKING to use 'async def'"
             )
+        # Only a registration that succeeds adds its definition to the registry.
+        if known is None:
+            self.registry.add(definition)
         self._handlers[definition.name] = _Handler(definition, fn, is_async)
 
     def _register_builtins(self) -> None:
@@ -304,7 +305,8 @@ class RPCServer:
 
     async def _handle(self, peer: Peer, frames: list[Buffer]) -> None:
         stats = self._stats
-        if codec.message_size(frames) > self.max_message_size:
+        size = codec.message_size(frames)
+        if size > self.max_message_size:
             stats.oversized += 1
             kind, request_id = codec.peek(frames)
             await self._refuse(
@@ -312,7 +314,7 @@ class RPCServer:
                 kind,
                 request_id,
                 MessageTooLarge(
-                    f"message of {codec.message_size(frames)} bytes exceeds the server's "
+                    f"message of {size} bytes exceeds the server's "
                     f"max_message_size of {self.max_message_size}"
                 ),
             )

@@ -394,3 +394,16 @@ async def test_tensor_and_memoryview_payloads_are_declared_by_their_type(
         assert await client.call(total, torch.ones(2048), memoryview(b"x" * 4096)) == 6144.0
         with pytest.raises(PayloadValidationError):
             await client.call(total, [1.0, 2.0], memoryview(b""))
+
+
+def test_a_refused_registration_leaves_the_registry_unchanged() -> None:
+    server = RPCServer("inproc://never-started")
+    blocking = ProtocolDefinition("calc.slow", (), None, HandlerType.BLOCKING)
+
+    async def not_allowed() -> None: ...
+
+    with pytest.raises(TypeError, match="BLOCKING"):
+        server.register(blocking, not_allowed)
+    assert "calc.slow" not in server.registry
+    server.register(blocking, lambda: None)  # the name is still free for a valid handler
+    assert "calc.slow" in server.registry
