@@ -10,7 +10,11 @@ nox.options.reuse_existing_virtualenvs = True
 # torch==2.13.0 through the constraints file: on the project's machines that is the CPU build
 # on local disk; a looser pin would download a multi-gigabyte CUDA build.
 CONSTRAINTS = ("-c", "constraints.txt")
-LINTED = ("kvrpc", "tests", "examples", "noxfile.py")
+# The core and both transport plugins, editable: the plugins register their URL schemes
+# through entry points, which only an install provides.
+PACKAGES = ("-e", ".[dev]", "-e", "transports/zmq", "-e", "transports/unix")
+LINTED = ("kvrpc", "transports", "tests", "examples", "noxfile.py")
+TYPED = ("kvrpc", "transports/zmq/kvrpc_zmq", "transports/unix/kvrpc_unix")
 
 
 @nox.session
@@ -23,19 +27,26 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     # torch is not needed to type-check: kvrpc imports it lazily and mypy treats it as Any.
-    session.install("mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10")
-    session.run("mypy", "--strict", "kvrpc")
+    session.install(
+        "mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10", "pyzmq>=25", "pytest>=8"
+    )
+    session.run("mypy", "--strict", *TYPED)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(*CONSTRAINTS, "-e", ".[dev]")
+    session.install(*CONSTRAINTS, *PACKAGES)
     # -rs prints why each skipped test was skipped (GPU tests on machines without one).
     session.run("pytest", "-rs", *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    session.install(*CONSTRAINTS, "-e", ".")
+    session.install(*CONSTRAINTS, *PACKAGES)
     session.run("kvrpc", "bench", "import")
-    session.run("kvrpc", "bench", "rpc", "--url", "inproc://nox-bench", *session.posargs)
+    for url in (
+        "inproc://nox-bench",
+        "zmq+ipc:///tmp/kvrpc-nox-bench",
+        "unix:///tmp/kvrpc-nox-bench",
+    ):
+        session.run("kvrpc", "bench", "rpc", "--url", url, *session.posargs)

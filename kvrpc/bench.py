@@ -2,7 +2,8 @@
 
 ``inproc://`` runs the server on the benchmark's own event loop (the honest in-process
 figure: codec, validation, dispatch and futures, no socket); any other scheme starts
-``kvrpc serve`` in a second process and measures across the real transport.
+``kvrpc serve`` in a second process and measures across the real transport, and beside it
+the transport plugin's raw baseline (its socket library with no kvrpc), in the same run.
 """
 
 from __future__ import annotations
@@ -16,18 +17,26 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import anyio
 
+from kvrpc import codec
 from kvrpc.client import AsyncClient
 from kvrpc.errors import TransportError
-from kvrpc.protocol import ECHO, PING
+from kvrpc.protocol import ECHO, PING, STATS
 from kvrpc.server import RPCServer
-from kvrpc.transport import parse_url
+from kvrpc.transport import TransportURL, get_plugin, parse_url
 
-__all__ = ["measure_import", "percentile", "run_rpc_bench"]
+__all__ = [
+    "EchoPath",
+    "RawBaseline",
+    "RawEchoClient",
+    "measure_import",
+    "percentile",
+    "run_rpc_bench",
+]
 
 # Run in a fresh interpreter: prints the import time of kvrpc in seconds and which heavy
 # modules it pulled in.
@@ -78,30 +87,93 @@ def _progress(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
+class EchoPath(Protocol):
+    """One request/reply path being measured: kvrpc itself, or a raw baseline."""
+
+    async def call(self) -> Any:
+        """One small round trip."""
+
+    async def submit(self) -> asyncio.Future[Any]:
+        """Send one small request; the future resolves with its reply."""
+
+    async def echo(self, payload: bytes) -> bytes:
+        """Send ``payload`` and return what came back."""
+
+
+class RawEchoClient(Protocol):
+    """What a transport plugin's raw baseline client offers (see ``RawBaseline``)."""
+
+    async def call(self, payload: bytes) -> bytes:
+        """Send one message and await its echo."""
+
+    async def submit(self, payload: bytes) -> asyncio.Future[bytes]:
+        """Send one message; the future resolves with its echo (echoes come in order)."""
+
+    async def close(self) -> None:
+        """Disconnect."""
+
+
+class RawBaseline(Protocol):
+    """The optional ``raw_baseline`` attribute of a transport plugin.
+
+    The same socket library or API the plugin is built on, with no kvrpc in between: the
+    benchmark divides kvrpc's figures by these, measured in the same run.
+    """
+
+    def server_argv(self, url: TransportURL) -> list[str]:
+        """A command serving the echo at ``url`` that prints ``ready`` once it listens."""
+        ...
+
+    async def connect(self, url: TransportURL) -> RawEchoClient:
+        """A client of that echo server."""
+        ...
+
+
+class _KvrpcPath:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def call(self) -> Any:
+        return await self.client.call(PING)
+
+    async def submit(self) -> asyncio.Future[Any]:
+        return await self.client.submit(PING)
+
+    async def echo(self, payload: bytes) -> bytes:
+        result: bytes = await self.client.call(ECHO, payload)
+        return result
+
+
+class _RawPath:
+    """A plugin's raw echo client, sending messages the size of a kvrpc ping request."""
+
+    def __init__(self, client: RawEchoClient) -> None:
+        self.client = client
+        self.message = bytes(codec.encode_request(1, PING.name, ())[0])
+
+    async def call(self) -> Any:
+        return await self.client.call(self.message)
+
+    async def submit(self) -> asyncio.Future[Any]:
+        return await self.client.submit(self.message)
+
+    async def echo(self, payload: bytes) -> bytes:
+        return await self.client.call(payload)
+
+
 @contextlib.asynccontextmanager
-async def _server_for(url: str) -> AsyncIterator[str]:
-    """A server at ``url``: in this loop for inproc, else a ``kvrpc serve`` child process."""
-    if parse_url(url).scheme == "inproc":
-        async with RPCServer(url):
-            yield "same event loop"
-        return
+async def _child(argv: list[str], ready: bytes, what: str) -> AsyncIterator[int]:
+    """A child process that prints a line starting with ``ready`` once it serves."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvrpc",
-        "serve",
-        "--url",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
     try:
         assert child.stdout is not None
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             line = await child.stdout.readline()
-        if not line.startswith(b"kvrpc ready"):
-            raise TransportError(f"benchmark server for {url} did not start: {line!r}")
-        yield f"child process {child.pid}"
+        if not line.startswith(ready):
+            raise TransportError(f"{what} did not start: {line!r}")
+        yield child.pid
     finally:
         if child.returncode is None:
             child.terminate()
@@ -109,113 +181,210 @@ async def _server_for(url: str) -> AsyncIterator[str]:
             await child.wait()
 
 
+@contextlib.asynccontextmanager
+async def _server_for(url: str) -> AsyncIterator[str]:
+    """A server at ``url``: in this loop for inproc, else a ``kvrpc serve`` child process."""
+    if parse_url(url).scheme == "inproc":
+        async with RPCServer(url):
+            yield "same event loop"
+        return
+    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url]
+    async with _child(argv, b"kvrpc ready", f"benchmark server for {url}") as pid:
+        yield f"child process {pid}"
+
+
+def _raw_url(url: TransportURL) -> TransportURL:
+    """Where the raw baseline listens: beside the kvrpc server, never on its address."""
+    if url.port is not None:
+        return parse_url(url.raw.replace(f":{url.port}", f":{url.port + 1}", 1))
+    return parse_url(f"{url.scheme}://{url.netloc}{url.path}-raw")
+
+
+@contextlib.asynccontextmanager
+async def _baseline_for(url: str) -> AsyncIterator[tuple[str, EchoPath] | None]:
+    """The raw baseline for ``url``'s transport, started and connected, or None."""
+    parsed = parse_url(url)
+    if parsed.scheme == "inproc":
+        async with _raw_queue_echo() as path:
+            yield "asyncio queues between two tasks (same loop)", path
+        return
+    baseline: RawBaseline | None = getattr(get_plugin(parsed.scheme), "raw_baseline", None)
+    if baseline is None:
+        yield None
+        return
+    raw_url = _raw_url(parsed)
+    async with _child(baseline.server_argv(raw_url), b"ready", "raw baseline server") as pid:
+        client = await baseline.connect(raw_url)
+        try:
+            yield (
+                f"{type(baseline).__name__} at {raw_url.raw} (child process {pid})",
+                _RawPath(client),
+            )
+        finally:
+            await client.close()
+
+
 async def run_rpc_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Measure ping round trips, pipelined calls and echo bandwidth against ``args.url``.
 
-    For ``inproc://`` the same figures are taken, in the same run, for a raw baseline: two
-    tasks passing requests and replies through asyncio queues, the least any in-process RPC
-    must do. The ratios (kvrpc / raw) are what to compare between machines.
+    In the same run, and interleaved with kvrpc's own rounds so that a noisy machine hurts
+    both alike, the same figures are taken for the transport's raw baseline: for inproc two
+    tasks passing messages through asyncio queues, for a plugin the ``raw_baseline`` it
+    offers (plain pyzmq, plain asyncio sockets). The ratios kvrpc / raw are what to compare.
     """
     payload = os.urandom(args.payload_mib * 1024 * 1024)
     figures: dict[str, Any] = {"url": args.url}
-    async with _server_for(args.url) as where:
-        figures["server"] = where
-        async with AsyncClient(args.url, timeout=60.0) as client:
-            _progress(f"warming up against {args.url} ({where})")
-
-            async def ping() -> Any:
-                return await client.call(PING)
-
-            async def submit_ping() -> asyncio.Future[Any]:
-                return await client.submit(PING)
-
-            figures.update(await _latency_and_rate(ping, submit_ping, args))
-
-            _progress(f"{args.rounds} rpc.echo round trips of {args.payload_mib} MiB")
-            start = time.perf_counter()
-            for _ in range(args.rounds):
-                echoed = await client.call(ECHO, payload)
-            elapsed = time.perf_counter() - start
-            if echoed != payload:
-                raise AssertionError("echo returned different bytes")
-            # Bytes moved each round: the payload out and back.
-            figures["echo_gb_per_s"] = 2 * len(payload) * args.rounds / elapsed / 1e9
-            figures["echo_payload_mib"] = args.payload_mib
-    if parse_url(args.url).scheme == "inproc":
-        _progress("raw baseline: asyncio queue echo between two tasks")
-        async with _raw_queue_echo() as (raw_call, raw_submit):
-            raw = await _latency_and_rate(raw_call, raw_submit, args)
-        figures.update({f"raw_{key}": value for key, value in raw.items()})
-        figures["ping_p50_ratio_to_raw"] = figures["ping_p50_us"] / raw["ping_p50_us"]
+    async with contextlib.AsyncExitStack() as stack:
+        figures["server"] = await stack.enter_async_context(_server_for(args.url))
+        client = await stack.enter_async_context(AsyncClient(args.url, timeout=300.0))
+        paths: dict[str, EchoPath] = {"": _KvrpcPath(client)}
+        raw = await stack.enter_async_context(_baseline_for(args.url))
+        if raw is not None:
+            figures["raw_baseline"], paths["raw_"] = raw
+        else:
+            _progress(f"no raw baseline for {args.url}: kvrpc figures only")
+        _progress(f"warming up against {args.url} ({figures['server']})")
+        for path in paths.values():
+            for _ in range(min(500, args.calls)):
+                await path.call()
+        figures.update(await _latency_and_rate(paths, args))
+        figures.update(await _bandwidth(paths, client, payload, args))
+    if raw is not None:
+        figures["ping_p50_ratio_to_raw"] = figures["ping_p50_us"] / figures["raw_ping_p50_us"]
         figures["pipelined_ratio_to_raw"] = (
-            figures["pipelined_calls_per_s"] / raw["pipelined_calls_per_s"]
+            figures["pipelined_calls_per_s"] / figures["raw_pipelined_calls_per_s"]
         )
+        figures["echo_ratio_to_raw"] = figures["echo_gb_per_s"] / figures["raw_echo_gb_per_s"]
     return figures
 
 
 async def _latency_and_rate(
-    call: Callable[[], Awaitable[Any]],
-    submit: Callable[[], Awaitable[asyncio.Future[Any]]],
-    args: argparse.Namespace,
+    paths: dict[str, EchoPath], args: argparse.Namespace
 ) -> dict[str, float]:
-    """Sequential round-trip percentiles and pipelined calls/s of one call path."""
-    for _ in range(min(500, args.calls)):
-        await call()
-    _progress(f"{args.calls} sequential calls")
-    samples = []
-    for _ in range(args.calls):
-        start = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - start)
-    _progress(f"{args.pipelined} calls, {args.window} in flight")
+    """Sequential round-trip percentiles and pipelined calls/s, the paths taking turns."""
+    rounds = max(1, args.interleave)
+    samples: dict[str, list[float]] = {prefix: [] for prefix in paths}
+    busy: dict[str, float] = dict.fromkeys(paths, 0.0)
+    for turn in range(rounds):
+        _progress(f"round {turn + 1}/{rounds}: {args.calls // rounds} sequential pings each")
+        for prefix, path in paths.items():
+            out = samples[prefix]
+            for _ in range(args.calls // rounds):
+                start = time.perf_counter()
+                await path.call()
+                out.append(time.perf_counter() - start)
+        _progress(
+            f"round {turn + 1}/{rounds}: {args.pipelined // rounds} calls, "
+            f"{args.window} in flight, each"
+        )
+        for prefix, path in paths.items():
+            busy[prefix] += await _pipelined(path, args.pipelined // rounds, args.window)
+    figures: dict[str, float] = {}
+    for prefix, taken in samples.items():
+        figures[f"{prefix}ping_p50_us"] = percentile(taken, 0.50) * 1e6
+        figures[f"{prefix}ping_p99_us"] = percentile(taken, 0.99) * 1e6
+        figures[f"{prefix}ping_mean_us"] = statistics.fmean(taken) * 1e6
+        figures[f"{prefix}pipelined_calls_per_s"] = (
+            (args.pipelined // rounds) * rounds / busy[prefix]
+        )
+    return figures
+
+
+async def _pipelined(path: EchoPath, calls: int, window_size: int) -> float:
+    """Seconds to complete ``calls`` calls keeping ``window_size`` in flight."""
     window: deque[asyncio.Future[Any]] = deque()
     start = time.perf_counter()
-    for _ in range(args.pipelined):
-        window.append(await submit())
-        if len(window) >= args.window:
+    for _ in range(calls):
+        window.append(await path.submit())
+        if len(window) >= window_size:
             await window.popleft()
     while window:
         await window.popleft()
-    return {
-        "ping_p50_us": percentile(samples, 0.50) * 1e6,
-        "ping_p99_us": percentile(samples, 0.99) * 1e6,
-        "ping_mean_us": statistics.fmean(samples) * 1e6,
-        "pipelined_calls_per_s": args.pipelined / (time.perf_counter() - start),
-    }
+    return time.perf_counter() - start
+
+
+async def _bandwidth(
+    paths: dict[str, EchoPath], client: AsyncClient, payload: bytes, args: argparse.Namespace
+) -> dict[str, float]:
+    """Echo round trips of ``payload``; for kvrpc also the payload copies each side held.
+
+    Copies are read off peak resident memory (which only grows), so kvrpc's rounds run
+    first, before the baseline's buffers can raise the peak of this process.
+    """
+    figures: dict[str, float] = {}
+    mib = len(payload) / (1 << 20)
+    server_before = (await client.call(STATS)).get("max_rss_bytes", 0)
+    client_before = _max_rss_bytes()
+    for prefix, path in paths.items():
+        _progress(f"{prefix or 'kvrpc '}echo: {args.rounds} round trips of {mib:.0f} MiB")
+        await path.echo(payload)  # first touch of the buffers is not the steady state
+        elapsed = 0.0
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            echoed = await path.echo(payload)
+            elapsed += time.perf_counter() - start
+            if echoed != payload:
+                raise AssertionError(f"{prefix or 'kvrpc '}echo returned different bytes")
+            del echoed
+        # Bytes moved each round: the payload out and back.
+        figures[f"{prefix}echo_gb_per_s"] = 2 * len(payload) * args.rounds / elapsed / 1e9
+        figures[f"{prefix}echo_round_trip_ms"] = elapsed / args.rounds * 1e3
+        if not prefix:
+            server_after = (await client.call(STATS)).get("max_rss_bytes", 0)
+            figures["echo_payload_mib"] = mib
+            # Peak growth in payloads: what one round held at once beyond the start.
+            figures["client_peak_rss_growth_payloads"] = (_max_rss_bytes() - client_before) / len(
+                payload
+            )
+            figures["server_peak_rss_growth_payloads"] = (server_after - server_before) / len(
+                payload
+            )
+    return figures
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @contextlib.asynccontextmanager
-async def _raw_queue_echo() -> AsyncIterator[
-    tuple[Callable[[], Awaitable[Any]], Callable[[], Awaitable[asyncio.Future[Any]]]]
-]:
+async def _raw_queue_echo() -> AsyncIterator[EchoPath]:
     """A bare request/reply pair of tasks: a server task and a client reader, two queues."""
-    requests: asyncio.Queue[tuple[int, str]] = asyncio.Queue(1024)
-    replies: asyncio.Queue[tuple[int, str]] = asyncio.Queue(1024)
+    requests: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(1024)
+    replies: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(1024)
     pending: dict[int, asyncio.Future[Any]] = {}
     ids = itertools.count()
     loop = asyncio.get_running_loop()
 
     async def serve() -> None:
         while True:
-            request_id, _ = await requests.get()
-            await replies.put((request_id, "pong"))
+            request_id, value = await requests.get()
+            await replies.put((request_id, "pong" if value is None else value))
 
     async def read() -> None:
         while True:
             request_id, value = await replies.get()
             pending.pop(request_id).set_result(value)
 
-    async def submit() -> asyncio.Future[Any]:
-        request_id = next(ids)
-        future = pending[request_id] = loop.create_future()
-        await requests.put((request_id, "rpc.ping"))
-        return future
+    class QueuePath:
+        async def submit(self, value: Any = None) -> asyncio.Future[Any]:
+            request_id = next(ids)
+            future = pending[request_id] = loop.create_future()
+            await requests.put((request_id, value))
+            return future
 
-    async def call() -> Any:
-        return await (await submit())
+        async def call(self) -> Any:
+            return await (await self.submit())
+
+        async def echo(self, payload: bytes) -> bytes:
+            # Copied once, as a socket would: a queue alone would hand the same object back.
+            result: bytes = await (await self.submit(bytes(bytearray(payload))))
+            return result
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(serve)
         tasks.start_soon(read)
-        yield call, submit
+        yield QueuePath()
         tasks.cancel_scope.cancel()

@@ -75,6 +75,7 @@ class ClientStats:
     timeouts: int = 0  #: requests failed with RequestTimeout
     late_replies: int = 0  #: replies for no pending request (timed out, cancelled, unknown)
     malformed: int = 0  #: messages from the server that could not be decoded
+    disconnects: int = 0  #: connections lost (each failed the calls pending on it)
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -113,6 +114,7 @@ class AsyncClient:
         registry: ProtocolRegistry | None = None,
         timeout: float | None = 30.0,
         connect_timeout: float = 10.0,
+        reconnect_timeout: float = 2.0,
         validate: bool = True,
         max_message_size: int = 256 * 1024 * 1024,
         max_in_flight: int = 1024,
@@ -124,6 +126,7 @@ class AsyncClient:
             "client",
             timeout=timeout,
             connect_timeout=connect_timeout,
+            reconnect_timeout=reconnect_timeout,
             max_message_size=max_message_size,
             max_in_flight=max_in_flight,
         )
@@ -131,6 +134,7 @@ class AsyncClient:
         self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
         self.timeout = self.config.timeout
         self.connect_timeout = self.config.connect_timeout
+        self.reconnect_timeout = self.config.reconnect_timeout
         self.validate = validate
         self.max_message_size = self.config.max_message_size
         self.max_in_flight = self.config.max_in_flight
@@ -146,6 +150,7 @@ class AsyncClient:
         # Requests submitted from other threads, waiting for the outbox task to send them.
         self._outbox: deque[tuple[int, list[Buffer]]] = deque()
         self._outbox_ready = asyncio.Event()
+        self._sent_since_loss = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,7 +174,11 @@ class AsyncClient:
             raise ClientClosed("this client is already open")
         stack = AsyncExitStack()
         try:
-            transport = connect_client(self.url, TransportOptions(self.max_message_size))
+            transport = connect_client(
+                self.url, TransportOptions(self.max_message_size, self.reconnect_timeout)
+            )
+            # Closed on every failure path too: a half-made connection holds sockets.
+            stack.push_async_callback(transport.close)
             try:
                 with anyio.fail_after(self.connect_timeout):
                     await transport.connect()
@@ -178,7 +187,6 @@ class AsyncClient:
                     f"could not connect to {self.url} within {self.connect_timeout}s; "
                     "is the server running?"
                 ) from None
-            stack.push_async_callback(transport.close)
             tasks = OwnedTaskGroup(f"kvrpc-client {self.url}")
             self._task_group = await tasks.open()
             stack.push_async_callback(tasks.close)
@@ -291,6 +299,8 @@ class AsyncClient:
             await self._transport.send(frames)
         except ConnectionLost as exc:
             self._resolve_error(request_id, exc)
+        else:
+            self._sent_since_loss.set()
 
     def _pop(self, request_id: int) -> _Pending | None:
         entry = self._pending.pop(request_id, None)
@@ -328,19 +338,30 @@ class AsyncClient:
     # ------------------------------------------------------------------ receiving
 
     async def _receive_loop(self, transport: ClientTransport) -> None:
-        try:
-            while True:
-                self._on_message(await transport.recv())
-        except ConnectionLost as exc:
-            lost = exc
-        except Exception as exc:  # a broken transport must not leave calls hanging
-            logger.exception("receive loop for %s failed", self.url)
-            lost = ConnectionLost(f"receiving from {self.url} failed: {exc}")
+        while True:
+            try:
+                frames = await transport.recv()
+            except ConnectionLost as exc:
+                # Replies owed on that connection will never come. The transport reconnects
+                # on the next send, so wait for one before reading again: a transport that
+                # keeps raising then cannot spin this loop.
+                self._connection_lost(exc)
+                self._sent_since_loss.clear()
+                await self._sent_since_loss.wait()
+                continue
+            except Exception as exc:  # a broken transport must not leave calls hanging
+                logger.exception("receive loop for %s failed", self.url)
+                self._broken = ConnectionLost(f"receiving from {self.url} failed: {exc}")
+                self._fail_all(self._broken)
+                return
+            self._on_message(frames)
+
+    def _connection_lost(self, exc: ConnectionLost) -> None:
         pending = len(self._pending)
-        self._broken = ConnectionLost(f"connection to {self.url} lost: {lost}")
+        self.stats.disconnects += 1
         if pending:
             logger.warning("connection to %s lost with %d calls pending", self.url, pending)
-        self._fail_all(self._broken)
+        self._fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
 
     def _on_message(self, frames: list[Buffer]) -> None:
         try:

@@ -315,7 +315,7 @@ def decode(frames: Sequence[Buffer]) -> Message:
     used: set[int] = set()
     try:
         header = msgpack.unpackb(
-            frames[0], ext_hook=_make_ext_hook(frames, used), raw=False, strict_map_key=False
+            frames[0], ext_hook=_ExtHook(frames, used), raw=False, strict_map_key=False
         )
     except Exception:
         header = None
@@ -343,7 +343,7 @@ def decode(frames: Sequence[Buffer]) -> Message:
 def _decode_carefully(frames: Sequence[Buffer]) -> Message:
     used: set[int] = set()
     unpacker = msgpack.Unpacker(
-        ext_hook=_make_ext_hook(frames, used),
+        ext_hook=_ExtHook(frames, used),
         raw=False,
         strict_map_key=False,
         max_buffer_size=max(len(frames[0]), 1),
@@ -403,25 +403,36 @@ def _decode_carefully(frames: Sequence[Buffer]) -> Message:
     return Message(kind, request_id, name, tuple(payload))
 
 
-def _make_ext_hook(frames: Sequence[Buffer], used: set[int]) -> Callable[[int, bytes], Any]:
-    def ext_hook(code: int, data: bytes) -> Any:
+class _ExtHook:
+    """msgpack's ext_hook for one message: resolves buffer references against its frames.
+
+    A class rather than a closure: a closure that passes itself to nested ``unpackb`` calls
+    (tuples) is a reference cycle, which kept every decoded message's frames alive until
+    the garbage collector happened to run (tens of MiB per large message).
+    """
+
+    __slots__ = ("frames", "used")
+
+    def __init__(self, frames: Sequence[Buffer], used: set[int]) -> None:
+        self.frames = frames
+        self.used = used
+
+    def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_BUFFER:
             index, buffer_kind = _BUFFER_REF.unpack(data)
-            frame = _claim_frame(frames, used, index)
+            frame = _claim_frame(self.frames, self.used, index)
             if buffer_kind == _KIND_VIEW:
                 return memoryview(frame)
             return frame if type(frame) is bytes else bytes(frame)
         if code == _EXT_TENSOR:
             index, dtype, shape = msgpack.unpackb(data)
-            return _tensor_from_frame(_claim_frame(frames, used, index), dtype, shape)
+            return _tensor_from_frame(_claim_frame(self.frames, self.used, index), dtype, shape)
         if code == _EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False))
+            return tuple(msgpack.unpackb(data, ext_hook=self, raw=False, strict_map_key=False))
         entry = _EXT_BY_CODE.get(code)
         if entry is None:
             raise ProtocolError(f"unknown ext type code {code}: is the extension registered?")
         return entry.decode(data)
-
-    return ext_hook
 
 
 def _claim_frame(frames: Sequence[Buffer], used: set[int], index: int) -> Buffer:

@@ -43,6 +43,8 @@ class ClientConfig(_Settings):
     timeout: float | None = Field(30.0, gt=0)
     #: Seconds to wait for the transport to connect.
     connect_timeout: float = Field(10.0, gt=0)
+    #: Seconds a call made while the connection is down waits for it to come back.
+    reconnect_timeout: float = Field(2.0, ge=0)
     #: Largest message accepted from the server, in bytes.
     max_message_size: int = Field(256 * MiB, ge=64)
     #: Calls pending at once; further submits wait for a free slot.

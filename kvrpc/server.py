@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -178,10 +179,18 @@ class RPCServer:
             (PING, lambda: "pong"),
             (ECHO, lambda value: value),
             (LIST_PROTOCOLS, lambda: sorted(self._handlers)),
-            (STATS, lambda: self._stats.as_dict()),
+            (STATS, self._stats_report),
         ):
             if definition.name in self.registry:
                 self.register(definition.name, fn)
+
+    def _stats_report(self) -> dict[str, int]:
+        report = self._stats.as_dict()
+        if self._transport is not None:
+            for key, value in self._transport.stats().items():
+                report[f"transport_{key}"] = value
+        report["max_rss_bytes"] = _max_rss_bytes()
+        return report
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -441,3 +450,14 @@ class RPCServer:
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _max_rss_bytes() -> int:
+    """Peak resident memory of this process (benchmarks read it to count payload copies)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    # Linux reports kilobytes, macOS bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

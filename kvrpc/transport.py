@@ -29,6 +29,7 @@ __all__ = [
     "TransportOptions",
     "TransportPlugin",
     "TransportURL",
+    "claim_socket_path",
     "connect_client",
     "create_server",
     "get_plugin",
@@ -83,14 +84,28 @@ def parse_url(url: str) -> TransportURL:
 
 @dataclass(frozen=True, slots=True)
 class TransportOptions:
-    """Limits a transport enforces where it can (framing layers reject oversized input)."""
+    """Settings every transport honours.
+
+    ``max_message_size``: the most bytes (all frames together) one message may carry; a
+    framing layer that sees a larger one drops the connection that sent it and counts it.
+    ``reconnect_timeout``: how long, in seconds, a client's ``send`` waits for a lost
+    connection to come back before it raises :class:`ConnectionLost`.
+    """
 
     max_message_size: int = 256 * 1024 * 1024
+    reconnect_timeout: float = 2.0
 
 
 @runtime_checkable
 class ServerTransport(Protocol):
-    """The server side: receive ``(peer, frames)`` from any client, send frames to one."""
+    """The server side: receive ``(peer, frames)`` from any client, send frames to one.
+
+    ``recv`` hands out messages from every connection in arrival order per connection; a
+    transport reads whatever is ready in one wake-up and serves it from a bounded queue, and
+    stops reading (back-pressure) while that queue is full. Input the framing cannot parse
+    (bad length prefixes, oversized messages, garbage) closes that one connection and is
+    counted in :meth:`stats`; it never reaches ``recv`` and never disturbs other peers.
+    """
 
     async def start(self) -> None:
         """Bind and begin accepting; raises :class:`TransportError` if it cannot."""
@@ -104,19 +119,36 @@ class ServerTransport(Protocol):
     async def close(self) -> None:
         """Stop accepting and release every resource; idempotent."""
 
+    def stats(self) -> dict[str, int]:
+        """Counters since start: at least ``connections``, ``disconnects``, ``malformed``."""
+        ...
+
 
 @runtime_checkable
 class ClientTransport(Protocol):
-    """The client side: one connection to one server."""
+    """The client side: a connection to one server that comes back after a restart.
+
+    A lost connection shows up once, as :class:`ConnectionLost` from :meth:`recv` (replies
+    still owed on it will never come); the next :meth:`send` connects again, waiting up to
+    ``TransportOptions.reconnect_timeout`` for the server, and later ``recv`` calls return
+    messages from the new connection. Messages on one connection arrive in the order sent.
+    """
 
     async def connect(self) -> None:
         """Connect; raises :class:`TransportError` if the server cannot be reached."""
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        """Send one message; raises :class:`ConnectionLost` if the connection is gone."""
+        """Send one message, reconnecting first if the connection was lost.
+
+        Raises :class:`ConnectionLost` if the server stays unreachable for
+        ``reconnect_timeout`` seconds, or once the transport is closed.
+        """
 
     async def recv(self) -> list[Buffer]:
-        """The next message; raises :class:`ConnectionLost` when the connection ends."""
+        """The next message; raises :class:`ConnectionLost` once per lost connection.
+
+        Waits across reconnections; after :meth:`close` it raises :class:`ConnectionLost`.
+        """
 
     async def close(self) -> None:
         """Close the connection; idempotent."""
@@ -192,6 +224,42 @@ def connect_client(url: str, options: TransportOptions | None = None) -> ClientT
     return get_plugin(parsed.scheme).create_client(parsed, options or TransportOptions())
 
 
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` ready for a server to bind a Unix-domain socket there.
+
+    A socket file left by a server that died is removed; a file that is not a socket, or a
+    socket a live server still accepts on, raises :class:`TransportError` saying which, so
+    one server never silently steals another's address. For plugin authors.
+    """
+    import os
+    import socket
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise TransportError(f"cannot bind {path}: directory {parent} does not exist") from None
+        return
+    if not stat.S_ISSOCK(mode):
+        raise TransportError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody accepts there: the file is a leftover of a server that died.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise TransportError(f"cannot check the socket at {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise TransportError(f"a server is already listening on {path}; stop it or choose another path")
+
+
 # ------------------------------------------------------------------------------- inproc://
 
 _INPROC_QUEUE = 1024
@@ -246,6 +314,7 @@ class _InprocServer:
         self._inbox: _Endpoint | None = None
         self._clients: dict[Peer, _InprocClient] = {}
         self._closed = False
+        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0}
 
     async def start(self) -> None:
         self._inbox = _Endpoint()
@@ -259,10 +328,15 @@ class _InprocServer:
             raise TransportError(f"inproc://{self.name} is closed")
         peer = next(_peer_ids).to_bytes(8, "big")
         self._clients[peer] = client
+        self._counts["connections"] += 1
         return peer
 
     def detach(self, peer: Peer) -> None:
-        self._clients.pop(peer, None)
+        if self._clients.pop(peer, None) is not None:
+            self._counts["disconnects"] += 1
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._counts)
 
     async def deliver(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         if self._closed or self._inbox is None:
@@ -291,56 +365,81 @@ class _InprocServer:
                 del _inproc_servers[self.name]
         for client in list(self._clients.values()):
             client.server_closed()
+        self._counts["disconnects"] += len(self._clients)
         self._clients.clear()
         if self._inbox is not None:
             self._inbox.put_nowait_threadsafe(_CLOSED)
 
 
 class _InprocClient:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, options: TransportOptions) -> None:
         self.name = name
+        self._options = options
         self._server: _InprocServer | None = None
         self._peer = b""
         self._inbox: _Endpoint | None = None
-        self._lost = False
+        self._closed = False
 
     async def connect(self) -> None:
+        if not self._attach():
+            raise TransportError(f"no server is bound at inproc://{self.name} in this process")
+
+    def _attach(self) -> bool:
         with _inproc_lock:
             server = _inproc_servers.get(self.name)
-        if server is None:
-            raise TransportError(f"no server is bound at inproc://{self.name} in this process")
-        self._inbox = _Endpoint()
+        if server is None or server._closed:
+            return False
+        if self._inbox is None:
+            self._inbox = _Endpoint()
         self._peer = server.attach(self)
         self._server = server
+        return True
 
     async def deliver(self, frames: list[Buffer]) -> None:
-        if self._inbox is not None and not self._lost:
+        if self._inbox is not None and not self._closed:
             await self._inbox.put((b"", frames))
 
     def server_closed(self) -> None:
-        self._lost = True
+        self._server = None
         if self._inbox is not None:
             self._inbox.put_nowait_threadsafe(_CLOSED)
 
     async def send(self, frames: Sequence[Buffer]) -> None:
-        if self._server is None or self._lost:
+        if self._closed:
             raise ConnectionLost(f"connection to inproc://{self.name} is closed")
-        await self._server.deliver(self._peer, frames)
+        server = self._server
+        if server is None:
+            server = await self._reconnect()
+        await server.deliver(self._peer, frames)
+
+    async def _reconnect(self) -> _InprocServer:
+        deadline = asyncio.get_running_loop().time() + self._options.reconnect_timeout
+        while not self._attach():
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ConnectionLost(
+                    f"inproc://{self.name} is gone and did not come back within "
+                    f"{self._options.reconnect_timeout}s"
+                )
+            await asyncio.sleep(0.01)
+        assert self._server is not None
+        return self._server
 
     async def recv(self) -> list[Buffer]:
-        if self._inbox is None:
-            raise ConnectionLost("client transport is not connected")
+        if self._inbox is None or self._closed:
+            raise ConnectionLost(f"connection to inproc://{self.name} is closed")
         item = await self._inbox.queue.get()
         if item is None:
             raise ConnectionLost(f"inproc://{self.name} closed the connection")
         return item[1]
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._server is not None:
             self._server.detach(self._peer)
             self._server = None
-        if self._inbox is not None and not self._lost:
-            self._lost = True
+        if self._inbox is not None:
             self._inbox.put_nowait_threadsafe(_CLOSED)
 
 
@@ -357,7 +456,7 @@ class InprocPlugin:
 
     def create_client(self, url: TransportURL, options: TransportOptions) -> ClientTransport:
         """A client for the server bound to the name in ``url``."""
-        return _InprocClient(_inproc_name(url))
+        return _InprocClient(_inproc_name(url), options)
 
 
 def _inproc_name(url: TransportURL) -> str:

@@ -53,6 +53,13 @@ def test_bench_import_reports_that_kvrpc_imports_neither_torch_nor_pydantic(
     assert figures["import_kvrpc_median_ms"] > 0
 
 
+# Run the CLI as a user without the plugins installed would: their entry points hidden.
+_WITHOUT_PLUGINS = (
+    "import importlib.metadata, sys; importlib.metadata.entry_points = lambda **_: (); "
+    "from kvrpc.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 @pytest.mark.parametrize(
     ("command", "package"),
     [
@@ -64,10 +71,35 @@ def test_bench_import_reports_that_kvrpc_imports_neither_torch_nor_pydantic(
 def test_a_scheme_without_its_plugin_fails_naming_the_package(
     command: tuple[str, ...], package: str
 ) -> None:
-    done = kvrpc(*command, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PLUGINS, *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert package in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["zmq+ipc", "unix"])
+def test_serve_then_ping_and_stats_from_other_processes(scheme: str, tmp_path: Path) -> None:
+    url = f"{scheme}://{tmp_path}/cli.sock"
+    server = subprocess.Popen(
+        [*KVRPC, "serve", "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().startswith(f"kvrpc ready {url}")
+        pinged = kvrpc("ping", url, "--count", "2", timeout=60)
+        assert pinged.returncode == 0, pinged.stderr
+        assert pinged.stdout.count("pong") == 2
+        stats = kvrpc("stats", url, timeout=60)
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["transport_connections"] >= 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
 
 
 def test_a_bad_url_fails_with_a_message_not_a_traceback() -> None:

@@ -788,3 +788,22 @@ def test_peek_never_raises(header: bytes) -> None:
     kind, request_id = peek([header])
     assert kind is None or isinstance(kind, MessageKind)
     assert request_id is None or (type(request_id) is int and request_id >= 0)
+
+
+def test_decoding_leaves_no_reference_cycle_that_keeps_the_frames_alive() -> None:
+    import gc
+    import weakref
+
+    class Frame(bytearray):  # bytearray itself cannot be weakly referenced
+        pass
+
+    frames = [Frame(f) for f in encode_request(1, "x.y", ((b"a" * 4096, (1, 2)),))]
+    alive = weakref.ref(frames[1])
+    gc.disable()  # only reference counting may free them, as it must for large payloads
+    try:
+        message = decode(frames)
+        assert message.payload == ((b"a" * 4096, (1, 2)),)
+        del message, frames
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,429 @@
+"""The transport conformance suite: what every kvrpc transport must do, as pytest tests.
+
+A transport author subclasses :class:`TransportConformance` in a test module and provides a
+``transport_case`` fixture returning a :class:`TransportCase`; pytest then runs every test
+below against that transport, through a real :class:`~kvrpc.server.RPCServer` and real
+clients. Needs pytest and pytest-asyncio.
+
+The server runs on the test's own event loop (so its counters and file descriptors can be
+read directly); raw misbehaving peers run in worker threads with plain blocking sockets, and
+one test kills a server process with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+
+from kvrpc.client import AsyncClient
+from kvrpc.codec import encode_request
+from kvrpc.errors import ConnectionLost, MessageTooLarge
+from kvrpc.protocol import ECHO, PING, HandlerType, ProtocolDefinition
+from kvrpc.server import RPCServer
+from kvrpc.transport import TransportOptions, connect_client, parse_url
+
+__all__ = [
+    "RECORD",
+    "SLEEP",
+    "TransportCase",
+    "TransportConformance",
+    "open_fds",
+    "serve_conformance",
+]
+
+#: Protocols the suite's servers offer besides the built-ins.
+SLEEP = ProtocolDefinition("conformance.sleep", (float,), str, HandlerType.NONBLOCKING)
+RECORD = ProtocolDefinition("conformance.record", (int, int), int, HandlerType.NONBLOCKING)
+
+#: Generous bounds: reached only when the transport under test is broken.
+CALL_TIMEOUT = 20.0
+LOSS_DEADLINE = 10.0
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class TransportCase:
+    """How the suite reaches one transport.
+
+    ``make_url`` returns a fresh, unused address on every call. ``raw_connect`` (for
+    socket transports) opens a plain blocking socket to a server's URL, so the suite can
+    send bytes no kvrpc client would; ``raw_inputs`` names byte strings that are malformed
+    for this wire format (random bytes, half a frame, a length prefix over the cap...), built
+    for a server whose ``max_message_size`` is the argument.
+    """
+
+    name: str
+    make_url: Callable[[], str]
+    raw_connect: Callable[[str], socket.socket] | None = None
+    raw_inputs: Callable[[int], Mapping[str, bytes]] = field(default=lambda cap: {})
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process (Linux and macOS)."""
+    for where in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(where))
+    raise RuntimeError("cannot count open file descriptors on this system")
+
+
+def _install(server: RPCServer, record: list[tuple[int, int]]) -> None:
+    async def sleep(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "slept"
+
+    def append(client: int, seq: int) -> int:
+        record.append((client, seq))
+        return seq
+
+    server.register(SLEEP, sleep)
+    server.register(RECORD, append)
+
+
+@contextlib.asynccontextmanager
+async def serve_conformance(
+    url: str, record: list[tuple[int, int]] | None = None, **options: Any
+) -> AsyncIterator[RPCServer]:
+    """A running server at ``url`` with the suite's protocols; ``record`` gets RECORD calls."""
+    server = RPCServer(url, shutdown_grace=0.5, **options)
+    _install(server, record if record is not None else [])
+    async with server:
+        yield server
+
+
+def _client(url: str, **options: Any) -> AsyncClient:
+    options.setdefault("timeout", CALL_TIMEOUT)
+    return AsyncClient(url, **options)
+
+
+class TransportConformance:
+    """Subclass with a ``transport_case`` fixture to run the suite against a transport."""
+
+    # ------------------------------------------------------------------ basic traffic
+
+    @pytest.mark.asyncio
+    async def test_round_trip(self, transport_case: TransportCase) -> None:
+        """Values of every kind, small to several MiB, come back equal."""
+        url = transport_case.make_url()
+        values: list[Any] = [
+            None,
+            "text",
+            [1, 2.5, {"k": b"v"}],
+            b"",
+            os.urandom(5),
+            os.urandom(64 * 1024),  # at the out-of-band threshold of most transports
+            os.urandom(3 * MiB + 7),
+        ]
+        async with serve_conformance(url), _client(url) as client:
+            assert await client.call(PING) == "pong"
+            for value in values:
+                assert await client.call(ECHO, value) == value
+
+    @pytest.mark.asyncio
+    async def test_a_64_mib_message_round_trips_intact(self, transport_case: TransportCase) -> None:
+        """A 64 MiB payload crosses both ways byte for byte."""
+        url = transport_case.make_url()
+        payload = os.urandom(64 * MiB)
+        async with serve_conformance(url), _client(url) as client:
+            assert await client.call(ECHO, payload) == payload
+
+    @pytest.mark.asyncio
+    async def test_a_hundred_clients_at_once(self, transport_case: TransportCase) -> None:
+        """A hundred clients connect and call concurrently; each gets its own replies."""
+        url = transport_case.make_url()
+        async with serve_conformance(url) as server:
+
+            async def one(index: int) -> list[Any]:
+                async with _client(url) as client:
+                    return [await client.call(ECHO, [index, n]) for n in range(5)]
+
+            async with anyio.create_task_group() as tasks:
+                results: dict[int, list[Any]] = {}
+
+                async def run(index: int) -> None:
+                    results[index] = await one(index)
+
+                for index in range(100):
+                    tasks.start_soon(run, index)
+            assert results == {i: [[i, n] for n in range(5)] for i in range(100)}
+            assert server.stats.requests == 500
+            assert server._transport is not None
+            assert server._transport.stats()["connections"] >= 100
+
+    @pytest.mark.asyncio
+    async def test_messages_on_one_connection_arrive_in_order(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Requests of one client reach the server in the order they were sent."""
+        url = transport_case.make_url()
+        record: list[tuple[int, int]] = []
+        async with serve_conformance(url, record), _client(url) as one, _client(url) as two:
+            futures = []
+            for seq in range(500):
+                futures.append(await one.submit(RECORD, 1, seq))
+                futures.append(await two.submit(RECORD, 2, seq))
+            assert await asyncio.gather(*futures) == [seq for seq in range(500) for _ in "12"]
+        for client in (1, 2):
+            assert [seq for who, seq in record if who == client] == list(range(500))
+
+    @pytest.mark.asyncio
+    async def test_a_thousand_concurrent_calls_from_many_tasks(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Fifty tasks sharing one client make 1,000 calls; every reply matches its call."""
+        url = transport_case.make_url()
+        async with serve_conformance(url), _client(url) as client:
+            results: dict[int, Any] = {}
+
+            async def worker(first: int) -> None:
+                for n in range(first, first + 20):
+                    results[n] = await client.call(ECHO, {"n": n, "pad": b"x" * (n % 300)})
+
+            async with anyio.create_task_group() as tasks:
+                for first in range(0, 1000, 20):
+                    tasks.start_soon(worker, first)
+        assert results == {n: {"n": n, "pad": b"x" * (n % 300)} for n in range(1000)}
+
+    # ------------------------------------------------------------------ connection loss
+
+    @pytest.mark.asyncio
+    async def test_a_client_reconnects_after_the_server_restarts(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Once a client has seen its server go, a new server at the URL serves it."""
+        url = transport_case.make_url()
+        async with serve_conformance(url):
+            client = _client(url, reconnect_timeout=5.0)
+            await client.connect()
+            try:
+                assert await client.call(ECHO, "before") == "before"
+            except BaseException:
+                await client.aclose()
+                raise
+        try:
+            # A restart takes a while in real life; by then the client has seen the loss. (A
+            # request sent in the instant between the two can fail with ConnectionLost.)
+            with anyio.fail_after(LOSS_DEADLINE):
+                while client.stats.disconnects == 0:  # noqa: ASYNC110 (a counter, no event)
+                    await asyncio.sleep(0.01)
+            async with serve_conformance(url):
+                assert await client.call(ECHO, "after") == "after"
+        finally:
+            await client.aclose()
+
+    @pytest.mark.asyncio
+    async def test_a_server_closing_mid_call_fails_pending_calls_with_connection_lost(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Calls pending when the server closes fail with ConnectionLost, not a timeout."""
+        url = transport_case.make_url()
+        client = _client(url, timeout=60.0, reconnect_timeout=0.2)
+        async with serve_conformance(url):
+            await client.connect()
+            pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
+            await asyncio.sleep(0.1)  # the requests reach the server
+        try:
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*pending, return_exceptions=True), LOSS_DEADLINE
+            )
+            assert all(isinstance(r, ConnectionLost) for r in results), results
+            assert time.monotonic() - started < LOSS_DEADLINE
+            with pytest.raises(ConnectionLost):  # nobody there: fails, does not hang
+                await client.call(PING)
+        finally:
+            await client.aclose()
+
+    @pytest.mark.asyncio
+    async def test_a_killed_server_process_fails_pending_calls_with_connection_lost(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Calls pending when the server process is SIGKILLed fail with ConnectionLost."""
+        url = transport_case.make_url()
+        if parse_url(url).scheme == "inproc":
+            pytest.skip("inproc:// cannot reach another process")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kvrpc.testing",
+            url,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert child.stdout is not None
+            with anyio.fail_after(60):
+                assert (await child.stdout.readline()).startswith(b"ready")
+            async with _client(url, timeout=60.0, reconnect_timeout=0.2) as client:
+                pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
+                assert await client.call(PING) == "pong"  # the sleeps are running
+                os.kill(child.pid, signal.SIGKILL)
+                results = await asyncio.wait_for(
+                    asyncio.gather(*pending, return_exceptions=True), LOSS_DEADLINE
+                )
+                assert all(isinstance(r, ConnectionLost) for r in results), results
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+
+    # ------------------------------------------------------------------ bad input
+
+    @pytest.mark.asyncio
+    async def test_malformed_messages_are_counted_and_everyone_else_is_served(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Undecodable messages are answered or dropped and counted; others are unaffected."""
+        url = transport_case.make_url()
+        good_header = bytes(encode_request(7, ECHO.name, ("x",))[0])
+        bad_messages: list[list[bytes]] = [
+            [os.urandom(40)],
+            [b""],
+            # Frames nobody refers to.
+            [bytes(encode_request(9, ECHO.name, ("x",))[0]), os.urandom(10), os.urandom(10)],
+            [b"\x95\x09\x00\x08\xa8rpc.ping\x90"],  # another wire version, request 8
+            [good_header[:-3]],
+        ]
+        async with serve_conformance(url) as server, _client(url) as good:
+            raw = connect_client(url, TransportOptions())
+            await raw.connect()
+            try:
+                for frames in bad_messages:
+                    await raw.send(frames)
+                assert await good.call(ECHO, "still here") == "still here"
+                await raw.send([good_header])
+                with anyio.fail_after(CALL_TIMEOUT):
+                    while True:  # error replies and the good reply come back in order
+                        if codec_reply_id(await raw.recv()) == 7:
+                            break
+            finally:
+                await raw.close()
+            counted = server.stats.malformed + server.stats.dropped + server.stats.error_replies
+            assert counted >= len(bad_messages) - 1  # an unused frame may be tolerated
+            assert await good.call(ECHO, "after") == "after"
+
+    @pytest.mark.asyncio
+    async def test_the_size_cap_is_enforced_and_the_server_keeps_serving(
+        self, transport_case: TransportCase
+    ) -> None:
+        """A message over the server's cap fails that call only; the server keeps serving."""
+        url = transport_case.make_url()
+        cap = 1 * MiB
+        async with (
+            serve_conformance(url, max_message_size=cap),
+            _client(url, max_message_size=64 * MiB, reconnect_timeout=5.0) as big,
+            _client(url) as bystander,
+        ):
+            started = time.monotonic()
+            with pytest.raises((MessageTooLarge, ConnectionLost)):
+                await big.call(ECHO, b"x" * (2 * cap))
+            assert time.monotonic() - started < LOSS_DEADLINE
+            assert await bystander.call(ECHO, "fine") == "fine"
+            assert await big.call(ECHO, "small") == "small"  # reconnected if it was dropped
+            local = _client(url, max_message_size=cap)
+            async with local:
+                with pytest.raises(MessageTooLarge):  # refused before anything is sent
+                    await local.call(ECHO, b"x" * (2 * cap))
+
+    @pytest.mark.asyncio
+    async def test_raw_garbage_and_half_frames_are_dropped_and_counted(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Garbage and half frames, then a hang or a hang-up, disturb no other client."""
+        if transport_case.raw_connect is None:
+            pytest.skip(f"{transport_case.name} has no socket to send raw bytes to")
+        url = transport_case.make_url()
+        cap = 1 * MiB
+        inputs = dict(transport_case.raw_inputs(cap))
+        assert inputs, "a socket transport should name its malformed inputs"
+        connect = transport_case.raw_connect
+        async with serve_conformance(url, max_message_size=cap) as server, _client(url) as good:
+            assert server._transport is not None
+            for name, data in inputs.items():
+                for then_hang in (True, False):
+                    sock = await anyio.to_thread.run_sync(connect, url)
+                    try:
+                        await anyio.to_thread.run_sync(sock.sendall, data)
+                        if then_hang:  # a stalled peer must not stall anyone else
+                            assert await good.call(ECHO, name) == name
+                    finally:
+                        sock.close()
+            assert await good.call(ECHO, "after") == "after"
+            with anyio.fail_after(CALL_TIMEOUT):
+                while server._transport.stats()["malformed"] + server.stats.dropped < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+
+    @pytest.mark.asyncio
+    async def test_ten_thousand_bad_connections_leak_no_descriptors_or_memory(
+        self, transport_case: TransportCase
+    ) -> None:
+        """After 10,000 malformed connections, descriptors and memory are back where they were."""
+        if transport_case.raw_connect is None:
+            pytest.skip(f"{transport_case.name} has no socket to send raw bytes to")
+        url = transport_case.make_url()
+        cap = 1 * MiB
+        payloads = list(transport_case.raw_inputs(cap).values())
+        connect = transport_case.raw_connect
+
+        def storm(count: int) -> None:
+            rng = random.Random(count)
+            for _ in range(count):
+                sock = connect(url)
+                try:
+                    sock.sendall(rng.choice(payloads))
+                except OSError:
+                    pass  # the server may hang up first: that is allowed
+                finally:
+                    sock.close()
+
+        async with serve_conformance(url, max_message_size=cap) as server, _client(url) as good:
+            assert server._transport is not None
+            await anyio.to_thread.run_sync(storm, 1_000)  # warm caches and pools
+            await _settle(server)
+            gc.collect()
+            fds_before, rss_before = open_fds(), _rss_bytes()
+            await anyio.to_thread.run_sync(storm, 10_000)
+            assert await good.call(ECHO, "alive") == "alive"
+            await _settle(server)
+            gc.collect()
+            fds_after, rss_after = open_fds(), _rss_bytes()
+            stats = server._transport.stats()
+        assert fds_after - fds_before <= 2, (fds_before, fds_after)
+        assert rss_after - rss_before < 16 * MiB, (rss_before, rss_after)
+        assert stats["connections"] >= 10_000 or stats["malformed"] >= 1, stats
+
+
+def codec_reply_id(frames: list[Any]) -> int | None:
+    """The request id a reply answers, or None if it cannot be read."""
+    from kvrpc.codec import peek
+
+    return peek(frames)[1]
+
+
+async def _settle(server: RPCServer) -> None:
+    """Wait until the server has seen every raw connection close."""
+    assert server._transport is not None
+    with anyio.move_on_after(10):
+        while True:
+            stats = server._transport.stats()
+            if stats["connections"] <= stats["disconnects"] + 1:  # +1: the good client
+                return
+            await asyncio.sleep(0.02)
+
+
+def _rss_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0

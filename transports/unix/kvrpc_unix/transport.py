@@ -1,0 +1,736 @@
+"""The ``unix:///absolute/path`` transport: framed messages over a Unix-domain stream socket.
+
+Sockets are non-blocking and driven straight from the running loop with ``add_reader`` /
+``add_writer`` rather than through asyncio streams: on Python 3.11 ``StreamWriter.writelines``
+joins its buffers into one before writing and ``StreamReader`` copies every byte into its own
+buffer and again out of it, and kvrpc promises that a large payload is copied at most once on
+each side. Here a message goes out as one vectored ``sendmsg`` of ``[prefix, *frames]``, and a
+large incoming frame is received straight into a buffer of its own (see
+:mod:`kvrpc_unix.framing`).
+
+Reader callbacks parse what arrived and set results on waiting futures directly; nothing on
+the per-message path creates a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final, Protocol
+
+from kvrpc.codec import Buffer
+from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
+from kvrpc.transport import TransportOptions, TransportURL, claim_socket_path
+from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
+
+if TYPE_CHECKING:
+    from kvrpc_unix.baseline import RawEchoBaseline
+
+__all__ = ["UnixClientTransport", "UnixPlugin", "UnixServerTransport", "socket_path"]
+
+logger = logging.getLogger(__name__)
+
+#: The longest socket path the OS accepts, in bytes (``sun_path`` less its NUL terminator).
+SUN_PATH_MAX: Final = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
+
+# IOV_MAX is 1024 on Linux and macOS; a little under it leaves room for the prefix.
+_IOV_BATCH: Final = 1000
+# A sender waits once a connection has this much unsent data, until it is down to _LOW_WATER.
+_HIGH_WATER: Final = 4 * 1024 * 1024
+_LOW_WATER: Final = 1024 * 1024
+# Reading stops while this many received messages wait for recv(), and resumes at half.
+_INBOX_LIMIT: Final = 1024
+_INBOX_RESUME: Final = _INBOX_LIMIT // 2
+_RECONNECT_INTERVAL: Final = 0.025
+# Linux answers a non-blocking connect with EAGAIN while the listen backlog is full.
+_BACKLOG_RETRY: Final = 0.005
+# How long accepting pauses after accept() fails (out of descriptors, say: closing sockets
+# may free some), so that a listening socket that stays readable does not spin the loop.
+_ACCEPT_PAUSE: Final = 0.1
+_SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def socket_path(url: TransportURL) -> str:
+    """The socket path of a ``unix:///absolute/path`` URL; raises :class:`InvalidURL`."""
+    example = "like 'unix:///tmp/kvrpc.sock'"
+    if url.netloc:
+        raise InvalidURL(
+            f"{url.raw!r}: a unix URL has no host, only an absolute path after three "
+            f"slashes, {example}"
+        )
+    if not url.path or url.path == "/":
+        raise InvalidURL(f"{url.raw!r} names no socket path; give an absolute path, {example}")
+    size = len(os.fsencode(url.path))
+    if size > SUN_PATH_MAX:
+        raise InvalidURL(
+            f"{url.raw!r}: the socket path is {size} bytes but Unix-domain socket paths are "
+            f"limited to {SUN_PATH_MAX} bytes on this OS; choose a shorter path"
+        )
+    return url.path
+
+
+def _nbytes(buffer: Buffer) -> int:
+    # len() of a memoryview counts items of its first dimension, not bytes.
+    return buffer.nbytes if type(buffer) is memoryview else len(buffer)
+
+
+def _byte_view(buffer: Buffer) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class _Owner(Protocol):
+    """What a connection reports to: the server or the client transport that made it."""
+
+    def _deliver(self, connection: _Connection) -> None: ...
+
+    def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None: ...
+
+
+class _Connection:
+    """One connected socket: a frame reader on its input and a write queue on its output."""
+
+    __slots__ = (
+        "_drain_waiters",
+        "_loop",
+        "_owner",
+        "_recv_into",
+        "_sendmsg",
+        "_writing",
+        "closed",
+        "fd",
+        "out",
+        "out_bytes",
+        "peer",
+        "reader",
+        "reading",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: bytes,
+        max_message_size: int,
+        owner: _Owner,
+    ) -> None:
+        self._loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.reader = FrameReader(max_message_size)
+        self._owner = owner
+        self._recv_into = sock.recv_into
+        self._sendmsg = sock.sendmsg
+        self.reading = False
+        self._writing = False
+        self.closed = False
+        # Unsent buffers, in order; the first may be the unsent tail of a partly sent one.
+        self.out: deque[Buffer] = deque()
+        self.out_bytes = 0
+        self._drain_waiters: list[asyncio.Future[bool]] = []
+
+    # -------------------------------------------------------------- reading
+
+    def start_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self._loop.add_reader(self.fd, self._on_readable)
+            self.reading = True
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self._loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _on_readable(self) -> None:
+        reader = self.reader
+        recv_into = self._recv_into
+        failure = None
+        malformed = False
+        try:
+            while True:
+                target = reader.get_buffer()
+                received = recv_into(target)
+                if not received:
+                    malformed = reader.in_message
+                    failure = "the peer closed the connection" + (
+                        " in the middle of a message" if malformed else ""
+                    )
+                    break
+                reader.buffer_updated(received)
+                if received < len(target):
+                    # A short read emptied the socket; the loop polls level-triggered, so
+                    # anything arriving later wakes us again, and a read that would only
+                    # answer EAGAIN is saved.
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except FramingError as exc:
+            failure = str(exc)
+            malformed = True
+        except OSError as exc:
+            failure = f"receive failed: {exc}"
+            malformed = reader.in_message
+        # Messages that arrived whole before a failure are good and are handed on.
+        if reader.messages:
+            self._owner._deliver(self)
+        if failure is not None:
+            self._owner._lost(self, failure, malformed)
+
+    # -------------------------------------------------------------- writing
+
+    def write(self, prefix: bytes, frames: Sequence[Buffer], total: int) -> bool:
+        """Send one message now or queue it behind earlier ones; never interleaves messages.
+
+        False means the connection was already unusable and not a byte of this message was
+        written (the owner has been told); True means the message is sent or queued.
+        """
+        if self.closed:
+            return False
+        out = self.out
+        if not out and len(frames) < _IOV_BATCH:
+            try:
+                sent = self._sendmsg([prefix, *frames], (), _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._owner._lost(self, f"send failed: {exc}", False)
+                return False
+            if sent == total:
+                return True
+            out.append(prefix)
+            out.extend(frames)
+            self.out_bytes += total - sent
+            self._consume(sent)
+            self._start_writing()
+            return True
+        out.append(prefix)
+        out.extend(frames)
+        self.out_bytes += total
+        if not self._writing:
+            self._flush()
+        return True
+
+    async def drain(self) -> bool:
+        """Wait until the unsent data is down to the low-water mark; False if closed first."""
+        if self.closed:
+            return False
+        if self.out_bytes <= _LOW_WATER:
+            return True
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        return await waiter
+
+    def _consume(self, sent: int) -> None:
+        """Drop ``sent`` bytes from the front of the write queue."""
+        out = self.out
+        while out:
+            size = _nbytes(out[0])
+            if size > sent:
+                if sent:
+                    out[0] = _byte_view(out[0])[sent:]
+                return
+            out.popleft()
+            sent -= size
+
+    def _start_writing(self) -> None:
+        if not self._writing:
+            self._loop.add_writer(self.fd, self._flush)
+            self._writing = True
+
+    def _flush(self) -> None:
+        out = self.out
+        try:
+            while out:
+                batch = list(itertools.islice(out, _IOV_BATCH))
+                sent = self._sendmsg(batch, (), _SEND_FLAGS)
+                self.out_bytes -= sent
+                self._consume(sent)
+                if sent < sum(map(_nbytes, batch)):
+                    break  # the socket buffer is full
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._owner._lost(self, f"send failed: {exc}", False)
+            return
+        if out:
+            self._start_writing()
+        elif self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        if self.out_bytes <= _LOW_WATER and self._drain_waiters:
+            self._wake_drain_waiters(True)
+
+    def _wake_drain_waiters(self, ok: bool) -> None:
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(ok)
+
+    # -------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Unregister from the loop, close the socket, fail waiting senders; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        # Unregister before closing: the descriptor number may be reused at once.
+        self.stop_reading()
+        if self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        self.sock.close()
+        self.out.clear()
+        self.out_bytes = 0
+        self._wake_drain_waiters(False)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+class UnixServerTransport:
+    """Accepts Unix-domain connections at ``path`` and exchanges framed messages with them.
+
+    The socket file is created with mode 0600 (only its owner may connect) and removed by
+    :meth:`close` if it is still the one this server bound. Each connection is a peer with an
+    8-byte id. Messages from every peer wait in one bounded inbox; while it is full, no
+    connection is read. A connection whose input breaks the framing, is over
+    ``max_message_size``, or ends in the middle of a message is closed and counted as
+    ``malformed``. Use from one event loop.
+    """
+
+    def __init__(self, path: str, options: TransportOptions) -> None:
+        self.path = path
+        self._options = options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
+        self._accept_retry: asyncio.TimerHandle | None = None
+        self._connections: dict[bytes, _Connection] = {}
+        self._inbox: deque[tuple[bytes, list[Buffer]]] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._paused = False
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0}
+
+    async def start(self) -> None:
+        """Bind ``path`` and begin accepting; raises :class:`TransportError` if it cannot.
+
+        A socket file left by a server that died is replaced; a live server's is not.
+        """
+        if self._closed:
+            raise TransportError(f"server transport for unix://{self.path} is closed")
+        if self._sock is not None:
+            raise TransportError(f"server transport for unix://{self.path} is already started")
+        loop = asyncio.get_running_loop()
+        claim_socket_path(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            sock.setblocking(False)
+            sock.bind(self.path)
+            bound = True
+            info = os.stat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
+            # Before listen(): until then a connect is refused, so nobody gets in while the
+            # file still has the umask's mode.
+            os.chmod(self.path, 0o600)
+            sock.listen(socket.SOMAXCONN)
+            loop.add_reader(sock.fileno(), self._on_acceptable)
+        except OSError as exc:
+            sock.close()
+            if bound:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            raise TransportError(f"cannot listen on unix://{self.path}: {exc}") from exc
+        self._loop = loop
+        self._sock = sock
+
+    # -------------------------------------------------------------- accepting
+
+    def _on_acceptable(self) -> None:
+        sock = self._sock
+        assert sock is not None and self._loop is not None
+        while True:
+            try:
+                accepted, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # Out of descriptors (or another accept failure): pause rather than spin on
+                # a listening socket that stays readable.
+                logger.warning(
+                    "unix://%s: cannot accept connections (%s); trying again in %.1fs",
+                    self.path,
+                    exc,
+                    _ACCEPT_PAUSE,
+                )
+                self._loop.remove_reader(sock.fileno())
+                self._accept_retry = self._loop.call_later(_ACCEPT_PAUSE, self._resume_accepting)
+                return
+            self._adopt(accepted)
+
+    def _resume_accepting(self) -> None:
+        self._accept_retry = None
+        if self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_acceptable)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        peer = next(self._ids).to_bytes(8, "big")
+        connection = _Connection(self._loop, sock, peer, self._options.max_message_size, self)
+        self._connections[peer] = connection
+        self._counts["connections"] += 1
+        if not self._paused:
+            connection.start_reading()
+
+    # -------------------------------------------------------------- connection reports
+
+    def _deliver(self, connection: _Connection) -> None:
+        inbox = self._inbox
+        peer = connection.peer
+        messages = connection.reader.messages
+        while messages:
+            inbox.append((peer, messages.popleft()))
+        if self._waiters:
+            waiters = self._waiters
+            self._waiters = []
+            _wake(waiters)
+        if len(inbox) >= _INBOX_LIMIT and not self._paused:
+            self._paused = True
+            for each in self._connections.values():
+                each.stop_reading()
+
+    def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
+        connection.close()
+        if self._connections.pop(connection.peer, None) is not None:
+            self._counts["disconnects"] += 1
+        if malformed:
+            self._counts["malformed"] += 1
+            logger.debug("unix://%s: dropped peer %s: %s", self.path, connection.peer.hex(), reason)
+
+    # -------------------------------------------------------------- the transport API
+
+    async def recv(self) -> tuple[bytes, list[Buffer]]:
+        """The next message from any peer, in arrival order per peer.
+
+        Returns at once while messages are waiting; raises :class:`ConnectionLost` once the
+        transport is closed (a ``recv`` waiting then is woken with it).
+        """
+        inbox = self._inbox
+        while not inbox:
+            if self._closed:
+                raise ConnectionLost(f"server transport for unix://{self.path} is closed")
+            if self._loop is None:
+                raise TransportError(f"server transport for unix://{self.path} is not started")
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                raise
+        message = inbox.popleft()
+        if self._paused and len(inbox) < _INBOX_RESUME:
+            self._paused = False
+            for connection in self._connections.values():
+                connection.start_reading()
+        return message
+
+    async def send(self, peer: bytes, frames: Sequence[Buffer]) -> None:
+        """Send one message to ``peer``; a peer that has gone away is silently skipped.
+
+        The frames are written without being copied, so they must stay unchanged until the
+        write completes; it returns once the message is written or queued and the peer's
+        queue of unsent data is below the high-water mark (it waits otherwise).
+        """
+        connection = self._connections.get(peer)
+        if connection is None:
+            return
+        prefix, total = frame_prefix(frames)
+        if connection.write(prefix, frames, total) and connection.out_bytes >= _HIGH_WATER:
+            await connection.drain()
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection, remove the socket file if ours; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._accept_retry is not None:
+            self._accept_retry.cancel()
+            self._accept_retry = None
+        sock = self._sock
+        self._sock = None
+        if sock is not None:
+            self._unlink_if_ours()
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for connection in connections:
+            connection.close()
+        self._counts["disconnects"] += len(connections)
+        self._inbox.clear()
+        waiters = self._waiters
+        self._waiters = []
+        _wake(waiters)
+
+    def _unlink_if_ours(self) -> None:
+        # Another server may have replaced the file since (after deciding ours was stale);
+        # removing its file would strand its clients.
+        try:
+            info = os.lstat(self.path)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == self._identity:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``connections``, ``disconnects`` and ``malformed``."""
+        return dict(self._counts)
+
+
+class UnixClientTransport:
+    """A connection to the server at ``path`` that is re-established after a restart.
+
+    A lost connection is reported once, as :class:`ConnectionLost` from :meth:`recv`; the
+    next :meth:`send` reconnects, retrying for up to ``reconnect_timeout`` seconds (one
+    attempt at a time however many tasks send). Use from one event loop.
+    """
+
+    def __init__(self, path: str, options: TransportOptions) -> None:
+        self.path = path
+        self._options = options
+        self._connection: _Connection | None = None
+        # Received messages, and a ConnectionLost where a connection ended.
+        self._inbox: deque[list[Buffer] | ConnectionLost] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._paused = False
+        self._closed = False
+        self._connect_lock = asyncio.Lock()
+        self._failed_reconnects = 0
+
+    async def connect(self) -> None:
+        """Connect to the server; raises :class:`TransportError` if it cannot be reached."""
+        if self._closed:
+            raise TransportError(f"client transport for unix://{self.path} is closed")
+        async with self._connect_lock:
+            if self._connection is not None:
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                sock = await self._open_socket(loop.time() + self._options.reconnect_timeout)
+            except OSError as exc:
+                raise TransportError(
+                    f"cannot connect to unix://{self.path}: {exc.strerror or exc}; "
+                    "is the server running?"
+                ) from None
+            if self._closed:
+                sock.close()
+                raise TransportError(f"client transport for unix://{self.path} was closed")
+            self._attach(loop, sock)
+
+    async def _open_socket(self, deadline: float) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            while True:
+                try:
+                    sock.connect(self.path)
+                    return sock
+                except BlockingIOError:
+                    # The server lives but its backlog is full: it will make room.
+                    if loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(_BACKLOG_RETRY)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _attach(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> _Connection:
+        connection = _Connection(loop, sock, b"", self._options.max_message_size, self)
+        self._connection = connection
+        if not self._paused:
+            connection.start_reading()
+        return connection
+
+    async def _reconnect(self) -> _Connection:
+        attempt = self._failed_reconnects
+        async with self._connect_lock:
+            if self._closed:
+                raise ConnectionLost(f"client transport for unix://{self.path} is closed")
+            if self._connection is not None:
+                return self._connection  # another sender reconnected meanwhile
+            timeout = self._options.reconnect_timeout
+            if self._failed_reconnects != attempt:
+                # The attempt this sender queued behind already waited the full timeout.
+                raise ConnectionLost(f"unix://{self.path} did not come back within {timeout}s")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    sock = await self._open_socket(deadline)
+                except OSError as exc:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        self._failed_reconnects += 1
+                        raise ConnectionLost(
+                            f"unix://{self.path} did not come back within {timeout}s "
+                            f"({exc.strerror or exc}); is the server running?"
+                        ) from None
+                    await asyncio.sleep(min(_RECONNECT_INTERVAL, remaining))
+                    if self._closed:
+                        raise ConnectionLost(
+                            f"client transport for unix://{self.path} is closed"
+                        ) from None
+                    continue
+                if self._closed:
+                    sock.close()
+                    raise ConnectionLost(f"client transport for unix://{self.path} is closed")
+                return self._attach(loop, sock)
+
+    # -------------------------------------------------------------- connection reports
+
+    def _deliver(self, connection: _Connection) -> None:
+        inbox = self._inbox
+        inbox.extend(connection.reader.messages)
+        connection.reader.messages.clear()
+        if self._waiters:
+            waiters = self._waiters
+            self._waiters = []
+            _wake(waiters)
+        if len(inbox) >= _INBOX_LIMIT and not self._paused:
+            self._paused = True
+            connection.stop_reading()
+
+    def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
+        connection.close()
+        if connection is not self._connection:
+            return
+        self._connection = None
+        logger.debug("unix://%s: connection lost: %s", self.path, reason)
+        self._inbox.append(ConnectionLost(f"connection to unix://{self.path} lost: {reason}"))
+        if self._waiters:
+            waiters = self._waiters
+            self._waiters = []
+            _wake(waiters)
+
+    # -------------------------------------------------------------- the transport API
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        """Send one message, reconnecting first if the connection was lost.
+
+        The frames are written without being copied, so they must stay unchanged until the
+        write completes; it returns once the message is written or queued and the queue of
+        unsent data is below the high-water mark. Raises :class:`ConnectionLost` if the
+        server stays away for ``reconnect_timeout`` seconds, if the connection breaks before
+        the message is written, or once the transport is closed.
+        """
+        if self._closed:
+            raise ConnectionLost(f"client transport for unix://{self.path} is closed")
+        prefix, total = frame_prefix(frames)
+        connection = self._connection
+        if connection is None:
+            connection = await self._reconnect()
+        if not connection.write(prefix, frames, total):
+            # The connection had died unnoticed and nothing of this message went out: it
+            # is reported lost (recv will say so), and this message goes on a new one.
+            connection = await self._reconnect()
+            if not connection.write(prefix, frames, total):
+                raise ConnectionLost(f"connection to unix://{self.path} broke at once")
+        if connection.closed:
+            raise ConnectionLost(f"connection to unix://{self.path} broke while sending")
+        if connection.out_bytes >= _HIGH_WATER and not await connection.drain():
+            raise ConnectionLost(f"connection to unix://{self.path} broke while sending")
+
+    async def recv(self) -> list[Buffer]:
+        """The next message; raises :class:`ConnectionLost` once per lost connection.
+
+        Waits across reconnections; after :meth:`close` (also for a ``recv`` waiting then)
+        it raises :class:`ConnectionLost`.
+        """
+        inbox = self._inbox
+        while not inbox:
+            if self._closed:
+                raise ConnectionLost(f"client transport for unix://{self.path} is closed")
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                raise
+        item = inbox.popleft()
+        if self._paused and len(inbox) < _INBOX_RESUME:
+            self._paused = False
+            if self._connection is not None:
+                self._connection.start_reading()
+        if type(item) is list:
+            return item
+        assert isinstance(item, ConnectionLost)
+        raise item
+
+    async def close(self) -> None:
+        """Close the connection; pending and later calls raise ConnectionLost. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        self._inbox.clear()
+        waiters = self._waiters
+        self._waiters = []
+        _wake(waiters)
+
+
+class UnixPlugin:
+    """The ``unix://`` transport plugin, registered under the ``kvrpc.transports`` entry points.
+
+    URLs are ``unix:///absolute/path/to/socket``. ``raw_baseline`` is the plain-asyncio echo
+    that benchmarks measure this transport against.
+    """
+
+    @property
+    def raw_baseline(self) -> RawEchoBaseline:
+        """The plain-asyncio Unix-socket echo that ``kvrpc bench`` compares against."""
+        # Imported on use: `python -m kvrpc_unix.baseline` must not find the module already
+        # imported by the package, or runpy warns and runs a second copy of it.
+        from kvrpc_unix.baseline import RAW_BASELINE
+
+        return RAW_BASELINE
+
+    def create_server(self, url: TransportURL, options: TransportOptions) -> UnixServerTransport:
+        """A server for the socket path in ``url`` (not started yet)."""
+        return UnixServerTransport(socket_path(url), options)
+
+    def create_client(self, url: TransportURL, options: TransportOptions) -> UnixClientTransport:
+        """A client for the socket path in ``url`` (not connected yet)."""
+        return UnixClientTransport(socket_path(url), options)
