@@ -83,19 +83,79 @@ class ClientStats:
 
 
 class _Pending:
-    __slots__ = ("definition", "on_done", "sink", "timer")
+    __slots__ = ("definition", "on_done", "sink", "timeout")
 
     def __init__(
         self,
         sink: _Sink,
         definition: ProtocolDefinition | None,
-        timer: asyncio.TimerHandle | None,
+        timeout: float | None,
         on_done: Callable[[], None] | None,
     ) -> None:
         self.sink = sink
         self.definition = definition
-        self.timer = timer
+        self.timeout = timeout
         self.on_done = on_done
+
+
+class _Deadlines:
+    """Request deadlines with one loop timer per distinct timeout, not one per request.
+
+    Requests with the same timeout expire in the order they were made, so each timeout keeps
+    a FIFO of ``(deadline, request_id)`` and one timer for its head. A loop timer per call
+    (a heap push, a cancel and a heap pop) was a measurable part of a call's cost.
+    Finished requests leave the FIFO when they reach its head (:meth:`prune`).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pending: dict[int, _Pending],
+        expire: Callable[[int, float], None],
+    ) -> None:
+        self._loop = loop
+        self._pending = pending
+        self._expire = expire
+        self._queues: dict[float, deque[tuple[float, int]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+
+    def add(self, request_id: int, seconds: float) -> None:
+        when = self._loop.time() + seconds
+        queue = self._queues.get(seconds)
+        if queue is None:
+            queue = self._queues[seconds] = deque()
+        queue.append((when, request_id))
+        if seconds not in self._timers:
+            self._timers[seconds] = self._loop.call_at(when, self._fire, seconds)
+
+    def prune(self, seconds: float) -> None:
+        queue = self._queues.get(seconds)
+        pending = self._pending
+        while queue and queue[0][1] not in pending:
+            queue.popleft()
+
+    def _fire(self, seconds: float) -> None:
+        del self._timers[seconds]
+        queue = self._queues[seconds]
+        now = self._loop.time()
+        pending = self._pending
+        while queue:
+            when, request_id = queue[0]
+            if request_id in pending and when > now:
+                break
+            queue.popleft()  # first: expiring prunes this queue's head
+            if request_id in pending:
+                self._expire(request_id, seconds)
+        if queue:
+            self._timers[seconds] = self._loop.call_at(queue[0][0], self._fire, seconds)
+        else:
+            del self._queues[seconds]
+
+    def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._queues.clear()
 
 
 class AsyncClient:
@@ -146,6 +206,7 @@ class AsyncClient:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._deadlines: _Deadlines | None = None
         self._broken: KvrpcError | None = None
         # Requests submitted from other threads, waiting for the outbox task to send them.
         self._outbox: deque[tuple[int, list[Buffer]]] = deque()
@@ -195,6 +256,7 @@ class AsyncClient:
             raise
         self._transport = transport
         self._loop = asyncio.get_running_loop()
+        self._deadlines = _Deadlines(self._loop, self._pending, self._expire)
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._broken = None
         self._exit_stack = stack
@@ -209,6 +271,8 @@ class AsyncClient:
             return
         self._exit_stack = None
         self._fail_all(ClientClosed(f"client for {self.url} was closed"))
+        if self._deadlines is not None:
+            self._deadlines.close()
         await stack.aclose()  # stops the receive loop, then closes the transport
         self._task_group = None
 
@@ -284,13 +348,12 @@ class AsyncClient:
         on_done: Callable[[], None] | None,
     ) -> None:
         seconds = self.timeout if isinstance(timeout, _Default) else timeout
-        timer = None
+        self._pending[request_id] = _Pending(sink, definition, seconds, on_done)
         if seconds is not None:
             # The deadline belongs to the request, not to whoever awaits it: a submitted
             # future times out even if nobody is waiting on it yet.
-            assert self._loop is not None
-            timer = self._loop.call_later(seconds, self._expire, request_id, seconds)
-        self._pending[request_id] = _Pending(sink, definition, timer, on_done)
+            assert self._deadlines is not None
+            self._deadlines.add(request_id, seconds)
         self.stats.requests += 1
 
     async def _send(self, request_id: int, frames: list[Buffer]) -> None:
@@ -305,8 +368,8 @@ class AsyncClient:
     def _pop(self, request_id: int) -> _Pending | None:
         entry = self._pending.pop(request_id, None)
         if entry is not None:
-            if entry.timer is not None:
-                entry.timer.cancel()
+            if entry.timeout is not None and self._deadlines is not None:
+                self._deadlines.prune(entry.timeout)
             if entry.on_done is not None:
                 entry.on_done()
         return entry
@@ -324,7 +387,6 @@ class AsyncClient:
         entry = self._pending.get(request_id)
         if entry is None:
             return
-        entry.timer = None
         self.stats.timeouts += 1
         name = entry.definition.name if entry.definition else "request"
         self._resolve_error(
@@ -355,6 +417,7 @@ class AsyncClient:
                 self._fail_all(self._broken)
                 return
             self._on_message(frames)
+            del frames  # not held while waiting for the next message
 
     def _connection_lost(self, exc: ConnectionLost) -> None:
         pending = len(self._pending)

@@ -167,7 +167,7 @@ def encode(message: Message) -> list[Buffer]:
 
 def _encode(kind: MessageKind, request_id: int, name: str, payload: Any) -> list[Buffer]:
     frames: list[Buffer] = [b""]
-    default = _make_default(frames)
+    default = _Default(frames)
     try:
         lifted = _lift(payload, frames, default)
         frames[0] = msgpack.packb(
@@ -184,12 +184,25 @@ def _encode(kind: MessageKind, request_id: int, name: str, payload: Any) -> list
     return frames
 
 
-def _make_default(frames: list[Buffer]) -> Callable[[Any], Any]:
-    def default(obj: Any) -> Any:
+class _Default:
+    """msgpack's ``default`` hook for one message: lifts buffers into ``frames``.
+
+    A class rather than a closure for the reason given at :class:`_ExtHook`: a closure that
+    refers to itself (nested tuples) is a cycle holding the message's frames until the
+    garbage collector runs.
+    """
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Buffer]) -> None:
+        self.frames = frames
+
+    def __call__(self, obj: Any) -> Any:
+        frames = self.frames
         if type(obj) is tuple:
             return msgpack.ExtType(
                 _EXT_TUPLE,
-                msgpack.packb(list(obj), default=default, strict_types=True, use_bin_type=True),
+                msgpack.packb(list(obj), default=self, strict_types=True, use_bin_type=True),
             )
         entry = _EXT_BY_CLASS.get(type(obj))
         if entry is not None:
@@ -197,22 +210,20 @@ def _make_default(frames: list[Buffer]) -> Callable[[Any], Any]:
         pydantic = sys.modules.get("pydantic")  # no model can exist before pydantic is loaded
         if pydantic is not None and isinstance(obj, pydantic.BaseModel):
             # A model travels as its field dict; the receiver's strict validation rebuilds it.
-            return _lift(obj.model_dump(), frames, default)
+            return _lift(obj.model_dump(), frames, self)
         if isinstance(obj, enum.Enum):
             return obj.value
         for base in _NATIVE_BASES:
             # strict_types hands us subclasses (OrderedDict, a str subclass...): send the base.
             if isinstance(obj, base):
-                return _lift(base(obj), frames, default)
+                return _lift(base(obj), frames, self)
         if isinstance(obj, tuple):  # a namedtuple
-            return default(tuple(obj))
+            return self(tuple(obj))
         raise EncodeError(
             f"kvrpc cannot encode {type(obj).__qualname__}; send a wire type (None, bool, int, "
             "float, str, bytes, list, tuple, dict, a pydantic model, a CPU tensor) or register "
             "the type with kvrpc.codec.register_ext"
         )
-
-    return default
 
 
 def _lift(obj: Any, frames: list[Buffer], default: Callable[[Any], Any]) -> Any:

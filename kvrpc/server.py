@@ -311,6 +311,9 @@ class RPCServer:
                 await self._handle(peer, frames)
             except Exception:  # a bug here must not stop the server for everyone
                 logger.exception("unexpected error while handling a message from %r", peer)
+            # Waiting for the next message can take a while: do not hold this one's buffers
+            # (possibly many MiB) meanwhile.
+            del frames
 
     async def _handle(self, peer: Peer, frames: list[Buffer]) -> None:
         stats = self._stats

@@ -113,6 +113,25 @@ async def test_submitted_future_times_out_even_if_nobody_awaits_it(
         assert isinstance(future.exception(), RequestTimeout)
 
 
+async def test_each_call_expires_at_its_own_deadline_whatever_the_mix_of_timeouts(
+    server: RPCServer, url: str
+) -> None:
+    install(server)
+    async with AsyncClient(url, registry=server.registry) as client:
+        start = asyncio.get_running_loop().time()
+        slow = [await client.submit(NAP, 5.0, n, timeout=t) for n, t in enumerate([0.3, 0.1] * 3)]
+        quick = [await client.submit(NAP, 0.01, 7, timeout=0.2) for _ in range(3)]
+        assert await asyncio.gather(*quick) == [7, 7, 7]  # answered in time: never expire
+        done, _ = await asyncio.wait(slow, timeout=0.2)
+        assert {slow.index(f) for f in done} == {1, 3, 5}  # the 0.1 s ones only
+        await asyncio.wait(slow, timeout=2)
+        elapsed = asyncio.get_running_loop().time() - start
+        assert all(isinstance(f.exception(), RequestTimeout) for f in slow)
+        assert 0.3 <= elapsed < 1.5
+        assert client.stats.timeouts == 6
+        assert await client.call(ADD, 1, 2, timeout=0.1) == 3
+
+
 async def test_cancelled_call_frees_its_slot(server: RPCServer, url: str) -> None:
     install(server)
     async with AsyncClient(url, registry=server.registry, max_in_flight=1) as client:

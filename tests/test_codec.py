@@ -807,3 +807,19 @@ def test_decoding_leaves_no_reference_cycle_that_keeps_the_frames_alive() -> Non
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_encoding_leaves_no_reference_cycle_that_keeps_the_payload_alive() -> None:
+    import gc
+    import sys
+
+    payload = bytes(8192)  # out of band, and inside a tuple, which goes through `default`
+    before = sys.getrefcount(payload)
+    gc.disable()  # only reference counting may free the frames, as it must for large payloads
+    try:
+        frames = encode_response(1, (payload, [payload]))
+        assert sys.getrefcount(payload) > before
+        del frames
+        assert sys.getrefcount(payload) == before
+    finally:
+        gc.enable()
