@@ -85,9 +85,16 @@ def test_a_scheme_without_its_plugin_fails_naming_the_package(
 @pytest.mark.parametrize("scheme", ["zmq+ipc", "unix"])
 def test_serve_then_ping_and_stats_from_other_processes(scheme: str, tmp_path: Path) -> None:
     url = f"{scheme}://{tmp_path}/cli.sock"
-    server = subprocess.Popen(
-        [*KVRPC, "serve", "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    with subprocess.Popen(
+        [*KVRPC, "serve", "--url", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as server:
+        _ping_and_stats_then_stop(server, url)
+
+
+def _ping_and_stats_then_stop(server: subprocess.Popen[str], url: str) -> None:
     try:
         assert server.stdout is not None
         assert server.stdout.readline().startswith(f"kvrpc ready {url}")
