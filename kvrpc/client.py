@@ -257,6 +257,9 @@ class AsyncClient:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._deadlines = _Deadlines(self._loop, self._pending, self._expire)
+        set_receiver = getattr(transport, "set_receiver", None)
+        if set_receiver is not None:
+            set_receiver(self._on_message)  # replies straight from the read callback
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._broken = None
         self._exit_stack = stack

@@ -132,6 +132,11 @@ class ClientTransport(Protocol):
     still owed on it will never come); the next :meth:`send` connects again, waiting up to
     ``TransportOptions.reconnect_timeout`` for the server, and later ``recv`` calls return
     messages from the new connection. Messages on one connection arrive in the order sent.
+
+    A transport may also offer ``set_receiver(receiver)``, taking a plain function of one
+    message: once it is set, messages are handed to it straight from the transport's read
+    callback (one event-loop turn sooner than through a task awaiting :meth:`recv`), and
+    :meth:`recv` only reports lost connections. The client uses it where it exists.
     """
 
     async def connect(self) -> None:

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from kvrpc.codec import Buffer
@@ -534,6 +534,7 @@ class UnixClientTransport:
         self._closed = False
         self._connect_lock = asyncio.Lock()
         self._failed_reconnects = 0
+        self._receiver: Callable[[list[Buffer]], None] | None = None
 
     async def connect(self) -> None:
         """Connect to the server; raises :class:`TransportError` if it cannot be reached."""
@@ -617,10 +618,23 @@ class UnixClientTransport:
 
     # -------------------------------------------------------------- connection reports
 
+    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
+        """Hand messages to ``receiver`` as they are read; :meth:`recv` then reports losses."""
+        self._receiver = receiver
+
     def _deliver(self, connection: _Connection) -> None:
+        messages = connection.reader.messages
+        receiver = self._receiver
+        if receiver is not None:
+            while messages:
+                try:
+                    receiver(messages.popleft())
+                except Exception:  # the receiver's bug must not stop this connection
+                    logger.exception("message receiver failed")
+            return
         inbox = self._inbox
-        inbox.extend(connection.reader.messages)
-        connection.reader.messages.clear()
+        inbox.extend(messages)
+        messages.clear()
         if self._waiters:
             waiters = self._waiters
             self._waiters = []

@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -388,14 +388,22 @@ class _ClientDriver(_Driver):
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.inbox: deque[list[Buffer] | None] = deque()
         self.connected = asyncio.Event()
+        self.receiver: Callable[[list[Buffer]], None] | None = None
         super().__init__(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
 
     def inbox_full(self) -> bool:
         return len(self.inbox) >= INBOX_LIMIT
 
     def take(self, parts: list[bytes]) -> None:
-        self.inbox.append(parts)  # type: ignore[arg-type]
-        self.wake_reader()
+        receiver = self.receiver
+        if receiver is None:
+            self.inbox.append(parts)  # type: ignore[arg-type]
+            self.wake_reader()
+            return
+        try:
+            receiver(parts)  # type: ignore[arg-type]
+        except Exception:  # the receiver's bug must not stop this socket's reading
+            logger.exception("message receiver failed")
 
     def on_event(self, event: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -430,6 +438,10 @@ class ZmqClientTransport:
             driver.shutdown()
             raise TransportError(f"cannot connect to {self.url.raw}: {exc}") from exc
         await driver.connected.wait()
+
+    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
+        """Hand replies to ``receiver`` as they are read; :meth:`recv` then reports losses."""
+        self._require().receiver = receiver
 
     async def send(self, frames: Sequence[Buffer]) -> None:
         """Send one request, waiting up to ``reconnect_timeout`` if the server is away."""
