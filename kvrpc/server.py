@@ -14,7 +14,8 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
@@ -125,6 +126,16 @@ class RPCServer:
         self._handlers: dict[str, _Handler] = {}
         self._per_peer: dict[Peer, int] = {}
         self._accepting = False
+        # True while a reply begun in _offer waits to be sent; later messages go to recv().
+        self._reply_waiting = False
+        # _offer takes messages only while the task group can still start tasks.
+        self._offers_open = False
+        # Tasks asked for while _offer runs, outside any task, and started by _spawner.
+        self._in_offer = False
+        self._spawn_queue: deque[
+            tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]
+        ] = deque()
+        self._spawn_ready = asyncio.Event()
         self._transport: ServerTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -241,6 +252,11 @@ class RPCServer:
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         self._task_group.start_soon(self._receive_loop, transport)
+        set_receiver = getattr(transport, "set_receiver", None)
+        if set_receiver is not None:
+            self._task_group.start_soon(self._spawner)
+            self._offers_open = True
+            set_receiver(self._offer)  # requests straight from the transport's read callback
         logger.info("kvrpc server listening on %s", self.url)
         return self
 
@@ -257,6 +273,7 @@ class RPCServer:
             await self._drain()
         finally:
             self._exit_stack = None
+            self._offers_open = False  # a read callback may still fire until the transport closes
             await stack.aclose()  # cancels the tasks, then the pool, then the transport
             self._task_group = None
         logger.info("kvrpc server on %s stopped", self.url)
@@ -314,6 +331,60 @@ class RPCServer:
             # Waiting for the next message can take a while: do not hold this one's buffers
             # (possibly many MiB) meanwhile.
             del frames
+
+    def _offer(self, peer: Peer, frames: list[Buffer]) -> bool:
+        """Handle a message from the transport's read callback; False leaves it to recv().
+
+        The handling coroutine is run eagerly, here: a ping, or any request whose handler is
+        plain NONBLOCKING and whose reply the transport takes at once, finishes without a
+        task or a further event-loop turn. If it has to wait (a full send queue), a task
+        finishes it, and until then later messages are declined, so the transport queues them
+        for the receive loop in order.
+        """
+        if self._reply_waiting or not self._offers_open:
+            return False
+        handling = self._handle(peer, frames)
+        self._in_offer = True
+        try:
+            waiting_on = handling.send(None)
+        except StopIteration:
+            return True
+        except Exception:  # a bug here must not stop the server for everyone
+            logger.exception("unexpected error while handling a message from %r", peer)
+            return True
+        finally:
+            self._in_offer = False
+        self._reply_waiting = True
+        self._in_offer = True
+        try:
+            self._spawn(self._finish, handling, waiting_on)
+        finally:
+            self._in_offer = False
+        return True
+
+    async def _finish(self, handling: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        """Drive a handling coroutine that :meth:`_offer` started, to its end."""
+        try:
+            while True:
+                try:
+                    if waiting_on is None:  # a bare yield, as asyncio.sleep(0) makes
+                        await asyncio.sleep(0)
+                    else:
+                        await waiting_on
+                except BaseException as exc:  # cancellation included: the coroutine sees it
+                    try:
+                        waiting_on = handling.throw(exc)
+                    except StopIteration:
+                        return
+                    continue
+                try:
+                    waiting_on = handling.send(None)
+                except StopIteration:
+                    return
+        except Exception:
+            logger.exception("unexpected error while finishing a reply")
+        finally:
+            self._reply_waiting = False
 
     async def _handle(self, peer: Peer, frames: list[Buffer]) -> None:
         stats = self._stats
@@ -393,8 +464,27 @@ class RPCServer:
     def _start(self, peer: Peer, request_id: int, call: Callable[[], Awaitable[Any]]) -> None:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         self._stats.in_flight += 1
+        self._spawn(self._run, peer, request_id, call)
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Start ``fn(*args)`` in the server's task group, from a task or a read callback."""
+        if self._in_offer:
+            # anyio starts tasks only from inside a task: hand it to the one that does.
+            self._spawn_queue.append((fn, args))
+            self._spawn_ready.set()
+            return
         assert self._task_group is not None
-        self._task_group.start_soon(self._run, peer, request_id, call)
+        self._task_group.start_soon(fn, *args)
+
+    async def _spawner(self) -> None:
+        """Start the tasks that :meth:`_offer` asked for (see :meth:`_spawn`)."""
+        while True:
+            await self._spawn_ready.wait()
+            self._spawn_ready.clear()
+            while self._spawn_queue:
+                fn, args = self._spawn_queue.popleft()
+                assert self._task_group is not None
+                self._task_group.start_soon(fn, *args)
 
     async def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         assert self._executor is not None

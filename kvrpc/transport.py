@@ -105,6 +105,12 @@ class ServerTransport(Protocol):
     stops reading (back-pressure) while that queue is full. Input the framing cannot parse
     (bad length prefixes, oversized messages, garbage) closes that one connection and is
     counted in :meth:`stats`; it never reaches ``recv`` and never disturbs other peers.
+
+    A transport may also offer ``set_receiver(receiver)``, ``receiver(peer, frames) -> bool``:
+    each message is then offered to it straight from the read callback, while nothing waits
+    for :meth:`recv`. True means handled; False declines it, and the transport queues that
+    message and every later one for :meth:`recv` (bounded, as above) until the queue is empty
+    again, so the order of messages never changes. The server uses it where it exists.
     """
 
     async def start(self) -> None:

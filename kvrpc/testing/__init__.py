@@ -13,6 +13,7 @@ Import it from a test module (it needs pytest and pytest-asyncio)::
 """
 
 from kvrpc.testing.conformance import (
+    BLOCK,
     RECORD,
     SLEEP,
     TransportCase,
@@ -22,6 +23,7 @@ from kvrpc.testing.conformance import (
 )
 
 __all__ = [
+    "BLOCK",
     "RECORD",
     "SLEEP",
     "TransportCase",

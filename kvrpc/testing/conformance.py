@@ -36,6 +36,7 @@ from kvrpc.server import RPCServer
 from kvrpc.transport import TransportOptions, connect_client, parse_url
 
 __all__ = [
+    "BLOCK",
     "RECORD",
     "SLEEP",
     "TransportCase",
@@ -47,6 +48,7 @@ __all__ = [
 #: Protocols the suite's servers offer besides the built-ins.
 SLEEP = ProtocolDefinition("conformance.sleep", (float,), str, HandlerType.NONBLOCKING)
 RECORD = ProtocolDefinition("conformance.record", (int, int), int, HandlerType.NONBLOCKING)
+BLOCK = ProtocolDefinition("conformance.block", (float,), str, HandlerType.BLOCKING)
 
 #: Generous bounds: reached only when the transport under test is broken.
 CALL_TIMEOUT = 20.0
@@ -89,8 +91,13 @@ def _install(server: RPCServer, record: list[tuple[int, int]]) -> None:
         record.append((client, seq))
         return seq
 
+    def block(seconds: float) -> str:
+        time.sleep(seconds)
+        return "blocked"
+
     server.register(SLEEP, sleep)
     server.register(RECORD, append)
+    server.register(BLOCK, block)
 
 
 @contextlib.asynccontextmanager
@@ -178,6 +185,20 @@ class TransportConformance:
             assert await asyncio.gather(*futures) == [seq for seq in range(500) for _ in "12"]
         for client in (1, 2):
             assert [seq for who, seq in record if who == client] == list(range(500))
+
+    @pytest.mark.asyncio
+    async def test_handlers_of_every_type_answer(self, transport_case: TransportCase) -> None:
+        """Inline, async and thread-pool handlers all answer, also beside a large reply."""
+        url = transport_case.make_url()
+        big = os.urandom(8 * MiB)
+        async with serve_conformance(url), _client(url) as client:
+            results = await asyncio.gather(
+                *(client.call(SLEEP, 0.01) for _ in range(20)),
+                *(client.call(BLOCK, 0.01) for _ in range(5)),
+                client.call(ECHO, big),
+                *(client.call(ECHO, n) for n in range(20)),
+            )
+        assert results == ["slept"] * 20 + ["blocked"] * 5 + [big] + list(range(20))
 
     @pytest.mark.asyncio
     async def test_a_thousand_concurrent_calls_from_many_tasks(

@@ -327,6 +327,7 @@ class UnixServerTransport:
         self._closed = False
         self._ids = itertools.count(1)
         self._counts = {"connections": 0, "disconnects": 0, "malformed": 0}
+        self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
 
     async def start(self) -> None:
         """Bind ``path`` and begin accepting; raises :class:`TransportError` if it cannot.
@@ -408,12 +409,25 @@ class UnixServerTransport:
 
     # -------------------------------------------------------------- connection reports
 
+    def set_receiver(self, receiver: Callable[[bytes, list[Buffer]], bool] | None) -> None:
+        """Offer each message to ``receiver`` as it is read (see ``ServerTransport``)."""
+        self._receiver = receiver
+
     def _deliver(self, connection: _Connection) -> None:
         inbox = self._inbox
         peer = connection.peer
         messages = connection.reader.messages
+        receiver = self._receiver
         while messages:
-            inbox.append((peer, messages.popleft()))
+            message = messages.popleft()
+            if receiver is not None and not inbox:
+                try:
+                    if receiver(peer, message):
+                        continue
+                except Exception:  # the receiver's bug must not stop this connection
+                    logger.exception("message receiver failed")
+                    continue
+            inbox.append((peer, message))
         if self._waiters:
             waiters = self._waiters
             self._waiters = []

@@ -260,6 +260,7 @@ class _ServerDriver(_Driver):
     def __init__(self, sock: zmq.Socket[Any], counts: dict[str, int]) -> None:
         self.inbox: deque[tuple[Peer, list[Buffer]]] = deque()
         self.counts = counts
+        self.receiver: Callable[[Peer, list[Buffer]], bool] | None = None
         super().__init__(
             sock,
             zmq.EVENT_ACCEPTED
@@ -272,6 +273,14 @@ class _ServerDriver(_Driver):
         return len(self.inbox) >= INBOX_LIMIT
 
     def take(self, parts: list[bytes]) -> None:
+        receiver = self.receiver
+        if receiver is not None and not self.inbox:
+            try:
+                if receiver(parts[0], parts[1:]):  # type: ignore[arg-type]
+                    return
+            except Exception:  # the receiver's bug must not stop this socket's reading
+                logger.exception("message receiver failed")
+                return
         self.inbox.append((parts[0], parts[1:]))  # type: ignore[arg-type]
         self.wake_reader()
 
@@ -331,6 +340,10 @@ class ZmqServerTransport:
         if driver.stopped_at_limit and len(inbox) < INBOX_LIMIT // 2:
             driver.drain()  # reading stopped at the limit; zmq holds the rest
         return item
+
+    def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
+        """Offer each message to ``receiver`` as it is read (see ``ServerTransport``)."""
+        self._require().receiver = receiver
 
     async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         """Send a reply to ``peer``; one that has gone away is skipped."""
