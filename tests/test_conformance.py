@@ -112,3 +112,14 @@ class TestUnix(TransportConformance):
             raw_connect=raw_connect,
             raw_inputs=unix_inputs,
         )
+
+
+def test_every_installed_transport_runs_the_suite() -> None:
+    from importlib.metadata import entry_points
+
+    covered = {"inproc", "zmq+ipc", "zmq+tcp", "unix"}
+    installed = {entry.name for entry in entry_points(group="kvrpc.transports")}
+    assert installed, "the transport plugins are not installed"
+    assert installed <= covered, f"no conformance case for {sorted(installed - covered)}"
+    suites = {cls.__name__ for cls in TransportConformance.__subclasses__()}
+    assert {"TestInproc", "TestZmqIpc", "TestZmqTcp", "TestUnix"} <= suites

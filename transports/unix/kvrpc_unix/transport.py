@@ -296,6 +296,18 @@ class _Connection:
         self._wake_drain_waiters(False)
 
 
+async def _wait_for_wake(waiters: list[asyncio.Future[None]]) -> None:
+    """Wait until a read callback wakes ``waiters``; a cancelled wait leaves no stale waiter."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        with contextlib.suppress(ValueError):
+            waiters.remove(waiter)
+        raise
+
+
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
     for waiter in waiters:
         if not waiter.done():
@@ -459,14 +471,7 @@ class UnixServerTransport:
                 raise ConnectionLost(f"server transport for unix://{self.path} is closed")
             if self._loop is None:
                 raise TransportError(f"server transport for unix://{self.path} is not started")
-            waiter = self._loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-                raise
+            await _wait_for_wake(self._waiters)
         message = inbox.popleft()
         if self._paused and len(inbox) < _INBOX_RESUME:
             self._paused = False
@@ -707,14 +712,7 @@ class UnixClientTransport:
         while not inbox:
             if self._closed:
                 raise ConnectionLost(f"client transport for unix://{self.path} is closed")
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-                raise
+            await _wait_for_wake(self._waiters)
         item = inbox.popleft()
         if self._paused and len(inbox) < _INBOX_RESUME:
             self._paused = False
