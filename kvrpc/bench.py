@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from kvrpc import codec
+from kvrpc._memory import max_rss_bytes
 from kvrpc.client import AsyncClient
 from kvrpc.errors import TransportError
 from kvrpc.protocol import ECHO, PING, STATS
@@ -314,7 +315,7 @@ async def _bandwidth(
     figures: dict[str, float] = {}
     mib = len(payload) / (1 << 20)
     server_before = (await client.call(STATS)).get("max_rss_bytes", 0)
-    client_before = _max_rss_bytes()
+    client_before = max_rss_bytes()
     for prefix, path in paths.items():
         _progress(f"{prefix or 'kvrpc '}echo: {args.rounds} round trips of {mib:.0f} MiB")
         await path.echo(payload)  # first touch of the buffers is not the steady state
@@ -333,20 +334,13 @@ async def _bandwidth(
             server_after = (await client.call(STATS)).get("max_rss_bytes", 0)
             figures["echo_payload_mib"] = mib
             # Peak growth in payloads: what one round held at once beyond the start.
-            figures["client_peak_rss_growth_payloads"] = (_max_rss_bytes() - client_before) / len(
+            figures["client_peak_rss_growth_payloads"] = (max_rss_bytes() - client_before) / len(
                 payload
             )
             figures["server_peak_rss_growth_payloads"] = (server_after - server_before) / len(
                 payload
             )
     return figures
-
-
-def _max_rss_bytes() -> int:
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @contextlib.asynccontextmanager

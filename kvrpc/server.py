@@ -13,7 +13,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import anyio.abc
 
 from kvrpc import codec
 from kvrpc._lifetime import OwnedTaskGroup
+from kvrpc._memory import max_rss_bytes
 from kvrpc.codec import Buffer, MessageKind
 from kvrpc.errors import (
     ConnectionLost,
@@ -200,7 +200,7 @@ class RPCServer:
         if self._transport is not None:
             for key, value in self._transport.stats().items():
                 report[f"transport_{key}"] = value
-        report["max_rss_bytes"] = _max_rss_bytes()
+        report["max_rss_bytes"] = max_rss_bytes()
         return report
 
     # ------------------------------------------------------------------ lifecycle
@@ -344,23 +344,20 @@ class RPCServer:
         if self._reply_waiting or not self._offers_open:
             return False
         handling = self._handle(peer, frames)
-        self._in_offer = True
+        self._in_offer = True  # tasks asked for meanwhile go through the spawner
         try:
-            waiting_on = handling.send(None)
-        except StopIteration:
-            return True
-        except Exception:  # a bug here must not stop the server for everyone
-            logger.exception("unexpected error while handling a message from %r", peer)
-            return True
-        finally:
-            self._in_offer = False
-        self._reply_waiting = True
-        self._in_offer = True
-        try:
+            try:
+                waiting_on = handling.send(None)
+            except StopIteration:
+                return True
+            except Exception:  # a bug here must not stop the server for everyone
+                logger.exception("unexpected error while handling a message from %r", peer)
+                return True
+            self._reply_waiting = True
             self._spawn(self._finish, handling, waiting_on)
+            return True
         finally:
             self._in_offer = False
-        return True
 
     async def _finish(self, handling: Coroutine[Any, Any, None], waiting_on: Any) -> None:
         """Drive a handling coroutine that :meth:`_offer` started, to its end."""
@@ -543,14 +540,3 @@ class RPCServer:
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
-
-
-def _max_rss_bytes() -> int:
-    """Peak resident memory of this process (benchmarks read it to count payload copies)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
-    # Linux reports kilobytes, macOS bytes.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

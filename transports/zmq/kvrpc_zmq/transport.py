@@ -133,6 +133,9 @@ def _monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
 class _Driver:
     """One zmq socket (and its monitor) driven by the running loop's reader callbacks."""
 
+    #: What the read callback queued for ``recv`` (each subclass says what an item is).
+    inbox: deque[Any]
+
     def __init__(self, sock: zmq.Socket[Any], monitor_events: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
@@ -157,7 +160,19 @@ class _Driver:
         raise NotImplementedError
 
     def inbox_full(self) -> bool:
-        raise NotImplementedError
+        return len(self.inbox) >= INBOX_LIMIT
+
+    async def next_item(self, closed: str) -> Any:
+        """The oldest queued item, waiting for one; :class:`ConnectionLost` once closed."""
+        inbox = self.inbox
+        while not inbox:
+            if self.closed:
+                raise ConnectionLost(closed)
+            await self.wait_readable()
+        item = inbox.popleft()
+        if self.stopped_at_limit and len(inbox) < INBOX_LIMIT // 2:
+            self.drain()  # reading stopped at the limit; zmq holds the rest
+        return item
 
     def drain(self) -> None:
         """Read every message that is ready (up to the inbox limit), then wake waiters."""
@@ -269,9 +284,6 @@ class _ServerDriver(_Driver):
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
         )
 
-    def inbox_full(self) -> bool:
-        return len(self.inbox) >= INBOX_LIMIT
-
     def take(self, parts: list[bytes]) -> None:
         receiver = self.receiver
         if receiver is not None and not self.inbox:
@@ -330,15 +342,9 @@ class ZmqServerTransport:
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
         """The next message from any client."""
-        driver = self._require()
-        inbox = driver.inbox
-        while not inbox:
-            if driver.closed:
-                raise ConnectionLost(f"server transport {self.url.raw} is closed")
-            await driver.wait_readable()
-        item = inbox.popleft()
-        if driver.stopped_at_limit and len(inbox) < INBOX_LIMIT // 2:
-            driver.drain()  # reading stopped at the limit; zmq holds the rest
+        item: tuple[Peer, list[Buffer]] = await self._require().next_item(
+            f"server transport {self.url.raw} is closed"
+        )
         return item
 
     def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
@@ -403,9 +409,6 @@ class _ClientDriver(_Driver):
         self.connected = asyncio.Event()
         self.receiver: Callable[[list[Buffer]], None] | None = None
         super().__init__(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-
-    def inbox_full(self) -> bool:
-        return len(self.inbox) >= INBOX_LIMIT
 
     def take(self, parts: list[bytes]) -> None:
         receiver = self.receiver
@@ -492,18 +495,11 @@ class ZmqClientTransport:
 
     async def recv(self) -> list[Buffer]:
         """The next reply; :class:`ConnectionLost` once each time the server drops away."""
-        driver = self._require()
-        inbox = driver.inbox
-        while not inbox:
-            if driver.closed:
-                raise ConnectionLost(f"connection to {self.url.raw} is closed")
-            await driver.wait_readable()
-        item = inbox.popleft()
+        item = await self._require().next_item(f"connection to {self.url.raw} is closed")
         if item is _LOST:
             raise ConnectionLost(f"{self.url.raw} closed the connection")
-        if driver.stopped_at_limit and len(inbox) < INBOX_LIMIT // 2:
-            driver.drain()
-        return item
+        frames: list[Buffer] = item
+        return frames
 
     async def close(self) -> None:
         """Close the socket; idempotent."""
