@@ -43,12 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run an RPC server until SIGINT/SIGTERM")
+    serve = commands.add_parser("serve", help="run a KV-cache server until SIGINT/SIGTERM")
     serve.add_argument("--url", default="zmq+tcp://127.0.0.1:5555", help="URL to bind")
-    serve.add_argument("--max-workers", type=int, default=8, help="BLOCKING handler threads")
+    serve.add_argument(
+        "--cpu-buffer-size", type=_positive_float, default=1.0, help="L1 pool size in GiB"
+    )
+    serve.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per chunk")
+    serve.add_argument(
+        "--max-workers", type=_positive_int, default=4, help="copy threads and BLOCKING threads"
+    )
+    serve.add_argument(
+        "--client-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds of silence after which a client's caches, pins and jobs are released",
+    )
+    serve.add_argument("--disk-dir", help="directory of a disk tier below L1 (default: none)")
+    serve.add_argument("--disk-size", type=_positive_float, default=16.0, help="disk tier GiB")
     serve.set_defaults(run=_run_serve)
 
-    demo = commands.add_parser("demo", help="a server and a client over inproc:// making calls")
+    demo = commands.add_parser(
+        "demo", help="a KV server, a scheduler and two workers: a prompt served twice"
+    )
+    demo.add_argument(
+        "which",
+        nargs="?",
+        choices=("kv", "rpc"),
+        default="kv",
+        help="kv (default): the KV-cache service; rpc: typed calls over inproc://",
+    )
+    demo.add_argument("--url", help="transport for the kv demo (default: a temporary socket)")
     demo.set_defaults(run=_run_demo)
 
     ping = commands.add_parser("ping", help="call rpc.ping on a server")
@@ -85,21 +109,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from kvrpc.server import RPCServer
+    from kvrpc.kv.serving import KVServerSettings, serve_kv
 
-    async def serve() -> None:
-        server = RPCServer(args.url, max_workers=args.max_workers)
+    settings = KVServerSettings(
+        url=args.url,
+        cpu_buffer_size=args.cpu_buffer_size,
+        chunk_size=args.chunk_size,
+        max_workers=args.max_workers,
+        client_timeout=args.client_timeout,
+        disk_dir=args.disk_dir,
+        disk_size=args.disk_size,
+    )
+
+    def ready(server: Any, service: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
-        async with server:
-            logging.getLogger("kvrpc").info(
-                "ready: serving %s with %d blocking workers", args.url, args.max_workers
-            )
-            print(f"kvrpc ready {args.url}", flush=True)
-            await server.wait_for_stop()
+        print(
+            f"kvrpc ready {args.url} chunk_size={args.chunk_size} "
+            f"cpu_buffer_size={args.cpu_buffer_size:g}GiB max_workers={args.max_workers}"
+            + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else ""),
+            flush=True,
+        )
 
-    asyncio.run(serve())
+    asyncio.run(serve_kv(settings, on_ready=ready))
     return 0
 
 
@@ -107,6 +140,15 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.which == "rpc":
+        return _run_rpc_demo()
+    from kvrpc.kv.demo import run_demo
+
+    run_demo(args.url)
+    return 0
+
+
+def _run_rpc_demo() -> int:
     from kvrpc.client import AsyncClient
     from kvrpc.protocol import HandlerType, ProtocolDefinition
     from kvrpc.server import RPCServer
@@ -168,7 +210,10 @@ def _run_stats(args: argparse.Namespace) -> int:
     from kvrpc.client import SyncClient
 
     with SyncClient(args.url, timeout=args.timeout, connect_timeout=args.timeout) as client:
-        print(json.dumps(client.call("rpc.stats"), indent=2, sort_keys=True))
+        report = {"rpc": client.call("rpc.stats")}
+        if "kv.stats" in client.call("rpc.list_protocols"):
+            report["kv"] = client.call("kv.stats")
+        print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 
 
@@ -185,6 +230,20 @@ def _run_bench_import(args: argparse.Namespace) -> int:
     from kvrpc.bench import measure_import
 
     return _report(measure_import(args.runs), args.json)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return value
 
 
 def _report(figures: dict[str, Any], json_path: str | None) -> int:

@@ -96,6 +96,37 @@ class CudaUnavailable(KvrpcError):
     """A CUDA feature was asked for in a process without a CUDA build of torch or a GPU."""
 
 
+class KVError(KvrpcError):
+    """A KV-cache operation was refused; the message says which input and what to do."""
+
+
+class KVConfigError(KVError, ValueError):
+    """Sizes or layouts that cannot work together.
+
+    For example a chunk size that is not a multiple of the block size, KV tensors of
+    different shapes, or a layout whose chunk does not fit the server pool's slots.
+    """
+
+
+class UnknownInstance(KVError):
+    """No KV cache is registered under that instance id.
+
+    It was never registered, or it was unregistered when its worker ended; register the
+    worker's KV cache (again) first.
+    """
+
+
+class NotSharedMemory(KVError):
+    """A CPU tensor given for the ``shm`` transfer mode is not in shared memory.
+
+    Allocate such tensors with :func:`kvrpc.kv.shared_empty`.
+    """
+
+
+class UnknownJob(KVError):
+    """A prefetch job id that this client never got, or whose result it already took."""
+
+
 # Errors a server may report that the client re-raises as themselves rather than wrapping them
 # in RemoteError: they describe the request, not a failure inside a handler.
 _WIRE_ERRORS: dict[str, type[KvrpcError]] = {
@@ -107,6 +138,11 @@ _WIRE_ERRORS: dict[str, type[KvrpcError]] = {
         PayloadValidationError,
         UnknownProtocol,
         ServerBusy,
+        KVError,
+        KVConfigError,
+        UnknownInstance,
+        NotSharedMemory,
+        UnknownJob,
     )
 }
 

@@ -1,0 +1,41 @@
+"""The KV-cache service layer: keys, layouts, storage, the server's service and the adapters.
+
+An inference engine's scheduler uses :class:`SchedulerAdapter` (or
+:class:`PollingSchedulerAdapter`), each worker a :class:`WorkerAdapter`; ``kvrpc serve`` runs
+the server (:func:`~kvrpc.kv.serving.serve_kv`). Each name lives in the module that owns it.
+"""
+
+from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, SchedulerAdapter, WorkerAdapter
+from kvrpc.kv.keys import (
+    CacheKey,
+    KeyBatch,
+    blocks_per_chunk,
+    hashes_from_block_hashes,
+    hashes_from_tokens,
+)
+from kvrpc.kv.layout import KVLayout, LayoutKind
+from kvrpc.kv.protocols import KV_PROTOCOLS, kv_registry
+from kvrpc.kv.service import KVService
+from kvrpc.kv.serving import KVServerSettings, serve_kv
+from kvrpc.kv.shm import release_shared, shared_empty
+
+__all__ = [
+    "KV_PROTOCOLS",
+    "CacheKey",
+    "KVLayout",
+    "KVServerSettings",
+    "KVService",
+    "KeyBatch",
+    "LayoutKind",
+    "LoadStoreOp",
+    "PollingSchedulerAdapter",
+    "SchedulerAdapter",
+    "WorkerAdapter",
+    "blocks_per_chunk",
+    "hashes_from_block_hashes",
+    "hashes_from_tokens",
+    "kv_registry",
+    "release_shared",
+    "serve_kv",
+    "shared_empty",
+]

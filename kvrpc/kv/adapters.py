@@ -1,0 +1,651 @@
+"""The API an inference engine's connector calls: scheduler and worker adapters.
+
+Both sit on a :class:`~kvrpc.client.SyncClient` (its own event-loop thread), so an engine
+calls them from plain threads and never waits on the network unless it asks to: submits
+return at once, results are polled (``check_lookup_result``, ``get_finished``).
+
+Each adapter makes a random ``client_id`` that names what it owns on the server (registered
+KV caches, lookup pins, prefetch jobs) and sends ``kv.keepalive`` from a small thread while
+idle, so the server releases all of it if the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from kvrpc.client import SyncClient
+from kvrpc.errors import (
+    ConnectionLost,
+    KVConfigError,
+    KVError,
+    RequestTimeout,
+    TransportError,
+    UnknownInstance,
+    UnknownProtocol,
+)
+from kvrpc.futures import MessagingFuture
+from kvrpc.kv import protocols
+from kvrpc.kv.keys import (
+    KeyBatch,
+    blocks_per_chunk,
+    hashes_from_block_hashes,
+    hashes_from_tokens,
+)
+from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
+from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
+from kvrpc.kv.shm import shared_ref
+from kvrpc.protocol import ProtocolDefinition
+
+__all__ = ["LoadStoreOp", "PollingSchedulerAdapter", "SchedulerAdapter", "WorkerAdapter"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+#: Request ids returned by ``get_finished`` that are remembered, to never return one twice.
+_REMEMBERED_FINISHED = 65536
+
+
+@dataclass(frozen=True)
+class LoadStoreOp:
+    """One request's store or retrieve: which tokens, and the blocks that hold them.
+
+    ``block_ids`` are the request's KV blocks from its first token on (block ``j`` holds
+    tokens ``j * block_size`` onwards). The chunk hashes come from ``token_ids`` or from the
+    engine's ``block_hashes`` (exactly one, the same source the scheduler looked up with).
+    Only whole chunks inside ``[start, end)`` move (``end == 0``: up to the last whole
+    chunk): a chunk that begins before ``start`` is skipped, so blocks the engine already
+    holds are never written.
+    """
+
+    block_ids: Sequence[int]
+    token_ids: Sequence[int] | torch.Tensor | None = None
+    block_hashes: Sequence[bytes | int] | None = None
+    start: int = 0
+    end: int = 0
+
+
+class _ServerLink:
+    """A SyncClient to a KV server, the adapter's client id, and its keepalive thread."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        keepalive_interval: float,
+    ) -> None:
+        self.url = url
+        hint = f"start one with: kvrpc serve --url {url}"
+        try:
+            self.client = SyncClient(
+                url,
+                registry=protocols.kv_registry(),
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+            )
+        except TransportError as exc:
+            raise KVError(f"cannot reach a kvrpc KV server at {url}: {exc}; {hint}") from exc
+        try:
+            self.chunk_size: int = self.client.call(
+                protocols.GET_CHUNK_SIZE, timeout=connect_timeout
+            )
+        except (RequestTimeout, ConnectionLost) as exc:
+            self.client.close()
+            raise KVError(
+                f"no kvrpc KV server answered at {url} within {connect_timeout:g} s; {hint}"
+            ) from exc
+        except UnknownProtocol as exc:
+            self.client.close()
+            raise KVError(
+                f"the server at {url} is a kvrpc server without the kv.* protocols; {hint}"
+            ) from exc
+        self.client_id = secrets.token_bytes(16)
+        self._untracked: set[MessagingFuture[Any]] = set()
+        self._untracked_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._keepalive = threading.Thread(
+            target=self._keep_alive,
+            args=(keepalive_interval,),
+            daemon=True,
+            name="kvrpc-kv-keepalive",
+        )
+        self._keepalive.start()
+
+    def _keep_alive(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            try:
+                self.client.submit(protocols.KEEPALIVE, self.client_id)
+            except Exception:  # the client closed meanwhile; the loop ends on the next wait
+                logger.debug("keepalive not sent", exc_info=True)
+
+    def submit(self, protocol: ProtocolDefinition, *args: Any) -> MessagingFuture[Any]:
+        """Submit a ``kv.*`` call that carries this adapter's client id first."""
+        return self.client.submit(protocol, self.client_id, *args)
+
+    def call(self, protocol: ProtocolDefinition, *args: Any) -> Any:
+        """Call a ``kv.*`` protocol that carries this adapter's client id first."""
+        return self.client.call(protocol, self.client_id, *args)
+
+    def track(self, future: MessagingFuture[Any], what: str, request_id: str) -> None:
+        """Keep a call nobody waits for until it completes; failures are logged."""
+        with self._untracked_lock:
+            self._untracked.add(future)
+
+        def done(future: MessagingFuture[Any]) -> None:
+            with self._untracked_lock:
+                self._untracked.discard(future)
+            exc = future.exception()
+            if exc is not None:
+                logger.warning("%s for request %r failed: %s", what, request_id, exc)
+
+        future.add_done_callback(done)
+
+    def close(self, flush_timeout: float = 2.0) -> None:
+        """Wait (briefly) for calls nobody waits for, such as end_session, then close."""
+        self._closed.set()
+        deadline = time.monotonic() + flush_timeout
+        with self._untracked_lock:
+            pending = list(self._untracked)
+        for future in pending:
+            future.wait(max(0.0, deadline - time.monotonic()))
+        self.client.close()
+
+
+def _hashes_for(
+    chunk_size: int,
+    per_chunk: int,
+    token_ids: Sequence[int] | torch.Tensor | None,
+    block_hashes: Sequence[bytes | int] | None,
+) -> list[bytes]:
+    if (token_ids is None) == (block_hashes is None):
+        raise ValueError("give exactly one of token_ids and block_hashes")
+    if token_ids is not None:
+        return hashes_from_tokens(token_ids, chunk_size)
+    assert block_hashes is not None
+    return hashes_from_block_hashes(block_hashes, per_chunk)
+
+
+class SchedulerAdapter:
+    """The scheduler's side: how many prompt tokens the server holds, asked without waiting.
+
+    ``maybe_submit_lookup_request`` sends the lookup; ``check_lookup_result`` returns None
+    until the answer (and any prefetch it started) is in, then the matched token count, a
+    multiple of the server's chunk size. The matched chunks stay pinned on the server for
+    the request's workers to retrieve until :meth:`end_session`. Use from one thread.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        model_name: str,
+        world_size: int,
+        kv_rank: int,
+        block_size: int,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        keepalive_interval: float = 2.0,
+    ) -> None:
+        self.model_name = model_name
+        self.world_size = world_size
+        self.kv_rank = kv_rank
+        self.block_size = block_size
+        self._link = _ServerLink(
+            server_url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            keepalive_interval=keepalive_interval,
+        )
+        self.chunk_size = self._link.chunk_size
+        try:
+            self._blocks_per_chunk = blocks_per_chunk(self.chunk_size, block_size)
+        except KVConfigError:
+            self._link.close()
+            raise
+        self._lookups: dict[str, _Lookup] = {}
+
+    def num_blocks_per_chunk(self) -> int:
+        """KV blocks per chunk: the server's chunk size over the engine's block size."""
+        return self._blocks_per_chunk
+
+    def maybe_submit_lookup_request(
+        self,
+        request_id: str,
+        block_hashes: Sequence[bytes | int] | None = None,
+        token_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> None:
+        """Start a lookup for ``request_id`` unless one is pending or answered already."""
+        if request_id in self._lookups:
+            return
+        hashes = _hashes_for(self.chunk_size, self._blocks_per_chunk, token_ids, block_hashes)
+        keys = KeyBatch(self.model_name, self.world_size, None, b"".join(hashes))
+        future = self._link.submit(protocols.LOOKUP, request_id, keys)
+        self._lookups[request_id] = _Lookup(future)
+
+    def check_lookup_result(self, request_id: str) -> int | None:
+        """Tokens matched for ``request_id``, or None while the lookup is pending.
+
+        A lookup that failed (server gone, timeout) counts as 0 matched tokens, logged: the
+        engine then computes the prompt. Raises :class:`KVError` for an id never submitted.
+        """
+        lookup = self._lookups.get(request_id)
+        if lookup is None:
+            raise KVError(f"no lookup was submitted for request {request_id!r}")
+        if lookup.tokens is not None:
+            return lookup.tokens
+        future = lookup.future
+        if not future.done():
+            return None
+        try:
+            answer = future.result()
+        except Exception as exc:
+            logger.warning("lookup for request %r failed, computing it: %s", request_id, exc)
+            lookup.tokens = 0
+            return 0
+        if isinstance(answer, str):  # a prefetch job: ask until it reports its count
+            lookup.future = self._link.submit(protocols.QUERY_PREFETCH_STATUS, answer)
+            lookup.job = answer
+            return None
+        if answer is None:  # the job is still running
+            assert lookup.job is not None
+            lookup.future = self._link.submit(protocols.QUERY_PREFETCH_STATUS, lookup.job)
+            return None
+        lookup.tokens = int(answer) * self.chunk_size
+        return lookup.tokens
+
+    def cleanup_lookup_result(self, request_id: str) -> None:
+        """Forget ``request_id``'s lookup here (the server keeps its pins until end_session)."""
+        self._lookups.pop(request_id, None)
+
+    def end_session(self, request_id: str) -> None:
+        """The request is done: the server releases its pins. Does not wait for the reply."""
+        self._lookups.pop(request_id, None)
+        future = self._link.submit(
+            protocols.END_SESSION, self.model_name, self.world_size, request_id
+        )
+        self._link.track(future, "end_session", request_id)
+
+    def close(self) -> None:
+        """Close the connection; the server drops this scheduler's pins and jobs."""
+        self._link.close()
+
+    shutdown = close
+
+    def __enter__(self) -> SchedulerAdapter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass(eq=False)
+class _Lookup:
+    future: MessagingFuture[Any]
+    job: str | None = None
+    tokens: int | None = None
+
+
+class PollingSchedulerAdapter(SchedulerAdapter):
+    """A :class:`SchedulerAdapter` whose ``check_lookup_result`` waits for the answer.
+
+    It polls every ``poll_interval`` seconds for at most ``lookup_timeout`` seconds; on
+    timeout it logs a warning, forgets the request (ending its server session) and returns
+    0, so the engine computes the prompt instead of waiting.
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        model_name: str,
+        world_size: int,
+        kv_rank: int,
+        block_size: int,
+        *,
+        poll_interval: float = 0.005,
+        lookup_timeout: float = 5.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(server_url, model_name, world_size, kv_rank, block_size, **options)
+        self.poll_interval = poll_interval
+        self.lookup_timeout = lookup_timeout
+
+    def check_lookup_result(self, request_id: str) -> int:
+        """Tokens matched for ``request_id``, waiting up to ``lookup_timeout`` seconds."""
+        deadline = time.monotonic() + self.lookup_timeout
+        while True:
+            tokens = super().check_lookup_result(request_id)
+            if tokens is not None:
+                return tokens
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.warning(
+                    "lookup for request %r took over %g s; computing it instead",
+                    request_id,
+                    self.lookup_timeout,
+                )
+                self.end_session(request_id)
+                return 0
+            # Waiting on the reply itself rather than sleeping: an answer that arrives
+            # within the interval is seen at once, not at the next tick.
+            self._lookups[request_id].future.wait(min(self.poll_interval, left))
+
+
+class WorkerAdapter:
+    """A worker's side: register its KV cache, store and retrieve requests' chunks.
+
+    Submits return at once; :meth:`get_finished` reports which requests' stores and
+    retrieves have completed. Thread-safe. On CPU the KV tensors must come from
+    :func:`kvrpc.kv.shared_empty` (``shm`` mode: the server copies the blocks itself), or
+    pass ``transfer_mode="inline"`` to send the bytes in the messages (any host).
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        model_name: str,
+        world_size: int,
+        kv_rank: int,
+        block_size: int,
+        *,
+        transfer_mode: Literal["shm", "inline"] | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        keepalive_interval: float = 2.0,
+    ) -> None:
+        if not 0 <= kv_rank < world_size:
+            raise ValueError(f"kv_rank {kv_rank} is not in 0..{world_size - 1}")
+        self.model_name = model_name
+        self.world_size = world_size
+        self.kv_rank = kv_rank
+        self.block_size = block_size
+        self.transfer_mode = transfer_mode
+        self._link = _ServerLink(
+            server_url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            keepalive_interval=keepalive_interval,
+        )
+        self.chunk_size = self._link.chunk_size
+        try:
+            self._blocks_per_chunk = blocks_per_chunk(self.chunk_size, block_size)
+        except KVConfigError:
+            self._link.close()
+            raise
+        self._lock = threading.Lock()
+        self._layers: list[torch.Tensor] = []
+        self._layout: KVLayout | None = None
+        self._registration: KVCacheRegistration | None = None
+        self._instance_id: int | None = None
+        self._mode: Literal["shm", "inline"] = "shm"
+        self._stores_in_flight: dict[str, int] = {}
+        self._retrieves_in_flight: dict[str, int] = {}
+        self._engine_finished: set[str] = set()
+        self._finished_retrieves: set[str] = set()
+        self._returned: OrderedDict[str, None] = OrderedDict()
+        self._failed_blocks: set[int] = set()
+
+    # ------------------------------------------------------------------ registration
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Register this worker's KV tensors (one per layer, in layer order) with the server.
+
+        Raises :class:`NotSharedMemory` for CPU tensors not made by ``shared_empty`` in the
+        ``shm`` mode, :class:`KVConfigError` for tensors that do not form one layout.
+        """
+        layers = list(kv_caches.values())
+        if not layers:
+            raise KVConfigError("register_kv_caches needs at least one layer's tensor")
+        layout = KVLayout.from_tensors(layers)
+        if layout.block_size != self.block_size:
+            raise KVConfigError(
+                f"the KV tensors hold blocks of {layout.block_size} tokens, but the adapter "
+                f"was made with block_size={self.block_size}"
+            )
+        if layers[0].device.type != "cpu":
+            raise KVError(
+                f"KV tensors on {layers[0].device} need the cuda_ipc transfer mode, which this "
+                "version does not have yet; use CPU tensors"
+            )
+        mode = self.transfer_mode or "shm"
+        tensors = [shared_ref(t).to_wire() for t in layers] if mode == "shm" else []
+        registration = KVCacheRegistration(
+            model_name=self.model_name,
+            world_size=self.world_size,
+            worker_id=self.kv_rank,
+            block_size=self.block_size,
+            mode=mode,
+            layout=layout.to_wire(),
+            tensors=tensors,
+        )
+        instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
+        with self._lock:
+            self._layers, self._layout, self._mode = layers, layout, mode
+            self._registration, self._instance_id = registration, instance_id
+
+    def _instance(self) -> int:
+        with self._lock:
+            instance_id, registration = self._instance_id, self._registration
+        if registration is None:
+            raise KVError("register_kv_caches must be called before storing or retrieving")
+        if instance_id is None:  # the server forgot us (restart or long silence): once more
+            instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
+            with self._lock:
+                self._instance_id = instance_id
+        return instance_id
+
+    # ------------------------------------------------------------------ submits
+
+    def submit_store_request(self, request_id: str, op: LoadStoreOp, event: Any = None) -> None:
+        """Store ``op``'s whole chunks; ``event`` (None on CPU) is waited on first."""
+        self.batched_submit_store_requests([request_id], [op], event)
+
+    def submit_retrieve_request(self, request_id: str, op: LoadStoreOp, event: Any = None) -> None:
+        """Retrieve ``op``'s whole chunks into its blocks; see :meth:`get_finished`."""
+        self.batched_submit_retrieve_requests([request_id], [op], event)
+
+    def batched_submit_store_requests(
+        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
+    ) -> None:
+        """Store several requests' chunks in one message."""
+        keys, rows, owners = self._plan(request_ids, ops)
+        with self._lock:
+            for request_id in request_ids:
+                self._returned.pop(request_id, None)  # a new store: report it again
+                self._stores_in_flight[request_id] = self._stores_in_flight.get(request_id, 0) + 1
+        if not owners:
+            self._stores_done(request_ids, None)
+            return
+        _wait_for(event)
+        chunks: list[torch.Tensor] = []
+        if self._mode == "inline":
+            assert self._layout is not None
+            nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
+            chunks = [torch.empty(nbytes, dtype=torch.uint8) for _ in owners]
+            gather_chunks(self._layers, self._layout, rows, chunks)
+            rows = _NO_BLOCKS
+        try:
+            future = self._link.submit(protocols.STORE, self._instance(), keys, rows, chunks)
+        except Exception:
+            self._stores_done(request_ids, None)
+            raise
+        future.add_done_callback(lambda f: self._stores_done(request_ids, f))
+
+    def batched_submit_retrieve_requests(
+        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
+    ) -> None:
+        """Retrieve several requests' chunks in one message."""
+        keys, rows, owners = self._plan(request_ids, ops)
+        with self._lock:
+            for request_id in request_ids:
+                self._retrieves_in_flight[request_id] = (
+                    self._retrieves_in_flight.get(request_id, 0) + 1
+                )
+        if not owners:
+            self._retrieves_done(request_ids, [], rows, None)
+            return
+        _wait_for(event)
+        try:
+            future = self._link.submit(protocols.RETRIEVE, self._instance(), owners, keys, rows)
+        except Exception:
+            self._retrieves_done(request_ids, owners, rows, None)
+            raise
+        future.add_done_callback(lambda f: self._retrieves_done(request_ids, owners, rows, f))
+
+    def _plan(
+        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp]
+    ) -> tuple[KeyBatch, torch.Tensor, list[str]]:
+        """The keys, block-id rows and owning request id of every chunk the ops move."""
+        if len(request_ids) != len(ops):
+            raise ValueError(f"{len(request_ids)} request ids but {len(ops)} ops; give one each")
+        per_chunk, chunk_size = self._blocks_per_chunk, self.chunk_size
+        hashes: list[bytes] = []
+        block_ids: list[int] = []
+        owners: list[str] = []
+        for request_id, op in zip(request_ids, ops, strict=True):
+            chunk_hashes = _hashes_for(chunk_size, per_chunk, op.token_ids, op.block_hashes)
+            first = -(-op.start // chunk_size)
+            last = (
+                len(chunk_hashes) if op.end == 0 else min(op.end // chunk_size, len(chunk_hashes))
+            )
+            if last <= first:
+                continue
+            if len(op.block_ids) < last * per_chunk:
+                raise ValueError(
+                    f"request {request_id!r}: {last} chunks need {last * per_chunk} block ids, "
+                    f"the op has {len(op.block_ids)}"
+                )
+            hashes.extend(chunk_hashes[first:last])
+            block_ids.extend(op.block_ids[first * per_chunk : last * per_chunk])
+            owners.extend([request_id] * (last - first))
+        keys = KeyBatch(self.model_name, self.world_size, self.kv_rank, b"".join(hashes))
+        rows = torch.tensor(block_ids, dtype=torch.int64).view(len(owners), per_chunk)
+        return keys, rows, owners
+
+    # ------------------------------------------------------------------ completions
+
+    def _stores_done(self, request_ids: Sequence[str], future: MessagingFuture[Any] | None) -> None:
+        if future is not None:
+            self._note_outcome("store", future)
+        with self._lock:
+            for request_id in request_ids:
+                left = self._stores_in_flight.get(request_id, 0) - 1
+                if left > 0:
+                    self._stores_in_flight[request_id] = left
+                else:
+                    self._stores_in_flight.pop(request_id, None)
+
+    def _retrieves_done(
+        self,
+        request_ids: Sequence[str],
+        owners: list[str],
+        rows: torch.Tensor,
+        future: MessagingFuture[Any] | None,
+    ) -> None:
+        failed: list[int] = []
+        if future is not None:
+            reply = self._note_outcome("retrieve", future)
+            errors = reply.errors if isinstance(reply, RetrieveReply) else [""] * len(owners)
+            ok = [i for i, error in enumerate(errors) if error is None]
+            failed = [i for i, error in enumerate(errors) if error is not None]
+            if self._mode == "inline" and ok and isinstance(reply, RetrieveReply):
+                assert self._layout is not None
+                scatter_chunks(self._layers, self._layout, rows[ok], [reply.chunks[i] for i in ok])
+        elif owners:
+            failed = list(range(len(owners)))
+        with self._lock:
+            for i in failed:
+                self._failed_blocks.update(rows[i].tolist())
+            for request_id in request_ids:
+                left = self._retrieves_in_flight.get(request_id, 0) - 1
+                if left > 0:
+                    self._retrieves_in_flight[request_id] = left
+                else:
+                    self._retrieves_in_flight.pop(request_id, None)
+                    self._finished_retrieves.add(request_id)
+
+    def _note_outcome(self, what: str, future: MessagingFuture[Any]) -> Any:
+        try:
+            reply = future.result()
+        except UnknownInstance:
+            with self._lock:
+                self._instance_id = None  # the next submit registers again
+            logger.warning("%s refused: the server no longer knows this worker", what)
+            return None
+        except Exception as exc:
+            logger.warning("%s failed: %s", what, exc)
+            return None
+        errors = reply.errors if isinstance(reply, RetrieveReply) else reply
+        problems = [e for e in errors if e is not None]
+        if problems:
+            logger.debug(
+                "%s: %d of %d chunks not moved: %s", what, len(problems), len(errors), problems[0]
+            )
+        return reply
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """``(finished_stores, finished_retrieves)`` since the last call, each id once.
+
+        ``finished_req_ids`` are the requests the engine has finished. Such a request is a
+        finished store once it has no store in flight (at once if it never had one); a
+        request is a finished retrieve once all its retrieves completed. An id already
+        returned is not returned again when the engine reports it again.
+        """
+        with self._lock:
+            self._engine_finished.update(finished_req_ids)
+            stores = {
+                rid
+                for rid in self._engine_finished
+                if rid not in self._stores_in_flight and rid not in self._returned
+            }
+            self._engine_finished.difference_update(stores)
+            self._engine_finished.difference_update(self._returned)
+            for rid in stores:
+                self._returned[rid] = None
+            while len(self._returned) > _REMEMBERED_FINISHED:
+                self._returned.popitem(last=False)
+            retrieves, self._finished_retrieves = self._finished_retrieves, set()
+        return stores, retrieves
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Block ids that retrieves could not fill since the last call (to recompute)."""
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        """Unregister the KV cache (best effort) and close the connection."""
+        with self._lock:
+            instance_id, self._instance_id = self._instance_id, None
+            self._registration = None
+        if instance_id is not None:
+            try:
+                self._link.call(protocols.UNREGISTER_KV_CACHE, instance_id)
+            except Exception as exc:  # the server drops it anyway when we go silent
+                logger.debug("unregister failed: %s", exc)
+        self._link.close()
+
+    close = shutdown
+
+    def __enter__(self) -> WorkerAdapter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+
+_NO_BLOCKS = torch.empty(0, dtype=torch.int64)
+
+
+def _wait_for(event: Any) -> None:
+    # On CPU the engine passes None; a GPU event means "the KV is written once this fires".
+    if event is not None:
+        event.synchronize()

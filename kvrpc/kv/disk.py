@@ -1,0 +1,442 @@
+"""A lower tier on a local disk: one file per chunk, LRU eviction under a byte limit.
+
+Files are named by the key in hex and written atomically (a temporary file in the same
+directory, flushed to stable storage, then renamed over the real name), so a crash never
+leaves part of a chunk under a chunk's name. A new :class:`DiskTier` on the same directory
+finds the chunks an earlier one left there.
+
+Threading model: every method is called from one thread, the server's event loop, and only
+that thread reads or changes the index (key -> file size, in LRU order) and the counters.
+The tier's own executor threads touch only files and the tensors handed to them, and the
+loop updates the index after the awaited thread call returns. So nothing is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import enum
+import functools
+import logging
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from kvrpc.errors import KVConfigError, KVError
+
+__all__ = ["DiskTier"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+T = TypeVar("T")
+
+# key.hex() gives lowercase pairs; any other name is not a chunk this tier wrote.
+_CHUNK_NAME = re.compile(r"(?:[0-9a-f]{2})+")
+_TEMP_PREFIX = ".kvrpc-"
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(re.escape(_TEMP_PREFIX) + r".*" + re.escape(_TEMP_SUFFIX), re.DOTALL)
+
+
+@dataclass(eq=False)
+class _File:
+    """One indexed chunk file.
+
+    Compared by identity: a reader that finds the index holding another ``_File`` for its key
+    knows that the file it read was evicted (and maybe written again) meanwhile.
+    """
+
+    size: int
+
+
+class _Read(enum.Enum):
+    OK = "ok"
+    MISSING = "missing"
+    WRONG_SIZE = "wrong size"
+
+
+class DiskTier:
+    """A :class:`~kvrpc.kv.tiers.LowerTier` keeping chunks as files under ``directory``.
+
+    ``directory`` is created (mode 0700) if missing; give each server its own, since two
+    tiers on one directory would evict each other's files behind their indexes.
+    ``capacity_bytes`` bounds the bytes of chunk files this tier keeps there: saving past it
+    first deletes the least recently saved or loaded files. ``io_workers`` is the number of
+    threads that read, write and delete files.
+
+    The constructor scans ``directory`` (blocking IO; build the tier before serving): every
+    regular file whose name is a key in hex is indexed with its size, oldest modification
+    first in LRU order, and the oldest are deleted if they exceed ``capacity_bytes``;
+    temporary files left by a crash are deleted. Raises :class:`~kvrpc.errors.KVConfigError`
+    if a size is not positive or the directory cannot be created or read.
+
+    Use it from one event-loop thread only (see the module doc).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], capacity_bytes: int, *, io_workers: int = 2
+    ) -> None:
+        if capacity_bytes < 1:
+            raise KVConfigError(f"the disk tier needs at least 1 byte, not {capacity_bytes}")
+        if io_workers < 1:
+            raise KVConfigError(f"the disk tier needs at least 1 IO thread, not {io_workers}")
+        self.directory = Path(directory)
+        """Where the chunk files are."""
+        self.capacity_bytes = capacity_bytes
+        """The most bytes of chunk files the tier keeps (reserved writes included)."""
+        self._index: OrderedDict[bytes, _File] = OrderedDict()
+        self._bytes = 0
+        # Bytes of writes in flight: counted against the capacity before their files exist.
+        self._reserved = 0
+        # Keys whose file is being written or deleted by a thread right now.
+        self._busy: set[bytes] = set()
+        self._saves = 0
+        self._loads = 0
+        self._evictions = 0
+        self._errors = 0
+        self._refused = 0
+        self._closed = False
+        self._scan()
+        self._executor = concurrent.futures.ThreadPoolExecutor(io_workers, "kvrpc-kv-disk")
+
+    # ------------------------------------------------------------------ LowerTier
+
+    def contains(self, key: bytes) -> bool:
+        """True once a save of ``key`` has completed, until it is evicted or found bad.
+
+        An in-memory lookup; a save still in flight does not count.
+        """
+        return key in self._index
+
+    async def save(self, key: bytes, data: torch.Tensor) -> None:
+        """Write ``data`` (1-D ``uint8``, CPU) to ``key``'s file; never raises (but cancels).
+
+        Does nothing if ``key`` is already kept (that counts as a use for LRU order) or being
+        written, after :meth:`aclose`, or if ``data`` cannot fit in ``capacity_bytes`` next to
+        the writes in flight (counted as ``refused``). Failures (disk full, permissions, a
+        tensor that is not 1-D ``uint8`` on the CPU) are logged and counted as ``errors``, and
+        the chunk is then simply not kept. ``contains(key)`` turns True when this returns
+        after a successful write.
+
+        The thread reads ``data``'s memory directly: keep it alive and unchanged until this
+        returns. Even when cancelled, this returns only once no thread reads ``data`` any more.
+        """
+        if self._closed or key in self._busy:
+            return
+        if key in self._index:
+            self._index.move_to_end(key)
+            return
+        problem = _tensor_problem(data)
+        if problem is not None:
+            self._errors += 1
+            logger.error("disk tier: cannot save a chunk from a %s", problem)
+            return
+        size = data.numel()
+        victims = self._make_room(size)
+        if victims is None:
+            self._refused += 1
+            return
+        self._busy.add(key)
+        self._busy.update(victims)
+        self._reserved += size
+        try:
+            unlinked, written = await self._in_thread(
+                functools.partial(
+                    _evict_then_write,
+                    [self._path(victim) for victim in victims],
+                    str(self.directory),
+                    self._path(key),
+                    data,
+                )
+            )
+        except Exception:
+            self._errors += 1
+            logger.exception("disk tier: saving a chunk failed")
+            return
+        finally:
+            self._reserved -= size
+            self._busy.discard(key)
+            self._busy.difference_update(victims)
+        for error in unlinked:
+            self._errors += 1
+            logger.warning("disk tier: could not delete an evicted chunk file: %s", error)
+        if written is not None:
+            self._errors += 1
+            logger.warning("disk tier: could not write a chunk file: %s", written)
+            return
+        self._index[key] = _File(size)
+        self._bytes += size
+        self._saves += 1
+
+    async def load(self, key: bytes, out: torch.Tensor) -> bool:
+        """Read ``key``'s file into ``out`` (1-D ``uint8``, CPU); False if it cannot.
+
+        False when the tier does not hold ``key``, after :meth:`aclose`, or when the file's
+        size is not ``out.numel()``: such a file is dropped from the index and deleted (counted
+        as an error, like a file that vanished or could not be read). A successful load counts
+        as a use for LRU order. After False, ``out``'s contents are unspecified.
+
+        Raises :class:`~kvrpc.errors.KVError` if ``out`` is not 1-D ``uint8`` on the CPU. The
+        thread writes straight into ``out``'s memory: keep it alive and unread by others
+        until this returns. Even when cancelled, this returns only once no thread writes
+        ``out`` any more.
+        """
+        problem = _tensor_problem(out)
+        if problem is not None:
+            raise KVError(
+                f"the disk tier can only load into a 1-D uint8 CPU tensor, not a {problem}"
+            )
+        entry = self._index.get(key)
+        if self._closed or entry is None:
+            return False
+        if entry.size != out.numel():
+            logger.warning(
+                "disk tier: a chunk file holds %d bytes but %d were asked for; deleting it",
+                entry.size,
+                out.numel(),
+            )
+            await self._discard(key, entry, delete=True)
+            return False
+        self._index.move_to_end(key)
+        try:
+            result = await self._in_thread(functools.partial(_read_into, self._path(key), out))
+        except OSError as error:
+            self._errors += 1
+            logger.warning("disk tier: could not read a chunk file: %s", error)
+            return False
+        if result is _Read.OK:
+            self._loads += 1
+            return True
+        if self._index.get(key) is entry:
+            logger.warning("disk tier: a chunk file was %s; dropping it", result.value)
+            await self._discard(key, entry, delete=result is _Read.WRONG_SIZE)
+        # Otherwise the file was evicted (or evicted and written again) while we read it.
+        return False
+
+    def stats(self) -> dict[str, int]:
+        """Counters: files and bytes kept now; saves, loads, evictions, errors, refused so far.
+
+        ``saves`` and ``loads`` count successful ones; ``refused`` counts saves skipped
+        because the chunk could not fit in ``capacity_bytes`` beside the writes in flight.
+        """
+        return {
+            "files": len(self._index),
+            "bytes": self._bytes,
+            "saves": self._saves,
+            "loads": self._loads,
+            "evictions": self._evictions,
+            "errors": self._errors,
+            "refused": self._refused,
+        }
+
+    async def aclose(self) -> None:
+        """Let pending reads, writes and deletions finish, then stop the threads; idempotent.
+
+        Later saves do nothing and later loads return False.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # The wait is for file IO, so it runs off the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _path(self, key: bytes) -> str:
+        return os.path.join(self.directory, key.hex())
+
+    def _make_room(self, size: int) -> list[bytes] | None:
+        """Take LRU files out of the index until ``size`` more bytes fit; None if they can't.
+
+        The caller deletes the returned keys' files (they are out of the index already).
+        """
+        if self._reserved + size > self.capacity_bytes:
+            return None
+        victims: list[bytes] = []
+        while self._bytes + self._reserved + size > self.capacity_bytes:
+            key, entry = self._index.popitem(last=False)
+            self._bytes -= entry.size
+            self._evictions += 1
+            victims.append(key)
+        return victims
+
+    async def _discard(self, key: bytes, entry: _File, *, delete: bool) -> None:
+        del self._index[key]
+        self._bytes -= entry.size
+        self._errors += 1
+        if not delete or self._closed:
+            return
+        self._busy.add(key)
+        try:
+            errors = await self._in_thread(functools.partial(_unlink_all, [self._path(key)]))
+        finally:
+            self._busy.discard(key)
+        for error in errors:
+            self._errors += 1
+            logger.warning("disk tier: could not delete a bad chunk file: %s", error)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the tier's threads, outlasting cancellation while ``fn`` runs.
+
+        ``fn`` may be using the caller's tensor: if this is cancelled once ``fn`` has started,
+        it waits for ``fn`` to finish before it lets the cancellation through, so the caller
+        may reuse the tensor as soon as this exits, however it exits.
+        """
+        work = self._executor.submit(fn)
+        done = asyncio.wrap_future(work)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not work.cancel():
+                await _outlast(done)
+            raise
+
+    def _scan(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            found: list[tuple[int, bytes, int]] = []
+            with os.scandir(self.directory) as entries:
+                for item in entries:
+                    if _TEMP_NAME.fullmatch(item.name):
+                        # Left by a crash mid-write; no live tier owns it (one per directory).
+                        with contextlib.suppress(OSError):
+                            os.unlink(item.path)
+                    elif _CHUNK_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
+                        info = item.stat(follow_symlinks=False)
+                        found.append((info.st_mtime_ns, bytes.fromhex(item.name), info.st_size))
+        except OSError as error:
+            raise KVConfigError(
+                f"cannot use {str(self.directory)!r} as the disk tier's directory: {error}; "
+                "give a directory this process may create, read and write"
+            ) from error
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = _File(size)
+            self._bytes += size
+        while self._bytes > self.capacity_bytes:
+            key, entry = self._index.popitem(last=False)
+            self._bytes -= entry.size
+            self._evictions += 1
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                self._errors += 1
+                logger.warning("disk tier: could not delete an old chunk file: %s", error)
+        if found:
+            logger.info(
+                "disk tier: found %d chunks (%d bytes) in %s",
+                len(self._index),
+                self._bytes,
+                self.directory,
+            )
+
+
+# ---------------------------------------------------------------------- file work (threads)
+
+
+def _tensor_problem(tensor: torch.Tensor) -> str | None:
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1 or tensor.device.type != "cpu":
+        return f"{tensor.dtype} {list(tensor.shape)} tensor on {tensor.device}"
+    return None
+
+
+def _memory_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous 1-D uint8 CPU tensor's memory, without a copy.
+
+    torch tensors do not export the buffer protocol (and numpy is not a dependency), so the
+    view goes through ctypes: an array type of the right length placed at ``data_ptr()``.
+    The view does not keep the tensor alive. It is safe because each thread function holds
+    a reference to the tensor until it has dropped the view, and the tier's callers keep the
+    tensor's storage in place (no resize) and unused by others until the awaited call returns.
+    """
+    n = tensor.numel()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
+
+
+def _unlink_all(paths: list[str]) -> list[OSError]:
+    """Delete ``paths``; returns the errors (a file already gone is not one)."""
+    errors: list[OSError] = []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            errors.append(error)
+    return errors
+
+
+def _evict_then_write(
+    victims: list[str], directory: str, path: str, data: torch.Tensor
+) -> tuple[list[OSError], OSError | None]:
+    """Delete ``victims``, then write ``data`` to ``path`` atomically.
+
+    Returns the deletion errors and the write's error, if any.
+    """
+    unlinked = _unlink_all(victims)
+    try:
+        _write_file(directory, path, data)
+    except OSError as error:
+        return unlinked, error
+    return unlinked, None
+
+
+def _write_file(directory: str, path: str, data: torch.Tensor) -> None:
+    source = data if data.is_contiguous() else data.contiguous()
+    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
+    try:
+        with open(fd, "wb", buffering=0) as file:
+            view = _memory_of(source)
+            written = 0
+            while written < len(view):
+                written += file.write(view[written:])
+            # Without this a power loss could leave the new name on a file whose bytes never
+            # reached the disk.
+            os.fsync(fd)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _read_into(path: str, out: torch.Tensor) -> _Read:
+    size = out.numel()
+    target = out if out.is_contiguous() else torch.empty(size, dtype=torch.uint8)
+    try:
+        with open(path, "rb", buffering=0) as file:
+            if os.fstat(file.fileno()).st_size != size:
+                return _Read.WRONG_SIZE
+            view = _memory_of(target)
+            got = 0
+            while got < size:
+                n = file.readinto(view[got:])
+                if not n:
+                    return _Read.WRONG_SIZE  # it shrank since the fstat
+                got += n
+    except FileNotFoundError:
+        return _Read.MISSING
+    if target is not out:
+        out.copy_(target)
+    return _Read.OK
+
+
+async def _outlast(done: asyncio.Future[T]) -> None:
+    """Wait until ``done`` completes, swallowing the cancellations that arrive meanwhile."""
+    while not done.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(done)
+    if not done.cancelled():
+        done.exception()  # the caller is being cancelled; the thread's result goes unused

@@ -1,0 +1,172 @@
+"""The ``kv.*`` protocols: what travels between the adapters and a KV-cache server.
+
+Each operation is a :class:`~kvrpc.protocol.ProtocolDefinition` whose handler type is chosen
+for what the handler does:
+
+* NONBLOCKING, plain functions: operations that only read or change the server's tables
+  (lookup, prefetch status, end session, chunk size, stats, keepalive). They finish within
+  microseconds on the event loop, with no thread hop.
+* NONBLOCKING, ``async def``: register, unregister, store and retrieve. They change the
+  tables on the loop and hand the slow part (opening shared-memory mappings, byte copies) to
+  the service's own copy executor, awaiting it, so neither the loop nor the server's
+  BLOCKING pool waits on a copy.
+
+None is BLOCKING on purpose: a BLOCKING handler runs in a pool thread, and the service's
+tables are changed only on the loop thread so that they need no locks.
+
+Every call carries the caller's ``client_id`` (16 random bytes made by the adapter): the
+state a call creates (registered caches, sessions' pins, prefetch jobs) belongs to that
+client and is released when the client goes silent for longer than the server's
+``client_timeout`` (the adapters send ``kv.keepalive`` while idle).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvrpc.kv.keys import KeyBatch
+from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
+
+__all__ = [
+    "CLEAR",
+    "END_SESSION",
+    "GET_CHUNK_SIZE",
+    "KEEPALIVE",
+    "KV_PROTOCOLS",
+    "LOOKUP",
+    "QUERY_PREFETCH_STATUS",
+    "REGISTER_KV_CACHE",
+    "RETRIEVE",
+    "STATS",
+    "STORE",
+    "UNREGISTER_KV_CACHE",
+    "KVCacheRegistration",
+    "RetrieveReply",
+    "kv_registry",
+]
+
+#: How a worker's KV bytes reach the server: shared memory, or inside the messages.
+TransferMode = Literal["shm", "inline"]
+
+
+class KVCacheRegistration(BaseModel):
+    """One worker's KV cache as it registers it: who it is, its layout, where its bytes are.
+
+    ``layout`` is :meth:`kvrpc.kv.layout.KVLayout.to_wire`; ``tensors`` holds one
+    :meth:`kvrpc.kv.shm.SharedTensorRef.to_wire` per layer for the ``shm`` mode and is empty
+    for ``inline``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str = Field(min_length=1)
+    world_size: int = Field(ge=1)
+    worker_id: int = Field(ge=0)
+    block_size: int = Field(ge=1)
+    mode: TransferMode
+    layout: dict[str, Any]
+    tensors: list[dict[str, Any]] = []
+
+
+class RetrieveReply(BaseModel):
+    """Per-key outcome of a retrieve: ``errors[i]`` is None when key ``i`` was copied.
+
+    ``chunks`` carries the chunk bytes (one uint8 tensor per key, empty for failed keys)
+    in the ``inline`` mode, and is empty in the ``shm`` mode, where the server wrote the
+    blocks itself.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    errors: list[str | None]
+    chunks: list[torch.Tensor] = []
+
+
+REGISTER_KV_CACHE = ProtocolDefinition(
+    "kv.register_kv_cache",
+    (bytes, KVCacheRegistration),
+    int,
+    doc="Register a worker's KV cache; returns the instance id its stores and retrieves use.",
+)
+UNREGISTER_KV_CACHE = ProtocolDefinition(
+    "kv.unregister_kv_cache",
+    (bytes, int),
+    bool,
+    doc="Forget a registered KV cache and close its mappings; False if it was not registered.",
+)
+STORE = ProtocolDefinition(
+    "kv.store",
+    (bytes, int, KeyBatch, torch.Tensor, list[torch.Tensor]),
+    list[str | None],
+    doc=(
+        "Store chunks: (client, instance, keys, block ids [n, blocks_per_chunk], inline "
+        "chunk bytes or []); per key None when stored, else why not."
+    ),
+)
+RETRIEVE = ProtocolDefinition(
+    "kv.retrieve",
+    (bytes, int, list[str], KeyBatch, torch.Tensor),
+    RetrieveReply,
+    doc=(
+        "Retrieve chunks into the given block ids: (client, instance, request id per key, "
+        "keys, block ids); releases the sessions' pins on what it copied."
+    ),
+)
+LOOKUP = ProtocolDefinition(
+    "kv.lookup",
+    (bytes, str, KeyBatch),
+    int | str,
+    doc=(
+        "Count the leading chunks present for every rank and pin them for the request; "
+        "a str answer is a prefetch job id for kv.query_prefetch_status."
+    ),
+)
+QUERY_PREFETCH_STATUS = ProtocolDefinition(
+    "kv.query_prefetch_status",
+    (bytes, str),
+    int | None,
+    doc="None while the prefetch runs; then its chunk count, exactly once.",
+)
+END_SESSION = ProtocolDefinition(
+    "kv.end_session",
+    (bytes, str, int, str),
+    int,
+    doc="(client, model name, world size, request id): release the request's pins.",
+)
+GET_CHUNK_SIZE = ProtocolDefinition(
+    "kv.get_chunk_size", (), int, doc="Tokens per chunk on this server."
+)
+STATS = ProtocolDefinition(
+    "kv.stats", (), dict[str, int], doc="Hits, misses, stores, evictions, bytes, pins, sessions."
+)
+CLEAR = ProtocolDefinition(
+    "kv.clear", (), int, doc="Drop every unpinned chunk; returns how many were dropped."
+)
+KEEPALIVE = ProtocolDefinition(
+    "kv.keepalive", (bytes,), None, doc="Tell the server the client is alive while idle."
+)
+
+#: Every ``kv.*`` protocol, in the order the docs list them.
+KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
+    REGISTER_KV_CACHE,
+    UNREGISTER_KV_CACHE,
+    STORE,
+    RETRIEVE,
+    LOOKUP,
+    QUERY_PREFETCH_STATUS,
+    END_SESSION,
+    GET_CHUNK_SIZE,
+    STATS,
+    CLEAR,
+    KEEPALIVE,
+)
+
+
+def kv_registry() -> ProtocolRegistry:
+    """A registry with kvrpc's built-in ``rpc.*`` protocols and every ``kv.*`` protocol."""
+    registry = ProtocolRegistry.with_builtins()
+    registry.extend(KV_PROTOCOLS)
+    return registry

@@ -1,0 +1,855 @@
+"""The KV-cache service: the ``kv.*`` handlers over an L1 pool, sessions and clients.
+
+Threading model: every table here (namespaces, instances, sessions, jobs, clients, the pool's
+index) is read and changed only on the server's event loop thread, so nothing is locked.
+Byte copies run in the service's own copy executor while the slots they touch are reserved
+(a store) or pinned (a retrieve): the pool never hands such a slot to anyone else, so a copy
+and the loop never race on the same bytes.
+
+Keys in the pool are ``chunk hash (32 bytes) + namespace id (uint16) + worker id (uint16)``,
+where a namespace is one ``(model name, world size)``; this keeps the per-chunk metadata to
+one small bytes object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import torch
+
+from kvrpc._lifetime import OwnedTaskGroup
+from kvrpc.errors import KVConfigError, KVError, UnknownInstance, UnknownJob
+from kvrpc.kv import protocols
+from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
+from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
+from kvrpc.kv.pool import ChunkPool, Reserve
+from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
+from kvrpc.kv.shm import SharedMapping, SharedTensorRef, open_shared
+from kvrpc.kv.tiers import LowerTier
+from kvrpc.server import RPCServer
+
+__all__ = ["KVService"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+T = TypeVar("T")
+
+_SUFFIX = struct.Struct("<HH")
+_MAX_NAMESPACES = 1 << 16
+
+
+@dataclass(eq=False)
+class _Namespace:
+    """One (model name, world size): its id in pool keys and the layout its chunks have."""
+
+    id: int
+    model_name: str
+    world_size: int
+    layout: KVLayout | None = None
+    block_size: int = 0
+    suffixes: list[bytes] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Instance:
+    """A registered worker KV cache."""
+
+    id: int
+    owner: bytes
+    namespace: _Namespace
+    worker_id: int
+    mode: str
+    layout: KVLayout
+    blocks_per_chunk: int
+    chunk_nbytes: int
+    layers: list[torch.Tensor]
+    mappings: list[SharedMapping]
+    suffix: bytes
+
+
+@dataclass(eq=False)
+class _Session:
+    """A request's pins: slot -> worker id of the chunk pinned there."""
+
+    owner: bytes
+    pins: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A prefetch started by a lookup; its count is taken exactly once."""
+
+    owner: bytes
+    session: tuple[int, str]
+    result: int | None = None
+
+
+@dataclass(eq=False)
+class _Client:
+    """What one adapter (by client id) owns on this server."""
+
+    last_seen: float
+    instances: set[int] = field(default_factory=set)
+    sessions: set[tuple[int, str]] = field(default_factory=set)
+    jobs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    lookups: int = 0
+    stores: int = 0
+    store_refused: int = 0
+    store_duplicates: int = 0
+    retrieves: int = 0
+    retrieve_misses: int = 0
+    prefetch_jobs: int = 0
+    prefetched: int = 0
+    clients_expired: int = 0
+
+
+class KVService:
+    """The KV-cache server's state and handlers; :meth:`register` puts them on a server.
+
+    ``chunk_size`` is tokens per chunk; ``cpu_buffer_bytes`` bounds the L1 pool (its slots
+    are sized by the first registered layout); ``copy_workers`` is the number of copy
+    threads; a client silent for ``client_timeout`` seconds is dropped with everything it
+    owns. Open it (``async with``) on the server's loop before serving: that starts the
+    task that drops silent clients.
+    """
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int = 256,
+        cpu_buffer_bytes: int = 1 << 30,
+        copy_workers: int = 2,
+        client_timeout: float = 10.0,
+        lower_tier: LowerTier | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
+        if cpu_buffer_bytes < 1:
+            raise KVConfigError(f"the CPU buffer must be at least 1 byte, not {cpu_buffer_bytes}")
+        self.chunk_size = chunk_size
+        self.cpu_buffer_bytes = cpu_buffer_bytes
+        self.client_timeout = client_timeout
+        self.lower_tier = lower_tier
+        self.pool: ChunkPool | None = None
+        self._copier = concurrent.futures.ThreadPoolExecutor(copy_workers, "kvrpc-kv-copy")
+        self._namespaces: dict[tuple[str, int], _Namespace] = {}
+        self._instances: dict[int, _Instance] = {}
+        self._sessions: dict[tuple[int, str], _Session] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._clients: dict[bytes, _Client] = {}
+        self._counters = _Counters()
+        self._tasks: OwnedTaskGroup | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def register(self, server: RPCServer) -> None:
+        """Handle every ``kv.*`` protocol on ``server``."""
+        handlers: dict[str, Callable[..., Any]] = {
+            protocols.REGISTER_KV_CACHE.name: self.register_kv_cache,
+            protocols.UNREGISTER_KV_CACHE.name: self.unregister_kv_cache,
+            protocols.STORE.name: self.store,
+            protocols.RETRIEVE.name: self.retrieve,
+            protocols.LOOKUP.name: self.lookup,
+            protocols.QUERY_PREFETCH_STATUS.name: self.query_prefetch_status,
+            protocols.END_SESSION.name: self.end_session,
+            protocols.GET_CHUNK_SIZE.name: lambda: self.chunk_size,
+            protocols.STATS.name: self.stats,
+            protocols.CLEAR.name: self.clear,
+            protocols.KEEPALIVE.name: self.keepalive,
+        }
+        for definition in protocols.KV_PROTOCOLS:
+            server.register(definition, handlers[definition.name])
+
+    async def __aenter__(self) -> KVService:
+        self._tasks = OwnedTaskGroup("kvrpc-kv-service")
+        self._task_group = await self._tasks.open()
+        self._task_group.start_soon(self._expire_silent_clients)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop background work, drop every client, release mappings and the tier."""
+        tasks, self._tasks, self._task_group = self._tasks, None, None
+        if tasks is not None:
+            await tasks.close()
+        for client_id in list(self._clients):
+            self._drop_client(client_id)
+        self._copier.shutdown(wait=True, cancel_futures=True)
+        if self.lower_tier is not None:
+            await self.lower_tier.aclose()
+
+    async def _expire_silent_clients(self) -> None:
+        period = max(0.05, min(1.0, self.client_timeout / 4))
+        while True:
+            await anyio.sleep(period)
+            self.expire_clients()
+
+    def expire_clients(self, now: float | None = None) -> int:
+        """Drop the clients silent for longer than ``client_timeout``; returns how many."""
+        deadline = (time.monotonic() if now is None else now) - self.client_timeout
+        silent = [cid for cid, client in self._clients.items() if client.last_seen < deadline]
+        for client_id in silent:
+            logger.warning(
+                "client %s silent for over %.1f s: releasing its KV caches, sessions and jobs",
+                client_id.hex()[:8],
+                self.client_timeout,
+            )
+            self._drop_client(client_id)
+        self._counters.clients_expired += len(silent)
+        return len(silent)
+
+    def _client(self, client_id: bytes) -> _Client:
+        if len(client_id) < 8:
+            raise KVError("client id must be at least 8 random bytes (the adapters make one)")
+        now = time.monotonic()
+        client = self._clients.get(client_id)
+        if client is None:
+            client = self._clients[client_id] = _Client(now)
+        else:
+            client.last_seen = now
+        return client
+
+    def _drop_client(self, client_id: bytes) -> None:
+        client = self._clients.pop(client_id, None)
+        if client is None:
+            return
+        for session_key in list(client.sessions):
+            self._end_session(session_key)
+        for job_id in client.jobs:
+            self._jobs.pop(job_id, None)
+        for instance_id in list(client.instances):
+            self._forget_instance(instance_id)
+
+    def keepalive(self, client_id: bytes) -> None:
+        """``kv.keepalive``: the client is alive."""
+        self._client(client_id)
+
+    # ------------------------------------------------------------------ registration
+
+    def _namespace(self, model_name: str, world_size: int, *, create: bool) -> _Namespace | None:
+        ns = self._namespaces.get((model_name, world_size))
+        if ns is None and create:
+            if len(self._namespaces) >= _MAX_NAMESPACES:
+                raise KVError(f"this server already serves {_MAX_NAMESPACES} model namespaces")
+            ns = _Namespace(len(self._namespaces), model_name, world_size)
+            ns.suffixes = [_SUFFIX.pack(ns.id, worker) for worker in range(world_size)]
+            self._namespaces[(model_name, world_size)] = ns
+        return ns
+
+    async def register_kv_cache(self, client_id: bytes, spec: KVCacheRegistration) -> int:
+        """``kv.register_kv_cache``: check the layout, map the tensors, return an instance id."""
+        self._client(client_id)
+        if spec.worker_id >= spec.world_size:
+            raise KVError(f"worker id {spec.worker_id} is not below world size {spec.world_size}")
+        layout = KVLayout.from_wire(spec.layout)
+        if layout.block_size != spec.block_size:
+            raise KVConfigError(
+                f"the KV tensors hold blocks of {layout.block_size} tokens, but block size "
+                f"{spec.block_size} was given"
+            )
+        per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
+        chunk_nbytes = layout.chunk_nbytes(per_chunk)
+        known = self._namespaces.get((spec.model_name, spec.world_size))
+        if known is not None and known.layout is not None and known.layout != layout:
+            raise KVConfigError(
+                f"model {spec.model_name!r} (world size {spec.world_size}) is registered with "
+                f"layout {known.layout.describe()}; this worker's is {layout.describe()}. "
+                "Chunks of one model must share a layout: fix the worker, or clear the server"
+            )
+        if self.pool is not None and chunk_nbytes > self.pool.slot_nbytes:
+            raise KVConfigError(
+                f"a chunk of this layout takes {chunk_nbytes} bytes, but this server's pool "
+                f"has {self.pool.slot_nbytes}-byte slots (set by the first registered model); "
+                "run a server per model shape"
+            )
+        if spec.mode == "shm":
+            if len(spec.tensors) != layout.num_layers:
+                raise KVConfigError(
+                    f"layout has {layout.num_layers} layers but {len(spec.tensors)} tensors "
+                    "were registered"
+                )
+            refs = [SharedTensorRef.from_wire(t) for t in spec.tensors]
+            mappings = await self._in_copier(_open_all, refs, layout)
+        elif spec.tensors:
+            raise KVError("the inline transfer mode registers no tensors")
+        else:
+            mappings = []
+        # Back on the loop: from here on only tables change, nothing can fail half-way.
+        if self.pool is None:
+            self.pool = ChunkPool(self.cpu_buffer_bytes, chunk_nbytes)
+        ns = self._namespace(spec.model_name, spec.world_size, create=True)
+        assert ns is not None
+        if ns.layout is None:
+            ns.layout, ns.block_size = layout, spec.block_size
+        instance_id = secrets.randbits(62)
+        while instance_id in self._instances:
+            instance_id = secrets.randbits(62)
+        self._instances[instance_id] = _Instance(
+            id=instance_id,
+            owner=client_id,
+            namespace=ns,
+            worker_id=spec.worker_id,
+            mode=spec.mode,
+            layout=layout,
+            blocks_per_chunk=per_chunk,
+            chunk_nbytes=chunk_nbytes,
+            layers=[m.tensor for m in mappings],
+            mappings=mappings,
+            suffix=ns.suffixes[spec.worker_id],
+        )
+        self._client(client_id).instances.add(instance_id)
+        logger.info(
+            "registered %s worker %d/%d (%s, %s): %d-byte chunks, instance %x",
+            spec.model_name,
+            spec.worker_id,
+            spec.world_size,
+            spec.mode,
+            layout.describe(),
+            chunk_nbytes,
+            instance_id,
+        )
+        return instance_id
+
+    async def unregister_kv_cache(self, client_id: bytes, instance_id: int) -> bool:
+        """``kv.unregister_kv_cache``: forget the instance; False if the client had no such."""
+        client = self._client(client_id)
+        if instance_id not in client.instances:
+            return False
+        self._forget_instance(instance_id)
+        return True
+
+    def _forget_instance(self, instance_id: int) -> None:
+        instance = self._instances.pop(instance_id, None)
+        if instance is None:
+            return
+        owner = self._clients.get(instance.owner)
+        if owner is not None:
+            owner.instances.discard(instance_id)
+        still_there = any(
+            other.namespace is instance.namespace and other.worker_id == instance.worker_id
+            for other in self._instances.values()
+        )
+        if not still_there:
+            # Nobody can retrieve this rank's chunks now: the sessions' pins on them go.
+            for session in self._sessions.values():
+                for slot, worker in list(session.pins.items()):
+                    if worker == instance.worker_id:
+                        self._release_pin(session, slot)
+        # A copy in flight holds its own references to the tensors; the mappings close when
+        # the last reference goes.
+        instance.layers = []
+        for mapping in instance.mappings:
+            mapping.close()
+
+    def _instance(self, client_id: bytes, instance_id: int) -> _Instance:
+        self._client(client_id)
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.owner != client_id:
+            raise UnknownInstance(
+                f"no KV cache is registered under instance id {instance_id:x} for this client; "
+                "register_kv_caches first (a server restart or a long silence forgets it)"
+            )
+        return instance
+
+    # ------------------------------------------------------------------ store / retrieve
+
+    def _key_problem(self, instance: _Instance, keys: KeyBatch) -> str | None:
+        ns = instance.namespace
+        if keys.model_name != ns.model_name or keys.world_size != ns.world_size:
+            return (
+                f"keys are for model {keys.model_name!r} world size {keys.world_size}, but "
+                f"this instance serves {ns.model_name!r} world size {ns.world_size}"
+            )
+        if keys.worker_id != instance.worker_id:
+            return (
+                f"keys carry worker id {keys.worker_id}, this instance is worker "
+                f"{instance.worker_id}"
+            )
+        return None
+
+    def _check_batch(
+        self, instance: _Instance, keys: KeyBatch, block_ids: torch.Tensor
+    ) -> list[str | None]:
+        """Per key: None if it may be copied, else why not."""
+        n = len(keys)
+        problem = self._key_problem(instance, keys)
+        if problem is not None:
+            return [problem] * n
+        if instance.mode == "inline":
+            return [None] * n
+        per_chunk = instance.blocks_per_chunk
+        if block_ids.dtype != torch.int64 or tuple(block_ids.shape) != (n, per_chunk):
+            raise KVError(
+                f"block ids must be an int64 tensor of shape [{n}, {per_chunk}] (one row of "
+                f"blocks_per_chunk ids per key), not {block_ids.dtype} {list(block_ids.shape)}"
+            )
+        num_blocks = instance.layout.num_blocks
+        bad_rows = ((block_ids < 0) | (block_ids >= num_blocks)).any(dim=1).tolist()
+        results: list[str | None] = [None] * n
+        for i, bad in enumerate(bad_rows):
+            if bad:
+                row = block_ids[i]
+                wrong = row[(row < 0) | (row >= num_blocks)][0].item()
+                results[i] = f"block id {wrong} is outside this KV cache's 0..{num_blocks - 1}"
+        return results
+
+    async def store(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        chunks: list[torch.Tensor],
+    ) -> list[str | None]:
+        """``kv.store``: copy each key's blocks into a pool slot; per key None or why not."""
+        instance = self._instance(client_id, instance_id)
+        if instance.mode == "inline":
+            _check_inline_chunks(chunks, len(keys), instance.chunk_nbytes)
+        elif chunks:
+            raise KVError("chunk bytes travel in the message only in the inline mode")
+        results = self._check_batch(instance, keys, block_ids)
+        pool = self._require_pool()
+        counters = self._counters
+        reserved: list[tuple[int, int]] = []  # (key index, slot)
+        key_bytes = _keys_of(keys.hashes, instance.suffix)
+        for i, key in enumerate(key_bytes):
+            if results[i] is not None:
+                continue
+            slot = pool.reserve(key)
+            if slot is Reserve.EXISTS or slot is Reserve.FILLING:
+                counters.store_duplicates += 1
+                results[i] = "already stored" if slot is Reserve.EXISTS else "being stored"
+            elif slot is Reserve.FULL:
+                counters.store_refused += 1
+                results[i] = "no free slot: every chunk in the pool is pinned or being written"
+            else:
+                assert isinstance(slot, int)
+                reserved.append((i, slot))
+        if not reserved:
+            return results
+        outs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in reserved]
+        if instance.mode == "inline":
+            work: Callable[[], None] = _copy_into(outs, [chunks[i] for i, _ in reserved])
+        else:
+            rows = block_ids[[i for i, _ in reserved]]
+            work = _bound(gather_chunks, list(instance.layers), instance.layout, rows, outs)
+        error = await self._copy(work, on_late_finish=lambda: _abort(pool, reserved))
+        for i, slot in reserved:
+            if error is None:
+                pool.commit(slot)
+            else:
+                pool.abort(slot)
+                results[i] = f"copy failed: {error}"
+        if error is None:
+            counters.stores += len(reserved)
+            if self.lower_tier is not None:
+                for i, slot in reserved:
+                    self._write_through(key_bytes[i], slot)
+        return results
+
+    async def retrieve(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+    ) -> RetrieveReply:
+        """``kv.retrieve``: copy each key's chunk into its blocks (or into the reply)."""
+        instance = self._instance(client_id, instance_id)
+        if len(request_ids) != len(keys):
+            raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
+        results = self._check_batch(instance, keys, block_ids)
+        pool = self._require_pool()
+        counters = self._counters
+        found: list[tuple[int, int]] = []
+        for i, key in enumerate(_keys_of(keys.hashes, instance.suffix)):
+            if results[i] is not None:
+                continue
+            slot = pool.lookup(key)
+            if slot is None:
+                counters.retrieve_misses += 1
+                results[i] = "not in the cache (never stored, or evicted)"
+                continue
+            pool.pin(slot)  # for the copy: the slot is not evicted or rewritten meanwhile
+            pool.touch(slot)
+            found.append((i, slot))
+        srcs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in found]
+        copies: list[torch.Tensor] = []
+        if not found:
+            work: Callable[[], None] = _nothing
+        elif instance.mode == "inline":
+            work = _bound(_clone_into, srcs, copies)
+        else:
+            rows = block_ids[[i for i, _ in found]]
+            work = _bound(scatter_chunks, list(instance.layers), instance.layout, rows, srcs)
+        error = await self._copy(work, on_late_finish=lambda: _unpin(pool, found))
+        ns_id = instance.namespace.id
+        for i, slot in found:
+            pool.unpin(slot)
+            if error is not None:
+                results[i] = f"copy failed: {error}"
+                continue
+            session = self._sessions.get((ns_id, request_ids[i]))
+            if session is not None and slot in session.pins:
+                self._release_pin(session, slot)
+        if error is None:
+            counters.retrieves += len(found)
+        chunks: list[torch.Tensor] = []
+        if instance.mode == "inline":
+            by_index = dict(zip((i for i, _ in found), copies, strict=False))
+            empty = torch.empty(0, dtype=torch.uint8)
+            chunks = [
+                by_index.get(i, empty) if results[i] is None else empty for i in range(len(keys))
+            ]
+        return RetrieveReply(errors=results, chunks=chunks)
+
+    async def _copy(
+        self, work: Callable[[], None], *, on_late_finish: Callable[[], None]
+    ) -> str | None:
+        """Run ``work`` in the copy executor; None when it succeeded, else the error text.
+
+        If the handler is cancelled (server shutdown), the copy cannot be stopped: the slots
+        it uses are released by ``on_late_finish`` only once it has finished.
+        """
+        future = self._copier.submit(work)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(on_late_finish))
+            raise
+        except Exception as exc:
+            logger.exception("a KV copy failed")
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _in_copier(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._copier, _bound_result(fn, *args))
+
+    def _write_through(self, key: bytes, slot: int) -> None:
+        tier, pool = self.lower_tier, self.pool
+        if tier is None or pool is None or self._task_group is None or tier.contains(key):
+            return
+        pool.pin(slot)
+
+        async def save() -> None:
+            try:
+                assert tier is not None and pool is not None
+                await tier.save(key, pool.slot_view(slot))
+            finally:
+                if self.pool is pool:
+                    pool.unpin(slot)
+
+        self._task_group.start_soon(save)
+
+    def _require_pool(self) -> ChunkPool:
+        if self.pool is None:  # unreachable with a registered instance; kept for clarity
+            raise KVError("no KV cache has been registered on this server yet")
+        return self.pool
+
+    # ------------------------------------------------------------------ lookup / sessions
+
+    def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int | str:
+        """``kv.lookup``: leading chunks present on every rank, pinned for ``request_id``.
+
+        Replaces the pins of an earlier lookup for the same request. Answers a prefetch job
+        id instead when some of those chunks must first be loaded from the lower tier.
+        """
+        self._client(client_id)
+        if keys.worker_id is not None:
+            raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
+        counters = self._counters
+        counters.lookups += 1
+        n = len(keys)
+        ns = self._namespace(keys.model_name, keys.world_size, create=False)
+        pool = self.pool
+        if ns is None or pool is None:
+            counters.misses += n
+            return 0
+        session_key = (ns.id, request_id)
+        session = self._open_session(client_id, session_key)
+        tier = self.lower_tier
+        hashes = keys.hashes
+        suffixes = ns.suffixes
+        to_load: list[bytes] = []
+        matched = 0
+        for start in range(0, n * HASH_SIZE, HASH_SIZE):
+            chunk_hash = hashes[start : start + HASH_SIZE]
+            slots: list[tuple[int, int]] = []
+            missing: list[bytes] = []
+            for worker, suffix in enumerate(suffixes):
+                key = chunk_hash + suffix
+                slot = pool.lookup(key)
+                if slot is not None:
+                    slots.append((slot, worker))
+                elif tier is not None and tier.contains(key):
+                    missing.append(key)
+                else:
+                    break
+            else:
+                for slot, worker in slots:
+                    self._pin(session, slot, worker)
+                to_load.extend(missing)
+                matched += 1
+                continue
+            break
+        if not to_load:
+            counters.hits += matched
+            counters.misses += n - matched
+            return matched
+        prefix = hashes[: matched * HASH_SIZE]
+        return self._start_prefetch(client_id, session_key, prefix, to_load, n)
+
+    def _start_prefetch(
+        self,
+        client_id: bytes,
+        session_key: tuple[int, str],
+        hashes: bytes,
+        to_load: list[bytes],
+        total: int,
+    ) -> str:
+        job_id = secrets.token_urlsafe(16)
+        job = _Job(client_id, session_key)
+        self._jobs[job_id] = job
+        self._clients[client_id].jobs.add(job_id)
+        self._counters.prefetch_jobs += 1
+        assert self._task_group is not None, "open the KVService before serving"
+        self._task_group.start_soon(self._prefetch, job, hashes, to_load, total)
+        return job_id
+
+    async def _prefetch(self, job: _Job, hashes: bytes, to_load: list[bytes], total: int) -> None:
+        """Load ``to_load`` from the lower tier, then count and pin the leading chunks.
+
+        Each loaded chunk is pinned for the session at once, so that loading the next one
+        cannot evict it.
+        """
+        tier, pool = self.lower_tier, self.pool
+        assert tier is not None and pool is not None
+        for key in to_load:
+            slot = pool.reserve(key)
+            if not isinstance(slot, int):  # present after all, or no room: counted below
+                continue
+            try:
+                ok = await tier.load(key, pool.slot_view(slot))
+            except Exception:
+                logger.exception("prefetch of a chunk from the lower tier failed")
+                ok = False
+            if not ok:
+                pool.abort(slot)
+                continue
+            pool.commit(slot)
+            self._counters.prefetched += 1
+            session = self._sessions.get(job.session)
+            if session is not None:
+                self._pin(session, slot, _SUFFIX.unpack_from(key, HASH_SIZE)[1])
+        matched = 0
+        session = self._sessions.get(job.session)
+        ns = self._namespace_by_id(job.session[0])
+        if session is not None and ns is not None:
+            for start in range(0, len(hashes), HASH_SIZE):
+                chunk_hash = hashes[start : start + HASH_SIZE]
+                found = [pool.lookup(chunk_hash + suffix) for suffix in ns.suffixes]
+                present = [slot for slot in found if slot is not None]
+                if len(present) != len(found):
+                    break
+                for worker, slot in enumerate(present):
+                    self._pin(session, slot, worker)
+                matched += 1
+        self._counters.hits += matched
+        self._counters.misses += total - matched
+        job.result = matched
+
+    def _namespace_by_id(self, ns_id: int) -> _Namespace | None:
+        return next((ns for ns in self._namespaces.values() if ns.id == ns_id), None)
+
+    def query_prefetch_status(self, client_id: bytes, job_id: str) -> int | None:
+        """``kv.query_prefetch_status``: None while running, then the count, exactly once."""
+        client = self._client(client_id)
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != client_id:
+            raise UnknownJob(
+                "no prefetch job with that id for this client: it was never given to this "
+                "client, or its result was already taken"
+            )
+        if job.result is None:
+            return None
+        del self._jobs[job_id]
+        client.jobs.discard(job_id)
+        return job.result
+
+    def end_session(
+        self, client_id: bytes, model_name: str, world_size: int, request_id: str
+    ) -> int:
+        """``kv.end_session``: release the request's pins; returns how many were released."""
+        self._client(client_id)
+        ns = self._namespace(model_name, world_size, create=False)
+        if ns is None:
+            return 0
+        return self._end_session((ns.id, request_id))
+
+    def _open_session(self, client_id: bytes, key: tuple[int, str]) -> _Session:
+        self._end_session(key)
+        session = self._sessions[key] = _Session(client_id)
+        self._clients[client_id].sessions.add(key)
+        return session
+
+    def _end_session(self, key: tuple[int, str]) -> int:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return 0
+        owner = self._clients.get(session.owner)
+        if owner is not None:
+            owner.sessions.discard(key)
+        released = len(session.pins)
+        for slot in list(session.pins):
+            self._release_pin(session, slot)
+        return released
+
+    def _pin(self, session: _Session, slot: int, worker: int) -> None:
+        assert self.pool is not None
+        if slot not in session.pins:
+            self.pool.pin(slot)
+            session.pins[slot] = worker
+        self.pool.touch(slot)
+
+    def _release_pin(self, session: _Session, slot: int) -> None:
+        if session.pins.pop(slot, None) is not None and self.pool is not None:
+            self.pool.unpin(slot)
+
+    # ------------------------------------------------------------------ stats / clear
+
+    def stats(self) -> dict[str, int]:
+        """``kv.stats``: counters and the pool's occupancy."""
+        counters = self._counters
+        pool = self.pool
+        report = {
+            "hits": counters.hits,
+            "misses": counters.misses,
+            "lookups": counters.lookups,
+            "stores": counters.stores,
+            "store_refused": counters.store_refused,
+            "store_duplicates": counters.store_duplicates,
+            "retrieves": counters.retrieves,
+            "retrieve_misses": counters.retrieve_misses,
+            "evictions": pool.evictions if pool is not None else 0,
+            "chunks": pool.ready_slots if pool is not None else 0,
+            "bytes_used": pool.bytes_used if pool is not None else 0,
+            "bytes_free": pool.bytes_free if pool is not None else self.cpu_buffer_bytes,
+            "slot_bytes": pool.slot_nbytes if pool is not None else 0,
+            "pinned_chunks": pool.pinned_slots if pool is not None else 0,
+            "sessions": len(self._sessions),
+            "clients": len(self._clients),
+            "clients_expired": counters.clients_expired,
+            "instances": len(self._instances),
+            "prefetch_jobs": counters.prefetch_jobs,
+            "prefetch_jobs_open": len(self._jobs),
+            "prefetched": counters.prefetched,
+            "chunk_size": self.chunk_size,
+        }
+        if self.lower_tier is not None:
+            for name, value in self.lower_tier.stats().items():
+                report[f"tier_{name}"] = value
+        return report
+
+    def clear(self) -> int:
+        """``kv.clear``: drop every unpinned stored chunk; returns how many were dropped."""
+        return self.pool.clear() if self.pool is not None else 0
+
+
+# ---------------------------------------------------------------------- copy work (threads)
+
+
+def _keys_of(hashes: bytes, suffix: bytes) -> list[bytes]:
+    return [hashes[i : i + HASH_SIZE] + suffix for i in range(0, len(hashes), HASH_SIZE)]
+
+
+def _check_inline_chunks(chunks: Sequence[torch.Tensor], n: int, nbytes: int) -> None:
+    if len(chunks) != n:
+        raise KVError(f"{n} keys but {len(chunks)} chunks of bytes; give one per key")
+    for i, chunk in enumerate(chunks):
+        if chunk.dtype != torch.uint8 or chunk.dim() != 1 or chunk.numel() != nbytes:
+            raise KVError(
+                f"chunk {i} must be a 1-D uint8 tensor of {nbytes} bytes, not "
+                f"{chunk.dtype} {list(chunk.shape)}"
+            )
+
+
+def _open_all(refs: list[SharedTensorRef], layout: KVLayout) -> list[SharedMapping]:
+    mappings: list[SharedMapping] = []
+    try:
+        for index, ref in enumerate(refs):
+            mapping = open_shared(ref)
+            mappings.append(mapping)
+            tensor = mapping.tensor
+            if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
+                raise KVConfigError(
+                    f"tensor {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
+                    f"says {layout.torch_dtype} {list(layout.shape)}"
+                )
+    except BaseException:
+        for mapping in mappings:
+            mapping.close()
+        raise
+    return mappings
+
+
+def _bound(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    def run() -> None:
+        fn(*args)
+
+    return run
+
+
+def _bound_result(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    def run() -> T:
+        return fn(*args)
+
+    return run
+
+
+def _copy_into(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for out, src in zip(outs, srcs, strict=True):
+            out.copy_(src)
+
+    return run
+
+
+def _clone_into(srcs: list[torch.Tensor], copies: list[torch.Tensor]) -> None:
+    # The reply must not alias pool memory: the slot is reused once it is unpinned.
+    copies.extend(src.clone() for src in srcs)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _abort(pool: ChunkPool, reserved: list[tuple[int, int]]) -> None:
+    for _, slot in reserved:
+        pool.abort(slot)
+
+
+def _unpin(pool: ChunkPool, found: list[tuple[int, int]]) -> None:
+    for _, slot in found:
+        pool.unpin(slot)

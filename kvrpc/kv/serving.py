@@ -1,0 +1,78 @@
+"""Run a KV-cache server: an :class:`~kvrpc.server.RPCServer` with a :class:`KVService`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvrpc.kv.protocols import kv_registry
+from kvrpc.kv.service import KVService
+from kvrpc.server import RPCServer
+
+__all__ = ["KVServerSettings", "serve_kv"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class KVServerSettings:
+    """What ``kvrpc serve`` takes: where to listen and how big things are.
+
+    ``cpu_buffer_size`` is in GiB (the L1 pool, allocated as it fills); ``max_workers`` is
+    both the server's BLOCKING pool and the copy threads; a client silent for
+    ``client_timeout`` seconds loses what it registered, pinned and started. ``disk_dir``
+    turns on a disk tier of ``disk_size`` GiB below L1: every stored chunk is written
+    through to it, and lookups prefetch from it what L1 has evicted.
+    """
+
+    url: str = "zmq+tcp://127.0.0.1:5555"
+    cpu_buffer_size: float = 1.0
+    chunk_size: int = 256
+    max_workers: int = 4
+    client_timeout: float = 10.0
+    disk_dir: str | None = None
+    disk_size: float = 16.0
+
+    @property
+    def cpu_buffer_bytes(self) -> int:
+        """The L1 pool's byte limit."""
+        return int(self.cpu_buffer_size * GB)
+
+
+async def serve_kv(
+    settings: KVServerSettings,
+    *,
+    on_ready: Callable[[RPCServer, KVService], None] | None = None,
+) -> None:
+    """Serve the ``kv.*`` and ``rpc.*`` protocols until the server's ``stop()`` is called.
+
+    ``on_ready`` runs once the transport is bound (install signal handlers there).
+    """
+    tier = None
+    if settings.disk_dir is not None:
+        from kvrpc.kv.disk import DiskTier
+
+        tier = DiskTier(settings.disk_dir, int(settings.disk_size * GB))
+    service = KVService(
+        chunk_size=settings.chunk_size,
+        cpu_buffer_bytes=settings.cpu_buffer_bytes,
+        copy_workers=settings.max_workers,
+        client_timeout=settings.client_timeout,
+        lower_tier=tier,
+    )
+    server = RPCServer(settings.url, registry=kv_registry(), max_workers=settings.max_workers)
+    service.register(server)
+    async with service, server:
+        logger.info(
+            "ready: kv server on %s: chunks of %d tokens, CPU buffer %.2f GiB, %d workers",
+            settings.url,
+            settings.chunk_size,
+            settings.cpu_buffer_size,
+            settings.max_workers,
+        )
+        if on_ready is not None:
+            on_ready(server, service)
+        await server.wait_for_stop()
