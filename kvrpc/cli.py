@@ -98,6 +98,32 @@ def _parser() -> argparse.ArgumentParser:
     rpc.add_argument("--interleave", type=int, default=5, help="turns kvrpc and the baseline take")
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     rpc.set_defaults(run=_run_bench_rpc)
+    kv = benches.add_parser(
+        "kv", help="KV service: lookup vs ping, store/retrieve vs memcpy, memory per chunk"
+    )
+    kv.add_argument("--url", help="where the servers listen (default: a temporary socket)")
+    kv.add_argument(
+        "--only",
+        action="append",
+        choices=("lookup", "transfer", "memory"),
+        help="take only this figure (repeat for several; default: all three)",
+    )
+    kv.add_argument("--quick", action="store_true", help="small versions of every figure")
+    kv.add_argument("--lookups", type=_positive_int, help="timed lookups (and pings) [2000]")
+    kv.add_argument("--interleave", type=_positive_int, help="turns the lookup paths take [5]")
+    kv.add_argument("--rounds", type=_positive_int, help="timed store/retrieve rounds [5]")
+    kv.add_argument("--layers", type=_positive_int, help="layers of the transfer's KV [32]")
+    kv.add_argument("--heads", type=_positive_int, default=2, help="KV heads per layer")
+    kv.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension")
+    kv.add_argument("--chunks", type=_positive_int, help="chunks per store and retrieve [64]")
+    kv.add_argument(
+        "--tiny-chunks", type=_positive_int, help="chunks stored for the memory figure [1000000]"
+    )
+    kv.add_argument(
+        "--tiny-batch", type=_positive_int, default=8192, help="keys per store message (memory)"
+    )
+    kv.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    kv.set_defaults(run=_run_bench_kv)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     imports.add_argument("--runs", type=int, default=15)
     imports.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -224,6 +250,12 @@ def _run_bench_rpc(args: argparse.Namespace) -> int:
     from kvrpc.bench import run_rpc_bench
 
     return _report(asyncio.run(run_rpc_bench(args)), args.json)
+
+
+def _run_bench_kv(args: argparse.Namespace) -> int:
+    from kvrpc.kv.bench import KVBenchOptions, run_kv_bench
+
+    return _report(run_kv_bench(KVBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:

@@ -1,0 +1,307 @@
+"""The KV-cache service across processes: a ``kvrpc serve`` child, two worker processes
+(TP=2) with KV caches in shared memory, and the scheduler in the test process, over real
+zmq and unix sockets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvrpc.client import SyncClient
+from kvrpc.kv import PollingSchedulerAdapter, kv_registry
+from kvrpc.kv import protocols as kv
+
+WORLD_SIZE = 2
+BLOCK_SIZE = 4
+CHUNK_SIZE = 8  # two blocks per chunk
+NUM_BLOCKS = 64
+LAYER_SHAPE = (2, NUM_BLOCKS, BLOCK_SIZE, 2, 8)
+LAYERS = 3
+CHUNK_BYTES = (
+    LAYERS * 2 * 2 * BLOCK_SIZE * 2 * 8 * 2
+)  # layers, K/V, blocks, tokens, heads, dim, fp16
+MODEL = "mp-model"
+
+
+# ---------------------------------------------------------------------- worker processes
+
+
+def _worker_main(url: str, rank: int, pipe: multiprocessing.connection.Connection) -> None:
+    """A stand-in engine worker: answers commands from the test over a pipe."""
+    from kvrpc.kv import LoadStoreOp, WorkerAdapter, shared_empty
+
+    layers = [shared_empty(LAYER_SHAPE, torch.float16) for _ in range(LAYERS)]
+    adapter = WorkerAdapter(url, MODEL, WORLD_SIZE, rank, BLOCK_SIZE, keepalive_interval=0.2)
+    adapter.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+    pipe.send(os.getpid())
+
+    def digest(block_ids: list[int]) -> str:
+        ids = torch.tensor(block_ids)
+        h = hashlib.sha256()
+        for layer in layers:
+            part = layer[:, ids].contiguous()
+            h.update(ctypes.string_at(part.data_ptr(), part.numel() * part.element_size()))
+        return h.hexdigest()
+
+    while (command := pipe.recv()) is not None:
+        what, request_id, tokens, block_ids, end = command
+        op = LoadStoreOp(block_ids, token_ids=tokens, end=end)
+        if what == "store":
+            generator = torch.Generator().manual_seed(sum(tokens) * 10 + rank)
+            ids = torch.tensor(block_ids)
+            for layer in layers:
+                layer[:, ids] = torch.randn(
+                    (2, len(block_ids), *LAYER_SHAPE[2:]), generator=generator
+                ).half()
+            adapter.submit_store_request(request_id, op)
+            finished: set[str] = set()
+            while request_id not in finished:
+                finished |= adapter.get_finished({request_id})[0]
+                time.sleep(0.001)
+        else:
+            for layer in layers:  # so that a retrieve that writes nothing cannot pass
+                layer[:, torch.tensor(block_ids)] = 0
+            adapter.submit_retrieve_request(request_id, op)
+            finished = set()
+            while request_id not in finished:
+                finished |= adapter.get_finished(set())[1]
+                time.sleep(0.001)
+        n = (end or len(tokens)) // CHUNK_SIZE * (CHUNK_SIZE // BLOCK_SIZE)
+        pipe.send((digest(block_ids[:n]), sorted(adapter.get_block_ids_with_load_errors())))
+
+
+class Workers:
+    """The test's handle on the worker processes."""
+
+    def __init__(self, url: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipes: list[multiprocessing.connection.Connection] = []
+        self.processes: list[Any] = []
+        for rank in range(WORLD_SIZE):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_main, args=(url, rank, theirs), daemon=True)
+            process.start()
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.pids = [self._answer(pipe) for pipe in self.pipes]
+
+    @staticmethod
+    def _answer(pipe: multiprocessing.connection.Connection) -> Any:
+        assert pipe.poll(60), "a worker process did not answer within 60 s"
+        return pipe.recv()
+
+    def run(self, *command: Any, ranks: range = range(WORLD_SIZE)) -> list[Any]:
+        for rank in ranks:
+            self.pipes[rank].send(command)
+        return [self._answer(self.pipes[rank]) for rank in ranks]
+
+    def store(
+        self, request_id: str, tokens: list[int], block_ids: list[int], **kw: Any
+    ) -> list[Any]:
+        return self.run("store", request_id, tokens, block_ids, 0, **kw)
+
+    def retrieve(
+        self, request_id: str, tokens: list[int], block_ids: list[int], end: int
+    ) -> list[Any]:
+        return self.run("retrieve", request_id, tokens, block_ids, end)
+
+    def close(self) -> None:
+        for pipe, process in zip(self.pipes, self.processes, strict=True):
+            if process.is_alive():
+                pipe.send(None)
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=["zmq+ipc", "unix"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+ServerFactory = Callable[..., str]
+
+
+@pytest.fixture
+def start_server(scheme: str, tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start ``kvrpc serve`` in a child process; returns its URL."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(slots: int = 256, client_timeout: float = 2.0) -> str:
+        path = tmp_path / f"kv{len(children)}.sock"
+        url = f"{scheme}://{path}"
+        size_gib = repr(slots * CHUNK_BYTES / 2**30)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvrpc",
+                "serve",
+                "--url",
+                url,
+                "--chunk-size",
+                str(CHUNK_SIZE),
+                "--cpu-buffer-size",
+                size_gib,
+                "--client-timeout",
+                str(client_timeout),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        children.append(child)
+        assert child.stdout is not None
+        assert child.stdout.readline().startswith(f"kvrpc ready {url}")
+        return url
+
+    yield start
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(15) == 0
+
+
+@pytest.fixture
+def stack(
+    start_server: ServerFactory,
+) -> Iterator[Callable[..., tuple[str, Workers, PollingSchedulerAdapter]]]:
+    """A server, two workers and a scheduler, all closed at the end."""
+    opened: list[Any] = []
+
+    def make(**server_options: Any) -> tuple[str, Workers, PollingSchedulerAdapter]:
+        url = start_server(**server_options)
+        workers = Workers(url)
+        opened.append(workers)
+        scheduler = PollingSchedulerAdapter(
+            url, MODEL, WORLD_SIZE, 0, BLOCK_SIZE, lookup_timeout=10, keepalive_interval=0.2
+        )
+        opened.append(scheduler)
+        return url, workers, scheduler
+
+    yield make
+    for thing in reversed(opened):
+        thing.close()
+
+
+def _stats(url: str) -> dict[str, int]:
+    with SyncClient(url, registry=kv_registry(), timeout=10) as client:
+        result: dict[str, int] = client.call(kv.STATS)
+        return result
+
+
+def _lookup(scheduler: PollingSchedulerAdapter, request_id: str, tokens: list[int]) -> int:
+    scheduler.maybe_submit_lookup_request(request_id, token_ids=tokens)
+    return scheduler.check_lookup_result(request_id)
+
+
+def _prompt(seed: int, chunks: int, extra: int = 3) -> list[int]:
+    return [(seed * 7919 + i * 31) % 50000 for i in range(chunks * CHUNK_SIZE + extra)]
+
+
+def _blocks(first: int, chunks: int) -> list[int]:
+    return list(range(first, first + chunks * CHUNK_SIZE // BLOCK_SIZE + 1))
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_two_workers_store_then_a_lookup_hits_and_retrieve_into_other_blocks_is_byte_identical(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    url, workers, scheduler = stack()
+    prompt = _prompt(1, chunks=4)
+    assert _lookup(scheduler, "first", prompt) == 0
+    stored = workers.store("first", prompt, _blocks(0, 4))
+    scheduler.end_session("first")
+
+    assert _lookup(scheduler, "second", prompt) == 4 * CHUNK_SIZE
+    assert _stats(url)["pinned_chunks"] == 4 * WORLD_SIZE
+    retrieved = workers.retrieve("second", prompt, _blocks(20, 4), 4 * CHUNK_SIZE)
+
+    assert [digest for digest, _ in retrieved] == [digest for digest, _ in stored]
+    assert all(not errors for _, errors in retrieved)
+    assert stored[0][0] != stored[1][0], "each rank stores its own KV"
+    stats = _stats(url)
+    assert stats["pinned_chunks"] == 0, "each retrieve released its rank's pins"
+    assert (stats["stores"], stats["retrieves"], stats["hits"]) == (8, 8, 4)
+
+
+def test_a_prompt_stored_by_one_rank_only_is_not_a_hit(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    _, workers, scheduler = stack()
+    prompt = _prompt(2, chunks=3)
+    workers.run("store", "r", prompt, _blocks(0, 3), 0, ranks=range(1))
+    assert _lookup(scheduler, "r", prompt) == 0
+    workers.run("store", "r", prompt, _blocks(0, 3), 0, ranks=range(1, 2))
+    assert _lookup(scheduler, "r2", prompt) == 3 * CHUNK_SIZE
+
+
+def test_pins_survive_pressure_end_session_releases_them_and_then_lru_evicts(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    url, workers, scheduler = stack(slots=8)  # 4 chunks x 2 ranks fill the pool
+    first, second = _prompt(3, chunks=4), _prompt(4, chunks=4)
+    stored = workers.store("a", first, _blocks(0, 4))
+    assert _lookup(scheduler, "a", first) == 4 * CHUNK_SIZE  # pins all 8 slots
+
+    workers.store("b", second, _blocks(20, 4))
+    stats = _stats(url)
+    assert stats["store_refused"] == 8 and stats["evictions"] == 0
+    assert _lookup(scheduler, "b", second) == 0
+    assert [d for d, _ in workers.retrieve("a", first, _blocks(40, 4), 4 * CHUNK_SIZE)] == [
+        d for d, _ in stored
+    ]
+
+    scheduler.end_session("a")
+    scheduler.end_session("b")
+    assert _wait_for(lambda: _stats(url)["pinned_chunks"] == 0, 5)
+    workers.store("b2", second, _blocks(20, 4))
+    stats = _stats(url)
+    assert stats["evictions"] == 8 and stats["chunks"] == 8
+    assert _lookup(scheduler, "c", first) == 0
+    assert _lookup(scheduler, "d", second) == 4 * CHUNK_SIZE
+
+
+def test_a_killed_worker_releases_its_registration_and_its_ranks_pins(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    url, workers, scheduler = stack(client_timeout=1.0)
+    prompt = _prompt(5, chunks=3)
+    workers.store("a", prompt, _blocks(0, 3))
+    assert _lookup(scheduler, "a", prompt) == 3 * CHUNK_SIZE
+    assert _stats(url)["pinned_chunks"] == 6
+
+    os.kill(workers.pids[1], signal.SIGKILL)
+    assert _wait_for(lambda: _stats(url)["instances"] == 1, 10)
+    stats = _stats(url)
+    assert stats["pinned_chunks"] == 3, "rank 1's pins went with it; rank 0's stay"
+    assert stats["clients_expired"] == 1
+    # The server stays healthy for the others.
+    assert _lookup(scheduler, "b", prompt) == 3 * CHUNK_SIZE
