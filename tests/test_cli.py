@@ -17,8 +17,20 @@ def kvrpc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*KVRPC, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_makes_real_calls_and_reports_them() -> None:
+def test_demo_serves_a_prompt_twice_across_processes_miss_then_hit() -> None:
     done = kvrpc("demo")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    first = next(line for line in lines if line.startswith("request-1: lookup"))
+    second = next(line for line in lines if line.startswith("request-2: lookup"))
+    assert "-> miss: 0 of 1034" in first
+    assert "-> hit: 1024 of 1034" in second
+    assert done.stdout.count("byte-identical to what was stored: True") == 2
+    assert "hits=4 misses=4 stores=8 retrieves=8" in done.stdout
+
+
+def test_rpc_demo_makes_real_calls_and_reports_them() -> None:
+    done = kvrpc("demo", "rpc")
     assert done.returncode == 0, done.stderr
     assert "rpc.ping -> pong" in done.stdout
     assert "demo.add(2, 40) -> 42" in done.stdout
@@ -103,10 +115,22 @@ def _ping_and_stats_then_stop(server: subprocess.Popen[str], url: str) -> None:
         assert pinged.stdout.count("pong") == 2
         stats = kvrpc("stats", url, timeout=60)
         assert stats.returncode == 0, stats.stderr
-        assert json.loads(stats.stdout)["transport_connections"] >= 2
+        report = json.loads(stats.stdout)
+        assert report["rpc"]["transport_connections"] >= 2
+        assert report["kv"]["chunk_size"] == 256 and report["kv"]["chunks"] == 0
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    "flags", [("--chunk-size", "0"), ("--cpu-buffer-size", "-1"), ("--max-workers", "x")]
+)
+def test_serve_refuses_bad_sizes_before_starting(flags: tuple[str, str]) -> None:
+    done = kvrpc("serve", "--url", "inproc://cli-bad", *flags, timeout=60)
+    assert done.returncode == 2
+    assert flags[0] in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_bad_url_fails_with_a_message_not_a_traceback() -> None:
@@ -119,14 +143,18 @@ def test_a_bad_url_fails_with_a_message_not_a_traceback() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_prints_a_ready_line_and_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
     child = subprocess.Popen(
-        [*KVRPC, "serve", "--url", "inproc://cli-serve"],
+        [*KVRPC, "serve", "--url", "inproc://cli-serve", "--chunk-size", "128"]
+        + ["--cpu-buffer-size", "0.5", "--max-workers", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "kvrpc ready inproc://cli-serve"
+        ready = child.stdout.readline().strip()
+        assert ready == (
+            "kvrpc ready inproc://cli-serve chunk_size=128 cpu_buffer_size=0.5GiB max_workers=2"
+        )
         child.send_signal(sig)
         assert child.wait(timeout=30) == 0
     finally:
