@@ -6,7 +6,8 @@ return at once, results are polled (``check_lookup_result``, ``get_finished``).
 
 Each adapter makes a random ``client_id`` that names what it owns on the server (registered
 KV caches, lookup pins, prefetch jobs) and sends ``kv.keepalive`` from a small thread while
-idle, so the server releases all of it if the process dies.
+every couple of seconds, so the server releases all of it if the process dies; closing an
+adapter releases it at once (``kv.goodbye``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ class _ServerLink:
             pending = list(self._untracked)
         for future in pending:
             future.wait(max(0.0, deadline - time.monotonic()))
+        try:  # the server would release our state after client_timeout anyway
+            self.client.call(protocols.GOODBYE, self.client_id, timeout=flush_timeout)
+        except Exception as exc:
+            logger.debug("goodbye not delivered: %s", exc)
         self.client.close()
 
 
@@ -275,7 +280,7 @@ class SchedulerAdapter:
         self._link.track(future, "end_session", request_id)
 
     def close(self) -> None:
-        """Close the connection; the server drops this scheduler's pins and jobs."""
+        """Close the connection; the server drops this scheduler's pins and jobs at once."""
         self._link.close()
 
     shutdown = close
@@ -455,8 +460,22 @@ class WorkerAdapter:
     def batched_submit_store_requests(
         self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
     ) -> None:
-        """Store several requests' chunks in one message."""
+        """Store several requests' chunks in one message.
+
+        Bad input (block ids out of range, too few block ids) raises here, before anything is
+        counted as in flight, so such a request is reported finished at once.
+        """
         keys, rows, owners = self._plan(request_ids, ops)
+        chunks: list[torch.Tensor] = []
+        if owners:
+            _wait_for(event)
+            instance_id = self._instance()
+            if self._mode == "inline":
+                assert self._layout is not None
+                nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
+                chunks = [torch.empty(nbytes, dtype=torch.uint8) for _ in owners]
+                gather_chunks(self._layers, self._layout, rows, chunks)
+                rows = _NO_BLOCKS
         with self._lock:
             for request_id in request_ids:
                 self._returned.pop(request_id, None)  # a new store: report it again
@@ -464,17 +483,9 @@ class WorkerAdapter:
         if not owners:
             self._stores_done(request_ids, None)
             return
-        _wait_for(event)
-        chunks: list[torch.Tensor] = []
-        if self._mode == "inline":
-            assert self._layout is not None
-            nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
-            chunks = [torch.empty(nbytes, dtype=torch.uint8) for _ in owners]
-            gather_chunks(self._layers, self._layout, rows, chunks)
-            rows = _NO_BLOCKS
         try:
-            future = self._link.submit(protocols.STORE, self._instance(), keys, rows, chunks)
-        except Exception:
+            future = self._link.submit(protocols.STORE, instance_id, keys, rows, chunks)
+        except BaseException:
             self._stores_done(request_ids, None)
             raise
         future.add_done_callback(lambda f: self._stores_done(request_ids, f))
@@ -482,8 +493,14 @@ class WorkerAdapter:
     def batched_submit_retrieve_requests(
         self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
     ) -> None:
-        """Retrieve several requests' chunks in one message."""
+        """Retrieve several requests' chunks in one message.
+
+        Bad input raises here, before anything is counted as in flight.
+        """
         keys, rows, owners = self._plan(request_ids, ops)
+        if owners:
+            _wait_for(event)
+            instance_id = self._instance()
         with self._lock:
             for request_id in request_ids:
                 self._retrieves_in_flight[request_id] = (
@@ -492,10 +509,9 @@ class WorkerAdapter:
         if not owners:
             self._retrieves_done(request_ids, [], rows, None)
             return
-        _wait_for(event)
         try:
-            future = self._link.submit(protocols.RETRIEVE, self._instance(), owners, keys, rows)
-        except Exception:
+            future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
+        except BaseException:
             self._retrieves_done(request_ids, owners, rows, None)
             raise
         future.add_done_callback(lambda f: self._retrieves_done(request_ids, owners, rows, f))
@@ -558,7 +574,12 @@ class WorkerAdapter:
             failed = [i for i, error in enumerate(errors) if error is not None]
             if self._mode == "inline" and ok and isinstance(reply, RetrieveReply):
                 assert self._layout is not None
-                scatter_chunks(self._layers, self._layout, rows[ok], [reply.chunks[i] for i in ok])
+                try:
+                    chunks = [reply.chunks[i] for i in ok]
+                    scatter_chunks(self._layers, self._layout, rows[ok], chunks)
+                except Exception as exc:  # the blocks' contents are unknown now: all failed
+                    logger.warning("writing retrieved chunks into the KV cache failed: %s", exc)
+                    failed = list(range(len(owners)))
         elif owners:
             failed = list(range(len(owners)))
         with self._lock:

@@ -4,20 +4,21 @@ Each operation is a :class:`~kvrpc.protocol.ProtocolDefinition` whose handler ty
 for what the handler does:
 
 * NONBLOCKING, plain functions: operations that only read or change the server's tables
-  (lookup, prefetch status, end session, chunk size, stats, keepalive). They finish within
-  microseconds on the event loop, with no thread hop.
-* NONBLOCKING, ``async def``: register, unregister, store and retrieve. They change the
-  tables on the loop and hand the slow part (opening shared-memory mappings, byte copies) to
-  the service's own copy executor, awaiting it, so neither the loop nor the server's
-  BLOCKING pool waits on a copy.
+  (lookup, prefetch status, end session, chunk size, stats, clear, keepalive, goodbye). They
+  finish within microseconds on the event loop, with no thread hop.
+* NONBLOCKING, ``async def``: register, store and retrieve (and unregister, to match). They
+  change the tables on the loop and hand the slow part (opening shared-memory mappings, byte
+  copies) to the service's own copy executor, awaiting it, so neither the loop nor the
+  server's BLOCKING pool waits on a copy.
 
 None is BLOCKING on purpose: a BLOCKING handler runs in a pool thread, and the service's
 tables are changed only on the loop thread so that they need no locks.
 
-Every call carries the caller's ``client_id`` (16 random bytes made by the adapter): the
-state a call creates (registered caches, sessions' pins, prefetch jobs) belongs to that
-client and is released when the client goes silent for longer than the server's
-``client_timeout`` (the adapters send ``kv.keepalive`` while idle).
+Every call that creates state carries the caller's ``client_id`` (16 random bytes made by the
+adapter): what it creates (registered caches, sessions' pins, prefetch jobs) belongs to that
+client and is released when the client says ``kv.goodbye`` or goes silent for longer than
+the server's ``client_timeout`` (the adapters send ``kv.keepalive`` every couple of
+seconds).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "CLEAR",
     "END_SESSION",
     "GET_CHUNK_SIZE",
+    "GOODBYE",
     "KEEPALIVE",
     "KV_PROTOCOLS",
     "LOOKUP",
@@ -143,10 +145,19 @@ STATS = ProtocolDefinition(
     "kv.stats", (), dict[str, int], doc="Hits, misses, stores, evictions, bytes, pins, sessions."
 )
 CLEAR = ProtocolDefinition(
-    "kv.clear", (), int, doc="Drop every unpinned chunk; returns how many were dropped."
+    "kv.clear",
+    (),
+    int,
+    doc="Drop every unpinned chunk from memory (L1, not a disk tier); returns how many.",
 )
 KEEPALIVE = ProtocolDefinition(
-    "kv.keepalive", (bytes,), None, doc="Tell the server the client is alive while idle."
+    "kv.keepalive", (bytes,), None, doc="Tell the server the client is alive."
+)
+GOODBYE = ProtocolDefinition(
+    "kv.goodbye",
+    (bytes,),
+    None,
+    doc="The client is closing: release what it registered, pinned and started, now.",
 )
 
 #: Every ``kv.*`` protocol, in the order the docs list them.
@@ -162,6 +173,7 @@ KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     STATS,
     CLEAR,
     KEEPALIVE,
+    GOODBYE,
 )
 
 

@@ -6,20 +6,23 @@ Byte copies run in the service's own copy executor while the slots they touch ar
 (a store) or pinned (a retrieve): the pool never hands such a slot to anyone else, so a copy
 and the loop never race on the same bytes.
 
-Keys in the pool are ``chunk hash (32 bytes) + namespace id (uint16) + worker id (uint16)``,
-where a namespace is one ``(model name, world size)``; this keeps the per-chunk metadata to
-one small bytes object.
+Keys in the pool are ``chunk hash (32 bytes) + namespace id (8 bytes) + worker id (uint16)``,
+where a namespace is one ``(model name, world size)`` and its id the first 8 bytes of a
+SHA-256 of both, so it is the same on every run (a disk tier's files outlive the process).
+This keeps the per-chunk metadata to one small bytes object.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import secrets
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,15 +47,15 @@ logger = logging.getLogger("kvrpc.kv")
 
 T = TypeVar("T")
 
-_SUFFIX = struct.Struct("<HH")
-_MAX_NAMESPACES = 1 << 16
+_WORKER = struct.Struct("<H")
+_NS_ID_SIZE = 8
 
 
 @dataclass(eq=False)
 class _Namespace:
     """One (model name, world size): its id in pool keys and the layout its chunks have."""
 
-    id: int
+    id: bytes
     model_name: str
     world_size: int
     layout: KVLayout | None = None
@@ -90,7 +93,7 @@ class _Job:
     """A prefetch started by a lookup; its count is taken exactly once."""
 
     owner: bytes
-    session: tuple[int, str]
+    session: tuple[bytes, str]
     result: int | None = None
 
 
@@ -100,7 +103,7 @@ class _Client:
 
     last_seen: float
     instances: set[int] = field(default_factory=set)
-    sessions: set[tuple[int, str]] = field(default_factory=set)
+    sessions: set[tuple[bytes, str]] = field(default_factory=set)
     jobs: set[str] = field(default_factory=set)
 
 
@@ -149,13 +152,20 @@ class KVService:
         self.pool: ChunkPool | None = None
         self._copier = concurrent.futures.ThreadPoolExecutor(copy_workers, "kvrpc-kv-copy")
         self._namespaces: dict[tuple[str, int], _Namespace] = {}
+        self._namespaces_by_id: dict[bytes, _Namespace] = {}
         self._instances: dict[int, _Instance] = {}
-        self._sessions: dict[tuple[int, str], _Session] = {}
+        self._sessions: dict[tuple[bytes, str], _Session] = {}
         self._jobs: dict[str, _Job] = {}
         self._clients: dict[bytes, _Client] = {}
         self._counters = _Counters()
         self._tasks: OwnedTaskGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        # Work started from handlers, which may run in a transport's read callback rather
+        # than in a task (anyio starts tasks only from a task): _starter starts it.
+        self._to_start: deque[tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]] = (
+            deque()
+        )
+        self._start_ready = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +183,7 @@ class KVService:
             protocols.STATS.name: self.stats,
             protocols.CLEAR.name: self.clear,
             protocols.KEEPALIVE.name: self.keepalive,
+            protocols.GOODBYE.name: self.goodbye,
         }
         for definition in protocols.KV_PROTOCOLS:
             server.register(definition, handlers[definition.name])
@@ -181,6 +192,7 @@ class KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
         self._task_group = await self._tasks.open()
         self._task_group.start_soon(self._expire_silent_clients)
+        self._task_group.start_soon(self._starter)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -196,6 +208,22 @@ class KVService:
         self._copier.shutdown(wait=True, cancel_futures=True)
         if self.lower_tier is not None:
             await self.lower_tier.aclose()
+
+    def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the service's task group, from a task or a read callback."""
+        if self._task_group is None:
+            raise KVError("the KV service is not open: use 'async with service' while serving")
+        self._to_start.append((fn, args))
+        self._start_ready.set()
+
+    async def _starter(self) -> None:
+        while True:
+            await self._start_ready.wait()
+            self._start_ready.clear()
+            while self._to_start:
+                fn, args = self._to_start.popleft()
+                assert self._task_group is not None
+                self._task_group.start_soon(fn, *args)
 
     async def _expire_silent_clients(self) -> None:
         period = max(0.05, min(1.0, self.client_timeout / 4))
@@ -243,16 +271,20 @@ class KVService:
         """``kv.keepalive``: the client is alive."""
         self._client(client_id)
 
+    def goodbye(self, client_id: bytes) -> None:
+        """``kv.goodbye``: the client closes; drop what it owns now, without a warning."""
+        self._drop_client(client_id)
+
     # ------------------------------------------------------------------ registration
 
     def _namespace(self, model_name: str, world_size: int, *, create: bool) -> _Namespace | None:
         ns = self._namespaces.get((model_name, world_size))
         if ns is None and create:
-            if len(self._namespaces) >= _MAX_NAMESPACES:
-                raise KVError(f"this server already serves {_MAX_NAMESPACES} model namespaces")
-            ns = _Namespace(len(self._namespaces), model_name, world_size)
-            ns.suffixes = [_SUFFIX.pack(ns.id, worker) for worker in range(world_size)]
+            digest = hashlib.sha256(f"{world_size}:{model_name}".encode()).digest()
+            ns = _Namespace(digest[:_NS_ID_SIZE], model_name, world_size)
+            ns.suffixes = [ns.id + _WORKER.pack(worker) for worker in range(world_size)]
             self._namespaces[(model_name, world_size)] = ns
+            self._namespaces_by_id[ns.id] = ns
         return ns
 
     async def register_kv_cache(self, client_id: bytes, spec: KVCacheRegistration) -> int:
@@ -268,19 +300,7 @@ class KVService:
             )
         per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
         chunk_nbytes = layout.chunk_nbytes(per_chunk)
-        known = self._namespaces.get((spec.model_name, spec.world_size))
-        if known is not None and known.layout is not None and known.layout != layout:
-            raise KVConfigError(
-                f"model {spec.model_name!r} (world size {spec.world_size}) is registered with "
-                f"layout {known.layout.describe()}; this worker's is {layout.describe()}. "
-                "Chunks of one model must share a layout: fix the worker, or clear the server"
-            )
-        if self.pool is not None and chunk_nbytes > self.pool.slot_nbytes:
-            raise KVConfigError(
-                f"a chunk of this layout takes {chunk_nbytes} bytes, but this server's pool "
-                f"has {self.pool.slot_nbytes}-byte slots (set by the first registered model); "
-                "run a server per model shape"
-            )
+        self._check_fits(spec, layout, chunk_nbytes)
         if spec.mode == "shm":
             if len(spec.tensors) != layout.num_layers:
                 raise KVConfigError(
@@ -293,9 +313,16 @@ class KVService:
             raise KVError("the inline transfer mode registers no tensors")
         else:
             mappings = []
-        # Back on the loop: from here on only tables change, nothing can fail half-way.
-        if self.pool is None:
-            self.pool = ChunkPool(self.cpu_buffer_bytes, chunk_nbytes)
+        # Back on the loop. Another worker may have registered while the mappings opened,
+        # so the layout is checked again before anything is recorded.
+        try:
+            self._check_fits(spec, layout, chunk_nbytes)
+            if self.pool is None:
+                self.pool = ChunkPool(self.cpu_buffer_bytes, chunk_nbytes)
+        except BaseException:
+            for mapping in mappings:
+                mapping.close()
+            raise
         ns = self._namespace(spec.model_name, spec.world_size, create=True)
         assert ns is not None
         if ns.layout is None:
@@ -328,6 +355,22 @@ class KVService:
             instance_id,
         )
         return instance_id
+
+    def _check_fits(self, spec: KVCacheRegistration, layout: KVLayout, chunk_nbytes: int) -> None:
+        """Refuse a layout that differs from its model's, or whose chunks outgrow the slots."""
+        known = self._namespaces.get((spec.model_name, spec.world_size))
+        if known is not None and known.layout is not None and known.layout != layout:
+            raise KVConfigError(
+                f"model {spec.model_name!r} (world size {spec.world_size}) is registered with "
+                f"layout {known.layout.describe()}; this worker's is {layout.describe()}. "
+                "Chunks of one model must share a layout: fix the worker, or restart the server"
+            )
+        if self.pool is not None and chunk_nbytes > self.pool.slot_nbytes:
+            raise KVConfigError(
+                f"a chunk of this layout takes {chunk_nbytes} bytes, but this server's pool "
+                f"has {self.pool.slot_nbytes}-byte slots (set by the first registered model); "
+                "run a server per model shape"
+            )
 
     async def unregister_kv_cache(self, client_id: bytes, instance_id: int) -> bool:
         """``kv.unregister_kv_cache``: forget the instance; False if the client had no such."""
@@ -561,7 +604,7 @@ class KVService:
                 if self.pool is pool:
                     pool.unpin(slot)
 
-        self._task_group.start_soon(save)
+        self._start(save)
 
     def _require_pool(self) -> ChunkPool:
         if self.pool is None:  # unreachable with a registered instance; kept for clarity
@@ -624,7 +667,7 @@ class KVService:
     def _start_prefetch(
         self,
         client_id: bytes,
-        session_key: tuple[int, str],
+        session_key: tuple[bytes, str],
         hashes: bytes,
         to_load: list[bytes],
         total: int,
@@ -634,8 +677,7 @@ class KVService:
         self._jobs[job_id] = job
         self._clients[client_id].jobs.add(job_id)
         self._counters.prefetch_jobs += 1
-        assert self._task_group is not None, "open the KVService before serving"
-        self._task_group.start_soon(self._prefetch, job, hashes, to_load, total)
+        self._start(self._prefetch, job, hashes, to_load, total)
         return job_id
 
     async def _prefetch(self, job: _Job, hashes: bytes, to_load: list[bytes], total: int) -> None:
@@ -662,10 +704,10 @@ class KVService:
             self._counters.prefetched += 1
             session = self._sessions.get(job.session)
             if session is not None:
-                self._pin(session, slot, _SUFFIX.unpack_from(key, HASH_SIZE)[1])
+                self._pin(session, slot, _WORKER.unpack_from(key, HASH_SIZE + _NS_ID_SIZE)[0])
         matched = 0
         session = self._sessions.get(job.session)
-        ns = self._namespace_by_id(job.session[0])
+        ns = self._namespaces_by_id.get(job.session[0])
         if session is not None and ns is not None:
             for start in range(0, len(hashes), HASH_SIZE):
                 chunk_hash = hashes[start : start + HASH_SIZE]
@@ -679,9 +721,6 @@ class KVService:
         self._counters.hits += matched
         self._counters.misses += total - matched
         job.result = matched
-
-    def _namespace_by_id(self, ns_id: int) -> _Namespace | None:
-        return next((ns for ns in self._namespaces.values() if ns.id == ns_id), None)
 
     def query_prefetch_status(self, client_id: bytes, job_id: str) -> int | None:
         """``kv.query_prefetch_status``: None while running, then the count, exactly once."""
@@ -708,13 +747,13 @@ class KVService:
             return 0
         return self._end_session((ns.id, request_id))
 
-    def _open_session(self, client_id: bytes, key: tuple[int, str]) -> _Session:
+    def _open_session(self, client_id: bytes, key: tuple[bytes, str]) -> _Session:
         self._end_session(key)
         session = self._sessions[key] = _Session(client_id)
         self._clients[client_id].sessions.add(key)
         return session
 
-    def _end_session(self, key: tuple[int, str]) -> int:
+    def _end_session(self, key: tuple[bytes, str]) -> int:
         session = self._sessions.pop(key, None)
         if session is None:
             return 0
