@@ -143,8 +143,18 @@ def test_a_bad_url_fails_with_a_message_not_a_traceback() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_prints_a_ready_line_and_stops_cleanly_on_a_signal(sig: signal.Signals) -> None:
     child = subprocess.Popen(
-        [*KVRPC, "serve", "--url", "inproc://cli-serve", "--chunk-size", "128"]
-        + ["--cpu-buffer-size", "0.5", "--max-workers", "2"],
+        [
+            *KVRPC,
+            "serve",
+            "--url",
+            "inproc://cli-serve",
+            "--chunk-size",
+            "128",
+            "--cpu-buffer-size",
+            "0.5",
+            "--max-workers",
+            "2",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -145,7 +145,7 @@ def start_server(scheme: str, tmp_path: Path) -> Iterator[ServerFactory]:
     """Start ``kvrpc serve`` in a child process; returns its URL."""
     children: list[subprocess.Popen[str]] = []
 
-    def start(slots: int = 256, client_timeout: float = 2.0) -> str:
+    def start(slots: int = 256, client_timeout: float = 2.0, disk: bool = False) -> str:
         path = tmp_path / f"kv{len(children)}.sock"
         url = f"{scheme}://{path}"
         size_gib = repr(slots * CHUNK_BYTES / 2**30)
@@ -163,6 +163,7 @@ def start_server(scheme: str, tmp_path: Path) -> Iterator[ServerFactory]:
                 size_gib,
                 "--client-timeout",
                 str(client_timeout),
+                *(["--disk-dir", str(tmp_path / f"disk{len(children)}")] if disk else []),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -305,3 +306,20 @@ def test_a_killed_worker_releases_its_registration_and_its_ranks_pins(
     assert stats["clients_expired"] == 1
     # The server stays healthy for the others.
     assert _lookup(scheduler, "b", prompt) == 3 * CHUNK_SIZE
+
+
+def test_a_lookup_of_chunks_evicted_to_the_disk_tier_prefetches_them_and_they_retrieve_intact(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    url, workers, scheduler = stack(slots=8, disk=True)
+    first, second = _prompt(6, chunks=4), _prompt(7, chunks=4)
+    stored = workers.store("a", first, _blocks(0, 4))
+    workers.store("b", second, _blocks(20, 4))  # evicts the first prompt from memory
+    assert _stats(url)["evictions"] == 8
+
+    assert _lookup(scheduler, "c", first) == 4 * CHUNK_SIZE  # through a prefetch job
+    stats = _stats(url)
+    assert stats["prefetch_jobs"] == 1 and stats["prefetched"] == 8
+    assert stats["prefetch_jobs_open"] == 0, "the adapter took the job's result"
+    retrieved = workers.retrieve("c", first, _blocks(40, 4), 4 * CHUNK_SIZE)
+    assert [d for d, _ in retrieved] == [d for d, _ in stored]

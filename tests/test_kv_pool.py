@@ -195,6 +195,37 @@ def test_pins_are_counted_and_the_slot_stays_pinned_until_the_last_unpin() -> No
     assert evicted_by_filling(pool, 20, 1) == [key(11)]
 
 
+def test_pin_many_and_unpin_many_match_pin_and_unpin_one_by_one() -> None:
+    one_by_one, batched = ChunkPool(6 * SLOT, SLOT), ChunkPool(6 * SLOT, SLOT)
+    for pool in (one_by_one, batched):
+        stored(pool, 0, 1, 2, 3, 4, 5)
+    picks = [4, 1, 4, 0]  # a slot twice: two pins
+    for slot in picks:
+        one_by_one.pin(slot)
+    batched.pin_many(picks)
+    assert [batched.pins(s) for s in range(6)] == [one_by_one.pins(s) for s in range(6)]
+    assert batched.pinned_slots == one_by_one.pinned_slots == 3
+    for slot in [0, 4, 1, 4]:
+        one_by_one.unpin(slot)
+    batched.unpin_many([0, 4, 1, 4])
+    assert batched.pinned_slots == 0
+    # The same LRU order afterwards: the same keys are evicted, in the same order.
+    assert evicted_by_filling(batched, 10, 6) == evicted_by_filling(one_by_one, 10, 6)
+
+
+def test_pin_many_refuses_a_slot_that_is_not_ready_and_unpin_many_one_not_pinned() -> None:
+    pool = ChunkPool(4 * SLOT, SLOT)
+    (ready,) = stored(pool, 0)
+    filling = pool.reserve(key(1))
+    assert isinstance(filling, int)
+    with pytest.raises(ValueError, match="filling"):
+        pool.pin_many([ready, filling])
+    with pytest.raises(ValueError, match="not in range"):
+        pool.pin_many([-1])
+    with pytest.raises(ValueError, match="not pinned"):
+        pool.unpin_many([ready, ready])
+
+
 def test_touch_of_a_pinned_slot_keeps_it_out_of_the_lru() -> None:
     pool = ChunkPool(2 * SLOT, SLOT)
     slots = stored(pool, 0, 1)

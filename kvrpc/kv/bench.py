@@ -70,7 +70,8 @@ _BLOCK_SIZE = 16
 _CHUNK_SIZE = 256
 _PROMPT_CHUNKS = 128  # a 32k-token prompt
 _LOOKUP_WORLD_SIZE = 2
-# Goals, as ratios: lookup p50 / ping p50 at most; store and retrieve GB/s / memcpy at least.
+# Goals: lookup p50 / ping p50 at most; store and retrieve GB/s / memcpy GB/s at least;
+# server bytes per stored chunk, beyond the pool's pages, at most.
 _LOOKUP_GOAL = 2.0
 _TRANSFER_GOAL = 0.5
 _METADATA_GOAL = 200.0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import weakref
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -378,6 +378,44 @@ class ChunkPool:
         if pins == 1:
             self._pinned -= 1
             self._link_mru(slot)
+
+    def pin_many(self, slots: Sequence[int]) -> None:
+        """:meth:`pin` for each slot in turn: the same checks, without a call per slot.
+
+        A scheduler's lookup pins every matched chunk of every rank (hundreds); this is its
+        hot path. On a bad slot it raises with the slots before it pinned.
+        """
+        num_slots, state, pins = self._num_slots, self._state, self._pins
+        prev, nxt = self._prev, self._next
+        for slot in slots:
+            if not 0 <= slot < num_slots or state[slot] != _READY:
+                self._check_state(slot, _READY, "pin_many")
+            count = pins[slot]
+            if count == 0:
+                before, after = prev[slot], nxt[slot]
+                nxt[before] = after
+                prev[after] = before
+                self._pinned += 1
+            pins[slot] = count + 1
+
+    def unpin_many(self, slots: Iterable[int]) -> None:
+        """:meth:`unpin` for each slot in turn; raises on a slot with no pin."""
+        num_slots, pins = self._num_slots, self._pins
+        prev, nxt = self._prev, self._next
+        for slot in slots:
+            if not 0 <= slot < num_slots:
+                self._check_slot(slot)
+            count = pins[slot]
+            if count <= 0:
+                raise ValueError(f"ChunkPool.unpin_many: slot {slot} is not pinned")
+            pins[slot] = count - 1
+            if count == 1:
+                self._pinned -= 1
+                last = prev[num_slots]  # link as the most recently used, before the sentinel
+                prev[slot] = last
+                nxt[slot] = num_slots
+                nxt[last] = slot
+                prev[num_slots] = slot
 
     def pins(self, slot: int) -> int:
         """The pin count of ``slot`` (0 for free and filling slots)."""

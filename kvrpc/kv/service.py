@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
+import itertools
 import logging
+import os
 import secrets
 import struct
 import time
@@ -86,6 +89,7 @@ class _Session:
 
     owner: bytes
     pins: dict[int, int] = field(default_factory=dict)
+    jobs: set[str] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -150,6 +154,7 @@ class KVService:
         self.client_timeout = client_timeout
         self.lower_tier = lower_tier
         self.pool: ChunkPool | None = None
+        self._copy_workers = copy_workers
         self._copier = concurrent.futures.ThreadPoolExecutor(copy_workers, "kvrpc-kv-copy")
         self._namespaces: dict[tuple[str, int], _Namespace] = {}
         self._namespaces_by_id: dict[bytes, _Namespace] = {}
@@ -166,6 +171,8 @@ class KVService:
             deque()
         )
         self._start_ready = asyncio.Event()
+        self._saving = 0  # write-through saves in flight, each holding a pin on its slot
+        self._save_finished = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -393,7 +400,10 @@ class KVService:
         )
         if not still_there:
             # Nobody can retrieve this rank's chunks now: the sessions' pins on them go.
-            for session in self._sessions.values():
+            ns_id = instance.namespace.id
+            for (session_ns, _), session in self._sessions.items():
+                if session_ns != ns_id:
+                    continue
                 for slot, worker in list(session.pins.items()):
                     if worker == instance.worker_id:
                         self._release_pin(session, slot)
@@ -478,6 +488,12 @@ class KVService:
             if results[i] is not None:
                 continue
             slot = pool.reserve(key)
+            while slot is Reserve.FULL and self._saving:
+                # Slots pinned only while the disk tier copies them free up soon: the tier's
+                # write speed throttles stores instead of refusing them.
+                self._save_finished.clear()
+                await self._save_finished.wait()
+                slot = pool.reserve(key)
             if slot is Reserve.EXISTS or slot is Reserve.FILLING:
                 counters.store_duplicates += 1
                 results[i] = "already stored" if slot is Reserve.EXISTS else "being stored"
@@ -491,11 +507,11 @@ class KVService:
             return results
         outs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in reserved]
         if instance.mode == "inline":
-            work: Callable[[], None] = _copy_into(outs, [chunks[i] for i, _ in reserved])
+            works = [_copy_into(outs, [chunks[i] for i, _ in reserved])]
         else:
             rows = block_ids[[i for i, _ in reserved]]
-            work = _bound(gather_chunks, list(instance.layers), instance.layout, rows, outs)
-        error = await self._copy(work, on_late_finish=lambda: _abort(pool, reserved))
+            works = self._by_layers(gather_chunks, instance, rows, outs)
+        error = await self._copy(works, on_late_finish=lambda: _abort(pool, reserved))
         for i, slot in reserved:
             if error is None:
                 pool.commit(slot)
@@ -539,13 +555,13 @@ class KVService:
         srcs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in found]
         copies: list[torch.Tensor] = []
         if not found:
-            work: Callable[[], None] = _nothing
+            works: list[Callable[[], None]] = []
         elif instance.mode == "inline":
-            work = _bound(_clone_into, srcs, copies)
+            works = [_bound(_clone_into, srcs, copies)]
         else:
             rows = block_ids[[i for i, _ in found]]
-            work = _bound(scatter_chunks, list(instance.layers), instance.layout, rows, srcs)
-        error = await self._copy(work, on_late_finish=lambda: _unpin(pool, found))
+            works = self._by_layers(scatter_chunks, instance, rows, srcs)
+        error = await self._copy(works, on_late_finish=lambda: _unpin(pool, found))
         ns_id = instance.namespace.id
         for i, slot in found:
             pool.unpin(slot)
@@ -567,24 +583,63 @@ class KVService:
         return RetrieveReply(errors=results, chunks=chunks)
 
     async def _copy(
-        self, work: Callable[[], None], *, on_late_finish: Callable[[], None]
+        self, works: list[Callable[[], None]], *, on_late_finish: Callable[[], None]
     ) -> str | None:
-        """Run ``work`` in the copy executor; None when it succeeded, else the error text.
+        """Run ``works`` in the copy executor at once; None if all succeeded, else an error.
 
-        If the handler is cancelled (server shutdown), the copy cannot be stopped: the slots
-        it uses are released by ``on_late_finish`` only once it has finished.
+        Waits for every part even after one fails, since the others write the same slots.
+        If the handler is cancelled (server shutdown), running copies cannot be stopped: the
+        slots they use are released by ``on_late_finish`` once the last one has finished.
         """
-        future = self._copier.submit(work)
+        futures = [self._copier.submit(work) for work in works]
         try:
-            await asyncio.wrap_future(future)
+            outcomes = await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in futures), return_exceptions=True
+            )
         except asyncio.CancelledError:
             loop = asyncio.get_running_loop()
-            future.add_done_callback(lambda _: loop.call_soon_threadsafe(on_late_finish))
+            left = [len(futures)]
+
+            def one_finished(_: object) -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    loop.call_soon_threadsafe(on_late_finish)
+
+            for future in futures:
+                future.add_done_callback(one_finished)
             raise
-        except Exception as exc:
-            logger.exception("a KV copy failed")
-            return f"{type(exc).__name__}: {exc}"
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                logger.error("a KV copy failed", exc_info=outcome)
+                return f"{type(outcome).__name__}: {outcome}"
         return None
+
+    def _by_layers(
+        self,
+        fn: Callable[..., None],
+        instance: _Instance,
+        rows: torch.Tensor,
+        slots: list[torch.Tensor],
+    ) -> list[Callable[[], None]]:
+        """``fn`` over the batch, split into layer ranges that copy threads run side by side.
+
+        Bytes ``[a * L, b * L)`` of a slot (``L`` = one layer's part) are a whole slot for
+        ``layers[a:b]``, so the parts never touch the same bytes.
+        """
+        layout, layers = instance.layout, list(instance.layers)
+        per_layer = layout.layer_chunk_nbytes(instance.blocks_per_chunk)
+        parts = max(1, min(self._copy_workers, os.cpu_count() or 1, layout.num_layers))
+        bounds = [layout.num_layers * i // parts for i in range(parts + 1)]
+        return [
+            _bound(
+                fn,
+                layers[a:b],
+                dataclasses.replace(layout, num_layers=b - a),
+                rows,
+                [slot[a * per_layer : b * per_layer] for slot in slots],
+            )
+            for a, b in itertools.pairwise(bounds)
+        ]
 
     async def _in_copier(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -595,14 +650,16 @@ class KVService:
         if tier is None or pool is None or self._task_group is None or tier.contains(key):
             return
         pool.pin(slot)
+        self._saving += 1
 
         async def save() -> None:
             try:
                 assert tier is not None and pool is not None
                 await tier.save(key, pool.slot_view(slot))
             finally:
-                if self.pool is pool:
-                    pool.unpin(slot)
+                pool.unpin(slot)
+                self._saving -= 1
+                self._save_finished.set()
 
         self._start(save)
 
@@ -635,28 +692,27 @@ class KVService:
         tier = self.lower_tier
         hashes = keys.hashes
         suffixes = ns.suffixes
+        # The hot loop of a scheduler's lookup (chunks x ranks): bound methods, no helpers.
+        find, pins = pool.lookup, session.pins
+        to_pin: list[int] = []
         to_load: list[bytes] = []
         matched = 0
         for start in range(0, n * HASH_SIZE, HASH_SIZE):
             chunk_hash = hashes[start : start + HASH_SIZE]
-            slots: list[tuple[int, int]] = []
-            missing: list[bytes] = []
-            for worker, suffix in enumerate(suffixes):
-                key = chunk_hash + suffix
-                slot = pool.lookup(key)
-                if slot is not None:
-                    slots.append((slot, worker))
-                elif tier is not None and tier.contains(key):
-                    missing.append(key)
-                else:
+            found = [find(chunk_hash + suffix) for suffix in suffixes]
+            if None in found:
+                if tier is None:
                     break
-            else:
-                for slot, worker in slots:
-                    self._pin(session, slot, worker)
+                missing = [chunk_hash + suffixes[w] for w, slot in enumerate(found) if slot is None]
+                if not all(tier.contains(key) for key in missing):
+                    break
                 to_load.extend(missing)
-                matched += 1
-                continue
-            break
+            for worker, slot in enumerate(found):
+                if slot is not None and slot not in pins:
+                    pins[slot] = worker
+                    to_pin.append(slot)
+            matched += 1
+        pool.pin_many(to_pin)
         if not to_load:
             counters.hits += matched
             counters.misses += n - matched
@@ -676,6 +732,7 @@ class KVService:
         job = _Job(client_id, session_key)
         self._jobs[job_id] = job
         self._clients[client_id].jobs.add(job_id)
+        self._sessions[session_key].jobs.add(job_id)
         self._counters.prefetch_jobs += 1
         self._start(self._prefetch, job, hashes, to_load, total)
         return job_id
@@ -760,17 +817,25 @@ class KVService:
         owner = self._clients.get(session.owner)
         if owner is not None:
             owner.sessions.discard(key)
-        released = len(session.pins)
-        for slot in list(session.pins):
-            self._release_pin(session, slot)
+        for job_id in session.jobs:  # nobody may ask for them once the request is over
+            job = self._jobs.pop(job_id, None)
+            job_owner = self._clients.get(job.owner) if job is not None else None
+            if job_owner is not None:
+                job_owner.jobs.discard(job_id)
+        pins = session.pins
+        released = len(pins)
+        if self.pool is not None:
+            self.pool.unpin_many(pins)
+        pins.clear()
         return released
 
     def _pin(self, session: _Session, slot: int, worker: int) -> None:
+        # No touch: a pinned slot is out of the LRU order, and its last unpin makes it the
+        # most recently used.
         assert self.pool is not None
         if slot not in session.pins:
             self.pool.pin(slot)
             session.pins[slot] = worker
-        self.pool.touch(slot)
 
     def _release_pin(self, session: _Session, slot: int) -> None:
         if session.pins.pop(slot, None) is not None and self.pool is not None:
@@ -878,10 +943,6 @@ def _copy_into(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[
 def _clone_into(srcs: list[torch.Tensor], copies: list[torch.Tensor]) -> None:
     # The reply must not alias pool memory: the slot is reused once it is unpinned.
     copies.extend(src.clone() for src in srcs)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _abort(pool: ChunkPool, reserved: list[tuple[int, int]]) -> None:
