@@ -99,6 +99,8 @@ class _Job:
     owner: bytes
     session: tuple[bytes, str]
     result: int | None = None
+    #: Set when the job's request ended or its client left: it must then pin nothing.
+    dropped: bool = False
 
 
 @dataclass(eq=False)
@@ -270,7 +272,9 @@ class KVService:
         for session_key in list(client.sessions):
             self._end_session(session_key)
         for job_id in client.jobs:
-            self._jobs.pop(job_id, None)
+            job = self._jobs.pop(job_id, None)
+            if job is not None:
+                job.dropped = True
         for instance_id in list(client.instances):
             self._forget_instance(instance_id)
 
@@ -759,11 +763,11 @@ class KVService:
                 continue
             pool.commit(slot)
             self._counters.prefetched += 1
-            session = self._sessions.get(job.session)
+            session = None if job.dropped else self._sessions.get(job.session)
             if session is not None:
                 self._pin(session, slot, _WORKER.unpack_from(key, HASH_SIZE + _NS_ID_SIZE)[0])
         matched = 0
-        session = self._sessions.get(job.session)
+        session = None if job.dropped else self._sessions.get(job.session)
         ns = self._namespaces_by_id.get(job.session[0])
         if session is not None and ns is not None:
             for start in range(0, len(hashes), HASH_SIZE):
@@ -819,7 +823,10 @@ class KVService:
             owner.sessions.discard(key)
         for job_id in session.jobs:  # nobody may ask for them once the request is over
             job = self._jobs.pop(job_id, None)
-            job_owner = self._clients.get(job.owner) if job is not None else None
+            if job is None:
+                continue
+            job.dropped = True
+            job_owner = self._clients.get(job.owner)
             if job_owner is not None:
                 job_owner.jobs.discard(job_id)
         pins = session.pins

@@ -1,0 +1,59 @@
+"""``kvrpc bench kv --quick``: every figure is taken, against real servers, and written out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path: Path) -> None:
+    out = tmp_path / "kv.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "kvrpc", "bench", "kv", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[bench kv]" in done.stderr  # progress shows while it runs
+    assert "lookup_to_ping_p50_ratio" in done.stdout  # and the table on stdout
+    figures = json.loads(out.read_text())
+
+    # Lookup: the whole 32k-token prompt is a hit on both ranks, pinned and then released.
+    assert figures["lookup_prompt_tokens"] == 32768
+    assert figures["lookup_chunks_matched"] == 128
+    assert figures["lookup_pins_taken"] == figures["lookup_pins_released"] == 256
+    for name in ("ping", "lookup", "lookup_raw", "hashing", "end_session_raw"):
+        assert 0 < figures[f"{name}_p50_us"] <= figures[f"{name}_p99_us"], name
+    assert figures["lookup_to_ping_p50_ratio"] > 0
+
+    # Transfer: the retrieved blocks were checked byte for byte; every rate is a real rate.
+    assert figures["retrieve_verified"] is True
+    # --quick: 2 layers, chunks of 256 tokens x 2 heads x 64 dims, K and V, float16.
+    assert figures["transfer_bytes"] == figures["transfer_chunks"] * 2 * 256 * 2 * 64 * 2 * 2
+    for name in ("store", "retrieve", "memcpy"):
+        assert figures[f"{name}_gb_per_s"] > 0, name
+    assert figures["store_to_memcpy_ratio"] > 0
+    assert figures["retrieve_to_memcpy_ratio"] > 0
+
+    # Memory: every tiny chunk was stored, and the server grew while holding them.
+    assert figures["tiny_chunks"] == 16384
+    assert figures["tiny_pool_bytes_touched"] == 16384 * figures["tiny_chunk_bytes"]
+    assert figures["tiny_rss_after_bytes"] > figures["tiny_rss_start_bytes"] > 0
+    assert isinstance(figures["tiny_metadata_bytes_per_chunk"], float)
+
+    for goal in ("lookup_goal", "transfer_goal", "memory_goal"):
+        assert figures[goal].startswith(("met", "MISSED")), goal
+
+
+def test_kv_bench_refuses_an_inproc_url_it_cannot_serve_from_a_child_process() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvrpc", "bench", "kv", "--quick", "--url", "inproc://kv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "inproc://" in done.stderr
