@@ -246,7 +246,7 @@ class KVLayout:
     @property
     def block_nbytes(self) -> int:
         """Bytes of one block in one layer (K and V together where the layout has both)."""
-        return math.prod(self.shape) // self.num_blocks * self.torch_dtype.itemsize
+        return int(math.prod(self.shape) // self.num_blocks * self.torch_dtype.itemsize)
 
     def chunk_shape(self, blocks_per_chunk: int) -> tuple[int, ...]:
         """The shape of one layer's part of a slot: the layer shape with bpc blocks."""

@@ -168,7 +168,7 @@ class SharedTensorRef:
     @property
     def nbytes(self) -> int:
         """How many bytes the tensor takes."""
-        return math.prod(self.shape) * dtype_from_name(self.dtype).itemsize
+        return int(math.prod(self.shape) * dtype_from_name(self.dtype).itemsize)
 
     def to_wire(self) -> dict[str, Any]:
         """The ref as a dict of plain msgpack-able values, for :meth:`from_wire`."""
