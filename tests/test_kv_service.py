@@ -1379,3 +1379,41 @@ async def test_lookups_during_a_store_see_none_or_all_of_its_chunks_never_more(
         assert raw.register(0, layers).round_trips(hashes, stored_at=0, into=chunks * BPC)
     finally:
         raw.close()
+
+
+def test_a_restarted_server_finds_its_disk_chunks_only_for_the_same_model_and_layout(
+    start_server: Callable[..., KVServer],
+    kv_cache: Callable[..., list[torch.Tensor]],
+    opened: Keep,
+    tmp_path: Path,
+) -> None:
+    hashes = chunk_hashes(2, 90)
+    first = start_server(slots=4, disk_dir=tmp_path)
+    raw = RawClient(first.url, world_size=1)
+    original = kv_cache()
+    assert raw.register(0, original).store(hashes, 0) == [None, None]
+    first.wait_stats("written to disk", tier_saves=2, pinned_chunks=0)
+    raw.close()
+    first.stop()
+
+    # Same bytes per chunk, another dtype: the old files must not be served as this layout.
+    retyped = start_server(slots=4, disk_dir=tmp_path)
+    raw = opened(RawClient(retyped.url, world_size=1))
+    bf16 = [t.view(torch.bfloat16) for t in kv_cache()]
+    raw.register(0, bf16)
+    assert raw.lookup("r", hashes) == 0
+    raw.close()
+    retyped.stop()
+
+    same = start_server(slots=4, disk_dir=tmp_path)
+    raw = opened(RawClient(same.url, world_size=1))
+    worker = raw.register(0, kv_cache())
+    job = raw.lookup("r", hashes)
+    assert isinstance(job, str)
+    assert wait_until(lambda: raw.query(job), lambda got: got is not None, "the job") == 2
+    assert worker.retrieve("r", hashes, 20) == [None, None]
+    ids_then, ids_now = torch.tensor(blocks(0, 2)), torch.tensor(blocks(20, 2))
+    assert all(
+        torch.equal(old[:, ids_then], new[:, ids_now])
+        for old, new in zip(original, worker.layers, strict=True)
+    )

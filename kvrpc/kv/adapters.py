@@ -5,7 +5,7 @@ calls them from plain threads and never waits on the network unless it asks to: 
 return at once, results are polled (``check_lookup_result``, ``get_finished``).
 
 Each adapter makes a random ``client_id`` that names what it owns on the server (registered
-KV caches, lookup pins, prefetch jobs) and sends ``kv.keepalive`` from a small thread while
+KV caches, lookup pins, prefetch jobs) and sends ``kv.keepalive`` from a small thread
 every couple of seconds, so the server releases all of it if the process dies; closing an
 adapter releases it at once (``kv.goodbye``).
 """
@@ -462,8 +462,10 @@ class WorkerAdapter:
     ) -> None:
         """Store several requests' chunks in one message.
 
-        Bad input (block ids out of range, too few block ids) raises here, before anything is
-        counted as in flight, so such a request is reported finished at once.
+        Bad input (too few block ids; in the inline mode also block ids out of range, which
+        this process copies itself) raises here, before anything is counted as in flight, so
+        such a request is reported finished at once. In the shm mode the server refuses an
+        out-of-range key with a reason and stores the others.
         """
         keys, rows, owners = self._plan(request_ids, ops)
         chunks: list[torch.Tensor] = []

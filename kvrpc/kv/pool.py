@@ -19,7 +19,7 @@ thread; the executor threads only touch the bytes of :meth:`~ChunkPool.slot_view
 Memory: the only Python object per stored chunk is its key. Everything else lives in flat
 arrays allocated once, at construction: slot -> key (a list), the LRU links, pin counts, states,
 the free stack, and key -> slot as an open-addressing hash table of slot numbers. That is about
-120 bytes of metadata per chunk with 36-byte keys (the key object is about 70 of them), the same
+120 bytes of metadata per chunk with 42-byte keys (the key object takes 80 of them), the same
 at every pool size; a dict from key to slot would add a boxed int and a dict entry per chunk and
 reach 205 bytes at some sizes. Every operation except :meth:`~ChunkPool.clear` and
 :meth:`~ChunkPool.keys` is O(1) (expected, for the hash table, which is at most half full).

@@ -63,6 +63,7 @@ class _Namespace:
     world_size: int
     layout: KVLayout | None = None
     block_size: int = 0
+    chunk_nbytes: int = 0
     suffixes: list[bytes] = field(default_factory=list)
 
 
@@ -288,14 +289,21 @@ class KVService:
 
     # ------------------------------------------------------------------ registration
 
-    def _namespace(self, model_name: str, world_size: int, *, create: bool) -> _Namespace | None:
-        ns = self._namespaces.get((model_name, world_size))
-        if ns is None and create:
-            digest = hashlib.sha256(f"{world_size}:{model_name}".encode()).digest()
-            ns = _Namespace(digest[:_NS_ID_SIZE], model_name, world_size)
-            ns.suffixes = [ns.id + _WORKER.pack(worker) for worker in range(world_size)]
-            self._namespaces[(model_name, world_size)] = ns
-            self._namespaces_by_id[ns.id] = ns
+    def _namespace(self, model_name: str, world_size: int) -> _Namespace | None:
+        return self._namespaces.get((model_name, world_size))
+
+    def _create_namespace(
+        self, spec: KVCacheRegistration, layout: KVLayout, chunk_nbytes: int
+    ) -> _Namespace:
+        # The layout is part of the id: a disk tier's files of this model written with
+        # another layout (a dtype change, say) must not be found after a restart.
+        described = f"{spec.world_size}:{spec.block_size}:{layout.to_wire()}:{spec.model_name}"
+        ns_id = hashlib.sha256(described.encode()).digest()[:_NS_ID_SIZE]
+        ns = _Namespace(ns_id, spec.model_name, spec.world_size, layout, spec.block_size)
+        ns.chunk_nbytes = chunk_nbytes
+        ns.suffixes = [ns_id + _WORKER.pack(worker) for worker in range(spec.world_size)]
+        self._namespaces[(spec.model_name, spec.world_size)] = ns
+        self._namespaces_by_id[ns_id] = ns
         return ns
 
     async def register_kv_cache(self, client_id: bytes, spec: KVCacheRegistration) -> int:
@@ -334,10 +342,9 @@ class KVService:
             for mapping in mappings:
                 mapping.close()
             raise
-        ns = self._namespace(spec.model_name, spec.world_size, create=True)
-        assert ns is not None
-        if ns.layout is None:
-            ns.layout, ns.block_size = layout, spec.block_size
+        ns = self._namespace(spec.model_name, spec.world_size)
+        if ns is None:
+            ns = self._create_namespace(spec, layout, chunk_nbytes)
         instance_id = secrets.randbits(62)
         while instance_id in self._instances:
             instance_id = secrets.randbits(62)
@@ -526,7 +533,7 @@ class KVService:
             counters.stores += len(reserved)
             if self.lower_tier is not None:
                 for i, slot in reserved:
-                    self._write_through(key_bytes[i], slot)
+                    self._write_through(key_bytes[i], slot, instance.chunk_nbytes)
         return results
 
     async def retrieve(
@@ -649,7 +656,7 @@ class KVService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._copier, _bound_result(fn, *args))
 
-    def _write_through(self, key: bytes, slot: int) -> None:
+    def _write_through(self, key: bytes, slot: int, nbytes: int) -> None:
         tier, pool = self.lower_tier, self.pool
         if tier is None or pool is None or self._task_group is None or tier.contains(key):
             return
@@ -659,7 +666,7 @@ class KVService:
         async def save() -> None:
             try:
                 assert tier is not None and pool is not None
-                await tier.save(key, pool.slot_view(slot))
+                await tier.save(key, pool.slot_view(slot)[:nbytes])
             finally:
                 pool.unpin(slot)
                 self._saving -= 1
@@ -686,7 +693,7 @@ class KVService:
         counters = self._counters
         counters.lookups += 1
         n = len(keys)
-        ns = self._namespace(keys.model_name, keys.world_size, create=False)
+        ns = self._namespace(keys.model_name, keys.world_size)
         pool = self.pool
         if ns is None or pool is None:
             counters.misses += n
@@ -748,13 +755,16 @@ class KVService:
         cannot evict it.
         """
         tier, pool = self.lower_tier, self.pool
-        assert tier is not None and pool is not None
+        ns = self._namespaces_by_id.get(job.session[0])
+        assert tier is not None and pool is not None and ns is not None
         for key in to_load:
+            if job.dropped:  # the request is over: load nothing more for it
+                break
             slot = pool.reserve(key)
             if not isinstance(slot, int):  # present after all, or no room: counted below
                 continue
             try:
-                ok = await tier.load(key, pool.slot_view(slot))
+                ok = await tier.load(key, pool.slot_view(slot)[: ns.chunk_nbytes])
             except Exception:
                 logger.exception("prefetch of a chunk from the lower tier failed")
                 ok = False
@@ -768,8 +778,7 @@ class KVService:
                 self._pin(session, slot, _WORKER.unpack_from(key, HASH_SIZE + _NS_ID_SIZE)[0])
         matched = 0
         session = None if job.dropped else self._sessions.get(job.session)
-        ns = self._namespaces_by_id.get(job.session[0])
-        if session is not None and ns is not None:
+        if session is not None:
             for start in range(0, len(hashes), HASH_SIZE):
                 chunk_hash = hashes[start : start + HASH_SIZE]
                 found = [pool.lookup(chunk_hash + suffix) for suffix in ns.suffixes]
@@ -803,7 +812,7 @@ class KVService:
     ) -> int:
         """``kv.end_session``: release the request's pins; returns how many were released."""
         self._client(client_id)
-        ns = self._namespace(model_name, world_size, create=False)
+        ns = self._namespace(model_name, world_size)
         if ns is None:
             return 0
         return self._end_session((ns.id, request_id))
