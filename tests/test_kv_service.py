@@ -1414,6 +1414,6 @@ def test_a_restarted_server_finds_its_disk_chunks_only_for_the_same_model_and_la
     assert worker.retrieve("r", hashes, 20) == [None, None]
     ids_then, ids_now = torch.tensor(blocks(0, 2)), torch.tensor(blocks(20, 2))
     assert all(
-        torch.equal(old[:, ids_then], new[:, ids_now])
-        for old, new in zip(original, worker.layers, strict=True)
+        torch.equal(old.view(torch.int16)[:, ids_then], new.view(torch.int16)[:, ids_now])
+        for old, new in zip(original, worker.layers, strict=True)  # bits: random fp16 has NaNs
     )
