@@ -74,11 +74,12 @@ class LoadStoreOp:
 
 
 class _ServerLink:
-    """A SyncClient to a KV server, the adapter's client id, and its keepalive thread."""
+    """A SyncClient to a KV server, its chunk geometry, the client id and keepalive thread."""
 
     def __init__(
         self,
         url: str,
+        block_size: int,
         *,
         timeout: float,
         connect_timeout: float,
@@ -109,6 +110,11 @@ class _ServerLink:
             raise KVError(
                 f"the server at {url} is a kvrpc server without the kv.* protocols; {hint}"
             ) from exc
+        try:  # a chunk size the engine's blocks do not divide is an error at start-up
+            self.blocks_per_chunk = blocks_per_chunk(self.chunk_size, block_size)
+        except KVConfigError:
+            self.client.close()
+            raise
         self.client_id = secrets.token_bytes(16)
         self._untracked: set[MessagingFuture[Any]] = set()
         self._untracked_lock = threading.Lock()
@@ -206,16 +212,13 @@ class SchedulerAdapter:
         self.block_size = block_size
         self._link = _ServerLink(
             server_url,
+            block_size,
             timeout=timeout,
             connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval,
         )
         self.chunk_size = self._link.chunk_size
-        try:
-            self._blocks_per_chunk = blocks_per_chunk(self.chunk_size, block_size)
-        except KVConfigError:
-            self._link.close()
-            raise
+        self._blocks_per_chunk = self._link.blocks_per_chunk
         self._lookups: dict[str, _Lookup] = {}
 
     def num_blocks_per_chunk(self) -> int:
@@ -375,16 +378,13 @@ class WorkerAdapter:
         self.transfer_mode = transfer_mode
         self._link = _ServerLink(
             server_url,
+            block_size,
             timeout=timeout,
             connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval,
         )
         self.chunk_size = self._link.chunk_size
-        try:
-            self._blocks_per_chunk = blocks_per_chunk(self.chunk_size, block_size)
-        except KVConfigError:
-            self._link.close()
-            raise
+        self._blocks_per_chunk = self._link.blocks_per_chunk
         self._lock = threading.Lock()
         self._layers: list[torch.Tensor] = []
         self._layout: KVLayout | None = None
