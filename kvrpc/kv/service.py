@@ -532,8 +532,8 @@ class KVService:
         if error is None:
             counters.stores += len(reserved)
             if self.lower_tier is not None:
-                for i, slot in reserved:
-                    self._write_through(key_bytes[i], slot, instance.chunk_nbytes)
+                stored = [(key_bytes[i], slot) for i, slot in reserved]
+                self._write_through(stored, instance.chunk_nbytes)
         return results
 
     async def retrieve(
@@ -656,20 +656,30 @@ class KVService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._copier, _bound_result(fn, *args))
 
-    def _write_through(self, key: bytes, slot: int, nbytes: int) -> None:
+    def _write_through(self, stored: list[tuple[bytes, int]], nbytes: int) -> None:
+        """Copy a store's chunks ``(key, slot)`` to the lower tier, in the background.
+
+        The slots stay pinned while the tier reads them and are unpinned together, in the
+        order they were stored, so the LRU order does not depend on which write ends first.
+        """
         tier, pool = self.lower_tier, self.pool
-        if tier is None or pool is None or self._task_group is None or tier.contains(key):
+        if tier is None or pool is None or self._task_group is None:
             return
-        pool.pin(slot)
-        self._saving += 1
+        todo = [(key, slot) for key, slot in stored if not tier.contains(key)]
+        if not todo:
+            return
+        slots = [slot for _, slot in todo]
+        pool.pin_many(slots)
+        self._saving += len(todo)
 
         async def save() -> None:
             try:
                 assert tier is not None and pool is not None
-                await tier.save(key, pool.slot_view(slot)[:nbytes])
+                views = [(key, pool.slot_view(slot)[:nbytes]) for key, slot in todo]
+                await asyncio.gather(*(tier.save(key, view) for key, view in views))
             finally:
-                pool.unpin(slot)
-                self._saving -= 1
+                pool.unpin_many(slots)
+                self._saving -= len(todo)
                 self._save_finished.set()
 
         self._start(save)
