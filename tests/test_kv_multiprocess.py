@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from kvrpc.client import SyncClient
+from kvrpc.errors import KVError
 from kvrpc.kv import PollingSchedulerAdapter, kv_registry
 from kvrpc.kv import protocols as kv
 
 WORLD_SIZE = 2
 BLOCK_SIZE = 4
 CHUNK_SIZE = 8  # two blocks per chunk
-NUM_BLOCKS = 64
+NUM_BLOCKS = 128
 LAYER_SHAPE = (2, NUM_BLOCKS, BLOCK_SIZE, 2, 8)
 LAYERS = 3
 CHUNK_BYTES = (
@@ -322,4 +323,51 @@ def test_a_lookup_of_chunks_evicted_to_the_disk_tier_prefetches_them_and_they_re
     assert stats["prefetch_jobs"] == 1 and stats["prefetched"] == 8
     assert stats["prefetch_jobs_open"] == 0, "the adapter took the job's result"
     retrieved = workers.retrieve("c", first, _blocks(40, 4), 4 * CHUNK_SIZE)
+    assert [d for d, _ in retrieved] == [d for d, _ in stored]
+
+
+def test_a_polling_lookup_that_times_out_answers_zero_and_leaves_nothing_on_the_server(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, workers, scheduler = stack()
+    prompt = _prompt(8, chunks=4)
+    workers.store("a", prompt, _blocks(0, 4))
+    scheduler.lookup_timeout = 1e-6  # no reply can cross a socket in time
+
+    with caplog.at_level("WARNING", logger="kvrpc.kv"):
+        assert _lookup(scheduler, "late", prompt) == 0
+    assert "computing it instead" in caplog.text
+    with pytest.raises(KVError, match="no lookup was submitted"):
+        scheduler.check_lookup_result("late")  # its state went with the timeout
+
+    # The late lookup still pinned chunks on the server; the end_session the timeout sent
+    # releases them once it arrives (it follows the lookup on the same connection).
+    def released() -> bool:
+        stats = _stats(url)
+        return (stats["sessions"], stats["pinned_chunks"]) == (0, 0)
+
+    assert _wait_for(released, 5)
+
+
+def test_lookups_during_a_store_of_the_same_chunks_only_ever_see_whole_stored_chunks(
+    stack: Callable[..., tuple[str, Workers, PollingSchedulerAdapter]],
+) -> None:
+    _, workers, scheduler = stack()
+    chunks = 24
+    prompt = _prompt(9, chunks=chunks)
+    for pipe in workers.pipes:  # both ranks start storing; the scheduler looks up meanwhile
+        pipe.send(("store", "s", prompt, _blocks(0, chunks), 0))
+    answers = []
+    while not all(pipe.poll() for pipe in workers.pipes):
+        answers.append(_lookup(scheduler, f"r{len(answers)}", prompt))
+        scheduler.end_session(f"r{len(answers) - 1}")
+    stored = [workers._answer(pipe) for pipe in workers.pipes]
+    final = _lookup(scheduler, "final", prompt)
+
+    assert answers, "the store finished before a single lookup"
+    assert all(0 <= a <= chunks * CHUNK_SIZE and a % CHUNK_SIZE == 0 for a in answers)
+    assert answers == sorted(answers), "a chunk seen stored never disappears again"
+    assert final == chunks * CHUNK_SIZE
+    retrieved = workers.retrieve("final", prompt, _blocks(60, chunks), final)
     assert [d for d, _ in retrieved] == [d for d, _ in stored]

@@ -182,13 +182,22 @@ def start_kv_server(
     )
 
 
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., KVServer]]:
-    """Start KV servers with given settings; all are stopped after the test."""
+@pytest.fixture(params=["inproc", "unix", "zmq+ipc"])
+def start_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., KVServer]]:
+    """Start KV servers with given settings; all are stopped after the test.
+
+    Every test runs over each transport: over a socket the server takes requests straight
+    from the transport's read callback, outside any task, which inproc does not show.
+    """
     servers: list[KVServer] = []
+    sockets = tmp_path_factory.mktemp("sockets")
 
     def start(**settings: Any) -> KVServer:
-        running = start_kv_server(f"inproc://kv-service-{next(_names)}", **settings)
+        name = f"kv-service-{next(_names)}"
+        where = name if request.param == "inproc" else f"{sockets}/{name}.sock"
+        running = start_kv_server(f"{request.param}://{where}", **settings)
         servers.append(running)
         return running
 
