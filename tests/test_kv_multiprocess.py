@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from kvrpc.client import SyncClient
-from kvrpc.errors import KVError
-from kvrpc.kv import PollingSchedulerAdapter, kv_registry
+from kvrpc.errors import KVConfigError, KVError
+from kvrpc.kv import PollingSchedulerAdapter, WorkerAdapter, kv_registry
 from kvrpc.kv import protocols as kv
 
 WORLD_SIZE = 2
@@ -371,3 +371,24 @@ def test_lookups_during_a_store_of_the_same_chunks_only_ever_see_whole_stored_ch
     assert final == chunks * CHUNK_SIZE
     retrieved = workers.retrieve("final", prompt, _blocks(60, chunks), final)
     assert [d for d, _ in retrieved] == [d for d, _ in stored]
+
+
+@pytest.mark.parametrize("adapter", [PollingSchedulerAdapter, WorkerAdapter])
+def test_an_adapter_without_a_server_fails_at_once_naming_the_url_and_how_to_start_one(
+    scheme: str, tmp_path: Path, adapter: type[Any]
+) -> None:
+    url = f"{scheme}://{tmp_path}/nobody.sock"
+    started = time.monotonic()
+    with pytest.raises(KVError) as refused:
+        adapter(url, MODEL, WORLD_SIZE, 0, BLOCK_SIZE, connect_timeout=1.0)
+    assert time.monotonic() - started < 5
+    assert url in str(refused.value)
+    assert f"kvrpc serve --url {url}" in str(refused.value)
+
+
+def test_an_adapter_whose_block_size_does_not_divide_the_chunk_size_fails_at_start_up(
+    start_server: ServerFactory,
+) -> None:
+    url = start_server()
+    with pytest.raises(KVConfigError, match=r"\b8\b.*\b3\b|\b3\b.*\b8\b"):
+        WorkerAdapter(url, MODEL, WORLD_SIZE, 0, 3)
