@@ -713,26 +713,39 @@ class KVService:
         tier = self.lower_tier
         hashes = keys.hashes
         suffixes = ns.suffixes
-        # The hot loop of a scheduler's lookup (chunks x ranks): bound methods, no helpers.
-        find, pins = pool.lookup, session.pins
-        to_pin: list[int] = []
-        to_load: list[bytes] = []
-        matched = 0
-        for start in range(0, n * HASH_SIZE, HASH_SIZE):
-            chunk_hash = hashes[start : start + HASH_SIZE]
-            found = [find(chunk_hash + suffix) for suffix in suffixes]
-            if None in found:
-                if tier is None:
+        find, pins = pool.lookup, session.pins  # a fresh session: no pins yet
+        chunk_hashes = [hashes[i : i + HASH_SIZE] for i in range(0, n * HASH_SIZE, HASH_SIZE)]
+        # The hot path of a scheduler's lookup: rank by rank, each scan stopping at the first
+        # chunk that rank lacks, so a rank never looks beyond where an earlier one stopped.
+        matched = n
+        per_rank: list[list[int]] = []
+        for suffix in suffixes:
+            slots: list[int] = []
+            for chunk_hash in chunk_hashes[:matched]:
+                slot = find(chunk_hash + suffix)
+                if slot is None:
                     break
+                slots.append(slot)
+            matched = len(slots)
+            per_rank.append(slots)
+        to_pin: list[int] = []
+        for worker, slots in enumerate(per_rank):
+            del slots[matched:]
+            pins.update(zip(slots, itertools.repeat(worker)))
+            to_pin += slots
+        to_load: list[bytes] = []
+        if tier is not None:  # past what every rank holds in memory: what the tier can add
+            for chunk_hash in chunk_hashes[matched:]:
+                found = [find(chunk_hash + suffix) for suffix in suffixes]
                 missing = [chunk_hash + suffixes[w] for w, slot in enumerate(found) if slot is None]
                 if not all(tier.contains(key) for key in missing):
                     break
                 to_load.extend(missing)
-            for worker, slot in enumerate(found):
-                if slot is not None and slot not in pins:
-                    pins[slot] = worker
-                    to_pin.append(slot)
-            matched += 1
+                for worker, slot in enumerate(found):
+                    if slot is not None:
+                        pins[slot] = worker
+                        to_pin.append(slot)
+                matched += 1
         pool.pin_many(to_pin)
         if not to_load:
             counters.hits += matched
