@@ -35,9 +35,7 @@ import math
 import os
 import random
 import secrets
-import selectors
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,15 +47,16 @@ import torch
 
 from kvrpc.bench import percentile
 from kvrpc.client import SyncClient
-from kvrpc.errors import KVError, KvrpcError
+from kvrpc.errors import KVError
 from kvrpc.kv import protocols
+from kvrpc.kv._child import default_url, kv_server_child
 from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.shm import release_shared, shared_empty, shared_ref
 from kvrpc.protocol import PING
-from kvrpc.transport import get_plugin, parse_url
+from kvrpc.transport import parse_url
 
 __all__ = ["FIGURES", "KVBenchOptions", "run_kv_bench"]
 
@@ -77,7 +76,6 @@ _TRANSFER_GOAL = 0.5
 _METADATA_GOAL = 200.0
 # How long a waiting loop sleeps between polls of the adapter: short next to a transfer.
 _POLL_S = 0.0002
-_SERVER_START_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ def run_kv_bench(options: KVBenchOptions) -> dict[str, Any]:
         raise KVError(f"unknown figures {sorted(unknown)}; choose among {', '.join(FIGURES)}")
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kvrpc-bench-kv-") as tmp:
-        url = options.url or _default_url(tmp)
+        url = options.url or default_url(tmp)
         if parse_url(url).scheme == "inproc":
             raise KVError(
                 "kvrpc bench kv runs its servers in child processes, which inproc:// cannot "
@@ -169,14 +167,6 @@ def _progress(text: str) -> None:
     print(f"[bench kv] {text}", file=sys.stderr, flush=True)
 
 
-def _default_url(tmp: str) -> str:
-    try:
-        get_plugin("unix")
-    except KvrpcError:
-        return f"zmq+ipc://{tmp}/kv.ipc"
-    return f"unix://{tmp}/kv.sock"
-
-
 def _figure_url(url: str, index: int) -> str:
     """Figure ``index``'s server address: never the address of another figure's server."""
     parsed = parse_url(url)
@@ -189,42 +179,10 @@ def _figure_url(url: str, index: int) -> str:
 
 @contextlib.contextmanager
 def _kv_server(url: str, log_dir: str, *options: str) -> Iterator[int]:
-    """A ``kvrpc serve`` child at ``url``, ready; yields its pid and SIGTERMs it at the end."""
-    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, *options]
-    log_path = os.path.join(log_dir, f"server-{secrets.token_hex(4)}.log")
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            line = _first_line(child, _SERVER_START_S)
-            if not line.startswith("kvrpc ready"):
-                log.flush()
-                with open(log_path) as written:
-                    tail = written.read()[-2000:]
-                raise KVError(
-                    f"the benchmark's server at {url} did not start (it printed {line!r}); "
-                    f"its log ends with:\n{tail}"
-                )
-            _progress(f"server {child.pid}: {line.strip()}")
-            yield child.pid
-        finally:
-            if child.poll() is None:
-                child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            if child.stdout is not None:
-                child.stdout.close()
-
-
-def _first_line(child: subprocess.Popen[str], timeout: float) -> str:
-    assert child.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(child.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            return f"nothing within {timeout:g} s"
-    return child.stdout.readline()
+    """A ``kvrpc serve`` child at ``url``, ready; yields its pid."""
+    with kv_server_child(url, log_dir, *options) as child:
+        _progress(f"server {child.pid}: {child.ready_line}")
+        yield child.pid
 
 
 def _client(url: str) -> SyncClient:

@@ -13,7 +13,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from kvrpc.errors import KvrpcError
+from kvrpc.kv._child import default_url, kv_server_child
 
 __all__ = ["run_demo"]
 
@@ -39,46 +39,15 @@ PROMPT_TOKENS = 4 * CHUNK_SIZE + 10  # four whole chunks and a partial one
 def run_demo(url: str | None = None) -> None:
     """Run the demo, printing what happens; raises :class:`KvrpcError` if it goes wrong."""
     with tempfile.TemporaryDirectory(prefix="kvrpc-demo-") as tmp:
-        url = url or _default_url(tmp)
-        with _server(url, os.path.join(tmp, "server.log")), _workers(url) as workers:
-            _serve_prompt_twice(url, workers)
-
-
-def _default_url(tmp: str) -> str:
-    from kvrpc.transport import get_plugin
-
-    try:
-        get_plugin("unix")
-    except KvrpcError:
-        return f"zmq+ipc://{tmp}/kv.ipc"
-    return f"unix://{tmp}/kv.sock"
-
-
-@contextlib.contextmanager
-def _server(url: str, log_path: str) -> Iterator[None]:
-    command = [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--cpu-buffer-size", "0.25"]
-    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the child exits
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if not line.startswith("kvrpc ready"):
-            raise KvrpcError(f"the demo's server did not start (it printed {line!r})")
-        print(f"server: {line.strip()}")
-        yield
-    except BaseException:
-        log.flush()
-        with open(log_path) as written:
-            print(f"server log:\n{written.read()}", file=sys.stderr)
-        raise
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        log.close()
+        url = url or default_url(tmp)
+        with kv_server_child(url, tmp, "--cpu-buffer-size", "0.25") as server:
+            print(f"server: {server.ready_line}")
+            try:
+                with _workers(url) as workers:
+                    _serve_prompt_twice(url, workers)
+            except BaseException:
+                print(f"server log:\n{server.log_tail()}", file=sys.stderr)
+                raise
 
 
 @contextlib.contextmanager
