@@ -13,7 +13,6 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -130,15 +129,10 @@ class RPCServer:
         self._reply_waiting = False
         # _offer takes messages only while the task group can still start tasks.
         self._offers_open = False
-        # Tasks asked for while _offer runs, outside any task, and started by _spawner.
-        self._in_offer = False
-        self._spawn_queue: deque[
-            tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]
-        ] = deque()
-        self._spawn_ready = asyncio.Event()
         self._transport: ServerTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._tasks: OwnedTaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._stop_requested: anyio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -242,6 +236,7 @@ class RPCServer:
             stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
             tasks = OwnedTaskGroup(f"kvrpc-server {self.url}")
             self._task_group = await tasks.open()
+            self._tasks = tasks
             stack.push_async_callback(tasks.close)
         except BaseException:
             await stack.aclose()
@@ -254,7 +249,6 @@ class RPCServer:
         self._task_group.start_soon(self._receive_loop, transport)
         set_receiver = getattr(transport, "set_receiver", None)
         if set_receiver is not None:
-            self._task_group.start_soon(self._spawner)
             self._offers_open = True
             set_receiver(self._offer)  # requests straight from the transport's read callback
         logger.info("kvrpc server listening on %s", self.url)
@@ -275,7 +269,7 @@ class RPCServer:
             self._exit_stack = None
             self._offers_open = False  # a read callback may still fire until the transport closes
             await stack.aclose()  # cancels the tasks, then the pool, then the transport
-            self._task_group = None
+            self._task_group = self._tasks = None
         logger.info("kvrpc server on %s stopped", self.url)
 
     async def serve(self) -> None:
@@ -344,20 +338,16 @@ class RPCServer:
         if self._reply_waiting or not self._offers_open:
             return False
         handling = self._handle(peer, frames)
-        self._in_offer = True  # tasks asked for meanwhile go through the spawner
         try:
-            try:
-                waiting_on = handling.send(None)
-            except StopIteration:
-                return True
-            except Exception:  # a bug here must not stop the server for everyone
-                logger.exception("unexpected error while handling a message from %r", peer)
-                return True
-            self._reply_waiting = True
-            self._spawn(self._finish, handling, waiting_on)
+            waiting_on = handling.send(None)
+        except StopIteration:
             return True
-        finally:
-            self._in_offer = False
+        except Exception:  # a bug here must not stop the server for everyone
+            logger.exception("unexpected error while handling a message from %r", peer)
+            return True
+        self._reply_waiting = True
+        self._spawn(self._finish, handling, waiting_on)
+        return True
 
     async def _finish(self, handling: Coroutine[Any, Any, None], waiting_on: Any) -> None:
         """Drive a handling coroutine that :meth:`_offer` started, to its end."""
@@ -465,23 +455,8 @@ class RPCServer:
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Start ``fn(*args)`` in the server's task group, from a task or a read callback."""
-        if self._in_offer:
-            # anyio starts tasks only from inside a task: hand it to the one that does.
-            self._spawn_queue.append((fn, args))
-            self._spawn_ready.set()
-            return
-        assert self._task_group is not None
-        self._task_group.start_soon(fn, *args)
-
-    async def _spawner(self) -> None:
-        """Start the tasks that :meth:`_offer` asked for (see :meth:`_spawn`)."""
-        while True:
-            await self._spawn_ready.wait()
-            self._spawn_ready.clear()
-            while self._spawn_queue:
-                fn, args = self._spawn_queue.popleft()
-                assert self._task_group is not None
-                self._task_group.start_soon(fn, *args)
+        assert self._tasks is not None
+        self._tasks.spawn(fn, *args)
 
     async def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         assert self._executor is not None

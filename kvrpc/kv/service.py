@@ -24,7 +24,6 @@ import os
 import secrets
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -168,12 +167,6 @@ class KVService:
         self._counters = _Counters()
         self._tasks: OwnedTaskGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        # Work started from handlers, which may run in a transport's read callback rather
-        # than in a task (anyio starts tasks only from a task): _starter starts it.
-        self._to_start: deque[tuple[Callable[..., Coroutine[Any, Any, None]], tuple[Any, ...]]] = (
-            deque()
-        )
-        self._start_ready = asyncio.Event()
         self._saving = 0  # write-through saves in flight, each holding a pin on its slot
         self._save_finished = asyncio.Event()
 
@@ -202,7 +195,6 @@ class KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
         self._task_group = await self._tasks.open()
         self._task_group.start_soon(self._expire_silent_clients)
-        self._task_group.start_soon(self._starter)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -221,19 +213,9 @@ class KVService:
 
     def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run ``fn(*args)`` in the service's task group, from a task or a read callback."""
-        if self._task_group is None:
+        if self._tasks is None:
             raise KVError("the KV service is not open: use 'async with service' while serving")
-        self._to_start.append((fn, args))
-        self._start_ready.set()
-
-    async def _starter(self) -> None:
-        while True:
-            await self._start_ready.wait()
-            self._start_ready.clear()
-            while self._to_start:
-                fn, args = self._to_start.popleft()
-                assert self._task_group is not None
-                self._task_group.start_soon(fn, *args)
+        self._tasks.spawn(fn, *args)
 
     async def _expire_silent_clients(self) -> None:
         period = max(0.05, min(1.0, self.client_timeout / 4))
