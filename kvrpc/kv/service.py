@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -500,7 +501,8 @@ class KVService:
             return results
         outs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in reserved]
         if instance.mode == "inline":
-            works = [_copy_into(outs, [chunks[i] for i, _ in reserved])]
+            srcs = [chunks[i] for i, _ in reserved]
+            works: list[Callable[[], None]] = [functools.partial(_copy_all, outs, srcs)]
         else:
             rows = block_ids[[i for i, _ in reserved]]
             works = self._by_layers(gather_chunks, instance, rows, outs)
@@ -550,7 +552,7 @@ class KVService:
         if not found:
             works: list[Callable[[], None]] = []
         elif instance.mode == "inline":
-            works = [_bound(_clone_into, srcs, copies)]
+            works = [functools.partial(_clone_into, srcs, copies)]
         else:
             rows = block_ids[[i for i, _ in found]]
             works = self._by_layers(scatter_chunks, instance, rows, srcs)
@@ -624,7 +626,7 @@ class KVService:
         parts = max(1, min(self._copy_workers, os.cpu_count() or 1, layout.num_layers))
         bounds = [layout.num_layers * i // parts for i in range(parts + 1)]
         return [
-            _bound(
+            functools.partial(
                 fn,
                 layers[a:b],
                 dataclasses.replace(layout, num_layers=b - a),
@@ -636,7 +638,7 @@ class KVService:
 
     async def _in_copier(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._copier, _bound_result(fn, *args))
+        return await loop.run_in_executor(self._copier, functools.partial(fn, *args))
 
     def _write_through(self, stored: list[tuple[bytes, int]], nbytes: int) -> None:
         """Copy a store's chunks ``(key, slot)`` to the lower tier, in the background.
@@ -939,26 +941,9 @@ def _open_all(refs: list[SharedTensorRef], layout: KVLayout) -> list[SharedMappi
     return mappings
 
 
-def _bound(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
-    def run() -> None:
-        fn(*args)
-
-    return run
-
-
-def _bound_result(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-    def run() -> T:
-        return fn(*args)
-
-    return run
-
-
-def _copy_into(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[], None]:
-    def run() -> None:
-        for out, src in zip(outs, srcs, strict=True):
-            out.copy_(src)
-
-    return run
+def _copy_all(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    for out, src in zip(outs, srcs, strict=True):
+        out.copy_(src)
 
 
 def _clone_into(srcs: list[torch.Tensor], copies: list[torch.Tensor]) -> None:
@@ -972,5 +957,4 @@ def _abort(pool: ChunkPool, reserved: list[tuple[int, int]]) -> None:
 
 
 def _unpin(pool: ChunkPool, found: list[tuple[int, int]]) -> None:
-    for _, slot in found:
-        pool.unpin(slot)
+    pool.unpin_many(slot for _, slot in found)
