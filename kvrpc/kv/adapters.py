@@ -481,7 +481,7 @@ class WorkerAdapter:
         with self._lock:
             for request_id in request_ids:
                 self._returned.pop(request_id, None)  # a new store: report it again
-                self._stores_in_flight[request_id] = self._stores_in_flight.get(request_id, 0) + 1
+            _count_in(self._stores_in_flight, request_ids)
         if not owners:
             self._stores_done(request_ids, None)
             return
@@ -504,10 +504,7 @@ class WorkerAdapter:
             _wait_for(event)
             instance_id = self._instance()
         with self._lock:
-            for request_id in request_ids:
-                self._retrieves_in_flight[request_id] = (
-                    self._retrieves_in_flight.get(request_id, 0) + 1
-                )
+            _count_in(self._retrieves_in_flight, request_ids)
         if not owners:
             self._retrieves_done(request_ids, [], rows, None)
             return
@@ -554,12 +551,7 @@ class WorkerAdapter:
         if future is not None:
             self._note_outcome("store", future)
         with self._lock:
-            for request_id in request_ids:
-                left = self._stores_in_flight.get(request_id, 0) - 1
-                if left > 0:
-                    self._stores_in_flight[request_id] = left
-                else:
-                    self._stores_in_flight.pop(request_id, None)
+            _count_out(self._stores_in_flight, request_ids)
 
     def _retrieves_done(
         self,
@@ -587,13 +579,7 @@ class WorkerAdapter:
         with self._lock:
             for i in failed:
                 self._failed_blocks.update(rows[i].tolist())
-            for request_id in request_ids:
-                left = self._retrieves_in_flight.get(request_id, 0) - 1
-                if left > 0:
-                    self._retrieves_in_flight[request_id] = left
-                else:
-                    self._retrieves_in_flight.pop(request_id, None)
-                    self._finished_retrieves.add(request_id)
+            self._finished_retrieves.update(_count_out(self._retrieves_in_flight, request_ids))
 
     def _note_outcome(self, what: str, future: MessagingFuture[Any]) -> Any:
         try:
@@ -666,6 +652,25 @@ class WorkerAdapter:
 
 
 _NO_BLOCKS = torch.empty(0, dtype=torch.int64)
+
+
+def _count_in(in_flight: dict[str, int], request_ids: Sequence[str]) -> None:
+    """One more operation in flight for each id (an id may appear more than once)."""
+    for request_id in request_ids:
+        in_flight[request_id] = in_flight.get(request_id, 0) + 1
+
+
+def _count_out(in_flight: dict[str, int], request_ids: Sequence[str]) -> list[str]:
+    """One operation fewer in flight for each id; returns the ids that have none left."""
+    settled = []
+    for request_id in request_ids:
+        left = in_flight.get(request_id, 0) - 1
+        if left > 0:
+            in_flight[request_id] = left
+        else:
+            in_flight.pop(request_id, None)
+            settled.append(request_id)
+    return settled
 
 
 def _wait_for(event: Any) -> None:
