@@ -164,11 +164,11 @@ def _work(
     block_ids: list[int],
     matched: int,
 ) -> dict[str, Any]:
-    from kvrpc.kv import LoadStoreOp
+    from kvrpc.kv import KVLayout, LoadStoreOp
 
     chunk_blocks = CHUNK_SIZE // BLOCK_SIZE
     whole_chunks = len(prompt) // CHUNK_SIZE
-    per_chunk_bytes = LAYERS * 2 * chunk_blocks * BLOCK_SIZE * 2 * 64 * 2
+    per_chunk_bytes = KVLayout.from_tensors(layers).chunk_nbytes(chunk_blocks)
     started = time.perf_counter()
     if what == "store":
         _fill(layers, prompt, block_ids, rank)
