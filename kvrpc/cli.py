@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--client-timeout",
         type=_positive_float,
-        default=10.0,
+        default=8.0,
         help="seconds of silence after which a client's caches, pins and jobs are released",
     )
     serve.add_argument("--disk-dir", help="directory of a disk tier below L1 (default: none)")

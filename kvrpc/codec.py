@@ -210,7 +210,10 @@ class _Default:
         pydantic = sys.modules.get("pydantic")  # no model can exist before pydantic is loaded
         if pydantic is not None and isinstance(obj, pydantic.BaseModel):
             # A model travels as its field dict; the receiver's strict validation rebuilds it.
-            return _lift(obj.model_dump(), frames, self)
+            # Shallow, not model_dump(): a field of a registered ext type must stay an object
+            # to travel as that ext type (model_dump would turn a dataclass into a dict).
+            fields = {name: getattr(obj, name) for name in type(obj).model_fields}
+            return _lift(fields, frames, self)
         if isinstance(obj, enum.Enum):
             return obj.value
         for base in _NATIVE_BASES:

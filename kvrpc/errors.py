@@ -143,6 +143,7 @@ _WIRE_ERRORS: dict[str, type[KvrpcError]] = {
         UnknownInstance,
         NotSharedMemory,
         UnknownJob,
+        CudaUnavailable,
     )
 }
 

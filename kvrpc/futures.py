@@ -2,8 +2,9 @@
 
 :class:`MessagingFuture` is what :class:`~kvrpc.client.SyncClient` hands out: the client's
 receive loop resolves it on the loop thread, any other thread may wait on it, and any event
-loop may ``await`` it. :class:`CUDAMessagingFuture` adds a CUDA event to wait on; its CUDA
-body arrives with the GPU transfer path, and without CUDA it raises :class:`CudaUnavailable`.
+loop may ``await`` it. :class:`CUDAMessagingFuture` also waits for the CUDA work the reply
+describes, through the interprocess event the reply carries; without CUDA it raises
+:class:`~kvrpc.errors.CudaUnavailable`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from kvrpc.errors import CudaUnavailable
+from kvrpc.cuda import CudaEventHandle, require_cuda
 
 __all__ = ["CUDAMessagingFuture", "MessagingFuture"]
 
@@ -100,37 +102,98 @@ class MessagingFuture(Generic[T]):
         return f"<MessagingFuture {state}>"
 
 
-def _require_cuda() -> None:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        raise CudaUnavailable("CUDA futures need torch, which is not installed") from None
-    if not torch.cuda.is_available():
-        raise CudaUnavailable(
-            "CUDA futures need a CUDA build of torch and a visible GPU; this process has none "
-            f"(torch {torch.__version__}). Use MessagingFuture.result() on CPU-only hosts."
-        )
+def _event_of(value: object) -> CudaEventHandle | None:
+    """The CUDA event a result carries: the result itself, or its ``cuda_event`` field."""
+    if isinstance(value, CudaEventHandle):
+        return value
+    event = getattr(value, "cuda_event", None)
+    return event if isinstance(event, CudaEventHandle) else None
 
 
 class CUDAMessagingFuture(Generic[T]):
-    """A future whose result also waits on a CUDA interprocess event from the producer.
+    """A future whose result is ready only once the producer's CUDA work has completed.
 
-    Constructing one in a process without CUDA raises :class:`CudaUnavailable`. The CUDA
-    waiting (``query`` true only once the event completed, ``wait_on(stream)``) is built by
-    the GPU transfer path; until then only the CPU-side future is usable.
+    The reply carries a serialized interprocess event (a :class:`~kvrpc.cuda.CudaEventHandle`,
+    either as the whole result or as its ``cuda_event`` field) that the producer recorded
+    after the work the result describes. :meth:`query` is true only once the reply arrived
+    and that event completed; :meth:`wait` and :meth:`result` also wait for the event;
+    :meth:`wait_on` makes a CUDA stream wait for it without blocking the host on the GPU.
+    A reply without an event (an error, or a result with nothing on the GPU) needs only the
+    reply. Constructing one in a process without CUDA raises :class:`CudaUnavailable`.
     """
 
     __slots__ = ("_inner", "device")
 
     def __init__(self, inner: MessagingFuture[T], device: Any = None) -> None:
-        _require_cuda()
+        require_cuda("a CUDAMessagingFuture")
         self._inner = inner
         self.device = device
 
+    def _event(self) -> Any:
+        """The opened event of the reply, or None (no reply yet, an error, or no event)."""
+        if not self._inner.query() or self._inner.exception(0) is not None:
+            return None
+        handle = _event_of(self._inner.result(0))
+        return None if handle is None else handle.open()
+
     def query(self) -> bool:
-        """True once the reply arrived (the CUDA event check lands with the GPU path)."""
-        return self._inner.query()
+        """True once the reply arrived and its CUDA event (if any) completed; never blocks."""
+        if not self._inner.query():
+            return False
+        event = self._event()
+        return event is None or bool(event.query())
+
+    done = query
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`query` is true or ``timeout`` seconds pass; True if it is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._inner.wait(timeout):
+            return False
+        event = self._event()
+        if event is None:
+            return True
+        if deadline is None:
+            event.synchronize()
+            return True
+        # A bounded wait polls: CUDA has no event wait with a timeout.
+        pause = 20e-6
+        while not event.query():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        return True
 
     def result(self, timeout: float | None = None) -> T:
-        """The reply's result, blocking up to ``timeout`` seconds."""
-        return self._inner.result(timeout)
+        """The reply's result once its CUDA work completed; ``TimeoutError`` past ``timeout``."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"no completed result within {timeout} s")
+        return self._inner.result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The call's error, or None; waits for the reply only."""
+        return self._inner.exception(timeout)
+
+    def wait_on(self, stream: Any = None) -> None:
+        """Make ``stream`` (default: the current stream) wait for the producer's CUDA work.
+
+        Blocks the host only until the reply arrives, never on the GPU; later work queued on
+        ``stream`` runs after the producer's. Raises the call's error if it failed.
+        """
+        import torch
+
+        self._inner.wait()
+        self._inner.result(0)  # raises the call's error
+        event = self._event()
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(
+                event
+            )
+
+    def add_done_callback(self, fn: Callable[[MessagingFuture[T]], object]) -> None:
+        """Call ``fn`` with the inner future once the reply arrives (not the CUDA work)."""
+        self._inner.add_done_callback(fn)
+
+    def __repr__(self) -> str:
+        return f"<CUDAMessagingFuture {'done' if self.query() else 'pending'}>"

@@ -24,7 +24,15 @@ import torch
 
 from kvrpc import AsyncClient, RPCServer
 from kvrpc.client import SyncClient
-from kvrpc.errors import KVConfigError, KVError, NotSharedMemory, UnknownInstance, UnknownJob
+from kvrpc.cuda import CudaEventHandle
+from kvrpc.errors import (
+    CudaUnavailable,
+    KVConfigError,
+    KVError,
+    NotSharedMemory,
+    UnknownInstance,
+    UnknownJob,
+)
 from kvrpc.kv import (
     KeyBatch,
     KVService,
@@ -38,7 +46,8 @@ from kvrpc.kv import (
     shared_empty,
 )
 from kvrpc.kv import protocols as kv
-from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
+from kvrpc.kv.layout import KVLayout, LayoutKind
 from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
 from kvrpc.kv.serving import GB, KVServerSettings, serve_kv
 from kvrpc.kv.shm import shared_ref
@@ -1426,3 +1435,123 @@ def test_a_restarted_server_finds_its_disk_chunks_only_for_the_same_model_and_la
         torch.equal(old.view(torch.int16)[:, ids_then], new.view(torch.int16)[:, ids_now])
         for old, new in zip(original, worker.layers, strict=True)  # bits: random fp16 has NaNs
     )
+
+
+# ------------------------------------------------------------------ the cuda_ipc mode without CUDA
+
+no_gpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks a server and a worker without CUDA"
+)
+TEST_LAYOUT = KVLayout(LayoutKind.PAGED, LAYERS, LAYER_SHAPE, "float16")
+FAKE_EVENT = CudaEventHandle("GPU-00000000-0000-0000-0000-000000000000", bytes(range(64)))
+
+
+def cuda_registration(rank: int = 1) -> KVCacheRegistration:
+    """A cuda_ipc registration of LAYERS made-up GPU layers of the tests' layout."""
+    layer = CudaIPCWrapper(
+        device_uuid=FAKE_EVENT.device_uuid,
+        shape=LAYER_SHAPE,
+        dtype="float16",
+        handle=b"\x01" * 66,
+        storage_size=2 * NUM_BLOCKS * BLOCK * 8 * 2,
+        storage_offset=0,
+        ref_counter_handle=b"\x02" * 66,
+        ref_counter_offset=0,
+        event_handle=b"\x03" * 64,
+        event_sync_required=True,
+    )
+    return KVCacheRegistration(
+        model_name=MODEL,
+        world_size=WORLD,
+        worker_id=rank,
+        block_size=BLOCK,
+        mode="cuda_ipc",
+        layout=TEST_LAYOUT.to_wire(),
+        cuda_tensors=[layer] * LAYERS,
+    )
+
+
+@no_gpu_only
+def test_a_cuda_ipc_registration_on_a_server_without_cuda_is_refused_naming_cuda(
+    baseline: Baseline,
+) -> None:
+    with pytest.raises(CudaUnavailable, match="this KV server has no CUDA"):
+        baseline.raw.call(kv.REGISTER_KV_CACHE, cuda_registration())
+    assert baseline.server.stats()["instances"] == 1
+    assert baseline.still_healthy()
+
+
+@no_gpu_only
+def test_the_register_handler_of_a_server_without_cuda_raises_cuda_unavailable(
+    baseline: Baseline,
+) -> None:
+    server = baseline.server
+    registering = asyncio.run_coroutine_threadsafe(
+        server.service.register_kv_cache(secrets.token_bytes(16), cuda_registration()),
+        server.loop,
+    )
+    with pytest.raises(CudaUnavailable, match="this KV server has no CUDA"):
+        registering.result(WAIT)
+    assert server.stats()["instances"] == 1
+    assert baseline.still_healthy()
+
+
+def test_cuda_copies_into_a_cache_registered_in_the_shm_mode_are_refused_naming_the_mode(
+    baseline: Baseline,
+) -> None:
+    raw, worker = baseline.raw, baseline.worker
+    keys = worker.keys(chunk_hashes(1, seed=90))
+    says = r"registered in the shm transfer mode: use kv\.store / kv\.retrieve"
+    with pytest.raises(KVError, match=says) as store:
+        raw.call(kv.STORE_CUDA, worker.instance, keys, rows(0, 1), FAKE_EVENT)
+    with pytest.raises(KVError, match=says) as load:
+        raw.call(kv.RETRIEVE_CUDA, worker.instance, ["r"], keys, rows(40, 1), FAKE_EVENT, None)
+    assert type(store.value) is KVError and type(load.value) is KVError
+    assert baseline.server.stats()["stores"] == 2  # the baseline's, nothing more
+    assert baseline.still_healthy()
+
+
+def test_cuda_copies_into_a_cache_registered_in_the_inline_mode_are_refused_naming_the_mode(
+    kv_server: KVServer, opened: Keep
+) -> None:
+    raw = opened(RawClient(kv_server.url))
+    spec = KVCacheRegistration(
+        model_name=MODEL,
+        world_size=WORLD,
+        worker_id=0,
+        block_size=BLOCK,
+        mode="inline",
+        layout=TEST_LAYOUT.to_wire(),
+    )
+    instance = raw.call(kv.REGISTER_KV_CACHE, spec)
+    keys = KeyBatch.from_hashes(MODEL, WORLD, 0, chunk_hashes(1, seed=91))
+    with pytest.raises(KVError, match=r"inline transfer mode: use kv\.store / kv\.retrieve"):
+        raw.call(kv.STORE_CUDA, instance, keys, rows(0, 1), FAKE_EVENT)
+    with pytest.raises(KVError, match="inline transfer mode"):
+        raw.call(kv.RETRIEVE_CUDA, instance, ["r"], keys, rows(0, 1), FAKE_EVENT, 1.0)
+    assert kv_server.stats()["stores"] == 0
+
+
+def test_cuda_copies_for_an_unknown_instance_are_refused_like_other_copies(
+    baseline: Baseline,
+) -> None:
+    raw, worker = baseline.raw, baseline.worker
+    keys = worker.keys(chunk_hashes(1, seed=92))
+    with pytest.raises(UnknownInstance):
+        raw.call(kv.STORE_CUDA, worker.instance ^ 1, keys, rows(0, 1), FAKE_EVENT)
+    with pytest.raises(UnknownInstance):
+        raw.call(kv.RETRIEVE_CUDA, worker.instance ^ 1, ["r"], keys, rows(0, 1), FAKE_EVENT, None)
+    assert baseline.still_healthy()
+
+
+def test_the_cuda_ipc_mode_refuses_cpu_kv_tensors_before_asking_the_server(
+    baseline: Baseline, kv_cache: Callable[..., list[torch.Tensor]], opened: Keep
+) -> None:
+    worker = opened(
+        WorkerAdapter(baseline.server.url, MODEL, WORLD, 1, BLOCK, transfer_mode="cuda_ipc")
+    )
+    layers = kv_cache()  # from shared_empty: fine for shm, not for cuda_ipc
+    with pytest.raises(KVConfigError, match="cuda_ipc transfer mode needs CUDA tensors"):
+        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+    assert baseline.server.stats()["instances"] == 1
+    assert baseline.still_healthy()

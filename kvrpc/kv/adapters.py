@@ -19,11 +19,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, cast
 
 import torch
 
 from kvrpc.client import SyncClient
+from kvrpc.cuda import CudaEventHandle, new_ipc_event
 from kvrpc.errors import (
     ConnectionLost,
     KVConfigError,
@@ -35,6 +36,7 @@ from kvrpc.errors import (
 )
 from kvrpc.futures import MessagingFuture
 from kvrpc.kv import protocols
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import (
     KeyBatch,
     blocks_per_chunk,
@@ -42,7 +44,7 @@ from kvrpc.kv.keys import (
     hashes_from_tokens,
 )
 from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
-from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
+from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply, TransferMode
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import ProtocolDefinition
 
@@ -351,9 +353,16 @@ class WorkerAdapter:
     """A worker's side: register its KV cache, store and retrieve requests' chunks.
 
     Submits return at once; :meth:`get_finished` reports which requests' stores and
-    retrieves have completed. Thread-safe. On CPU the KV tensors must come from
-    :func:`kvrpc.kv.shared_empty` (``shm`` mode: the server copies the blocks itself), or
-    pass ``transfer_mode="inline"`` to send the bytes in the messages (any host).
+    retrieves have completed. Thread-safe. The transfer mode follows the KV tensors:
+
+    * CUDA tensors: ``cuda_ipc``. The server maps them by CUDA IPC and its GPU copy engine
+      moves the blocks; the ``event`` given to a submit (a ``torch.cuda.Event`` recorded
+      after the engine wrote, or last read, the blocks) orders the copy after the engine's
+      work without blocking this thread. A retrieve is reported finished once the blocks
+      hold the data. ``retrieve_deadline`` (seconds) bounds how long a retrieve may wait
+      to start; past it, it fails, but only once no late copy can write the blocks.
+    * CPU tensors from :func:`kvrpc.kv.shared_empty`: ``shm`` (the server copies the blocks
+      itself); or ``transfer_mode="inline"`` to send the bytes in the messages (any host).
     """
 
     def __init__(
@@ -364,7 +373,8 @@ class WorkerAdapter:
         kv_rank: int,
         block_size: int,
         *,
-        transfer_mode: Literal["shm", "inline"] | None = None,
+        transfer_mode: TransferMode | None = None,
+        retrieve_deadline: float | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         keepalive_interval: float = 2.0,
@@ -376,6 +386,7 @@ class WorkerAdapter:
         self.kv_rank = kv_rank
         self.block_size = block_size
         self.transfer_mode = transfer_mode
+        self.retrieve_deadline = retrieve_deadline
         self._link = _ServerLink(
             server_url,
             block_size,
@@ -390,7 +401,8 @@ class WorkerAdapter:
         self._layout: KVLayout | None = None
         self._registration: KVCacheRegistration | None = None
         self._instance_id: int | None = None
-        self._mode: Literal["shm", "inline"] = "shm"
+        self._mode: TransferMode = "shm"
+        self._events: _EventRing | None = None
         self._stores_in_flight: dict[str, int] = {}
         self._retrieves_in_flight: dict[str, int] = {}
         self._engine_finished: set[str] = set()
@@ -404,7 +416,8 @@ class WorkerAdapter:
         """Register this worker's KV tensors (one per layer, in layer order) with the server.
 
         Raises :class:`NotSharedMemory` for CPU tensors not made by ``shared_empty`` in the
-        ``shm`` mode, :class:`KVConfigError` for tensors that do not form one layout.
+        ``shm`` mode, :class:`KVConfigError` for tensors that do not form one layout or that
+        the transfer mode cannot move (a CUDA tensor that is a view into a larger one, say).
         """
         layers = list(kv_caches.values())
         if not layers:
@@ -415,13 +428,9 @@ class WorkerAdapter:
                 f"the KV tensors hold blocks of {layout.block_size} tokens, but the adapter "
                 f"was made with block_size={self.block_size}"
             )
-        if layers[0].device.type != "cpu":
-            raise KVError(
-                f"KV tensors on {layers[0].device} need the cuda_ipc transfer mode, which this "
-                "version does not have yet; use CPU tensors"
-            )
-        mode = self.transfer_mode or "shm"
+        mode = _mode_for(layers[0].device, self.transfer_mode)
         tensors = [shared_ref(t).to_wire() for t in layers] if mode == "shm" else []
+        wrappers = [CudaIPCWrapper.from_tensor(t) for t in layers] if mode == "cuda_ipc" else []
         registration = KVCacheRegistration(
             model_name=self.model_name,
             world_size=self.world_size,
@@ -430,11 +439,14 @@ class WorkerAdapter:
             mode=mode,
             layout=layout.to_wire(),
             tensors=tensors,
+            cuda_tensors=wrappers,
         )
+        events = _EventRing(layers[0].device) if mode == "cuda_ipc" else None
         instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
         with self._lock:
             self._layers, self._layout, self._mode = layers, layout, mode
             self._registration, self._instance_id = registration, instance_id
+            self._events = events
 
     def _instance(self) -> int:
         with self._lock:
@@ -469,9 +481,13 @@ class WorkerAdapter:
         """
         keys, rows, owners = self._plan(request_ids, ops)
         chunks: list[torch.Tensor] = []
+        ready: _Ready | None = None
         if owners:
-            _wait_for(event)
             instance_id = self._instance()
+            if self._mode == "cuda_ipc":
+                ready = self._ready_after(event)
+            else:
+                _wait_for(event)
             if self._mode == "inline":
                 assert self._layout is not None
                 nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
@@ -486,11 +502,22 @@ class WorkerAdapter:
             self._stores_done(request_ids, None)
             return
         try:
-            future = self._link.submit(protocols.STORE, instance_id, keys, rows, chunks)
+            if ready is not None:
+                future = self._link.submit(
+                    protocols.STORE_CUDA, instance_id, keys, rows, ready.handle
+                )
+            else:
+                future = self._link.submit(protocols.STORE, instance_id, keys, rows, chunks)
         except BaseException:
+            self._give_back(ready)
             self._stores_done(request_ids, None)
             raise
-        future.add_done_callback(lambda f: self._stores_done(request_ids, f))
+
+        def done(future: MessagingFuture[Any]) -> None:
+            self._give_back(ready)
+            self._stores_done(request_ids, future)
+
+        future.add_done_callback(done)
 
     def batched_submit_retrieve_requests(
         self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
@@ -500,20 +527,49 @@ class WorkerAdapter:
         Bad input raises here, before anything is counted as in flight.
         """
         keys, rows, owners = self._plan(request_ids, ops)
+        ready: _Ready | None = None
         if owners:
-            _wait_for(event)
             instance_id = self._instance()
+            if self._mode == "cuda_ipc":
+                ready = self._ready_after(event)
+            else:
+                _wait_for(event)
         with self._lock:
             _count_in(self._retrieves_in_flight, request_ids)
         if not owners:
             self._retrieves_done(request_ids, [], rows, None)
             return
         try:
-            future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
+            if ready is not None:
+                deadline = None if self.retrieve_deadline is None else float(self.retrieve_deadline)
+                future = self._link.submit(
+                    protocols.RETRIEVE_CUDA, instance_id, owners, keys, rows, ready.handle, deadline
+                )
+            else:
+                future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
         except BaseException:
+            self._give_back(ready)
             self._retrieves_done(request_ids, owners, rows, None)
             raise
-        future.add_done_callback(lambda f: self._retrieves_done(request_ids, owners, rows, f))
+
+        def done(future: MessagingFuture[Any]) -> None:
+            self._give_back(ready)
+            self._retrieves_done(request_ids, owners, rows, future)
+
+        future.add_done_callback(done)
+
+    def _ready_after(self, event: Any) -> _Ready:
+        """An interprocess event recorded after ``event`` (or after the current stream's work)."""
+        with self._lock:
+            ring = self._events
+        assert ring is not None
+        return ring.record_after(event)
+
+    def _give_back(self, ready: _Ready | None) -> None:
+        with self._lock:
+            ring = self._events
+        if ready is not None and ring is not None:
+            ring.give_back(ready)
 
     def _plan(
         self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp]
@@ -563,7 +619,15 @@ class WorkerAdapter:
         failed: list[int] = []
         if future is not None:
             reply = self._note_outcome("retrieve", future)
-            errors = reply.errors if isinstance(reply, RetrieveReply) else [""] * len(owners)
+            if isinstance(reply, CudaCopyReply):
+                # The server replies once its copy completed; waiting on the event it sends
+                # keeps the CUDA future's contract (and returns at once).
+                future.to_cuda_future().wait()
+            errors = (
+                reply.errors
+                if isinstance(reply, RetrieveReply | CudaCopyReply)
+                else [""] * len(owners)
+            )
             ok = [i for i, error in enumerate(errors) if error is None]
             failed = [i for i, error in enumerate(errors) if error is not None]
             if self._mode == "inline" and ok and isinstance(reply, RetrieveReply):
@@ -592,7 +656,7 @@ class WorkerAdapter:
         except Exception as exc:
             logger.warning("%s failed: %s", what, exc)
             return None
-        errors = reply.errors if isinstance(reply, RetrieveReply) else reply
+        errors = reply.errors if isinstance(reply, RetrieveReply | CudaCopyReply) else reply
         problems = [e for e in errors if e is not None]
         if problems:
             logger.debug(
@@ -671,6 +735,67 @@ def _count_out(in_flight: dict[str, int], request_ids: Sequence[str]) -> list[st
             in_flight.pop(request_id, None)
             settled.append(request_id)
     return settled
+
+
+def _mode_for(device: torch.device, asked: TransferMode | None) -> TransferMode:
+    """The transfer mode for KV tensors on ``device``; refuses one that cannot move them."""
+    if device.type == "cuda":
+        if asked not in (None, "cuda_ipc"):
+            raise KVConfigError(
+                f"KV tensors on {device} move only in the cuda_ipc transfer mode, not {asked!r}; "
+                "leave transfer_mode unset"
+            )
+        return "cuda_ipc"
+    if device.type != "cpu":
+        raise KVConfigError(f"KV tensors on {device} are not supported; use CUDA or CPU tensors")
+    if asked == "cuda_ipc":
+        raise KVConfigError("the cuda_ipc transfer mode needs CUDA tensors; these are on the CPU")
+    return asked or "shm"
+
+
+@dataclass(frozen=True, eq=False)
+class _Ready:
+    """An interprocess event of this worker and its handle, for one submit at a time."""
+
+    event: Any
+    handle: CudaEventHandle
+
+
+class _EventRing:
+    """The interprocess events a cuda_ipc worker tells the server to wait for.
+
+    An event goes back to the ring when its call's reply arrives: by then the server has
+    seen it complete, so recording it again cannot change what that call waited for.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._free: list[_Ready] = []
+        self._lock = threading.Lock()
+        self._side: Any = None
+
+    def record_after(self, after: Any) -> _Ready:
+        """Take an event and record it after ``after`` (an event), or on the current stream."""
+        cuda = cast(Any, torch.cuda)
+        with self._lock:
+            ready = self._free.pop() if self._free else None
+            if after is not None and self._side is None:
+                self._side = cuda.Stream(self.device)
+        if ready is None:
+            ready = _Ready(*new_ipc_event(self.device))
+        if after is None:
+            ready.event.record(cuda.current_stream(self.device))
+        else:
+            # Recorded on a side stream that waits for the engine's event, so the engine's
+            # own streams are left as they were.
+            self._side.wait_event(after)
+            ready.event.record(self._side)
+        return ready
+
+    def give_back(self, ready: _Ready) -> None:
+        """Return an event whose call has been answered."""
+        with self._lock:
+            self._free.append(ready)
 
 
 def _wait_for(event: Any) -> None:

@@ -6,10 +6,10 @@ for what the handler does:
 * NONBLOCKING, plain functions: operations that only read or change the server's tables
   (lookup, prefetch status, end session, chunk size, stats, clear, keepalive, goodbye). They
   finish within microseconds on the event loop, with no thread hop.
-* NONBLOCKING, ``async def``: register, store and retrieve (and unregister, to match). They
-  change the tables on the loop and hand the slow part (opening shared-memory mappings, byte
-  copies) to the service's own copy executor, awaiting it, so neither the loop nor the
-  server's BLOCKING pool waits on a copy.
+* NONBLOCKING, ``async def``: register, store and retrieve (and unregister, to match), in
+  both their CPU and their CUDA forms. They change the tables on the loop and hand the slow
+  part (opening mappings, byte copies) to the service's copy executor or to a GPU's copy
+  engine, awaiting it, so neither the loop nor the server's BLOCKING pool waits on a copy.
 
 None is BLOCKING on purpose: a BLOCKING handler runs in a pool thread, and the service's
 tables are changed only on the loop thread so that they need no locks.
@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvrpc.cuda import CudaEventHandle
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 
@@ -42,24 +44,28 @@ __all__ = [
     "QUERY_PREFETCH_STATUS",
     "REGISTER_KV_CACHE",
     "RETRIEVE",
+    "RETRIEVE_CUDA",
     "STATS",
     "STORE",
+    "STORE_CUDA",
     "UNREGISTER_KV_CACHE",
+    "CudaCopyReply",
     "KVCacheRegistration",
     "RetrieveReply",
     "kv_registry",
 ]
 
-#: How a worker's KV bytes reach the server: shared memory, or inside the messages.
-TransferMode = Literal["shm", "inline"]
+#: How a worker's KV bytes reach the server: GPU memory shared by CUDA IPC, CPU shared
+#: memory, or inside the messages.
+TransferMode = Literal["cuda_ipc", "shm", "inline"]
 
 
 class KVCacheRegistration(BaseModel):
     """One worker's KV cache as it registers it: who it is, its layout, where its bytes are.
 
     ``layout`` is :meth:`kvrpc.kv.layout.KVLayout.to_wire`; ``tensors`` holds one
-    :meth:`kvrpc.kv.shm.SharedTensorRef.to_wire` per layer for the ``shm`` mode and is empty
-    for ``inline``.
+    :meth:`kvrpc.kv.shm.SharedTensorRef.to_wire` per layer for the ``shm`` mode;
+    ``cuda_tensors`` one :class:`~kvrpc.kv.cuda_ipc.CudaIPCWrapper` per layer for ``cuda_ipc``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -71,6 +77,7 @@ class KVCacheRegistration(BaseModel):
     mode: TransferMode
     layout: dict[str, Any]
     tensors: list[dict[str, Any]] = []
+    cuda_tensors: list[CudaIPCWrapper] = []
 
 
 class RetrieveReply(BaseModel):
@@ -85,6 +92,21 @@ class RetrieveReply(BaseModel):
 
     errors: list[str | None]
     chunks: list[torch.Tensor] = []
+
+
+class CudaCopyReply(BaseModel):
+    """Per-key outcome of a ``cuda_ipc`` store or retrieve, and the copy's completion event.
+
+    ``errors[i]`` is None when key ``i`` was copied. ``cuda_event`` (None when nothing was
+    copied) was recorded on the server's copy stream after the batch; the server replies
+    once it has completed, so a worker may wait on it (``CUDAMessagingFuture``) without
+    risk of waiting on a server that died mid-copy.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    errors: list[str | None]
+    cuda_event: CudaEventHandle | None = None
 
 
 REGISTER_KV_CACHE = ProtocolDefinition(
@@ -115,6 +137,26 @@ RETRIEVE = ProtocolDefinition(
     doc=(
         "Retrieve chunks into the given block ids: (client, instance, request id per key, "
         "keys, block ids); releases the sessions' pins on what it copied."
+    ),
+)
+STORE_CUDA = ProtocolDefinition(
+    "kv.store_cuda",
+    (bytes, int, KeyBatch, torch.Tensor, CudaEventHandle),
+    CudaCopyReply,
+    doc=(
+        "Store chunks from a cuda_ipc worker's GPU blocks: (client, instance, keys, block ids "
+        "[n, blocks_per_chunk], the worker's event after which the blocks hold the KV)."
+    ),
+)
+RETRIEVE_CUDA = ProtocolDefinition(
+    "kv.retrieve_cuda",
+    (bytes, int, list[str], KeyBatch, torch.Tensor, CudaEventHandle, float | None),
+    CudaCopyReply,
+    doc=(
+        "Retrieve chunks into a cuda_ipc worker's GPU blocks: (client, instance, request id "
+        "per key, keys, block ids, the worker's event after which the blocks may be written, "
+        "deadline in seconds or None). Past the deadline a copy that has not started is "
+        "not started: the reply says so only when no byte can be written any more."
     ),
 )
 LOOKUP = ProtocolDefinition(
@@ -166,6 +208,8 @@ KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     UNREGISTER_KV_CACHE,
     STORE,
     RETRIEVE,
+    STORE_CUDA,
+    RETRIEVE_CUDA,
     LOOKUP,
     QUERY_PREFETCH_STATUS,
     END_SESSION,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,12 +35,15 @@ import anyio.abc
 import torch
 
 from kvrpc._lifetime import OwnedTaskGroup
-from kvrpc.errors import KVConfigError, KVError, UnknownInstance, UnknownJob
+from kvrpc.cuda import CudaEventHandle, device_by_uuid, forget_events
+from kvrpc.errors import CudaUnavailable, KVConfigError, KVError, UnknownInstance, UnknownJob
 from kvrpc.kv import protocols
+from kvrpc.kv.copy_engine import CopyEngine, DeadlinePassed, Transfer
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
 from kvrpc.kv.pool import ChunkPool, Reserve
-from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
+from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply
 from kvrpc.kv.shm import SharedMapping, SharedTensorRef, open_shared
 from kvrpc.kv.tiers import LowerTier
 from kvrpc.server import RPCServer
@@ -82,6 +86,10 @@ class _Instance:
     layers: list[torch.Tensor]
     mappings: list[SharedMapping]
     suffix: bytes
+    #: cuda_ipc only: the GPU's copy engine, and the worker's events this server opened.
+    engine: CopyEngine | None = None
+    events: set[CudaEventHandle] = field(default_factory=set)
+    closed: bool = False
 
 
 @dataclass(eq=False)
@@ -135,8 +143,10 @@ class KVService:
     ``chunk_size`` is tokens per chunk; ``cpu_buffer_bytes`` bounds the L1 pool (its slots
     are sized by the first registered layout); ``copy_workers`` is the number of copy
     threads; a client silent for ``client_timeout`` seconds is dropped with everything it
-    owns. Open it (``async with``) on the server's loop before serving: that starts the
-    task that drops silent clients.
+    owns. ``cuda_group_bytes`` sizes each of a GPU copy engine's two staging buffers. On a
+    host with CUDA the pool is pinned, so that GPU copies run at PCIe speed. Open it
+    (``async with``) on the server's loop before serving: that starts the task that drops
+    silent clients.
     """
 
     def __init__(
@@ -145,8 +155,9 @@ class KVService:
         chunk_size: int = 256,
         cpu_buffer_bytes: int = 1 << 30,
         copy_workers: int = 2,
-        client_timeout: float = 10.0,
+        client_timeout: float = 8.0,
         lower_tier: LowerTier | None = None,
+        cuda_group_bytes: int = 256 << 20,
     ) -> None:
         if chunk_size < 1:
             raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
@@ -166,6 +177,9 @@ class KVService:
         self._jobs: dict[str, _Job] = {}
         self._clients: dict[bytes, _Client] = {}
         self._counters = _Counters()
+        self.cuda_group_bytes = cuda_group_bytes
+        self._engines: dict[int, CopyEngine] = {}
+        self._pool_ready: asyncio.Future[ChunkPool] | None = None
         self._tasks: OwnedTaskGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._saving = 0  # write-through saves in flight, each holding a pin on its slot
@@ -180,6 +194,8 @@ class KVService:
             protocols.UNREGISTER_KV_CACHE.name: self.unregister_kv_cache,
             protocols.STORE.name: self.store,
             protocols.RETRIEVE.name: self.retrieve,
+            protocols.STORE_CUDA.name: self.store_cuda,
+            protocols.RETRIEVE_CUDA.name: self.retrieve_cuda,
             protocols.LOOKUP.name: self.lookup,
             protocols.QUERY_PREFETCH_STATUS.name: self.query_prefetch_status,
             protocols.END_SESSION.name: self.end_session,
@@ -209,6 +225,9 @@ class KVService:
         for client_id in list(self._clients):
             self._drop_client(client_id)
         self._copier.shutdown(wait=True, cancel_futures=True)
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await asyncio.to_thread(engine.close)
         if self.lower_tier is not None:
             await self.lower_tier.aclose()
 
@@ -303,7 +322,13 @@ class KVService:
         per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
         chunk_nbytes = layout.chunk_nbytes(per_chunk)
         self._check_fits(spec, layout, chunk_nbytes)
-        if spec.mode == "shm":
+        engine: CopyEngine | None = None
+        if spec.mode == "cuda_ipc":
+            engine, layers = await self._open_cuda(spec, layout)
+            mappings: list[SharedMapping] = []
+        elif spec.cuda_tensors:
+            raise KVError("only the cuda_ipc transfer mode registers CUDA tensors")
+        elif spec.mode == "shm":
             if len(spec.tensors) != layout.num_layers:
                 raise KVConfigError(
                     f"layout has {layout.num_layers} layers but {len(spec.tensors)} tensors "
@@ -311,19 +336,22 @@ class KVService:
                 )
             refs = [SharedTensorRef.from_wire(t) for t in spec.tensors]
             mappings = await self._in_copier(_open_all, refs, layout)
+            layers = [m.tensor for m in mappings]
         elif spec.tensors:
             raise KVError("the inline transfer mode registers no tensors")
         else:
-            mappings = []
+            mappings, layers = [], []
         # Back on the loop. Another worker may have registered while the mappings opened,
         # so the layout is checked again before anything is recorded.
         try:
             self._check_fits(spec, layout, chunk_nbytes)
-            if self.pool is None:
-                self.pool = ChunkPool(self.cpu_buffer_bytes, chunk_nbytes)
+            await self._make_pool(chunk_nbytes)
+            self._check_fits(spec, layout, chunk_nbytes)
         except BaseException:
             for mapping in mappings:
                 mapping.close()
+            if engine is not None:
+                engine.release(layers)
             raise
         ns = self._namespace(spec.model_name, spec.world_size)
         if ns is None:
@@ -340,9 +368,10 @@ class KVService:
             layout=layout,
             blocks_per_chunk=per_chunk,
             chunk_nbytes=chunk_nbytes,
-            layers=[m.tensor for m in mappings],
+            layers=layers,
             mappings=mappings,
             suffix=ns.suffixes[spec.worker_id],
+            engine=engine,
         )
         self._client(client_id).instances.add(instance_id)
         logger.info(
@@ -356,6 +385,55 @@ class KVService:
             instance_id,
         )
         return instance_id
+
+    async def _make_pool(self, chunk_nbytes: int) -> ChunkPool:
+        """The pool, made once, in the copy executor: pinning gigabytes takes a while."""
+        if self._pool_ready is None:
+            self._pool_ready = asyncio.get_running_loop().create_future()
+            try:
+                self.pool = pool = await self._in_copier(
+                    functools.partial(
+                        ChunkPool,
+                        self.cpu_buffer_bytes,
+                        chunk_nbytes,
+                        pin_memory=torch.cuda.is_available(),
+                    )
+                )
+            except BaseException as exc:
+                ready, self._pool_ready = self._pool_ready, None
+                ready.set_exception(exc)
+                ready.exception()  # retrieved: later registrations try again
+                raise
+            self._pool_ready.set_result(pool)
+        return await asyncio.shield(self._pool_ready)
+
+    async def _open_cuda(
+        self, spec: KVCacheRegistration, layout: KVLayout
+    ) -> tuple[CopyEngine, list[torch.Tensor]]:
+        """Map a cuda_ipc worker's layers in its GPU's copy engine thread."""
+        wrappers = spec.cuda_tensors
+        if len(wrappers) != layout.num_layers:
+            raise KVConfigError(
+                f"layout has {layout.num_layers} layers but {len(wrappers)} CUDA tensors "
+                "were registered"
+            )
+        if not torch.cuda.is_available():
+            raise CudaUnavailable(
+                "this KV server has no CUDA (a CPU build of torch, or no visible GPU), so it "
+                "cannot map cuda_ipc KV caches; run it on the workers' host with their GPUs, "
+                "or register CPU tensors"
+            )
+        devices = {w.device_uuid for w in wrappers}
+        if len(devices) != 1:
+            raise KVConfigError("a worker's KV layers must all be on one GPU")
+        device = device_by_uuid(devices.pop())
+        assert device.index is not None
+        engine = self._engines.get(device.index)
+        if engine is None:
+            engine = CopyEngine(device, group_bytes=self.cuda_group_bytes)
+            self._engines[device.index] = engine
+        layers = await asyncio.wrap_future(engine.executor.submit(_open_cuda_all, wrappers, layout))
+        return engine, layers
 
     def _check_fits(self, spec: KVCacheRegistration, layout: KVLayout, chunk_nbytes: int) -> None:
         """Refuse a layout that differs from its model's, or whose chunks outgrow the slots."""
@@ -402,8 +480,13 @@ class KVService:
                     if worker == instance.worker_id:
                         self._release_pin(session, slot)
         # A copy in flight holds its own references to the tensors; the mappings close when
-        # the last reference goes.
-        instance.layers = []
+        # the last reference goes. CUDA mappings are dropped in the engine thread once no
+        # enqueued copy can touch them (closing one on the loop could stall it).
+        instance.closed = True
+        layers, instance.layers = instance.layers, []
+        if instance.engine is not None:
+            instance.engine.release(layers)
+            forget_events(list(instance.events))
         for mapping in instance.mappings:
             mapping.close()
 
@@ -469,10 +552,61 @@ class KVService:
     ) -> list[str | None]:
         """``kv.store``: copy each key's blocks into a pool slot; per key None or why not."""
         instance = self._instance(client_id, instance_id)
+        _require_mode(instance, "shm", "inline")
         if instance.mode == "inline":
             _check_inline_chunks(chunks, len(keys), instance.chunk_nbytes)
         elif chunks:
             raise KVError("chunk bytes travel in the message only in the inline mode")
+        results, reserved, key_bytes = await self._reserve_batch(instance, keys, block_ids)
+        if not reserved:
+            return results
+        pool = self._require_pool()
+        outs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in reserved]
+        if instance.mode == "inline":
+            srcs = [chunks[i] for i, _ in reserved]
+            works: list[Callable[[], None]] = [functools.partial(_copy_all, outs, srcs)]
+        else:
+            rows = block_ids[[i for i, _ in reserved]]
+            works = self._by_layers(gather_chunks, instance, rows, outs)
+        error = await self._copy(works, on_late_finish=lambda: _abort(pool, reserved))
+        self._settle_store(instance, results, reserved, key_bytes, error)
+        return results
+
+    async def store_cuda(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        ready: CudaEventHandle,
+    ) -> CudaCopyReply:
+        """``kv.store_cuda``: the GPU copy engine gathers the blocks into pinned pool slots.
+
+        Replies once the copy has completed, with the event the engine recorded after it.
+        """
+        instance = self._instance(client_id, instance_id)
+        _require_mode(instance, "cuda_ipc")
+        results, reserved, key_bytes = await self._reserve_batch(instance, keys, block_ids)
+        if not reserved:
+            return CudaCopyReply(errors=results)
+        pool = self._require_pool()
+        rows = block_ids[[i for i, _ in reserved]]
+        error, done = await self._gpu_copy(
+            instance,
+            rows,
+            [slot for _, slot in reserved],
+            ready,
+            retrieve=False,
+            deadline=None,
+            on_late_finish=lambda: _abort(pool, reserved),
+        )
+        self._settle_store(instance, results, reserved, key_bytes, error)
+        return CudaCopyReply(errors=results, cuda_event=done)
+
+    async def _reserve_batch(
+        self, instance: _Instance, keys: KeyBatch, block_ids: torch.Tensor
+    ) -> tuple[list[str | None], list[tuple[int, int]], list[bytes]]:
+        """Check a store and reserve a slot per storable key: (results, (key, slot)s, keys)."""
         results = self._check_batch(instance, keys, block_ids)
         pool = self._require_pool()
         counters = self._counters
@@ -497,16 +631,18 @@ class KVService:
             else:
                 assert isinstance(slot, int)
                 reserved.append((i, slot))
-        if not reserved:
-            return results
-        outs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in reserved]
-        if instance.mode == "inline":
-            srcs = [chunks[i] for i, _ in reserved]
-            works: list[Callable[[], None]] = [functools.partial(_copy_all, outs, srcs)]
-        else:
-            rows = block_ids[[i for i, _ in reserved]]
-            works = self._by_layers(gather_chunks, instance, rows, outs)
-        error = await self._copy(works, on_late_finish=lambda: _abort(pool, reserved))
+        return results, reserved, key_bytes
+
+    def _settle_store(
+        self,
+        instance: _Instance,
+        results: list[str | None],
+        reserved: list[tuple[int, int]],
+        key_bytes: list[bytes],
+        error: str | None,
+    ) -> None:
+        """Commit the copied slots (or abort them all) and start the write-through."""
+        pool = self._require_pool()
         for i, slot in reserved:
             if error is None:
                 pool.commit(slot)
@@ -514,11 +650,10 @@ class KVService:
                 pool.abort(slot)
                 results[i] = f"copy failed: {error}"
         if error is None:
-            counters.stores += len(reserved)
+            self._counters.stores += len(reserved)
             if self.lower_tier is not None:
                 stored = [(key_bytes[i], slot) for i, slot in reserved]
                 self._write_through(stored, instance.chunk_nbytes)
-        return results
 
     async def retrieve(
         self,
@@ -530,23 +665,9 @@ class KVService:
     ) -> RetrieveReply:
         """``kv.retrieve``: copy each key's chunk into its blocks (or into the reply)."""
         instance = self._instance(client_id, instance_id)
-        if len(request_ids) != len(keys):
-            raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
-        results = self._check_batch(instance, keys, block_ids)
+        _require_mode(instance, "shm", "inline")
+        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
         pool = self._require_pool()
-        counters = self._counters
-        found: list[tuple[int, int]] = []
-        for i, key in enumerate(_keys_of(keys.hashes, instance.suffix)):
-            if results[i] is not None:
-                continue
-            slot = pool.lookup(key)
-            if slot is None:
-                counters.retrieve_misses += 1
-                results[i] = "not in the cache (never stored, or evicted)"
-                continue
-            pool.pin(slot)  # for the copy: the slot is not evicted or rewritten meanwhile
-            pool.touch(slot)
-            found.append((i, slot))
         srcs = [pool.slot_view(slot)[: instance.chunk_nbytes] for _, slot in found]
         copies: list[torch.Tensor] = []
         if not found:
@@ -557,6 +678,88 @@ class KVService:
             rows = block_ids[[i for i, _ in found]]
             works = self._by_layers(scatter_chunks, instance, rows, srcs)
         error = await self._copy(works, on_late_finish=lambda: _unpin(pool, found))
+        self._settle_retrieve(instance, request_ids, results, found, error)
+        chunks: list[torch.Tensor] = []
+        if instance.mode == "inline":
+            by_index = dict(zip((i for i, _ in found), copies, strict=False))
+            empty = torch.empty(0, dtype=torch.uint8)
+            chunks = [
+                by_index.get(i, empty) if results[i] is None else empty for i in range(len(keys))
+            ]
+        return RetrieveReply(errors=results, chunks=chunks)
+
+    async def retrieve_cuda(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        ready: CudaEventHandle,
+        deadline: float | None,
+    ) -> CudaCopyReply:
+        """``kv.retrieve_cuda``: the GPU copy engine writes the chunks into the blocks.
+
+        With a ``deadline`` (seconds from now), a copy that has not started by then never
+        starts, and the keys fail with a reason; one that started finishes and succeeds.
+        Either way the reply comes only when no byte can be written any more.
+        """
+        expires = None if deadline is None else time.monotonic() + deadline
+        instance = self._instance(client_id, instance_id)
+        _require_mode(instance, "cuda_ipc")
+        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
+        if not found:
+            return CudaCopyReply(errors=results)
+        pool = self._require_pool()
+        rows = block_ids[[i for i, _ in found]]
+        error, done = await self._gpu_copy(
+            instance,
+            rows,
+            [slot for _, slot in found],
+            ready,
+            retrieve=True,
+            deadline=expires,
+            on_late_finish=lambda: _unpin(pool, found),
+        )
+        self._settle_retrieve(instance, request_ids, results, found, error)
+        return CudaCopyReply(errors=results, cuda_event=done)
+
+    def _pin_batch(
+        self,
+        instance: _Instance,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+    ) -> tuple[list[str | None], list[tuple[int, int]]]:
+        """Check a retrieve and pin each key's slot for the copy: (results, (key, slot)s)."""
+        if len(request_ids) != len(keys):
+            raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
+        results = self._check_batch(instance, keys, block_ids)
+        pool = self._require_pool()
+        found: list[tuple[int, int]] = []
+        for i, key in enumerate(_keys_of(keys.hashes, instance.suffix)):
+            if results[i] is not None:
+                continue
+            slot = pool.lookup(key)
+            if slot is None:
+                self._counters.retrieve_misses += 1
+                results[i] = "not in the cache (never stored, or evicted)"
+                continue
+            pool.pin(slot)  # for the copy: the slot is not evicted or rewritten meanwhile
+            pool.touch(slot)
+            found.append((i, slot))
+        return results, found
+
+    def _settle_retrieve(
+        self,
+        instance: _Instance,
+        request_ids: list[str],
+        results: list[str | None],
+        found: list[tuple[int, int]],
+        error: str | None,
+    ) -> None:
+        """Unpin the copied slots and release the sessions' pins on what was copied."""
+        pool = self._require_pool()
         ns_id = instance.namespace.id
         for i, slot in found:
             pool.unpin(slot)
@@ -567,15 +770,71 @@ class KVService:
             if session is not None and slot in session.pins:
                 self._release_pin(session, slot)
         if error is None:
-            counters.retrieves += len(found)
-        chunks: list[torch.Tensor] = []
-        if instance.mode == "inline":
-            by_index = dict(zip((i for i, _ in found), copies, strict=False))
-            empty = torch.empty(0, dtype=torch.uint8)
-            chunks = [
-                by_index.get(i, empty) if results[i] is None else empty for i in range(len(keys))
-            ]
-        return RetrieveReply(errors=results, chunks=chunks)
+            self._counters.retrieves += len(found)
+
+    async def _gpu_copy(
+        self,
+        instance: _Instance,
+        rows: torch.Tensor,
+        slots: list[int],
+        ready_handle: CudaEventHandle,
+        *,
+        retrieve: bool,
+        deadline: float | None,
+        on_late_finish: Callable[[], None],
+    ) -> tuple[str | None, CudaEventHandle | None]:
+        """Run a batch through the instance's copy engine: (None or why not, done event).
+
+        The worker's event is polled until it completes before anything is enqueued (see
+        :mod:`kvrpc.cuda` for why a stream never waits on a peer's pending event). Returns
+        once the copy has completed, or once it is certain never to run.
+        """
+        engine = instance.engine
+        pool = self._require_pool()
+        assert engine is not None
+        try:
+            ready: Any = ready_handle.open()
+        except Exception as exc:
+            return f"cannot open the worker's CUDA event: {exc}", None
+        instance.events.add(ready_handle)
+        if not ready.query():
+            limit = self.client_timeout
+            if deadline is not None:
+                limit = max(0.0, min(limit, deadline - time.monotonic()))
+            polled = engine.wait_ready(ready, lambda: instance.closed, limit)
+            if not await asyncio.wrap_future(polled):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return f"{_DEADLINE_TEXT} (the worker's event was still pending)", None
+                return (
+                    f"the worker's CUDA event did not complete within {limit:g} s, or the "
+                    "worker left; nothing was copied"
+                ), None
+        if instance.closed:
+            return "the worker unregistered; nothing was copied", None
+        transfer = Transfer(
+            instance.layers,
+            instance.layout,
+            rows,
+            pool.buffer,
+            slots,
+            pool.slot_nbytes,
+            ready,
+            deadline,
+        )
+        submit = engine.submit_retrieve if retrieve else engine.submit_store
+        enqueued = submit(transfer)
+        try:
+            done, handle = await asyncio.wrap_future(enqueued)
+            await asyncio.wrap_future(engine.wait(done))
+        except asyncio.CancelledError:
+            _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
+            raise
+        except DeadlinePassed:
+            return _DEADLINE_TEXT, None
+        except Exception as exc:
+            logger.error("a GPU copy failed", exc_info=exc)
+            return f"{type(exc).__name__}: {exc}", None
+        return None, handle
 
     async def _copy(
         self, works: list[Callable[[], None]], *, on_late_finish: Callable[[], None]
@@ -939,6 +1198,53 @@ def _open_all(refs: list[SharedTensorRef], layout: KVLayout) -> list[SharedMappi
             mapping.close()
         raise
     return mappings
+
+
+_DEADLINE_TEXT = "the deadline passed before the copy started; no block was written"
+
+
+def _require_mode(instance: _Instance, *modes: str) -> None:
+    if instance.mode not in modes:
+        which = (
+            "kv.store_cuda / kv.retrieve_cuda"
+            if instance.mode == "cuda_ipc"
+            else ("kv.store / kv.retrieve")
+        )
+        raise KVError(
+            f"this KV cache was registered in the {instance.mode} transfer mode: use {which}"
+        )
+
+
+def _after_engine(
+    enqueued: concurrent.futures.Future[Any],
+    engine: CopyEngine,
+    loop: asyncio.AbstractEventLoop,
+    then: Callable[[], None],
+) -> None:
+    """Call ``then`` on ``loop`` once an abandoned engine job can no longer touch memory."""
+
+    def finish(_: object = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to release into
+            loop.call_soon_threadsafe(then)
+
+    def enqueued_done(future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            finish()  # nothing was enqueued
+        else:
+            engine.wait(future.result()[0]).add_done_callback(finish)
+
+    enqueued.add_done_callback(enqueued_done)
+
+
+def _open_cuda_all(wrappers: list[CudaIPCWrapper], layout: KVLayout) -> list[torch.Tensor]:
+    layers = [wrapper.to_tensor() for wrapper in wrappers]
+    for index, tensor in enumerate(layers):
+        if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
+            raise KVConfigError(
+                f"CUDA tensor {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
+                f"says {layout.torch_dtype} {list(layout.shape)}"
+            )
+    return layers
 
 
 def _copy_all(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:

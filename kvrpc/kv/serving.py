@@ -32,7 +32,7 @@ class KVServerSettings:
     cpu_buffer_size: float = 1.0
     chunk_size: int = 256
     max_workers: int = 4
-    client_timeout: float = 10.0
+    client_timeout: float = 8.0
     disk_dir: str | None = None
     disk_size: float = 16.0
 

@@ -1,0 +1,420 @@
+"""The GPU copy engine: workers' paged KV blocks to pinned pool slots and back.
+
+One :class:`CopyEngine` per GPU, made by the server when the first ``cuda_ipc`` worker of
+that GPU registers. It owns one executor thread, two CUDA streams and a small staging ring
+in GPU memory:
+
+* the *gather* stream picks a group of chunks' blocks out of every layer (one
+  ``index_select`` and one strided copy per layer) into a staging buffer laid out exactly
+  like the pool's slots (:mod:`kvrpc.kv.layout`), so that
+* the *copy* stream moves each chunk to its pinned slot in one DMA (neighbouring slots in
+  one DMA together), while the gather stream already works on the next group.
+
+A retrieve runs the same pipeline backwards (DMA in, then a strided copy and one
+``index_copy_`` per layer). The staging ring is ``depth`` buffers of ``group_bytes`` each,
+reused in stream order (an event per buffer says when its last reader is done), so the
+engine's GPU memory stays fixed however large a batch is.
+
+The executor thread only *enqueues* work (a few hundred launches for a 2 GB batch) and
+returns the interprocess event recorded after it; waiting for that event happens in a pool
+of waiter threads (:meth:`CopyEngine.wait`), never on the event loop and never in the
+engine thread, so the next batch is enqueued while this one is still moving.
+
+The gather and scatter maths (:func:`gather_group`, :func:`scatter_group`) are plain torch
+and work on any device; the tests check them on the CPU against :mod:`kvrpc.kv.layout`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from kvrpc.cuda import CudaEventHandle, new_ipc_event
+from kvrpc.errors import KVError
+from kvrpc.kv.layout import KVLayout
+
+__all__ = [
+    "CopyEngine",
+    "DeadlinePassed",
+    "Transfer",
+    "carrier_dtype",
+    "contiguous_runs",
+    "gather_group",
+    "last_occurrences",
+    "scatter_group",
+]
+
+# Widest first; see kvrpc.kv.layout: a wide element type makes index_select / index_copy_
+# move 16 bytes per element, and it covers fp8, which has no index kernels of its own.
+_CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+
+#: Completion events each engine cycles through. A worker may look at a reply's event a
+#: while after the reply; the ring is long enough that the event has not been recorded again
+#: by then (were it, the worker would only wait for more, never for less).
+_DONE_EVENTS = 256
+
+
+# torch.cuda's classes are untyped; the engine holds them as Any.
+_cuda = cast(Any, torch.cuda)
+
+
+class DeadlinePassed(KVError):
+    """A retrieve's deadline passed before its copy started: no byte was written."""
+
+
+def carrier_dtype(layout: KVLayout) -> torch.dtype:
+    """The widest element type whose size divides one row (the layout's last dim) in bytes."""
+    row = layout.shape[-1] * layout.torch_dtype.itemsize
+    return next(c for c in _CARRIERS if row % c.itemsize == 0)
+
+
+def _chunk_views(
+    layer: torch.Tensor, layout: KVLayout, staging: torch.Tensor, index: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The carrier views a group copy needs: the layer, its part of staging, the split shape."""
+    carrier = carrier_dtype(layout)
+    num_layers = layout.num_layers
+    per_layer = staging.shape[1] // num_layers
+    chunk_shape = list(layout.shape)
+    dim = layout.block_dim
+    blocks_per_chunk = per_layer // layout.block_nbytes
+    chunk_shape[dim] = blocks_per_chunk
+    chunk_shape[-1] = chunk_shape[-1] * layout.torch_dtype.itemsize // carrier.itemsize
+    part = staging.view(groups, num_layers, per_layer)[:, index].view(carrier)
+    part = part.view(groups, *chunk_shape)
+    split = list(layer.shape)
+    split[dim : dim + 1] = [groups, blocks_per_chunk]
+    split[-1] = chunk_shape[-1]
+    return layer.view(carrier), part, split
+
+
+def gather_group(
+    layers: Sequence[torch.Tensor],
+    layout: KVLayout,
+    block_ids: torch.Tensor,
+    staging: torch.Tensor,
+    scratch: torch.Tensor,
+) -> None:
+    """Gather ``g`` chunks into ``staging`` (uint8 ``[g, chunk_nbytes]``), one slot per row.
+
+    ``block_ids`` is the ``g * bpc`` block ids of the chunks, flat, on the layers' device;
+    ``scratch`` is a uint8 buffer of at least one layer's share of the group. Per layer:
+    one ``index_select`` into scratch, one strided copy into the rows.
+    """
+    groups = staging.shape[0]
+    dim = layout.block_dim
+    for index, layer in enumerate(layers):
+        source, part, split = _chunk_views(layer, layout, staging, index, groups)
+        shape = list(source.shape)
+        shape[dim] = block_ids.numel()
+        picked = scratch[: math.prod(shape) * source.dtype.itemsize].view(source.dtype)
+        picked = picked.view(shape)
+        torch.index_select(source, dim, block_ids, out=picked)
+        part.copy_(picked.view(split).movedim(dim, 0))
+
+
+def scatter_group(
+    layers: Sequence[torch.Tensor],
+    layout: KVLayout,
+    block_ids: torch.Tensor,
+    staging: torch.Tensor,
+    scratch: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> None:
+    """Scatter the rows of ``staging`` into the blocks ``block_ids`` names (the reverse copy).
+
+    ``keep``, when a block id appears more than once, holds the positions to write (the last
+    occurrence of each id, see :func:`last_occurrences`), so that the later chunk wins as on
+    the CPU path; ``index_copy_`` with repeated ids would pick one at random.
+    """
+    groups = staging.shape[0]
+    dim = layout.block_dim
+    ids = block_ids if keep is None else block_ids.index_select(0, keep)
+    for index, layer in enumerate(layers):
+        target, part, split = _chunk_views(layer, layout, staging, index, groups)
+        shape = list(target.shape)
+        shape[dim] = block_ids.numel()
+        picked = scratch[: math.prod(shape) * target.dtype.itemsize].view(target.dtype)
+        picked = picked.view(shape)
+        picked.view(split).movedim(dim, 0).copy_(part)
+        if keep is not None:
+            picked = picked.index_select(dim, keep)
+        target.index_copy_(dim, ids, picked)
+
+
+def last_occurrences(block_ids: list[int]) -> list[int] | None:
+    """Positions of the last occurrence of each id, in order; None when no id repeats."""
+    last: dict[int, int] = {}
+    for position, block in enumerate(block_ids):
+        last[block] = position
+    if len(last) == len(block_ids):
+        return None
+    return sorted(last.values())
+
+
+def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """``(first index, count)`` of each run of consecutive slot numbers, in order."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for index in range(1, len(slots) + 1):
+        if index == len(slots) or slots[index] != slots[index - 1] + 1:
+            runs.append((start, index - start))
+            start = index
+    return runs
+
+
+@dataclass(eq=False)
+class Transfer:
+    """One batch for the engine: whose blocks, which ones, which pool slots."""
+
+    layers: list[torch.Tensor]
+    layout: KVLayout
+    block_ids: torch.Tensor
+    """``[n, bpc]`` int64 on the CPU, one row per chunk."""
+    host: torch.Tensor
+    """The pool's whole pinned buffer (1-D uint8)."""
+    slots: list[int]
+    slot_nbytes: int
+    ready: Any = None
+    """The worker's event: its blocks are ready to read (store) or to write (retrieve)."""
+    deadline: float | None = None
+    """``time.monotonic()`` past which the copy must not start (retrieve)."""
+
+
+class CopyEngine:
+    """One GPU's copy engine: an executor thread, two streams, a staging ring.
+
+    ``group_bytes`` is the size of one staging buffer (rounded up to a whole chunk) and
+    ``depth`` how many there are; ``waiters`` threads wait for completion events.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        group_bytes: int = 256 << 20,
+        depth: int = 2,
+        waiters: int = 4,
+    ) -> None:
+        self.device = device
+        self.group_bytes = group_bytes
+        self.depth = depth
+        name = f"kvrpc-copy-{device.index}"
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, name)
+        self.waiters = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-wait")
+        self._started = threading.Event()
+        self._gather: Any = None
+        self._copy: Any = None
+        self._staging: list[torch.Tensor] = []
+        self._scratch: torch.Tensor | None = None
+        self._free: list[Any] = [None] * depth
+        self._next_buffer = 0
+        self._done: list[tuple[Any, CudaEventHandle]] = []
+        self._done_index = itertools.count()
+        self.batches = 0
+        self.bytes_moved = 0
+
+    # --------------------------------------------------------------- run in the engine thread
+
+    def _setup(self, chunk_nbytes: int, layer_bytes: int) -> int:
+        """Make streams and buffers on first use; returns chunks per group."""
+        if self._gather is None:
+            torch.cuda.set_device(self.device)
+            self._gather = _cuda.Stream(self.device)
+            self._copy = _cuda.Stream(self.device)
+        per_group = max(1, self.group_bytes // chunk_nbytes)
+        need = per_group * chunk_nbytes
+        if not self._staging or self._staging[0].numel() < need:
+            self._drain()
+            self._staging = [
+                torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(self.depth)
+            ]
+            self._free = [None] * self.depth
+        scratch = per_group * layer_bytes
+        if self._scratch is None or self._scratch.numel() < scratch:
+            self._drain()
+            self._scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
+        return per_group
+
+    def _drain(self) -> None:
+        if self._gather is not None and self._copy is not None:
+            self._gather.synchronize()
+            self._copy.synchronize()
+
+    def _done_event(self) -> tuple[Any, CudaEventHandle]:
+        index = next(self._done_index) % _DONE_EVENTS
+        if index == len(self._done):
+            self._done.append(new_ipc_event(self.device))
+        return self._done[index]
+
+    def _groups(self, transfer: Transfer) -> tuple[int, list[tuple[int, int, torch.Tensor]]]:
+        """Per group: first chunk, chunk count, its flat block ids on the GPU."""
+        layout, n = transfer.layout, len(transfer.slots)
+        bpc = transfer.block_ids.shape[1]
+        chunk_nbytes = layout.chunk_nbytes(bpc)
+        per_group = self._setup(chunk_nbytes, layout.layer_chunk_nbytes(bpc))
+        assert self._gather is not None
+        with torch.cuda.stream(self._gather):
+            flat = transfer.block_ids.reshape(-1).to(self.device, non_blocking=True)
+        groups = []
+        for first in range(0, n, per_group):
+            count = min(per_group, n - first)
+            groups.append((first, count, flat[first * bpc : (first + count) * bpc]))
+        return chunk_nbytes, groups
+
+    def _host_runs(
+        self, transfer: Transfer, first: int, count: int, chunk_nbytes: int
+    ) -> list[tuple[torch.Tensor, int, int]]:
+        """Host views to copy for chunks ``first..first+count``: (view, staging row, rows)."""
+        slots = transfer.slots[first : first + count]
+        size = transfer.slot_nbytes
+        out = []
+        if size == chunk_nbytes:
+            for start, length in contiguous_runs(slots):
+                begin = slots[start] * size
+                out.append((transfer.host[begin : begin + length * size], start, length))
+        else:
+            for start, slot in enumerate(slots):
+                begin = slot * size
+                out.append((transfer.host[begin : begin + chunk_nbytes], start, 1))
+        return out
+
+    def _store(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
+        chunk_nbytes, groups = self._groups(transfer)
+        gather, copy = self._gather, self._copy
+        assert gather is not None and copy is not None and self._scratch is not None
+        if transfer.ready is not None:
+            gather.wait_event(transfer.ready)
+        for first, count, ids in groups:
+            b = self._next_buffer
+            self._next_buffer = (b + 1) % self.depth
+            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
+            free = self._free[b]
+            if free is not None:
+                gather.wait_event(free)
+            with torch.cuda.stream(gather):
+                gather_group(transfer.layers, transfer.layout, ids, staging, self._scratch)
+                gathered = _cuda.Event()
+                gathered.record(gather)
+            copy.wait_event(gathered)
+            with torch.cuda.stream(copy):
+                for view, row, rows in self._host_runs(transfer, first, count, chunk_nbytes):
+                    view.copy_(staging[row : row + rows].view(-1), non_blocking=True)
+                freed = _cuda.Event()
+                freed.record(copy)
+            self._free[b] = freed
+            time.sleep(0)  # let the event loop thread take the GIL between groups
+        done, handle = self._done_event()
+        done.record(copy)
+        self.batches += 1
+        self.bytes_moved += chunk_nbytes * len(transfer.slots)
+        return done, handle
+
+    def _retrieve(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
+        if transfer.deadline is not None and time.monotonic() > transfer.deadline:
+            raise DeadlinePassed(
+                "the retrieve's deadline passed before its copy started; no block was written"
+            )
+        chunk_nbytes, groups = self._groups(transfer)
+        gather, copy = self._gather, self._copy
+        assert gather is not None and copy is not None and self._scratch is not None
+        if transfer.ready is not None:
+            gather.wait_event(transfer.ready)
+        for first, count, ids in groups:
+            b = self._next_buffer
+            self._next_buffer = (b + 1) % self.depth
+            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
+            free = self._free[b]
+            if free is not None:
+                copy.wait_event(free)
+            with torch.cuda.stream(copy):
+                for view, row, rows in self._host_runs(transfer, first, count, chunk_nbytes):
+                    staging[row : row + rows].view(-1).copy_(view, non_blocking=True)
+                loaded = _cuda.Event()
+                loaded.record(copy)
+            gather.wait_event(loaded)
+            rows_ids = transfer.block_ids[first : first + count].reshape(-1).tolist()
+            keep_list = last_occurrences(rows_ids)
+            with torch.cuda.stream(gather):
+                keep = None
+                if keep_list is not None:
+                    keep = torch.tensor(keep_list, dtype=torch.int64).to(
+                        self.device, non_blocking=True
+                    )
+                scatter_group(transfer.layers, transfer.layout, ids, staging, self._scratch, keep)
+                freed = _cuda.Event()
+                freed.record(gather)
+            self._free[b] = freed
+            time.sleep(0)
+        done, handle = self._done_event()
+        done.record(gather)
+        self.batches += 1
+        self.bytes_moved += chunk_nbytes * len(transfer.slots)
+        return done, handle
+
+    # --------------------------------------------------------------- called from the loop
+
+    def submit_store(
+        self, transfer: Transfer
+    ) -> concurrent.futures.Future[tuple[Any, CudaEventHandle]]:
+        """Enqueue a store in the engine thread; resolves to (done event, its IPC handle)."""
+        return self.executor.submit(self._store, transfer)
+
+    def submit_retrieve(
+        self, transfer: Transfer
+    ) -> concurrent.futures.Future[tuple[Any, CudaEventHandle]]:
+        """Enqueue a retrieve (or raise :class:`DeadlinePassed`); resolves like a store."""
+        return self.executor.submit(self._retrieve, transfer)
+
+    def wait(self, event: Any) -> concurrent.futures.Future[None]:
+        """A future resolved (in a waiter thread) once ``event`` has completed."""
+        return self.waiters.submit(event.synchronize)
+
+    def wait_ready(
+        self, event: Any, give_up: Callable[[], bool], timeout: float
+    ) -> concurrent.futures.Future[bool]:
+        """Poll a worker's event until it completes; False on ``give_up()`` or timeout.
+
+        Polled, not waited on: a stream waiting on the event of a process that died would
+        wait forever (see :mod:`kvrpc.cuda`).
+        """
+        return self.waiters.submit(_poll_ready, event, give_up, timeout)
+
+    def release(self, tensors: list[torch.Tensor]) -> concurrent.futures.Future[None]:
+        """Drop ``tensors`` (closing their IPC mappings) once no enqueued copy can use them."""
+        return self.executor.submit(_release, self, tensors)
+
+    def staging_bytes(self) -> int:
+        """GPU bytes the engine holds for staging and scratch."""
+        total = sum(t.numel() for t in self._staging)
+        return total + (self._scratch.numel() if self._scratch is not None else 0)
+
+    def close(self) -> None:
+        """Finish enqueued work and stop the threads."""
+        self.executor.submit(self._drain).result()
+        self.executor.shutdown(wait=True)
+        self.waiters.shutdown(wait=True)
+
+
+def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:
+    engine._drain()
+    tensors.clear()
+
+
+def _poll_ready(event: Any, give_up: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = 10e-6
+    while not event.query():
+        if give_up() or time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    return True

@@ -1,0 +1,335 @@
+"""The GPU copy engine's gather/scatter maths, checked on the CPU against kvrpc.kv.layout.
+
+:func:`gather_group` and :func:`scatter_group` copy a group of chunks between the layers and
+a staging buffer ``[g, chunk_nbytes]`` whose rows are pool slots; they must move exactly the
+bytes that :func:`gather_chunks` / :func:`scatter_chunks` move, for every layout kind and
+dtype, so a chunk stored by the GPU path reads back on the CPU path and the other way round.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrpc.kv.copy_engine import (
+    carrier_dtype,
+    contiguous_runs,
+    gather_group,
+    last_occurrences,
+    scatter_group,
+)
+from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
+
+NUM_LAYERS = 3
+NUM_BLOCKS = 12
+BPC = 3
+
+# Per kind, a layer whose row (last dim) is 16 elements wide, and one 5 elements wide: in
+# 16-bit dtypes that is 32 / 10 bytes (complex128 / int16 carriers), in fp8 16 / 5 bytes
+# (complex128 / uint8), so every carrier width the engine can pick is exercised.
+SHAPES = {
+    (LayoutKind.PAGED, "wide"): (2, NUM_BLOCKS, 4, 2, 16),
+    (LayoutKind.PAGED, "odd"): (2, NUM_BLOCKS, 4, 2, 5),
+    (LayoutKind.BLOCKS_FIRST, "wide"): (NUM_BLOCKS, 2, 4, 2, 16),
+    (LayoutKind.BLOCKS_FIRST, "odd"): (NUM_BLOCKS, 2, 4, 2, 5),
+    (LayoutKind.MLA, "wide"): (NUM_BLOCKS, 4, 16),
+    (LayoutKind.MLA, "odd"): (NUM_BLOCKS, 4, 5),
+}
+DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn]
+
+# Chunks as rows of block ids: every block id differs, in no particular order.
+DISTINCT = [[7, 2, 9], [0, 11, 4], [5, 1, 10], [3, 8, 6]]
+# Block 5 is named by rows 0 and 2, block 9 by rows 0, 1 and 3: the later row must win.
+REPEATED = [[5, 2, 9], [0, 9, 4], [5, 1, 10], [3, 8, 9]]
+
+params = pytest.mark.parametrize(
+    ("kind", "width"), list(SHAPES), ids=[f"{k.value}-{w}" for k, w in SHAPES]
+)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def random_bytes(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A tensor of random bit patterns: NaNs, infinities and denormals included."""
+    generator = torch.Generator().manual_seed(seed)
+    count = torch.Size(shape).numel() * dtype.itemsize
+    bits = torch.randint(0, 256, (count,), dtype=torch.uint8, generator=generator)
+    return bits.view(dtype).view(shape)
+
+
+def random_layers(layout: KVLayout, seed: int) -> list[torch.Tensor]:
+    return [
+        random_bytes(layout.shape, layout.torch_dtype, seed * 100 + i)
+        for i in range(layout.num_layers)
+    ]
+
+
+def layout_of(kind: LayoutKind, width: str, dtype: torch.dtype) -> KVLayout:
+    return KVLayout(kind, NUM_LAYERS, SHAPES[kind, width], dtype_name(dtype))
+
+
+def bits(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.view(torch.uint8) for t in tensors]
+
+
+def same_bits(left: list[torch.Tensor], right: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(bits(left), bits(right), strict=True))
+
+
+def staging_for(layout: KVLayout, groups: int, fill: int = 0xA5) -> torch.Tensor:
+    """A staging buffer ``[groups, chunk_nbytes]`` full of a junk byte."""
+    return torch.full((groups, layout.chunk_nbytes(BPC)), fill, dtype=torch.uint8)
+
+
+def scratch_for(layout: KVLayout, groups: int) -> torch.Tensor:
+    """Scratch of exactly one layer's share of the group, as the engine sizes it."""
+    return torch.empty(groups * layout.layer_chunk_nbytes(BPC), dtype=torch.uint8)
+
+
+def id_rows(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def block_bytes(layer: torch.Tensor, layout: KVLayout, block: int) -> torch.Tensor:
+    return layer.select(layout.block_dim, block).contiguous().view(-1).view(torch.uint8)
+
+
+# ------------------------------------------------------------------ gather
+
+
+@params
+@dtypes
+def test_gather_group_fills_each_staging_row_exactly_as_gather_chunks_fills_a_slot(
+    kind: LayoutKind, width: str, dtype: torch.dtype
+) -> None:
+    layout = layout_of(kind, width, dtype)
+    layers = random_layers(layout, seed=1)
+    before = [layer.clone() for layer in layers]
+    ids = id_rows(DISTINCT)
+    expected = staging_for(layout, len(DISTINCT), fill=0)
+    gather_chunks(layers, layout, ids, list(expected.unbind(0)))
+
+    staging = staging_for(layout, len(DISTINCT))
+    gather_group(layers, layout, ids.view(-1), staging, scratch_for(layout, len(DISTINCT)))
+
+    assert torch.equal(staging, expected)
+    assert same_bits(layers, before)  # a gather only reads the layers
+
+
+@params
+@dtypes
+def test_gather_group_of_repeated_block_ids_copies_the_block_into_every_row_naming_it(
+    kind: LayoutKind, width: str, dtype: torch.dtype
+) -> None:
+    layout = layout_of(kind, width, dtype)
+    layers = random_layers(layout, seed=2)
+    ids = id_rows(REPEATED)
+    expected = staging_for(layout, len(REPEATED), fill=0)
+    gather_chunks(layers, layout, ids, list(expected.unbind(0)))
+
+    staging = staging_for(layout, len(REPEATED))
+    gather_group(layers, layout, ids.view(-1), staging, scratch_for(layout, len(REPEATED)))
+
+    assert torch.equal(staging, expected)
+
+
+def test_gather_group_of_one_chunk_is_one_slot() -> None:
+    layout = layout_of(LayoutKind.PAGED, "wide", torch.bfloat16)
+    layers = random_layers(layout, seed=3)
+    ids = id_rows([[11, 0, 6]])
+    expected = staging_for(layout, 1, fill=0)
+    gather_chunks(layers, layout, ids, [expected[0]])
+
+    staging = staging_for(layout, 1)
+    gather_group(layers, layout, ids.view(-1), staging, scratch_for(layout, 1))
+
+    assert torch.equal(staging, expected)
+
+
+def test_gather_group_uses_a_larger_scratch_than_it_needs_without_harm() -> None:
+    layout = layout_of(LayoutKind.BLOCKS_FIRST, "odd", torch.float8_e4m3fn)
+    layers = random_layers(layout, seed=4)
+    ids = id_rows(DISTINCT[:2])
+    expected = staging_for(layout, 2, fill=0)
+    gather_chunks(layers, layout, ids, list(expected.unbind(0)))
+
+    staging = staging_for(layout, 2)
+    scratch = torch.empty(10 * layout.chunk_nbytes(BPC) + 1, dtype=torch.uint8)
+    gather_group(layers, layout, ids.view(-1), staging, scratch)
+
+    assert torch.equal(staging, expected)
+
+
+# ------------------------------------------------------------------ scatter
+
+
+@params
+@dtypes
+def test_scatter_group_writes_the_blocks_exactly_as_scatter_chunks_does(
+    kind: LayoutKind, width: str, dtype: torch.dtype
+) -> None:
+    layout = layout_of(kind, width, dtype)
+    staging = random_bytes((len(DISTINCT), layout.chunk_nbytes(BPC)), torch.uint8, seed=5)
+    ids = id_rows(DISTINCT)
+    expected = random_layers(layout, seed=6)
+    layers = [layer.clone() for layer in expected]
+    scatter_chunks(expected, layout, ids, list(staging.unbind(0)))
+    staged = staging.clone()
+
+    scatter_group(layers, layout, ids.view(-1), staging, scratch_for(layout, len(DISTINCT)))
+
+    assert same_bits(layers, expected)
+    assert torch.equal(staging, staged)  # a scatter only reads the staging rows
+
+
+@params
+@dtypes
+def test_scatter_group_with_repeated_block_ids_keeps_the_later_row_as_scatter_chunks_does(
+    kind: LayoutKind, width: str, dtype: torch.dtype
+) -> None:
+    layout = layout_of(kind, width, dtype)
+    staging = random_bytes((len(REPEATED), layout.chunk_nbytes(BPC)), torch.uint8, seed=7)
+    ids = id_rows(REPEATED)
+    expected = random_layers(layout, seed=8)
+    layers = [layer.clone() for layer in expected]
+    scatter_chunks(expected, layout, ids, list(staging.unbind(0)))
+
+    flat = ids.view(-1)
+    keep = last_occurrences(flat.tolist())
+    assert keep is not None
+    scatter_group(
+        layers,
+        layout,
+        flat,
+        staging,
+        scratch_for(layout, len(REPEATED)),
+        keep=torch.tensor(keep, dtype=torch.int64),
+    )
+
+    assert same_bits(layers, expected)
+
+
+def block_in_slot(layout: KVLayout, slot: torch.Tensor, layer: int, position: int) -> torch.Tensor:
+    """The bytes of the chunk's ``position``-th block of ``layer``, by the slot layout formula."""
+    size = layout.layer_chunk_nbytes(BPC)
+    part = slot[layer * size : (layer + 1) * size].view(layout.torch_dtype)
+    block = part.view(layout.chunk_shape(BPC)).select(layout.block_dim, position)
+    return block.contiguous().view(-1).view(torch.uint8)
+
+
+def test_a_repeated_block_ends_with_the_bytes_of_the_last_row_that_names_it() -> None:
+    layout = layout_of(LayoutKind.PAGED, "wide", torch.float16)
+    staging = random_bytes((len(REPEATED), layout.chunk_nbytes(BPC)), torch.uint8, seed=9)
+    layers = random_layers(layout, seed=10)
+    flat = id_rows(REPEATED).view(-1)
+    keep = torch.tensor(last_occurrences(flat.tolist()) or [], dtype=torch.int64)
+    scatter_group(layers, layout, flat, staging, scratch_for(layout, len(REPEATED)), keep=keep)
+
+    for index, layer in enumerate(layers):
+        # Block 5: rows 0 and 2, position 0; block 9: rows 0, 1 and 3, last at position 2.
+        five, nine = block_bytes(layer, layout, 5), block_bytes(layer, layout, 9)
+        assert torch.equal(five, block_in_slot(layout, staging[2], index, 0))
+        assert torch.equal(nine, block_in_slot(layout, staging[3], index, 2))
+        assert not torch.equal(nine, block_in_slot(layout, staging[1], index, 1))
+
+
+def test_scatter_group_without_keep_leaves_untouched_blocks_alone() -> None:
+    layout = layout_of(LayoutKind.MLA, "odd", torch.float8_e4m3fn)
+    staging = random_bytes((1, layout.chunk_nbytes(BPC)), torch.uint8, seed=11)
+    layers = random_layers(layout, seed=12)
+    before = [layer.clone() for layer in layers]
+    written = [2, 7, 4]
+    scatter_group(layers, layout, torch.tensor(written), staging, scratch_for(layout, 1))
+
+    for layer, old in zip(layers, before, strict=True):
+        for block in range(NUM_BLOCKS):
+            same = torch.equal(block_bytes(layer, layout, block), block_bytes(old, layout, block))
+            assert same is (block not in written), block
+
+
+@params
+@dtypes
+def test_gather_group_then_scatter_group_into_other_blocks_moves_the_bytes_exactly(
+    kind: LayoutKind, width: str, dtype: torch.dtype
+) -> None:
+    layout = layout_of(kind, width, dtype)
+    source = random_layers(layout, seed=13)
+    target = [torch.zeros_like(layer) for layer in source]
+    gathered, scattered = id_rows(DISTINCT[:2]), id_rows([[11, 10, 9], [0, 1, 2]])
+    staging = staging_for(layout, 2)
+    scratch = scratch_for(layout, 2)
+
+    gather_group(source, layout, gathered.view(-1), staging, scratch)
+    scatter_group(target, layout, scattered.view(-1), staging, scratch)
+
+    for src, dst in zip(source, target, strict=True):
+        for a, b in zip(gathered.view(-1).tolist(), scattered.view(-1).tolist(), strict=True):
+            assert torch.equal(block_bytes(dst, layout, b), block_bytes(src, layout, a))
+
+
+# ------------------------------------------------------------------ helpers of the engine
+
+
+@pytest.mark.parametrize(
+    ("slots", "runs"),
+    [
+        ([], []),
+        ([5], [(0, 1)]),
+        ([3, 4, 5], [(0, 3)]),
+        ([3, 4, 5, 9, 10, 2], [(0, 3), (3, 2), (5, 1)]),
+        ([8, 7, 6], [(0, 1), (1, 1), (2, 1)]),  # descending slots are not a run
+        ([4, 4, 5], [(0, 1), (1, 2)]),  # a repeated slot starts a new run
+        ([0, 2, 4], [(0, 1), (1, 1), (2, 1)]),
+    ],
+)
+def test_contiguous_runs_are_the_first_index_and_length_of_each_run_of_consecutive_slots(
+    slots: list[int], runs: list[tuple[int, int]]
+) -> None:
+    assert contiguous_runs(slots) == runs
+
+
+def test_contiguous_runs_cover_every_slot_once_in_order() -> None:
+    slots = [10, 11, 12, 0, 1, 40, 7, 8, 9, 10]
+    runs = contiguous_runs(slots)
+    covered = [slots[i] for first, count in runs for i in range(first, first + count)]
+    assert covered == slots
+
+
+@pytest.mark.parametrize("ids", [[], [3], [1, 2, 3], [9, 0, 5, 7]])
+def test_last_occurrences_is_none_when_no_id_repeats(ids: list[int]) -> None:
+    assert last_occurrences(ids) is None
+
+
+@pytest.mark.parametrize(
+    ("ids", "keep"),
+    [
+        ([4, 4], [1]),
+        ([4, 7, 4, 9, 7], [2, 3, 4]),
+        ([1, 2, 3, 1, 2, 3], [3, 4, 5]),
+        ([5, 2, 9, 0, 9, 4, 5, 1, 10, 3, 8, 9], [1, 3, 5, 6, 7, 8, 9, 10, 11]),
+    ],
+)
+def test_last_occurrences_are_the_positions_of_each_ids_last_use_in_order(
+    ids: list[int], keep: list[int]
+) -> None:
+    assert last_occurrences(ids) == keep
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "dtype", "carrier"),
+    [
+        (LayoutKind.PAGED, (2, 8, 16, 2, 128), "bfloat16", torch.complex128),  # 256-byte row
+        (LayoutKind.MLA, (8, 16, 256), "float8_e4m3fn", torch.complex128),  # 256-byte row
+        (LayoutKind.BLOCKS_FIRST, (8, 2, 16, 2, 4), "float16", torch.int64),  # 8-byte row
+        (LayoutKind.MLA, (8, 16, 2), "float16", torch.int32),  # 4-byte row
+        (LayoutKind.PAGED, (2, 8, 16, 2, 5), "bfloat16", torch.int16),  # 10-byte row
+        (LayoutKind.MLA, (8, 16, 7), "float8_e4m3fn", torch.uint8),  # 7-byte row: odd
+        (LayoutKind.PAGED, (2, 8, 16, 2, 1), "float8_e4m3fn", torch.uint8),  # 1-byte row
+    ],
+)
+def test_carrier_dtype_is_the_widest_element_that_divides_a_row(
+    kind: LayoutKind, shape: tuple[int, ...], dtype: str, carrier: torch.dtype
+) -> None:
+    assert carrier_dtype(KVLayout(kind, 2, shape, dtype)) is carrier
