@@ -59,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of silence after which a client's caches, pins and jobs are released",
     )
     serve.add_argument("--disk-dir", help="directory of a disk tier below L1 (default: none)")
+    serve.add_argument(
+        "--cuda-group-mib",
+        type=_positive_int,
+        default=256,
+        help="MiB of each of a GPU copy engine's two staging buffers",
+    )
+    serve.add_argument(
+        "--loop-probe",
+        action="store_true",
+        help="sample the event loop's lag every millisecond; kv.stats reports it (benchmarks)",
+    )
     serve.add_argument("--disk-size", type=_positive_float, default=16.0, help="disk tier GiB")
     serve.set_defaults(run=_run_serve)
 
@@ -123,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
         "--tiny-batch", type=_positive_int, default=8192, help="keys per store message (memory)"
     )
     kv.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    gpu = benches.add_parser(
+        "gpu", help="GPU path: cuda_ipc store/retrieve vs pinned copies, loop stall, GPU memory"
+    )
+    gpu.add_argument("--url", help="where the server listens (default: a temporary socket)")
+    gpu.add_argument("--quick", action="store_true", help="a small workload")
+    gpu.add_argument("--layers", type=_positive_int, help="layers of the KV cache [32]")
+    gpu.add_argument("--blocks", type=_positive_int, help="blocks per layer [4000]")
+    gpu.add_argument("--heads", type=_positive_int, default=8, help="KV heads per layer")
+    gpu.add_argument("--head-dim", type=_positive_int, default=128, help="head dimension")
+    gpu.add_argument("--chunks", type=_positive_int, help="chunks (256 tokens) per batch [64]")
+    gpu.add_argument("--rounds", type=_positive_int, help="timed rounds [5]")
+    gpu.add_argument(
+        "--group-mib", type=_positive_int, default=256, help="the server's --cuda-group-mib"
+    )
+    gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    gpu.set_defaults(run=_run_bench_gpu)
     kv.set_defaults(run=_run_bench_kv)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     imports.add_argument("--runs", type=int, default=15)
@@ -145,6 +172,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         client_timeout=args.client_timeout,
         disk_dir=args.disk_dir,
         disk_size=args.disk_size,
+        loop_probe=args.loop_probe,
+        cuda_group_mib=args.cuda_group_mib,
     )
 
     def ready(server: Any, service: Any) -> None:
@@ -256,6 +285,12 @@ def _run_bench_kv(args: argparse.Namespace) -> int:
     from kvrpc.kv.bench import KVBenchOptions, run_kv_bench
 
     return _report(run_kv_bench(KVBenchOptions.from_args(args)), args.json)
+
+
+def _run_bench_gpu(args: argparse.Namespace) -> int:
+    from kvrpc.kv.bench_gpu import GPUBenchOptions, run_gpu_bench
+
+    return _report(run_gpu_bench(GPUBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:

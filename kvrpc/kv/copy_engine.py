@@ -44,12 +44,17 @@ from kvrpc.kv.layout import KVLayout
 __all__ = [
     "CopyEngine",
     "DeadlinePassed",
+    "GroupViews",
     "Transfer",
     "carrier_dtype",
     "contiguous_runs",
     "gather_group",
+    "gather_views",
+    "group_views",
     "last_occurrences",
+    "layer_views",
     "scatter_group",
+    "scatter_views",
 ]
 
 # Widest first; see kvrpc.kv.layout: a wide element type makes index_select / index_copy_
@@ -76,24 +81,90 @@ def carrier_dtype(layout: KVLayout) -> torch.dtype:
     return next(c for c in _CARRIERS if row % c.itemsize == 0)
 
 
-def _chunk_views(
-    layer: torch.Tensor, layout: KVLayout, staging: torch.Tensor, index: int, groups: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The carrier views a group copy needs: the layer, its part of staging, the split shape."""
+@dataclass(frozen=True, eq=False)
+class GroupViews:
+    """One group's staging rows and the scratch buffer, as the carrier views a copy needs.
+
+    Building them takes a few torch calls per layer; the engine builds them once per
+    staging buffer and group size and reuses them, so that a group costs two launches a
+    layer and little else.
+    """
+
+    parts: list[torch.Tensor]
+    """Per layer: that layer's part of every row, ``[g, *chunk shape]`` in the carrier type."""
+    picked: torch.Tensor
+    """The scratch as one layer with ``g * bpc`` blocks: what ``index_select`` fills."""
+    moved: torch.Tensor
+    """``picked`` with its block dim split into ``(g, bpc)`` and ``g`` moved first."""
+
+
+def layer_views(layers: Sequence[torch.Tensor], layout: KVLayout) -> list[torch.Tensor]:
+    """The layers in the carrier type (no copy)."""
     carrier = carrier_dtype(layout)
-    num_layers = layout.num_layers
+    return [layer.view(carrier) for layer in layers]
+
+
+def group_views(layout: KVLayout, staging: torch.Tensor, scratch: torch.Tensor) -> GroupViews:
+    """The views for a group of ``staging.shape[0]`` chunks (uint8 ``[g, chunk_nbytes]``)."""
+    carrier = carrier_dtype(layout)
+    groups, num_layers = staging.shape[0], layout.num_layers
     per_layer = staging.shape[1] // num_layers
-    chunk_shape = list(layout.shape)
     dim = layout.block_dim
     blocks_per_chunk = per_layer // layout.block_nbytes
+    chunk_shape = list(layout.shape)
     chunk_shape[dim] = blocks_per_chunk
     chunk_shape[-1] = chunk_shape[-1] * layout.torch_dtype.itemsize // carrier.itemsize
-    part = staging.view(groups, num_layers, per_layer)[:, index].view(carrier)
-    part = part.view(groups, *chunk_shape)
-    split = list(layer.shape)
+    rows = staging.view(groups, num_layers, per_layer)
+    parts = [rows[:, index].view(carrier).view(groups, *chunk_shape) for index in range(num_layers)]
+    shape = list(chunk_shape)
+    shape[dim] = groups * blocks_per_chunk
+    picked = scratch[: math.prod(shape) * carrier.itemsize].view(carrier).view(shape)
+    split = list(chunk_shape)
     split[dim : dim + 1] = [groups, blocks_per_chunk]
-    split[-1] = chunk_shape[-1]
-    return layer.view(carrier), part, split
+    return GroupViews(parts, picked, picked.view(split).movedim(dim, 0))
+
+
+def gather_views(
+    sources: Sequence[torch.Tensor],
+    views: GroupViews,
+    dim: int,
+    block_ids: torch.Tensor,
+    pause: Callable[[int], None] | None = None,
+) -> None:
+    """Gather a group: per layer, ``index_select`` into the scratch, then one strided copy.
+
+    ``pause(layer)``, if given, is called after each layer (the engine yields the GIL there).
+    """
+    picked, moved = views.picked, views.moved
+    for index, (source, part) in enumerate(zip(sources, views.parts, strict=True)):
+        torch.index_select(source, dim, block_ids, out=picked)
+        part.copy_(moved)
+        if pause is not None:
+            pause(index)
+
+
+def scatter_views(
+    targets: Sequence[torch.Tensor],
+    views: GroupViews,
+    dim: int,
+    block_ids: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    pause: Callable[[int], None] | None = None,
+) -> None:
+    """Scatter a group: per layer, one strided copy into the scratch, then ``index_copy_``.
+
+    ``keep``, when a block id appears more than once, holds the positions to write (the last
+    occurrence of each id, see :func:`last_occurrences`), so that the later chunk wins as on
+    the CPU path; ``index_copy_`` with repeated ids would pick one at random.
+    """
+    ids = block_ids if keep is None else block_ids.index_select(0, keep)
+    picked, moved = views.picked, views.moved
+    for index, (target, part) in enumerate(zip(targets, views.parts, strict=True)):
+        moved.copy_(part)
+        source = picked if keep is None else picked.index_select(dim, keep)
+        target.index_copy_(dim, ids, source)
+        if pause is not None:
+            pause(index)
 
 
 def gather_group(
@@ -106,19 +177,11 @@ def gather_group(
     """Gather ``g`` chunks into ``staging`` (uint8 ``[g, chunk_nbytes]``), one slot per row.
 
     ``block_ids`` is the ``g * bpc`` block ids of the chunks, flat, on the layers' device;
-    ``scratch`` is a uint8 buffer of at least one layer's share of the group. Per layer:
-    one ``index_select`` into scratch, one strided copy into the rows.
+    ``scratch`` is a uint8 buffer of at least one layer's share of the group. The rows come
+    out exactly as :func:`kvrpc.kv.layout.gather_chunks` writes slots.
     """
-    groups = staging.shape[0]
-    dim = layout.block_dim
-    for index, layer in enumerate(layers):
-        source, part, split = _chunk_views(layer, layout, staging, index, groups)
-        shape = list(source.shape)
-        shape[dim] = block_ids.numel()
-        picked = scratch[: math.prod(shape) * source.dtype.itemsize].view(source.dtype)
-        picked = picked.view(shape)
-        torch.index_select(source, dim, block_ids, out=picked)
-        part.copy_(picked.view(split).movedim(dim, 0))
+    views = group_views(layout, staging, scratch)
+    gather_views(layer_views(layers, layout), views, layout.block_dim, block_ids)
 
 
 def scatter_group(
@@ -131,23 +194,10 @@ def scatter_group(
 ) -> None:
     """Scatter the rows of ``staging`` into the blocks ``block_ids`` names (the reverse copy).
 
-    ``keep``, when a block id appears more than once, holds the positions to write (the last
-    occurrence of each id, see :func:`last_occurrences`), so that the later chunk wins as on
-    the CPU path; ``index_copy_`` with repeated ids would pick one at random.
+    ``keep`` is as for :func:`scatter_views`.
     """
-    groups = staging.shape[0]
-    dim = layout.block_dim
-    ids = block_ids if keep is None else block_ids.index_select(0, keep)
-    for index, layer in enumerate(layers):
-        target, part, split = _chunk_views(layer, layout, staging, index, groups)
-        shape = list(target.shape)
-        shape[dim] = block_ids.numel()
-        picked = scratch[: math.prod(shape) * target.dtype.itemsize].view(target.dtype)
-        picked = picked.view(shape)
-        picked.view(split).movedim(dim, 0).copy_(part)
-        if keep is not None:
-            picked = picked.index_select(dim, keep)
-        target.index_copy_(dim, ids, picked)
+    views = group_views(layout, staging, scratch)
+    scatter_views(layer_views(layers, layout), views, layout.block_dim, block_ids, keep)
 
 
 def last_occurrences(block_ids: list[int]) -> list[int] | None:
@@ -219,29 +269,39 @@ class CopyEngine:
         self._next_buffer = 0
         self._done: list[tuple[Any, CudaEventHandle]] = []
         self._done_index = itertools.count()
+        self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
+        self._view_cache: dict[tuple[int, int, int, KVLayout], GroupViews] = {}
         self.batches = 0
         self.bytes_moved = 0
+        #: GPU time of the last completed batch, first copy to last, in seconds.
+        self.last_gpu_seconds = 0.0
 
     # --------------------------------------------------------------- run in the engine thread
 
-    def _setup(self, chunk_nbytes: int, layer_bytes: int) -> int:
-        """Make streams and buffers on first use; returns chunks per group."""
+    def _setup(self, chunks: int, chunk_nbytes: int, layer_bytes: int) -> int:
+        """Make streams and buffers on first use; returns chunks per group.
+
+        A group is at most ``group_bytes``, and no more than the batch split over the ring,
+        so that a small batch does not make the engine hold large buffers.
+        """
         if self._gather is None:
             torch.cuda.set_device(self.device)
             self._gather = _cuda.Stream(self.device)
             self._copy = _cuda.Stream(self.device)
-        per_group = max(1, self.group_bytes // chunk_nbytes)
+        per_group = max(1, min(self.group_bytes // chunk_nbytes, -(-chunks // self.depth)))
         need = per_group * chunk_nbytes
         if not self._staging or self._staging[0].numel() < need:
             self._drain()
             self._staging = [
                 torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(self.depth)
             ]
+            self._view_cache.clear()
             self._free = [None] * self.depth
         scratch = per_group * layer_bytes
         if self._scratch is None or self._scratch.numel() < scratch:
             self._drain()
             self._scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
+            self._view_cache.clear()
         return per_group
 
     def _drain(self) -> None:
@@ -260,7 +320,7 @@ class CopyEngine:
         layout, n = transfer.layout, len(transfer.slots)
         bpc = transfer.block_ids.shape[1]
         chunk_nbytes = layout.chunk_nbytes(bpc)
-        per_group = self._setup(chunk_nbytes, layout.layer_chunk_nbytes(bpc))
+        per_group = self._setup(n, chunk_nbytes, layout.layer_chunk_nbytes(bpc))
         assert self._gather is not None
         with torch.cuda.stream(self._gather):
             flat = transfer.block_ids.reshape(-1).to(self.device, non_blocking=True)
@@ -287,21 +347,49 @@ class CopyEngine:
                 out.append((transfer.host[begin : begin + chunk_nbytes], start, 1))
         return out
 
+    def _finish(self, last: Any, started: Any, nbytes: int) -> tuple[Any, CudaEventHandle]:
+        """Record the batch's completion on ``last``, the stream its final copies ran on."""
+        ended = _cuda.Event(enable_timing=True)
+        ended.record(last)
+        done, handle = self._done_event()
+        done.record(last)
+        self._timings[handle] = (started, ended)
+        self.batches += 1
+        self.bytes_moved += nbytes
+        return done, handle
+
+    def _views(self, b: int, count: int, chunk_nbytes: int, layout: KVLayout) -> GroupViews:
+        """Staging buffer ``b``'s views for ``count`` chunks of ``layout``, built once."""
+        key = (b, count, chunk_nbytes, layout)
+        views = self._view_cache.get(key)
+        if views is None:
+            assert self._scratch is not None
+            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
+            views = self._view_cache[key] = group_views(layout, staging, self._scratch)
+        return views
+
     def _store(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
         chunk_nbytes, groups = self._groups(transfer)
         gather, copy = self._gather, self._copy
-        assert gather is not None and copy is not None and self._scratch is not None
+        assert gather is not None and copy is not None
+        layout = transfer.layout
+        sources = layer_views(transfer.layers, layout)
         if transfer.ready is not None:
             gather.wait_event(transfer.ready)
-        for first, count, ids in groups:
+        started = _cuda.Event(enable_timing=True)
+        started.record(gather)
+        for number, (first, count, ids) in enumerate(groups):
             b = self._next_buffer
             self._next_buffer = (b + 1) % self.depth
+            views = self._views(b, count, chunk_nbytes, layout)
             staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
             free = self._free[b]
             if free is not None:
                 gather.wait_event(free)
             with torch.cuda.stream(gather):
-                gather_group(transfer.layers, transfer.layout, ids, staging, self._scratch)
+                # The first group goes out unbroken: the DMA engine waits for it. Later
+                # groups are enqueued ahead of the GPU, so they yield the GIL as they go.
+                gather_views(sources, views, layout.block_dim, ids, _yield if number else None)
                 gathered = _cuda.Event()
                 gathered.record(gather)
             copy.wait_event(gathered)
@@ -311,12 +399,8 @@ class CopyEngine:
                 freed = _cuda.Event()
                 freed.record(copy)
             self._free[b] = freed
-            time.sleep(0)  # let the event loop thread take the GIL between groups
-        done, handle = self._done_event()
-        done.record(copy)
-        self.batches += 1
-        self.bytes_moved += chunk_nbytes * len(transfer.slots)
-        return done, handle
+            time.sleep(0)
+        return self._finish(copy, started, chunk_nbytes * len(transfer.slots))
 
     def _retrieve(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
         if transfer.deadline is not None and time.monotonic() > transfer.deadline:
@@ -325,12 +409,18 @@ class CopyEngine:
             )
         chunk_nbytes, groups = self._groups(transfer)
         gather, copy = self._gather, self._copy
-        assert gather is not None and copy is not None and self._scratch is not None
+        assert gather is not None and copy is not None
+        layout = transfer.layout
+        targets = layer_views(transfer.layers, layout)
         if transfer.ready is not None:
             gather.wait_event(transfer.ready)
+        started = _cuda.Event(enable_timing=True)
+        started.record(gather)
+        copy.wait_event(started)
         for first, count, ids in groups:
             b = self._next_buffer
             self._next_buffer = (b + 1) % self.depth
+            views = self._views(b, count, chunk_nbytes, layout)
             staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
             free = self._free[b]
             if free is not None:
@@ -349,16 +439,12 @@ class CopyEngine:
                     keep = torch.tensor(keep_list, dtype=torch.int64).to(
                         self.device, non_blocking=True
                     )
-                scatter_group(transfer.layers, transfer.layout, ids, staging, self._scratch, keep)
+                # The scatter of a group waits for its DMA anyway: yielding costs nothing.
+                scatter_views(targets, views, layout.block_dim, ids, keep, _yield)
                 freed = _cuda.Event()
                 freed.record(gather)
             self._free[b] = freed
-            time.sleep(0)
-        done, handle = self._done_event()
-        done.record(gather)
-        self.batches += 1
-        self.bytes_moved += chunk_nbytes * len(transfer.slots)
-        return done, handle
+        return self._finish(gather, started, chunk_nbytes * len(transfer.slots))
 
     # --------------------------------------------------------------- called from the loop
 
@@ -374,9 +460,21 @@ class CopyEngine:
         """Enqueue a retrieve (or raise :class:`DeadlinePassed`); resolves like a store."""
         return self.executor.submit(self._retrieve, transfer)
 
-    def wait(self, event: Any) -> concurrent.futures.Future[None]:
-        """A future resolved (in a waiter thread) once ``event`` has completed."""
-        return self.waiters.submit(event.synchronize)
+    def wait(
+        self, event: Any, handle: CudaEventHandle | None = None
+    ) -> concurrent.futures.Future[None]:
+        """A future resolved (in a waiter thread) once ``event`` has completed.
+
+        With the batch's ``handle``, also notes the batch's GPU time (``last_gpu_seconds``).
+        """
+        return self.waiters.submit(self._wait, event, handle)
+
+    def _wait(self, event: Any, handle: CudaEventHandle | None) -> None:
+        event.synchronize()
+        timing = self._timings.pop(handle, None) if handle is not None else None
+        if timing is not None:
+            started, ended = timing
+            self.last_gpu_seconds = started.elapsed_time(ended) / 1e3
 
     def wait_ready(
         self, event: Any, give_up: Callable[[], bool], timeout: float
@@ -402,6 +500,13 @@ class CopyEngine:
         self.executor.submit(self._drain).result()
         self.executor.shutdown(wait=True)
         self.waiters.shutdown(wait=True)
+
+
+def _yield(layer: int) -> None:
+    # Every few layers' launches, let the event loop's thread take the GIL: a torch launch
+    # holds it, and without a pause the loop could wait for a whole group's launches.
+    if layer % 8 == 7:
+        time.sleep(0)
 
 
 def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:

@@ -46,6 +46,7 @@ from kvrpc.kv.pool import ChunkPool, Reserve
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply
 from kvrpc.kv.shm import SharedMapping, SharedTensorRef, open_shared
 from kvrpc.kv.tiers import LowerTier
+from kvrpc.loopwatch import LoopLagProbe
 from kvrpc.server import RPCServer
 
 __all__ = ["KVService"]
@@ -158,6 +159,7 @@ class KVService:
         client_timeout: float = 8.0,
         lower_tier: LowerTier | None = None,
         cuda_group_bytes: int = 256 << 20,
+        loop_probe: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
@@ -180,6 +182,8 @@ class KVService:
         self.cuda_group_bytes = cuda_group_bytes
         self._engines: dict[int, CopyEngine] = {}
         self._pool_ready: asyncio.Future[ChunkPool] | None = None
+        self._loop_probe = loop_probe
+        self._probe: LoopLagProbe | None = None
         self._tasks: OwnedTaskGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._saving = 0  # write-through saves in flight, each holding a pin on its slot
@@ -212,6 +216,8 @@ class KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
         self._task_group = await self._tasks.open()
         self._task_group.start_soon(self._expire_silent_clients)
+        if self._loop_probe:
+            self._probe = LoopLagProbe(asyncio.get_running_loop()).start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -220,6 +226,9 @@ class KVService:
     async def aclose(self) -> None:
         """Stop background work, drop every client, release mappings and the tier."""
         tasks, self._tasks, self._task_group = self._tasks, None, None
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.stop()
         if tasks is not None:
             await tasks.close()
         for client_id in list(self._clients):
@@ -825,7 +834,7 @@ class KVService:
         enqueued = submit(transfer)
         try:
             done, handle = await asyncio.wrap_future(enqueued)
-            await asyncio.wrap_future(engine.wait(done))
+            await asyncio.wrap_future(engine.wait(done, handle))
         except asyncio.CancelledError:
             _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
             raise
@@ -1156,6 +1165,19 @@ class KVService:
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
                 report[f"tier_{name}"] = value
+        if self._engines:
+            engines = list(self._engines.values())
+            report["cuda_batches"] = sum(e.batches for e in engines)
+            report["cuda_bytes_moved"] = sum(e.bytes_moved for e in engines)
+            report["cuda_staging_bytes"] = sum(e.staging_bytes() for e in engines)
+            report["cuda_last_batch_gpu_us"] = round(max(e.last_gpu_seconds for e in engines) * 1e6)
+            # Everything this process allocated on its GPUs: the engines' buffers and
+            # temporaries (the workers' KV caches are mapped, not allocated here).
+            report["cuda_peak_allocated_bytes"] = sum(
+                int(torch.cuda.max_memory_allocated(e.device)) for e in engines
+            )
+        if self._probe is not None:
+            report.update(self._probe.take())  # since the last kv.stats
         return report
 
     def clear(self) -> int:

@@ -25,7 +25,9 @@ class KVServerSettings:
     both the server's BLOCKING pool and the copy threads; a client silent for
     ``client_timeout`` seconds loses what it registered, pinned and started. ``disk_dir``
     turns on a disk tier of ``disk_size`` GiB below L1: every stored chunk is written
-    through to it, and lookups prefetch from it what L1 has evicted.
+    through to it, and lookups prefetch from it what L1 has evicted. ``loop_probe`` samples
+    the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
+    ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
     """
 
     url: str = "zmq+tcp://127.0.0.1:5555"
@@ -35,6 +37,8 @@ class KVServerSettings:
     client_timeout: float = 8.0
     disk_dir: str | None = None
     disk_size: float = 16.0
+    loop_probe: bool = False
+    cuda_group_mib: int = 256
 
     @property
     def cpu_buffer_bytes(self) -> int:
@@ -62,6 +66,8 @@ async def serve_kv(
         copy_workers=settings.max_workers,
         client_timeout=settings.client_timeout,
         lower_tier=tier,
+        loop_probe=settings.loop_probe,
+        cuda_group_bytes=settings.cuda_group_mib << 20,
     )
     server = RPCServer(settings.url, registry=kv_registry(), max_workers=settings.max_workers)
     service.register(server)

@@ -1,0 +1,305 @@
+"""``kvrpc bench gpu``: the GPU path's figures, each against a baseline of the same run.
+
+* **transfer**: a ``cuda_ipc`` worker (this process) stores a batch of chunks from its paged
+  GPU KV cache into a ``kvrpc serve`` child and retrieves it into other blocks, timed from
+  submit to ``get_finished``; against a plain pinned device-to-host (and host-to-device)
+  copy of the same number of bytes, one contiguous ``copy_``. Rounds interleave the four.
+* **stall**: while stores run back to back, the server's event-loop lag (``--loop-probe``:
+  how late a callback handed to the loop from another thread runs) and the ``rpc.ping``
+  round trip of a second client, against the same ping with the server idle.
+* **memory**: the server's peak GPU allocation (its copy engine's staging and temporaries)
+  against one batch's bytes.
+
+Default workload (the issue's): 32 layers of ``[2, 4000, 16, 8, 128]`` bfloat16, chunks of
+256 tokens (16 blocks), 64 chunks a batch (2 GiB), block ids drawn at random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrpc.client import SyncClient
+from kvrpc.errors import KVError
+from kvrpc.kv import protocols
+from kvrpc.kv._child import default_url, kv_server_child
+from kvrpc.kv.adapters import LoadStoreOp, WorkerAdapter
+from kvrpc.kv.layout import KVLayout
+from kvrpc.protocol import PING
+
+__all__ = ["GPUBenchOptions", "run_gpu_bench"]
+
+_MODEL = "kvrpc-bench-gpu"
+_BLOCK_SIZE = 16
+_CHUNK_SIZE = 256
+_TRANSFER_GOAL = 0.9
+_STALL_GOAL_US = 1000
+_PING_GOAL = 2.0
+_MEMORY_GOAL = 2.0
+
+
+@dataclass(frozen=True)
+class GPUBenchOptions:
+    """The workload of ``kvrpc bench gpu``; see the module docstring for the defaults."""
+
+    url: str | None = None
+    layers: int = 32
+    blocks: int = 4000
+    heads: int = 8
+    head_dim: int = 64 * 2
+    chunks: int = 64
+    rounds: int = 5
+    storm: int = 6
+    pings: int = 2000
+    group_mib: int = 256
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GPUBenchOptions:
+        """The options of a parsed ``kvrpc bench gpu`` command line."""
+        quick = bool(args.quick)
+        return cls(
+            url=args.url,
+            layers=args.layers or (4 if quick else 32),
+            blocks=args.blocks or (1024 if quick else 4000),
+            heads=args.heads,
+            head_dim=args.head_dim,
+            chunks=args.chunks or (8 if quick else 64),
+            rounds=args.rounds or (2 if quick else 5),
+            storm=2 if quick else 6,
+            pings=200 if quick else 2000,
+            group_mib=args.group_mib,
+        )
+
+
+def _progress(text: str) -> None:
+    print(f"[bench gpu] {text}", file=sys.stderr, flush=True)
+
+
+def _goal(met: bool, text: str) -> str:
+    return f"{'met' if met else 'MISSED'} ({text})"
+
+
+def _wait(adapter: WorkerAdapter, request_id: str, store: bool) -> None:
+    deadline = time.monotonic() + 300.0
+    while True:
+        stores, retrieves = adapter.get_finished({request_id} if store else set())
+        if request_id in (stores if store else retrieves):
+            return
+        if time.monotonic() > deadline:
+            raise KVError(f"{request_id!r} was not reported finished within 300 s")
+        time.sleep(0.0001)
+
+
+def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
+    """Take the GPU figures; raises :class:`KVError` if a store or retrieve misbehaves."""
+    if not torch.cuda.is_available():
+        raise KVError("kvrpc bench gpu needs a CUDA GPU; this process sees none")
+    shape = (2, options.blocks, _BLOCK_SIZE, options.heads, options.head_dim)
+    per_chunk = _CHUNK_SIZE // _BLOCK_SIZE
+    if 2 * options.chunks * per_chunk > options.blocks:
+        raise KVError(
+            f"{options.chunks} chunks twice over need {2 * options.chunks * per_chunk} "
+            f"blocks; the cache has {options.blocks}"
+        )
+    layers = [
+        torch.empty(shape, dtype=torch.bfloat16, device="cuda") for _ in range(options.layers)
+    ]
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    for layer in layers:
+        layer.view(torch.uint8).random_(generator=generator)
+    layout = KVLayout.from_tensors(layers)
+    chunk_nbytes = layout.chunk_nbytes(per_chunk)
+    nbytes = options.chunks * chunk_nbytes
+    order = torch.randperm(options.blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    moved = options.chunks * per_chunk
+    store_ids, retrieve_ids = order[:moved], order[moved : 2 * moved]
+    tokens = torch.randint(0, 32000, (options.chunks * _CHUNK_SIZE,)).tolist()
+    device_name = torch.cuda.get_device_name()
+    figures: dict[str, Any] = {
+        "device": device_name,
+        "layout": layout.describe(),
+        "chunks": options.chunks,
+        "batch_bytes": nbytes,
+    }
+    pool_gib = max(1.0, 1.25 * nbytes / (1 << 30))
+    with (
+        tempfile.TemporaryDirectory(prefix="kvrpc-bench-gpu-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        url = options.url or default_url(tmp)
+        figures["url"] = url
+        server_options = (
+            "--chunk-size",
+            str(_CHUNK_SIZE),
+            "--cpu-buffer-size",
+            f"{pool_gib:.3f}",
+            "--loop-probe",
+            "--cuda-group-mib",
+            str(options.group_mib),
+        )
+        child = stack.enter_context(kv_server_child(url, tmp, *server_options))
+        _progress(f"server {child.pid}: {child.ready_line}")
+        client = stack.enter_context(SyncClient(url, registry=protocols.kv_registry(), timeout=300))
+        worker = stack.enter_context(WorkerAdapter(url, _MODEL, 1, 0, _BLOCK_SIZE))
+        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+        store_op, retrieve_op = LoadStoreOp(store_ids, tokens), LoadStoreOp(retrieve_ids, tokens)
+        gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        serial = iter(range(1 << 62))
+
+        gpu_seconds: dict[str, list[float]] = {"store": [], "retrieve": []}
+
+        def store(check: bool = True) -> float:
+            request_id = f"store-{next(serial)}"
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            worker.submit_store_request(request_id, store_op)
+            _wait(worker, request_id, store=True)
+            elapsed = time.perf_counter() - start
+            if check:  # not during the stall figure: kv.stats restarts the loop-lag sample
+                stats = client.call(protocols.STATS)
+                if stats["chunks"] != options.chunks:
+                    raise KVError(f"a store of {options.chunks} chunks left {stats['chunks']}")
+                gpu_seconds["store"].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+            return elapsed
+
+        def retrieve() -> float:
+            request_id = f"retrieve-{next(serial)}"
+            start = time.perf_counter()
+            worker.submit_retrieve_request(request_id, retrieve_op)
+            _wait(worker, request_id, store=False)
+            elapsed = time.perf_counter() - start
+            if worker.get_block_ids_with_load_errors():
+                raise KVError("a retrieve could not fill every block")
+            stats = client.call(protocols.STATS)
+            gpu_seconds["retrieve"].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+            client.call(protocols.CLEAR)
+            return elapsed
+
+        _progress(
+            f"transfer: {options.chunks} chunks of {chunk_nbytes >> 20} MiB "
+            f"({layout.describe()}), {nbytes / 1e9:.2f} GB a batch, on {device_name}"
+        )
+        store()  # warm-up: the pool's pages, the engine's buffers
+        _check_retrieve(layers, store_ids, retrieve_ids, retrieve)
+        _timed_copy(host, gpu)
+        _timed_copy(gpu, host)
+        taken: dict[str, list[float]] = {"store": [], "d2h": [], "retrieve": [], "h2d": []}
+        for turn in range(options.rounds):
+            _progress(f"round {turn + 1}/{options.rounds}")
+            taken["d2h"].append(_timed_copy(host, gpu))
+            taken["store"].append(store())
+            taken["h2d"].append(_timed_copy(gpu, host))
+            taken["retrieve"].append(retrieve())
+        for name, seconds in taken.items():
+            median = statistics.median(seconds)
+            figures[f"{name}_ms"] = round(median * 1e3, 2)
+            figures[f"{name}_gb_per_s"] = round(nbytes / median / 1e9, 2)
+        for name, seconds in gpu_seconds.items():  # the copy engine's own GPU time
+            figures[f"{name}_engine_gpu_ms"] = round(statistics.median(seconds) * 1e3, 2)
+        store_ratio = figures["store_gb_per_s"] / figures["d2h_gb_per_s"]
+        retrieve_ratio = figures["retrieve_gb_per_s"] / figures["h2d_gb_per_s"]
+        figures["store_to_d2h_ratio"] = round(store_ratio, 3)
+        figures["retrieve_to_h2d_ratio"] = round(retrieve_ratio, 3)
+        figures["transfer_goal"] = _goal(
+            min(store_ratio, retrieve_ratio) >= _TRANSFER_GOAL,
+            f"store and retrieve each >= {_TRANSFER_GOAL:g}x a pinned copy of the same bytes",
+        )
+        figures.update(_stall(options, url, client, store))
+        stats = client.call(protocols.STATS)
+        peak = int(stats.get("cuda_peak_allocated_bytes", 0))
+        figures["engine_staging_bytes"] = int(stats.get("cuda_staging_bytes", 0))
+        figures["engine_peak_gpu_bytes"] = peak
+        figures["engine_peak_to_batch"] = round(peak / nbytes, 3)
+        figures["memory_goal"] = _goal(
+            peak <= _MEMORY_GOAL * nbytes, f"copy engine GPU memory <= {_MEMORY_GOAL:g}x a batch"
+        )
+    return figures
+
+
+def _check_retrieve(
+    layers: list[torch.Tensor], stored: list[int], into: list[int], retrieve: Any
+) -> None:
+    """Retrieve once; every retrieved block must equal the block it was stored from."""
+    a, b = torch.tensor(stored, device="cuda"), torch.tensor(into, device="cuda")
+
+    def same() -> bool:
+        return all(
+            torch.equal(
+                t.view(torch.uint8).index_select(1, a), t.view(torch.uint8).index_select(1, b)
+            )
+            for t in layers
+        )
+
+    if same():
+        raise KVError("stored and target blocks already hold the same bytes")
+    retrieve()
+    if not same():
+        raise KVError("the retrieved blocks do not hold the bytes that were stored")
+
+
+def _stall(options: GPUBenchOptions, url: str, client: SyncClient, store: Any) -> dict[str, Any]:
+    """Ping p50 idle and during back-to-back stores; the server's loop lag during them."""
+    with SyncClient(url, timeout=30) as pinger:
+
+        def pings(count: int | None, stop: threading.Event | None) -> list[float]:
+            taken: list[float] = []
+            while (count is None or len(taken) < count) and not (stop and stop.is_set()):
+                start = time.perf_counter()
+                pinger.call(PING)
+                taken.append(time.perf_counter() - start)
+            return taken
+
+        pings(100, None)
+        idle = pings(options.pings, None)
+        client.call(protocols.STATS)  # starts the loop-lag sample afresh
+        time.sleep(1.0)
+        idle_lag = client.call(protocols.STATS)
+        stop = threading.Event()
+        during: list[float] = []
+        thread = threading.Thread(target=lambda: during.extend(pings(None, stop)))
+        _progress(f"stall: {options.storm} stores back to back while a client pings")
+        client.call(protocols.STATS)
+        thread.start()
+        for _ in range(options.storm):
+            store(check=False)
+            client.call(protocols.CLEAR)
+        stop.set()
+        thread.join()
+        storm_lag = client.call(protocols.STATS)
+    idle_p50 = statistics.median(idle)
+    storm_p50 = statistics.median(during) if during else float("nan")
+    longest = int(storm_lag.get("loop_lag_max_us", 0))
+    return {
+        "ping_idle_p50_us": round(idle_p50 * 1e6, 1),
+        "ping_storm_p50_us": round(storm_p50 * 1e6, 1),
+        "ping_storm_pings": len(during),
+        "ping_storm_to_idle": round(storm_p50 / idle_p50, 2),
+        "loop_lag_idle_p99_us": int(idle_lag.get("loop_lag_p99_us", 0)),
+        "loop_lag_idle_max_us": int(idle_lag.get("loop_lag_max_us", 0)),
+        "loop_lag_storm_p50_us": int(storm_lag.get("loop_lag_p50_us", 0)),
+        "loop_lag_storm_p99_us": int(storm_lag.get("loop_lag_p99_us", 0)),
+        "loop_lag_storm_max_us": longest,
+        "loop_lag_storm_samples": int(storm_lag.get("loop_lag_samples", 0)),
+        "stall_goal": _goal(
+            longest < _STALL_GOAL_US and storm_p50 <= _PING_GOAL * idle_p50,
+            f"longest loop stall < {_STALL_GOAL_US} us and ping p50 <= {_PING_GOAL:g}x idle",
+        ),
+    }
