@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import math
 import threading
 import time
@@ -66,6 +67,8 @@ _CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint
 #: by then (were it, the worker would only wait for more, never for less).
 _DONE_EVENTS = 256
 
+
+logger = logging.getLogger("kvrpc.kv")
 
 # torch.cuda's classes are untyped; the engine holds them as Any.
 _cuda = cast(Any, torch.cuda)
@@ -271,6 +274,8 @@ class CopyEngine:
         self._done_index = itertools.count()
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
         self._view_cache: dict[tuple[int, int, int, KVLayout], GroupViews] = {}
+        self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
+        self._graphs_broken = False
         self.batches = 0
         self.bytes_moved = 0
         #: GPU time of the last completed batch, first copy to last, in seconds.
@@ -297,11 +302,13 @@ class CopyEngine:
             ]
             self._view_cache.clear()
             self._free = [None] * self.depth
+            self._graphs.clear()
         scratch = per_group * layer_bytes
         if self._scratch is None or self._scratch.numel() < scratch:
             self._drain()
             self._scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
             self._view_cache.clear()
+            self._graphs.clear()
         return per_group
 
     def _drain(self) -> None:
@@ -368,6 +375,66 @@ class CopyEngine:
             views = self._view_cache[key] = group_views(layout, staging, self._scratch)
         return views
 
+    def _run_group(
+        self,
+        layers: list[torch.Tensor],
+        views_of_layers: list[torch.Tensor],
+        views: GroupViews,
+        layout: KVLayout,
+        ids: torch.Tensor,
+        b: int,
+        count: int,
+        scatter: bool,
+    ) -> None:
+        """Gather (or scatter) one group on the current stream, as one CUDA graph replay.
+
+        Two launches a layer cost about a millisecond of Python for 32 layers, and the
+        first group's DMA waits for them. A graph captured once per (KV cache, staging
+        buffer, group size) replays them in one launch; its block ids are copied into the
+        graph's own ids tensor first. Where capture fails, the group runs eagerly.
+        """
+        dim = layout.block_dim
+        if self._graphs_broken:
+            run = scatter_views if scatter else gather_views
+            run(views_of_layers, views, dim, ids, pause=_yield)
+            return
+        key = (id(layers), b, count, scatter)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(views_of_layers, views, dim, ids, scatter)
+            if entry is None:
+                self._run_group(layers, views_of_layers, views, layout, ids, b, count, scatter)
+                return
+            self._graphs[key] = entry
+        graph, static_ids = entry
+        static_ids.copy_(ids, non_blocking=True)
+        graph.replay()
+
+    def _capture(
+        self,
+        views_of_layers: list[torch.Tensor],
+        views: GroupViews,
+        dim: int,
+        ids: torch.Tensor,
+        scatter: bool,
+    ) -> tuple[Any, torch.Tensor] | None:
+        static_ids = torch.empty_like(ids)
+        graph = _cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
+        try:
+            # Capture on the engine's stream, in thread-local mode so that the waiter
+            # threads' own CUDA calls stay legal meanwhile.
+            with _cuda.graph(graph, stream=current, capture_error_mode="thread_local"):
+                if scatter:
+                    scatter_views(views_of_layers, views, dim, static_ids)
+                else:
+                    gather_views(views_of_layers, views, dim, static_ids)
+        except Exception:
+            logger.warning("CUDA graph capture failed; the copy engine runs eagerly", exc_info=True)
+            self._graphs_broken = True
+            return None
+        return graph, static_ids
+
     def _store(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
         chunk_nbytes, groups = self._groups(transfer)
         gather, copy = self._gather, self._copy
@@ -378,7 +445,7 @@ class CopyEngine:
             gather.wait_event(transfer.ready)
         started = _cuda.Event(enable_timing=True)
         started.record(gather)
-        for number, (first, count, ids) in enumerate(groups):
+        for first, count, ids in groups:
             b = self._next_buffer
             self._next_buffer = (b + 1) % self.depth
             views = self._views(b, count, chunk_nbytes, layout)
@@ -387,9 +454,7 @@ class CopyEngine:
             if free is not None:
                 gather.wait_event(free)
             with torch.cuda.stream(gather):
-                # The first group goes out unbroken: the DMA engine waits for it. Later
-                # groups are enqueued ahead of the GPU, so they yield the GIL as they go.
-                gather_views(sources, views, layout.block_dim, ids, _yield if number else None)
+                self._run_group(transfer.layers, sources, views, layout, ids, b, count, False)
                 gathered = _cuda.Event()
                 gathered.record(gather)
             copy.wait_event(gathered)
@@ -439,8 +504,10 @@ class CopyEngine:
                     keep = torch.tensor(keep_list, dtype=torch.int64).to(
                         self.device, non_blocking=True
                     )
-                # The scatter of a group waits for its DMA anyway: yielding costs nothing.
-                scatter_views(targets, views, layout.block_dim, ids, keep, _yield)
+                if keep is None:
+                    self._run_group(transfer.layers, targets, views, layout, ids, b, count, True)
+                else:  # repeated block ids: rare, run eagerly
+                    scatter_views(targets, views, layout.block_dim, ids, keep, _yield)
                 freed = _cuda.Event()
                 freed.record(gather)
             self._free[b] = freed
@@ -511,6 +578,10 @@ def _yield(layer: int) -> None:
 
 def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:
     engine._drain()
+    # The graphs captured for these tensors hold their addresses: drop them before the
+    # list (and so, possibly, its id) goes.
+    for key in [key for key in engine._graphs if key[0] == id(tensors)]:
+        del engine._graphs[key]
     tensors.clear()
 
 
