@@ -15,6 +15,7 @@ from kvrpc.kv.copy_engine import (
     carrier_dtype,
     contiguous_runs,
     gather_group,
+    group_sizes,
     last_occurrences,
     scatter_group,
 )
@@ -333,3 +334,19 @@ def test_carrier_dtype_is_the_widest_element_that_divides_a_row(
     kind: LayoutKind, shape: tuple[int, ...], dtype: str, carrier: torch.dtype
 ) -> None:
     assert carrier_dtype(KVLayout(kind, 2, shape, dtype)) is carrier
+
+
+@pytest.mark.parametrize(
+    ("chunks", "per_group"), [(64, 8), (8, 8), (1, 8), (3, 8), (5, 8), (17, 8), (64, 1), (100, 7)]
+)
+def test_group_sizes_cover_the_batch_within_the_group_size(chunks: int, per_group: int) -> None:
+    sizes = group_sizes(chunks, per_group)
+    assert sum(sizes) == chunks
+    assert max(sizes) <= per_group
+    assert min(sizes) >= 1
+
+
+def test_group_sizes_keep_the_first_and_last_groups_small() -> None:
+    assert group_sizes(64, 8) == [2, 8, 8, 8, 8, 8, 8, 8, 4, 2]
+    assert group_sizes(3, 8) == [3]
+    assert group_sizes(0, 8) == []

@@ -165,6 +165,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         serial = iter(range(1 << 62))
 
         gpu_seconds: dict[str, list[float]] = {"store": [], "retrieve": []}
+        handler_seconds: dict[str, list[float]] = {"store": [], "retrieve": []}
 
         def store(check: bool = True) -> float:
             request_id = f"store-{next(serial)}"
@@ -178,6 +179,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
                 if stats["chunks"] != options.chunks:
                     raise KVError(f"a store of {options.chunks} chunks left {stats['chunks']}")
                 gpu_seconds["store"].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+                handler_seconds["store"].append(stats["cuda_last_handler_us"] / 1e6)
             return elapsed
 
         def retrieve() -> float:
@@ -190,6 +192,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
                 raise KVError("a retrieve could not fill every block")
             stats = client.call(protocols.STATS)
             gpu_seconds["retrieve"].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+            handler_seconds["retrieve"].append(stats["cuda_last_handler_us"] / 1e6)
             client.call(protocols.CLEAR)
             return elapsed
 
@@ -214,6 +217,8 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             figures[f"{name}_gb_per_s"] = round(nbytes / median / 1e9, 2)
         for name, seconds in gpu_seconds.items():  # the copy engine's own GPU time
             figures[f"{name}_engine_gpu_ms"] = round(statistics.median(seconds) * 1e3, 2)
+        for name, seconds in handler_seconds.items():  # the server's handler, start to reply
+            figures[f"{name}_handler_ms"] = round(statistics.median(seconds) * 1e3, 2)
         store_ratio = figures["store_gb_per_s"] / figures["d2h_gb_per_s"]
         retrieve_ratio = figures["retrieve_gb_per_s"] / figures["h2d_gb_per_s"]
         figures["store_to_d2h_ratio"] = round(store_ratio, 3)

@@ -51,6 +51,7 @@ __all__ = [
     "contiguous_runs",
     "gather_group",
     "gather_views",
+    "group_sizes",
     "group_views",
     "last_occurrences",
     "layer_views",
@@ -213,6 +214,30 @@ def last_occurrences(block_ids: list[int]) -> list[int] | None:
     return sorted(last.values())
 
 
+def group_sizes(chunks: int, per_group: int) -> list[int]:
+    """How a batch of ``chunks`` is cut into groups of at most ``per_group`` chunks.
+
+    The first and the last group are a quarter of the others: nothing overlaps the first
+    group's gather (a store's DMA waits for it) or the last group's scatter (a retrieve's
+    end waits for it), so keeping them small shortens the batch.
+    """
+    if chunks <= 0:
+        return []
+    small = max(1, per_group // 4)
+    if chunks <= 2 * small:
+        return [chunks]
+    sizes = [small]
+    left = chunks - small
+    while left > per_group + small:
+        sizes.append(per_group)
+        left -= per_group
+    if left > small:
+        sizes += [left - small, small]
+    else:
+        sizes.append(left)
+    return sizes
+
+
 def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
     """``(first index, count)`` of each run of consecutive slot numbers, in order."""
     runs: list[tuple[int, int]] = []
@@ -332,9 +357,10 @@ class CopyEngine:
         with torch.cuda.stream(self._gather):
             flat = transfer.block_ids.reshape(-1).to(self.device, non_blocking=True)
         groups = []
-        for first in range(0, n, per_group):
-            count = min(per_group, n - first)
+        first = 0
+        for count in group_sizes(n, per_group):
             groups.append((first, count, flat[first * bpc : (first + count) * bpc]))
+            first += count
         return chunk_nbytes, groups
 
     def _host_runs(
@@ -511,6 +537,7 @@ class CopyEngine:
                 freed = _cuda.Event()
                 freed.record(gather)
             self._free[b] = freed
+            time.sleep(0)  # let the event loop thread take the GIL between groups
         return self._finish(gather, started, chunk_nbytes * len(transfer.slots))
 
     # --------------------------------------------------------------- called from the loop

@@ -183,6 +183,7 @@ class KVService:
         self._engines: dict[int, CopyEngine] = {}
         self._pool_ready: asyncio.Future[ChunkPool] | None = None
         self._loop_probe = loop_probe
+        self._last_cuda_handler_seconds = 0.0
         self._probe: LoopLagProbe | None = None
         self._tasks: OwnedTaskGroup | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -593,6 +594,7 @@ class KVService:
 
         Replies once the copy has completed, with the event the engine recorded after it.
         """
+        started = time.perf_counter()
         instance = self._instance(client_id, instance_id)
         _require_mode(instance, "cuda_ipc")
         results, reserved, key_bytes = await self._reserve_batch(instance, keys, block_ids)
@@ -610,6 +612,7 @@ class KVService:
             on_late_finish=lambda: _abort(pool, reserved),
         )
         self._settle_store(instance, results, reserved, key_bytes, error)
+        self._last_cuda_handler_seconds = time.perf_counter() - started
         return CudaCopyReply(errors=results, cuda_event=done)
 
     async def _reserve_batch(
@@ -713,6 +716,7 @@ class KVService:
         starts, and the keys fail with a reason; one that started finishes and succeeds.
         Either way the reply comes only when no byte can be written any more.
         """
+        started = time.perf_counter()
         expires = None if deadline is None else time.monotonic() + deadline
         instance = self._instance(client_id, instance_id)
         _require_mode(instance, "cuda_ipc")
@@ -731,6 +735,7 @@ class KVService:
             on_late_finish=lambda: _unpin(pool, found),
         )
         self._settle_retrieve(instance, request_ids, results, found, error)
+        self._last_cuda_handler_seconds = time.perf_counter() - started
         return CudaCopyReply(errors=results, cuda_event=done)
 
     def _pin_batch(
@@ -1171,6 +1176,8 @@ class KVService:
             report["cuda_bytes_moved"] = sum(e.bytes_moved for e in engines)
             report["cuda_staging_bytes"] = sum(e.staging_bytes() for e in engines)
             report["cuda_last_batch_gpu_us"] = round(max(e.last_gpu_seconds for e in engines) * 1e6)
+            # The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply.
+            report["cuda_last_handler_us"] = round(self._last_cuda_handler_seconds * 1e6)
             # Everything this process allocated on its GPUs: the engines' buffers and
             # temporaries (the workers' KV caches are mapped, not allocated here).
             report["cuda_peak_allocated_bytes"] = sum(
