@@ -6,6 +6,7 @@ the server (:func:`~kvrpc.kv.serving.serve_kv`). Each name lives in the module t
 """
 
 from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, SchedulerAdapter, WorkerAdapter
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import (
     CacheKey,
     KeyBatch,
@@ -22,6 +23,7 @@ from kvrpc.kv.shm import release_shared, shared_empty
 __all__ = [
     "KV_PROTOCOLS",
     "CacheKey",
+    "CudaIPCWrapper",
     "KVLayout",
     "KVServerSettings",
     "KVService",
