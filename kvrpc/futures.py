@@ -186,7 +186,9 @@ class CUDAMessagingFuture(Generic[T]):
         self._inner.wait()
         self._inner.result(0)  # raises the call's error
         event = self._event()
-        if event is not None:
+        # A completed event needs no wait; only a pending one is handed to the stream (which
+        # then depends on the producer staying alive: see kvrpc.cuda).
+        if event is not None and not event.query():
             (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(
                 event
             )

@@ -514,7 +514,7 @@ class WorkerAdapter:
             raise
 
         def done(future: MessagingFuture[Any]) -> None:
-            self._give_back(ready)
+            self._give_back(ready, future)
             self._stores_done(request_ids, future)
 
         future.add_done_callback(done)
@@ -553,7 +553,7 @@ class WorkerAdapter:
             raise
 
         def done(future: MessagingFuture[Any]) -> None:
-            self._give_back(ready)
+            self._give_back(ready, future)
             self._retrieves_done(request_ids, owners, rows, future)
 
         future.add_done_callback(done)
@@ -565,7 +565,12 @@ class WorkerAdapter:
         assert ring is not None
         return ring.record_after(event)
 
-    def _give_back(self, ready: _Ready | None) -> None:
+    def _give_back(self, ready: _Ready | None, future: MessagingFuture[Any] | None = None) -> None:
+        # An event whose call got no answer (a timeout, a lost connection) may still be
+        # polled by the server: recording it again could let a copy start too early. It is
+        # dropped instead of reused.
+        if future is not None and future.exception() is not None:
+            return
         with self._lock:
             ring = self._events
         if ready is not None and ring is not None:

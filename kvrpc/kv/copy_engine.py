@@ -271,8 +271,10 @@ class Transfer:
 class CopyEngine:
     """One GPU's copy engine: an executor thread, two streams, a staging ring.
 
-    ``group_bytes`` is the size of one staging buffer (rounded up to a whole chunk) and
-    ``depth`` how many there are; ``waiters`` threads wait for completion events.
+    ``group_bytes`` bounds one staging buffer (rounded down to whole chunks, at least one)
+    and ``depth`` is how many there are; ``waiters`` threads wait for completion events, and
+    as many others poll workers' ready events, so that slow or dead workers never delay the
+    completions of the others.
     """
 
     def __init__(
@@ -289,6 +291,7 @@ class CopyEngine:
         name = f"kvrpc-copy-{device.index}"
         self.executor = concurrent.futures.ThreadPoolExecutor(1, name)
         self.waiters = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-wait")
+        self.pollers = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-poll")
         self._gather: Any = None
         self._copy: Any = None
         self._staging: list[torch.Tensor] = []
@@ -581,7 +584,7 @@ class CopyEngine:
         Polled, not waited on: a stream waiting on the event of a process that died would
         wait forever (see :mod:`kvrpc.cuda`).
         """
-        return self.waiters.submit(_poll_ready, event, give_up, timeout)
+        return self.pollers.submit(_poll_ready, event, give_up, timeout)
 
     def release(self, tensors: list[torch.Tensor]) -> concurrent.futures.Future[None]:
         """Drop ``tensors`` (closing their IPC mappings) once no enqueued copy can use them."""
@@ -597,6 +600,7 @@ class CopyEngine:
         self.executor.submit(self._drain).result()
         self.executor.shutdown(wait=True)
         self.waiters.shutdown(wait=True)
+        self.pollers.shutdown(wait=True)
 
 
 def _yield(layer: int) -> None:

@@ -522,7 +522,7 @@ def _pin_host_memory(buffer: Any) -> None:
     except RuntimeError as exc:
         raise KVConfigError(
             f"ChunkPool: could not pin {nbytes} bytes of host memory ({exc}); lower "
-            "--cpu-buffer-size or run the server without pinned memory"
+            "--cpu-buffer-size, or raise the locked-memory limit (ulimit -l) of the server"
         ) from exc
 
 

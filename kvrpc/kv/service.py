@@ -816,7 +816,12 @@ class KVService:
             if deadline is not None:
                 limit = max(0.0, min(limit, deadline - time.monotonic()))
             polled = engine.wait_ready(ready, lambda: instance.closed, limit)
-            if not await asyncio.wrap_future(polled):
+            try:
+                ready_in_time = await asyncio.wrap_future(polled)
+            except asyncio.CancelledError:
+                on_late_finish()  # nothing was enqueued: the slots can go at once
+                raise
+            if not ready_in_time:
                 if deadline is not None and time.monotonic() >= deadline:
                     return f"{_DEADLINE_TEXT} (the worker's event was still pending)", None
                 return (
