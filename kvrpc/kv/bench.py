@@ -58,7 +58,7 @@ from kvrpc.kv.shm import release_shared, shared_empty, shared_ref
 from kvrpc.protocol import PING
 from kvrpc.transport import parse_url
 
-__all__ = ["FIGURES", "KVBenchOptions", "run_kv_bench"]
+__all__ = ["FIGURES", "KVBenchOptions", "goal", "run_kv_bench", "wait_finished"]
 
 #: The figures ``kvrpc bench kv`` can take, in the order it takes them.
 FIGURES = ("lookup", "transfer", "memory")
@@ -205,8 +205,13 @@ def _proc_status(pid: int, field: str) -> int:
     return 0
 
 
-def _wait_finished(adapter: WorkerAdapter, request_id: str, store: bool) -> None:
-    """Poll ``get_finished`` until ``request_id``'s store (or retrieve) is reported."""
+def wait_finished(
+    adapter: WorkerAdapter, request_id: str, store: bool, poll: float = _POLL_S
+) -> None:
+    """Poll ``get_finished`` until ``request_id``'s store (or retrieve) is reported.
+
+    Raises :class:`KVError` after 300 s.
+    """
     deadline = time.monotonic() + 300.0
     while True:
         stores, retrieves = adapter.get_finished({request_id} if store else set())
@@ -214,10 +219,11 @@ def _wait_finished(adapter: WorkerAdapter, request_id: str, store: bool) -> None
             return
         if time.monotonic() > deadline:
             raise KVError(f"{request_id!r} was not reported finished within 300 s")
-        time.sleep(_POLL_S)
+        time.sleep(poll)
 
 
-def _goal(met: bool, text: str) -> str:
+def goal(met: bool, text: str) -> str:
+    """A figure's verdict: ``met (text)`` or ``MISSED (text)``."""
     return f"{'met' if met else 'MISSED'} ({text})"
 
 
@@ -243,7 +249,7 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
             )
             worker.register_kv_caches({"layer.0": layer})
             worker.submit_store_request("prompt", LoadStoreOp(range(num_blocks), prompt))
-            _wait_finished(worker, "prompt", store=True)
+            wait_finished(worker, "prompt", store=True)
         client = stack.enter_context(_client(url))
         stored = client.call(protocols.STATS)["chunks"]
         if stored != _LOOKUP_WORLD_SIZE * _PROMPT_CHUNKS:
@@ -312,7 +318,7 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
     ratio = figures["lookup_p50_us"] / figures["ping_p50_us"]
     figures["lookup_to_ping_p50_ratio"] = ratio
     figures["lookup_raw_to_ping_p50_ratio"] = figures["lookup_raw_p50_us"] / figures["ping_p50_us"]
-    figures["lookup_goal"] = _goal(ratio <= _LOOKUP_GOAL, f"lookup p50 <= {_LOOKUP_GOAL:g}x ping")
+    figures["lookup_goal"] = goal(ratio <= _LOOKUP_GOAL, f"lookup p50 <= {_LOOKUP_GOAL:g}x ping")
     return figures
 
 
@@ -400,7 +406,7 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
                 request_id = f"store-{next(serial)}"
                 start = time.perf_counter()
                 worker.submit_store_request(request_id, store_op)
-                _wait_finished(worker, request_id, store=True)
+                wait_finished(worker, request_id, store=True)
                 elapsed = time.perf_counter() - start
                 stats = client.call(protocols.STATS)
                 if stats["chunks"] != options.chunks:
@@ -415,7 +421,7 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
                 request_id = f"retrieve-{next(serial)}"
                 start = time.perf_counter()
                 worker.submit_retrieve_request(request_id, retrieve_op)
-                _wait_finished(worker, request_id, store=False)
+                wait_finished(worker, request_id, store=False)
                 elapsed = time.perf_counter() - start
                 failed = worker.get_block_ids_with_load_errors()
                 if failed:
@@ -462,7 +468,7 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
     retrieve_ratio = figures["retrieve_gb_per_s"] / figures["memcpy_gb_per_s"]
     figures["store_to_memcpy_ratio"] = store_ratio
     figures["retrieve_to_memcpy_ratio"] = retrieve_ratio
-    figures["transfer_goal"] = _goal(
+    figures["transfer_goal"] = goal(
         min(store_ratio, retrieve_ratio) >= _TRANSFER_GOAL,
         f"store and retrieve each >= {_TRANSFER_GOAL:g}x single-threaded memcpy",
     )
@@ -575,7 +581,7 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         "tiny_metadata_bytes_per_chunk": per_chunk,
         "tiny_store_growth_bytes_per_chunk": (rss_after - rss_registered - touched) / count,
     }
-    figures["memory_goal"] = _goal(
+    figures["memory_goal"] = goal(
         per_chunk <= _METADATA_GOAL, f"<= {_METADATA_GOAL:g} bytes of metadata per chunk"
     )
     return figures

@@ -33,6 +33,7 @@ from kvrpc.errors import KVError
 from kvrpc.kv import protocols
 from kvrpc.kv._child import default_url, kv_server_child
 from kvrpc.kv.adapters import LoadStoreOp, WorkerAdapter
+from kvrpc.kv.bench import goal, wait_finished
 from kvrpc.kv.layout import KVLayout
 from kvrpc.protocol import PING
 
@@ -82,21 +83,6 @@ class GPUBenchOptions:
 
 def _progress(text: str) -> None:
     print(f"[bench gpu] {text}", file=sys.stderr, flush=True)
-
-
-def _goal(met: bool, text: str) -> str:
-    return f"{'met' if met else 'MISSED'} ({text})"
-
-
-def _wait(adapter: WorkerAdapter, request_id: str, store: bool) -> None:
-    deadline = time.monotonic() + 300.0
-    while True:
-        stores, retrieves = adapter.get_finished({request_id} if store else set())
-        if request_id in (stores if store else retrieves):
-            return
-        if time.monotonic() > deadline:
-            raise KVError(f"{request_id!r} was not reported finished within 300 s")
-        time.sleep(0.0001)
 
 
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -172,7 +158,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             torch.cuda.synchronize()
             start = time.perf_counter()
             worker.submit_store_request(request_id, store_op)
-            _wait(worker, request_id, store=True)
+            wait_finished(worker, request_id, store=True, poll=0.0001)
             elapsed = time.perf_counter() - start
             if check:  # not during the stall figure: kv.stats restarts the loop-lag sample
                 stats = client.call(protocols.STATS)
@@ -186,7 +172,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             request_id = f"retrieve-{next(serial)}"
             start = time.perf_counter()
             worker.submit_retrieve_request(request_id, retrieve_op)
-            _wait(worker, request_id, store=False)
+            wait_finished(worker, request_id, store=False, poll=0.0001)
             elapsed = time.perf_counter() - start
             if worker.get_block_ids_with_load_errors():
                 raise KVError("a retrieve could not fill every block")
@@ -223,7 +209,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         retrieve_ratio = figures["retrieve_gb_per_s"] / figures["h2d_gb_per_s"]
         figures["store_to_d2h_ratio"] = round(store_ratio, 3)
         figures["retrieve_to_h2d_ratio"] = round(retrieve_ratio, 3)
-        figures["transfer_goal"] = _goal(
+        figures["transfer_goal"] = goal(
             min(store_ratio, retrieve_ratio) >= _TRANSFER_GOAL,
             f"store and retrieve each >= {_TRANSFER_GOAL:g}x a pinned copy of the same bytes",
         )
@@ -233,7 +219,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         figures["engine_staging_bytes"] = int(stats.get("cuda_staging_bytes", 0))
         figures["engine_peak_gpu_bytes"] = peak
         figures["engine_peak_to_batch"] = round(peak / nbytes, 3)
-        figures["memory_goal"] = _goal(
+        figures["memory_goal"] = goal(
             peak <= _MEMORY_GOAL * nbytes, f"copy engine GPU memory <= {_MEMORY_GOAL:g}x a batch"
         )
     return figures
@@ -303,7 +289,7 @@ def _stall(options: GPUBenchOptions, url: str, client: SyncClient, store: Any) -
         "loop_lag_storm_p99_us": int(storm_lag.get("loop_lag_p99_us", 0)),
         "loop_lag_storm_max_us": longest,
         "loop_lag_storm_samples": int(storm_lag.get("loop_lag_samples", 0)),
-        "stall_goal": _goal(
+        "stall_goal": goal(
             longest < _STALL_GOAL_US and storm_p50 <= _PING_GOAL * idle_p50,
             f"longest loop stall < {_STALL_GOAL_US} us and ping p50 <= {_PING_GOAL:g}x idle",
         ),

@@ -601,11 +601,10 @@ class KVService:
         if not reserved:
             return CudaCopyReply(errors=results)
         pool = self._require_pool()
-        rows = block_ids[[i for i, _ in reserved]]
         error, done = await self._gpu_copy(
             instance,
-            rows,
-            [slot for _, slot in reserved],
+            block_ids,
+            reserved,
             ready,
             retrieve=False,
             deadline=None,
@@ -724,11 +723,10 @@ class KVService:
         if not found:
             return CudaCopyReply(errors=results)
         pool = self._require_pool()
-        rows = block_ids[[i for i, _ in found]]
         error, done = await self._gpu_copy(
             instance,
-            rows,
-            [slot for _, slot in found],
+            block_ids,
+            found,
             ready,
             retrieve=True,
             deadline=expires,
@@ -789,15 +787,17 @@ class KVService:
     async def _gpu_copy(
         self,
         instance: _Instance,
-        rows: torch.Tensor,
-        slots: list[int],
+        block_ids: torch.Tensor,
+        pairs: list[tuple[int, int]],
         ready_handle: CudaEventHandle,
         *,
         retrieve: bool,
         deadline: float | None,
         on_late_finish: Callable[[], None],
     ) -> tuple[str | None, CudaEventHandle | None]:
-        """Run a batch through the instance's copy engine: (None or why not, done event).
+        """Copy ``pairs`` (key index, slot) through the instance's copy engine.
+
+        Returns (None or why not, the completion event).
 
         The worker's event is polled until it completes before anything is enqueued (see
         :mod:`kvrpc.cuda` for why a stream never waits on a peer's pending event). Returns
@@ -833,9 +833,9 @@ class KVService:
         transfer = Transfer(
             instance.layers,
             instance.layout,
-            rows,
+            block_ids[[i for i, _ in pairs]],
             pool.buffer,
-            slots,
+            [slot for _, slot in pairs],
             pool.slot_nbytes,
             ready,
             deadline,
