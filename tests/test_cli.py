@@ -170,3 +170,12 @@ def test_serve_prints_a_ready_line_and_stops_cleanly_on_a_signal(sig: signal.Sig
     finally:
         child.kill()
         child.communicate()
+
+
+def test_bench_gpu_without_a_gpu_says_so_and_fails() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the bench would run (see tests/test_kv_cuda.py)")
+    done = kvrpc("bench", "gpu", "--quick")
+    assert done.returncode != 0
+    assert "needs a CUDA GPU" in done.stderr + done.stdout
