@@ -114,8 +114,8 @@ class CudaEventHandle:
         if not isinstance(self.device_uuid, str) or not self.device_uuid:
             raise ValueError("a CUDA event handle needs the device's UUID")
 
-    def open(self) -> torch.cuda.Event:
-        """The event in this process, opened on first use and then kept (thread-safe)."""
+    def open(self) -> Any:
+        """The handle's ``torch.cuda.Event`` in this process, opened once and kept (thread-safe)."""
         return _open_event(self)
 
     def serialize(self) -> bytes:
@@ -142,21 +142,21 @@ _open_events: OrderedDict[CudaEventHandle, Any] = OrderedDict()
 _open_events_lock = threading.Lock()
 
 
-def _open_event(handle: CudaEventHandle) -> torch.cuda.Event:
+def _open_event(handle: CudaEventHandle) -> Any:
     import torch
 
     with _open_events_lock:
         event = _open_events.get(handle)
         if event is not None:
             _open_events.move_to_end(handle)
-            return event  # type: ignore[no-any-return]
+            return event
     device = device_by_uuid(handle.device_uuid)
     opened = cast(Any, torch.cuda).Event.from_ipc_handle(device, handle.handle)
     with _open_events_lock:
         event = _open_events.setdefault(handle, opened)
         while len(_open_events) > _OPEN_EVENTS_KEPT:
             _open_events.popitem(last=False)
-    return event  # type: ignore[no-any-return]
+    return event
 
 
 def forget_events(handles: list[CudaEventHandle]) -> None:

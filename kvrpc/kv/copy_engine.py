@@ -592,8 +592,8 @@ class CopyEngine:
 
     def staging_bytes(self) -> int:
         """GPU bytes the engine holds for staging and scratch."""
-        total = sum(t.numel() for t in self._staging)
-        return total + (self._scratch.numel() if self._scratch is not None else 0)
+        total = sum(int(t.numel()) for t in self._staging)
+        return total + (int(self._scratch.numel()) if self._scratch is not None else 0)
 
     def close(self) -> None:
         """Finish enqueued work and stop the threads."""

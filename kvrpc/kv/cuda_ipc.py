@@ -93,7 +93,7 @@ class CudaIPCWrapper:
         count = 1
         for n in self.shape:
             count *= n
-        return count * dtype_from_name(self.dtype).itemsize
+        return count * int(dtype_from_name(self.dtype).itemsize)
 
     def to_tensor(self) -> torch.Tensor:
         """The shared tensor in this process, on the GPU with this UUID; opened once.
