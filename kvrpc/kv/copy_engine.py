@@ -95,6 +95,8 @@ class GroupViews:
     layer and little else.
     """
 
+    rows: torch.Tensor
+    """The staging rows themselves, uint8 ``[g, chunk_nbytes]``: what the DMAs move."""
     parts: list[torch.Tensor]
     """Per layer: that layer's part of every row, ``[g, *chunk shape]`` in the carrier type."""
     picked: torch.Tensor
@@ -119,14 +121,16 @@ def group_views(layout: KVLayout, staging: torch.Tensor, scratch: torch.Tensor) 
     chunk_shape = list(layout.shape)
     chunk_shape[dim] = blocks_per_chunk
     chunk_shape[-1] = chunk_shape[-1] * layout.torch_dtype.itemsize // carrier.itemsize
-    rows = staging.view(groups, num_layers, per_layer)
-    parts = [rows[:, index].view(carrier).view(groups, *chunk_shape) for index in range(num_layers)]
+    by_layer = staging.view(groups, num_layers, per_layer)
+    parts = [
+        by_layer[:, index].view(carrier).view(groups, *chunk_shape) for index in range(num_layers)
+    ]
     shape = list(chunk_shape)
     shape[dim] = groups * blocks_per_chunk
     picked = scratch[: math.prod(shape) * carrier.itemsize].view(carrier).view(shape)
     split = list(chunk_shape)
     split[dim : dim + 1] = [groups, blocks_per_chunk]
-    return GroupViews(parts, picked, picked.view(split).movedim(dim, 0))
+    return GroupViews(staging, parts, picked, picked.view(split).movedim(dim, 0))
 
 
 def gather_views(
@@ -394,15 +398,22 @@ class CopyEngine:
         self.bytes_moved += nbytes
         return done, handle
 
-    def _views(self, b: int, count: int, chunk_nbytes: int, layout: KVLayout) -> GroupViews:
-        """Staging buffer ``b``'s views for ``count`` chunks of ``layout``, built once."""
+    def _next_views(
+        self, count: int, chunk_nbytes: int, layout: KVLayout
+    ) -> tuple[int, GroupViews, Any]:
+        """Take the ring's next staging buffer: (its number, views, event it is free after).
+
+        The views for ``count`` chunks are built once per buffer, size and layout.
+        """
+        b = self._next_buffer
+        self._next_buffer = (b + 1) % self.depth
         key = (b, count, chunk_nbytes, layout)
         views = self._view_cache.get(key)
         if views is None:
             assert self._scratch is not None
             staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
             views = self._view_cache[key] = group_views(layout, staging, self._scratch)
-        return views
+        return b, views, self._free[b]
 
     def _run_group(
         self,
@@ -478,11 +489,8 @@ class CopyEngine:
         started = _cuda.Event(enable_timing=True)
         started.record(gather)
         for first, count, ids in groups:
-            b = self._next_buffer
-            self._next_buffer = (b + 1) % self.depth
-            views = self._views(b, count, chunk_nbytes, layout)
-            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
-            free = self._free[b]
+            b, views, free = self._next_views(count, chunk_nbytes, layout)
+            staging = views.rows
             if free is not None:
                 gather.wait_event(free)
             with torch.cuda.stream(gather):
@@ -515,11 +523,8 @@ class CopyEngine:
         started.record(gather)
         copy.wait_event(started)
         for first, count, ids in groups:
-            b = self._next_buffer
-            self._next_buffer = (b + 1) % self.depth
-            views = self._views(b, count, chunk_nbytes, layout)
-            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
-            free = self._free[b]
+            b, views, free = self._next_views(count, chunk_nbytes, layout)
+            staging = views.rows
             if free is not None:
                 copy.wait_event(free)
             with torch.cuda.stream(copy):

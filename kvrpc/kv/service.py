@@ -1221,12 +1221,7 @@ def _open_all(refs: list[SharedTensorRef], layout: KVLayout) -> list[SharedMappi
         for index, ref in enumerate(refs):
             mapping = open_shared(ref)
             mappings.append(mapping)
-            tensor = mapping.tensor
-            if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
-                raise KVConfigError(
-                    f"tensor {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
-                    f"says {layout.torch_dtype} {list(layout.shape)}"
-                )
+            _check_matches(layout, index, mapping.tensor, "tensor")
     except BaseException:
         for mapping in mappings:
             mapping.close()
@@ -1273,12 +1268,17 @@ def _after_engine(
 def _open_cuda_all(wrappers: list[CudaIPCWrapper], layout: KVLayout) -> list[torch.Tensor]:
     layers = [wrapper.to_tensor() for wrapper in wrappers]
     for index, tensor in enumerate(layers):
-        if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
-            raise KVConfigError(
-                f"CUDA tensor {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
-                f"says {layout.torch_dtype} {list(layout.shape)}"
-            )
+        _check_matches(layout, index, tensor, "CUDA tensor")
     return layers
+
+
+def _check_matches(layout: KVLayout, index: int, tensor: torch.Tensor, what: str) -> None:
+    """Refuse a mapped layer whose shape or dtype is not the registered layout's."""
+    if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
+        raise KVConfigError(
+            f"{what} {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
+            f"says {layout.torch_dtype} {list(layout.shape)}"
+        )
 
 
 def _copy_all(outs: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
