@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run a KV-cache server until SIGINT/SIGTERM")
-    serve.add_argument("--url", default="zmq+tcp://127.0.0.1:5555", help="URL to bind")
+    serve.add_argument(
+        "--url",
+        help="URL to bind (default: unix://$XDG_RUNTIME_DIR/kvrpc/kvrpc.sock, or "
+        "/tmp/kvrpc-<uid>/kvrpc.sock: a socket only this user can reach)",
+    )
     serve.add_argument(
         "--cpu-buffer-size", type=_positive_float, default=1.0, help="L1 pool size in GiB"
     )
@@ -87,13 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     ping = commands.add_parser("ping", help="call rpc.ping on a server")
-    ping.add_argument("url")
+    ping.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
     ping.add_argument("--count", type=int, default=3)
     ping.add_argument("--timeout", type=float, default=5.0, help="seconds per ping")
     ping.set_defaults(run=_run_ping)
 
     stats = commands.add_parser("stats", help="print a server's counters as JSON")
-    stats.add_argument("url")
+    stats.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
     stats.add_argument("--timeout", type=float, default=5.0)
     stats.set_defaults(run=_run_stats)
 
@@ -163,9 +167,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from kvrpc.kv.serving import KVServerSettings, serve_kv
+    from kvrpc.transport import parse_url
 
+    url = _server_url(args)
+    # Only a local socket says who its peers are; say so where anyone may connect.
+    exposed = parse_url(url).scheme not in ("unix", "zmq+ipc", "inproc")
     settings = KVServerSettings(
-        url=args.url,
+        url=url,
         cpu_buffer_size=args.cpu_buffer_size,
         chunk_size=args.chunk_size,
         max_workers=args.max_workers,
@@ -181,9 +189,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
         print(
-            f"kvrpc ready {args.url} chunk_size={args.chunk_size} "
+            f"kvrpc ready {url} chunk_size={args.chunk_size} "
             f"cpu_buffer_size={args.cpu_buffer_size:g}GiB max_workers={args.max_workers}"
-            + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else ""),
+            + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else "")
+            + (
+                " unauthenticated: any process that reaches this address can read, write and "
+                "clear the cache; shm and cuda_ipc workers are refused here"
+                if exposed
+                else ""
+            ),
             flush=True,
         )
 
@@ -248,23 +262,33 @@ def _run_rpc_demo() -> int:
 # ------------------------------------------------------------------------------ ping / stats
 
 
+def _server_url(args: argparse.Namespace) -> str:
+    from kvrpc.transport import default_url
+
+    url: str = args.url or default_url()
+    return url
+
+
 def _run_ping(args: argparse.Namespace) -> int:
     import time
 
     from kvrpc.client import SyncClient
 
-    with SyncClient(args.url, timeout=args.timeout, connect_timeout=args.timeout) as client:
+    url = _server_url(args)
+    with SyncClient(url, timeout=args.timeout, connect_timeout=args.timeout) as client:
         for _ in range(args.count):
             start = time.perf_counter()
             answer = client.call("rpc.ping")
-            print(f"{answer} from {args.url} in {(time.perf_counter() - start) * 1e6:.0f} us")
+            print(f"{answer} from {url} in {(time.perf_counter() - start) * 1e6:.0f} us")
     return 0
 
 
 def _run_stats(args: argparse.Namespace) -> int:
     from kvrpc.client import SyncClient
 
-    with SyncClient(args.url, timeout=args.timeout, connect_timeout=args.timeout) as client:
+    with SyncClient(
+        _server_url(args), timeout=args.timeout, connect_timeout=args.timeout
+    ) as client:
         report = {"rpc": client.call("rpc.stats")}
         if "kv.stats" in client.call("rpc.list_protocols"):
             report["kv"] = client.call("kv.stats")

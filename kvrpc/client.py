@@ -35,11 +35,18 @@ from kvrpc.errors import (
     ProtocolError,
     RequestTimeout,
     TransportError,
+    WrongThread,
     error_from_wire,
 )
 from kvrpc.futures import MessagingFuture
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
-from kvrpc.transport import ClientTransport, TransportOptions, connect_client
+from kvrpc.transport import (
+    ClientTransport,
+    Oversized,
+    SupportsClientReceiver,
+    TransportOptions,
+    connect_client,
+)
 
 __all__ = ["DEFAULT", "AsyncClient", "ClientStats", "SyncClient"]
 
@@ -257,9 +264,8 @@ class AsyncClient:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._deadlines = _Deadlines(self._loop, self._pending, self._expire)
-        set_receiver = getattr(transport, "set_receiver", None)
-        if set_receiver is not None:
-            set_receiver(self._on_message)  # replies straight from the read callback
+        if isinstance(transport, SupportsClientReceiver):
+            transport.set_receiver(self._on_message)  # replies straight from the read callback
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._broken = None
         self._exit_stack = stack
@@ -305,7 +311,13 @@ class AsyncClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: self._forget(request_id))
         self._register(request_id, future, definition, timeout, slots.release)
-        await self._send(request_id, frames)
+        try:
+            await self._send(request_id, frames)
+        except BaseException:
+            # Cancelled while the send waited (for a reconnection, say): nobody will get
+            # this future, so its entry and its in-flight slot are given back now.
+            future.cancel()
+            raise
         return future
 
     def prepare(
@@ -360,13 +372,29 @@ class AsyncClient:
         self.stats.requests += 1
 
     async def _send(self, request_id: int, frames: list[Buffer]) -> None:
+        """Send one registered request; a failure fails that request, never the client."""
         assert self._transport is not None
         try:
             await self._transport.send(frames)
         except ConnectionLost as exc:
             self._resolve_error(request_id, exc)
+        except TransportError as exc:  # this message could not go (too many frames, say)
+            self._resolve_error(request_id, self._send_failure(request_id, exc))
+        except Exception as exc:
+            # Not an error the transport meant to raise: it cannot be trusted with another
+            # message, so this call and every later one fail at once instead of waiting.
+            logger.exception("sending to %s failed", self.url)
+            self._broken = self._send_failure(request_id, exc)
+            self._fail_all(self._broken)
         else:
             self._sent_since_loss.set()
+
+    def _send_failure(self, request_id: int, exc: Exception) -> TransportError:
+        entry = self._pending.get(request_id)
+        name = entry.definition.name if entry is not None and entry.definition else "a request"
+        error = TransportError(f"sending {name} to {self.url} failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
 
     def _pop(self, request_id: int) -> _Pending | None:
         entry = self._pending.pop(request_id, None)
@@ -430,6 +458,18 @@ class AsyncClient:
         self._fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
 
     def _on_message(self, frames: list[Buffer]) -> None:
+        if type(frames) is Oversized:  # the transport threw away a reply over our limit
+            self.stats.malformed += 1
+            kind, request_id = codec.peek(frames)
+            if request_id is not None and kind is not MessageKind.REQUEST:
+                self._resolve_error(
+                    request_id,
+                    MessageTooLarge(
+                        f"the reply of {frames.size} bytes exceeds this client's "
+                        f"max_message_size of {self.max_message_size}"
+                    ),
+                )
+            return
         try:
             message = codec.decode(frames)
         except ProtocolError as exc:
@@ -552,8 +592,9 @@ class SyncClient:
         """
         if self._closed or self._loop is None:
             raise ClientClosed(f"client for {self.url} is closed")
+        self._refuse_loop_thread()
         request_id, definition, frames = self._client.prepare(protocol, payload)
-        future: MessagingFuture[Any] = MessagingFuture()
+        future: MessagingFuture[Any] = MessagingFuture(self._thread)
         self._slots.acquire()
         try:
             self._loop.call_soon_threadsafe(
@@ -571,6 +612,16 @@ class SyncClient:
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, request_id))
         return future
 
+    def _refuse_loop_thread(self) -> None:
+        # The loop thread runs the futures' done-callbacks. Blocking it (for a free in-flight
+        # slot, or for a reply) would stop every reply and timeout of this client for good.
+        if threading.current_thread() is self._thread:
+            raise WrongThread(
+                f"the SyncClient for {self.url} was called from its own event-loop thread (a "
+                "MessagingFuture done-callback runs there), where waiting would deadlock it; "
+                "call it from another thread, or use an AsyncClient on that loop"
+            )
+
     def _withdraw_if_cancelled(self, request_id: int, future: MessagingFuture[Any]) -> None:
         # A caller who cancels stops waiting; the request's slot must come back at once rather
         # than when a reply or the timeout eventually arrives.
@@ -586,6 +637,7 @@ class SyncClient:
         """Fail pending calls with :class:`ClientClosed`, stop the loop thread; idempotent."""
         if self._closed:
             return
+        self._refuse_loop_thread()
         self._closed = True
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             with suppress(RuntimeError):

@@ -26,6 +26,7 @@ import msgpack
 from kvrpc.errors import EncodeError, ProtocolError, VersionMismatch
 
 __all__ = [
+    "MAX_EXT_NESTING",
     "OOB_THRESHOLD",
     "WIRE_VERSION",
     "Buffer",
@@ -47,6 +48,13 @@ WIRE_VERSION: Final = 1
 
 #: ``bytes``/``bytearray`` of at least this many bytes travel as their own frame.
 OOB_THRESHOLD: Final = 1024
+
+#: The most ext values (tuples) one message may nest inside each other. Each level is packed
+#: and unpacked by a msgpack call of its own whose working state sits on the C stack (tens of
+#: KiB each), so without a bound a small hostile message overflows the C stack and kills the
+#: process, server or client, before Python's recursion limit is reached. Within one level
+#: msgpack itself bounds nesting (1,024 containers) without recursing.
+MAX_EXT_NESTING: Final = 32
 
 #: What a frame may be: anything exposing the buffer protocol.
 Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -192,18 +200,28 @@ class _Default:
     garbage collector runs.
     """
 
-    __slots__ = ("frames",)
+    __slots__ = ("depth", "frames")
 
     def __init__(self, frames: list[Buffer]) -> None:
         self.frames = frames
+        self.depth = 0
 
     def __call__(self, obj: Any) -> Any:
         frames = self.frames
         if type(obj) is tuple:
-            return msgpack.ExtType(
-                _EXT_TUPLE,
-                msgpack.packb(list(obj), default=self, strict_types=True, use_bin_type=True),
-            )
+            if self.depth >= MAX_EXT_NESTING:
+                raise EncodeError(
+                    f"tuples nest more than {MAX_EXT_NESTING} deep; no receiver would decode "
+                    "this message: send lists, or a flatter structure"
+                )
+            self.depth += 1
+            try:
+                packed = msgpack.packb(
+                    list(obj), default=self, strict_types=True, use_bin_type=True
+                )
+            finally:
+                self.depth -= 1
+            return msgpack.ExtType(_EXT_TUPLE, packed)
         entry = _EXT_BY_CLASS.get(type(obj))
         if entry is not None:
             return msgpack.ExtType(entry.code, entry.encode(obj))
@@ -425,11 +443,12 @@ class _ExtHook:
     the garbage collector happened to run (tens of MiB per large message).
     """
 
-    __slots__ = ("frames", "used")
+    __slots__ = ("depth", "frames", "used")
 
     def __init__(self, frames: Sequence[Buffer], used: set[int]) -> None:
         self.frames = frames
         self.used = used
+        self.depth = 0
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_BUFFER:
@@ -442,7 +461,14 @@ class _ExtHook:
             index, dtype, shape = msgpack.unpackb(data)
             return _tensor_from_frame(_claim_frame(self.frames, self.used, index), dtype, shape)
         if code == _EXT_TUPLE:
-            return tuple(msgpack.unpackb(data, ext_hook=self, raw=False, strict_map_key=False))
+            if self.depth >= MAX_EXT_NESTING:
+                # Refused before the nested unpack: see MAX_EXT_NESTING for why.
+                raise ProtocolError(f"tuples nest more than {MAX_EXT_NESTING} deep")
+            self.depth += 1
+            try:
+                return tuple(msgpack.unpackb(data, ext_hook=self, raw=False, strict_map_key=False))
+            finally:
+                self.depth -= 1
         entry = _EXT_BY_CODE.get(code)
         if entry is None:
             raise ProtocolError(f"unknown ext type code {code}: is the extension registered?")

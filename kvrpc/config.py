@@ -34,6 +34,9 @@ class ServerConfig(_Settings):
     max_in_flight_per_peer: int = Field(256, ge=1)
     #: Seconds shutdown waits for running requests before cancelling them.
     shutdown_grace: float = Field(5.0, ge=0)
+    #: Seconds a client may leave its replies unread, with more waiting to be sent, before
+    #: the server gives up on it (drops its connection, or the replies queued for it).
+    peer_stall_timeout: float = Field(10.0, gt=0)
 
 
 class ClientConfig(_Settings):

@@ -80,8 +80,17 @@ class ClientClosed(KvrpcError):
     """The client was used before it was opened or after it was closed."""
 
 
+class WrongThread(KvrpcError, RuntimeError):
+    """A blocking call was made from the event-loop thread that would have to answer it.
+
+    For example ``SyncClient.call`` from a ``MessagingFuture`` done-callback, which runs on
+    the client's own loop thread: waiting there would stop that loop, and with it every
+    reply and timeout of the client. Make the call from another thread.
+    """
+
+
 class TransportError(KvrpcError):
-    """A transport could not be created, bound, or connected."""
+    """A transport could not be created, bound, or connected, or a message could not be sent."""
 
 
 class TransportNotFound(TransportError):

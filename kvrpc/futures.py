@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 from kvrpc.cuda import CudaEventHandle, require_cuda
+from kvrpc.errors import WrongThread
 
 __all__ = ["CUDAMessagingFuture", "MessagingFuture"]
 
@@ -30,11 +32,25 @@ class MessagingFuture(Generic[T]):
     :meth:`query`, :meth:`wait`, :meth:`result`, done callbacks, or ``await fut``.
     """
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_resolver")
 
-    def __init__(self) -> None:
+    def __init__(self, resolver: threading.Thread | None = None) -> None:
         # concurrent.futures.Future already has the locking and the waiting we need.
         self._future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        # The thread that will resolve it, where known: blocking on it there never ends.
+        self._resolver = resolver
+
+    def _check_may_block(self) -> None:
+        resolver = self._resolver
+        if (
+            resolver is not None
+            and resolver is threading.current_thread()
+            and not self._future.done()
+        ):
+            raise WrongThread(
+                f"waiting for this future on {resolver.name!r}, the thread that resolves it, "
+                "would never end; wait from another thread, or use add_done_callback"
+            )
 
     # ------------------------------------------------------------------ consumer side
 
@@ -47,7 +63,11 @@ class MessagingFuture(Generic[T]):
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until done or ``timeout`` seconds pass; True if done."""
+        """Block until done or ``timeout`` seconds pass; True if done.
+
+        Raises :class:`~kvrpc.errors.WrongThread` on the thread that resolves it.
+        """
+        self._check_may_block()
         concurrent.futures.wait((self._future,), timeout=timeout)
         return self._future.done()
 
@@ -55,12 +75,16 @@ class MessagingFuture(Generic[T]):
         """The result, blocking up to ``timeout`` seconds.
 
         Raises ``TimeoutError`` if it is not done by then, and the call's error (for example a
-        :class:`~kvrpc.errors.RemoteError`) if the call failed.
+        :class:`~kvrpc.errors.RemoteError`) if the call failed; raises
+        :class:`~kvrpc.errors.WrongThread`, rather than blocking forever, on the thread that
+        resolves it (in a done-callback of a ``SyncClient`` future, say).
         """
+        self._check_may_block()
         return self._future.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's error, or None if it succeeded; blocks like :meth:`result`."""
+        self._check_may_block()
         return self._future.exception(timeout)
 
     def add_done_callback(self, fn: Callable[[MessagingFuture[T]], object]) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from kvrpc.errors import (
     PayloadValidationError,
     ProtocolError,
     ServerBusy,
+    TransportError,
     UnknownProtocol,
 )
 from kvrpc.protocol import (
@@ -45,9 +47,19 @@ from kvrpc.protocol import (
     ProtocolDefinition,
     ProtocolRegistry,
 )
-from kvrpc.transport import Peer, ServerTransport, TransportOptions, create_server
+from kvrpc.transport import (
+    Oversized,
+    Peer,
+    PeerCredentials,
+    ServerTransport,
+    SupportsPeerCredentials,
+    SupportsServerReceiver,
+    TransportOptions,
+    create_server,
+    parse_url,
+)
 
-__all__ = ["RPCServer", "ServerStats"]
+__all__ = ["PeerInfo", "RPCServer", "ServerStats", "current_peer"]
 
 logger = logging.getLogger("kvrpc.server")
 
@@ -77,6 +89,38 @@ class ServerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """The client whose request a handler is running for.
+
+    ``peer`` is the transport's opaque identity of the connection; ``scheme`` is the URL
+    scheme the server listens on (``unix``, ``zmq+tcp``...); ``credentials`` are the
+    kernel-reported process credentials where the transport knows them (Unix sockets) and
+    None elsewhere: over TCP nothing about the peer is known.
+    """
+
+    peer: Peer
+    scheme: str
+    credentials: PeerCredentials | None
+
+
+# (server, peer) of the request being handled; turned into a PeerInfo only when asked for.
+_current: contextvars.ContextVar[tuple[RPCServer, Peer]] = contextvars.ContextVar("kvrpc_peer")
+
+
+def current_peer() -> PeerInfo:
+    """The :class:`PeerInfo` of the request the calling handler is running for.
+
+    Works in every handler type (inline, ``async def``, BLOCKING threads). Raises
+    ``RuntimeError`` outside a handler.
+    """
+    try:
+        server, peer = _current.get()
+    except LookupError:
+        raise RuntimeError("current_peer() is only available inside a request handler") from None
+    return server._peer_info(peer)
+
+
+@dataclass(frozen=True, slots=True)
 class _Handler:
     definition: ProtocolDefinition
     fn: Callable[..., Any]
@@ -92,7 +136,9 @@ class RPCServer:
 
     ``max_workers`` bounds the thread pool of BLOCKING handlers; ``max_in_flight_per_peer``
     bounds the requests one client may have running at once (more get :class:`ServerBusy`);
-    ``shutdown_grace`` is how long shutdown waits for running requests before cancelling them.
+    ``shutdown_grace`` is how long shutdown waits for running requests before cancelling them;
+    ``peer_stall_timeout`` is how long a client may leave replies unread, with more waiting,
+    before the transport gives up on it (no other client ever waits for it meanwhile).
     """
 
     def __init__(
@@ -104,6 +150,7 @@ class RPCServer:
         max_message_size: int = 256 * 1024 * 1024,
         max_in_flight_per_peer: int = 256,
         shutdown_grace: float = 5.0,
+        peer_stall_timeout: float = 10.0,
     ) -> None:
         from kvrpc.config import ServerConfig, load
 
@@ -114,6 +161,7 @@ class RPCServer:
             max_message_size=max_message_size,
             max_in_flight_per_peer=max_in_flight_per_peer,
             shutdown_grace=shutdown_grace,
+            peer_stall_timeout=peer_stall_timeout,
         )
         self.url = url
         self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
@@ -136,6 +184,7 @@ class RPCServer:
         self._exit_stack: AsyncExitStack | None = None
         self._stop_requested: anyio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheme = parse_url(url).scheme
         self._register_builtins()
 
     # ------------------------------------------------------------------ registration
@@ -229,7 +278,10 @@ class RPCServer:
             raise RuntimeError("this RPCServer is already running")
         stack = AsyncExitStack()
         try:
-            transport = create_server(self.url, TransportOptions(self.max_message_size))
+            options = TransportOptions(
+                self.max_message_size, peer_stall_timeout=self.config.peer_stall_timeout
+            )
+            transport = create_server(self.url, options)
             await transport.start()
             stack.push_async_callback(transport.close)
             self._executor = ThreadPoolExecutor(self.max_workers, "kvrpc-blocking")
@@ -247,10 +299,9 @@ class RPCServer:
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         self._task_group.start_soon(self._receive_loop, transport)
-        set_receiver = getattr(transport, "set_receiver", None)
-        if set_receiver is not None:
+        if isinstance(transport, SupportsServerReceiver):
             self._offers_open = True
-            set_receiver(self._offer)  # requests straight from the transport's read callback
+            transport.set_receiver(self._offer)  # requests straight from the read callback
         logger.info("kvrpc server listening on %s", self.url)
         return self
 
@@ -352,22 +403,7 @@ class RPCServer:
     async def _finish(self, handling: Coroutine[Any, Any, None], waiting_on: Any) -> None:
         """Drive a handling coroutine that :meth:`_offer` started, to its end."""
         try:
-            while True:
-                try:
-                    if waiting_on is None:  # a bare yield, as asyncio.sleep(0) makes
-                        await asyncio.sleep(0)
-                    else:
-                        await waiting_on
-                except BaseException as exc:  # cancellation included: the coroutine sees it
-                    try:
-                        waiting_on = handling.throw(exc)
-                    except StopIteration:
-                        return
-                    continue
-                try:
-                    waiting_on = handling.send(None)
-                except StopIteration:
-                    return
+            await _Resumed(handling, waiting_on)
         except Exception:
             logger.exception("unexpected error while finishing a reply")
         finally:
@@ -375,7 +411,8 @@ class RPCServer:
 
     async def _handle(self, peer: Peer, frames: list[Buffer]) -> None:
         stats = self._stats
-        size = codec.message_size(frames)
+        # A transport that threw an oversized message away hands over only its head.
+        size = frames.size if type(frames) is Oversized else codec.message_size(frames)
         if size > self.max_message_size:
             stats.oversized += 1
             kind, request_id = codec.peek(frames)
@@ -421,32 +458,54 @@ class RPCServer:
         inline = not handler.is_async and handler.definition.handler_type is HandlerType.NONBLOCKING
         if inline:
             # Plain non-blocking handlers run inline: no task, no thread, the fastest path.
+            token = _current.set((self, peer))
             try:
                 result = handler.fn(*args)
             except Exception as exc:
                 stats.handler_errors += 1
                 await self._send_error(peer, request_id, exc)
                 return
+            finally:
+                _current.reset(token)
             if not inspect.isawaitable(result):
                 await self._send_result(peer, request_id, result)
                 return
+            # What it returned still has to run: it counts against the peer's limit like an
+            # ``async def`` handler, or a plain handler could start unbounded work.
+            if self._at_peer_limit(peer):
+                _discard(result)
+                await self._refuse_busy(peer, request_id)
+                return
             self._start(peer, request_id, functools.partial(_await, result))
             return
-        if self._per_peer.get(peer, 0) >= self.max_in_flight_per_peer:
-            stats.busy += 1
-            await self._send_error(
-                peer,
-                request_id,
-                ServerBusy(
-                    f"more than {self.max_in_flight_per_peer} requests in flight from "
-                    "this client; wait for replies before sending more"
-                ),
-            )
+        if self._at_peer_limit(peer):
+            await self._refuse_busy(peer, request_id)
             return
         if handler.is_async:
             self._start(peer, request_id, functools.partial(handler.fn, *args))
         else:
             self._start(peer, request_id, functools.partial(self._in_thread, handler.fn, args))
+
+    def _at_peer_limit(self, peer: Peer) -> bool:
+        return self._per_peer.get(peer, 0) >= self.max_in_flight_per_peer
+
+    async def _refuse_busy(self, peer: Peer, request_id: int) -> None:
+        self._stats.busy += 1
+        await self._send_error(
+            peer,
+            request_id,
+            ServerBusy(
+                f"more than {self.max_in_flight_per_peer} requests in flight from "
+                "this client; wait for replies before sending more"
+            ),
+        )
+
+    def _peer_info(self, peer: Peer) -> PeerInfo:
+        transport = self._transport
+        credentials = None
+        if isinstance(transport, SupportsPeerCredentials):
+            credentials = transport.peer_credentials(peer)
+        return PeerInfo(peer, self._scheme, credentials)
 
     def _start(self, peer: Peer, request_id: int, call: Callable[[], Awaitable[Any]]) -> None:
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
@@ -461,9 +520,14 @@ class RPCServer:
     async def _in_thread(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        # The thread sees this task's context, so current_peer() works in BLOCKING handlers.
+        run = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await loop.run_in_executor(self._executor, run)
 
     async def _run(self, peer: Peer, request_id: int, call: Callable[[], Awaitable[Any]]) -> None:
+        # Set here, in the request's own task: a task spawned from a read callback is started
+        # by another task and would otherwise inherit that one's context.
+        _current.set((self, peer))
         try:
             result = await call()
         except Exception as exc:
@@ -488,13 +552,22 @@ class RPCServer:
             self._stats.handler_errors += 1
             await self._send_error(peer, request_id, exc)
             return
-        await self._send(peer, frames)
+        try:
+            await self._send(peer, frames)
+        except TransportError as exc:  # the transport cannot carry this reply (its frames)
+            self._stats.handler_errors += 1
+            await self._send_error(peer, request_id, exc)
+            return
         self._stats.responses += 1
 
     async def _send_error(self, peer: Peer, request_id: int, exc: BaseException) -> None:
         logger.debug("request %d from %r failed", request_id, peer, exc_info=exc)
         frames = codec.encode_error(request_id, type(exc).__name__, str(exc))
-        await self._send(peer, frames)
+        try:
+            await self._send(peer, frames)
+        except TransportError:
+            logger.exception("could not send an error reply to %r", peer)
+            return
         self._stats.error_replies += 1
 
     async def _refuse(
@@ -515,3 +588,44 @@ class RPCServer:
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _discard(awaitable: Awaitable[Any]) -> None:
+    """Drop an awaitable that will never be awaited, without a "never awaited" warning."""
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+    elif isinstance(awaitable, asyncio.Future):
+        awaitable.cancel()
+
+
+class _Resumed:
+    """Awaits the rest of a coroutine that was started by hand and has suspended once.
+
+    ``yielded`` is what the coroutine's first ``send(None)`` gave: a future (or None for a
+    bare yield). It is handed to the task unchanged, exactly as ``yield from`` would, so the
+    task sees the future in the state the coroutine left it in. Awaiting that future again
+    instead fails with "await wasn't used with future": its blocking flag is already set
+    by the coroutine's own await, and only a task may clear it.
+    """
+
+    __slots__ = ("_coroutine", "_yielded")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self._coroutine = coroutine
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, yielded = self._coroutine, self._yielded
+        while True:
+            try:
+                sent = yield yielded
+            except BaseException as exc:  # cancellation included: the coroutine sees it
+                try:
+                    yielded = coroutine.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                yielded = coroutine.send(sent)
+            except StopIteration:
+                return

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
@@ -25,13 +25,21 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ClientTransport",
     "InprocPlugin",
+    "Oversized",
+    "PeerCredentials",
     "ServerTransport",
+    "SupportsClientReceiver",
+    "SupportsPeerCredentials",
+    "SupportsServerReceiver",
     "TransportOptions",
     "TransportPlugin",
     "TransportURL",
     "claim_socket_path",
     "connect_client",
     "create_server",
+    "default_url",
+    "local_url",
+    "runtime_dir",
     "get_plugin",
     "parse_url",
     "register_plugin",
@@ -90,10 +98,13 @@ class TransportOptions:
     framing layer that sees a larger one drops the connection that sent it and counts it.
     ``reconnect_timeout``: how long, in seconds, a client's ``send`` waits for a lost
     connection to come back before it raises :class:`ConnectionLost`.
+    ``peer_stall_timeout``: how long, in seconds, a server transport keeps messages queued for
+    a peer that reads none of them before it drops them, or that peer's connection.
     """
 
     max_message_size: int = 256 * 1024 * 1024
     reconnect_timeout: float = 2.0
+    peer_stall_timeout: float = 10.0
 
 
 @runtime_checkable
@@ -106,11 +117,12 @@ class ServerTransport(Protocol):
     (bad length prefixes, oversized messages, garbage) closes that one connection and is
     counted in :meth:`stats`; it never reaches ``recv`` and never disturbs other peers.
 
-    A transport may also offer ``set_receiver(receiver)``, ``receiver(peer, frames) -> bool``:
-    each message is then offered to it straight from the read callback, while nothing waits
-    for :meth:`recv`. True means handled; False declines it, and the transport queues that
-    message and every later one for :meth:`recv` (bounded, as above) until the queue is empty
-    again, so the order of messages never changes. The server uses it where it exists.
+    :meth:`send` never waits for one peer to read: each peer's unsent messages wait in a
+    bounded queue of their own, and a peer that stops reading loses its own replies or its
+    connection (counted in :meth:`stats`), never delaying another peer's.
+
+    Optional capabilities are declared by the protocols :class:`SupportsServerReceiver` and
+    :class:`SupportsPeerCredentials`; the server uses them where ``isinstance`` finds them.
     """
 
     async def start(self) -> None:
@@ -120,13 +132,20 @@ class ServerTransport(Protocol):
         """The next message from any peer; raises :class:`ConnectionLost` once closed."""
 
     async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
-        """Send one message to ``peer``; a peer that has gone away is silently skipped."""
+        """Send or queue one message for ``peer`` and return without waiting for it to read.
+
+        A peer that has gone away is silently skipped; one whose queue is over its bound
+        loses this message (counted as ``dropped``) or its connection.
+        """
 
     async def close(self) -> None:
         """Stop accepting and release every resource; idempotent."""
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: at least ``connections``, ``disconnects``, ``malformed``."""
+        """Counters since start: at least ``connections``, ``disconnects``, ``malformed``.
+
+        Also ``dropped``: messages lost by peers that stopped reading.
+        """
         ...
 
 
@@ -139,10 +158,8 @@ class ClientTransport(Protocol):
     ``TransportOptions.reconnect_timeout`` for the server, and later ``recv`` calls return
     messages from the new connection. Messages on one connection arrive in the order sent.
 
-    A transport may also offer ``set_receiver(receiver)``, taking a plain function of one
-    message: once it is set, messages are handed to it straight from the transport's read
-    callback (one event-loop turn sooner than through a task awaiting :meth:`recv`), and
-    :meth:`recv` only reports lost connections. The client uses it where it exists.
+    An optional capability is declared by :class:`SupportsClientReceiver`; the client uses it
+    where ``isinstance`` finds it.
     """
 
     async def connect(self) -> None:
@@ -163,6 +180,66 @@ class ClientTransport(Protocol):
 
     async def close(self) -> None:
         """Close the connection; idempotent."""
+
+
+class Oversized(list[Buffer]):
+    """Delivered in place of a message over ``max_message_size`` that a transport discarded.
+
+    It holds only the first bytes of the message's header frame (enough for
+    :func:`kvrpc.codec.peek` to read its kind and request id, so that the request can be
+    answered with ``MessageTooLarge``); ``size`` is the size the message announced.
+    """
+
+    def __init__(self, head: bytes, size: int) -> None:
+        super().__init__([head])
+        self.size = size
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is at the other end of a local connection, as the kernel reports it.
+
+    ``pid``, ``uid`` and ``gid`` of the process that connected (``SO_PEERCRED`` on Linux),
+    read when the connection was accepted. A peer cannot forge them.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@runtime_checkable
+class SupportsServerReceiver(Protocol):
+    """A server transport that can hand messages over straight from its read callback.
+
+    ``receiver(peer, frames) -> bool`` is offered each message while nothing waits for
+    ``recv``: True means handled; False declines it, and the transport queues that message
+    and every later one for ``recv`` (bounded) until the queue is empty again, so the order
+    of messages never changes. ``None`` turns it off.
+    """
+
+    def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
+        """Offer each message to ``receiver`` as it is read."""
+
+
+@runtime_checkable
+class SupportsClientReceiver(Protocol):
+    """A client transport that can hand replies straight from its read callback.
+
+    Once a receiver is set, every message goes to it (one event-loop turn sooner than through
+    a task awaiting ``recv``), and ``recv`` only reports lost connections.
+    """
+
+    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
+        """Hand each message to ``receiver`` as it is read."""
+
+
+@runtime_checkable
+class SupportsPeerCredentials(Protocol):
+    """A server transport that knows which local process each peer is (Unix sockets)."""
+
+    def peer_credentials(self, peer: Peer) -> PeerCredentials | None:
+        """The kernel-reported credentials of ``peer``; None for a peer no longer connected."""
 
 
 class TransportPlugin(Protocol):
@@ -271,6 +348,58 @@ def claim_socket_path(path: str) -> None:
     raise TransportError(f"a server is already listening on {path}; stop it or choose another path")
 
 
+def runtime_dir() -> str:
+    """The calling user's private directory for kvrpc's sockets (mode 0700), made if missing.
+
+    ``$XDG_RUNTIME_DIR/kvrpc`` where that variable names a directory of this user (the
+    per-user runtime directory a login session has), else ``/tmp/kvrpc-<uid>``. An existing
+    one must be a real directory of this user that no one else may enter: anyone can make
+    ``/tmp/kvrpc-<uid>`` first, and would then see every socket made in it, so otherwise
+    :class:`TransportError` says what is wrong with it.
+    """
+    import os
+    import stat
+
+    uid = os.geteuid()
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    try:
+        usable_base = bool(base) and os.stat(base).st_uid == uid
+    except OSError:
+        usable_base = False
+    path = os.path.join(base, "kvrpc") if usable_base else f"/tmp/kvrpc-{uid}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise TransportError(
+            f"{path} is not a private directory of this user (uid {uid}, mode 0700); it may "
+            "have been made by someone else to catch kvrpc's sockets: remove it, or give "
+            "--url a socket path in a directory of your own"
+        )
+    return path
+
+
+def local_url(directory: str, name: str = "kvrpc.sock") -> str:
+    """A socket URL in ``directory``: ``unix://`` when that plugin is installed, else zmq+ipc."""
+    import os
+
+    path = os.path.join(directory, name)
+    try:
+        get_plugin("unix")
+    except TransportNotFound:
+        return f"zmq+ipc://{path}"
+    return f"unix://{path}"
+
+
+def default_url() -> str:
+    """Where ``kvrpc serve`` listens and the adapters connect when no URL is given.
+
+    A Unix socket in :func:`runtime_dir`: only this user's processes can connect, and the
+    server knows which process each peer is. TCP is used only when a URL asks for it.
+    """
+    return local_url(runtime_dir())
+
+
 # ------------------------------------------------------------------------------- inproc://
 
 _INPROC_QUEUE = 1024
@@ -278,11 +407,15 @@ _CLOSED = None  # queue sentinel: the other side went away
 
 
 class _Endpoint:
-    """An asyncio queue bound to the loop that reads it, writable from any thread."""
+    """An asyncio queue bound to the loop that reads it, writable from any thread.
 
-    def __init__(self) -> None:
+    ``maxsize`` 0 is unbounded: a client's endpoint, whose replies are bounded by its own
+    limit on calls in flight, so that the server never has to wait for a client to read.
+    """
+
+    def __init__(self, maxsize: int = _INPROC_QUEUE) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[Peer, list[Buffer]] | None] = asyncio.Queue(_INPROC_QUEUE)
+        self.queue: asyncio.Queue[tuple[Peer, list[Buffer]] | None] = asyncio.Queue(maxsize)
 
     async def put(self, item: tuple[Peer, list[Buffer]] | None) -> None:
         """Deliver ``item``, waiting while the queue is full (back-pressure)."""
@@ -293,18 +426,29 @@ class _Endpoint:
                 asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
             )
 
-    def put_nowait_threadsafe(self, item: tuple[Peer, list[Buffer]] | None) -> None:
-        """Deliver a control item without waiting (close notices)."""
+    def put_nowait_threadsafe(self, item: tuple[Peer, list[Buffer]] | None) -> bool:
+        """Deliver an item without waiting; False if it had to be dropped (queue full)."""
 
         def deliver() -> None:
             # A full queue means the reader is far behind; it sees the closed flag instead.
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(item)
 
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            try:
+                self.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                return False
+            return True
         if self.loop.is_closed():
-            return
+            return False
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self.loop.call_soon_threadsafe(deliver)
+        return True
 
 
 def _copy_frames(frames: Sequence[Buffer]) -> list[Buffer]:
@@ -325,7 +469,7 @@ class _InprocServer:
         self._inbox: _Endpoint | None = None
         self._clients: dict[Peer, _InprocClient] = {}
         self._closed = False
-        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0}
+        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0, "dropped": 0}
 
     async def start(self) -> None:
         self._inbox = _Endpoint()
@@ -364,8 +508,8 @@ class _InprocServer:
 
     async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         client = self._clients.get(peer)
-        if client is not None:
-            await client.deliver(_copy_frames(frames))
+        if client is not None and not client.deliver(_copy_frames(frames)):
+            self._counts["dropped"] += 1
 
     async def close(self) -> None:
         if self._closed:
@@ -401,14 +545,16 @@ class _InprocClient:
         if server is None or server._closed:
             return False
         if self._inbox is None:
-            self._inbox = _Endpoint()
+            self._inbox = _Endpoint(maxsize=0)
         self._peer = server.attach(self)
         self._server = server
         return True
 
-    async def deliver(self, frames: list[Buffer]) -> None:
-        if self._inbox is not None and not self._closed:
-            await self._inbox.put((b"", frames))
+    def deliver(self, frames: list[Buffer]) -> bool:
+        """Queue a reply without waiting (the inbox is unbounded); False if it was dropped."""
+        if self._inbox is None or self._closed:
+            return False
+        return self._inbox.put_nowait_threadsafe((b"", frames))
 
     def server_closed(self) -> None:
         self._server = None

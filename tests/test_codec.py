@@ -5,6 +5,8 @@ from __future__ import annotations
 import array
 import re
 import struct
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvrpc.codec import (
+    MAX_EXT_NESTING,
     OOB_THRESHOLD,
     WIRE_VERSION,
     Message,
@@ -616,6 +619,73 @@ def test_unknown_ext_code_raises_protocol_error() -> None:
     with pytest.raises(ProtocolError, match=str(_RESERVED_UNUSED_CODE)) as info:
         decode([header])
     assert info.value.request_id == 11
+
+
+def _nested_tuples(levels: int) -> msgpack.ExtType:
+    """``levels`` tuple ext values, each holding the next, as a hostile peer would pack them."""
+    inner = msgpack.ExtType(2, msgpack.packb([1]))
+    for _ in range(levels - 1):
+        inner = msgpack.ExtType(2, msgpack.packb([inner]))
+    return inner
+
+
+def test_tuples_nested_to_the_limit_round_trip() -> None:
+    value: Any = (1,)
+    for _ in range(MAX_EXT_NESTING - 1):
+        value = (value,)
+    assert decode(encode_response(3, value)).payload == value
+
+
+def test_tuples_nested_past_the_limit_raise_encode_error() -> None:
+    value: Any = (1,)
+    for _ in range(MAX_EXT_NESTING):
+        value = (value,)
+    with pytest.raises(EncodeError, match=f"more than {MAX_EXT_NESTING} deep"):
+        encode_response(3, value)
+
+
+@pytest.mark.parametrize("levels", [MAX_EXT_NESTING + 1, 200, 20_000])
+def test_ext_values_nested_past_the_limit_raise_protocol_error_keeping_request_id(
+    levels: int,
+) -> None:
+    header = msgpack.packb([WIRE_VERSION, 0, 7, "rpc.echo", [_nested_tuples(levels)]])
+    with pytest.raises(ProtocolError, match=f"more than {MAX_EXT_NESTING} deep") as info:
+        decode([header])
+    assert info.value.request_id == 7
+    assert info.value.kind is MessageKind.REQUEST
+
+
+def test_a_deeply_nested_message_cannot_crash_the_decoding_process() -> None:
+    # Run in a child: before nesting was bounded, this overflowed the C stack (SIGSEGV) and
+    # would have taken the test runner with it.
+    program = (
+        "import msgpack\n"
+        "from kvrpc.codec import decode\n"
+        "from kvrpc.errors import ProtocolError\n"
+        "inner = msgpack.packb([1])\n"
+        "for _ in range(2000):\n"
+        "    inner = msgpack.packb([msgpack.ExtType(2, inner)])\n"
+        "try:\n"
+        "    decode([msgpack.packb([1, 0, 7, 'rpc.echo', [msgpack.ExtType(2, inner)]])])\n"
+        "except ProtocolError as exc:\n"
+        "    print('refused', exc.request_id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "refused 7"
+
+
+@pytest.mark.parametrize("levels", [1023, 1100, 100_000])
+def test_native_containers_nested_deeply_decode_or_raise_protocol_error(levels: int) -> None:
+    header = msgpack.packb([WIRE_VERSION, 0, 9, "rpc.echo", []])[:-1] + b"\x91" * levels + b"\x90"
+    try:
+        message = decode([header])
+    except ProtocolError:
+        assert levels > 1023
+    else:
+        assert levels <= 1023 and message.request_id == 9
 
 
 def _tensor_header(dtype: str, shape: list[int]) -> bytes:

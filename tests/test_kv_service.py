@@ -52,6 +52,8 @@ from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
 from kvrpc.kv.serving import GB, KVServerSettings, serve_kv
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import PING, STATS
+from kvrpc.server import PeerInfo
+from kvrpc.transport import PeerCredentials
 
 T = TypeVar("T")
 
@@ -65,6 +67,7 @@ LAYER_SHAPE = (2, NUM_BLOCKS, BLOCK, 1, 8)
 LAYERS = 2
 SLOT = LAYERS * 2 * BPC * BLOCK * 1 * 8 * 2  # bytes of one chunk: one pool slot
 WAIT = 5.0  # seconds any expected event may take before a test gives up
+CREDENTIALS = PeerCredentials(pid=1, uid=0, gid=0)
 
 _names = itertools.count()
 
@@ -1487,7 +1490,9 @@ def test_the_register_handler_of_a_server_without_cuda_raises_cuda_unavailable(
 ) -> None:
     server = baseline.server
     registering = asyncio.run_coroutine_threadsafe(
-        server.service.register_kv_cache(secrets.token_bytes(16), cuda_registration()),
+        server.service.register_kv_cache(
+            secrets.token_bytes(16), cuda_registration(), PeerInfo(b"p", "unix", CREDENTIALS)
+        ),
         server.loop,
     )
     with pytest.raises(CudaUnavailable, match="this KV server has no CUDA"):

@@ -14,6 +14,7 @@ from kvrpc_unix.framing import (
     DIRECT_THRESHOLD,
     MAX_FRAMES,
     MMAP_THRESHOLD,
+    OVERSIZED_HEAD,
     RECV_BUFFER_SIZE,
     FrameReader,
     FramingError,
@@ -22,6 +23,7 @@ from kvrpc_unix.framing import (
 )
 
 from kvrpc.errors import TransportError
+from kvrpc.transport import Oversized
 
 CAP = 64 * 1024 * 1024
 
@@ -209,16 +211,37 @@ def test_a_message_of_more_than_1024_frames_is_refused_before_its_lengths_arrive
         reader.feed(struct.pack("!I", MAX_FRAMES + 1))
 
 
-def test_a_length_prefix_over_the_cap_is_refused_before_the_body_arrives() -> None:
+def test_a_message_over_the_cap_is_thrown_away_and_stands_as_oversized_with_its_head() -> None:
     reader = FrameReader(1000)
-    with pytest.raises(FramingError, match="1001 bytes, over the max_message_size of 1000"):
-        reader.feed(struct.pack("!IQ", 1, 1001))
+    header = b"H" * 40
+    reader.feed(wire([header, pattern(1000)]) + wire([b"next"]))
+    oversized, following = reader.messages
+    assert type(oversized) is Oversized
+    assert oversized.size == 1040
+    assert oversized == [header[:OVERSIZED_HEAD]]  # no more than peek needs is kept
+    assert following == [b"next"]  # the stream stays in step
+
+
+def test_an_oversized_message_arriving_byte_by_byte_is_skipped_the_same_way() -> None:
+    reader = FrameReader(1000)
+    data = wire([b"abc", pattern(2000)]) + wire([b"after"])
+    for index in range(len(data)):
+        reader.feed(data[index : index + 1])
+    assert [type(m) for m in reader.messages] == [Oversized, list]
+    assert reader.messages[0] == [b"abc"] and reader.messages[1] == [b"after"]
 
 
 def test_the_cap_applies_to_all_frames_of_a_message_together() -> None:
     reader = FrameReader(1000)
-    with pytest.raises(FramingError, match="max_message_size"):
-        reader.feed(struct.pack("!I3Q", 3, 400, 400, 201))
+    reader.feed(struct.pack("!I3Q", 3, 400, 400, 201) + bytes(1001))
+    (oversized,) = reader.messages
+    assert type(oversized) is Oversized and oversized.size == 1001
+
+
+def test_a_length_far_over_the_cap_is_refused_before_the_body_arrives() -> None:
+    reader = FrameReader(1000, discard_limit=4000)
+    with pytest.raises(FramingError, match="4001 bytes, far over the max_message_size of 1000"):
+        reader.feed(struct.pack("!IQ", 1, 4001))
 
 
 def test_a_message_of_exactly_the_cap_is_accepted() -> None:

@@ -20,7 +20,13 @@ from kvrpc_unix import UnixClientTransport, UnixPlugin, UnixServerTransport
 
 from kvrpc import AsyncClient, RPCServer
 from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
-from kvrpc.transport import TransportOptions, connect_client, create_server, parse_url
+from kvrpc.transport import (
+    Oversized,
+    TransportOptions,
+    connect_client,
+    create_server,
+    parse_url,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix-domain sockets")
 
@@ -165,19 +171,33 @@ async def test_recv_on_a_closed_server_raises_connection_lost(sock_path: str) ->
 # ----------------------------------------------------------------------------- bad peers
 
 
-async def test_a_length_prefix_over_the_cap_disconnects_that_peer_and_is_counted(
+async def test_a_length_prefix_far_over_the_cap_disconnects_that_peer_and_is_counted(
     server: UnixServerTransport, sock_path: str
 ) -> None:
     loop = asyncio.get_running_loop()
     good = await connected(sock_path)
     bad = await raw_connection(sock_path)
-    await loop.sock_sendall(bad, struct.pack("!IQ", 1, (1 << 20) + 1))
+    await loop.sock_sendall(bad, struct.pack("!IQ", 1, 1 << 40))
     assert await loop.sock_recv(bad, 1) == b""  # the server hung up
     bad.close()
     assert server.stats()["malformed"] == 1
     await good.send([b"unaffected"])
     assert (await server.recv())[1] == [b"unaffected"]
     await good.close()
+
+
+async def test_a_message_over_the_cap_arrives_as_oversized_and_the_peer_stays(
+    server: UnixServerTransport, sock_path: str
+) -> None:
+    client = await connected(sock_path)
+    await client.send([b"header", bytes(1 << 20)])
+    peer, oversized = await server.recv()
+    assert type(oversized) is Oversized
+    assert oversized == [b"header"] and oversized.size == (1 << 20) + 6
+    await client.send([b"next"])
+    assert await server.recv() == (peer, [b"next"])
+    assert server.stats()["malformed"] == 0
+    await client.close()
 
 
 async def test_a_peer_that_hangs_up_mid_message_is_counted_as_malformed(
@@ -188,7 +208,9 @@ async def test_a_peer_that_hangs_up_mid_message_is_counted_as_malformed(
     await loop.sock_sendall(sock, struct.pack("!IQ", 1, 100) + b"only part")
     sock.close()
     await until(lambda: server.stats()["disconnects"] == 1)
-    assert server.stats() == {"connections": 1, "disconnects": 1, "malformed": 1}
+    assert server.stats()["connections"] == 1
+    assert server.stats()["disconnects"] == 1
+    assert server.stats()["malformed"] == 1
 
 
 async def test_a_clean_hang_up_is_a_disconnect_not_malformed(

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kvrpc.errors import KVError, KvrpcError
-from kvrpc.transport import get_plugin
+from kvrpc.errors import KVError
+from kvrpc.transport import local_url
 
 __all__ = ["ServerChild", "default_url", "kv_server_child"]
 
@@ -35,11 +35,7 @@ class ServerChild:
 
 def default_url(directory: str) -> str:
     """A socket in ``directory``: Unix if that plugin is installed, else ZeroMQ ipc."""
-    try:
-        get_plugin("unix")
-    except KvrpcError:
-        return f"zmq+ipc://{directory}/kv.ipc"
-    return f"unix://{directory}/kv.sock"
+    return local_url(directory, "kv.sock")
 
 
 @contextlib.contextmanager

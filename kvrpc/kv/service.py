@@ -38,16 +38,17 @@ from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.cuda import CudaEventHandle, device_by_uuid, forget_events
 from kvrpc.errors import CudaUnavailable, KVConfigError, KVError, UnknownInstance, UnknownJob
 from kvrpc.kv import protocols
+from kvrpc.kv.access import memory_owner
 from kvrpc.kv.copy_engine import CopyEngine, DeadlinePassed, Transfer
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
 from kvrpc.kv.pool import ChunkPool, Reserve
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply
-from kvrpc.kv.shm import SharedMapping, SharedTensorRef, open_shared
+from kvrpc.kv.shm import MemoryOwner, SharedMapping, SharedTensorRef, open_shared
 from kvrpc.kv.tiers import LowerTier
 from kvrpc.loopwatch import LoopLagProbe
-from kvrpc.server import RPCServer
+from kvrpc.server import PeerInfo, RPCServer, current_peer
 
 __all__ = ["KVService"]
 
@@ -318,8 +319,15 @@ class KVService:
         self._namespaces_by_id[ns_id] = ns
         return ns
 
-    async def register_kv_cache(self, client_id: bytes, spec: KVCacheRegistration) -> int:
-        """``kv.register_kv_cache``: check the layout, map the tensors, return an instance id."""
+    async def register_kv_cache(
+        self, client_id: bytes, spec: KVCacheRegistration, peer: PeerInfo | None = None
+    ) -> int:
+        """``kv.register_kv_cache``: check the layout, map the tensors, return an instance id.
+
+        Memory is mapped only for a peer that owns it (see :mod:`kvrpc.kv.access`); ``peer``
+        is the requesting one, by default the peer of the request being handled.
+        """
+        owner = memory_owner(spec.mode, current_peer() if peer is None else peer)
         self._client(client_id)
         if spec.worker_id >= spec.world_size:
             raise KVError(f"worker id {spec.worker_id} is not below world size {spec.world_size}")
@@ -345,7 +353,7 @@ class KVService:
                     "were registered"
                 )
             refs = [SharedTensorRef.from_wire(t) for t in spec.tensors]
-            mappings = await self._in_copier(_open_all, refs, layout)
+            mappings = await self._in_copier(_open_all, refs, layout, owner)
             layers = [m.tensor for m in mappings]
         elif spec.tensors:
             raise KVError("the inline transfer mode registers no tensors")
@@ -1215,11 +1223,13 @@ def _check_inline_chunks(chunks: Sequence[torch.Tensor], n: int, nbytes: int) ->
             )
 
 
-def _open_all(refs: list[SharedTensorRef], layout: KVLayout) -> list[SharedMapping]:
+def _open_all(
+    refs: list[SharedTensorRef], layout: KVLayout, owner: MemoryOwner | None
+) -> list[SharedMapping]:
     mappings: list[SharedMapping] = []
     try:
         for index, ref in enumerate(refs):
-            mapping = open_shared(ref)
+            mapping = open_shared(ref, owner)
             mappings.append(mapping)
             _check_matches(layout, index, mapping.tensor, "tensor")
     except BaseException:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kvrpc.kv.protocols import kv_registry
 from kvrpc.kv.service import KVService
 from kvrpc.server import RPCServer
+from kvrpc.transport import default_url
 
 __all__ = ["KVServerSettings", "serve_kv"]
 
@@ -31,7 +32,7 @@ class KVServerSettings:
     ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
     """
 
-    url: str = "zmq+tcp://127.0.0.1:5555"
+    url: str | None = None  #: None: :func:`kvrpc.transport.default_url`
     cpu_buffer_size: float = 1.0
     chunk_size: int = 256
     max_workers: int = 4
@@ -74,12 +75,13 @@ async def serve_kv(
     # loop waiting until the interpreter asks it to switch, every 5 ms by default. This
     # process is the server's own, so it asks every 0.25 ms instead.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.00025))
-    server = RPCServer(settings.url, registry=kv_registry(), max_workers=settings.max_workers)
+    url = settings.url if settings.url is not None else default_url()
+    server = RPCServer(url, registry=kv_registry(), max_workers=settings.max_workers)
     service.register(server)
     async with service, server:
         logger.info(
             "ready: kv server on %s: chunks of %d tokens, CPU buffer %.2f GiB, %d workers",
-            settings.url,
+            url,
             settings.chunk_size,
             settings.cpu_buffer_size,
             settings.max_workers,

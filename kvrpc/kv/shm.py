@@ -13,8 +13,10 @@ worker runs; the memory is given back to the system once the file is removed and
 has dropped its mapping. A worker killed by a signal leaves its files behind; their names,
 ``kvrpc-<pid>-<hex>``, say which process made them.
 
-Files are created with mode 0600: only processes of the same user can open them, so the
-server must run as the worker's user.
+Files are created with mode 0600: only processes of the same user (or root) can open them.
+A server maps a file only for the process that made it: given a :class:`MemoryOwner`,
+:func:`open_shared` refuses a file of another uid, another pid's name, or one that is not a
+plain file (a symlink planted in the world-writable ``/dev/shm``, say).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 import mmap
 import os
 import secrets
+import stat
 import threading
 import weakref
 from collections.abc import Sequence
@@ -39,6 +42,7 @@ from kvrpc.errors import KVConfigError, KVError, NotSharedMemory
 from kvrpc.kv.layout import dtype_from_name, dtype_name
 
 __all__ = [
+    "MemoryOwner",
     "SharedMapping",
     "SharedTensorRef",
     "open_shared",
@@ -49,6 +53,17 @@ __all__ = [
 
 _SHM_DIR = "/dev/shm"
 _PREFIX = "kvrpc-"
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryOwner:
+    """Whose shm files may be mapped: their owner's uid, and the pid in their names.
+
+    ``pid`` is None where the peer's pid is unknown; the name is then not checked.
+    """
+
+    uid: int
+    pid: int | None
 
 
 @dataclass(frozen=True)
@@ -259,15 +274,17 @@ class SharedMapping:
         return f"<SharedMapping {self._ref.name} +{self._ref.offset} {state}>"
 
 
-def open_shared(ref: SharedTensorRef) -> SharedMapping:
+def open_shared(ref: SharedTensorRef, owner: MemoryOwner | None = None) -> SharedMapping:
     """Map the tensor that ``ref`` names, made by :func:`shared_empty` in another process.
 
     Raises ``KVError`` when the file is gone (its worker exited, or released it), belongs to
-    another user, or is too small for the ref.
+    another user, is too small for the ref, is not a plain file, or (given ``owner``) was not
+    made by that uid and pid.
     """
     path = os.path.join(_SHM_DIR, ref.name)
     try:
-        fd = os.open(path, os.O_RDWR)
+        # O_NOFOLLOW: anyone may create names in /dev/shm, a symlink to any file included.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise KVError(
             f"shared memory {ref.name!r} does not exist: the worker that registered it may have "
@@ -278,8 +295,12 @@ def open_shared(ref: SharedTensorRef) -> SharedMapping:
             f"shared memory {ref.name!r} belongs to another user; run the server as the user "
             "that runs the workers"
         ) from None
+    except OSError as exc:
+        raise KVError(f"shared memory {ref.name!r} cannot be opened: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        _check_owner(ref.name, info, owner)
+        size = info.st_size
         end = ref.offset + ref.nbytes
         if end > size:
             raise KVError(
@@ -294,6 +315,24 @@ def open_shared(ref: SharedTensorRef) -> SharedMapping:
         os.close(fd)
     flat = torch.frombuffer(mapping, dtype=torch.uint8, offset=ref.offset - start, count=ref.nbytes)
     return SharedMapping(ref, flat.view(dtype_from_name(ref.dtype)).view(ref.shape))
+
+
+def _check_owner(name: str, info: os.stat_result, owner: MemoryOwner | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise KVError(f"shared memory {name!r} is not a plain file; refusing to map it")
+    if owner is None:
+        return
+    if info.st_uid != owner.uid:
+        raise KVError(
+            f"shared memory {name!r} belongs to uid {info.st_uid}, not to the registering "
+            f"process's uid {owner.uid}: a worker may register only memory it allocated"
+        )
+    made_by = name.removeprefix(_PREFIX).split("-", 1)[0]
+    if owner.pid is not None and made_by != str(owner.pid):
+        raise KVError(
+            f"shared memory {name!r} was made by process {made_by}, not by the registering "
+            f"process {owner.pid}: a worker may register only memory it allocated"
+        )
 
 
 def _check_name(name: object) -> None:

@@ -24,11 +24,13 @@ from typing import Final
 
 from kvrpc.codec import Buffer
 from kvrpc.errors import TransportError
+from kvrpc.transport import Oversized
 
 __all__ = [
     "DIRECT_THRESHOLD",
     "MAX_FRAMES",
     "MMAP_THRESHOLD",
+    "OVERSIZED_HEAD",
     "RECV_BUFFER_SIZE",
     "FrameReader",
     "FramingError",
@@ -66,6 +68,10 @@ _LENGTH_TABLES: dict[int, struct.Struct] = {}
 _WANT_COUNT: Final = 0
 _WANT_LENGTHS: Final = 1
 _WANT_BODY: Final = 2
+_SKIP_BODY: Final = 3  # an oversized message's body, read and thrown away
+
+#: How many bytes of an oversized message's header frame are kept (what ``peek`` reads).
+OVERSIZED_HEAD: Final = 32
 
 
 class FramingError(TransportError):
@@ -134,19 +140,31 @@ class FrameReader:
     of an anonymous ``mmap`` from :data:`MMAP_THRESHOLD` bytes. Every frame is owned by the
     receiver: the reader keeps no reference to a delivered frame.
 
-    :meth:`buffer_updated` raises :class:`FramingError` for a frame count outside
-    1..:data:`MAX_FRAMES` or a message over ``max_message_size`` bytes, as soon as the count
-    or the lengths arrive (before any byte of the body); the reader is then unusable. Not
-    thread-safe.
+    A message over ``max_message_size`` bytes is read and thrown away without being held:
+    an :class:`~kvrpc.transport.Oversized` takes its place in :attr:`messages`, keeping the
+    first bytes of its header frame, so the receiver can still answer it. One announcing
+    more than ``discard_limit`` bytes (default four times ``max_message_size``, at least
+    64 MiB) is not worth reading through: :meth:`buffer_updated` raises :class:`FramingError`
+    for it, as for a frame count outside 1..:data:`MAX_FRAMES`, as soon as the count or the
+    lengths arrive; the reader is then unusable. Not thread-safe.
     """
 
-    def __init__(self, max_message_size: int, *, buffer_size: int = RECV_BUFFER_SIZE) -> None:
+    def __init__(
+        self,
+        max_message_size: int,
+        *,
+        buffer_size: int = RECV_BUFFER_SIZE,
+        discard_limit: int | None = None,
+    ) -> None:
         # The shared buffer must hold a full length table and any incomplete small frame
         # with room to spare, or get_buffer could run dry.
         floor = DIRECT_THRESHOLD + _COUNT_SIZE + MAX_FRAMES * _LENGTH_SIZE
         if buffer_size < 2 * floor:
             raise ValueError(f"buffer_size must be at least {2 * floor} bytes")
         self.max_message_size = max_message_size
+        self.discard_limit = (
+            discard_limit if discard_limit is not None else max(4 * max_message_size, 64 << 20)
+        )
         #: Complete messages, oldest first; the caller pops them.
         self.messages: deque[list[Buffer]] = deque()
         # Anonymous mmap, not bytearray: the kernel commits pages as bytes land, so an idle
@@ -165,6 +183,12 @@ class FrameReader:
         self._direct: memoryview | None = None
         self._direct_frame: Buffer = b""
         self._direct_filled = 0
+        # An oversized message being skipped: bytes still to throw away, the announced size,
+        # and the head of its header frame kept so far (and how much of it to keep).
+        self._skip_left = 0
+        self._skip_size = 0
+        self._skip_head = bytearray()
+        self._skip_head_want = 0
 
     @property
     def in_message(self) -> bool:
@@ -253,13 +277,31 @@ class FrameReader:
                     lengths = _length_table(count).unpack_from(view, start)
                     start += count * _LENGTH_SIZE
                     total = sum(lengths)
-                    if total > self.max_message_size:
-                        raise FramingError(
-                            f"message announces {total} bytes, over the max_message_size of "
-                            f"{self.max_message_size}"
-                        )
                     frames = []
                     phase = _WANT_BODY
+                    if total > self.max_message_size:
+                        if total > self.discard_limit:
+                            raise FramingError(
+                                f"message announces {total} bytes, far over the "
+                                f"max_message_size of {self.max_message_size}"
+                            )
+                        self._skip_left = self._skip_size = total
+                        self._skip_head = bytearray()
+                        self._skip_head_want = min(lengths[0], OVERSIZED_HEAD)
+                        phase = _SKIP_BODY
+                if phase == _SKIP_BODY:
+                    taken = min(end - start, self._skip_left)
+                    wanted = self._skip_head_want - len(self._skip_head)
+                    if wanted > 0:
+                        self._skip_head += view[start : start + min(taken, wanted)]
+                    start += taken
+                    self._skip_left -= taken
+                    if self._skip_left:
+                        break
+                    self.messages.append(Oversized(bytes(self._skip_head), self._skip_size))
+                    self._skip_head = bytearray()
+                    phase = _WANT_COUNT
+                    continue
                 while len(frames) < count:
                     size = lengths[len(frames)]
                     available = end - start

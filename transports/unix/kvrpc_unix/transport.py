@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from kvrpc.codec import Buffer
 from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
-from kvrpc.transport import TransportOptions, TransportURL, claim_socket_path
+from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
 
 if TYPE_CHECKING:
@@ -42,12 +43,16 @@ SUN_PATH_MAX: Final = 103 if sys.platform == "darwin" or "bsd" in sys.platform e
 
 # IOV_MAX is 1024 on Linux and macOS; a little under it leaves room for the prefix.
 _IOV_BATCH: Final = 1000
-# A sender waits once a connection has this much unsent data, until it is down to _LOW_WATER.
+# A client's sender waits once its connection has this much unsent data, and the server stops
+# reading a peer that leaves this much of its replies unread, until it is down to _LOW_WATER.
 _HIGH_WATER: Final = 4 * 1024 * 1024
 _LOW_WATER: Final = 1024 * 1024
 # Reading stops while this many received messages wait for recv(), and resumes at half.
 _INBOX_LIMIT: Final = 1024
 _INBOX_RESUME: Final = _INBOX_LIMIT // 2
+# What one read callback takes from one connection before the loop moves on.
+_READS_PER_TURN: Final = 16
+_MESSAGES_PER_TURN: Final = 64
 _RECONNECT_INTERVAL: Final = 0.025
 # Linux answers a non-blocking connect with EAGAIN while the listen backlog is full.
 _BACKLOG_RETRY: Final = 0.005
@@ -55,6 +60,7 @@ _BACKLOG_RETRY: Final = 0.005
 # may free some), so that a listening socket that stays readable does not spin the loop.
 _ACCEPT_PAUSE: Final = 0.1
 _SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def socket_path(url: TransportURL) -> str:
@@ -95,6 +101,20 @@ class _Owner(Protocol):
 
     def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None: ...
 
+    def _drained(self, connection: _Connection) -> None: ...
+
+
+def _peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    """The connecting process's pid, uid and gid from the kernel (Linux ``SO_PEERCRED``)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size))
+    except OSError:
+        return None
+    return PeerCredentials(pid, uid, gid)
+
 
 class _Connection:
     """One connected socket: a frame reader on its input and a write queue on its output."""
@@ -105,12 +125,16 @@ class _Connection:
         "_owner",
         "_recv_into",
         "_sendmsg",
+        "_stall_timer",
         "_writing",
+        "backlogged",
         "closed",
+        "credentials",
         "fd",
         "out",
         "out_bytes",
         "peer",
+        "progress_at",
         "reader",
         "reading",
         "sock",
@@ -139,11 +163,18 @@ class _Connection:
         self.out: deque[Buffer] = deque()
         self.out_bytes = 0
         self._drain_waiters: list[asyncio.Future[bool]] = []
+        #: Set by the server while this peer leaves too much of its replies unread: its input
+        #: is not read meanwhile, so it cannot ask for more (other peers are unaffected).
+        self.backlogged = False
+        #: When the peer last took any of its unsent data (loop time).
+        self.progress_at = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self.credentials: PeerCredentials | None = None
 
     # -------------------------------------------------------------- reading
 
     def start_reading(self) -> None:
-        if not self.reading and not self.closed:
+        if not self.reading and not self.closed and not self.backlogged:
             self._loop.add_reader(self.fd, self._on_readable)
             self.reading = True
 
@@ -157,8 +188,11 @@ class _Connection:
         recv_into = self._recv_into
         failure = None
         malformed = False
+        messages = reader.messages
         try:
-            while True:
+            # Bounded per turn: a peer that sends without pause must not keep the loop from
+            # everything else; the socket is polled level-triggered, so the rest waits safely.
+            for _ in range(_READS_PER_TURN):
                 target = reader.get_buffer()
                 received = recv_into(target)
                 if not received:
@@ -168,7 +202,7 @@ class _Connection:
                     )
                     break
                 reader.buffer_updated(received)
-                if received < len(target):
+                if received < len(target) or len(messages) >= _MESSAGES_PER_TURN:
                     # A short read emptied the socket; the loop polls level-triggered, so
                     # anything arriving later wakes us again, and a read that would only
                     # answer EAGAIN is saved.
@@ -182,7 +216,7 @@ class _Connection:
             failure = f"receive failed: {exc}"
             malformed = reader.in_message
         # Messages that arrived whole before a failure are good and are handed on.
-        if reader.messages:
+        if messages:
             self._owner._deliver(self)
         if failure is not None:
             self._owner._lost(self, failure, malformed)
@@ -208,12 +242,15 @@ class _Connection:
                 return False
             if sent == total:
                 return True
+            self.progress_at = self._loop.time()
             out.append(prefix)
             out.extend(frames)
             self.out_bytes += total - sent
             self._consume(sent)
             self._start_writing()
             return True
+        if not out:
+            self.progress_at = self._loop.time()
         out.append(prefix)
         out.extend(frames)
         self.out_bytes += total
@@ -254,6 +291,8 @@ class _Connection:
             while out:
                 batch = list(itertools.islice(out, _IOV_BATCH))
                 sent = self._sendmsg(batch, (), _SEND_FLAGS)
+                if sent:
+                    self.progress_at = self._loop.time()
                 self.out_bytes -= sent
                 self._consume(sent)
                 if sent < sum(map(_nbytes, batch)):
@@ -268,8 +307,28 @@ class _Connection:
         elif self._writing:
             self._loop.remove_writer(self.fd)
             self._writing = False
-        if self.out_bytes <= _LOW_WATER and self._drain_waiters:
-            self._wake_drain_waiters(True)
+        if self.out_bytes <= _LOW_WATER:
+            if self._drain_waiters:
+                self._wake_drain_waiters(True)
+            if self.backlogged:
+                self._owner._drained(self)
+
+    def watch_for_stall(self, timeout: float, on_stall: Callable[[_Connection], None]) -> None:
+        """Call ``on_stall(self)`` if the peer takes none of its unsent data for ``timeout`` s."""
+        if self._stall_timer is not None or self.closed:
+            return
+
+        def check() -> None:
+            self._stall_timer = None
+            if self.closed or not self.out:
+                return
+            idle = self._loop.time() - self.progress_at
+            if idle >= timeout:
+                on_stall(self)
+            else:
+                self._stall_timer = self._loop.call_later(timeout - idle, check)
+
+        self._stall_timer = self._loop.call_later(timeout, check)
 
     def _wake_drain_waiters(self, ok: bool) -> None:
         waiters = self._drain_waiters
@@ -285,6 +344,9 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         # Unregister before closing: the descriptor number may be reused at once.
         self.stop_reading()
         if self._writing:
@@ -319,10 +381,18 @@ class UnixServerTransport:
 
     The socket file is created with mode 0600 (only its owner may connect) and removed by
     :meth:`close` if it is still the one this server bound. Each connection is a peer with an
-    8-byte id. Messages from every peer wait in one bounded inbox; while it is full, no
-    connection is read. A connection whose input breaks the framing, is over
-    ``max_message_size``, or ends in the middle of a message is closed and counted as
-    ``malformed``. Use from one event loop.
+    8-byte id, and the kernel's credentials of the process that connected
+    (:meth:`peer_credentials`). Messages from every peer wait in one bounded inbox; while it is
+    full, no connection is read. A connection whose input breaks the framing or ends in the
+    middle of a message is closed and counted as ``malformed``; a message over
+    ``max_message_size`` is read and thrown away, and delivered as an
+    :class:`~kvrpc.transport.Oversized` so that it can be answered (one far over it closes the
+    connection instead).
+
+    :meth:`send` never waits: a peer that leaves more than 4 MiB of its replies unread is not
+    read from until it has taken most of them (so it can ask for nothing more), and one that
+    takes none of them for ``peer_stall_timeout`` seconds is disconnected and counted as
+    ``stalled``. Use from one event loop.
     """
 
     def __init__(self, path: str, options: TransportOptions) -> None:
@@ -338,7 +408,14 @@ class UnixServerTransport:
         self._paused = False
         self._closed = False
         self._ids = itertools.count(1)
-        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0}
+        self._counts = {
+            "connections": 0,
+            "disconnects": 0,
+            "malformed": 0,
+            "dropped": 0,
+            "backlogged": 0,
+            "stalled": 0,
+        }
         self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
 
     async def start(self) -> None:
@@ -414,6 +491,7 @@ class UnixServerTransport:
             return
         peer = next(self._ids).to_bytes(8, "big")
         connection = _Connection(self._loop, sock, peer, self._options.max_message_size, self)
+        connection.credentials = _peer_credentials(sock)
         self._connections[peer] = connection
         self._counts["connections"] += 1
         if not self._paused:
@@ -457,6 +535,31 @@ class UnixServerTransport:
             self._counts["malformed"] += 1
             logger.debug("unix://%s: dropped peer %s: %s", self.path, connection.peer.hex(), reason)
 
+    def _drained(self, connection: _Connection) -> None:
+        connection.backlogged = False
+        if not self._paused:
+            connection.start_reading()
+
+    def _stalled(self, connection: _Connection) -> None:
+        self._counts["stalled"] += 1
+        self._counts["dropped"] += 1
+        logger.warning(
+            "unix://%s: dropped peer %s, which read none of its %d unsent bytes for %ss",
+            self.path,
+            connection.peer.hex(),
+            connection.out_bytes,
+            self._options.peer_stall_timeout,
+        )
+        self._lost(connection, "the peer stopped reading", False)
+
+    def peer_credentials(self, peer: bytes) -> PeerCredentials | None:
+        """The kernel's pid, uid and gid of the process that connected as ``peer``.
+
+        None for a peer that is no longer connected, or where the OS does not report them.
+        """
+        connection = self._connections.get(peer)
+        return connection.credentials if connection is not None else None
+
     # -------------------------------------------------------------- the transport API
 
     async def recv(self) -> tuple[bytes, list[Buffer]]:
@@ -480,18 +583,26 @@ class UnixServerTransport:
         return message
 
     async def send(self, peer: bytes, frames: Sequence[Buffer]) -> None:
-        """Send one message to ``peer``; a peer that has gone away is silently skipped.
+        """Send or queue one message for ``peer``, never waiting; a departed peer is skipped.
 
         The frames are written without being copied, so they must stay unchanged until the
-        write completes; it returns once the message is written or queued and the peer's
-        queue of unsent data is below the high-water mark (it waits otherwise).
+        write completes. A peer left with more than the high-water mark of unsent data is not
+        read from until it takes most of it, and is dropped if it takes none of it for
+        ``peer_stall_timeout`` seconds (see the class docstring).
         """
         connection = self._connections.get(peer)
         if connection is None:
             return
         prefix, total = frame_prefix(frames)
-        if connection.write(prefix, frames, total) and connection.out_bytes >= _HIGH_WATER:
-            await connection.drain()
+        if (
+            connection.write(prefix, frames, total)
+            and connection.out_bytes >= _HIGH_WATER
+            and not connection.backlogged
+        ):
+            connection.backlogged = True
+            connection.stop_reading()
+            self._counts["backlogged"] += 1
+            connection.watch_for_stall(self._options.peer_stall_timeout, self._stalled)
 
     async def close(self) -> None:
         """Stop accepting, close every connection, remove the socket file if ours; idempotent."""
@@ -661,6 +772,9 @@ class UnixClientTransport:
         if len(inbox) >= _INBOX_LIMIT and not self._paused:
             self._paused = True
             connection.stop_reading()
+
+    def _drained(self, connection: _Connection) -> None:
+        pass  # a client's senders wait in drain() instead
 
     def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
         connection.close()

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,12 +49,19 @@ logger = logging.getLogger("kvrpc.zmq")
 #: Messages read ahead into a transport's queue; reading stops (zmq's own HWM and then the
 #: kernel take over the back-pressure) until ``recv`` has taken them.
 INBOX_LIMIT = 1024
+#: Messages read (and, with a receiver, handled) in one event-loop turn: a peer sending
+#: without pause must not keep the loop from everything else, other peers' sends included.
+READ_BATCH = 64
 #: Frames at least this large are received without a copy (as a view of zmq's buffer) and
 #: sent without one; smaller ones are cheaper to copy than to track.
 ZERO_COPY_THRESHOLD = 64 * 1024
-#: How long the server keeps retrying a reply to a client whose queue is full before dropping
-#: it (a client that stopped reading); the reply is counted in ``stats()['dropped']``.
-REPLY_DEADLINE = 10.0
+#: Bytes of replies the server keeps for one client whose zmq queue is full (SNDHWM messages
+#: are waiting for it already); a reply beyond that is dropped and counted. The server never
+#: waits for such a client: its replies wait in this backlog, retried from a timer, and are
+#: dropped if it takes none of them for ``TransportOptions.peer_stall_timeout`` seconds.
+PEER_BACKLOG_BYTES = 64 * 1024 * 1024
+_RETRY_FIRST = 0.0005
+_RETRY_MAX = 0.05
 #: zmq heartbeats: a peer silent this long (ms) is treated as gone even if no TCP reset came.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
@@ -175,20 +183,25 @@ class _Driver:
         return item
 
     def drain(self) -> None:
-        """Read every message that is ready (up to the inbox limit), then wake waiters."""
+        """Read what is ready (up to the inbox limit, a batch a turn), then wake waiters."""
         self.check_scheduled = False
         if self.closed:
             return
         sock = self.sock
         self.stopped_at_limit = False
         try:
-            while True:
+            for _ in range(READ_BATCH):
                 if self.inbox_full():
                     self.stopped_at_limit = True
                     break
                 # Copying receive: a large frame costs the same copies either way (the codec
                 # turns a view into bytes), and small ones are cheaper as plain bytes.
                 self.take(sock.recv_multipart(zmq.NOBLOCK))
+            else:
+                # More may be waiting, and the edge that announced them is spent: carry on
+                # next turn, after the loop's other callbacks (other sockets, timers) ran.
+                self.check_scheduled = True
+                self.loop.call_soon(self.drain)
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
@@ -305,6 +318,42 @@ class _ServerDriver(_Driver):
             self.counts["malformed"] += 1
 
 
+_umask_lock = threading.Lock()
+
+
+def _bind_private(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Bind an ipc endpoint whose socket file has mode 0600 from its first moment.
+
+    libzmq listens as it binds, so a chmod afterwards would leave a window in which the file
+    has the umask's mode (0777 under umask 0) and any local user may connect. The umask is
+    process-wide: while it is tightened, another thread's new files get mode 0600 at most,
+    never more than they asked for.
+    """
+    with _umask_lock:
+        previous = os.umask(0o177)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(previous)
+
+
+class _Backlog:
+    """Replies for one client whose zmq queue was full, oldest first, with a retry timer."""
+
+    __slots__ = ("messages", "nbytes", "pause", "progress_at", "timer")
+
+    def __init__(self, now: float) -> None:
+        self.messages: deque[list[Any]] = deque()
+        self.nbytes = 0
+        self.pause = _RETRY_FIRST
+        self.progress_at = now  # when the client last took a reply (loop time)
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _message_bytes(message: Sequence[Any]) -> int:
+    return sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in message)
+
+
 class ZmqServerTransport:
     """A ROUTER socket bound to the URL; each connected DEALER is one peer."""
 
@@ -313,7 +362,14 @@ class ZmqServerTransport:
         self.endpoint = endpoint_for(url)
         self.options = options
         self._driver: _ServerDriver | None = None
-        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0, "dropped": 0}
+        self._backlogs: dict[Peer, _Backlog] = {}
+        self._counts = {
+            "connections": 0,
+            "disconnects": 0,
+            "malformed": 0,
+            "dropped": 0,
+            "backlogged": 0,
+        }
 
     async def start(self) -> None:
         """Bind the ROUTER socket; raises :class:`TransportError` if the address is taken."""
@@ -332,12 +388,13 @@ class ZmqServerTransport:
         # admits every kvrpc client.
         sock.setsockopt(zmq.ZAP_DOMAIN, b"kvrpc")
         try:
-            sock.bind(self.endpoint)
+            if self.url.scheme == "zmq+ipc":
+                _bind_private(sock, self.endpoint)
+            else:
+                sock.bind(self.endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot bind {self.url.raw}: {exc}") from exc
-        if self.url.scheme == "zmq+ipc":
-            os.chmod(self.url.path, 0o600)
         self._driver = _ServerDriver(sock, self._counts)
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
@@ -352,46 +409,88 @@ class ZmqServerTransport:
         self._require().receiver = receiver
 
     async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
-        """Send a reply to ``peer``; one that has gone away is skipped."""
+        """Send or queue a reply to ``peer`` without waiting; a departed client is skipped."""
         driver = self._driver
         if driver is None or driver.closed:
             return
         message = [peer, *frames]
+        backlog = self._backlogs.get(peer)
+        if backlog is not None:  # behind the replies already waiting, to keep their order
+            self._queue(backlog, message)
+            return
+        # Any call on the socket, a refused send too, may swallow the descriptor's edge for a
+        # message waiting to be read: every path below looks for one afterwards.
+        driver.after_send()
         try:
             _send_parts(driver.sock, message)
         except zmq.Again:
-            await self._send_when_room(driver, message)
+            backlog = self._backlogs[peer] = _Backlog(driver.loop.time())
+            self._counts["backlogged"] += 1
+            self._queue(backlog, message)
+            backlog.timer = driver.loop.call_later(backlog.pause, self._retry, peer)
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise TransportError(f"sending on {self.url.raw} failed: {exc}") from exc
-            return  # that client disconnected
-        driver.after_send()
+            # that client disconnected: nobody is left to take the reply
 
-    async def _send_when_room(self, driver: _ServerDriver, message: list[Any]) -> None:
-        # ROUTER's writability is for any peer, not this one, so poll with a growing pause.
-        deadline = driver.loop.time() + REPLY_DEADLINE
-        pause = 0.0005
-        while not driver.closed:
-            await asyncio.sleep(pause)
+    def _queue(self, backlog: _Backlog, message: list[Any]) -> None:
+        size = _message_bytes(message)
+        if backlog.messages and backlog.nbytes + size > PEER_BACKLOG_BYTES:
+            self._counts["dropped"] += 1
+            return
+        backlog.messages.append(message)
+        backlog.nbytes += size
+
+    def _retry(self, peer: Peer) -> None:
+        """Send what a client's backlog holds while its queue has room; drop it if stalled."""
+        driver, backlog = self._driver, self._backlogs.get(peer)
+        if backlog is None:
+            return
+        backlog.timer = None
+        if driver is None or driver.closed:
+            del self._backlogs[peer]
+            return
+        messages = backlog.messages
+        now = driver.loop.time()
+        driver.after_send()  # see send()
+        while messages:
             try:
-                _send_parts(driver.sock, message)
-                return
+                _send_parts(driver.sock, messages[0])
             except zmq.Again:
-                if driver.loop.time() > deadline:
-                    break
-                pause = min(pause * 2, 0.05)
-            except zmq.ZMQError:
-                return
-        self._counts["dropped"] += 1
-        logger.warning("dropped a reply to a client that read nothing for %ss", REPLY_DEADLINE)
+                break
+            except zmq.ZMQError:  # the client has gone: nobody is left to take these
+                messages.clear()
+                break
+            backlog.nbytes -= _message_bytes(messages.popleft())
+            backlog.progress_at = now
+            backlog.pause = _RETRY_FIRST
+        if not messages:
+            del self._backlogs[peer]
+            return
+        if now - backlog.progress_at >= self.options.peer_stall_timeout:
+            self._counts["dropped"] += len(messages)
+            logger.warning(
+                "dropped %d replies to a client that read none for %ss",
+                len(messages),
+                self.options.peer_stall_timeout,
+            )
+            del self._backlogs[peer]
+            return
+        # ROUTER's writability is for any peer, not this one, so retry with a growing pause.
+        backlog.pause = min(backlog.pause * 2, _RETRY_MAX)
+        backlog.timer = driver.loop.call_later(backlog.pause, self._retry, peer)
 
     async def close(self) -> None:
         """Unbind and close; the socket file of an ipc URL goes with it."""
+        for backlog in self._backlogs.values():
+            if backlog.timer is not None:
+                backlog.timer.cancel()
+        self._backlogs.clear()
         if self._driver is not None:
             self._driver.shutdown()
 
     def stats(self) -> dict[str, int]:
-        """Connections accepted, disconnects, failed handshakes, replies dropped."""
+        """Connections accepted, disconnects, failed handshakes, replies dropped or backlogged."""
         return dict(self._counts)
 
     def _require(self) -> _ServerDriver:
