@@ -50,3 +50,13 @@ def bench(session: nox.Session) -> None:
         "unix:///tmp/kvrpc-nox-bench",
     ):
         session.run("kvrpc", "bench", "rpc", "--url", url, *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz suite at length: a million hostile inputs, a third per socket transport."""
+    session.install(*CONSTRAINTS, *PACKAGES)
+    session.run(
+        "pytest", "-s", "-rs", "tests/test_fuzz.py", *session.posargs,
+        env={"KVRPC_FUZZ_INPUTS": "333334"},
+    )  # fmt: skip

@@ -800,3 +800,60 @@ def _server_thread(url: str) -> Iterator[RPCServer]:
         server.stop()
         thread.join(WAIT)
         loop.close()
+
+
+# ------------------------------------------------------------------ 2. the libzmq abort
+
+_STALLING_SERVER = """
+import asyncio, signal, sys, time
+from kvrpc import HandlerType, ProtocolDefinition, RPCServer
+STALL = ProtocolDefinition("bad.stall", (float,), str, HandlerType.NONBLOCKING)
+async def main():
+    server = RPCServer(sys.argv[1])
+    # A handler that blocks the loop: the server reads nothing meanwhile.
+    server.register(STALL, lambda seconds: time.sleep(seconds) or "done")
+    async with server:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.stop)
+        print("ready", flush=True)
+        await server.wait_for_stop()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("scheme", ["zmq+ipc", "zmq+tcp"])
+def test_a_peer_hanging_up_on_a_full_queue_cannot_abort_the_zmq_server(
+    scheme: str, sock_dir: str
+) -> None:
+    """libzmq 4.3.5 aborted (``!_io_error``) on a heartbeat after a peer hung up while its
+    queue in the server was full; kvrpc's zmq sockets use no zmq heartbeats."""
+    url = socket_url(scheme, sock_dir)
+    with subprocess.Popen(
+        [sys.executable, "-c", _STALLING_SERVER, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            dealer: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(url.replace("zmq+", "", 1))
+            dealer.send_multipart(encode_request(1, "bad.stall", (1.5,)))
+            time.sleep(0.2)  # the server is stuck in the handler: it reads nothing
+            for request_id in range(2, 20_000):  # far past the server's queue for this peer
+                try:
+                    dealer.send_multipart(encode_request(request_id, "rpc.ping", ()), zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            time.sleep(0.5)
+            dealer.close(linger=0)  # hang up on the full queue
+            time.sleep(4.0)  # the server wakes, reads the dead peer's queue; timers tick
+            assert child.poll() is None, child.communicate()[1][-2000:]
+            pinged = subprocess.run(
+                [*KVRPC, "ping", url, "--count", "1"], capture_output=True, text=True, timeout=60
+            )
+            assert pinged.returncode == 0, pinged.stderr
+        finally:
+            child.send_signal(signal.SIGTERM)
+            _, stderr = child.communicate(timeout=30)
+        assert child.returncode == 0, stderr[-2000:]
