@@ -155,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     gpu.set_defaults(run=_run_bench_gpu)
     kv.set_defaults(run=_run_bench_kv)
+    slow = benches.add_parser(
+        "slow-reader", help="ping latency beside a client that never reads, against idle"
+    )
+    slow.add_argument("--url", required=True, help="where the server listens (a socket URL)")
+    slow.add_argument("--seconds", type=_positive_float, default=3.0, help="per phase")
+    slow.add_argument("--rounds", type=_positive_int, default=3, help="idle/flooded pairs")
+    slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    slow.set_defaults(run=_run_bench_slow_reader)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     imports.add_argument("--runs", type=int, default=15)
     imports.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -315,6 +323,13 @@ def _run_bench_gpu(args: argparse.Namespace) -> int:
     from kvrpc.kv.bench_gpu import GPUBenchOptions, run_gpu_bench
 
     return _report(run_gpu_bench(GPUBenchOptions.from_args(args)), args.json)
+
+
+def _run_bench_slow_reader(args: argparse.Namespace) -> int:
+    from kvrpc.bench_peers import run_slow_reader_bench
+
+    figures = asyncio.run(run_slow_reader_bench(args.url, args.seconds, args.rounds))
+    return _report(figures, args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:

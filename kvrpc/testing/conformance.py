@@ -328,6 +328,36 @@ class TransportConformance:
             assert await good.call(ECHO, "after") == "after"
 
     @pytest.mark.asyncio
+    async def test_a_client_that_never_reads_delays_no_other_client(
+        self, transport_case: TransportCase
+    ) -> None:
+        """The server's send never waits for one peer: another's pings stay prompt."""
+        url = transport_case.make_url()
+        async with serve_conformance(url, peer_stall_timeout=60.0), _client(url) as good:
+            flood = connect_client(url, TransportOptions())
+            await flood.connect()
+            echo = encode_request(1, ECHO.name, (b"x" * (64 * 1024),))
+
+            async def send_without_reading() -> None:
+                for _ in range(3000):  # ~200 MiB of replies, none of them read
+                    await flood.send(echo)
+
+            sending = asyncio.create_task(send_without_reading())
+            try:
+                slowest = 0.0
+                for _ in range(100):
+                    started = time.perf_counter()
+                    assert await good.call(PING, timeout=5.0) == "pong"
+                    slowest = max(slowest, time.perf_counter() - started)
+                    await asyncio.sleep(0.01)
+            finally:
+                sending.cancel()
+                with contextlib.suppress(BaseException):
+                    await sending
+                await flood.close()
+        assert slowest < 1.0, f"a ping took {slowest:.3f} s while another client read nothing"
+
+    @pytest.mark.asyncio
     async def test_the_size_cap_is_enforced_and_the_server_keeps_serving(
         self, transport_case: TransportCase
     ) -> None:

@@ -51,7 +51,7 @@ logger = logging.getLogger("kvrpc.zmq")
 INBOX_LIMIT = 1024
 #: Messages read (and, with a receiver, handled) in one event-loop turn: a peer sending
 #: without pause must not keep the loop from everything else, other peers' sends included.
-READ_BATCH = 64
+READ_BATCH = 16
 #: Frames at least this large are received without a copy (as a view of zmq's buffer) and
 #: sent without one; smaller ones are cheaper to copy than to track.
 ZERO_COPY_THRESHOLD = 64 * 1024
