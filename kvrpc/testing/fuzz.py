@@ -253,16 +253,11 @@ def fuzz_server(
                 report.rss_half_bytes = process_usage(pid)[0]
                 half_done.set()
 
+    plan = _Plan(url, names, raw_connect, wire_prefixes, wire_share, send_timeout)
     threads = [
         threading.Thread(
             target=_peer,
-            args=(url, share, seed * 1000 + index, names, raw_connect, wire_prefixes),
-            kwargs={
-                "wire_share": wire_share,
-                "send_timeout": send_timeout,
-                "count": count,
-                "failed": report.peer_errors.append,
-            },
+            args=(plan, share, seed * 1000 + index, count, report.peer_errors.append),
             daemon=True,
         )
         for index, share in enumerate(shares)
@@ -320,45 +315,38 @@ def _ping_main(url: str, timeout: float) -> None:
     print(json.dumps({**record, "p50_s": times[len(times) // 2] if times else 0.0, "p99_s": p99}))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every peer of one run shares."""
+
+    url: str
+    names: Sequence[str]
+    raw_connect: Callable[[str], socket.socket] | None
+    wire_prefixes: Sequence[bytes]
+    wire_share: float
+    send_timeout: float
+
+
 def _peer(
-    url: str,
+    plan: _Plan,
     share: int,
     seed: int,
-    names: Sequence[str],
-    raw_connect: Callable[[str], socket.socket] | None,
-    wire_prefixes: Sequence[bytes],
-    *,
-    wire_share: float,
-    send_timeout: float,
     count: Callable[[int, int, int, int], None],
     failed: Callable[[str], None],
 ) -> None:
     try:
-        asyncio.run(
-            _peer_main(
-                url, share, random.Random(seed), names, raw_connect, wire_prefixes,
-                wire_share, send_timeout, count,
-            )
-        )  # fmt: skip
+        asyncio.run(_peer_main(plan, share, random.Random(seed), count))
     except Exception as exc:  # a peer's own failure is reported, not lost with its thread
         failed(f"{type(exc).__name__}: {exc}")
 
 
 async def _peer_main(
-    url: str,
-    share: int,
-    rng: random.Random,
-    names: Sequence[str],
-    raw_connect: Callable[[str], socket.socket] | None,
-    wire_prefixes: Sequence[bytes],
-    wire_share: float,
-    send_timeout: float,
-    count: Callable[[int, int, int, int], None],
+    plan: _Plan, share: int, rng: random.Random, count: Callable[[int, int, int, int], None]
 ) -> None:
     done = 0
     while done < share:
         # One connection: some read their replies, some never do; all end without a goodbye.
-        transport = connect_client(url, TransportOptions(reconnect_timeout=send_timeout))
+        transport = connect_client(plan.url, TransportOptions(reconnect_timeout=plan.send_timeout))
         reading: asyncio.Task[None] | None = None
         messages = wire = stuck = 0
         try:
@@ -366,17 +354,17 @@ async def _peer_main(
                 await transport.connect()
             if rng.random() < 0.5:
                 reading = asyncio.create_task(_read_all(transport))
-            # Up to a few thousand messages: enough to fill its queue in the server (zmq's
-            # RCVHWM), then hang up with them unread, which is what once aborted libzmq.
+            # Up to a few thousand messages, enough to fill this peer's queue in a server that
+            # lags (zmq's RCVHWM), then a hang-up with them unread.
             for _ in range(min(share - done, rng.choice((20, 200, 500, 3000)))):
-                if raw_connect is not None and rng.random() < wire_share:
-                    data = junk_bytes(rng, wire_prefixes)
-                    await asyncio.to_thread(_send_raw, raw_connect, url, data)
+                if plan.raw_connect is not None and rng.random() < plan.wire_share:
+                    data = junk_bytes(rng, plan.wire_prefixes)
+                    await asyncio.to_thread(_send_raw, plan.raw_connect, plan.url, data)
                     wire += 1
                     continue
                 try:
-                    async with asyncio.timeout(send_timeout):
-                        await transport.send(junk_message(rng, names))
+                    async with asyncio.timeout(plan.send_timeout):
+                        await transport.send(junk_message(rng, plan.names))
                 except TimeoutError:
                     stuck += 1  # the server stopped reading us (we never read): move on
                     break
