@@ -221,6 +221,15 @@ class Flood:
         self._thread.join(WAIT)
 
 
+async def counted(server: RPCServer, counter: str) -> dict[str, int]:
+    """The server transport's counters, once ``counter`` is above 0 (within 2 x WAIT)."""
+    assert server._transport is not None
+    async with asyncio.timeout(2 * WAIT):
+        while server._transport.stats()[counter] < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return server._transport.stats()
+
+
 @pytest.mark.parametrize("scheme", SOCKET_SCHEMES)
 async def test_a_client_that_never_reads_delays_no_other_client(scheme: str, sock_dir: str) -> None:
     url = socket_url(scheme, sock_dir)
@@ -255,10 +264,7 @@ async def test_a_unix_client_that_stops_reading_is_dropped_after_the_stall_timeo
         assert server._transport is not None
         flood = Flood(url, 2000)
         try:
-            async with asyncio.timeout(2 * WAIT):
-                while server._transport.stats()["stalled"] < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-            stats = server._transport.stats()
+            stats = await counted(server, "stalled")
             async with AsyncClient(url, timeout=WAIT) as good:
                 assert await good.call("rpc.ping") == "pong"
         finally:
@@ -272,9 +278,7 @@ async def test_a_zmq_client_that_stops_reading_loses_its_replies_counted(sock_di
         assert server._transport is not None
         flood = Flood(url, 4000)
         try:
-            async with asyncio.timeout(2 * WAIT):
-                while server._transport.stats()["dropped"] < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            await counted(server, "dropped")
             async with AsyncClient(url, timeout=WAIT) as good:
                 assert await good.call("rpc.ping") == "pong"
         finally:

@@ -203,9 +203,10 @@ class _Connection:
                     break
                 reader.buffer_updated(received)
                 if received < len(target) or len(messages) >= _MESSAGES_PER_TURN:
-                    # A short read emptied the socket; the loop polls level-triggered, so
-                    # anything arriving later wakes us again, and a read that would only
-                    # answer EAGAIN is saved.
+                    # A short read emptied the socket, or this turn's share is taken; the
+                    # loop polls level-triggered, so anything left or arriving later wakes us
+                    # again (and after a short read, a read that would only answer EAGAIN is
+                    # saved).
                     break
         except (BlockingIOError, InterruptedError):
             pass
