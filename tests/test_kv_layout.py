@@ -24,6 +24,11 @@ SHAPES = {
     LayoutKind.PAGED: (2, NUM_BLOCKS, 4, 2, 16),
     LayoutKind.MLA: (NUM_BLOCKS, 4, 24),
     LayoutKind.BLOCKS_FIRST: (NUM_BLOCKS, 2, 4, 2, 16),
+    LayoutKind.PAGED_HND: (2, NUM_BLOCKS, 2, 4, 16),
+    LayoutKind.BLOCKS_FIRST_HND: (NUM_BLOCKS, 2, 2, 4, 16),
+    LayoutKind.BNHC: (NUM_BLOCKS, 4, 2, 32),
+    LayoutKind.BHNC: (NUM_BLOCKS, 2, 4, 32),
+    LayoutKind.HBNC: (2, NUM_BLOCKS, 4, 32),
 }
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn]
 
@@ -64,7 +69,7 @@ def test_gather_then_scatter_into_other_blocks_copies_bytes_exactly(
     kind: LayoutKind, dtype: torch.dtype
 ) -> None:
     source = random_layers(kind, dtype, seed=1)
-    layout = KVLayout.from_tensors(source)
+    layout = KVLayout.from_tensors(source, kind)
     target = [torch.zeros_like(layer) for layer in source]
     gathered_ids = torch.tensor([7, 2, 9, 4])
     scattered_ids = torch.tensor([0, 11, 5, 6])
@@ -91,7 +96,7 @@ def test_slot_holds_each_element_where_the_documented_formula_says(
     kind: LayoutKind, ids: list[int]
 ) -> None:
     layers = random_layers(kind, torch.bfloat16, seed=2)
-    layout = KVLayout.from_tensors(layers)
+    layout = KVLayout.from_tensors(layers, kind)
     slot = slot_for(layout)
     gather_chunk(layers, layout, torch.tensor(ids), slot)
 
@@ -118,7 +123,7 @@ def test_slot_of_paged_and_other_kinds_is_the_layer_restricted_to_the_chunk(
     kind: LayoutKind,
 ) -> None:
     layers = random_layers(kind, torch.float16, seed=3)
-    layout = KVLayout.from_tensors(layers)
+    layout = KVLayout.from_tensors(layers, kind)
     ids = torch.tensor([10, 1, 8, 3])
     slot = slot_for(layout)
     gather_chunk(layers, layout, ids, slot)
@@ -261,6 +266,54 @@ def test_from_tensors_tells_the_kind_from_the_shape(
     assert layout.torch_dtype is torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("kind", "block_size"),
+    [
+        (LayoutKind.PAGED_HND, 16),
+        (LayoutKind.BLOCKS_FIRST_HND, 16),
+        (LayoutKind.BNHC, 2),
+        (LayoutKind.BHNC, 16),
+        (LayoutKind.HBNC, 16),
+    ],
+)
+def test_heads_before_tokens_kinds_read_the_block_size_from_their_own_dim(
+    kind: LayoutKind, block_size: int
+) -> None:
+    shape = {
+        LayoutKind.PAGED_HND: (2, 10, 4, 16, 8),
+        LayoutKind.BLOCKS_FIRST_HND: (10, 2, 4, 16, 8),
+        LayoutKind.BNHC: (10, 2, 16, 8),
+        LayoutKind.BHNC: (10, 4, 16, 8),
+        LayoutKind.HBNC: (4, 10, 16, 8),
+    }[kind]
+    layout = KVLayout.from_tensors([torch.zeros(shape)], kind)
+    assert (layout.block_size, layout.num_blocks) == (block_size, 10)
+
+
+def test_a_skipped_block_id_in_a_scatter_leaves_that_block_as_it_was() -> None:
+    source = random_layers(LayoutKind.PAGED, torch.float16, seed=5)
+    layout = KVLayout.from_tensors(source)
+    target = random_layers(LayoutKind.PAGED, torch.float16, seed=6)
+    before = [layer.clone() for layer in target]
+    slot = slot_for(layout)
+    gather_chunk(source, layout, torch.tensor([7, 2, 9, 4]), slot)
+
+    scatter_chunk(target, layout, torch.tensor([-1, -1, 5, 6]), slot)
+
+    for src, dst, old in zip(source, target, before, strict=True):
+        assert block_bytes(dst, layout, 5) == block_bytes(src, layout, 9)
+        assert block_bytes(dst, layout, 6) == block_bytes(src, layout, 4)
+        untouched = set(range(NUM_BLOCKS)) - {5, 6}
+        assert all(block_bytes(dst, layout, b) == block_bytes(old, layout, b) for b in untouched)
+
+
+def test_a_gather_refuses_a_skipped_block_id() -> None:
+    layers = random_layers(LayoutKind.MLA, torch.float16)
+    layout = KVLayout.from_tensors(layers)
+    with pytest.raises(KVError, match="block id -1 is out of range"):
+        gather_chunk(layers, layout, torch.tensor([-1, 1, 2, 3]), slot_for(layout))
+
+
 def test_from_tensors_takes_the_kind_when_the_shape_is_ambiguous() -> None:
     tensors = [torch.zeros(2, 2, 16, 4, 8)]
     layout = KVLayout.from_tensors(tensors, LayoutKind.BLOCKS_FIRST)
@@ -293,6 +346,7 @@ def test_from_tensors_refuses_a_non_contiguous_tensor() -> None:
     ("shape", "kind", "message"),
     [
         ((8, 16), None, "cannot tell the KV layout"),
+        ((8, 2, 16, 64), None, "a 4-D KV layer .* pass its kind"),
         ((3, 8, 16, 4, 8), None, "cannot tell the KV layout"),
         ((8, 16, 4), LayoutKind.PAGED, "a paged layer has 5 dims"),
         ((3, 8, 16, 4, 8), LayoutKind.PAGED, "K and V on dim 0, which must be 2"),

@@ -1122,13 +1122,34 @@ def test_block_ids_out_of_range_refuse_only_their_keys(baseline: Baseline) -> No
     answer = raw.call(kv.STORE, worker.instance, worker.keys(hashes), ids, [])
     assert answer[0] is None and answer[2] is None
     assert answer[1] == f"block id {NUM_BLOCKS} is outside this KV cache's 0..{NUM_BLOCKS - 1}"
-    ids[1, 1] = -1
+    ids[1, 1] = -2  # -1 is SKIP_BLOCK in a retrieve; anything lower is out of range
     reply = raw.call(kv.RETRIEVE, worker.instance, ["r"] * 3, worker.keys(hashes), ids)
     assert reply.errors[0] is None
-    assert reply.errors[1] == f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
+    assert reply.errors[1] == f"block id -2 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
     assert reply.errors[2] is None
     assert same_blocks(worker.layers, blocks(0, 1), blocks(0, 1))
     assert baseline.still_healthy()
+
+
+def test_a_retrieve_leaves_blocks_marked_skip_as_they_were(baseline: Baseline) -> None:
+    raw, worker = baseline.raw, baseline.worker
+    hashes = chunk_hashes(1, seed=84)
+    assert raw.call(kv.STORE, worker.instance, worker.keys(hashes), rows(0, 1), []) == [None]
+    target = rows(BPC, 1)
+    target[0, 0] = -1  # the engine holds this block's tokens itself
+    before = [layer.view(torch.int16)[:, BPC].clone() for layer in worker.layers]
+
+    reply = raw.call(kv.RETRIEVE, worker.instance, ["r"], worker.keys(hashes), target)
+
+    assert reply.errors == [None]
+    assert same_blocks(worker.layers, list(range(BPC + 1, 2 * BPC)), list(range(1, BPC)))
+    assert all(
+        torch.equal(layer.view(torch.int16)[:, BPC], old)
+        for layer, old in zip(worker.layers, before, strict=True)
+    )
+    other = worker.keys(chunk_hashes(1, seed=85))
+    answer = raw.call(kv.STORE, worker.instance, other, target, [])  # a store never skips
+    assert answer == [f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"]
 
 
 def test_block_ids_of_the_wrong_shape_refuse_the_whole_batch(baseline: Baseline) -> None:
@@ -1308,7 +1329,7 @@ def test_a_silent_client_loses_its_instances_sessions_and_jobs_but_keepalive_kee
     assert kv_server.stats()["stores"] == 7
 
 
-def test_a_worker_forgotten_after_silence_registers_again_on_its_next_store(
+def test_a_worker_forgotten_after_silence_registers_again_without_waiting(
     start_server: Callable[..., KVServer],
     kv_cache: Callable[..., list[torch.Tensor]],
     opened: Keep,
@@ -1318,12 +1339,18 @@ def test_a_worker_forgotten_after_silence_registers_again_on_its_next_store(
         kv_server.url, kv_cache, opened, world_size=1, keepalive_interval=60.0
     )
     kv_server.wait_stats("the worker to be dropped", instances=0, clients_expired=1)
-    first, second = prompt(1, seed=94), prompt(1, seed=95)
+    first, second, third = (prompt(1, seed=s) for s in (94, 95, 96))
     store_all([(worker, layers)], "refused", LoadStoreOp(blocks(0, 1), token_ids=first))
     assert kv_server.stats()["stores"] == 0
-    store_all([(worker, layers)], "stored", LoadStoreOp(blocks(2, 1), token_ids=second))
+    # The next store sends the registration again in the background and is dropped rather
+    # than wait for it: an engine's step never waits on a server that lost track of it.
+    store_all([(worker, layers)], "dropped", LoadStoreOp(blocks(2, 1), token_ids=second))
+    assert worker.stats.dropped_stores == 2
+    kv_server.wait_stats("the worker to register again", instances=1)
+    store_all([(worker, layers)], "stored", LoadStoreOp(blocks(4, 1), token_ids=third))
     stats = kv_server.stats()
     assert (stats["stores"], stats["instances"]) == (1, 1)
+    assert worker.stats.stored_chunks == 1
 
 
 # ------------------------------------------------------------------ inline transfers

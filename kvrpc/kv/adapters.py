@@ -29,6 +29,7 @@ from kvrpc.errors import (
     ConnectionLost,
     KVConfigError,
     KVError,
+    KvrpcError,
     RequestTimeout,
     TransportError,
     UnknownInstance,
@@ -38,34 +39,53 @@ from kvrpc.futures import MessagingFuture
 from kvrpc.kv import protocols
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import (
+    HASH_SIZE,
     KeyBatch,
     blocks_per_chunk,
     hashes_from_block_hashes,
     hashes_from_tokens,
 )
-from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
+from kvrpc.kv.layout import (
+    SKIP_BLOCK,
+    KVLayout,
+    LayoutKind,
+    gather_chunks,
+    scatter_chunks,
+)
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply, TransferMode
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import ProtocolDefinition
 
-__all__ = ["LoadStoreOp", "PollingSchedulerAdapter", "SchedulerAdapter", "WorkerAdapter"]
+__all__ = [
+    "LoadStoreOp",
+    "PollingSchedulerAdapter",
+    "SchedulerAdapter",
+    "WorkerAdapter",
+    "WorkerStats",
+]
 
 logger = logging.getLogger("kvrpc.kv")
 
 #: Request ids returned by ``get_finished`` that are remembered, to never return one twice.
 _REMEMBERED_FINISHED = 65536
+#: Seconds between attempts to register a KV cache again with a server that forgot it.
+_REREGISTER_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
 class LoadStoreOp:
     """One request's store or retrieve: which tokens, and the blocks that hold them.
 
-    ``block_ids`` are the request's KV blocks from its first token on (block ``j`` holds
-    tokens ``j * block_size`` onwards). The chunk hashes come from ``token_ids`` or from the
-    engine's ``block_hashes`` (exactly one, the same source the scheduler looked up with).
-    Only whole chunks inside ``[start, end)`` move (``end == 0``: up to the last whole
-    chunk): a chunk that begins before ``start`` is skipped, so blocks the engine already
-    holds are never written.
+    ``block_ids`` are the request's KV blocks from block ``block_offset`` on (block
+    ``block_ids[j]`` holds tokens ``(block_offset + j) * block_size`` onwards); an engine
+    may give only the blocks covering ``[start, end)``. The chunk hashes come from exactly
+    one of ``token_ids`` (hashed under ``cache_salt``), the engine's ``block_hashes`` (the
+    same source the scheduler looked up with) or ``chunk_hashes`` already computed (from
+    chunk 0 on, as :func:`~kvrpc.kv.keys.hashes_from_tokens` returns them). Only whole
+    chunks inside ``[start, end)`` move (``end == 0``: up to the last whole chunk): a chunk
+    that begins before ``start`` is skipped. A retrieve leaves alone the blocks holding its
+    first ``skip_first_n_tokens`` tokens from ``start`` (ones the engine holds already and
+    may be reading), writing the rest of their chunk.
     """
 
     block_ids: Sequence[int]
@@ -73,6 +93,10 @@ class LoadStoreOp:
     block_hashes: Sequence[bytes | int] | None = None
     start: int = 0
     end: int = 0
+    chunk_hashes: Sequence[bytes] | None = None
+    cache_salt: str | None = None
+    block_offset: int = 0
+    skip_first_n_tokens: int = 0
 
 
 class _ServerLink:
@@ -178,11 +202,22 @@ def _hashes_for(
     per_chunk: int,
     token_ids: Sequence[int] | torch.Tensor | None,
     block_hashes: Sequence[bytes | int] | None,
+    chunk_hashes: Sequence[bytes] | None = None,
+    cache_salt: str | None = None,
 ) -> list[bytes]:
-    if (token_ids is None) == (block_hashes is None):
-        raise ValueError("give exactly one of token_ids and block_hashes")
+    given = [token_ids is not None, block_hashes is not None, chunk_hashes is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of token_ids, block_hashes and chunk_hashes")
+    if chunk_hashes is not None:
+        hashes = list(chunk_hashes)
+        for index, chunk_hash in enumerate(hashes):
+            if not isinstance(chunk_hash, bytes) or len(chunk_hash) != HASH_SIZE:
+                raise ValueError(f"chunk hash {index} is not {HASH_SIZE} bytes")
+        return hashes
     if token_ids is not None:
-        return hashes_from_tokens(token_ids, chunk_size)
+        return hashes_from_tokens(token_ids, chunk_size, cache_salt)
+    if cache_salt:
+        raise ValueError("a cache_salt salts token ids; block hashes carry the engine's own")
     assert block_hashes is not None
     return hashes_from_block_hashes(block_hashes, per_chunk)
 
@@ -232,14 +267,72 @@ class SchedulerAdapter:
         request_id: str,
         block_hashes: Sequence[bytes | int] | None = None,
         token_ids: Sequence[int] | torch.Tensor | None = None,
+        *,
+        cache_salt: str | None = None,
+        chunk_hashes: Sequence[bytes] | None = None,
     ) -> None:
-        """Start a lookup for ``request_id`` unless one is pending or answered already."""
+        """Start a lookup for ``request_id`` unless one is pending or answered already.
+
+        The prompt is given as exactly one of ``token_ids`` (hashed under ``cache_salt``:
+        another salt never hits), the engine's ``block_hashes`` or ``chunk_hashes``. A
+        lookup that cannot be sent (the server is gone) counts as 0 matched tokens.
+        """
         if request_id in self._lookups:
             return
-        hashes = _hashes_for(self.chunk_size, self._blocks_per_chunk, token_ids, block_hashes)
+        hashes = _hashes_for(
+            self.chunk_size,
+            self._blocks_per_chunk,
+            token_ids,
+            block_hashes,
+            chunk_hashes,
+            cache_salt,
+        )
         keys = KeyBatch(self.model_name, self.world_size, None, b"".join(hashes))
-        future = self._link.submit(protocols.LOOKUP, request_id, keys)
-        self._lookups[request_id] = _Lookup(future)
+        try:
+            future = self._link.submit(protocols.LOOKUP, request_id, keys)
+        except KvrpcError as exc:
+            logger.warning("lookup for request %r not sent, computing it: %s", request_id, exc)
+            self._lookups[request_id] = _Lookup(None, tokens=0)
+            return
+        self._lookups[request_id] = _Lookup(future, hashes=hashes)
+
+    def free_lookup_locks(
+        self,
+        request_id: str,
+        start: int,
+        end: int,
+        *,
+        token_ids: Sequence[int] | torch.Tensor | None = None,
+        cache_salt: str | None = None,
+        chunk_hashes: Sequence[bytes] | None = None,
+    ) -> None:
+        """Release the request's pins on the whole chunks inside tokens ``[start, end)`` now.
+
+        For chunks the engine holds itself (its own prefix cache hit them), so the server may
+        evict them before the request ends. A chunk only partly inside is kept. Without a
+        prompt given, the lookup's own chunk hashes are used. Does not wait for the reply.
+        """
+        first = -(-start // self.chunk_size)
+        last = end // self.chunk_size
+        if last <= first:
+            return
+        if token_ids is None and chunk_hashes is None:
+            lookup = self._lookups.get(request_id)
+            if lookup is None or lookup.hashes is None:
+                raise KVError(f"no lookup hashes are known for request {request_id!r}")
+            chunk_hashes = lookup.hashes
+        hashes = _hashes_for(
+            self.chunk_size, self._blocks_per_chunk, token_ids, None, chunk_hashes, cache_salt
+        )[first:last]
+        if not hashes:
+            return
+        keys = KeyBatch(self.model_name, self.world_size, None, b"".join(hashes))
+        try:
+            future = self._link.submit(protocols.RELEASE_PINS, request_id, keys)
+        except KvrpcError as exc:  # the session's pins go with it, or with this client
+            logger.debug("release_pins for %r not sent: %s", request_id, exc)
+            return
+        self._link.track(future, "release_pins", request_id)
 
     def check_lookup_result(self, request_id: str) -> int | None:
         """Tokens matched for ``request_id``, or None while the lookup is pending.
@@ -253,6 +346,7 @@ class SchedulerAdapter:
         if lookup.tokens is not None:
             return lookup.tokens
         future = lookup.future
+        assert future is not None
         if not future.done():
             return None
         try:
@@ -261,13 +355,16 @@ class SchedulerAdapter:
             logger.warning("lookup for request %r failed, computing it: %s", request_id, exc)
             lookup.tokens = 0
             return 0
-        if isinstance(answer, str):  # a prefetch job: ask until it reports its count
-            lookup.future = self._link.submit(protocols.QUERY_PREFETCH_STATUS, answer)
-            lookup.job = answer
-            return None
-        if answer is None:  # the job is still running
+        if isinstance(answer, str) or answer is None:  # a prefetch job: ask for its count
+            if isinstance(answer, str):
+                lookup.job = answer
             assert lookup.job is not None
-            lookup.future = self._link.submit(protocols.QUERY_PREFETCH_STATUS, lookup.job)
+            try:
+                lookup.future = self._link.submit(protocols.QUERY_PREFETCH_STATUS, lookup.job)
+            except KvrpcError as exc:
+                logger.warning("prefetch status for %r not asked: %s", request_id, exc)
+                lookup.tokens = 0
+                return 0
             return None
         lookup.tokens = int(answer) * self.chunk_size
         return lookup.tokens
@@ -279,9 +376,13 @@ class SchedulerAdapter:
     def end_session(self, request_id: str) -> None:
         """The request is done: the server releases its pins. Does not wait for the reply."""
         self._lookups.pop(request_id, None)
-        future = self._link.submit(
-            protocols.END_SESSION, self.model_name, self.world_size, request_id
-        )
+        try:
+            future = self._link.submit(
+                protocols.END_SESSION, self.model_name, self.world_size, request_id
+            )
+        except KvrpcError as exc:  # the server releases them when this client goes silent
+            logger.debug("end_session for %r not sent: %s", request_id, exc)
+            return
         self._link.track(future, "end_session", request_id)
 
     def close(self) -> None:
@@ -299,9 +400,10 @@ class SchedulerAdapter:
 
 @dataclass(eq=False)
 class _Lookup:
-    future: MessagingFuture[Any]
+    future: MessagingFuture[Any] | None
     job: str | None = None
     tokens: int | None = None
+    hashes: list[bytes] | None = None
 
 
 class PollingSchedulerAdapter(SchedulerAdapter):
@@ -346,7 +448,25 @@ class PollingSchedulerAdapter(SchedulerAdapter):
                 return 0
             # Waiting on the reply itself rather than sleeping: an answer that arrives
             # within the interval is seen at once, not at the next tick.
-            self._lookups[request_id].future.wait(min(self.poll_interval, left))
+            future = self._lookups[request_id].future
+            assert future is not None
+            future.wait(min(self.poll_interval, left))
+
+
+@dataclass
+class WorkerStats:
+    """Chunks and bytes a :class:`WorkerAdapter` moved, and the chunks it could not move.
+
+    ``dropped_stores`` counts chunks not stored (the server out of reach, full, or refusing
+    them); ``failed_retrieves`` chunks whose blocks became load errors. Counters only grow.
+    """
+
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    dropped_stores: int = 0
+    retrieved_chunks: int = 0
+    retrieved_bytes: int = 0
+    failed_retrieves: int = 0
 
 
 class WorkerAdapter:
@@ -409,11 +529,22 @@ class WorkerAdapter:
         self._finished_retrieves: set[str] = set()
         self._returned: OrderedDict[str, None] = OrderedDict()
         self._failed_blocks: set[int] = set()
+        self._registering = False
+        self._next_register = 0.0
+        self._chunk_nbytes = 0
+        #: What this worker moved since it started (read under no lock: a snapshot may be
+        #: one transfer behind).
+        self.stats = WorkerStats()
 
     # ------------------------------------------------------------------ registration
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(
+        self, kv_caches: dict[str, torch.Tensor], kind: LayoutKind | None = None
+    ) -> None:
         """Register this worker's KV tensors (one per layer, in layer order) with the server.
+
+        ``kind`` is the tensors' :class:`~kvrpc.kv.layout.LayoutKind`, guessed from their
+        shape when not given (4-D layers always need it).
 
         Raises :class:`NotSharedMemory` for CPU tensors not made by ``shared_empty`` in the
         ``shm`` mode, :class:`KVConfigError` for tensors that do not form one layout or that
@@ -422,7 +553,7 @@ class WorkerAdapter:
         layers = list(kv_caches.values())
         if not layers:
             raise KVConfigError("register_kv_caches needs at least one layer's tensor")
-        layout = KVLayout.from_tensors(layers)
+        layout = KVLayout.from_tensors(layers, kind)
         if layout.block_size != self.block_size:
             raise KVConfigError(
                 f"the KV tensors hold blocks of {layout.block_size} tokens, but the adapter "
@@ -447,17 +578,47 @@ class WorkerAdapter:
             self._layers, self._layout, self._mode = layers, layout, mode
             self._registration, self._instance_id = registration, instance_id
             self._events = events
+            self._chunk_nbytes = layout.chunk_nbytes(self._blocks_per_chunk)
 
-    def _instance(self) -> int:
+    def _instance(self) -> int | None:
+        """The instance id to use now, or None while the server does not know this cache.
+
+        Never waits: a server that forgot the cache (restarted, or this worker was silent too
+        long) is sent the registration again in the background, at most once a second, and
+        transfers meanwhile fail at once (stores dropped, retrieves reported as load errors).
+        """
         with self._lock:
             instance_id, registration = self._instance_id, self._registration
-        if registration is None:
-            raise KVError("register_kv_caches must be called before storing or retrieving")
-        if instance_id is None:  # the server forgot us (restart or long silence): once more
-            instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
+            if registration is None:
+                raise KVError("register_kv_caches must be called before storing or retrieving")
+            if instance_id is not None:
+                return instance_id
+            now = time.monotonic()
+            if self._registering or now < self._next_register:
+                return None
+            self._registering = True
+            self._next_register = now + _REREGISTER_INTERVAL
+        try:
+            future = self._link.submit(protocols.REGISTER_KV_CACHE, registration)
+        except KvrpcError as exc:
+            logger.debug("registering again not sent: %s", exc)
             with self._lock:
-                self._instance_id = instance_id
-        return instance_id
+                self._registering = False
+            return None
+
+        def registered(future: MessagingFuture[Any]) -> None:
+            exc = future.exception()
+            with self._lock:
+                self._registering = False
+                if exc is None and self._registration is registration:
+                    self._instance_id = int(future.result())
+            if exc is None:
+                logger.info("registered this worker's KV cache with the server again")
+            else:
+                logger.warning("registering this worker's KV cache again failed: %s", exc)
+
+        future.add_done_callback(registered)
+        return None
 
     # ------------------------------------------------------------------ submits
 
@@ -477,30 +638,33 @@ class WorkerAdapter:
         Bad input (too few block ids; in the inline mode also block ids out of range, which
         this process copies itself) raises here, before anything is counted as in flight, so
         such a request is reported finished at once. In the shm mode the server refuses an
-        out-of-range key with a reason and stores the others.
+        out-of-range key with a reason and stores the others. While the server is out of
+        reach the chunks are dropped (counted in :attr:`stats`), never waited for.
         """
-        keys, rows, owners = self._plan(request_ids, ops)
-        chunks: list[torch.Tensor] = []
-        ready: _Ready | None = None
-        if owners:
-            instance_id = self._instance()
-            if self._mode == "cuda_ipc":
-                ready = self._ready_after(event)
-            else:
-                _wait_for(event)
-            if self._mode == "inline":
-                assert self._layout is not None
-                nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
-                chunks = [torch.empty(nbytes, dtype=torch.uint8) for _ in owners]
-                gather_chunks(self._layers, self._layout, rows, chunks)
-                rows = _NO_BLOCKS
+        keys, rows, owners = self._plan(request_ids, ops, retrieve=False)
         with self._lock:
             for request_id in request_ids:
                 self._returned.pop(request_id, None)  # a new store: report it again
-            _count_in(self._stores_in_flight, request_ids)
         if not owners:
-            self._stores_done(request_ids, None)
             return
+        instance_id = self._instance()
+        if instance_id is None:
+            self._count(stores_dropped=len(owners))
+            return
+        chunks: list[torch.Tensor] = []
+        ready: _Ready | None = None
+        if self._mode == "cuda_ipc":
+            ready = self._ready_after(event)
+        else:
+            _wait_for(event)
+        if self._mode == "inline":
+            assert self._layout is not None
+            nbytes = self._layout.chunk_nbytes(self._blocks_per_chunk)
+            chunks = [torch.empty(nbytes, dtype=torch.uint8) for _ in owners]
+            gather_chunks(self._layers, self._layout, rows, chunks)
+            rows = _NO_BLOCKS
+        with self._lock:
+            _count_in(self._stores_in_flight, request_ids)
         try:
             if ready is not None:
                 future = self._link.submit(
@@ -508,6 +672,12 @@ class WorkerAdapter:
                 )
             else:
                 future = self._link.submit(protocols.STORE, instance_id, keys, rows, chunks)
+        except KvrpcError as exc:
+            logger.warning("store not sent, %d chunks dropped: %s", len(owners), exc)
+            self._give_back(ready)
+            self._count(stores_dropped=len(owners))
+            self._stores_done(request_ids, None)
+            return
         except BaseException:
             self._give_back(ready)
             self._stores_done(request_ids, None)
@@ -515,7 +685,7 @@ class WorkerAdapter:
 
         def done(future: MessagingFuture[Any]) -> None:
             self._give_back(ready, future)
-            self._stores_done(request_ids, future)
+            self._stores_done(request_ids, future, len(owners))
 
         future.add_done_callback(done)
 
@@ -524,21 +694,25 @@ class WorkerAdapter:
     ) -> None:
         """Retrieve several requests' chunks in one message.
 
-        Bad input raises here, before anything is counted as in flight.
+        Bad input raises here, before anything is counted as in flight. While the server is
+        out of reach the retrieve fails at once: its blocks are load errors (see
+        :meth:`get_block_ids_with_load_errors`) and the requests are finished retrieves.
         """
-        keys, rows, owners = self._plan(request_ids, ops)
-        ready: _Ready | None = None
-        if owners:
-            instance_id = self._instance()
-            if self._mode == "cuda_ipc":
-                ready = self._ready_after(event)
-            else:
-                _wait_for(event)
+        keys, rows, owners = self._plan(request_ids, ops, retrieve=True)
         with self._lock:
             _count_in(self._retrieves_in_flight, request_ids)
         if not owners:
             self._retrieves_done(request_ids, [], rows, None)
             return
+        instance_id = self._instance()
+        if instance_id is None:
+            self._retrieves_done(request_ids, owners, rows, None)
+            return
+        ready: _Ready | None = None
+        if self._mode == "cuda_ipc":
+            ready = self._ready_after(event)
+        else:
+            _wait_for(event)
         try:
             if ready is not None:
                 deadline = None if self.retrieve_deadline is None else float(self.retrieve_deadline)
@@ -547,6 +721,11 @@ class WorkerAdapter:
                 )
             else:
                 future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
+        except KvrpcError as exc:
+            logger.warning("retrieve not sent, its blocks will be recomputed: %s", exc)
+            self._give_back(ready)
+            self._retrieves_done(request_ids, owners, rows, None)
+            return
         except BaseException:
             self._give_back(ready)
             self._retrieves_done(request_ids, owners, rows, None)
@@ -577,30 +756,53 @@ class WorkerAdapter:
             ring.give_back(ready)
 
     def _plan(
-        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp]
+        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], *, retrieve: bool
     ) -> tuple[KeyBatch, torch.Tensor, list[str]]:
-        """The keys, block-id rows and owning request id of every chunk the ops move."""
+        """The keys, block-id rows and owning request id of every chunk the ops move.
+
+        In a retrieve's rows, the blocks an op skips (``skip_first_n_tokens``) are
+        ``SKIP_BLOCK``.
+        """
         if len(request_ids) != len(ops):
             raise ValueError(f"{len(request_ids)} request ids but {len(ops)} ops; give one each")
         per_chunk, chunk_size = self._blocks_per_chunk, self.chunk_size
+        block_size = self.block_size
         hashes: list[bytes] = []
         block_ids: list[int] = []
         owners: list[str] = []
         for request_id, op in zip(request_ids, ops, strict=True):
-            chunk_hashes = _hashes_for(chunk_size, per_chunk, op.token_ids, op.block_hashes)
+            chunk_hashes = _hashes_for(
+                chunk_size,
+                per_chunk,
+                op.token_ids,
+                op.block_hashes,
+                op.chunk_hashes,
+                op.cache_salt,
+            )
             first = -(-op.start // chunk_size)
             last = (
                 len(chunk_hashes) if op.end == 0 else min(op.end // chunk_size, len(chunk_hashes))
             )
             if last <= first:
                 continue
-            if len(op.block_ids) < last * per_chunk:
+            offset = op.block_offset
+            if offset < 0 or offset > first * per_chunk:
                 raise ValueError(
-                    f"request {request_id!r}: {last} chunks need {last * per_chunk} block ids, "
-                    f"the op has {len(op.block_ids)}"
+                    f"request {request_id!r}: block_offset {offset} is past the first chunk "
+                    f"moved, which starts at block {first * per_chunk}"
+                )
+            if len(op.block_ids) + offset < last * per_chunk:
+                raise ValueError(
+                    f"request {request_id!r}: {last} chunks need block ids up to block "
+                    f"{last * per_chunk}, the op has {len(op.block_ids)} from block {offset}"
                 )
             hashes.extend(chunk_hashes[first:last])
-            block_ids.extend(op.block_ids[first * per_chunk : last * per_chunk])
+            picked = list(op.block_ids[first * per_chunk - offset : last * per_chunk - offset])
+            if retrieve and op.skip_first_n_tokens > 0:
+                # Blocks that begin before start + skip hold tokens the engine has already.
+                held = -(-(op.start + op.skip_first_n_tokens) // block_size) - first * per_chunk
+                picked[: max(0, held)] = [SKIP_BLOCK] * min(max(0, held), len(picked))
+            block_ids.extend(picked)
             owners.extend([request_id] * (last - first))
         keys = KeyBatch(self.model_name, self.world_size, self.kv_rank, b"".join(hashes))
         rows = torch.tensor(block_ids, dtype=torch.int64).view(len(owners), per_chunk)
@@ -608,11 +810,33 @@ class WorkerAdapter:
 
     # ------------------------------------------------------------------ completions
 
-    def _stores_done(self, request_ids: Sequence[str], future: MessagingFuture[Any] | None) -> None:
+    def _stores_done(
+        self, request_ids: Sequence[str], future: MessagingFuture[Any] | None, chunks: int = 0
+    ) -> None:
         if future is not None:
-            self._note_outcome("store", future)
+            reply = self._note_outcome("store", future)
+            errors = reply.errors if isinstance(reply, CudaCopyReply) else reply
+            if isinstance(errors, list):
+                # "already stored" is not a loss: the chunk is there.
+                stored = sum(1 for e in errors if e is None or e == "already stored")
+                self._count(stores=stored, stores_dropped=len(errors) - stored)
+            else:  # the call failed: none of its chunks was stored
+                self._count(stores_dropped=chunks)
         with self._lock:
             _count_out(self._stores_in_flight, request_ids)
+
+    def _count(
+        self, *, stores: int = 0, stores_dropped: int = 0, retrieves: int = 0, failed: int = 0
+    ) -> None:
+        nbytes = self._chunk_nbytes
+        with self._lock:
+            stats = self.stats
+            stats.stored_chunks += stores
+            stats.stored_bytes += stores * nbytes
+            stats.dropped_stores += stores_dropped
+            stats.retrieved_chunks += retrieves
+            stats.retrieved_bytes += retrieves * nbytes
+            stats.failed_retrieves += failed
 
     def _retrieves_done(
         self,
@@ -645,9 +869,11 @@ class WorkerAdapter:
                     failed = list(range(len(owners)))
         elif owners:
             failed = list(range(len(owners)))
+        if owners:
+            self._count(retrieves=len(owners) - len(failed), failed=len(failed))
         with self._lock:
             for i in failed:
-                self._failed_blocks.update(rows[i].tolist())
+                self._failed_blocks.update(b for b in rows[i].tolist() if b != SKIP_BLOCK)
             self._finished_retrieves.update(_count_out(self._retrieves_in_flight, request_ids))
 
     def _note_outcome(self, what: str, future: MessagingFuture[Any]) -> Any:

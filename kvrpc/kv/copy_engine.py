@@ -41,7 +41,7 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle, new_ipc_event
 from kvrpc.errors import KVError
-from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 
 __all__ = [
     "CopyEngine",
@@ -210,10 +210,15 @@ def scatter_group(
 
 
 def last_occurrences(block_ids: list[int]) -> list[int] | None:
-    """Positions of the last occurrence of each id, in order; None when no id repeats."""
+    """Positions of the last occurrence of each id, in order; None when every id is written once.
+
+    A :data:`~kvrpc.kv.layout.SKIP_BLOCK` id (a block a retrieve must leave alone) is never
+    among the positions.
+    """
     last: dict[int, int] = {}
     for position, block in enumerate(block_ids):
-        last[block] = position
+        if block != SKIP_BLOCK:
+            last[block] = position
     if len(last) == len(block_ids):
         return None
     return sorted(last.values())

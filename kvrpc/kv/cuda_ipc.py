@@ -14,6 +14,7 @@ anyone holds it, and the mapping closes when the last reference goes.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import weakref
@@ -31,7 +32,7 @@ from kvrpc.kv.layout import dtype_from_name, dtype_name
 __all__ = ["CudaIPCWrapper"]
 
 _WRAPPER_EXT: Final = 6
-_VERSION: Final = 1
+_VERSION: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +40,9 @@ class CudaIPCWrapper:
     """A CUDA tensor another process on this host can open: handle, shape, dtype, GPU UUID.
 
     Build one with :meth:`from_tensor` in the process that owns the tensor; call
-    :meth:`to_tensor` in the one that wants it. Only whole tensors are shared: contiguous,
-    starting at offset 0 of their storage.
+    :meth:`to_tensor` in the one that wants it. The tensor must be contiguous; it may be a
+    view into a larger allocation (an engine that carves every layer out of one buffer),
+    ``tensor_offset`` elements into its storage.
     """
 
     device_uuid: str
@@ -54,6 +56,8 @@ class CudaIPCWrapper:
     ref_counter_offset: int
     event_handle: bytes
     event_sync_required: bool
+    #: Where the tensor starts in its storage, in elements of ``dtype``.
+    tensor_offset: int = 0
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor) -> CudaIPCWrapper:
@@ -65,11 +69,6 @@ class CudaIPCWrapper:
             raise KVConfigError(
                 f"CudaIPCWrapper needs a contiguous tensor; this {list(tensor.shape)} one has "
                 f"strides {list(tensor.stride())}: share the whole tensor it is a view of"
-            )
-        if tensor.storage_offset() != 0:
-            raise KVConfigError(
-                f"CudaIPCWrapper needs a tensor at offset 0 of its storage; this one starts at "
-                f"element {tensor.storage_offset()}: share the whole tensor it is a view of"
             )
         require_cuda("CudaIPCWrapper")
         storage: Any = tensor.untyped_storage()
@@ -85,6 +84,7 @@ class CudaIPCWrapper:
             int(rc_offset),
             bytes(event or b""),
             bool(sync),
+            int(tensor.storage_offset()),
         )
 
     @property
@@ -100,7 +100,7 @@ class CudaIPCWrapper:
 
         Raises :class:`~kvrpc.errors.CudaUnavailable` when this process sees no such GPU.
         """
-        key = (self.device_uuid, self.handle, self.storage_offset)
+        key = (self.device_uuid, self.handle, self.storage_offset, self.tensor_offset)
         with _cache_lock:
             ref = _opened.get(key)
             cached = ref() if ref is not None else None
@@ -118,8 +118,10 @@ class CudaIPCWrapper:
             self.event_sync_required,
         )
         dtype = dtype_from_name(self.dtype)
+        if (self.tensor_offset + math.prod(self.shape)) * dtype.itemsize > self.storage_size:
+            raise KVConfigError("the wrapper's tensor lies outside the shared CUDA storage")
         tensor: torch.Tensor = cast(Any, torch.empty(0, dtype=dtype, device=device)).set_(
-            storage, 0, self.shape
+            storage, self.tensor_offset, self.shape
         )
         if tensor.nbytes != self.nbytes:  # pragma: no cover - guards a torch change
             raise KVConfigError("the shared CUDA storage does not match the wrapper's shape")
@@ -137,7 +139,7 @@ class CudaIPCWrapper:
         return _unpack(data)
 
 
-_opened: dict[tuple[str, bytes, int], weakref.ref[torch.Tensor]] = {}
+_opened: dict[tuple[str, bytes, int, int], weakref.ref[torch.Tensor]] = {}
 _cache_lock = threading.Lock()
 _HEADER = struct.Struct("<B")
 
@@ -154,6 +156,7 @@ def _pack(wrapper: CudaIPCWrapper) -> bytes:
         wrapper.ref_counter_offset,
         wrapper.event_handle,
         wrapper.event_sync_required,
+        wrapper.tensor_offset,
     ]
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return _HEADER.pack(_VERSION) + packed
@@ -162,10 +165,14 @@ def _pack(wrapper: CudaIPCWrapper) -> bytes:
 def _unpack(data: bytes) -> CudaIPCWrapper:
     try:
         (version,) = _HEADER.unpack_from(data)
-        if version != _VERSION:
-            raise ValueError(f"version {version}, this kvrpc reads version {_VERSION}")
+        if version not in (1, _VERSION):
+            raise ValueError(f"version {version}, this kvrpc reads versions 1 and {_VERSION}")
         fields = msgpack.unpackb(bytes(data[_HEADER.size :]), raw=False)
-        uuid, shape, dtype, handle, size, offset, rc_handle, rc_offset, event, sync = fields
+        if version == 1:  # before tensor_offset: whole storages only
+            fields = [*fields, 0]
+        (uuid, shape, dtype, handle, size, offset, rc_handle, rc_offset, event, sync, at) = fields
+        if not isinstance(at, int) or at < 0:
+            raise ValueError(f"tensor offset must be an int >= 0, got {at!r}")
         dtype_from_name(dtype)
         wrapper = CudaIPCWrapper(
             str(uuid),
@@ -178,6 +185,7 @@ def _unpack(data: bytes) -> CudaIPCWrapper:
             int(rc_offset),
             bytes(event),
             bool(sync),
+            at,
         )
     except (struct.error, ValueError, TypeError, KVConfigError, msgpack.UnpackException) as exc:
         raise ValueError(f"malformed CudaIPCWrapper: {exc}") from exc

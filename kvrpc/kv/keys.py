@@ -44,6 +44,7 @@ __all__ = [
     "encode_key",
     "hashes_from_block_hashes",
     "hashes_from_tokens",
+    "salted_root",
 ]
 
 #: Size in bytes of every chunk hash.
@@ -429,7 +430,9 @@ def _pack_token_tensor(tensor: Any, dtype_name: str, count: int) -> bytes:
     return ctypes.string_at(flat.data_ptr(), count * _TOKEN_SIZE)
 
 
-def hashes_from_tokens(token_ids: Sequence[int] | torch.Tensor, chunk_size: int) -> list[bytes]:
+def hashes_from_tokens(
+    token_ids: Sequence[int] | torch.Tensor, chunk_size: int, cache_salt: str | None = None
+) -> list[bytes]:
     """The prefix-chained 32-byte hashes of every whole chunk of ``token_ids``.
 
     ``token_ids`` is a sequence of ints or a 1-D integer ``torch.Tensor``; both give the
@@ -441,6 +444,11 @@ def hashes_from_tokens(token_ids: Sequence[int] | torch.Tensor, chunk_size: int)
     the first chunk, ``sha256(b"kvrpc chunk hash v1")``) and ``chunk_i`` is the chunk's token
     ids as little-endian signed int32. The hashes are therefore the same in every process,
     run and host, and hash ``i`` changes whenever any token of chunks ``0..i`` does.
+
+    A non-empty ``cache_salt`` (a tenant's secret, say) starts the chain from
+    :func:`salted_root` instead, so the same tokens under another salt (or none) share no
+    hash: one tenant's lookups can never hit another's chunks. ``None`` and ``""`` are the
+    unsalted chain.
 
     Raises ``ValueError`` for a token id outside the int32 range or a tensor that is not 1-D
     or not of an integer dtype, ``TypeError`` for a non-int item, and
@@ -463,7 +471,7 @@ def hashes_from_tokens(token_ids: Sequence[int] | torch.Tensor, chunk_size: int)
     step = chunk_size * _TOKEN_SIZE
     new_context = _SHA256.copy
     hashes: list[bytes] = []
-    previous = _TOKEN_ROOT
+    previous = salted_root(cache_salt)
     for start in range(0, chunks * step, step):
         context = new_context()
         context.update(previous)
@@ -471,6 +479,19 @@ def hashes_from_tokens(token_ids: Sequence[int] | torch.Tensor, chunk_size: int)
         previous = context.digest()
         hashes.append(previous)
     return hashes
+
+
+def salted_root(cache_salt: str | None) -> bytes:
+    """The hash a token chain starts from under ``cache_salt`` (the plain root without one).
+
+    ``sha256(root + b"salt" + utf8(cache_salt))``: a pure function of the salt, the same in
+    every process. Raises ``TypeError`` for a salt that is not a str.
+    """
+    if cache_salt is None or cache_salt == "":
+        return _TOKEN_ROOT
+    if not isinstance(cache_salt, str):
+        raise TypeError(f"cache_salt must be a str, got {type(cache_salt).__name__}")
+    return hashlib.sha256(_TOKEN_ROOT + b"salt" + cache_salt.encode()).digest()
 
 
 def hashes_from_block_hashes(

@@ -40,6 +40,7 @@ import torch
 from kvrpc.errors import KVConfigError, KVError
 
 __all__ = [
+    "SKIP_BLOCK",
     "KVLayout",
     "LayoutKind",
     "dtype_from_name",
@@ -59,18 +60,40 @@ class LayoutKind(enum.StrEnum):
     - ``MLA``: ``[num_blocks, block_size, dim]``, one latent vector per token, blocks on dim 0.
     - ``BLOCKS_FIRST``: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``, blocks on
       dim 0, K and V on dim 1.
+    - ``PAGED_HND`` and ``BLOCKS_FIRST_HND``: the same with heads before tokens,
+      ``[2, num_blocks, num_kv_heads, block_size, head_dim]`` and
+      ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``.
+    - ``BNHC``, ``BHNC`` and ``HBNC``: one 4-D tensor per layer of blocks (B), heads (H),
+      tokens (N) and each token's content (C: K and V side by side, or a latent), in that
+      memory order: ``[num_blocks, block_size, heads, content]``, ``[num_blocks, heads,
+      block_size, content]`` and ``[heads, num_blocks, block_size, content]``.
+
+    4-D shapes cannot be told apart by their sizes, so their kind is always given.
     """
 
     PAGED = "paged"
     MLA = "mla"
     BLOCKS_FIRST = "blocks_first"
+    PAGED_HND = "paged_hnd"
+    BLOCKS_FIRST_HND = "blocks_first_hnd"
+    BNHC = "bnhc"
+    BHNC = "bhnc"
+    HBNC = "hbnc"
 
+
+#: In a retrieve's block ids: leave this block as it is (the engine holds those tokens).
+SKIP_BLOCK = -1
 
 # Per kind: (ndim, block dim, token dim, the dim that must be 2 for K/V or None).
 _KIND_SHAPES: dict[LayoutKind, tuple[int, int, int, int | None]] = {
     LayoutKind.PAGED: (5, 1, 2, 0),
     LayoutKind.MLA: (3, 0, 1, None),
     LayoutKind.BLOCKS_FIRST: (5, 0, 2, 1),
+    LayoutKind.PAGED_HND: (5, 1, 3, 0),
+    LayoutKind.BLOCKS_FIRST_HND: (5, 0, 3, 1),
+    LayoutKind.BNHC: (4, 0, 1, None),
+    LayoutKind.BHNC: (4, 0, 2, None),
+    LayoutKind.HBNC: (4, 1, 2, None),
 }
 
 # Bool, complex and quantized dtypes are not KV caches; integers stay allowed because some
@@ -299,6 +322,11 @@ def _kind_shape_text(kind: LayoutKind) -> str:
         LayoutKind.PAGED: "[2, num_blocks, block_size, num_kv_heads, head_dim]",
         LayoutKind.MLA: "[num_blocks, block_size, dim]",
         LayoutKind.BLOCKS_FIRST: "[num_blocks, 2, block_size, num_kv_heads, head_dim]",
+        LayoutKind.PAGED_HND: "[2, num_blocks, num_kv_heads, block_size, head_dim]",
+        LayoutKind.BLOCKS_FIRST_HND: "[num_blocks, 2, num_kv_heads, block_size, head_dim]",
+        LayoutKind.BNHC: "[num_blocks, block_size, heads, content]",
+        LayoutKind.BHNC: "[num_blocks, heads, block_size, content]",
+        LayoutKind.HBNC: "[heads, num_blocks, block_size, content]",
     }[kind]
 
 
@@ -309,10 +337,19 @@ def _guess_kind(shape: tuple[int, ...]) -> LayoutKind:
         return LayoutKind.PAGED
     if len(shape) == 5 and shape[1] == 2:
         return LayoutKind.BLOCKS_FIRST
+    if len(shape) == 4:
+        raise KVConfigError(
+            f"a 4-D KV layer shaped {list(shape)} may be any of "
+            + ", ".join(f"{_kind_shape_text(k)} ({k.value})" for k in _FOUR_D)
+            + "; pass its kind"
+        )
     raise KVConfigError(
         f"cannot tell the KV layout of a layer shaped {list(shape)}; a layer is "
         + ", or ".join(f"{_kind_shape_text(k)} ({k.value})" for k in LayoutKind)
     )
+
+
+_FOUR_D = (LayoutKind.BNHC, LayoutKind.BHNC, LayoutKind.HBNC)
 
 
 def gather_chunk(
@@ -377,12 +414,18 @@ def scatter_chunks(
     The same as :func:`scatter_chunk` on each row, rows in order (a block named by two rows
     ends with the later row's bytes); every check runs before any byte is copied. Call it from
     an executor thread.
+
+    A block id of :data:`SKIP_BLOCK` (-1) leaves that block as it is: the engine holds those
+    tokens itself and may be reading them, so the chunk's bytes for them are not written.
     """
-    plan = _plan(layers, layout, block_ids, srcs)
+    plan = _plan(layers, layout, block_ids, srcs, allow_skip=True)
     dim = layout.block_dim
     for layer, slot_parts in zip(plan.layers, plan.slot_parts, strict=True):
-        for ids, src in zip(plan.ids, slot_parts, strict=True):
-            layer.index_copy_(dim, ids, src)
+        for ids, keep, src in zip(plan.ids, plan.keep, slot_parts, strict=True):
+            if keep is None:
+                layer.index_copy_(dim, ids, src)
+            elif keep.numel():
+                layer.index_copy_(dim, ids.index_select(0, keep), src.index_select(dim, keep))
 
 
 def _one_row(block_ids: torch.Tensor) -> torch.Tensor:
@@ -411,6 +454,8 @@ class _Plan:
     """Per chunk: its block ids, on the layers' device."""
     slot_parts: list[tuple[torch.Tensor, ...]]
     """Per layer: that layer's part of each chunk's slot, in the carrier type and chunk shape."""
+    keep: list[torch.Tensor | None]
+    """Per chunk: the positions of the blocks to write when some are skipped, else None."""
 
 
 def _plan(
@@ -418,6 +463,8 @@ def _plan(
     layout: KVLayout,
     block_ids: torch.Tensor,
     slots: Sequence[torch.Tensor],
+    *,
+    allow_skip: bool = False,
 ) -> _Plan:
     """Check a batch and turn it into carrier views, before any byte is copied."""
     if len(layers) != layout.num_layers:
@@ -443,7 +490,8 @@ def _plan(
             f"block ids must be a tensor of one row of blocks_per_chunk ids per slot; got "
             f"{got} for {len(slots)} slots"
         )
-    layout.check_block_ids(block_ids)
+    skipped = block_ids == SKIP_BLOCK if allow_skip else None
+    layout.check_block_ids(block_ids if skipped is None else block_ids.masked_fill(skipped, 0))
     blocks_per_chunk = block_ids.shape[1]
     nbytes = layout.chunk_nbytes(blocks_per_chunk)
     device = layers[0].device
@@ -462,7 +510,7 @@ def _plan(
             )
 
     if not slots:
-        return _Plan([], [], [])
+        return _Plan([], [], [], [])
     sizes = [layout.shape[-1] * dtype.itemsize]
     sizes += [int(t.storage_offset()) * dtype.itemsize for t in layers]
     sizes += [int(t.storage_offset()) for t in slots]
@@ -470,8 +518,14 @@ def _plan(
     part_shape = layout.chunk_shape(blocks_per_chunk)
     part_shape = (*part_shape[:-1], sizes[0] // carrier.itemsize)
     slot_parts = [slot.view(carrier).view(layout.num_layers, *part_shape) for slot in slots]
+    keep: list[torch.Tensor | None] = [None] * len(slots)
+    if skipped is not None and bool(skipped.any()):
+        keep = [
+            (~row).nonzero().squeeze(1).to(device) if bool(row.any()) else None for row in skipped
+        ]
     return _Plan(
         [layer.view(carrier) for layer in layers],
         list(block_ids.to(device).contiguous().unbind(0)),
         list(zip(*(part.unbind(0) for part in slot_parts), strict=True)),
+        keep,
     )

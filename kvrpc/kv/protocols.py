@@ -43,6 +43,7 @@ __all__ = [
     "LOOKUP",
     "QUERY_PREFETCH_STATUS",
     "REGISTER_KV_CACHE",
+    "RELEASE_PINS",
     "RETRIEVE",
     "RETRIEVE_CUDA",
     "STATS",
@@ -180,6 +181,16 @@ END_SESSION = ProtocolDefinition(
     int,
     doc="(client, model name, world size, request id): release the request's pins.",
 )
+RELEASE_PINS = ProtocolDefinition(
+    "kv.release_pins",
+    (bytes, str, KeyBatch),
+    int,
+    doc=(
+        "(client, request id, keys without worker id): release the request's pins on these "
+        "chunks for every rank, before its session ends (the engine holds them itself); "
+        "returns how many pins were released."
+    ),
+)
 GET_CHUNK_SIZE = ProtocolDefinition(
     "kv.get_chunk_size", (), int, doc="Tokens per chunk on this server."
 )
@@ -213,6 +224,7 @@ KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     LOOKUP,
     QUERY_PREFETCH_STATUS,
     END_SESSION,
+    RELEASE_PINS,
     GET_CHUNK_SIZE,
     STATS,
     CLEAR,

@@ -42,7 +42,7 @@ from kvrpc.kv.access import memory_owner
 from kvrpc.kv.copy_engine import CopyEngine, DeadlinePassed, Transfer
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
-from kvrpc.kv.layout import KVLayout, gather_chunks, scatter_chunks
+from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, gather_chunks, scatter_chunks
 from kvrpc.kv.pool import ChunkPool, Reserve
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply
 from kvrpc.kv.shm import MemoryOwner, SharedMapping, SharedTensorRef, open_shared
@@ -205,6 +205,7 @@ class KVService:
             protocols.LOOKUP.name: self.lookup,
             protocols.QUERY_PREFETCH_STATUS.name: self.query_prefetch_status,
             protocols.END_SESSION.name: self.end_session,
+            protocols.RELEASE_PINS.name: self.release_pins,
             protocols.GET_CHUNK_SIZE.name: lambda: self.chunk_size,
             protocols.STATS.name: self.stats,
             protocols.CLEAR.name: self.clear,
@@ -535,9 +536,12 @@ class KVService:
         return None
 
     def _check_batch(
-        self, instance: _Instance, keys: KeyBatch, block_ids: torch.Tensor
+        self, instance: _Instance, keys: KeyBatch, block_ids: torch.Tensor, *, retrieve: bool
     ) -> list[str | None]:
-        """Per key: None if it may be copied, else why not."""
+        """Per key: None if it may be copied, else why not.
+
+        A retrieve's rows may hold ``SKIP_BLOCK`` for blocks the worker holds already.
+        """
         n = len(keys)
         problem = self._key_problem(instance, keys)
         if problem is not None:
@@ -551,12 +555,13 @@ class KVService:
                 f"blocks_per_chunk ids per key), not {block_ids.dtype} {list(block_ids.shape)}"
             )
         num_blocks = instance.layout.num_blocks
-        bad_rows = ((block_ids < 0) | (block_ids >= num_blocks)).any(dim=1).tolist()
+        low = SKIP_BLOCK if retrieve else 0
+        bad_rows = ((block_ids < low) | (block_ids >= num_blocks)).any(dim=1).tolist()
         results: list[str | None] = [None] * n
         for i, bad in enumerate(bad_rows):
             if bad:
                 row = block_ids[i]
-                wrong = row[(row < 0) | (row >= num_blocks)][0].item()
+                wrong = row[(row < low) | (row >= num_blocks)][0].item()
                 results[i] = f"block id {wrong} is outside this KV cache's 0..{num_blocks - 1}"
         return results
 
@@ -626,7 +631,7 @@ class KVService:
         self, instance: _Instance, keys: KeyBatch, block_ids: torch.Tensor
     ) -> tuple[list[str | None], list[tuple[int, int]], list[bytes]]:
         """Check a store and reserve a slot per storable key: (results, (key, slot)s, keys)."""
-        results = self._check_batch(instance, keys, block_ids)
+        results = self._check_batch(instance, keys, block_ids, retrieve=False)
         pool = self._require_pool()
         counters = self._counters
         reserved: list[tuple[int, int]] = []  # (key index, slot)
@@ -754,7 +759,7 @@ class KVService:
         """Check a retrieve and pin each key's slot for the copy: (results, (key, slot)s)."""
         if len(request_ids) != len(keys):
             raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
-        results = self._check_batch(instance, keys, block_ids)
+        results = self._check_batch(instance, keys, block_ids, retrieve=True)
         pool = self._require_pool()
         found: list[tuple[int, int]] = []
         for i, key in enumerate(_keys_of(keys.hashes, instance.suffix)):
@@ -1109,6 +1114,33 @@ class KVService:
         if ns is None:
             return 0
         return self._end_session((ns.id, request_id))
+
+    def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int:
+        """``kv.release_pins``: unpin these chunks of the request's session, on every rank.
+
+        The session stays open for the rest of its pins. Chunks the session never pinned are
+        ignored, so releasing twice releases once. Returns how many pins were released.
+        """
+        self._client(client_id)
+        if keys.worker_id is not None:
+            raise KVError("release_pins keys carry no worker id, as a lookup's do")
+        ns = self._namespace(keys.model_name, keys.world_size)
+        pool = self.pool
+        if ns is None or pool is None:
+            return 0
+        session = self._sessions.get((ns.id, request_id))
+        if session is None or session.owner != client_id:
+            return 0
+        released = 0
+        hashes = keys.hashes
+        for start in range(0, len(hashes), HASH_SIZE):
+            chunk_hash = hashes[start : start + HASH_SIZE]
+            for suffix in ns.suffixes:
+                slot = pool.lookup(chunk_hash + suffix)
+                if slot is not None and slot in session.pins:
+                    self._release_pin(session, slot)
+                    released += 1
+        return released
 
     def _open_session(self, client_id: bytes, key: tuple[bytes, str]) -> _Session:
         self._end_session(key)
