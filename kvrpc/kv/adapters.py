@@ -385,6 +385,15 @@ class SchedulerAdapter:
             return
         self._link.track(future, "end_session", request_id)
 
+    def clear(self, timeout: float = 10.0) -> int:
+        """Drop every unpinned chunk from the server's memory (``kv.clear``); how many went.
+
+        Waits up to ``timeout`` seconds for the answer; an engine resetting its own prefix
+        cache (new weights, say) calls this so that no stale chunk can hit.
+        """
+        cleared: int = self._link.client.call(protocols.CLEAR, timeout=timeout)
+        return cleared
+
     def close(self) -> None:
         """Close the connection; the server drops this scheduler's pins and jobs at once."""
         self._link.close()
@@ -918,6 +927,25 @@ class WorkerAdapter:
                 self._returned.popitem(last=False)
             retrieves, self._finished_retrieves = self._finished_retrieves, set()
         return stores, retrieves
+
+    def wait_for_stores(self, request_ids: Sequence[str], timeout: float) -> bool:
+        """Wait until none of these requests has a store in flight; False on timeout.
+
+        An engine about to reuse a request's blocks (it preempted the request) calls this
+        first where the server reads the blocks itself (``cuda_ipc``, ``shm``). In the inline
+        mode the bytes were copied at submit, so it returns at once.
+        """
+        if self._mode == "inline":
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = any(r in self._stores_in_flight for r in request_ids)
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids that retrieves could not fill since the last call (to recompute)."""

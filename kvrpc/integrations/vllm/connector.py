@@ -1,0 +1,445 @@
+"""``KvrpcConnector``: vLLM's ``KVConnectorBase_V1`` on kvrpc's scheduler and worker adapters.
+
+This module imports vLLM. The rules it follows live in :mod:`.plan` (what each step moves),
+:mod:`.layouts` (what vLLM's tensors are) and :mod:`.settings` (what it was told); here they
+are only wired to vLLM's calls.
+
+Scheduler role: one :class:`~kvrpc.kv.adapters.SchedulerAdapter`. Lookups never block vLLM's
+scheduler loop: ``get_num_new_matched_tokens`` answers ``None`` (ask again next step) while
+the server has not answered, and a miss once ``kvrpc.lookup_timeout`` has passed. Loads are
+asynchronous: vLLM allocates the blocks, the workers retrieve into them between steps and
+report the request through ``get_finished``. Every finished request's blocks are held until
+the workers report its stores done.
+
+Worker role: one :class:`~kvrpc.kv.adapters.WorkerAdapter` per worker process. Submits
+never wait for the GPU: with CUDA KV caches the adapter records an interprocess event on the
+current stream, after the engine's work, and the server waits for it. When the server is
+gone, stores are dropped and counted, retrieves fail at once as load errors (vLLM then
+recomputes those blocks), and the adapters register again by themselves when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvrpc.errors import KVConfigError
+from kvrpc.integrations.vllm.layouts import vllm_layout
+from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer
+from kvrpc.integrations.vllm.settings import ConnectorSettings
+from kvrpc.kv.adapters import SchedulerAdapter, WorkerAdapter
+from kvrpc.transport import default_url
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+__all__ = ["KvrpcConnector", "KvrpcConnectorMetadata", "KvrpcConnectorStats"]
+
+logger = logging.getLogger("kvrpc.vllm")
+
+#: The counters both roles report, summed over workers and intervals.
+STAT_KEYS = (
+    "lookups",
+    "lookup_tokens",
+    "hit_tokens",
+    "lookup_failures",
+    "stored_chunks",
+    "stored_bytes",
+    "dropped_stores",
+    "retrieved_chunks",
+    "retrieved_bytes",
+    "failed_retrieves",
+)
+
+
+class KvrpcConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    """What the scheduler tells every worker for one step: the transfers, and the preempted."""
+
+    def __init__(self, transfers: list[Transfer], preempted: frozenset[str]) -> None:
+        self.transfers = transfers
+        self.preempted = preempted
+
+    def __repr__(self) -> str:
+        loads = sum(t.retrieve for t in self.transfers)
+        return (
+            f"KvrpcConnectorMetadata({loads} retrieves, {len(self.transfers) - loads} stores, "
+            f"{len(self.preempted)} preempted)"
+        )
+
+
+@dataclass
+class KvrpcConnectorStats(KVConnectorStats):  # type: ignore[misc]
+    """Counters since the last report; ``data`` maps each of :data:`STAT_KEYS` to an int."""
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.data: dict[str, Any] = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KvrpcConnectorStats:
+        """Add ``other``'s counters (another worker's, or a later interval's) to these."""
+        for key, value in other.data.items():
+            self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        """The counters, and the hit rate in tokens, for vLLM's stats logger."""
+        out: dict[str, int | float] = {key: int(self.data.get(key, 0)) for key in STAT_KEYS}
+        asked = out["lookup_tokens"]
+        out["hit_rate"] = round(out["hit_tokens"] / asked, 4) if asked else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        """True when nothing was counted."""
+        return not any(self.data.values())
+
+
+class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    """kvrpc as vLLM's KV connector; configured by ``kvrpc.*`` keys (see :mod:`.settings`)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer_config = vllm_config.kv_transfer_config
+        self.settings = ConnectorSettings.from_extra_config(
+            transfer_config.kv_connector_extra_config
+        )
+        if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
+            raise KVConfigError(
+                f"this model has {len(kv_cache_config.kv_cache_groups)} KV cache groups (a "
+                "hybrid model); kvrpc moves one: start vLLM with "
+                "--disable-hybrid-kv-cache-manager, or use a model with full attention only"
+            )
+        settings = self.settings
+        self.url = settings.url or default_url()
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.model_name = settings.model_name or str(vllm_config.model_config.model)
+        parallel = vllm_config.parallel_config
+        world_size, rank = int(parallel.world_size), int(parallel.rank)
+        tp = int(parallel.tensor_parallel_size)
+        self.use_mla = bool(getattr(vllm_config.model_config, "use_mla", False))
+        if self.use_mla:
+            # One latent cache serves every tensor-parallel rank of a pipeline stage: it is
+            # kept once per stage, written by the stage's first rank and read by all.
+            self.kv_world_size, self.kv_rank = world_size // tp, rank // tp
+            self.is_kv_writer = rank % tp == 0
+        else:
+            self.kv_world_size, self.kv_rank = world_size, rank
+            self.is_kv_writer = True
+        self._stats: dict[str, int] = {}
+        options: dict[str, Any] = {
+            "timeout": settings.timeout,
+            "connect_timeout": settings.connect_timeout,
+            "keepalive_interval": settings.keepalive_interval,
+        }
+        self.scheduler: SchedulerAdapter | None = None
+        self.worker: WorkerAdapter | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = SchedulerAdapter(
+                self.url, self.model_name, self.kv_world_size, 0, self.block_size, **options
+            )
+            self.plan = SchedulerPlan(
+                self.scheduler.chunk_size,
+                self.block_size,
+                save_decode_cache=settings.save_decode_cache,
+            )
+            self._asked: dict[str, float] = {}
+            self._matched: dict[str, int] = {}
+        else:
+            self.worker = WorkerAdapter(
+                self.url,
+                self.model_name,
+                self.kv_world_size,
+                self.kv_rank,
+                self.block_size,
+                retrieve_deadline=settings.retrieve_deadline,
+                **options,
+            )
+            self._seen_worker_stats = _worker_counters(self.worker)
+            self._failed_blocks: set[int] = set()
+            self._failed_requests: set[str] = set()
+        logger.info(
+            "kvrpc connector (%s) for %r at %s: kv world size %d, kv rank %d%s",
+            role.name.lower(),
+            self.model_name,
+            self.url,
+            self.kv_world_size,
+            self.kv_rank,
+            ", MLA" + ("" if self.is_kv_writer else " (reads only)") if self.use_mla else "",
+        )
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No: waking remaps the KV cache, and the server's mappings would be stale."""
+        return False
+
+    # ================================================================ scheduler role
+
+    def _scheduler(self) -> SchedulerAdapter:
+        assert self.scheduler is not None, "a scheduler-role method on a worker connector"
+        return self.scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Tokens to load beyond ``num_computed_tokens``; None while the lookup is pending."""
+        adapter = self._scheduler()
+        request_id = request.request_id
+        if self.plan.phase(request_id) is not Phase.LOOKING:
+            # New, or preempted and back (its own stored chunks may hit now): look up.
+            self._matched.pop(request_id, None)
+            adapter.cleanup_lookup_result(request_id)
+            hashes = self.plan.begin(
+                request_id,
+                request.all_token_ids,
+                request.num_prompt_tokens,
+                getattr(request, "cache_salt", None),
+            )
+            if not hashes:  # shorter than a chunk and a token: nothing to ask
+                self._matched[request_id] = 0
+            else:
+                adapter.maybe_submit_lookup_request(request_id, chunk_hashes=hashes)
+                self._asked[request_id] = time.monotonic()
+        matched = self._matched.get(request_id)
+        if matched is None:
+            matched = adapter.check_lookup_result(request_id)
+            if matched is None:
+                if time.monotonic() - self._asked[request_id] < self.settings.lookup_timeout:
+                    return None, False
+                logger.warning(
+                    "lookup for request %r took over %g s; computing it instead",
+                    request_id,
+                    self.settings.lookup_timeout,
+                )
+                adapter.end_session(request_id)
+                self._count(lookup_failures=1)
+                matched = 0
+            else:
+                self._count(lookups=1, lookup_tokens=request.num_prompt_tokens, hit_tokens=matched)
+            self._matched[request_id] = matched
+            self._asked.pop(request_id, None)
+        load = self.plan.on_lookup(request_id, matched, num_computed_tokens)
+        return load, load > 0
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        """Learn the request's blocks; the first time, plan its retrieve and unpin early."""
+        block_ids = blocks.get_block_ids()
+        if len(block_ids) > 1:
+            raise KVConfigError(
+                "vLLM gave blocks of several KV cache groups; start it with "
+                "--disable-hybrid-kv-cache-manager"
+            )
+        request_id = request.request_id
+        if request_id not in self.plan:
+            return
+        release = self.plan.on_alloc(request_id, block_ids[0], num_external_tokens)
+        if release is not None:
+            self._scheduler().free_lookup_locks(
+                request_id, 0, release.end, chunk_hashes=release.chunk_hashes
+            )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """The step's transfers: planned retrieves, and stores of newly completed chunks."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            self.plan.on_scheduled(
+                new.req_id,
+                _one_group(new.block_ids),
+                new.num_computed_tokens + scheduled.get(new.req_id, 0),
+                replace_blocks=True,
+            )
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, request_id in enumerate(cached.req_ids):
+            self.plan.on_scheduled(
+                request_id,
+                _one_group(cached.new_block_ids[index]),
+                cached.num_computed_tokens[index] + scheduled.get(request_id, 0),
+                replace_blocks=request_id in cached.resumed_req_ids,
+            )
+        preempted = frozenset(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        return KvrpcConnectorMetadata(self.plan.take_transfers(), preempted)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Nothing to learn: a request's end is ``request_finished``."""
+        return
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """End the request's server session; hold its blocks until the workers report."""
+        request_id = request.request_id
+        self.plan.finish(request_id)
+        self._asked.pop(request_id, None)
+        self._matched.pop(request_id, None)
+        self._scheduler().end_session(request_id)
+        # Always held: every worker reports every finished request (at once when it stored
+        # nothing), and vLLM frees only held requests when they are reported.
+        return True, None
+
+    def reset_cache(self) -> bool | None:
+        """Drop the server's unpinned chunks along with vLLM's own prefix cache."""
+        try:
+            cleared = self._scheduler().clear()
+        except Exception as exc:
+            logger.warning("resetting the kvrpc cache failed: %s", exc)
+            return False
+        logger.info("reset the kvrpc cache: %d chunks dropped", cleared)
+        return True
+
+    # ================================================================ worker role
+
+    def _worker(self) -> WorkerAdapter:
+        assert self.worker is not None, "a worker-role method on a scheduler connector"
+        return self.worker
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Register vLLM's per-layer KV tensors with the server, in the layout they are in."""
+        worker = self._worker()
+        names = list(kv_caches)
+        kind, physical = vllm_layout([kv_caches[name] for name in names])
+        mode = self.settings.transfer_mode
+        if mode == "auto":
+            mode = "cuda_ipc" if physical[0].device.type == "cuda" else "inline"
+        worker.transfer_mode = mode
+        worker.register_kv_caches(dict(zip(names, physical, strict=True)), kind)
+        logger.info("registered %d KV layers (%s, %s) with kvrpc", len(names), kind.value, mode)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Submit this step's retrieves; they complete between steps (asynchronous loads)."""
+        transfers = [t for t in self._metadata().transfers if t.retrieve]
+        if not transfers:
+            return
+        request_ids = [t.request_id for t in transfers]
+        try:
+            self._worker().batched_submit_retrieve_requests(request_ids, [t.op for t in transfers])
+        except Exception as exc:  # nothing was submitted: recompute all of it, never wait
+            logger.error("retrieve of %d requests refused: %s", len(transfers), exc)
+            self._failed_requests.update(request_ids)
+            for t in transfers:
+                self._failed_blocks.update(b for b in t.op.block_ids)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing: loads are asynchronous and finished before the request computes."""
+        return
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        """Nothing: a step's stores are submitted together in :meth:`wait_for_save`."""
+        return
+
+    def wait_for_save(self) -> None:
+        """Submit this step's stores (after the forward wrote their blocks); never waits."""
+        if not self.is_kv_writer:
+            return
+        transfers = [t for t in self._metadata().transfers if not t.retrieve]
+        if not transfers:
+            return
+        try:
+            self._worker().batched_submit_store_requests(
+                [t.request_id for t in transfers], [t.op for t in transfers]
+            )
+        except Exception as exc:  # a store is a cache fill: losing it costs a later miss
+            logger.error("store of %d requests refused: %s", len(transfers), exc)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Let stores reading a preempted request's blocks finish before vLLM reuses them."""
+        preempted: frozenset[str] = getattr(kv_connector_metadata, "preempted", frozenset())
+        if preempted and not self._worker().wait_for_stores(
+            sorted(preempted), self.settings.timeout
+        ):
+            logger.warning("stores of preempted requests still running after the timeout")
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose stores are all done, requests whose retrieves are all done)."""
+        stores, retrieves = self._worker().get_finished(finished_req_ids)
+        if self._failed_requests:
+            retrieves |= self._failed_requests
+            self._failed_requests = set()
+        return stores or None, retrieves or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks a retrieve could not fill since the last call: vLLM recomputes them."""
+        failed = self._worker().get_block_ids_with_load_errors()
+        if self._failed_blocks:
+            failed |= self._failed_blocks
+            self._failed_blocks = set()
+        return failed
+
+    def _metadata(self) -> KvrpcConnectorMetadata:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, KvrpcConnectorMetadata)
+        return metadata
+
+    # ================================================================ both roles
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The counters since the last call (lookups and hits, or bytes moved), or None."""
+        if self.worker is not None:
+            now = _worker_counters(self.worker)
+            self._count(**{k: now[k] - self._seen_worker_stats[k] for k in now})
+            self._seen_worker_stats = now
+        if not any(self._stats.values()):
+            return None
+        data, self._stats = self._stats, {}
+        return KvrpcConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        """The stats object for a dict of counters (how vLLM rebuilds the workers' stats)."""
+        return KvrpcConnectorStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        """Close the adapter (unregistering a worker's KV cache)."""
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def _count(self, **counts: int) -> None:
+        for key, value in counts.items():
+            self._stats[key] = self._stats.get(key, 0) + value
+
+
+def _one_group(block_ids: tuple[list[int], ...] | None) -> list[int]:
+    if not block_ids:
+        return []
+    if len(block_ids) > 1:
+        raise KVConfigError(
+            "vLLM gave blocks of several KV cache groups; start it with "
+            "--disable-hybrid-kv-cache-manager"
+        )
+    return list(block_ids[0])
+
+
+def _worker_counters(worker: WorkerAdapter) -> dict[str, int]:
+    stats = worker.stats
+    return {
+        "stored_chunks": stats.stored_chunks,
+        "stored_bytes": stats.stored_bytes,
+        "dropped_stores": stats.dropped_stores,
+        "retrieved_chunks": stats.retrieved_chunks,
+        "retrieved_bytes": stats.retrieved_bytes,
+        "failed_retrieves": stats.failed_retrieves,
+    }

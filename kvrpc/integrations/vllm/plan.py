@@ -1,0 +1,229 @@
+"""The scheduler side's rules: what each request loads, stores and unpins, step by step.
+
+:class:`SchedulerPlan` is told what vLLM's scheduler decided (a lookup's answer, the blocks
+it allocated, the tokens it scheduled) and answers with what the workers must move: a
+:class:`Transfer` per store or retrieve, and the chunks whose pins can go early. It does no
+I/O and imports nothing of vLLM, so every rule here is tested without an engine or a server.
+
+The rules, in chunk units (``chunk_size`` tokens, ``blocks_per_chunk`` blocks):
+
+- A lookup asks for the prompt's whole chunks short of its last token (vLLM must compute
+  at least one token), so a hit never covers the whole prompt.
+- A hit of ``H`` tokens over a local prefix-cache hit of ``L`` tokens loads ``H - L`` tokens
+  (none if ``L >= H``): the chunks from the one holding token ``L`` up to ``H``. The blocks of
+  that first chunk holding tokens below ``L`` are the engine's own (it may be reading them
+  for another request), so the retrieve skips them. The pins on chunks wholly below ``L``
+  (or on every hit chunk when nothing loads) are released at once.
+- The first ``H`` tokens' chunks are on the server already; every later chunk is stored in
+  the step whose forward completes it, once per chunk, prompts only unless
+  ``save_decode_cache``.
+- A request the engine preempts starts over: its next lookup may hit the chunks it stored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvrpc.kv.adapters import LoadStoreOp
+from kvrpc.kv.keys import hashes_from_tokens
+
+__all__ = ["Phase", "ReleasePins", "SchedulerPlan", "Transfer"]
+
+
+class Phase(enum.Enum):
+    """Where a request is: looking up, or past it (loading or running)."""
+
+    LOOKING = "looking"
+    PLANNED = "planned"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One request's store or retrieve for the workers, in the adapters' own terms."""
+
+    request_id: str
+    retrieve: bool
+    op: LoadStoreOp
+
+
+@dataclass(frozen=True)
+class ReleasePins:
+    """Release the request's pins on its whole chunks below token ``end``."""
+
+    request_id: str
+    end: int
+    chunk_hashes: tuple[bytes, ...]
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    tokens: Sequence[int]
+    prompt_len: int
+    cache_salt: str | None
+    hashes: list[bytes]
+    phase: Phase = Phase.LOOKING
+    local: int = 0
+    hit: int = 0
+    blocks: list[int] = field(default_factory=list)
+    stored_chunks: int = 0
+    transfers: int = 0
+
+
+class SchedulerPlan:
+    """Per request: its chunk hashes, blocks and progress; the transfers each step needs."""
+
+    def __init__(self, chunk_size: int, block_size: int, *, save_decode_cache: bool = False):
+        if chunk_size % block_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of block {block_size}")
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.blocks_per_chunk = chunk_size // block_size
+        self.save_decode_cache = save_decode_cache
+        self._requests: dict[str, _Request] = {}
+        self._pending: list[Transfer] = []
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def phase(self, request_id: str) -> Phase | None:
+        """The request's phase, or None when the plan does not know it."""
+        request = self._requests.get(request_id)
+        return None if request is None else request.phase
+
+    # ------------------------------------------------------------------ lookup
+
+    def begin(
+        self,
+        request_id: str,
+        tokens: Sequence[int],
+        prompt_len: int,
+        cache_salt: str | None = None,
+    ) -> list[bytes]:
+        """Start (or start over) planning a request; returns the chunk hashes to look up.
+
+        ``tokens`` is the request's token list, which may grow as it decodes (the plan reads
+        it, never changes it).
+        """
+        lookable = max(0, prompt_len - 1) // self.chunk_size * self.chunk_size
+        hashes = hashes_from_tokens(list(tokens[:lookable]), self.chunk_size, cache_salt)
+        self._requests[request_id] = _Request(request_id, tokens, prompt_len, cache_salt, hashes)
+        return list(hashes)
+
+    def on_lookup(self, request_id: str, matched: int, local: int) -> int:
+        """How many tokens to load (0 or more) given the two hits.
+
+        The server holds the first ``matched`` tokens (whole looked-up chunks), vLLM's own
+        prefix cache the first ``local``.
+        """
+        request = self._requests[request_id]
+        if matched % self.chunk_size or matched > len(request.hashes) * self.chunk_size:
+            raise ValueError(f"matched tokens {matched} are not whole looked-up chunks")
+        request.hit, request.local = matched, local
+        request.stored_chunks = matched // self.chunk_size
+        return max(0, matched - local)
+
+    def on_alloc(
+        self, request_id: str, block_ids: Sequence[int], num_external_tokens: int
+    ) -> ReleasePins | None:
+        """Learn that vLLM allocated ``block_ids`` (all of the request's blocks) for it.
+
+        The first time after the lookup this plans the retrieve (when ``num_external_tokens``
+        is not 0) and answers the pins that can go; later calls only learn new blocks.
+        """
+        request = self._requests[request_id]
+        known = len(request.blocks)
+        request.blocks.extend(block_ids[known:])
+        if request.phase is not Phase.LOOKING:
+            return None
+        request.phase = Phase.PLANNED
+        if num_external_tokens <= 0 or request.hit <= request.local:
+            end = request.hit  # nothing loads: every pin can go
+        else:
+            self._plan_retrieve(request)
+            end = request.local
+        end = end // self.chunk_size * self.chunk_size
+        if end <= 0:
+            return None
+        return ReleasePins(request_id, end, tuple(request.hashes[: end // self.chunk_size]))
+
+    def _plan_retrieve(self, request: _Request) -> None:
+        size, per_chunk = self.chunk_size, self.blocks_per_chunk
+        first, last = request.local // size, request.hit // size
+        op = LoadStoreOp(
+            block_ids=tuple(request.blocks[first * per_chunk : last * per_chunk]),
+            chunk_hashes=tuple(request.hashes[:last]),
+            start=first * size,
+            end=last * size,
+            block_offset=first * per_chunk,
+            skip_first_n_tokens=request.local - first * size,
+        )
+        request.transfers += 1
+        self._pending.append(Transfer(request.request_id, True, op))
+
+    # ------------------------------------------------------------------ steps
+
+    def on_scheduled(
+        self,
+        request_id: str,
+        new_block_ids: Sequence[int],
+        computed_after: int,
+        *,
+        replace_blocks: bool = False,
+    ) -> None:
+        """Learn that this step's forward leaves the first ``computed_after`` tokens' KV.
+
+        ``new_block_ids`` are the blocks allocated this step (all of them, when
+        ``replace_blocks``: a request resumed after preemption). Stores every chunk that is
+        complete now and not stored yet.
+        """
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if replace_blocks:
+            request.blocks = list(new_block_ids)
+        else:
+            request.blocks.extend(new_block_ids)
+        limit = len(request.tokens) if self.save_decode_cache else request.prompt_len
+        ready = min(computed_after, limit) // self.chunk_size
+        ready = min(ready, len(request.blocks) // self.blocks_per_chunk)
+        first = request.stored_chunks
+        if ready <= first:
+            return
+        if len(request.hashes) < ready:
+            tokens = list(request.tokens[: ready * self.chunk_size])
+            request.hashes = hashes_from_tokens(tokens, self.chunk_size, request.cache_salt)
+        size, per_chunk = self.chunk_size, self.blocks_per_chunk
+        op = LoadStoreOp(
+            block_ids=tuple(request.blocks[first * per_chunk : ready * per_chunk]),
+            chunk_hashes=tuple(request.hashes[:ready]),
+            start=first * size,
+            end=ready * size,
+            block_offset=first * per_chunk,
+        )
+        request.stored_chunks = ready
+        request.transfers += 1
+        self._pending.append(Transfer(request_id, False, op))
+
+    def take_transfers(self) -> list[Transfer]:
+        """The transfers planned since the last call, retrieves and stores in plan order."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def finish(self, request_id: str) -> bool:
+        """Forget the request; True if it ever had a transfer planned."""
+        request = self._requests.pop(request_id, None)
+        self._pending = [t for t in self._pending if t.request_id != request_id]
+        return request is not None and request.transfers > 0
+
+    def loaded_tokens(self, request_id: str) -> int:
+        """Tokens the request loads from the server (0 if none or unknown)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return 0
+        return max(0, request.hit - request.local)

@@ -1,0 +1,116 @@
+"""The connector's settings: the ``kvrpc.*`` keys of vLLM's ``kv_connector_extra_config``.
+
+Checked once, when the connector starts, so that a typo or a bad value stops the engine with
+a message naming the key and what it accepts, instead of running with a default nobody chose.
+Pure: no vLLM, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvrpc.errors import KVConfigError
+
+__all__ = ["PREFIX", "ConnectorSettings"]
+
+logger = logging.getLogger("kvrpc.vllm")
+
+#: Every key of the connector's own starts with this.
+PREFIX = "kvrpc."
+
+
+class ConnectorSettings(BaseModel):
+    """What the connector is told, with the defaults it uses when it is told nothing.
+
+    Build it with :meth:`from_extra_config`; the field names are the keys without ``kvrpc.``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(
+        default=None,
+        description="The kvrpc server's URL; unset: the default of `kvrpc serve` on this host.",
+    )
+    model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name chunks are kept under; unset: vLLM's model (path or id).",
+    )
+    timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a store or retrieve may take before it fails."
+    )
+    lookup_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds a lookup may take; past it the prompt counts as a miss.",
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to reach the server at start-up."
+    )
+    keepalive_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between keepalives to the server."
+    )
+    retrieve_deadline: float | None = Field(
+        default=None,
+        gt=0,
+        description="CUDA only: seconds a retrieve may wait to start before it is a load error.",
+    )
+    save_decode_cache: bool = Field(
+        default=False, description="Also store the chunks that decoding fills, not only prompts."
+    )
+    transfer_mode: Literal["auto", "cuda_ipc", "shm", "inline"] = Field(
+        default="auto",
+        description=(
+            "How KV bytes reach the server: auto is cuda_ipc for GPU caches and inline (bytes "
+            "in the messages) for vLLM's own CPU caches."
+        ),
+    )
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:
+        """The settings in ``extra`` (vLLM's ``kv_connector_extra_config``).
+
+        Keys outside ``kvrpc.*`` belong to someone else and are left alone (logged). An
+        unknown ``kvrpc.*`` key or a bad value raises :class:`~kvrpc.errors.KVConfigError`
+        naming the key and what it accepts.
+        """
+        ours: dict[str, Any] = {}
+        for key, value in (extra or {}).items():
+            if not isinstance(key, str) or not key.startswith(PREFIX):
+                logger.info("kv_connector_extra_config key %r is not kvrpc's; ignored", key)
+                continue
+            name = key.removeprefix(PREFIX)
+            if name not in cls.model_fields:
+                raise KVConfigError(
+                    f"unknown key {key!r} in kv_connector_extra_config; kvrpc's keys are "
+                    + ", ".join(f"{PREFIX}{n}" for n in cls.model_fields)
+                )
+            ours[name] = value
+        try:
+            return cls.model_validate(ours)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else "?"
+            raise KVConfigError(
+                f"kv_connector_extra_config key {PREFIX}{name} = {ours.get(name)!r}: "
+                f"{error['msg']}; accepted: {cls.accepted(name)}"
+            ) from None
+
+    @classmethod
+    def accepted(cls, name: str) -> str:
+        """What field ``name`` accepts, for error messages."""
+        field = cls.model_fields.get(name)
+        if field is None:
+            return "?"
+        annotation = str(field.annotation).replace("typing.", "")
+        bounds = [
+            f"{label} {getattr(m, attr)}"
+            for m in field.metadata
+            for attr, label in (("gt", ">"), ("ge", ">="), ("min_length", "length >="))
+            if getattr(m, attr, None) is not None
+        ]
+        return f"{annotation}{' ' + ', '.join(bounds) if bounds else ''} ({field.description})"

@@ -1,0 +1,435 @@
+"""KvrpcConnector under vLLM's own Scheduler, with a real ``kvrpc serve`` and two workers.
+
+Runs in ``nox -s vllm`` (vLLM 0.33.0's wheel, on the CPU): vLLM's Scheduler loads the
+connector through its own factory from a ``KVTransferConfig``, schedules, allocates blocks,
+holds and frees them; two worker processes (tensor-parallel ranks 0 and 1) run the
+connector's worker role on CPU KV tensors that vLLM's own ``allocate_kv_cache`` made. Only
+the forward pass is not vLLM's (see ``vllm_harness``). Elsewhere these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="the vLLM connector tests run in `nox -s vllm`")
+
+import torch  # noqa: E402
+import vllm_harness as harness  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from kvrpc.client import SyncClient  # noqa: E402
+from kvrpc.errors import KVConfigError  # noqa: E402
+from kvrpc.integrations.vllm import KvrpcConnector, KvrpcConnectorStats  # noqa: E402
+from kvrpc.kv import protocols  # noqa: E402
+
+CHUNK = 64  # tokens per server chunk: 4 blocks of 16
+TP = 2
+init_none_hash(sha256)
+
+
+# ---------------------------------------------------------------------- the pieces
+
+
+class Server:
+    """A ``kvrpc serve`` child process on a unix socket, which a test may kill and restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.url = f"unix://{path}"
+        self.child: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "kvrpc", "serve", "--url", self.url,
+             "--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05",
+             "--client-timeout", "5"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self.child.stdout is not None
+        assert self.child.stdout.readline().startswith(f"kvrpc ready {self.url}")
+
+    def kill(self) -> None:
+        assert self.child is not None
+        self.child.send_signal(signal.SIGKILL)
+        self.child.wait(10)
+
+    def stop(self) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            self.child.wait(15)
+
+    def stats(self) -> dict[str, int]:
+        with SyncClient(self.url, registry=protocols.kv_registry(), timeout=5) as client:
+            stats: dict[str, int] = client.call(protocols.STATS)
+        return stats
+
+
+class Engine:
+    """vLLM's Scheduler with KvrpcConnector, and two worker processes, stepped by hand."""
+
+    def __init__(self, model: str, extra: dict[str, Any]) -> None:
+        self.config = harness.vllm_config(model, extra, TP)
+        self.scheduler = Scheduler(
+            vllm_config=self.config,
+            kv_cache_config=harness.kv_cache_config(TP),
+            log_stats=True,
+            structured_output_manager=StructuredOutputManager(self.config),
+            block_size=harness.BLOCK_SIZE,
+        )
+        context = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.workers = []
+        for rank in range(TP):
+            ours, theirs = context.Pipe()
+            worker = context.Process(
+                target=harness.worker_main, args=(theirs, model, extra, rank, TP), daemon=True
+            )
+            worker.start()
+            self.pipes.append(ours)
+            self.workers.append(worker)
+        for pipe in self.pipes:
+            kind, *detail = self._recv(pipe, 120)
+            assert kind == "ready", detail
+        self.aggregator = KVOutputAggregator(expected_finished_count=TP)
+        self.requests: dict[str, Request] = {}
+        self.tables: dict[str, list[int]] = {}
+        self.stats = KvrpcConnectorStats()
+        self.load_errors: set[int] = set()
+        self.scheduled: dict[str, int] = {}  # request -> tokens computed when first scheduled
+
+    @staticmethod
+    def _recv(pipe: Any, timeout: float) -> Any:
+        assert pipe.poll(timeout), "a worker did not answer in time"
+        return pipe.recv()
+
+    @property
+    def connector(self) -> KvrpcConnector:
+        connector = self.scheduler.connector
+        assert isinstance(connector, KvrpcConnector)
+        return connector
+
+    def add(self, request_id: str, tokens: list[int], *, max_tokens: int = 2,
+            cache_salt: str | None = None) -> Request:  # fmt: skip
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        request = Request(
+            request_id, tokens, params, None, cache_salt=cache_salt,
+            block_hasher=get_request_block_hasher(harness.BLOCK_SIZE, sha256),
+        )  # fmt: skip
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def step(self, before_workers: Callable[[Any], None] | None = None) -> int:
+        """One engine step; returns how many tokens it scheduled.
+
+        ``before_workers`` sees the scheduler's output before the workers get it.
+        """
+        out = self.scheduler.schedule()
+        if before_workers is not None:
+            before_workers(out)
+        writes: list[tuple[int, int, int, int]] = []
+        starts: dict[str, int] = {}
+        for new in out.scheduled_new_reqs:
+            self.tables[new.req_id] = list(new.block_ids[0])
+            starts[new.req_id] = new.num_computed_tokens
+            self.scheduled.setdefault(new.req_id, new.num_computed_tokens)
+        cached = out.scheduled_cached_reqs
+        for index, request_id in enumerate(cached.req_ids):
+            ids = cached.new_block_ids[index]
+            if request_id in cached.resumed_req_ids:
+                self.tables[request_id] = list(ids[0]) if ids else []
+            elif ids:
+                self.tables[request_id].extend(ids[0])
+            starts[request_id] = cached.num_computed_tokens[index]
+        sampled: dict[str, list[int]] = {}
+        for request_id, count in out.num_scheduled_tokens.items():
+            request, table = self.requests[request_id], self.tables[request_id]
+            start = starts[request_id]
+            for position in range(start, start + count):
+                block, offset = divmod(position, harness.BLOCK_SIZE)
+                token = request.all_token_ids[position]
+                writes.append((table[block], offset, token, position))
+            # The last known token computed: the forward samples the next one.
+            sampled[request_id] = [7] if start + count >= request.num_tokens else []
+        metadata = pickle.dumps(out.kv_connector_metadata)
+        for pipe in self.pipes:
+            pipe.send(("step", metadata, sorted(out.finished_req_ids), writes))
+        outputs = []
+        for pipe in self.pipes:
+            kind, kv_output = self._recv(pipe, 60)
+            assert kind == "output"
+            self.load_errors |= kv_output.invalid_block_ids
+            ids = list(out.num_scheduled_tokens)
+            outputs.append(
+                ModelRunnerOutput(
+                    req_ids=ids,
+                    req_id_to_index={r: i for i, r in enumerate(ids)},
+                    sampled_token_ids=[sampled[r] for r in ids],
+                    kv_connector_output=kv_output,
+                )
+            )
+        engine_outputs = self.scheduler.update_from_output(out, self.aggregator.aggregate(outputs))
+        # The stats as vLLM's logger gets them: both roles' counters, all workers summed.
+        for engine_output in engine_outputs.values():
+            stats = engine_output.scheduler_stats
+            if stats is not None and stats.kv_connector_stats:
+                self.stats.aggregate(
+                    KvrpcConnector.build_kv_connector_stats(stats.kv_connector_stats)
+                )
+        return out.total_num_scheduled_tokens
+
+    def run(self, done: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Step until ``done()``; fails past ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the engine did not get there in time"
+            if self.step() == 0:
+                time.sleep(0.005)
+
+    def finished(self, *request_ids: str) -> bool:
+        return all(r not in self.scheduler.requests for r in request_ids)
+
+    def serve(self, request_id: str, tokens: list[int], **options: Any) -> Request:
+        """Add a request and run the engine until it is done and its blocks are freed."""
+        request = self.add(request_id, tokens, **options)
+        self.run(lambda: self.finished(request_id))
+        return request
+
+    def blocks(self, rank: int, block_ids: list[int]) -> list[torch.Tensor]:
+        self.pipes[rank].send(("blocks", block_ids))
+        kind, layers = self._recv(self.pipes[rank], 30)
+        assert kind == "blocks"
+        return list(layers)
+
+    def fill(self, block: int, value: float) -> list[list[torch.Tensor]]:
+        """Overwrite one block on every rank; returns its bytes per rank."""
+        for pipe in self.pipes:
+            pipe.send(("fill", block, value))
+            assert self._recv(pipe, 30)[0] == "filled"
+        return [self.blocks(rank, [block]) for rank in range(TP)]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(("stop",))
+        for pipe, worker in zip(self.pipes, self.workers, strict=True):
+            if pipe.poll(30):
+                pipe.recv()
+            worker.join(10)
+        self.connector.shutdown()
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 999, (length,), generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return harness.save_tiny_model()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    # In the temp dir, not pytest's tmp_path: a unix socket path must fit in 108 bytes.
+    server = Server(Path(tempfile.gettempdir()) / f"kv-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def engine(model: str, server: Server) -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(**extra: Any) -> Engine:
+        settings = {"kvrpc.url": server.url, "kvrpc.lookup_timeout": 2.0,
+                    "kvrpc.timeout": 3.0, **extra}  # fmt: skip
+        engines.append(Engine(model, settings))
+        return engines[-1]
+
+    yield make
+    for made in engines:
+        made.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.02)
+
+
+def rank_bytes(engine: Engine, block_ids: list[int]) -> list[list[torch.Tensor]]:
+    return [engine.blocks(rank, block_ids) for rank in range(TP)]
+
+
+def same(left: list[list[torch.Tensor]], right: list[list[torch.Tensor]]) -> bool:
+    return all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        for rank_a, rank_b in zip(left, right, strict=True)
+        for a, b in zip(rank_a, rank_b, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------- the tests
+
+
+def test_a_prefix_stored_by_one_request_is_loaded_by_the_next_byte_for_byte(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine()
+    shared = prompt(192, seed=1)
+    first = shared + prompt(8, seed=2)
+    run.serve("first", first)
+    assert run.stats.data.get("hit_tokens", 0) == 0
+    assert run.stats.data["stored_chunks"] == 3 * TP  # 200 tokens: 3 whole chunks, each rank
+    first_blocks = run.tables["first"][:12]
+    expected = rank_bytes(run, first_blocks)
+
+    run.scheduler.reset_prefix_cache()  # vLLM's own cache forgets; kvrpc must supply it
+    second = shared + prompt(40, seed=3)
+    run.serve("second", second)
+
+    # vLLM scheduled it with the 192 tokens the connector loaded as already computed.
+    assert run.scheduled["second"] == 192
+    assert run.stats.data["hit_tokens"] == 192
+    assert run.stats.data["retrieved_chunks"] == 3 * TP
+    assert run.load_errors == set()
+    assert all(layer.abs().sum() > 0 for rank in expected for layer in rank)  # written
+    assert same(rank_bytes(run, run.tables["second"][:12]), expected)
+    assert server.stats()["pinned_chunks"] == 0
+
+
+def test_another_cache_salt_never_hits(engine: Callable[..., Engine]) -> None:
+    run = engine()
+    shared = prompt(128, seed=4)
+    run.serve("tenant-a", [*shared, 5], cache_salt="a")
+    run.scheduler.reset_prefix_cache()
+    run.serve("tenant-b", [*shared, 6], cache_salt="b")
+    assert run.scheduled["tenant-b"] == 0
+    run.scheduler.reset_prefix_cache()
+    run.serve("tenant-a-again", [*shared, 7], cache_salt="a")
+    assert run.scheduled["tenant-a-again"] == 128
+
+
+def test_blocks_vllm_holds_of_a_partly_cached_chunk_are_not_written(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine()
+    shared = prompt(192, seed=5)
+    run.serve("stored", [*shared, 1])
+    run.scheduler.reset_prefix_cache()
+    # 80 shared tokens (5 blocks) end up in vLLM's prefix cache: chunk 0 comes from kvrpc,
+    # block 4 is computed by vLLM itself.
+    run.serve("partial", shared[:80] + prompt(20, seed=6))
+    assert run.scheduled["partial"] == 64
+    local = run.tables["partial"][:5]
+    # Make vLLM's own copy of block 4 recognisable: a retrieve writing it would show.
+    poisoned = run.fill(local[4], -5.0)
+
+    request = run.add("full", shared + prompt(30, seed=7), max_tokens=8)
+    run.run(lambda: run.scheduled.get("full") is not None and request.num_output_tokens >= 1)
+    assert run.scheduled["full"] == 192  # 80 local, 112 loaded
+    table = run.tables["full"]
+    assert table[:5] == local  # vLLM shares its cached blocks
+    assert same(rank_bytes(run, [table[4]]), poisoned)  # left as vLLM had it
+    assert run.load_errors == set()
+    # Chunk 0 lies wholly inside vLLM's hit: its pins went as soon as blocks were allocated;
+    # chunks 1 and 2 went with their retrieve. Nothing stays pinned while "full" decodes.
+    assert server.stats()["pinned_chunks"] == 0
+    run.run(lambda: run.finished("full"))
+
+
+def test_a_preempted_request_finishes_with_its_blocks_held_and_freed(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine()
+    request = run.add("long", prompt(300, seed=8), max_tokens=20)
+    run.run(lambda: request.num_output_tokens >= 2)
+    wait_for(lambda: server.stats()["stores"] == 4 * TP, "its 4 chunks to be stored")
+    # Preempt everything running, as vLLM does under memory pressure or a reset.
+    run.scheduler.reset_prefix_cache(reset_running_requests=True)
+    run.run(lambda: run.finished("long"))
+    assert request.num_output_tokens == 20
+    # It came back through a lookup: its own stored chunks (256 of its tokens) hit.
+    assert run.stats.data["hit_tokens"] >= 256
+    assert run.load_errors == set()
+    pool = run.scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == harness.NUM_BLOCKS - 1
+
+
+def test_a_server_killed_mid_run_costs_hits_not_progress_and_hits_resume(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine()
+    shared = prompt(192, seed=9)
+    run.serve("before", [*shared, 1])
+    run.scheduler.reset_prefix_cache()
+    loading = run.add("loading", [*shared, 2])
+    killed: list[bool] = []
+
+    def kill_once_a_retrieve_is_planned(out: Any) -> None:
+        if not killed and any(t.retrieve for t in out.kv_connector_metadata.transfers):
+            server.kill()  # the workers get the step after the server died
+            killed.append(True)
+
+    deadline = time.monotonic() + 20
+    while not killed:
+        assert time.monotonic() < deadline, "no retrieve was planned"
+        run.step(kill_once_a_retrieve_is_planned)
+        time.sleep(0.005)
+    started = time.monotonic()
+    run.run(lambda: run.finished("loading"), timeout=30)
+    # Its retrieve failed as load errors; vLLM computed those blocks instead, without hanging.
+    assert time.monotonic() - started < 15
+    assert loading.num_output_tokens == 2
+    assert run.load_errors >= set(run.tables["loading"][:12])
+    during = run.add("during", prompt(130, seed=10))  # lookups miss, stores are dropped
+    run.run(lambda: run.finished("during"), timeout=30)
+    assert during.num_output_tokens == 2
+    assert run.stats.data["dropped_stores"] >= 2 * TP
+
+    server.start()
+    deadline = time.monotonic() + 30
+    attempt = 0
+    while True:  # the workers register again by themselves; stores then go through
+        attempt += 1
+        run.serve(f"after-{attempt}", [*shared, 3, attempt])
+        run.scheduler.reset_prefix_cache()
+        probe = run.serve(f"probe-{attempt}", [*shared, 4, attempt])
+        if run.scheduled[probe.request_id] == 192:
+            break
+        assert time.monotonic() < deadline, "hits did not resume after the server restarted"
+        time.sleep(0.5)
+    assert server.stats()["instances"] == TP
+
+
+def test_bad_extra_config_names_the_key_and_what_it_accepts(model: str, server: Server) -> None:
+    with pytest.raises(KVConfigError, match=r"kvrpc\.timout.*kvrpc\.timeout"):
+        Engine(model, {"kvrpc.url": server.url, "kvrpc.timout": 3})
+    with pytest.raises(KVConfigError, match=r"kvrpc\.timeout = -1.*> 0"):
+        Engine(model, {"kvrpc.url": server.url, "kvrpc.timeout": -1})
+    with pytest.raises(KVConfigError, match="transfer_mode"):
+        Engine(model, {"kvrpc.url": server.url, "kvrpc.transfer_mode": "rdma"})
