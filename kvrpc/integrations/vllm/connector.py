@@ -154,6 +154,11 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.scheduler: SchedulerAdapter | None = None
         self.worker: WorkerAdapter | None = None
         if role == KVConnectorRole.SCHEDULER:
+            if getattr(transfer_config, "kv_load_failure_policy", "recompute") == "fail":
+                # vLLM reads the policy right after making this connector. kvrpc is a
+                # cache: a chunk it cannot load is computed, never a failed request.
+                logger.info("kv_load_failure_policy 'fail' -> 'recompute': kvrpc is a cache")
+                transfer_config.kv_load_failure_policy = "recompute"
             self.scheduler = SchedulerAdapter(
                 self.url, self.model_name, self.kv_world_size, 0, self.block_size, **options
             )

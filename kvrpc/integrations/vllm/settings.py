@@ -106,7 +106,8 @@ class ConnectorSettings(BaseModel):
         field = cls.model_fields.get(name)
         if field is None:
             return "?"
-        annotation = str(field.annotation).replace("typing.", "")
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        annotation = annotation.replace("typing.", "")
         bounds = [
             f"{label} {getattr(m, attr)}"
             for m in field.metadata
