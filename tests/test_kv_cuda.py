@@ -194,14 +194,68 @@ def _stats(client: SyncClient) -> dict[str, int]:
 # ---------------------------------------------------------------------- wrapper and future
 
 
-def test_ipc_wrapper_refuses_views_and_cpu_tensors() -> None:
+def test_ipc_wrapper_refuses_non_contiguous_and_cpu_tensors() -> None:
     base = torch.zeros(8, 8, device="cuda")
-    with pytest.raises(KVConfigError, match="offset 0"):
-        CudaIPCWrapper.from_tensor(base[1:])
     with pytest.raises(KVConfigError, match="contiguous"):
         CudaIPCWrapper.from_tensor(base.t())
+    with pytest.raises(KVConfigError, match="contiguous"):
+        CudaIPCWrapper.from_tensor(base[:, 1:])
     with pytest.raises(KVConfigError, match="cpu"):
         CudaIPCWrapper.from_tensor(torch.zeros(4))
+    # A contiguous view at an offset is shared (an engine carves its layers out of one
+    # buffer); the offset travels with it.
+    assert CudaIPCWrapper.from_tensor(base[1:]).tensor_offset == 8
+    assert CudaIPCWrapper.from_tensor(base).tensor_offset == 0
+
+
+def _open_views_in_child(
+    wrappers: list[bytes], pipe: multiprocessing.connection.Connection
+) -> None:
+    opened = [CudaIPCWrapper.deserialize(w).to_tensor() for w in wrappers]
+    pipe.send([hashlib.sha256(t.cpu().view(torch.uint8).numpy()).hexdigest() for t in opened])
+    pipe.recv()
+    for tensor in opened:  # bit for bit, whatever the bf16 values (NaNs included)
+        tensor.view(torch.int16).bitwise_not_()
+    torch.cuda.synchronize()
+    pipe.send("inverted")
+
+
+def test_ipc_wrapper_of_views_at_offsets_opens_them_in_another_process() -> None:
+    # vLLM's way: one raw byte buffer, each layer a bf16 view at its offset. A 2-byte lead
+    # puts even layer 0 at an offset (1 element), and a tail guards the last layer's end.
+    count, lead, tail = 4096, 2, 6
+    raw = torch.empty(lead + 3 * 2 * count + tail, dtype=torch.uint8, device="cuda")
+    raw.random_(generator=torch.Generator(device="cuda").manual_seed(12))
+    views = [
+        raw[lead + 2 * count * i : lead + 2 * count * (i + 1)].view(torch.bfloat16).view(64, -1)
+        for i in range(3)
+    ]
+    wrappers = [CudaIPCWrapper.from_tensor(v) for v in views]
+    assert [w.tensor_offset for w in wrappers] == [1, 1 + count, 1 + 2 * count]
+    before = raw.clone()
+    torch.cuda.synchronize()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(
+        target=_open_views_in_child, args=([w.serialize() for w in wrappers], child)
+    )
+    process.start()
+    try:
+        assert parent.poll(120), "the child did not open the views"
+        digests = parent.recv()
+        assert digests == [
+            hashlib.sha256(v.cpu().view(torch.uint8).numpy()).hexdigest() for v in views
+        ], "the child sees other bytes than the views hold"
+        parent.send("invert them")
+        assert parent.poll(60)
+        assert parent.recv() == "inverted"
+    finally:
+        process.join(30)
+    # Only the views' bytes changed, in place: the lead and tail are as they were.
+    middle = slice(lead, lead + 3 * 2 * count)
+    assert torch.equal(raw[middle], before[middle].bitwise_not())
+    assert torch.equal(raw[:lead], before[:lead])
+    assert torch.equal(raw[-tail:], before[-tail:])
 
 
 def _open_in_child(wrapper: bytes, pipe: multiprocessing.connection.Connection) -> None:

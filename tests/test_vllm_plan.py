@@ -14,7 +14,7 @@ import torch
 
 from kvrpc.errors import KVConfigError
 from kvrpc.integrations.vllm.layouts import vllm_layout
-from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan
+from kvrpc.integrations.vllm.plan import KVRanks, Phase, SchedulerPlan, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
 from kvrpc.kv.keys import hashes_from_tokens
 from kvrpc.kv.layout import LayoutKind
@@ -177,6 +177,25 @@ def test_a_preempted_request_starts_over_with_new_blocks() -> None:
     p.on_alloc("r", list(range(50, 69)), 256)
     (retrieve,) = p.take_transfers()
     assert list(retrieve.op.block_ids) == list(range(50, 66))
+
+
+# ---------------------------------------------------------------------- ranks
+
+
+def test_every_rank_is_its_own_kv_rank_and_stores() -> None:
+    assert [kv_ranks(4, r, 2, use_mla=False) for r in range(4)] == [
+        KVRanks(4, r, True) for r in range(4)
+    ]
+
+
+def test_with_mla_a_pipeline_stage_is_one_kv_rank_stored_by_its_first_rank() -> None:
+    # TP=2, PP=2: vLLM ranks 0, 1 are stage 0 and ranks 2, 3 stage 1.
+    assert [kv_ranks(4, r, 2, use_mla=True) for r in range(4)] == [
+        KVRanks(2, 0, True),
+        KVRanks(2, 0, False),
+        KVRanks(2, 1, True),
+        KVRanks(2, 1, False),
+    ]
 
 
 # ---------------------------------------------------------------------- settings

@@ -52,8 +52,8 @@ init_none_hash(sha256)
 class Server:
     """A ``kvrpc serve`` child process on a unix socket, which a test may kill and restart."""
 
-    def __init__(self, path: Path) -> None:
-        self.url = f"unix://{path}"
+    def __init__(self, path: Path, scheme: str = "unix") -> None:
+        self.url = f"{scheme}://{path}"
         self.child: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -250,10 +250,17 @@ def model() -> str:
     return harness.save_tiny_model()
 
 
+@pytest.fixture(params=["unix"])
+def scheme(request: pytest.FixtureRequest) -> str:
+    """The transport to the server; a test that cares parametrizes it indirectly."""
+    return str(request.param)
+
+
 @pytest.fixture
-def server() -> Iterator[Server]:
+def server(scheme: str) -> Iterator[Server]:
     # In the temp dir, not pytest's tmp_path: a unix socket path must fit in 108 bytes.
-    server = Server(Path(tempfile.gettempdir()) / f"kv-{os.getpid()}-{time.monotonic_ns()}.sock")
+    path = Path(tempfile.gettempdir()) / f"kv-{os.getpid()}-{time.monotonic_ns()}.sock"
+    server = Server(path, scheme)
     server.start()
     yield server
     server.stop()
@@ -380,6 +387,7 @@ def test_a_preempted_request_finishes_with_its_blocks_held_and_freed(
     assert pool.get_num_free_blocks() == harness.NUM_BLOCKS - 1
 
 
+@pytest.mark.parametrize("scheme", ["unix", "zmq+ipc"], indirect=True)
 def test_a_server_killed_mid_run_costs_hits_not_progress_and_hits_resume(
     engine: Callable[..., Engine], server: Server
 ) -> None:
@@ -425,6 +433,19 @@ def test_a_server_killed_mid_run_costs_hits_not_progress_and_hits_resume(
         assert time.monotonic() < deadline, "hits did not resume after the server restarted"
         time.sleep(0.5)
     assert server.stats()["instances"] == TP
+
+
+def test_resetting_vllms_cache_with_the_connector_empties_the_servers_too(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine()
+    shared = prompt(128, seed=11)
+    run.serve("stored", [*shared, 1])
+    assert server.stats()["chunks"] == 2 * TP
+    assert run.scheduler.reset_prefix_cache(reset_connector=True)
+    assert server.stats()["chunks"] == 0
+    run.serve("after-reset", [*shared, 2])
+    assert run.scheduled["after-reset"] == 0  # nothing stale can hit
 
 
 def test_bad_extra_config_names_the_key_and_what_it_accepts(model: str, server: Server) -> None:

@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kvrpc.errors import KVConfigError
 from kvrpc.integrations.vllm.layouts import vllm_layout
-from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer
+from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
 from kvrpc.kv.adapters import SchedulerAdapter, WorkerAdapter
 from kvrpc.transport import default_url
@@ -137,14 +137,12 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         world_size, rank = int(parallel.world_size), int(parallel.rank)
         tp = int(parallel.tensor_parallel_size)
         self.use_mla = bool(getattr(vllm_config.model_config, "use_mla", False))
-        if self.use_mla:
-            # One latent cache serves every tensor-parallel rank of a pipeline stage: it is
-            # kept once per stage, written by the stage's first rank and read by all.
-            self.kv_world_size, self.kv_rank = world_size // tp, rank // tp
-            self.is_kv_writer = rank % tp == 0
-        else:
-            self.kv_world_size, self.kv_rank = world_size, rank
-            self.is_kv_writer = True
+        ranks = kv_ranks(world_size, rank, tp, self.use_mla)
+        self.kv_world_size, self.kv_rank, self.is_kv_writer = (
+            ranks.world_size,
+            ranks.rank,
+            ranks.writer,
+        )
         self._stats: dict[str, int] = {}
         options: dict[str, Any] = {
             "timeout": settings.timeout,

@@ -29,7 +29,31 @@ from dataclasses import dataclass, field
 from kvrpc.kv.adapters import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
 
-__all__ = ["Phase", "ReleasePins", "SchedulerPlan", "Transfer"]
+__all__ = ["KVRanks", "Phase", "ReleasePins", "SchedulerPlan", "Transfer", "kv_ranks"]
+
+
+@dataclass(frozen=True)
+class KVRanks:
+    """Where one vLLM rank's KV cache sits in kvrpc's key space, and whether it stores."""
+
+    world_size: int
+    rank: int
+    writer: bool
+
+
+def kv_ranks(world_size: int, rank: int, tensor_parallel: int, use_mla: bool) -> KVRanks:
+    """The world size and rank in kvrpc's keys of vLLM rank ``rank`` of ``world_size``.
+
+    Each rank holds its own shard of the KV cache, so it is a rank of its own, except with
+    MLA: one latent cache serves every tensor-parallel rank of a pipeline stage, so the
+    stage is one kvrpc rank (vLLM numbers ranks stage by stage, ``rank // tensor_parallel``
+    is the stage), stored by the stage's first rank and loaded by all of them.
+    """
+    if not use_mla:
+        return KVRanks(world_size, rank, True)
+    return KVRanks(
+        world_size // tensor_parallel, rank // tensor_parallel, rank % tensor_parallel == 0
+    )
 
 
 class Phase(enum.Enum):
