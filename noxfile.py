@@ -50,9 +50,9 @@ KVRPC_ONLY = ("--no-deps", "-e", ".", "-e", "transports/zmq", "-e", "transports/
 def vllm(session: nox.Session) -> None:
     """KvrpcConnector under vLLM 0.33.0's own Scheduler, a real server and two workers."""
     session.install(*CONSTRAINTS, "torch")
-    session.install("--no-deps", "-r", "tests/vllm/requirements-scheduler.txt")
+    session.install("--no-deps", "-r", "tests/vllm_scheduler/requirements-scheduler.txt")
     session.install(*KVRPC_ONLY)
-    session.run("pytest", "-rs", "tests/vllm", *session.posargs, env=VLLM_ENV)
+    session.run("pytest", "-rs", "tests/vllm_scheduler", *session.posargs, env=VLLM_ENV)
 
 
 @nox.session

@@ -1,7 +1,7 @@
 """The vLLM connector's engine-free parts: its plan, its settings and its layout detection.
 
 No vLLM, no server, no loop: these are the rules ``KvrpcConnector`` follows, tested as plain
-functions (the connector under vLLM's own scheduler is tested in tests/vllm).
+functions (the connector under vLLM's own scheduler is tested in tests/vllm_scheduler).
 """
 
 from __future__ import annotations

@@ -5,7 +5,13 @@ An inference engine's scheduler uses :class:`SchedulerAdapter` (or
 the server (:func:`~kvrpc.kv.serving.serve_kv`). Each name lives in the module that owns it.
 """
 
-from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, SchedulerAdapter, WorkerAdapter
+from kvrpc.kv.adapters import (
+    LoadStoreOp,
+    PollingSchedulerAdapter,
+    SchedulerAdapter,
+    WorkerAdapter,
+    WorkerStats,
+)
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import (
     CacheKey,
@@ -13,8 +19,9 @@ from kvrpc.kv.keys import (
     blocks_per_chunk,
     hashes_from_block_hashes,
     hashes_from_tokens,
+    salted_root,
 )
-from kvrpc.kv.layout import KVLayout, LayoutKind
+from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, LayoutKind
 from kvrpc.kv.protocols import KV_PROTOCOLS, kv_registry
 from kvrpc.kv.service import KVService
 from kvrpc.kv.serving import KVServerSettings, serve_kv
@@ -22,6 +29,7 @@ from kvrpc.kv.shm import release_shared, shared_empty
 
 __all__ = [
     "KV_PROTOCOLS",
+    "SKIP_BLOCK",
     "CacheKey",
     "CudaIPCWrapper",
     "KVLayout",
@@ -33,11 +41,13 @@ __all__ = [
     "PollingSchedulerAdapter",
     "SchedulerAdapter",
     "WorkerAdapter",
+    "WorkerStats",
     "blocks_per_chunk",
     "hashes_from_block_hashes",
     "hashes_from_tokens",
     "kv_registry",
     "release_shared",
+    "salted_root",
     "serve_kv",
     "shared_empty",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -133,6 +134,9 @@ def _send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> None:
         sock.send(part, flags, copy=size < ZERO_COPY_THRESHOLD)
 
 
+_MONITOR_IDS = itertools.count()
+
+
 def _monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     """A PAIR socket receiving ``sock``'s monitor events, with no queue limit.
 
@@ -140,7 +144,9 @@ def _monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
     produce thousands of events before the loop reads them), so the receiving end's high-water
     mark is 0: the queue is then unbounded, and drained on every wake-up.
     """
-    address = f"inproc://kvrpc-monitor-{id(sock):x}-{os.getpid()}"
+    # A counter, not id(sock): a closed socket's id is reused at once, while libzmq may still
+    # hold its monitor's endpoint, and the reuse then fails with "Address already in use".
+    address = f"inproc://kvrpc-monitor-{os.getpid()}-{next(_MONITOR_IDS)}"
     sock.monitor(address, events)
     pair: zmq.Socket[Any] = sock.context.socket(zmq.PAIR)
     pair.setsockopt(zmq.RCVHWM, 0)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,10 +33,9 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-from kvrpc.client import SyncClient  # noqa: E402
 from kvrpc.errors import KVConfigError  # noqa: E402
 from kvrpc.integrations.vllm import KvrpcConnector, KvrpcConnectorStats  # noqa: E402
-from kvrpc.kv import protocols  # noqa: E402
+from kvrpc.testing.serve import ServeProcess  # noqa: E402
 
 CHUNK = 64  # tokens per server chunk: 4 blocks of 16
 TP = 2
@@ -49,38 +45,14 @@ init_none_hash(sha256)
 # ---------------------------------------------------------------------- the pieces
 
 
-class Server:
-    """A ``kvrpc serve`` child process on a unix socket, which a test may kill and restart."""
+class Server(ServeProcess):
+    """A ``kvrpc serve`` child on a local socket, which a test may kill and restart."""
 
     def __init__(self, path: Path, scheme: str = "unix") -> None:
-        self.url = f"{scheme}://{path}"
-        self.child: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.child = subprocess.Popen(
-            [sys.executable, "-m", "kvrpc", "serve", "--url", self.url,
-             "--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05",
-             "--client-timeout", "5"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        assert self.child.stdout is not None
-        assert self.child.stdout.readline().startswith(f"kvrpc ready {self.url}")
-
-    def kill(self) -> None:
-        assert self.child is not None
-        self.child.send_signal(signal.SIGKILL)
-        self.child.wait(10)
-
-    def stop(self) -> None:
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-            self.child.wait(15)
-
-    def stats(self) -> dict[str, int]:
-        with SyncClient(self.url, registry=protocols.kv_registry(), timeout=5) as client:
-            stats: dict[str, int] = client.call(protocols.STATS)
-        return stats
+        super().__init__(
+            f"{scheme}://{path}",
+            *("--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05", "--client-timeout", "5"),
+        )
 
 
 class Engine:
