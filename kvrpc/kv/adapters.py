@@ -39,9 +39,9 @@ from kvrpc.futures import MessagingFuture
 from kvrpc.kv import protocols
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import (
-    HASH_SIZE,
     KeyBatch,
     blocks_per_chunk,
+    check_hashes,
     hashes_from_block_hashes,
     hashes_from_tokens,
 )
@@ -210,9 +210,7 @@ def _hashes_for(
         raise ValueError("give exactly one of token_ids, block_hashes and chunk_hashes")
     if chunk_hashes is not None:
         hashes = list(chunk_hashes)
-        for index, chunk_hash in enumerate(hashes):
-            if not isinstance(chunk_hash, bytes) or len(chunk_hash) != HASH_SIZE:
-                raise ValueError(f"chunk hash {index} is not {HASH_SIZE} bytes")
+        check_hashes(hashes)
         return hashes
     if token_ids is not None:
         return hashes_from_tokens(token_ids, chunk_size, cache_salt)

@@ -38,6 +38,7 @@ __all__ = [
     "CacheKey",
     "KeyBatch",
     "blocks_per_chunk",
+    "check_hashes",
     "decode_batch",
     "decode_key",
     "encode_batch",
@@ -226,9 +227,7 @@ class KeyBatch:
         hashes: Sequence[bytes],
     ) -> KeyBatch:
         """A batch of the given chunk hashes, in order; ``ValueError`` unless each is 32 bytes."""
-        for index, chunk_hash in enumerate(hashes):
-            if not isinstance(chunk_hash, bytes) or len(chunk_hash) != HASH_SIZE:
-                raise ValueError(f"hash {index} must be {HASH_SIZE} bytes, got {chunk_hash!r:.80}")
+        check_hashes(hashes)
         return cls(model_name, world_size, worker_id, b"".join(hashes))
 
     @classmethod
@@ -257,6 +256,13 @@ class KeyBatch:
 
 
 # ------------------------------------------------------------------------------ wire format
+
+
+def check_hashes(hashes: Sequence[bytes]) -> None:
+    """Raise ``ValueError`` naming the first of ``hashes`` that is not 32 bytes."""
+    for index, chunk_hash in enumerate(hashes):
+        if not isinstance(chunk_hash, bytes) or len(chunk_hash) != HASH_SIZE:
+            raise ValueError(f"hash {index} must be {HASH_SIZE} bytes, got {chunk_hash!r:.80}")
 
 
 def _encode_header(model_name: str, world_size: int, worker_id: int | None) -> bytes:

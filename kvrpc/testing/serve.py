@@ -2,45 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
-import subprocess
-import sys
+import tempfile
 
 from kvrpc.client import SyncClient
 from kvrpc.kv import protocols
+from kvrpc.kv._child import ServerChild, kv_server_child
 
 __all__ = ["ServeProcess"]
 
 
 class ServeProcess:
-    """A ``kvrpc serve --url URL [options]`` child: started, killed, restarted, asked."""
+    """A ``kvrpc serve --url URL [options]`` child: started, killed, restarted, asked.
 
-    def __init__(self, url: str, *options: str) -> None:
+    Each start is one :func:`kvrpc.kv._child.kv_server_child` (which waits for the ready
+    line and keeps the server's log in ``log_dir``), held open until :meth:`kill` or
+    :meth:`stop`.
+    """
+
+    def __init__(self, url: str, *options: str, log_dir: str | None = None) -> None:
         self.url = url
         self.options = options
-        self.child: subprocess.Popen[str] | None = None
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="kvrpc-serve-")
+        self.child: ServerChild | None = None
+        self._running: contextlib.ExitStack | None = None
 
     def start(self) -> None:
-        """Start the server and wait for its ready line."""
-        command = [sys.executable, "-m", "kvrpc", "serve", "--url", self.url, *self.options]
-        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert self.child.stdout is not None
-        ready = self.child.stdout.readline()
-        if not ready.startswith(f"kvrpc ready {self.url}"):
-            self.child.kill()
-            raise RuntimeError(f"kvrpc serve did not start: {ready!r}")
+        """Start the server and wait for its ready line, which must name this URL."""
+        running = contextlib.ExitStack()
+        self.child = running.enter_context(kv_server_child(self.url, self.log_dir, *self.options))
+        self._running = running
+        if not self.child.ready_line.startswith(f"kvrpc ready {self.url}"):
+            self.stop()
+            raise RuntimeError(f"kvrpc serve is not ready at {self.url}: {self.child.ready_line!r}")
 
     def kill(self) -> None:
         """SIGKILL: the server dies with whatever it was doing."""
         assert self.child is not None
-        self.child.send_signal(signal.SIGKILL)
-        self.child.wait(10)
+        os.kill(self.child.pid, signal.SIGKILL)
+        self.stop()
 
     def stop(self) -> None:
-        """SIGTERM, if it still runs, and wait for a clean exit."""
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-            self.child.wait(15)
+        """SIGTERM, if it still runs, and wait for it to exit."""
+        running, self._running = self._running, None
+        if running is not None:
+            running.close()
 
     def stats(self) -> dict[str, int]:
         """The server's ``kv.stats``."""

@@ -20,6 +20,7 @@ recomputes those blocks), and the adapters register again by themselves when it 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -247,16 +248,11 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         """Learn the request's blocks; the first time, plan its retrieve and unpin early."""
-        block_ids = blocks.get_block_ids()
-        if len(block_ids) > 1:
-            raise KVConfigError(
-                "vLLM gave blocks of several KV cache groups; start it with "
-                "--disable-hybrid-kv-cache-manager"
-            )
+        block_ids = _one_group(blocks.get_block_ids())
         request_id = request.request_id
         if request_id not in self.plan:
             return
-        release = self.plan.on_alloc(request_id, block_ids[0], num_external_tokens)
+        release = self.plan.on_alloc(request_id, block_ids, num_external_tokens)
         if release is not None:
             self._scheduler().free_lookup_locks(
                 request_id, 0, release.end, chunk_hashes=release.chunk_hashes
@@ -437,12 +433,4 @@ def _one_group(block_ids: tuple[list[int], ...] | None) -> list[int]:
 
 
 def _worker_counters(worker: WorkerAdapter) -> dict[str, int]:
-    stats = worker.stats
-    return {
-        "stored_chunks": stats.stored_chunks,
-        "stored_bytes": stats.stored_bytes,
-        "dropped_stores": stats.dropped_stores,
-        "retrieved_chunks": stats.retrieved_chunks,
-        "retrieved_bytes": stats.retrieved_bytes,
-        "failed_retrieves": stats.failed_retrieves,
-    }
+    return dataclasses.asdict(worker.stats)

@@ -177,18 +177,25 @@ class SchedulerPlan:
         return ReleasePins(request_id, end, tuple(request.hashes[: end // self.chunk_size]))
 
     def _plan_retrieve(self, request: _Request) -> None:
+        first = request.local // self.chunk_size
+        skip = request.local - first * self.chunk_size
+        self._add_transfer(request, True, first, request.hit // self.chunk_size, skip)
+
+    def _add_transfer(
+        self, request: _Request, retrieve: bool, first: int, last: int, skip: int = 0
+    ) -> None:
+        """Plan moving chunks ``[first, last)``: only their blocks, and every hash up to them."""
         size, per_chunk = self.chunk_size, self.blocks_per_chunk
-        first, last = request.local // size, request.hit // size
         op = LoadStoreOp(
             block_ids=tuple(request.blocks[first * per_chunk : last * per_chunk]),
             chunk_hashes=tuple(request.hashes[:last]),
             start=first * size,
             end=last * size,
             block_offset=first * per_chunk,
-            skip_first_n_tokens=request.local - first * size,
+            skip_first_n_tokens=skip,
         )
         request.transfers += 1
-        self._pending.append(Transfer(request.request_id, True, op))
+        self._pending.append(Transfer(request.request_id, retrieve, op))
 
     # ------------------------------------------------------------------ steps
 
@@ -222,17 +229,8 @@ class SchedulerPlan:
         if len(request.hashes) < ready:
             tokens = list(request.tokens[: ready * self.chunk_size])
             request.hashes = hashes_from_tokens(tokens, self.chunk_size, request.cache_salt)
-        size, per_chunk = self.chunk_size, self.blocks_per_chunk
-        op = LoadStoreOp(
-            block_ids=tuple(request.blocks[first * per_chunk : ready * per_chunk]),
-            chunk_hashes=tuple(request.hashes[:ready]),
-            start=first * size,
-            end=ready * size,
-            block_offset=first * per_chunk,
-        )
         request.stored_chunks = ready
-        request.transfers += 1
-        self._pending.append(Transfer(request_id, False, op))
+        self._add_transfer(request, False, first, ready)
 
     def take_transfers(self) -> list[Transfer]:
         """The transfers planned since the last call, retrieves and stores in plan order."""
@@ -244,10 +242,3 @@ class SchedulerPlan:
         request = self._requests.pop(request_id, None)
         self._pending = [t for t in self._pending if t.request_id != request_id]
         return request is not None and request.transfers > 0
-
-    def loaded_tokens(self, request_id: str) -> int:
-        """Tokens the request loads from the server (0 if none or unknown)."""
-        request = self._requests.get(request_id)
-        if request is None:
-            return 0
-        return max(0, request.hit - request.local)
