@@ -82,6 +82,8 @@ def test_a_retrieve_starts_at_the_chunk_holding_vllms_last_token_and_skips_its_b
     assert (op.start, op.end, op.block_offset, op.skip_first_n_tokens) == (64, 192, 4, 16)
     assert list(op.block_ids) == list(range(104, 112))  # only the blocks of chunks 1 and 2
     assert len(op.chunk_hashes or ()) == 3
+    # Block 4 holds tokens 64..79, vLLM's own: the first the retrieve may write is block 5.
+    assert op.first_written_block(BLOCK) == 5
     assert release is not None and release.end == 64  # chunk 0 is vLLM's: unpin it now
     assert list(release.chunk_hashes) == p.begin("x", tokens(300), 300)[:1]
 

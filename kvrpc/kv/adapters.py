@@ -98,6 +98,10 @@ class LoadStoreOp:
     block_offset: int = 0
     skip_first_n_tokens: int = 0
 
+    def first_written_block(self, block_size: int) -> int:
+        """The first block a retrieve may write: blocks before it hold skipped tokens."""
+        return -(-(self.start + self.skip_first_n_tokens) // block_size)
+
 
 class _ServerLink:
     """A SyncClient to a KV server, its chunk geometry, the client id and keepalive thread."""
@@ -807,7 +811,7 @@ class WorkerAdapter:
             picked = list(op.block_ids[first * per_chunk - offset : last * per_chunk - offset])
             if retrieve and op.skip_first_n_tokens > 0:
                 # Blocks that begin before start + skip hold tokens the engine has already.
-                held = -(-(op.start + op.skip_first_n_tokens) // block_size) - first * per_chunk
+                held = op.first_written_block(block_size) - first * per_chunk
                 picked[: max(0, held)] = [SKIP_BLOCK] * min(max(0, held), len(picked))
             block_ids.extend(picked)
             owners.extend([request_id] * (last - first))

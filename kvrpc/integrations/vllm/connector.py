@@ -336,7 +336,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             logger.error("retrieve of %d requests refused: %s", len(transfers), exc)
             self._failed_requests.update(request_ids)
             for t in transfers:
-                self._failed_blocks.update(b for b in t.op.block_ids)
+                # Not the blocks it skips: those are vLLM's own, valid, and maybe shared.
+                written = max(0, t.op.first_written_block(self.block_size) - t.op.block_offset)
+                self._failed_blocks.update(t.op.block_ids[written:])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing: loads are asynchronous and finished before the request computes."""
