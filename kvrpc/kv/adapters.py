@@ -12,6 +12,7 @@ adapter releases it at once (``kv.goodbye``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import secrets
 import threading
@@ -52,13 +53,20 @@ from kvrpc.kv.layout import (
     gather_chunks,
     scatter_chunks,
 )
-from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply, TransferMode
+from kvrpc.kv.protocols import (
+    CudaCopyReply,
+    KVCacheRegistration,
+    LayerCopyReply,
+    RetrieveReply,
+    TransferMode,
+)
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import ProtocolDefinition
 
 __all__ = [
     "LoadStoreOp",
     "PollingSchedulerAdapter",
+    "RetrieveProgress",
     "SchedulerAdapter",
     "WorkerAdapter",
     "WorkerStats",
@@ -480,6 +488,68 @@ class WorkerStats:
     failed_retrieves: int = 0
 
 
+class RetrieveProgress:
+    """How far one submitted retrieve has got, layer by layer.
+
+    Returned by :meth:`WorkerAdapter.batched_submit_retrieve_requests`. A layer-wise
+    ``cuda_ipc`` retrieve (``layerwise=True``) completes layer by layer, and
+    :meth:`wait_layer` returns as soon as layer ``l`` of every chunk is in its blocks, which
+    is what an engine's per-layer hook (vLLM's ``wait_for_layer_load``) needs. Otherwise
+    every layer completes at once, with the whole retrieve. Either way ``False`` means the
+    retrieve did not fill every block it was asked to (the blocks are load errors, see
+    :meth:`WorkerAdapter.get_block_ids_with_load_errors`) or the wait timed out.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self._finished = threading.Event()
+        self._ok = False
+        self._answered = threading.Event()
+        self._layer_events: list[Any] = []
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        """Block until layer ``layer`` is written (True) or the retrieve failed (False).
+
+        Also False once ``timeout`` seconds pass. Polls the server's event (the host waits,
+        never a stream: see :mod:`kvrpc.cuda`), about every 20 us at first.
+        """
+        if not 0 <= layer < max(1, self.num_layers):
+            raise ValueError(f"layer {layer} is not in 0..{self.num_layers - 1}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._answered.wait(timeout):
+            return False
+        if self._finished.is_set() or not self._layer_events:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self._finished.wait(left) and self._ok
+        event = self._layer_events[layer]
+        pause = 20e-6
+        while not event.query():
+            if self._finished.is_set():  # failed meanwhile (the completion timed out)
+                return self._ok
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the whole retrieve is settled; True if it filled every block."""
+        return self._finished.wait(timeout) and self._ok
+
+    def done(self) -> bool:
+        """True once the retrieve is settled (filled or failed); never blocks."""
+        return self._finished.is_set()
+
+    def _answer(self, layer_events: list[Any]) -> None:
+        self._layer_events = layer_events
+        self._answered.set()
+
+    def _finish(self, ok: bool) -> None:
+        self._ok = ok
+        self._finished.set()
+        self._answered.set()
+
+
 class WorkerAdapter:
     """A worker's side: register its KV cache, store and retrieve requests' chunks.
 
@@ -543,6 +613,8 @@ class WorkerAdapter:
         self._registering = False
         self._next_register = 0.0
         self._chunk_nbytes = 0
+        self._waiters: concurrent.futures.ThreadPoolExecutor | None = None
+        self._timeout = timeout
         #: What this worker moved since it started (read under no lock: a snapshot may be
         #: one transfer behind).
         self.stats = WorkerStats()
@@ -637,9 +709,11 @@ class WorkerAdapter:
         """Store ``op``'s whole chunks; ``event`` (None on CPU) is waited on first."""
         self.batched_submit_store_requests([request_id], [op], event)
 
-    def submit_retrieve_request(self, request_id: str, op: LoadStoreOp, event: Any = None) -> None:
+    def submit_retrieve_request(
+        self, request_id: str, op: LoadStoreOp, event: Any = None, *, layerwise: bool = False
+    ) -> RetrieveProgress:
         """Retrieve ``op``'s whole chunks into its blocks; see :meth:`get_finished`."""
-        self.batched_submit_retrieve_requests([request_id], [op], event)
+        return self.batched_submit_retrieve_requests([request_id], [op], event, layerwise=layerwise)
 
     def batched_submit_store_requests(
         self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
@@ -701,24 +775,34 @@ class WorkerAdapter:
         future.add_done_callback(done)
 
     def batched_submit_retrieve_requests(
-        self, request_ids: Sequence[str], ops: Sequence[LoadStoreOp], event: Any = None
-    ) -> None:
-        """Retrieve several requests' chunks in one message.
+        self,
+        request_ids: Sequence[str],
+        ops: Sequence[LoadStoreOp],
+        event: Any = None,
+        *,
+        layerwise: bool = False,
+    ) -> RetrieveProgress:
+        """Retrieve several requests' chunks in one message; returns its progress.
+
+        With ``layerwise`` (``cuda_ipc`` only; ignored in the other modes, which complete
+        all layers at once) the server copies layer 0 of every chunk first, then layer 1,
+        and :meth:`RetrieveProgress.wait_layer` tells when each layer is in.
 
         Bad input raises here, before anything is counted as in flight. While the server is
         out of reach the retrieve fails at once: its blocks are load errors (see
         :meth:`get_block_ids_with_load_errors`) and the requests are finished retrieves.
         """
         keys, rows, owners = self._plan(request_ids, ops, retrieve=True)
+        progress = RetrieveProgress(len(self._layers))
         with self._lock:
             _count_in(self._retrieves_in_flight, request_ids)
         if not owners:
-            self._retrieves_done(request_ids, [], rows, None)
-            return
+            self._retrieves_done(request_ids, [], rows, None, progress)
+            return progress
         instance_id = self._instance()
         if instance_id is None:
-            self._retrieves_done(request_ids, owners, rows, None)
-            return
+            self._retrieves_done(request_ids, owners, rows, None, progress)
+            return progress
         ready: _Ready | None = None
         if self._mode == "cuda_ipc":
             ready = self._ready_after(event)
@@ -727,26 +811,67 @@ class WorkerAdapter:
         try:
             if ready is not None:
                 deadline = None if self.retrieve_deadline is None else float(self.retrieve_deadline)
+                protocol = protocols.RETRIEVE_CUDA_LAYERS if layerwise else protocols.RETRIEVE_CUDA
                 future = self._link.submit(
-                    protocols.RETRIEVE_CUDA, instance_id, owners, keys, rows, ready.handle, deadline
+                    protocol, instance_id, owners, keys, rows, ready.handle, deadline
                 )
             else:
                 future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
         except KvrpcError as exc:
             logger.warning("retrieve not sent, its blocks will be recomputed: %s", exc)
             self._give_back(ready)
-            self._retrieves_done(request_ids, owners, rows, None)
-            return
+            self._retrieves_done(request_ids, owners, rows, None, progress)
+            return progress
         except BaseException:
             self._give_back(ready)
-            self._retrieves_done(request_ids, owners, rows, None)
+            self._retrieves_done(request_ids, owners, rows, None, progress)
             raise
 
         def done(future: MessagingFuture[Any]) -> None:
             self._give_back(ready, future)
-            self._retrieves_done(request_ids, owners, rows, future)
+            if future.exception() is None and isinstance(future.result(), LayerCopyReply):
+                # Opening the events and polling the last one must not hold up this
+                # client's loop thread (its other replies and keepalives).
+                self._layer_waits().submit(
+                    self._layers_done, request_ids, owners, rows, future, progress
+                )
+            else:
+                self._retrieves_done(request_ids, owners, rows, future, progress)
 
         future.add_done_callback(done)
+        return progress
+
+    def _layer_waits(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._waiters is None:
+                self._waiters = concurrent.futures.ThreadPoolExecutor(2, "kvrpc-layer-wait")
+            return self._waiters
+
+    def _layers_done(
+        self,
+        request_ids: Sequence[str],
+        owners: list[str],
+        rows: torch.Tensor,
+        future: MessagingFuture[Any],
+        progress: RetrieveProgress,
+    ) -> None:
+        """Open a layer-wise reply's events, then settle once the last one completed."""
+        reply = future.result()
+        try:
+            events = [handle.open() for handle in reply.layer_events]
+        except Exception as exc:
+            logger.warning("cannot open the server's layer events: %s", exc)
+            self._retrieves_done(request_ids, owners, rows, None, progress)
+            return
+        progress._answer(events)
+        if events and not _poll(events[-1], self._timeout):
+            logger.warning(
+                "a layer-wise retrieve did not complete within %g s; its blocks will be recomputed",
+                self._timeout,
+            )
+            self._retrieves_done(request_ids, owners, rows, None, progress)
+            return
+        self._retrieves_done(request_ids, owners, rows, future, progress)
 
     def _ready_after(self, event: Any) -> _Ready:
         """An interprocess event recorded after ``event`` (or after the current stream's work)."""
@@ -855,6 +980,7 @@ class WorkerAdapter:
         owners: list[str],
         rows: torch.Tensor,
         future: MessagingFuture[Any] | None,
+        progress: RetrieveProgress,
     ) -> None:
         failed: list[int] = []
         if future is not None:
@@ -865,7 +991,7 @@ class WorkerAdapter:
                 future.to_cuda_future().wait()
             errors = (
                 reply.errors
-                if isinstance(reply, RetrieveReply | CudaCopyReply)
+                if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
                 else [""] * len(owners)
             )
             ok = [i for i, error in enumerate(errors) if error is None]
@@ -886,6 +1012,7 @@ class WorkerAdapter:
             for i in failed:
                 self._failed_blocks.update(b for b in rows[i].tolist() if b != SKIP_BLOCK)
             self._finished_retrieves.update(_count_out(self._retrieves_in_flight, request_ids))
+        progress._finish(not failed)
 
     def _note_outcome(self, what: str, future: MessagingFuture[Any]) -> Any:
         try:
@@ -898,7 +1025,11 @@ class WorkerAdapter:
         except Exception as exc:
             logger.warning("%s failed: %s", what, exc)
             return None
-        errors = reply.errors if isinstance(reply, RetrieveReply | CudaCopyReply) else reply
+        errors = (
+            reply.errors
+            if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
+            else reply
+        )
         problems = [e for e in errors if e is not None]
         if problems:
             logger.debug(
@@ -966,6 +1097,10 @@ class WorkerAdapter:
             except Exception as exc:  # the server drops it anyway when we go silent
                 logger.debug("unregister failed: %s", exc)
         self._link.close()
+        with self._lock:
+            waiters, self._waiters = self._waiters, None
+        if waiters is not None:
+            waiters.shutdown(wait=True)
 
     close = shutdown
 
@@ -1057,6 +1192,18 @@ class _EventRing:
         """Return an event whose call has been answered."""
         with self._lock:
             self._free.append(ready)
+
+
+def _poll(event: Any, timeout: float) -> bool:
+    """Poll a CUDA event until it completes (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    pause = 20e-6
+    while not event.query():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    return True
 
 
 def _wait_for(event: Any) -> None:

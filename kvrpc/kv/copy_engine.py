@@ -1,19 +1,26 @@
 """The GPU copy engine: workers' paged KV blocks to pinned pool slots and back.
 
 One :class:`CopyEngine` per GPU, made by the server when the first ``cuda_ipc`` worker of
-that GPU registers. It owns one executor thread, two CUDA streams and a small staging ring
-in GPU memory:
+that GPU registers. It owns one executor thread and two *lanes*, one per direction, each
+with two CUDA streams and a small staging ring in GPU memory:
 
-* the *gather* stream picks a group of chunks' blocks out of every layer (one
-  ``index_select`` and one strided copy per layer) into a staging buffer laid out exactly
-  like the pool's slots (:mod:`kvrpc.kv.layout`), so that
-* the *copy* stream moves each chunk to its pinned slot in one DMA (neighbouring slots in
-  one DMA together), while the gather stream already works on the next group.
+* in the store lane, the *kernel* stream picks a group of chunks' blocks out of every layer
+  (one ``index_select`` and one strided copy per layer) into a staging buffer laid out
+  exactly like the pool's slots (:mod:`kvrpc.kv.layout`), so that
+* its *DMA* stream moves each chunk to its pinned slot in one copy (neighbouring slots in
+  one copy together), while the kernel stream already works on the next group.
 
-A retrieve runs the same pipeline backwards (DMA in, then a strided copy and one
-``index_copy_`` per layer). The staging ring is ``depth`` buffers of ``group_bytes`` each,
+The retrieve lane runs the same pipeline backwards (DMA in, then a strided copy and one
+``index_copy_`` per layer). PCIe is full duplex: with a lane per direction, a store's
+device-to-host copies and a retrieve's host-to-device copies run at the same time instead
+of queueing on one stream. Each staging ring is ``depth`` buffers of ``group_bytes``,
 reused in stream order (an event per buffer says when its last reader is done), so the
 engine's GPU memory stays fixed however large a batch is.
+
+A *layer-wise* retrieve (:meth:`CopyEngine.submit_retrieve_layers`) moves layer 0 of every
+chunk first, then layer 1, and so on, and records an interprocess event after each layer:
+an engine computing a prompt's suffix waits for layer ``l``'s event before layer ``l``'s
+attention, so the transfer of the later layers overlaps the compute of the earlier ones.
 
 Each group's per-layer launches (two a layer) are captured once as a CUDA graph per KV
 cache, staging buffer and group size, and replayed: one launch a group. The executor thread
@@ -34,7 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -64,10 +71,11 @@ __all__ = [
 # move 16 bytes per element, and it covers fp8, which has no index kernels of its own.
 _CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
 
-#: Completion events each engine cycles through. A worker may look at a reply's event a
-#: while after the reply; the ring is long enough that the event has not been recorded again
-#: by then (were it, the worker would only wait for more, never for less).
-_DONE_EVENTS = 256
+#: Completion events each engine cycles through (a layer-wise retrieve takes one a layer).
+#: A worker may look at a reply's event a while after the reply; the ring is long enough
+#: that the event has not been recorded again by then (were it, the worker would only wait
+#: for more, never for less).
+_DONE_EVENTS = 1024
 
 
 logger = logging.getLogger("kvrpc.kv")
@@ -277,13 +285,30 @@ class Transfer:
     """``time.monotonic()`` past which the copy must not start (retrieve)."""
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One direction's streams and staging ring (see the module docstring).
+
+    ``kernels`` runs the gathers (store) or scatters (retrieve), ``dma`` the host copies.
+    """
+
+    kernels: Any = None
+    dma: Any = None
+    staging: list[torch.Tensor] = field(default_factory=list)
+    scratch: torch.Tensor | None = None
+    free: list[Any] = field(default_factory=list)
+    """Per staging buffer: the event after which its last reader is done (None: free)."""
+    next_buffer: int = 0
+    views: dict[tuple[int, int, int, KVLayout], GroupViews] = field(default_factory=dict)
+
+
 class CopyEngine:
-    """One GPU's copy engine: an executor thread, two streams, a staging ring.
+    """One GPU's copy engine: an executor thread, a lane per direction, their staging rings.
 
     ``group_bytes`` bounds one staging buffer (rounded down to whole chunks, at least one)
-    and ``depth`` is how many there are; ``waiters`` threads wait for completion events, and
-    as many others poll workers' ready events, so that slow or dead workers never delay the
-    completions of the others.
+    and ``depth`` is how many each lane has; ``waiters`` threads wait for completion events,
+    and as many others poll workers' ready events, so that slow or dead workers never delay
+    the completions of the others.
     """
 
     def __init__(
@@ -301,16 +326,11 @@ class CopyEngine:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, name)
         self.waiters = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-wait")
         self.pollers = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-poll")
-        self._gather: Any = None
-        self._copy: Any = None
-        self._staging: list[torch.Tensor] = []
-        self._scratch: torch.Tensor | None = None
-        self._free: list[Any] = [None] * depth
-        self._next_buffer = 0
+        self._store_lane = _Lane()
+        self._retrieve_lane = _Lane()
         self._done: list[tuple[Any, CudaEventHandle]] = []
         self._done_index = itertools.count()
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
-        self._view_cache: dict[tuple[int, int, int, KVLayout], GroupViews] = {}
         self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._graphs_broken = False
         self.batches = 0
@@ -320,38 +340,36 @@ class CopyEngine:
 
     # --------------------------------------------------------------- run in the engine thread
 
-    def _setup(self, chunks: int, chunk_nbytes: int, layer_bytes: int) -> int:
-        """Make streams and buffers on first use; returns chunks per group.
+    def _lane(self, retrieve: bool) -> _Lane:
+        return self._retrieve_lane if retrieve else self._store_lane
 
-        A group is at most ``group_bytes``, and no more than the batch split over the ring,
-        so that a small batch does not make the engine hold large buffers.
-        """
-        if self._gather is None:
+    def _setup(self, lane: _Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
+        """Make the lane's streams on first use, and buffers for groups of ``per_group``."""
+        if lane.kernels is None:
             torch.cuda.set_device(self.device)
-            self._gather = _cuda.Stream(self.device)
-            self._copy = _cuda.Stream(self.device)
-        per_group = max(1, min(self.group_bytes // chunk_nbytes, -(-chunks // self.depth)))
+            lane.kernels = _cuda.Stream(self.device)
+            lane.dma = _cuda.Stream(self.device)
         need = per_group * chunk_nbytes
-        if not self._staging or self._staging[0].numel() < need:
-            self._drain()
-            self._staging = [
+        if not lane.staging or lane.staging[0].numel() < need:
+            self._drain(lane)
+            lane.staging = [
                 torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(self.depth)
             ]
-            self._view_cache.clear()
-            self._free = [None] * self.depth
+            lane.views.clear()
+            lane.free = [None] * self.depth
             self._graphs.clear()
         scratch = per_group * layer_bytes
-        if self._scratch is None or self._scratch.numel() < scratch:
-            self._drain()
-            self._scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
-            self._view_cache.clear()
+        if lane.scratch is None or lane.scratch.numel() < scratch:
+            self._drain(lane)
+            lane.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
+            lane.views.clear()
             self._graphs.clear()
-        return per_group
 
-    def _drain(self) -> None:
-        if self._gather is not None and self._copy is not None:
-            self._gather.synchronize()
-            self._copy.synchronize()
+    def _drain(self, *lanes: _Lane) -> None:
+        for lane in lanes or (self._store_lane, self._retrieve_lane):
+            if lane.kernels is not None:
+                lane.kernels.synchronize()
+                lane.dma.synchronize()
 
     def _done_event(self) -> tuple[Any, CudaEventHandle]:
         index = next(self._done_index) % _DONE_EVENTS
@@ -359,21 +377,35 @@ class CopyEngine:
             self._done.append(new_ipc_event(self.device))
         return self._done[index]
 
-    def _groups(self, transfer: Transfer) -> tuple[int, list[tuple[int, int, torch.Tensor]]]:
-        """Per group: first chunk, chunk count, its flat block ids on the GPU."""
+    def _groups(
+        self, transfer: Transfer, lane: _Lane, *, layerwise: bool = False
+    ) -> tuple[int, list[tuple[int, int, torch.Tensor]]]:
+        """Per group: first chunk, chunk count, its flat block ids on the GPU.
+
+        Returns the bytes of one chunk's row in the staging buffer first: a whole chunk, or
+        one layer's part of it for a layer-wise retrieve.
+
+        A group is at most ``group_bytes``. A whole-chunk batch is also split over the ring
+        (so that a small batch does not make the engine hold large buffers) with small
+        first and last groups (:func:`group_sizes`); a layer-wise one moves a layer of as
+        many chunks as fit at once, since every layer is a step of its own already.
+        """
         layout, n = transfer.layout, len(transfer.slots)
         bpc = transfer.block_ids.shape[1]
-        chunk_nbytes = layout.chunk_nbytes(bpc)
-        per_group = self._setup(n, chunk_nbytes, layout.layer_chunk_nbytes(bpc))
-        assert self._gather is not None
-        with torch.cuda.stream(self._gather):
+        layer_bytes = layout.layer_chunk_nbytes(bpc)
+        row_nbytes = layer_bytes if layerwise else layout.chunk_nbytes(bpc)
+        fit = max(1, self.group_bytes // row_nbytes)
+        per_group = min(fit, n) if layerwise else min(fit, -(-n // self.depth))
+        self._setup(lane, per_group, row_nbytes, layer_bytes)
+        with torch.cuda.stream(lane.kernels):
             flat = transfer.block_ids.reshape(-1).to(self.device, non_blocking=True)
+        sizes = [min(per_group, n - f) for f in range(0, n, per_group)]
         groups = []
         first = 0
-        for count in group_sizes(n, per_group):
+        for count in sizes if layerwise else group_sizes(n, per_group):
             groups.append((first, count, flat[first * bpc : (first + count) * bpc]))
             first += count
-        return chunk_nbytes, groups
+        return row_nbytes, groups
 
     def _host_runs(
         self, transfer: Transfer, first: int, count: int, chunk_nbytes: int
@@ -404,21 +436,21 @@ class CopyEngine:
         return done, handle
 
     def _next_views(
-        self, count: int, chunk_nbytes: int, layout: KVLayout
+        self, lane: _Lane, count: int, chunk_nbytes: int, layout: KVLayout
     ) -> tuple[int, GroupViews, Any]:
-        """Take the ring's next staging buffer: (its number, views, event it is free after).
+        """Take the lane's next staging buffer: (its number, views, event it is free after).
 
         The views for ``count`` chunks are built once per buffer, size and layout.
         """
-        b = self._next_buffer
-        self._next_buffer = (b + 1) % self.depth
+        b = lane.next_buffer
+        lane.next_buffer = (b + 1) % self.depth
         key = (b, count, chunk_nbytes, layout)
-        views = self._view_cache.get(key)
+        views = lane.views.get(key)
         if views is None:
-            assert self._scratch is not None
-            staging = self._staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
-            views = self._view_cache[key] = group_views(layout, staging, self._scratch)
-        return b, views, self._free[b]
+            assert lane.scratch is not None
+            staging = lane.staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
+            views = lane.views[key] = group_views(layout, staging, lane.scratch)
+        return b, views, lane.free[b]
 
     def _run_group(
         self,
@@ -435,8 +467,8 @@ class CopyEngine:
 
         Two launches a layer cost about a millisecond of Python for 32 layers, and the
         first group's DMA waits for them. A graph captured once per (KV cache, staging
-        buffer, group size) replays them in one launch; its block ids are copied into the
-        graph's own ids tensor first. Where capture fails, the group runs eagerly.
+        buffer, group size, direction) replays them in one launch; its block ids are copied
+        into the graph's own ids tensor first. Where capture fails, the group runs eagerly.
         """
         dim = layout.block_dim
         if self._graphs_broken:
@@ -466,7 +498,7 @@ class CopyEngine:
         static_ids = torch.empty_like(ids)
         graph = _cuda.CUDAGraph()
         try:
-            # Captured on the engine's own stream (the current one here). Not through
+            # Captured on the lane's own stream (the current one here). Not through
             # torch.cuda.graph(), which first synchronizes the device and runs a full GC
             # pass; thread-local mode keeps the waiter threads' CUDA calls legal meanwhile.
             graph.capture_begin(capture_error_mode="thread_local")
@@ -484,9 +516,9 @@ class CopyEngine:
         return graph, static_ids
 
     def _store(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
-        chunk_nbytes, groups = self._groups(transfer)
-        gather, copy = self._gather, self._copy
-        assert gather is not None and copy is not None
+        lane = self._store_lane
+        chunk_nbytes, groups = self._groups(transfer, lane)
+        gather, copy = lane.kernels, lane.dma
         layout = transfer.layout
         sources = layer_views(transfer.layers, layout)
         if transfer.ready is not None:
@@ -494,7 +526,7 @@ class CopyEngine:
         started = _cuda.Event(enable_timing=True)
         started.record(gather)
         for first, count, ids in groups:
-            b, views, free = self._next_views(count, chunk_nbytes, layout)
+            b, views, free = self._next_views(lane, count, chunk_nbytes, layout)
             staging = views.rows
             if free is not None:
                 gather.wait_event(free)
@@ -508,27 +540,36 @@ class CopyEngine:
                     view.copy_(staging[row : row + rows].view(-1), non_blocking=True)
                 freed = _cuda.Event()
                 freed.record(copy)
-            self._free[b] = freed
+            lane.free[b] = freed
             time.sleep(0)
         return self._finish(copy, started, chunk_nbytes * len(transfer.slots))
 
-    def _retrieve(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
+    def _check_deadline(self, transfer: Transfer) -> None:
         if transfer.deadline is not None and time.monotonic() > transfer.deadline:
             raise DeadlinePassed(
                 "the retrieve's deadline passed before its copy started; no block was written"
             )
-        chunk_nbytes, groups = self._groups(transfer)
-        gather, copy = self._gather, self._copy
-        assert gather is not None and copy is not None
+
+    def _start_retrieve(self, transfer: Transfer, lane: _Lane) -> Any:
+        """Order the lane after the worker's event; returns the batch's timing start event."""
+        scatter, copy = lane.kernels, lane.dma
+        if transfer.ready is not None:
+            scatter.wait_event(transfer.ready)
+        started = _cuda.Event(enable_timing=True)
+        started.record(scatter)
+        copy.wait_event(started)
+        return started
+
+    def _retrieve(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
+        self._check_deadline(transfer)
+        lane = self._retrieve_lane
+        chunk_nbytes, groups = self._groups(transfer, lane)
+        scatter, copy = lane.kernels, lane.dma
         layout = transfer.layout
         targets = layer_views(transfer.layers, layout)
-        if transfer.ready is not None:
-            gather.wait_event(transfer.ready)
-        started = _cuda.Event(enable_timing=True)
-        started.record(gather)
-        copy.wait_event(started)
+        started = self._start_retrieve(transfer, lane)
         for first, count, ids in groups:
-            b, views, free = self._next_views(count, chunk_nbytes, layout)
+            b, views, free = self._next_views(lane, count, chunk_nbytes, layout)
             staging = views.rows
             if free is not None:
                 copy.wait_event(free)
@@ -537,24 +578,79 @@ class CopyEngine:
                     staging[row : row + rows].view(-1).copy_(view, non_blocking=True)
                 loaded = _cuda.Event()
                 loaded.record(copy)
-            gather.wait_event(loaded)
-            rows_ids = transfer.block_ids[first : first + count].reshape(-1).tolist()
-            keep_list = last_occurrences(rows_ids)
-            with torch.cuda.stream(gather):
-                keep = None
-                if keep_list is not None:
-                    keep = torch.tensor(keep_list, dtype=torch.int64).to(
-                        self.device, non_blocking=True
-                    )
+            scatter.wait_event(loaded)
+            with torch.cuda.stream(scatter):
+                keep = self._keep(transfer, first, count)
                 if keep is None:
                     self._run_group(transfer.layers, targets, views, layout, ids, b, count, True)
                 else:  # repeated block ids: rare, run eagerly
                     scatter_views(targets, views, layout.block_dim, ids, keep, _yield)
                 freed = _cuda.Event()
-                freed.record(gather)
-            self._free[b] = freed
+                freed.record(scatter)
+            lane.free[b] = freed
             time.sleep(0)  # let the event loop thread take the GIL between groups
-        return self._finish(gather, started, chunk_nbytes * len(transfer.slots))
+        return self._finish(scatter, started, chunk_nbytes * len(transfer.slots))
+
+    def _keep(self, transfer: Transfer, first: int, count: int) -> torch.Tensor | None:
+        """The rows' :func:`last_occurrences` on the GPU, enqueued on the current stream."""
+        rows_ids = transfer.block_ids[first : first + count].reshape(-1).tolist()
+        keep_list = last_occurrences(rows_ids)
+        if keep_list is None:
+            return None
+        return torch.tensor(keep_list, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _retrieve_layers(
+        self, transfer: Transfer
+    ) -> tuple[Any, CudaEventHandle, list[CudaEventHandle]]:
+        """A retrieve in layer order, an interprocess event recorded after each layer.
+
+        Layer ``l``'s part of a chunk is bytes ``[l * L, (l + 1) * L)`` of its slot (``L``
+        one layer's share), so each layer is one DMA per chunk into a staging buffer laid
+        out as a one-layer slot, then one scatter into that layer's blocks. Runs eagerly
+        (two launches a layer and group): a graph per layer would buy little here, since the
+        copies of later layers, not these launches, are what an engine waits for.
+        """
+        self._check_deadline(transfer)
+        lane = self._retrieve_lane
+        layer_bytes, groups = self._groups(transfer, lane, layerwise=True)
+        scatter, copy = lane.kernels, lane.dma
+        layout = transfer.layout
+        one_layer = replace(layout, num_layers=1)
+        targets = layer_views(transfer.layers, layout)
+        size = transfer.slot_nbytes
+        started = self._start_retrieve(transfer, lane)
+        keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
+        handles: list[CudaEventHandle] = []
+        for layer, target in enumerate(targets):
+            offset = layer * layer_bytes
+            for (first, count, ids), keep in zip(groups, keeps, strict=True):
+                b, views, free = self._next_views(lane, count, layer_bytes, one_layer)
+                if free is not None:
+                    copy.wait_event(free)
+                with torch.cuda.stream(copy):
+                    for row, slot in enumerate(transfer.slots[first : first + count]):
+                        begin = slot * size + offset
+                        views.rows[row].copy_(
+                            transfer.host[begin : begin + layer_bytes], non_blocking=True
+                        )
+                    loaded = _cuda.Event()
+                    loaded.record(copy)
+                scatter.wait_event(loaded)
+                with torch.cuda.stream(scatter):
+                    scatter_views([target], views, layout.block_dim, ids, keep)
+                    freed = _cuda.Event()
+                    freed.record(scatter)
+                lane.free[b] = freed
+            if layer == len(targets) - 1:
+                break  # the batch's own completion event stands for the last layer
+            event, handle = self._done_event()
+            event.record(scatter)
+            handles.append(handle)
+            time.sleep(0)
+        nbytes = layer_bytes * layout.num_layers * len(transfer.slots)
+        done, handle = self._finish(scatter, started, nbytes)
+        handles.append(handle)
+        return done, handle, handles
 
     # --------------------------------------------------------------- called from the loop
 
@@ -569,6 +665,16 @@ class CopyEngine:
     ) -> concurrent.futures.Future[tuple[Any, CudaEventHandle]]:
         """Enqueue a retrieve (or raise :class:`DeadlinePassed`); resolves like a store."""
         return self.executor.submit(self._retrieve, transfer)
+
+    def submit_retrieve_layers(
+        self, transfer: Transfer
+    ) -> concurrent.futures.Future[tuple[Any, CudaEventHandle, list[CudaEventHandle]]]:
+        """Enqueue a layer-wise retrieve; resolves to (done event, its handle, layer handles).
+
+        ``layer handles[l]`` is an interprocess event that completes once layer ``l`` of
+        every chunk is in its blocks (the last one is the batch's own).
+        """
+        return self.executor.submit(self._retrieve_layers, transfer)
 
     def wait(
         self, event: Any, handle: CudaEventHandle | None = None
@@ -602,8 +708,11 @@ class CopyEngine:
 
     def staging_bytes(self) -> int:
         """GPU bytes the engine holds for staging and scratch."""
-        total = sum(int(t.numel()) for t in self._staging)
-        return total + (int(self._scratch.numel()) if self._scratch is not None else 0)
+        total = 0
+        for lane in (self._store_lane, self._retrieve_lane):
+            total += sum(int(t.numel()) for t in lane.staging)
+            total += int(lane.scratch.numel()) if lane.scratch is not None else 0
+        return total
 
     def close(self) -> None:
         """Finish enqueued work and stop the threads."""

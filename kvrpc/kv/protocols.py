@@ -46,11 +46,13 @@ __all__ = [
     "RELEASE_PINS",
     "RETRIEVE",
     "RETRIEVE_CUDA",
+    "RETRIEVE_CUDA_LAYERS",
     "STATS",
     "STORE",
     "STORE_CUDA",
     "UNREGISTER_KV_CACHE",
     "CudaCopyReply",
+    "LayerCopyReply",
     "KVCacheRegistration",
     "RetrieveReply",
     "kv_registry",
@@ -110,6 +112,21 @@ class CudaCopyReply(BaseModel):
     cuda_event: CudaEventHandle | None = None
 
 
+class LayerCopyReply(BaseModel):
+    """Per-key outcome of a layer-wise ``cuda_ipc`` retrieve, and one event per layer.
+
+    Sent once the copy is enqueued, not once it completed: ``layer_events[l]`` (recorded on
+    the server's copy stream) completes when layer ``l`` of every copied chunk is in its
+    blocks, and the last one when the whole batch is. A worker polls them (never makes a
+    stream wait on them: see :mod:`kvrpc.cuda`). Empty when nothing was copied.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    errors: list[str | None]
+    layer_events: list[CudaEventHandle] = []
+
+
 REGISTER_KV_CACHE = ProtocolDefinition(
     "kv.register_kv_cache",
     (bytes, KVCacheRegistration),
@@ -158,6 +175,15 @@ RETRIEVE_CUDA = ProtocolDefinition(
         "per key, keys, block ids, the worker's event after which the blocks may be written, "
         "deadline in seconds or None). Past the deadline a copy that has not started is "
         "not started: the reply says so only when no byte can be written any more."
+    ),
+)
+RETRIEVE_CUDA_LAYERS = ProtocolDefinition(
+    "kv.retrieve_cuda_layers",
+    (bytes, int, list[str], KeyBatch, torch.Tensor, CudaEventHandle, float | None),
+    LayerCopyReply,
+    doc=(
+        "kv.retrieve_cuda in layer order: the same arguments; replies once the copy is "
+        "enqueued, with an event per layer that completes when that layer is written."
     ),
 )
 LOOKUP = ProtocolDefinition(
@@ -221,6 +247,7 @@ KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     RETRIEVE,
     STORE_CUDA,
     RETRIEVE_CUDA,
+    RETRIEVE_CUDA_LAYERS,
     LOOKUP,
     QUERY_PREFETCH_STATUS,
     END_SESSION,

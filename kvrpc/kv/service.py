@@ -44,7 +44,7 @@ from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, gather_chunks, scatter_chunks
 from kvrpc.kv.pool import ChunkPool, Reserve
-from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, RetrieveReply
+from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
 from kvrpc.kv.shm import MemoryOwner, SharedMapping, SharedTensorRef, open_shared
 from kvrpc.kv.tiers import LowerTier
 from kvrpc.loopwatch import LoopLagProbe
@@ -202,6 +202,7 @@ class KVService:
             protocols.RETRIEVE.name: self.retrieve,
             protocols.STORE_CUDA.name: self.store_cuda,
             protocols.RETRIEVE_CUDA.name: self.retrieve_cuda,
+            protocols.RETRIEVE_CUDA_LAYERS.name: self.retrieve_cuda_layers,
             protocols.LOOKUP.name: self.lookup,
             protocols.QUERY_PREFETCH_STATUS.name: self.query_prefetch_status,
             protocols.END_SESSION.name: self.end_session,
@@ -749,6 +750,85 @@ class KVService:
         self._last_cuda_handler_seconds = time.perf_counter() - started
         return CudaCopyReply(errors=results, cuda_event=done)
 
+    async def retrieve_cuda_layers(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        ready: CudaEventHandle,
+        deadline: float | None,
+    ) -> LayerCopyReply:
+        """``kv.retrieve_cuda_layers``: a retrieve in layer order, answered once enqueued.
+
+        The reply carries one event per layer; the slots stay pinned, and the sessions'
+        pins held, until the whole copy has completed (settled in the background).
+        """
+        started = time.perf_counter()
+        expires = None if deadline is None else time.monotonic() + deadline
+        instance = self._instance(client_id, instance_id)
+        _require_mode(instance, "cuda_ipc")
+        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
+        if not found:
+            return LayerCopyReply(errors=results)
+        pool = self._require_pool()
+        engine = instance.engine
+        assert engine is not None
+
+        def release() -> None:
+            _unpin(pool, found)
+
+        error, event = await self._worker_ready(instance, ready, expires, release)
+        if error is None:
+            transfer = self._transfer(instance, block_ids, found, event, expires)
+            enqueued = engine.submit_retrieve_layers(transfer)
+            try:
+                done, handle, layer_events = await asyncio.wrap_future(enqueued)
+            except asyncio.CancelledError:
+                _after_engine(enqueued, engine, asyncio.get_running_loop(), release)
+                raise
+            except DeadlinePassed:
+                error = _DEADLINE_TEXT
+            except Exception as exc:
+                logger.error("a GPU copy failed", exc_info=exc)
+                error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            self._settle_retrieve(instance, request_ids, results, found, error)
+            return LayerCopyReply(errors=results)
+        settle = functools.partial(
+            self._settle_retrieve, instance, request_ids, list(results), found
+        )
+        self._start(self._settle_after_copy, engine, done, handle, settle)
+        self._last_cuda_handler_seconds = time.perf_counter() - started
+        return LayerCopyReply(errors=results, layer_events=layer_events)
+
+    async def _settle_after_copy(
+        self,
+        engine: CopyEngine,
+        done: Any,
+        handle: CudaEventHandle,
+        settle: Callable[[str | None], None],
+    ) -> None:
+        """Settle an answered copy (``settle(None or why)``) once the engine completed it."""
+        waited = engine.wait(done, handle)
+        try:
+            await asyncio.wrap_future(waited)
+        except asyncio.CancelledError:  # shutting down: settle when the GPU is done with it
+            loop = asyncio.get_running_loop()
+
+            def late(_: object) -> None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle, "the server shut down")
+
+            waited.add_done_callback(late)
+            raise
+        except Exception as exc:
+            logger.error("waiting for a GPU copy failed", exc_info=exc)
+            settle(f"{type(exc).__name__}: {exc}")
+            return
+        settle(None)
+
     def _pin_batch(
         self,
         instance: _Instance,
@@ -797,27 +877,20 @@ class KVService:
         if error is None:
             self._counters.retrieves += len(found)
 
-    async def _gpu_copy(
+    async def _worker_ready(
         self,
         instance: _Instance,
-        block_ids: torch.Tensor,
-        pairs: list[tuple[int, int]],
         ready_handle: CudaEventHandle,
-        *,
-        retrieve: bool,
         deadline: float | None,
         on_late_finish: Callable[[], None],
-    ) -> tuple[str | None, CudaEventHandle | None]:
-        """Copy ``pairs`` (key index, slot) through the instance's copy engine.
+    ) -> tuple[str | None, Any]:
+        """Open the worker's event and poll it: (None, the event) once it completed.
 
-        Returns (None or why not, the completion event).
-
-        The worker's event is polled until it completes before anything is enqueued (see
-        :mod:`kvrpc.cuda` for why a stream never waits on a peer's pending event). Returns
-        once the copy has completed, or once it is certain never to run.
+        Polled until it completes, never handed to a stream while pending (see
+        :mod:`kvrpc.cuda`); ``(why not, None)`` past the client timeout or the deadline, or
+        once the worker left.
         """
         engine = instance.engine
-        pool = self._require_pool()
         assert engine is not None
         try:
             ready: Any = ready_handle.open()
@@ -843,7 +916,19 @@ class KVService:
                 ), None
         if instance.closed:
             return "the worker unregistered; nothing was copied", None
-        transfer = Transfer(
+        return None, ready
+
+    def _transfer(
+        self,
+        instance: _Instance,
+        block_ids: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        ready: Any,
+        deadline: float | None,
+    ) -> Transfer:
+        """The copy engine's job for ``pairs`` (key index, slot)."""
+        pool = self._require_pool()
+        return Transfer(
             instance.layers,
             instance.layout,
             block_ids[[i for i, _ in pairs]],
@@ -853,6 +938,29 @@ class KVService:
             ready,
             deadline,
         )
+
+    async def _gpu_copy(
+        self,
+        instance: _Instance,
+        block_ids: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        ready_handle: CudaEventHandle,
+        *,
+        retrieve: bool,
+        deadline: float | None,
+        on_late_finish: Callable[[], None],
+    ) -> tuple[str | None, CudaEventHandle | None]:
+        """Copy ``pairs`` (key index, slot) through the instance's copy engine.
+
+        Returns (None or why not, the completion event), once the copy has completed, or
+        once it is certain never to run.
+        """
+        engine = instance.engine
+        assert engine is not None
+        error, ready = await self._worker_ready(instance, ready_handle, deadline, on_late_finish)
+        if error is not None:
+            return error, None
+        transfer = self._transfer(instance, block_ids, pairs, ready, deadline)
         submit = engine.submit_retrieve if retrieve else engine.submit_store
         enqueued = submit(transfer)
         try:

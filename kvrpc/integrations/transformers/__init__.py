@@ -1,0 +1,13 @@
+"""A small engine driver for Hugging Face ``transformers`` Llama models (an optional extra).
+
+:class:`PagedLlama` runs a ``LlamaForCausalLM`` over paged KV blocks in vLLM's
+FlashAttention layout; :class:`CachingEngine` adds kvrpc: prefix lookups, retrieves (whole
+or layer by layer) and stores through the same adapters as the vLLM connector. It is what
+``kvrpc bench e2e`` measures time to first token with. Importing this package needs
+``transformers`` only when a model is wrapped.
+"""
+
+from kvrpc.integrations.transformers.engine import CachingEngine, Prefill
+from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama, slot_indices
+
+__all__ = ["CachingEngine", "PagedKVCache", "PagedLlama", "Prefill", "slot_indices"]

@@ -1,0 +1,230 @@
+"""A one-GPU engine over :class:`~.model.PagedLlama` that caches prompt prefixes in kvrpc.
+
+:class:`CachingEngine` plays both of an inference engine's roles through the adapters the
+vLLM connector uses: as the scheduler it asks the server how many prefix tokens are cached
+(:class:`~kvrpc.kv.PollingSchedulerAdapter`); as the worker it registers its paged KV cache,
+retrieves the hit into fresh blocks, computes only the rest of the prompt, and stores the
+prompt's whole chunks afterwards (:class:`~kvrpc.kv.WorkerAdapter`). A retrieve that fails
+(the server went away, a chunk was evicted) is recomputed: the answer never depends on the
+cache being there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from kvrpc.errors import KVError
+from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
+from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, RetrieveProgress, WorkerAdapter
+from kvrpc.kv.layout import LayoutKind
+from kvrpc.kv.shm import shared_empty
+
+__all__ = ["CachingEngine", "Prefill"]
+
+
+class _LoadFailed(Exception):
+    """A layer's retrieve did not complete: the forward stops and the prompt is recomputed."""
+
+
+@dataclass
+class Prefill:
+    """One prompt's prefill: its blocks, its last logits and what the cache gave."""
+
+    request_id: str
+    token_ids: list[int]
+    block_table: list[int]
+    logits: torch.Tensor
+    """float32 ``[logits_for, vocab]``: the last prompt tokens' logits."""
+    cached_tokens: int
+    """Prompt tokens whose KV came from the server (0 on a miss or a failed retrieve)."""
+    recomputed: bool
+    """True when a retrieve failed and the whole prompt was computed instead."""
+    seconds: float
+    """From the lookup to the first token's logits (time to first token)."""
+
+    @property
+    def first_token(self) -> int:
+        """The greedy next token."""
+        return int(self.logits[-1].argmax())
+
+
+class CachingEngine:
+    """A ``LlamaForCausalLM`` served over paged blocks, its prefixes cached in a kvrpc server.
+
+    ``layerwise`` makes a hit's retrieve move layer by layer, each layer's attention waiting
+    only for its own layer (``cuda_ipc``; on the CPU every layer arrives at once). ``model``
+    and the cache live on ``device``; on the CPU the KV tensors are in shared memory, which
+    the server reads and writes in place.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        url: str,
+        *,
+        model_name: str,
+        num_blocks: int,
+        block_size: int = 16,
+        layerwise: bool = True,
+        timeout: float = 30.0,
+        lookup_timeout: float = 5.0,
+    ) -> None:
+        config = model.config
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        cache = PagedKVCache.empty(
+            num_layers=int(config.num_hidden_layers),
+            num_blocks=num_blocks,
+            block_size=block_size,
+            kv_heads=int(config.num_key_value_heads),
+            head_dim=head_dim,
+            dtype=dtype,
+            device=device,
+            allocate=shared_empty if device.type == "cpu" else None,
+        )
+        self.runner = PagedLlama(model, cache)
+        self.cache = cache
+        self.device = device
+        self.layerwise = layerwise
+        self.timeout = timeout
+        self.scheduler = PollingSchedulerAdapter(
+            url, model_name, 1, 0, block_size, lookup_timeout=lookup_timeout, timeout=timeout
+        )
+        self.worker = WorkerAdapter(url, model_name, 1, 0, block_size, timeout=timeout)
+        self.chunk_size = self.worker.chunk_size
+        layers = {f"model.layers.{i}.self_attn": t for i, t in enumerate(cache.layers)}
+        self.worker.register_kv_caches(layers, LayoutKind.PAGED)
+
+    # ------------------------------------------------------------------ requests
+
+    def lookup(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Prompt tokens the server can give (whole chunks), leaving at least one to compute."""
+        self.scheduler.maybe_submit_lookup_request(request_id, token_ids=list(token_ids))
+        matched = self.scheduler.check_lookup_result(request_id)
+        usable = (len(token_ids) - 1) // self.chunk_size * self.chunk_size
+        return min(matched, usable)
+
+    def prefill(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        *,
+        cached_tokens: int | None = None,
+        store: bool = True,
+        logits_for: int = 1,
+        layerwise: bool | None = None,
+    ) -> Prefill:
+        """Compute a prompt, taking its cached prefix from the server where there is one.
+
+        ``cached_tokens`` is a :meth:`lookup`'s answer (looked up here when None; 0 computes
+        everything). With ``store`` the prompt's whole chunks are stored afterwards (in the
+        background: the server skips the ones it has).
+        """
+        started = time.perf_counter()
+        tokens = list(token_ids)
+        hit = self.lookup(request_id, tokens) if cached_tokens is None else cached_tokens
+        table = self.cache.allocate(self.cache.blocks_for(len(tokens)))
+        layerwise = self.layerwise if layerwise is None else layerwise
+        recomputed = False
+        try:
+            logits = None
+            if hit:
+                progress = self.worker.submit_retrieve_request(
+                    request_id, LoadStoreOp(table, tokens, end=hit), layerwise=layerwise
+                )
+                logits = self._suffix(tokens, hit, table, progress, layerwise, logits_for)
+            if logits is None:
+                recomputed = hit > 0
+                hit = 0
+                logits = self.runner.forward(tokens, 0, table, logits_for=logits_for)
+        except BaseException:
+            self.cache.free(table)
+            raise
+        finally:
+            self.scheduler.end_session(request_id)
+        seconds = time.perf_counter() - started
+        if store:
+            self.store(request_id, tokens, table)
+        return Prefill(request_id, tokens, table, logits, hit, recomputed, seconds)
+
+    def _suffix(
+        self,
+        tokens: list[int],
+        hit: int,
+        table: list[int],
+        progress: RetrieveProgress,
+        layerwise: bool,
+        logits_for: int,
+    ) -> torch.Tensor | None:
+        """The suffix's logits over the retrieved prefix, or None if the retrieve failed."""
+        timeout = self.timeout
+        if not layerwise:
+            if not progress.wait(timeout):
+                return None
+            return self.runner.forward(tokens[hit:], hit, table, logits_for=logits_for)
+
+        def wait_layer(layer: int) -> None:
+            if not progress.wait_layer(layer, timeout):
+                raise _LoadFailed
+
+        try:
+            return self.runner.forward(
+                tokens[hit:], hit, table, wait_layer=wait_layer, logits_for=logits_for
+            )
+        except _LoadFailed:
+            progress.wait(timeout)  # no late copy may write the blocks while they are redone
+            return None
+
+    def store(self, request_id: str, token_ids: Sequence[int], table: Sequence[int]) -> None:
+        """Store the prompt's whole chunks from its blocks, after the work queued so far."""
+        event = None
+        if self.device.type == "cuda":
+            event = cast(Any, torch.cuda).Event()
+            event.record()
+        self.worker.submit_store_request(request_id, LoadStoreOp(list(table), token_ids), event)
+
+    def wait_for_stores(self, request_ids: Sequence[str], timeout: float = 60.0) -> None:
+        """Wait until these requests' stores are done; ``KVError`` on timeout."""
+        self.worker.get_finished(set(request_ids))
+        if not self.worker.wait_for_stores(request_ids, timeout):
+            raise KVError(f"stores of {list(request_ids)} not done within {timeout:g} s")
+
+    def decode(self, prefill: Prefill, steps: int) -> list[int]:
+        """Greedy tokens after the prompt: the first, then ``steps - 1`` more, one at a time.
+
+        Extends the request's block table as it grows (its blocks stay the caller's to
+        :meth:`release`).
+        """
+        tokens = [prefill.first_token]
+        position = len(prefill.token_ids)
+        table = prefill.block_table
+        for _ in range(steps - 1):
+            if position >= len(table) * self.cache.block_size:
+                table.extend(self.cache.allocate(1))
+            logits = self.runner.forward([tokens[-1]], position, table)
+            tokens.append(int(logits[-1].argmax()))
+            position += 1
+        return tokens
+
+    def release(self, prefill: Prefill) -> None:
+        """Free a finished request's blocks (after its store: see :meth:`wait_for_stores`)."""
+        self.cache.free(prefill.block_table)
+        prefill.block_table = []
+
+    def close(self) -> None:
+        """Close both adapters (the worker unregisters its cache)."""
+        self.worker.shutdown()
+        self.scheduler.close()
+
+    def __enter__(self) -> CachingEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
