@@ -154,6 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     gpu.set_defaults(run=_run_bench_gpu)
+    e2e = benches.add_parser(
+        "e2e", help="time to first token on a real model (random weights): miss vs hit"
+    )
+    e2e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a tiny model")
+    e2e.add_argument("--quick", action="store_true", help="1k and 4k prompts, two rounds")
+    e2e.add_argument(
+        "--lengths",
+        type=_positive_int,
+        nargs="+",
+        help="cached prefixes in tokens, multiples of 256 [1024 4096 16384 32768]",
+    )
+    e2e.add_argument("--layers", type=_positive_int, help="layers of the model [32]")
+    e2e.add_argument("--rounds", type=_positive_int, help="timed rounds per length [5]")
+    e2e.add_argument("--plot", metavar="PNG", help="draw TTFT against prompt length (matplotlib)")
+    e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    e2e.set_defaults(run=_run_bench_e2e)
     kv.set_defaults(run=_run_bench_kv)
     slow = benches.add_parser(
         "slow-reader", help="ping latency beside a client that never reads, against idle"
@@ -323,6 +339,12 @@ def _run_bench_gpu(args: argparse.Namespace) -> int:
     from kvrpc.kv.bench_gpu import GPUBenchOptions, run_gpu_bench
 
     return _report(run_gpu_bench(GPUBenchOptions.from_args(args)), args.json)
+
+
+def _run_bench_e2e(args: argparse.Namespace) -> int:
+    from kvrpc.kv.bench_e2e import E2EBenchOptions, run_e2e_bench
+
+    return _report(run_e2e_bench(E2EBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_slow_reader(args: argparse.Namespace) -> int:

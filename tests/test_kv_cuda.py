@@ -453,6 +453,79 @@ def test_a_worker_killed_mid_store_wedges_nothing_and_its_memory_is_freed(
         _store_and_retrieve(alive, layers, 3)
 
 
+@pytest.mark.parametrize("kind", ["paged", "blocks_first"])
+def test_a_layerwise_retrieve_fills_each_layer_by_the_time_its_event_completes(
+    server: str, kind: str
+) -> None:
+    layers = _make_layers(kind, "bfloat16", seed=71)
+    dim = BLOCK_DIM[kind]
+    tokens = _tokens(71, 6)
+    stored, into = list(range(24)), list(range(200, 224))
+    with WorkerAdapter(server, f"layerwise-{kind}", 1, 0, BLOCK_SIZE) as here:
+        here.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        here.submit_store_request("s", LoadStoreOp(stored, tokens))
+        _wait(here, "s", store=True)
+        # The first 40 tokens are the engine's own: the three blocks that hold them stay as
+        # they are (the third holds tokens 32-39, and the retrieve must not write it).
+        held = torch.tensor(into[:3], device="cuda")
+        before = [layer.index_select(dim, held) for layer in layers]
+        op = LoadStoreOp(into, tokens, skip_first_n_tokens=40)
+        progress = here.submit_retrieve_request("r", op, layerwise=True)
+        a = torch.tensor(stored[3:], device="cuda")
+        b = torch.tensor(into[3:], device="cuda")
+        for index, layer in enumerate(layers):
+            assert progress.wait_layer(index, timeout=30)
+            # Checked before waiting for any later layer: this layer's own event sufficed.
+            assert torch.equal(layer.index_select(dim, a), layer.index_select(dim, b)), index
+        assert progress.wait(30)
+        _wait(here, "r", store=False)
+        assert here.get_block_ids_with_load_errors() == set()
+        for layer, old in zip(layers, before, strict=True):
+            assert torch.equal(layer.index_select(dim, held), old)
+
+
+def test_a_layerwise_retrieve_of_a_missing_chunk_fails_that_chunk_only(server: str) -> None:
+    layers = _make_layers("paged", "bfloat16", seed=72)
+    tokens = _tokens(72, 4)
+    with WorkerAdapter(server, "layerwise-miss", 1, 0, BLOCK_SIZE) as here:
+        here.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        here.submit_store_request("s", LoadStoreOp(list(range(8)), tokens, end=2 * CHUNK_SIZE))
+        _wait(here, "s", store=True)
+        progress = here.submit_retrieve_request(
+            "r", LoadStoreOp(list(range(100, 116)), tokens), layerwise=True
+        )
+        assert not progress.wait(30)  # chunks 2 and 3 were never stored
+        assert not progress.wait_layer(0, timeout=1)
+        _wait(here, "r", store=False)
+        assert here.get_block_ids_with_load_errors() == set(range(108, 116))
+        assert _digest(layers, "paged", list(range(100, 108))) == _digest(
+            layers, "paged", list(range(8))
+        )
+
+
+def test_a_store_and_a_retrieve_in_flight_together_both_move_the_right_bytes(
+    server: str,
+) -> None:
+    layers = _make_layers("paged", "bfloat16", seed=73)
+    first, second = _tokens(73, 12), _tokens(74, 12)
+    with WorkerAdapter(server, "duplex", 1, 0, BLOCK_SIZE) as here:
+        here.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        here.submit_store_request("s1", LoadStoreOp(list(range(48)), first))
+        _wait(here, "s1", store=True)
+        stored_first = _digest(layers, "paged", list(range(48)))
+        stored_second = _digest(layers, "paged", list(range(48, 96)))
+        # Submitted back to back: the copy engine runs them on its two lanes at once.
+        here.submit_store_request("s2", LoadStoreOp(list(range(48, 96)), second))
+        here.submit_retrieve_request("r1", LoadStoreOp(list(range(150, 198)), first))
+        _wait(here, "s2", store=True)
+        _wait(here, "r1", store=False)
+        assert here.get_block_ids_with_load_errors() == set()
+        assert _digest(layers, "paged", list(range(150, 198))) == stored_first
+        here.submit_retrieve_request("r2", LoadStoreOp(list(range(200, 248)), second))
+        _wait(here, "r2", store=False)
+        assert _digest(layers, "paged", list(range(200, 248))) == stored_second
+
+
 def test_retrieve_past_its_deadline_fails_and_never_writes(server: str) -> None:
     model = "deadline"
     worker = Worker(server, model, 1, 0, "paged", "float16")

@@ -76,6 +76,8 @@ logger = logging.getLogger("kvrpc.kv")
 
 #: Request ids returned by ``get_finished`` that are remembered, to never return one twice.
 _REMEMBERED_FINISHED = 65536
+#: Seconds between polls of a layer-wise retrieve's next layer event.
+_LAYER_POLL_S = 20e-6
 #: Seconds between attempts to register a KV cache again with a server that forgot it.
 _REREGISTER_INTERVAL = 1.0
 
@@ -510,8 +512,8 @@ class RetrieveProgress:
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         """Block until layer ``layer`` is written (True) or the retrieve failed (False).
 
-        Also False once ``timeout`` seconds pass. Polls the server's event (the host waits,
-        never a stream: see :mod:`kvrpc.cuda`), about every 20 us at first.
+        Also False once ``timeout`` seconds pass. Polls the server's event every 20 us (the
+        host waits, never a stream: see :mod:`kvrpc.cuda`).
         """
         if not 0 <= layer < max(1, self.num_layers):
             raise ValueError(f"layer {layer} is not in 0..{self.num_layers - 1}")
@@ -522,14 +524,14 @@ class RetrieveProgress:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             return self._finished.wait(left) and self._ok
         event = self._layer_events[layer]
-        pause = 20e-6
         while not event.query():
             if self._finished.is_set():  # failed meanwhile (the completion timed out)
                 return self._ok
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+            # No back-off: a layer arrives every millisecond or so, and the caller has
+            # nothing to do until it does.
+            time.sleep(_LAYER_POLL_S)
         return True
 
     def wait(self, timeout: float | None = None) -> bool:

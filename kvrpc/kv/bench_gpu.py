@@ -7,6 +7,9 @@
 * **stall**: while stores run back to back, the server's event-loop lag (``--loop-probe``:
   how late a callback handed to the loop from another thread runs) and the ``rpc.ping``
   round trip of a second client, against the same ping with the server idle.
+* **duplex**: a store and a retrieve of a batch each, submitted together (PCIe is full
+  duplex: the copy engine runs them on two lanes at once), against a pinned D2H and a pinned
+  H2D run at once on two streams.
 * **memory**: the server's peak GPU allocation (its copy engine's staging and temporaries)
   against one batch's bytes.
 
@@ -24,7 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -46,6 +49,7 @@ _TRANSFER_GOAL = 0.9
 _STALL_GOAL_US = 1000
 _PING_GOAL = 2.0
 _MEMORY_GOAL = 2.0
+_DUPLEX_GOAL = 1.5
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         "chunks": options.chunks,
         "batch_bytes": nbytes,
     }
-    pool_gib = max(1.0, 1.25 * nbytes / (1 << 30))
+    pool_gib = max(1.0, 2.25 * nbytes / (1 << 30))  # two batches: the duplex figure
     with (
         tempfile.TemporaryDirectory(prefix="kvrpc-bench-gpu-") as tmp,
         contextlib.ExitStack() as stack,
@@ -213,6 +217,9 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             min(store_ratio, retrieve_ratio) >= _TRANSFER_GOAL,
             f"store and retrieve each >= {_TRANSFER_GOAL:g}x a pinned copy of the same bytes",
         )
+        figures.update(
+            _duplex(options, worker, client, store_ids, retrieve_ids, tokens, nbytes, figures)
+        )
         figures.update(_stall(options, url, client, store))
         stats = client.call(protocols.STATS)
         peak = int(stats.get("cuda_peak_allocated_bytes", 0))
@@ -223,6 +230,81 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             peak <= _MEMORY_GOAL * nbytes, f"copy engine GPU memory <= {_MEMORY_GOAL:g}x a batch"
         )
     return figures
+
+
+def _both_ways(nbytes: int, rounds: int) -> float:
+    """Median seconds of a pinned D2H and a pinned H2D of ``nbytes`` each, run at once."""
+    up = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    down = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    streams = [cast(Any, torch.cuda).Stream(), cast(Any, torch.cuda).Stream()]
+    taken = []
+    for _ in range(rounds + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.cuda.stream(streams[0]):
+            down.copy_(a, non_blocking=True)
+        with torch.cuda.stream(streams[1]):
+            b.copy_(up, non_blocking=True)
+        torch.cuda.synchronize()
+        taken.append(time.perf_counter() - start)
+    return statistics.median(taken[1:])
+
+
+def _duplex(
+    options: GPUBenchOptions,
+    worker: WorkerAdapter,
+    client: SyncClient,
+    store_ids: list[int],
+    retrieve_ids: list[int],
+    tokens: list[int],
+    nbytes: int,
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    """A store and a retrieve of a batch each, submitted together, against pinned both ways.
+
+    The retrieve's chunks are stored first; the store's are new each round, so both move
+    every byte.
+    """
+    taken = []
+    for turn in range(options.rounds + 1):  # the first round is a warm-up
+        client.call(protocols.CLEAR)
+        worker.submit_store_request(f"duplex-base-{turn}", LoadStoreOp(store_ids, tokens))
+        wait_finished(worker, f"duplex-base-{turn}", store=True, poll=0.0001)
+        generator = torch.Generator().manual_seed(100 + turn)
+        other = torch.randint(0, 32000, (len(tokens),), generator=generator).tolist()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        worker.submit_store_request(f"duplex-s-{turn}", LoadStoreOp(store_ids, other))
+        worker.submit_retrieve_request(f"duplex-r-{turn}", LoadStoreOp(retrieve_ids, tokens))
+        wait_finished(worker, f"duplex-r-{turn}", store=False, poll=0.0001)
+        wait_finished(worker, f"duplex-s-{turn}", store=True, poll=0.0001)
+        taken.append(time.perf_counter() - start)
+        if worker.get_block_ids_with_load_errors():
+            raise KVError("a retrieve beside a store could not fill every block")
+        stats = client.call(protocols.STATS)
+        if stats["chunks"] != 2 * options.chunks:
+            raise KVError(f"a store beside a retrieve left {stats['chunks']} chunks")
+    client.call(protocols.CLEAR)
+    duplex = statistics.median(taken[1:])
+    both = _both_ways(nbytes, options.rounds)
+    one_way = max(figures["d2h_gb_per_s"], figures["h2d_gb_per_s"])
+    rate = 2 * nbytes / duplex / 1e9
+    ratio = rate / one_way
+    return {
+        "duplex_ms": round(duplex * 1e3, 2),
+        "duplex_spread_ms": [round(min(taken[1:]) * 1e3, 2), round(max(taken[1:]) * 1e3, 2)],
+        "duplex_gb_per_s": round(rate, 2),
+        "pinned_both_ways_ms": round(both * 1e3, 2),
+        "pinned_both_ways_gb_per_s": round(2 * nbytes / both / 1e9, 2),
+        "duplex_to_one_way": round(ratio, 3),
+        "duplex_to_pinned_both_ways": round(both / duplex, 3),
+        "duplex_goal": goal(
+            ratio >= _DUPLEX_GOAL,
+            f"a store and a retrieve at once >= {_DUPLEX_GOAL:g}x the one-direction pinned rate",
+        ),
+    }
 
 
 def _check_retrieve(

@@ -619,7 +619,8 @@ class CopyEngine:
         targets = layer_views(transfer.layers, layout)
         size = transfer.slot_nbytes
         started = self._start_retrieve(transfer, lane)
-        keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
+        with torch.cuda.stream(scatter):  # the scatters read them on this stream
+            keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
         handles: list[CudaEventHandle] = []
         for layer, target in enumerate(targets):
             offset = layer * layer_bytes

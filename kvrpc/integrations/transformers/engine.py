@@ -40,17 +40,14 @@ class Prefill:
     block_table: list[int]
     logits: torch.Tensor
     """float32 ``[logits_for, vocab]``: the last prompt tokens' logits."""
+    first_token: int
+    """The greedy next token, read back to the host."""
     cached_tokens: int
     """Prompt tokens whose KV came from the server (0 on a miss or a failed retrieve)."""
     recomputed: bool
     """True when a retrieve failed and the whole prompt was computed instead."""
     seconds: float
-    """From the lookup to the first token's logits (time to first token)."""
-
-    @property
-    def first_token(self) -> int:
-        """The greedy next token."""
-        return int(self.logits[-1].argmax())
+    """From the lookup to the first token on the host: the time to first token."""
 
 
 class CachingEngine:
@@ -149,10 +146,11 @@ class CachingEngine:
             raise
         finally:
             self.scheduler.end_session(request_id)
+        first = int(logits[-1].argmax())  # waits for the GPU: the token exists only now
         seconds = time.perf_counter() - started
         if store:
             self.store(request_id, tokens, table)
-        return Prefill(request_id, tokens, table, logits, hit, recomputed, seconds)
+        return Prefill(request_id, tokens, table, logits, first, hit, recomputed, seconds)
 
     def _suffix(
         self,

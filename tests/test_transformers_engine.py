@@ -1,0 +1,262 @@
+"""The transformers engine driver end to end: a real Llama forward over paged blocks, a real
+``kvrpc serve``, prefixes stored and retrieved through the adapters the vLLM connector uses.
+
+The model is a tiny Llama (2 layers, hidden 64) with seeded random weights: real compute,
+nothing downloaded. On the CPU it runs in float32 with its KV in shared memory (the server
+copies in place); the ``cuda`` cases run the same checks in bfloat16 on CUDA tensors, moved
+by the server's copy engine over CUDA IPC (on the GPU machine, ``pytest -m cuda``).
+
+What "the same" means, as the tests assert it:
+
+* a hit's logits are bit-identical to the suffix computed over the KV this engine computed
+  itself (the retrieved bytes are those bytes);
+* they equal a full recompute of the whole prompt within ``TOLERANCE`` of the logits'
+  scale (a full prefill runs differently shaped matmuls, so the last bits may differ);
+* greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvrpc.errors import KVConfigError
+from kvrpc.integrations.transformers import (
+    CachingEngine,
+    PagedKVCache,
+    PagedLlama,
+    slot_indices,
+)
+from kvrpc.testing.serve import ServeProcess
+from kvrpc.transport import local_url
+
+CHUNK = 32  # the server's chunk size: two blocks of 16
+#: Largest difference from a full recompute, as a fraction of the largest logit.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+cuda = pytest.mark.cuda
+no_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: runs on the GPU machine with `pytest -m cuda`",
+)
+DEVICES = [
+    pytest.param(("cpu", torch.float32), id="cpu-fp32"),
+    pytest.param(("cuda", torch.bfloat16), id="cuda-bf16", marks=[cuda, no_gpu]),
+]
+_ids = itertools.count()
+
+
+def tiny_llama(device: str, dtype: torch.dtype) -> Any:
+    torch.manual_seed(1234)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.5,  # spread-out logits: greedy picks are not near ties
+    )
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Iterator[ServeProcess]:
+    serve = ServeProcess(
+        local_url(str(tmp_path), "kv.sock"),
+        "--chunk-size",
+        str(CHUNK),
+        "--cpu-buffer-size",
+        "0.05",
+        log_dir=str(tmp_path),
+    )
+    serve.start()
+    yield serve
+    serve.stop()
+
+
+@pytest.fixture(params=DEVICES)
+def engine(request: Any, server: ServeProcess) -> Iterator[CachingEngine]:
+    device, dtype = request.param
+    model = tiny_llama(device, dtype)
+    with CachingEngine(
+        model, server.url, model_name=f"tiny-{device}", num_blocks=256, timeout=10
+    ) as running:
+        yield running
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (length,), generator=generator).tolist()
+
+
+def rid() -> str:
+    return f"request-{next(_ids)}"
+
+
+def scale_of(logits: torch.Tensor) -> float:
+    return float(logits.abs().max())
+
+
+def own_kv_suffix(engine: CachingEngine, tokens: list[int], start: int, n: int) -> torch.Tensor:
+    """The suffix's logits over a prefix this engine computed into its own blocks."""
+    table = engine.cache.allocate(engine.cache.blocks_for(len(tokens)))
+    try:
+        engine.runner.forward(tokens[:start], 0, table)
+        return engine.runner.forward(tokens[start:], start, table, logits_for=n)
+    finally:
+        engine.cache.free(table)
+
+
+def stored_prefix(engine: CachingEngine, prefix: list[int]) -> None:
+    first = engine.prefill(rid(), [*prefix, 1, 2, 3])
+    assert first.cached_tokens == 0
+    engine.wait_for_stores([first.request_id])
+    engine.release(first)
+
+
+# ---------------------------------------------------------------------- the model alone
+
+
+def test_the_paged_forward_computes_what_transformers_computes() -> None:
+    model = tiny_llama("cpu", torch.float32)
+    cache = PagedKVCache.empty(
+        num_layers=2,
+        num_blocks=64,
+        block_size=16,
+        kv_heads=2,
+        head_dim=16,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    tokens = prompt(150, seed=1)
+    table = cache.allocate(cache.blocks_for(150))
+    ours = PagedLlama(model, cache).forward(tokens, 0, table, logits_for=150)
+    with torch.inference_mode():
+        theirs = model(torch.tensor([tokens])).logits[0].float()
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5 * scale_of(theirs))
+
+
+def test_token_slots_follow_the_block_table() -> None:
+    slots = slot_indices([7, 2, 9], 14, 34, 16)
+    assert slots.tolist() == [7 * 16 + 14, 7 * 16 + 15] + [2 * 16 + i for i in range(16)] + [
+        9 * 16,
+        9 * 16 + 1,
+    ]
+    with pytest.raises(KVConfigError, match="need 3 blocks; the table has 2"):
+        slot_indices([1, 2], 0, 40, 16)
+
+
+def test_a_full_cache_refuses_to_allocate_and_names_the_counts() -> None:
+    cache = PagedKVCache.empty(
+        num_layers=1,
+        num_blocks=4,
+        block_size=16,
+        kv_heads=1,
+        head_dim=8,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    taken = cache.allocate(3)
+    assert len(set(taken)) == 3
+    with pytest.raises(KVConfigError, match="2 KV blocks asked for, 1 of 4 free"):
+        cache.allocate(2)
+    cache.free(taken)
+    assert len(cache.allocate(4)) == 4
+
+
+def test_importing_the_driver_does_not_import_transformers() -> None:
+    code = (
+        "import sys, kvrpc, kvrpc.integrations.transformers; "
+        "assert 'transformers' not in sys.modules; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------- over a server
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_a_hit_computes_only_the_suffix_and_changes_no_logit(
+    engine: CachingEngine, layerwise: bool
+) -> None:
+    prefix = prompt(4 * CHUNK + 10, seed=2)  # 4 whole chunks and a part
+    stored_prefix(engine, prefix)
+    tokens = prefix + prompt(20, seed=3)
+    suffix = len(tokens) - 4 * CHUNK
+
+    hit = engine.prefill(rid(), tokens, logits_for=suffix, layerwise=layerwise, store=False)
+
+    assert hit.cached_tokens == 4 * CHUNK and not hit.recomputed
+    assert torch.equal(hit.logits, own_kv_suffix(engine, tokens, 4 * CHUNK, suffix))
+    full = engine.prefill(rid(), tokens, cached_tokens=0, logits_for=suffix, store=False)
+    assert full.cached_tokens == 0
+    bound = TOLERANCE[engine.runner.model.dtype] * scale_of(full.logits)
+    assert float((hit.logits - full.logits).abs().max()) <= bound
+    assert engine.decode(hit, 32) == engine.decode(full, 32)
+    stats = engine.worker.stats
+    assert stats.retrieved_chunks == 4 and stats.failed_retrieves == 0
+
+
+def test_layerwise_and_whole_retrieves_give_the_same_bytes(engine: CachingEngine) -> None:
+    prefix = prompt(3 * CHUNK, seed=4)
+    stored_prefix(engine, prefix)
+    tokens = prefix + prompt(9, seed=5)
+    whole = engine.prefill(rid(), tokens, logits_for=9, layerwise=False, store=False)
+    layered = engine.prefill(rid(), tokens, logits_for=9, layerwise=True, store=False)
+    assert whole.cached_tokens == layered.cached_tokens == 3 * CHUNK
+    assert torch.equal(whole.logits, layered.logits)
+    blocks = 3 * CHUNK // engine.cache.block_size
+    for layer in engine.cache.layers:
+        assert torch.equal(
+            layer[:, whole.block_table[:blocks]], layer[:, layered.block_table[:blocks]]
+        )
+
+
+def test_a_miss_is_a_plain_prefill(engine: CachingEngine) -> None:
+    tokens = prompt(2 * CHUNK + 5, seed=6)
+    miss = engine.prefill(rid(), tokens, logits_for=4, store=False)
+    assert miss.cached_tokens == 0 and not miss.recomputed
+    again = engine.prefill(rid(), tokens, cached_tokens=0, logits_for=4, store=False)
+    assert torch.equal(miss.logits, again.logits)
+
+
+def test_a_prompt_of_whole_chunks_still_computes_its_last_token(engine: CachingEngine) -> None:
+    tokens = prompt(2 * CHUNK, seed=7)
+    stored_prefix(engine, tokens)
+    hit = engine.prefill(rid(), tokens, store=False)
+    assert hit.cached_tokens == CHUNK  # the last chunk is computed: its last token gives logits
+    full = engine.prefill(rid(), tokens, cached_tokens=0, store=False)
+    assert hit.first_token == full.first_token
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_a_retrieve_that_fails_is_recomputed_with_the_same_logits(
+    engine: CachingEngine, server: ServeProcess, layerwise: bool
+) -> None:
+    prefix = prompt(3 * CHUNK, seed=8)
+    stored_prefix(engine, prefix)
+    tokens = prefix + prompt(12, seed=9)
+    request_id = rid()
+    cached = engine.lookup(request_id, tokens)
+    assert cached == 3 * CHUNK
+    server.kill()  # after the lookup said hit, before the retrieve
+
+    served = engine.prefill(
+        request_id, tokens, cached_tokens=cached, logits_for=12, layerwise=layerwise, store=False
+    )
+
+    assert served.recomputed and served.cached_tokens == 0
+    assert engine.worker.stats.failed_retrieves == 3
+    full = engine.prefill(rid(), tokens, cached_tokens=0, logits_for=12, store=False)
+    assert torch.equal(served.logits, full.logits)
