@@ -87,7 +87,6 @@ class E2EBenchOptions:
     shape: ModelShape = ModelShape()
     device: str = "cuda"
     decode_steps: int = 40
-    stores: int = 6
     plot: str | None = None
 
     @classmethod
@@ -105,7 +104,6 @@ class E2EBenchOptions:
             shape=shape,
             device=args.device,
             decode_steps=10 if quick or cpu else 40,
-            stores=2 if quick or cpu else 6,
             plot=args.plot,
         )
 
@@ -342,26 +340,29 @@ def _decode_figures(
         step()
     idle = [end - start for start, end in (step() for _ in range(options.decode_steps))]
     busy: list[tuple[float, float]] = []
+    stop = threading.Event()
     stored_bytes = engine.worker.stats.stored_bytes
 
     def stores() -> None:
-        for index in range(options.stores):
+        # Back to back, each of new tokens (so every chunk is copied), until told to stop.
+        while not stop.is_set():
+            request_id = f"background-{len(busy)}"
             op = LoadStoreOp(source.block_table, fresh(source.cached_tokens))
             start = time.perf_counter()
-            engine.worker.submit_store_request(f"background-{index}", op)
-            engine.wait_for_stores([f"background-{index}"], timeout=120)
+            engine.worker.submit_store_request(request_id, op)
+            engine.wait_for_stores([request_id], timeout=120)
             busy.append((start, time.perf_counter()))
 
     thread = threading.Thread(target=stores)
-    during: list[float] = []
-    steps: list[tuple[float, float]] = []
     thread.start()
-    while thread.is_alive():
-        steps.append(step())
+    steps = [step() for _ in range(options.decode_steps)]
+    stop.set()
     thread.join()
-    for start, end in steps:
-        if any(a <= start and end <= b for a, b in busy):
-            during.append(end - start)
+    if not busy:
+        raise KVError("no background store completed")
+    # Steps inside the stores' span: between two stores the next is submitted at once.
+    first, last = busy[0][0], busy[-1][1]
+    during = [end - start for start, end in steps if first <= start and end <= last]
     engine.release(request)
     moved = engine.worker.stats.stored_bytes - stored_bytes
     idle_ms, during_ms = _spread(idle), _spread(during) if during else {}
@@ -370,7 +371,9 @@ def _decode_figures(
         "decode_idle_step_ms": idle_ms,
         "decode_during_store_step_ms": during_ms,
         "decode_steps_during_stores": len(during),
-        "decode_store_bytes_each": moved // max(1, options.stores),
+        "decode_stores": len(busy),
+        "decode_store_bytes_each": moved // len(busy),
+        "decode_store_ms": _spread([end - start for start, end in busy]),
         "decode_during_store_to_idle": round(ratio, 3),
     }
 

@@ -48,6 +48,7 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle, new_ipc_event
 from kvrpc.errors import KVError
+from kvrpc.kv.dma import copy_rows_to_device
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 
 __all__ = [
@@ -605,8 +606,9 @@ class CopyEngine:
         """A retrieve in layer order, an interprocess event recorded after each layer.
 
         Layer ``l``'s part of a chunk is bytes ``[l * L, (l + 1) * L)`` of its slot (``L``
-        one layer's share), so each layer is one DMA per chunk into a staging buffer laid
-        out as a one-layer slot, then one scatter into that layer's blocks. Runs eagerly
+        one layer's share), so each layer is one pitched DMA per run of consecutive slots
+        (:func:`kvrpc.kv.dma.copy_rows_to_device`) into a staging buffer laid out as a
+        one-layer slot, then one scatter into that layer's blocks. Runs eagerly
         (two launches a layer and group): a graph per layer would buy little here, since the
         copies of later layers, not these launches, are what an engine waits for.
         """
@@ -628,14 +630,10 @@ class CopyEngine:
                 b, views, free = self._next_views(lane, count, layer_bytes, one_layer)
                 if free is not None:
                     copy.wait_event(free)
-                with torch.cuda.stream(copy):
-                    for row, slot in enumerate(transfer.slots[first : first + count]):
-                        begin = slot * size + offset
-                        views.rows[row].copy_(
-                            transfer.host[begin : begin + layer_bytes], non_blocking=True
-                        )
-                    loaded = _cuda.Event()
-                    loaded.record(copy)
+                offsets = [slot * size + offset for slot in transfer.slots[first : first + count]]
+                copy_rows_to_device(views.rows, transfer.host, offsets, size, copy)
+                loaded = _cuda.Event()
+                loaded.record(copy)
                 scatter.wait_event(loaded)
                 with torch.cuda.stream(scatter):
                     scatter_views([target], views, layout.block_dim, ids, keep)

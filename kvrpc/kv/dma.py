@@ -1,0 +1,110 @@
+"""Host-to-device copies of strided rows, one CUDA driver call per run of rows.
+
+A layer-wise retrieve moves, for each layer, one slice of every chunk's pool slot: rows of
+a layer's width, ``slot_nbytes`` apart in pinned memory. Through ``Tensor.copy_`` that is a
+call (dispatch, a copy, an event for torch's pinned-memory bookkeeping) per chunk and
+layer, thousands a batch, and the copy engine thread's Python then sets the pace instead of
+PCIe. ``cuMemcpy2DAsync`` moves rows at a fixed pitch in one call: with the pool's slots
+mostly consecutive, a layer is a call or a few.
+
+The driver is reached through ``ctypes`` (``libcuda.so.1``, present wherever a GPU is);
+where it cannot be loaded the copies fall back to ``Tensor.copy_``, row by row.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["copy_rows_to_device", "pitched_runs"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+_HOST, _DEVICE = 1, 2  # CUmemorytype
+
+
+class _Memcpy2D(ctypes.Structure):
+    """``CUDA_MEMCPY2D``: field by field as ``cuda.h`` declares it."""
+
+    _fields_ = (
+        ("srcXInBytes", ctypes.c_size_t),
+        ("srcY", ctypes.c_size_t),
+        ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_uint64),
+        ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t),
+        ("dstY", ctypes.c_size_t),
+        ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_uint64),
+        ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t),
+        ("Height", ctypes.c_size_t),
+    )
+
+
+@functools.cache
+def _memcpy_2d() -> Any:
+    """``cuMemcpy2DAsync_v2``, or None where the driver library cannot be loaded."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        function = driver.cuMemcpy2DAsync_v2
+    except (OSError, AttributeError) as exc:
+        logger.info("CUDA driver not reachable through ctypes (%s); copying row by row", exc)
+        return None
+    function.argtypes = (ctypes.POINTER(_Memcpy2D), ctypes.c_void_p)
+    function.restype = ctypes.c_int
+    return function
+
+
+def pitched_runs(offsets: Sequence[int], pitch: int) -> list[tuple[int, int]]:
+    """``(first row, rows)`` of each run whose source offsets step by exactly ``pitch``."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for index in range(1, len(offsets) + 1):
+        if index == len(offsets) or offsets[index] != offsets[index - 1] + pitch:
+            runs.append((start, index - start))
+            start = index
+    return runs
+
+
+def copy_rows_to_device(
+    rows: torch.Tensor, host: torch.Tensor, offsets: Sequence[int], pitch: int, stream: Any
+) -> None:
+    """Copy ``host[offsets[i] : offsets[i] + width]`` into ``rows[i]``, enqueued on ``stream``.
+
+    ``rows`` is a contiguous uint8 ``[n, width]`` CUDA tensor, ``host`` a pinned 1-D uint8
+    tensor; rows whose offsets step by ``pitch`` go in one 2-D copy. Asynchronous: ``host``
+    must stay alive and unchanged until ``stream`` has run the copies.
+    """
+    width = rows.shape[1]
+    memcpy = _memcpy_2d()
+    if memcpy is None:
+        with torch.cuda.stream(stream):
+            for row, offset in enumerate(offsets):
+                rows[row].copy_(host[offset : offset + width], non_blocking=True)
+        return
+    base, target = host.data_ptr(), rows.data_ptr()
+    handle = ctypes.c_void_p(stream.cuda_stream)
+    for first, count in pitched_runs(offsets, pitch):
+        spec = _Memcpy2D(
+            srcMemoryType=_HOST,
+            srcHost=base + offsets[first],
+            srcPitch=pitch if count > 1 else width,
+            dstMemoryType=_DEVICE,
+            dstDevice=target + first * width,
+            dstPitch=width,
+            WidthInBytes=width,
+            Height=count,
+        )
+        status = memcpy(ctypes.byref(spec), handle)
+        if status != 0:
+            raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {status}")
