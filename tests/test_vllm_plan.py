@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvrpc.errors import KVConfigError
+from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import KVRanks, Phase, SchedulerPlan, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
@@ -105,6 +106,140 @@ def test_a_retrieve_is_planned_once_however_often_blocks_are_allocated() -> None
     assert p.on_alloc("r", list(range(19)), 192) is None  # after the load: more blocks
     assert [t.retrieve for t in p.take_transfers()] == [True]
     assert p.phase("r") is Phase.PLANNED
+
+
+def test_the_blocks_a_retrieve_writes_leave_out_vllms_own() -> None:
+    p = plan()
+    p.begin("r", tokens(300), 300)
+    p.on_lookup("r", 192, 80)
+    p.on_alloc("r", list(range(100, 120)), 112)
+    (retrieve,) = p.take_transfers()
+    # Block 104 holds tokens 64..79, which vLLM computed: a failed load never names it.
+    assert retrieve.written_block_ids(BLOCK) == tuple(range(105, 112))
+    p.on_scheduled("r", [], 300)
+    (store,) = p.take_transfers()
+    assert not store.retrieve and store.written_block_ids(BLOCK) == ()
+
+
+# ---------------------------------------------------------------------- synchronous loads
+
+
+@pytest.mark.parametrize(
+    ("sync_loads", "matched", "local", "answer"),
+    [
+        (False, 192, 0, (192, True)),
+        (True, 192, 0, (192, False)),
+        (True, 192, 80, (112, False)),
+        (False, 128, 192, (0, False)),  # nothing to load is never asynchronous
+        (True, 0, 0, (0, False)),
+    ],
+)
+def test_vllm_is_told_to_load_asynchronously_unless_loads_are_synchronous(
+    sync_loads: bool, matched: int, local: int, answer: tuple[int, bool]
+) -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, sync_loads=sync_loads)
+    p.begin("r", tokens(300), 300)
+    assert p.answer("r", matched, local) == answer
+
+
+def test_a_synchronous_load_goes_out_in_the_step_that_schedules_it_before_its_stores() -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, sync_loads=True)
+    p.begin("r", tokens(300), 300)
+    assert p.answer("r", 192, 0) == (192, False)
+    blocks = list(range(100, 119))
+    p.on_alloc("r", blocks, 192)  # vLLM: update_state_after_alloc, then the same step's
+    p.on_scheduled("r", blocks, 300, replace_blocks=True)  # build_connector_meta
+    retrieve, store = p.take_transfers()
+    assert retrieve.retrieve and (retrieve.op.start, retrieve.op.end) == (0, 192)
+    assert not store.retrieve and (store.op.start, store.op.end) == (192, 256)
+
+
+class FakeProgress:
+    """A retrieve whose layers arrive when the test says; a wait for a missing one times out."""
+
+    def __init__(self, layers_in: int = 0, *, finished: bool = False, ok: bool = True) -> None:
+        self.layers_in, self.finished, self.ok = layers_in, finished, ok
+        self.waits: list[tuple[str, int | None, float | None]] = []
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        self.waits.append(("layer", layer, timeout))
+        return self.ok and layer < self.layers_in
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(("whole", None, timeout))
+        return self.finished and self.ok
+
+    def done(self) -> bool:
+        return self.finished
+
+
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+
+
+def test_each_layer_waits_for_its_own_layer_and_a_whole_load_is_then_forgotten() -> None:
+    loads = LayerLoads(LAYERS, timeout=2.0)
+    progress = FakeProgress(layers_in=1)
+    loads.add(progress, [5, 6])
+    assert loads.wait_for_layer(LAYERS[0]) == set()
+    assert progress.waits[0][:2] == ("layer", 0)
+    assert 0 < (progress.waits[0][2] or 0) <= 2.0
+    assert len(loads) == 1  # layer 1 still to come
+    progress.layers_in, progress.finished = 2, True
+    assert loads.wait_for_layer(LAYERS[1]) == set()
+    assert len(loads) == 0
+    assert loads.settle() == set()
+    assert loads.wait_for_layer(LAYERS[0]) == set()  # nothing pending: no wait at all
+    assert len(progress.waits) == 4
+
+
+def test_a_failed_load_is_dropped_and_its_blocks_left_to_the_adapter() -> None:
+    loads = LayerLoads(LAYERS, timeout=2.0)
+    loads.add(FakeProgress(finished=True, ok=False), [5, 6])
+    # Settled: the adapter reports exactly the blocks it could not fill.
+    assert loads.wait_for_layer(LAYERS[0]) == set()
+    assert len(loads) == 0
+
+
+def test_a_load_still_running_when_the_wait_times_out_is_a_load_error_whole() -> None:
+    loads = LayerLoads(LAYERS, timeout=0.5)
+    loads.add(FakeProgress(layers_in=0), [5, 6])
+    assert loads.wait_for_layer(LAYERS[0]) == {5, 6}
+    assert len(loads) == 0
+    assert loads.settle() == set()  # reported once
+
+
+def test_a_layer_kvrpc_did_not_register_waits_for_the_whole_loads() -> None:
+    loads = LayerLoads(LAYERS, timeout=2.0)
+    whole, running = FakeProgress(finished=True), FakeProgress(layers_in=2)
+    loads.add(whole, [1])
+    loads.add(running, [2, 3])
+    assert loads.wait_for_layer("model.layers.0.mlp") == {2, 3}  # whole: timed out
+    assert [kind for kind, _, _ in whole.waits + running.waits] == ["whole", "whole"]
+    assert len(loads) == 0
+
+
+def test_a_load_the_forward_did_not_wait_for_on_every_layer_is_a_load_error_at_the_end() -> None:
+    skipped, waited = LayerLoads(LAYERS), LayerLoads(LAYERS)
+    progress = [FakeProgress(layers_in=2), FakeProgress(layers_in=2)]
+    skipped.add(progress[0], [7, 8])
+    waited.add(progress[1], [7, 8])
+    skipped.wait_for_layer(LAYERS[0])
+    for name in LAYERS:
+        waited.wait_for_layer(name)
+    for each in progress:  # the whole retrieves complete after the forward
+        each.finished = True
+    assert skipped.settle() == {7, 8}  # layer 1 may have read its blocks too early
+    assert waited.settle() == set()
+    assert len(skipped) == len(waited) == 0
+
+
+def test_settling_waits_for_a_load_still_running_and_abandoning_never_waits() -> None:
+    loads = LayerLoads(LAYERS, timeout=0.2)
+    loads.add(FakeProgress(layers_in=2), [1, 2])
+    assert loads.settle() == {1, 2}  # never finished within the timeout
+    loads.add(FakeProgress(layers_in=2), [3])
+    assert loads.abandon() == {3}
+    assert len(loads) == 0
 
 
 # ---------------------------------------------------------------------- stores
@@ -209,6 +344,8 @@ def test_settings_take_kvrpc_keys_and_leave_others_alone() -> None:
     )
     assert settings.url == "unix:///tmp/x.sock" and settings.timeout == 3.0
     assert ConnectorSettings.from_extra_config(None) == ConnectorSettings()
+    assert ConnectorSettings().layerwise is False  # loads stay asynchronous unless asked
+    assert ConnectorSettings.from_extra_config({"kvrpc.layerwise": True}).layerwise
 
 
 @pytest.mark.parametrize(
@@ -218,6 +355,7 @@ def test_settings_take_kvrpc_keys_and_leave_others_alone() -> None:
         ({"kvrpc.timeout": 0}, r"kvrpc\.timeout = 0: .*accepted: float > 0"),
         ({"kvrpc.transfer_mode": "rdma"}, r"kvrpc\.transfer_mode = 'rdma'.*'inline'"),
         ({"kvrpc.save_decode_cache": "maybe"}, r"kvrpc\.save_decode_cache = 'maybe'"),
+        ({"kvrpc.layerwise": "sometimes"}, r"kvrpc\.layerwise = 'sometimes'.*bool"),
     ],
 )
 def test_a_bad_setting_names_the_key_and_what_it_accepts(

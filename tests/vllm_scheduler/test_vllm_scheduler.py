@@ -15,6 +15,7 @@ import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from kvrpc.errors import KVConfigError  # noqa: E402
@@ -38,6 +39,7 @@ from kvrpc.integrations.vllm import KvrpcConnector, KvrpcConnectorStats  # noqa:
 from kvrpc.testing.serve import ServeProcess  # noqa: E402
 
 CHUNK = 64  # tokens per server chunk: 4 blocks of 16
+WAITING_FOR_KV = RequestStatus.WAITING_FOR_REMOTE_KVS
 TP = 2
 init_none_hash(sha256)
 
@@ -53,6 +55,20 @@ class Server(ServeProcess):
             f"{scheme}://{path}",
             *("--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05", "--client-timeout", "5"),
         )
+
+
+@dataclass
+class Step:
+    """What one engine step scheduled, and what each rank's forward saw and reported."""
+
+    index: int
+    sync_loads: bool  # vLLM's SchedulerOutput.has_sync_kv_loads
+    new: dict[str, int]  # request newly scheduled -> its num_computed_tokens then
+    scheduled: dict[str, int]  # request -> tokens scheduled
+    statuses: dict[str, RequestStatus]  # every request vLLM holds, after schedule()
+    external: dict[str, int]  # newly scheduled -> vLLM's num_external_cached_tokens
+    load_errors: list[set[int]] = field(default_factory=list)  # per rank
+    wrong_reads: list[dict[str, set[int]]] = field(default_factory=list)  # per rank
 
 
 class Engine:
@@ -87,6 +103,17 @@ class Engine:
         self.stats = KvrpcConnectorStats()
         self.load_errors: set[int] = set()
         self.scheduled: dict[str, int] = {}  # request -> tokens computed when first scheduled
+        self.history: list[Step] = []
+        # request -> (step, answer) for every get_num_new_matched_tokens vLLM made
+        self.answers: dict[str, list[tuple[int, tuple[int | None, bool]]]] = {}
+        asked = self.connector.get_num_new_matched_tokens
+
+        def recording(request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+            answer = asked(request, num_computed_tokens)
+            self.answers.setdefault(request.request_id, []).append((len(self.history), answer))
+            return answer
+
+        self.connector.get_num_new_matched_tokens = recording  # type: ignore[method-assign]
 
     @staticmethod
     def _recv(pipe: Any, timeout: float) -> Any:
@@ -116,9 +143,23 @@ class Engine:
         ``before_workers`` sees the scheduler's output before the workers get it.
         """
         out = self.scheduler.schedule()
+        record = Step(
+            len(self.history),
+            out.has_sync_kv_loads,
+            {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs},
+            dict(out.num_scheduled_tokens),
+            {r: request.status for r, request in self.scheduler.requests.items()},
+            {
+                new.req_id: stats.num_external_cached_tokens
+                for new in out.scheduled_new_reqs
+                if (stats := self.requests[new.req_id].prefill_stats) is not None
+            },
+        )
+        self.history.append(record)
         if before_workers is not None:
             before_workers(out)
         writes: list[tuple[int, int, int, int]] = []
+        reads: dict[str, list[tuple[int, int, int, int]]] = {}
         starts: dict[str, int] = {}
         for new in out.scheduled_new_reqs:
             self.tables[new.req_id] = list(new.block_ids[0])
@@ -140,16 +181,26 @@ class Engine:
                 block, offset = divmod(position, harness.BLOCK_SIZE)
                 token = request.all_token_ids[position]
                 writes.append((table[block], offset, token, position))
+            # Attention reads the KV of every token before the scheduled ones.
+            reads[request_id] = [
+                (table[p // harness.BLOCK_SIZE], p % harness.BLOCK_SIZE,
+                 request.all_token_ids[p], p)
+                for p in range(start)
+            ]  # fmt: skip
             # The last known token computed: the forward samples the next one.
             sampled[request_id] = [7] if start + count >= request.num_tokens else []
         metadata = pickle.dumps(out.kv_connector_metadata)
         for pipe in self.pipes:
-            pipe.send(("step", metadata, sorted(out.finished_req_ids), writes))
+            message = ("step", metadata, sorted(out.finished_req_ids), writes, reads,
+                       out.has_sync_kv_loads)  # fmt: skip
+            pipe.send(message)
         outputs = []
         for pipe in self.pipes:
-            kind, kv_output = self._recv(pipe, 60)
+            kind, kv_output, wrong = self._recv(pipe, 60)
             assert kind == "output"
             self.load_errors |= kv_output.invalid_block_ids
+            record.load_errors.append(set(kv_output.invalid_block_ids or ()))
+            record.wrong_reads.append(wrong)
             ids = list(out.num_scheduled_tokens)
             outputs.append(
                 ModelRunnerOutput(
@@ -427,3 +478,105 @@ def test_bad_extra_config_names_the_key_and_what_it_accepts(model: str, server: 
         Engine(model, {"kvrpc.url": server.url, "kvrpc.timeout": -1})
     with pytest.raises(KVConfigError, match="transfer_mode"):
         Engine(model, {"kvrpc.url": server.url, "kvrpc.transfer_mode": "rdma"})
+
+
+# ---------------------------------------------------------------------- layer-wise loads
+
+
+def test_the_stand_in_attention_notices_a_block_without_its_kv() -> None:
+    layer = torch.zeros(4, 1, harness.BLOCK_SIZE, harness.HEAD_SIZE)
+    read = (2, 3, 5, 7)  # block 2, offset 3: token 5 at position 7
+    assert harness.wrong_blocks(layer, 1, 0, [read]) == {2}
+    layer[2, :, 3, :] = harness.kv_value(5, 7, 1, 0)
+    assert harness.wrong_blocks(layer, 1, 0, [read]) == set()
+    assert harness.wrong_blocks(layer, 0, 0, [read]) == {2}  # another layer's KV
+
+
+def test_layerwise_asks_vllm_for_piecewise_cuda_graphs_and_is_off_by_default() -> None:
+    assert KvrpcConnector.requires_piecewise_for_cudagraph({"kvrpc.layerwise": True})
+    assert not KvrpcConnector.requires_piecewise_for_cudagraph({})
+    with pytest.raises(KVConfigError, match=r"kvrpc\.layerwise"):
+        KvrpcConnector.requires_piecewise_for_cudagraph({"kvrpc.layerwise": "sometimes"})
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["async", "layerwise"])
+def test_a_layerwise_hit_is_scheduled_in_the_step_its_lookup_answers(
+    engine: Callable[..., Engine], server: Server, layerwise: bool
+) -> None:
+    run = engine(**{"kvrpc.layerwise": layerwise})
+    shared = prompt(192, seed=12)
+    run.serve("first", shared + prompt(8, seed=13))
+    expected = rank_bytes(run, run.tables["first"][:12])
+    run.scheduler.reset_prefix_cache()  # vLLM's own cache forgets; kvrpc must supply it
+    run.serve("second", shared + prompt(40, seed=14))
+
+    answered, answer = next((at, a) for at, a in run.answers["second"] if a[0] is not None)
+    scheduled = next(step for step in run.history if "second" in step.new)
+    waited = [s.index for s in run.history if s.statuses.get("second") is WAITING_FOR_KV]
+    if layerwise:
+        # vLLM's synchronous load: scheduled with the 192 loaded tokens as computed in the
+        # very step the lookup answered, the load inside that step's forward.
+        assert answer == (192, False)
+        assert scheduled.index == answered
+        assert scheduled.sync_loads
+        assert waited == []
+    else:  # the default: vLLM parks it until the workers report the load finished
+        assert answer == (192, True)
+        assert scheduled.index > answered
+        assert waited and not scheduled.sync_loads
+    assert scheduled.new["second"] == 192
+    assert scheduled.external["second"] == 192
+    assert same(rank_bytes(run, run.tables["second"][:12]), expected)
+    assert run.load_errors == set()
+    assert run.stats.data["retrieved_chunks"] == 3 * TP
+    # Every layer of every step read only blocks holding their KV: with layerwise, each
+    # layer waited for its load before reading it.
+    assert [s.wrong_reads for s in run.history if any(s.wrong_reads)] == []
+    assert server.stats()["pinned_chunks"] == 0
+
+
+def test_a_layerwise_load_from_a_killed_server_is_recomputed_in_the_next_step(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    run = engine(**{"kvrpc.layerwise": True})
+    shared = prompt(192, seed=15)
+    run.serve("before", [*shared, 1])
+    computed = rank_bytes(run, run.tables["before"][:12])
+    run.scheduler.reset_prefix_cache()
+    loading = run.add("loading", [*shared, 2])
+    killed: list[Step] = []
+
+    def kill_once_a_retrieve_is_planned(out: Any) -> None:
+        if not killed and any(t.retrieve for t in out.kv_connector_metadata.transfers):
+            server.kill()  # the workers get the step after the server died
+            killed.append(run.history[-1])
+
+    deadline = time.monotonic() + 20
+    while not killed:
+        assert time.monotonic() < deadline, "no retrieve was planned"
+        run.step(kill_once_a_retrieve_is_planned)
+        time.sleep(0.005)
+    started = time.monotonic()
+    run.run(lambda: run.finished("loading"), timeout=30)
+    assert time.monotonic() - started < 15  # no wait hung on the dead server
+    assert loading.num_output_tokens == 2
+
+    (step,) = killed
+    assert step.new["loading"] == 192 and step.sync_loads  # scheduled on the hit at once
+    loaded = set(run.tables["loading"][:12])
+    for rank in range(TP):
+        # Reported by every rank in the step whose forward read them, as vLLM wants of
+        # synchronous loads; and any block a layer read without its KV was among them.
+        assert step.load_errors[rank] >= loaded
+    for later in run.history:
+        for rank in range(TP):
+            for wrong in later.wrong_reads[rank].values():
+                assert wrong <= later.load_errors[rank]
+    # vLLM recomputed the prompt (193 tokens, not the 1 past the hit) and its blocks now
+    # hold what the forward computes.
+    assert sum(s.scheduled.get("loading", 0) for s in run.history) >= 193 + 1
+    assert same(rank_bytes(run, run.tables["loading"][:12]), computed)
+    assert run.scheduler.recompute_kv_load_failures
+
+    during = run.serve("during", prompt(130, seed=16))  # lookups miss, stores are dropped
+    assert during.num_output_tokens == 2

@@ -4,9 +4,13 @@ Only the model runner is not vLLM's: its CPU build has no kernels for this vLLM 
 each worker process (one per tensor-parallel rank) stands in for it. It allocates the KV
 cache with vLLM's own ``allocate_kv_cache`` (the real per-layer views, in vLLM's layout),
 loads the connector through vLLM's factory, and for every step does what vLLM's model runner
-does around a forward: bind the metadata, ``start_load_kv``, write the scheduled tokens' KV
-(a pure function of token, position, layer and rank, standing in for attention),
-``wait_for_save``, ``get_finished``, ``get_block_ids_with_load_errors``, stats, clear.
+does around a forward: bind the metadata, ``start_load_kv`` (before the forward when the step
+has synchronous loads, after it otherwise, as vLLM's ``KVConnectorModelRunnerMixin`` does),
+then layer by layer what vLLM's attention layers do: ``wait_for_layer_load`` (vLLM's
+``maybe_transfer_kv_layer``), write the scheduled tokens' KV (a pure function of token,
+position, layer and rank, standing in for attention) and read the context's KV, noting every
+block that did not hold what it should; then ``wait_for_save``, ``get_finished``,
+``get_block_ids_with_load_errors``, stats, clear.
 """
 
 from __future__ import annotations
@@ -124,6 +128,18 @@ def kv_value(token: int, position: int, layer: int, rank: int) -> float:
     return float(token * 1_000 + position) + layer * 0.25 + rank * 0.125
 
 
+def wrong_blocks(layer: torch.Tensor, index: int, rank: int, reads: list[Any]) -> set[int]:
+    """The blocks among ``reads`` ((block, offset, token, position)) not holding their KV."""
+    if not reads:
+        return set()
+    blocks, offsets, tokens, positions = (torch.tensor(c) for c in zip(*reads, strict=True))
+    # kv_value for every read at once (float64 holds those float32 values exactly).
+    expected = (tokens * 1_000 + positions).to(torch.float64) + index * 0.25 + rank * 0.125
+    found = layer[blocks, :, offsets, :].to(torch.float64)  # [reads, heads, content]
+    wrong = (found != expected[:, None, None]).flatten(1).any(dim=1)
+    return set(blocks[wrong].tolist())
+
+
 def worker_main(conn: Connection, model: str, extra: dict[str, Any], rank: int, tp: int) -> None:
     """A tensor-parallel rank's worker process, driven over ``conn`` (see the module doc)."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
@@ -143,19 +159,29 @@ def worker_main(conn: Connection, model: str, extra: dict[str, Any], rank: int, 
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    layers = list(caches.values())
+    names, layers = list(caches), list(caches.values())
     conn.send(("ready", [(list(t.shape), list(t.stride())) for t in layers]))
     while True:
         command, *args = conn.recv()
         if command == "step":
-            metadata, finished, writes = args
+            metadata, finished, writes, reads, sync_loads = args
             connector.bind_connector_metadata(pickle.loads(metadata))
             connector.handle_preemptions(connector._get_connector_metadata())
-            connector.start_load_kv(None)
-            for block, offset, token, position in writes:
-                for index, layer in enumerate(layers):
+            if sync_loads:  # they feed this forward
+                connector.start_load_kv(None)
+            wrong: dict[str, set[int]] = {}
+            for index, (name, layer) in enumerate(zip(names, layers, strict=True)):
+                # vLLM's attention layers call this whatever the connector does with it.
+                connector.wait_for_layer_load(name)
+                for block, offset, token, position in writes:
                     # [blocks, heads, tokens, content]: one token of every head.
                     layer[block, :, offset, :] = kv_value(token, position, index, rank)
+                for request_id, context in reads.items():
+                    bad = wrong_blocks(layer, index, rank, context)
+                    if bad:
+                        wrong.setdefault(request_id, set()).update(bad)
+            if not sync_loads:  # asynchronous loads start after the forward is launched
+                connector.start_load_kv(None)
             connector.wait_for_save()
             sending, recving = connector.get_finished(set(finished))
             output = KVConnectorOutput(
@@ -165,7 +191,7 @@ def worker_main(conn: Connection, model: str, extra: dict[str, Any], rank: int, 
                 invalid_block_ids=connector.get_block_ids_with_load_errors(),
             )
             connector.clear_connector_metadata()
-            conn.send(("output", output))
+            conn.send(("output", output, wrong))
         elif command == "blocks":
             (block_ids,) = args
             conn.send(("blocks", [layer[block_ids].clone() for layer in layers]))

@@ -7,9 +7,12 @@ are only wired to vLLM's calls.
 Scheduler role: one :class:`~kvrpc.kv.adapters.SchedulerAdapter`. Lookups never block vLLM's
 scheduler loop: ``get_num_new_matched_tokens`` answers ``None`` (ask again next step) while
 the server has not answered, and a miss once ``kvrpc.lookup_timeout`` has passed. Loads are
-asynchronous: vLLM allocates the blocks, the workers retrieve into them between steps and
-report the request through ``get_finished``. Every finished request's blocks are held until
-the workers report its stores done.
+asynchronous by default: vLLM allocates the blocks, the workers retrieve into them between
+steps and report the request through ``get_finished``. With ``kvrpc.layerwise`` they are
+synchronous instead: vLLM schedules the request at once, the workers submit its retrieve
+before the forward and each attention layer waits for its own layer
+(``wait_for_layer_load``, see :mod:`.layer_loads`). Every finished request's blocks are held
+until the workers report its stores done.
 
 Worker role: one :class:`~kvrpc.kv.adapters.WorkerAdapter` per worker process. Submits
 never wait for the GPU: with CUDA KV caches the adapter records an interprocess event on the
@@ -35,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvrpc.errors import KVConfigError
+from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
@@ -165,6 +169,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self.scheduler.chunk_size,
                 self.block_size,
                 save_decode_cache=settings.save_decode_cache,
+                sync_loads=settings.layerwise,
             )
             self._asked: dict[str, float] = {}
             self._matched: dict[str, int] = {}
@@ -181,6 +186,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._seen_worker_stats = _worker_counters(self.worker)
             self._failed_blocks: set[int] = set()
             self._failed_requests: set[str] = set()
+            # Synchronous (layer-wise) retrieves of the current step; names come with
+            # register_kv_caches.
+            self._loads = LayerLoads((), settings.timeout)
         logger.info(
             "kvrpc connector (%s) for %r at %s: kv world size %d, kv rank %d%s",
             role.name.lower(),
@@ -196,6 +204,15 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """No: waking remaps the KV cache, and the server's mappings would be stale."""
         return False
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """True with ``kvrpc.layerwise``: a full CUDA graph would skip the per-layer waits.
+
+        vLLM then runs attention outside the captured graphs, where ``wait_for_layer_load``
+        runs before each layer reads its KV.
+        """
+        return ConnectorSettings.from_extra_config(extra_config).layerwise
+
     # ================================================================ scheduler role
 
     def _scheduler(self) -> SchedulerAdapter:
@@ -205,7 +222,10 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """Tokens to load beyond ``num_computed_tokens``; None while the lookup is pending."""
+        """Tokens to load beyond ``num_computed_tokens``; None while the lookup is pending.
+
+        The flag is vLLM's ``load_kv_async``: True for a load unless ``kvrpc.layerwise``.
+        """
         adapter = self._scheduler()
         request_id = request.request_id
         if self.plan.phase(request_id) is not Phase.LOOKING:
@@ -241,8 +261,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._count(lookups=1, lookup_tokens=request.num_prompt_tokens, hit_tokens=matched)
             self._matched[request_id] = matched
             self._asked.pop(request_id, None)
-        load = self.plan.on_lookup(request_id, matched, num_computed_tokens)
-        return load, load > 0
+        return self.plan.answer(request_id, matched, num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -322,27 +341,57 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             mode = "cuda_ipc" if physical[0].device.type == "cuda" else "inline"
         worker.transfer_mode = mode
         worker.register_kv_caches(dict(zip(names, physical, strict=True)), kind)
+        # The server numbers layers in the order registered; vLLM waits for them by name.
+        self._loads.set_layers(names)
         logger.info("registered %d KV layers (%s, %s) with kvrpc", len(names), kind.value, mode)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Submit this step's retrieves; they complete between steps (asynchronous loads)."""
+        """Submit this step's retrieves.
+
+        Asynchronous loads complete between steps and are reported by :meth:`get_finished`.
+        With ``kvrpc.layerwise`` vLLM calls this before the forward and the retrieves go
+        out layer-wise; :meth:`wait_for_layer_load` waits for them.
+        """
+        layerwise = self.settings.layerwise
+        if layerwise:
+            # Left over only if vLLM skipped the end of a step; never carried into this one.
+            self._failed_blocks |= self._loads.settle()
         transfers = [t for t in self._metadata().transfers if t.retrieve]
         if not transfers:
             return
         request_ids = [t.request_id for t in transfers]
+        written = [b for t in transfers for b in t.written_block_ids(self.block_size)]
         try:
-            self._worker().batched_submit_retrieve_requests(request_ids, [t.op for t in transfers])
+            progress = self._worker().batched_submit_retrieve_requests(
+                request_ids, [t.op for t in transfers], layerwise=layerwise
+            )
         except Exception as exc:  # nothing was submitted: recompute all of it, never wait
             logger.error("retrieve of %d requests refused: %s", len(transfers), exc)
-            self._failed_requests.update(request_ids)
-            for t in transfers:
-                # Not the blocks it skips: those are vLLM's own, valid, and maybe shared.
-                written = max(0, t.op.first_written_block(self.block_size) - t.op.block_offset)
-                self._failed_blocks.update(t.op.block_ids[written:])
+            if not layerwise:  # a synchronous load is never reported finished (see get_finished)
+                self._failed_requests.update(request_ids)
+            # Not the blocks it skips: those are vLLM's own, valid, and maybe shared.
+            self._failed_blocks.update(written)
+            return
+        if layerwise:
+            self._loads.add(progress, written)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing: loads are asynchronous and finished before the request computes."""
-        return
+        """Block until layer ``layer_name`` of this step's synchronous loads is in.
+
+        Only with ``kvrpc.layerwise``; otherwise loads are asynchronous and finished before
+        the request computes, and this returns at once. Waits at most ``kvrpc.timeout``; a
+        load that failed or timed out is a load error (vLLM recomputes its blocks). A name
+        kvrpc did not register waits for the whole loads. Never raises.
+        """
+        if not len(self._loads):
+            return
+        try:
+            self._failed_blocks |= self._loads.wait_for_layer(layer_name)
+        except Exception as exc:
+            # An exception here would stop vLLM's forward; a load nobody can vouch for is a
+            # load error instead.
+            logger.error("waiting for layer %r of a KV load failed: %s", layer_name, exc)
+            self._failed_blocks |= self._loads.abandon()
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -351,7 +400,12 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return
 
     def wait_for_save(self) -> None:
-        """Submit this step's stores (after the forward wrote their blocks); never waits."""
+        """Submit this step's stores (after the forward wrote their blocks); never waits.
+
+        With ``kvrpc.layerwise`` it first settles the step's loads: what the forward did not
+        wait for is waited for now, so that its errors are reported in this step.
+        """
+        self._settle_loads()
         if not self.is_kv_writer:
             return
         transfers = [t for t in self._metadata().transfers if not t.retrieve]
@@ -373,20 +427,43 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             logger.warning("stores of preempted requests still running after the timeout")
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """(requests whose stores are all done, requests whose retrieves are all done)."""
+        """(requests whose stores are all done, requests whose retrieves are all done).
+
+        With ``kvrpc.layerwise`` no request is ever a finished retrieve: vLLM takes one only
+        from a request waiting for remote KV, which a synchronously loaded one never is (for
+        a running request its scheduler fails an assertion; for a finished one it would free
+        the blocks its stores may still read).
+        """
+        self._settle_loads()
         stores, retrieves = self._worker().get_finished(finished_req_ids)
+        if self.settings.layerwise:
+            return stores or None, None
         if self._failed_requests:
             retrieves |= self._failed_requests
             self._failed_requests = set()
         return stores or None, retrieves or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """Blocks a retrieve could not fill since the last call: vLLM recomputes them."""
+        """Blocks a retrieve could not fill since the last call: vLLM recomputes them.
+
+        A synchronous load's errors come in the step whose forward read its blocks.
+        """
+        self._settle_loads()
         failed = self._worker().get_block_ids_with_load_errors()
         if self._failed_blocks:
             failed |= self._failed_blocks
             self._failed_blocks = set()
         return failed
+
+    def _settle_loads(self) -> None:
+        """End of the forward: the step's synchronous loads are settled and forgotten.
+
+        vLLM calls wait_for_save, get_finished and get_block_ids_with_load_errors after the
+        forward, wait_for_save last when a draft model runs after the target model; the
+        first of them settles, so the errors are in before vLLM asks for them.
+        """
+        if len(self._loads):
+            self._failed_blocks |= self._loads.settle()
 
     def _metadata(self) -> KvrpcConnectorMetadata:
         metadata = self._get_connector_metadata()

@@ -18,6 +18,10 @@ The rules, in chunk units (``chunk_size`` tokens, ``blocks_per_chunk`` blocks):
   the step whose forward completes it, once per chunk, prompts only unless
   ``save_decode_cache``.
 - A request the engine preempts starts over: its next lookup may hit the chunks it stored.
+- A load is asynchronous (vLLM holds the request until the workers report it loaded) unless
+  the plan makes synchronous loads (``kvrpc.layerwise``): then vLLM schedules the request in
+  the step that allocated its blocks, the retrieve goes out in that step's transfers, and
+  the forward waits for it layer by layer. Either way the plan is the same.
 """
 
 from __future__ import annotations
@@ -71,6 +75,18 @@ class Transfer:
     retrieve: bool
     op: LoadStoreOp
 
+    def written_block_ids(self, block_size: int) -> tuple[int, ...]:
+        """The blocks a retrieve writes: its blocks less those holding skipped tokens.
+
+        Those are vLLM's own (valid, and maybe read by another request), so they are never
+        reported as load errors when the retrieve fails. A store writes none.
+        """
+        if not self.retrieve:
+            return ()
+        op = self.op
+        first = max(0, op.first_written_block(block_size) - op.block_offset)
+        return tuple(op.block_ids[first:])
+
 
 @dataclass(frozen=True)
 class ReleasePins:
@@ -99,13 +115,22 @@ class _Request:
 class SchedulerPlan:
     """Per request: its chunk hashes, blocks and progress; the transfers each step needs."""
 
-    def __init__(self, chunk_size: int, block_size: int, *, save_decode_cache: bool = False):
+    def __init__(
+        self,
+        chunk_size: int,
+        block_size: int,
+        *,
+        save_decode_cache: bool = False,
+        sync_loads: bool = False,
+    ):
         if chunk_size % block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of block {block_size}")
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.blocks_per_chunk = chunk_size // block_size
         self.save_decode_cache = save_decode_cache
+        #: Loads happen inside the forward of the step that schedules the request.
+        self.sync_loads = sync_loads
         self._requests: dict[str, _Request] = {}
         self._pending: list[Transfer] = []
 
@@ -151,6 +176,15 @@ class SchedulerPlan:
         request.hit, request.local = matched, local
         request.stored_chunks = matched // self.chunk_size
         return max(0, matched - local)
+
+    def answer(self, request_id: str, matched: int, local: int) -> tuple[int, bool]:
+        """The pair vLLM wants for a lookup's answer: ``(tokens to load, load asynchronously)``.
+
+        Like :meth:`on_lookup`. Nothing to load is never asynchronous (vLLM asserts that an
+        asynchronous load has tokens); with ``sync_loads`` no load is.
+        """
+        load = self.on_lookup(request_id, matched, local)
+        return load, load > 0 and not self.sync_loads
 
     def on_alloc(
         self, request_id: str, block_ids: Sequence[int], num_external_tokens: int

@@ -62,6 +62,14 @@ class ConnectorSettings(BaseModel):
     save_decode_cache: bool = Field(
         default=False, description="Also store the chunks that decoding fills, not only prompts."
     )
+    layerwise: bool = Field(
+        default=False,
+        description=(
+            "Load synchronously, layer by layer: vLLM schedules a hit at once and each "
+            "attention layer waits only for its own layer (cuda_ipc overlaps the copies with "
+            "the forward); false: load before the request computes (vLLM's async loading)."
+        ),
+    )
     transfer_mode: Literal["auto", "cuda_ipc", "shm", "inline"] = Field(
         default="auto",
         description=(
