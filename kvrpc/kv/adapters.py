@@ -507,7 +507,7 @@ class RetrieveProgress:
         self._finished = threading.Event()
         self._ok = False
         self._answered = threading.Event()
-        self._layer_events: list[Any] = []
+        self._layer_events: list[CudaEventHandle] = []
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         """Block until layer ``layer`` is written (True) or the retrieve failed (False).
@@ -523,7 +523,11 @@ class RetrieveProgress:
         if self._finished.is_set() or not self._layer_events:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             return self._finished.wait(left) and self._ok
-        event = self._layer_events[layer]
+        try:  # opened on first use: a handle seen before is open already (kvrpc.cuda)
+            event = self._layer_events[layer].open()
+        except Exception as exc:
+            logger.warning("cannot open the server's event for layer %d: %s", layer, exc)
+            return False
         while not event.query():
             if self._finished.is_set():  # failed meanwhile (the completion timed out)
                 return self._ok
@@ -542,7 +546,7 @@ class RetrieveProgress:
         """True once the retrieve is settled (filled or failed); never blocks."""
         return self._finished.is_set()
 
-    def _answer(self, layer_events: list[Any]) -> None:
+    def _answer(self, layer_events: list[CudaEventHandle]) -> None:
         self._layer_events = layer_events
         self._answered.set()
 
@@ -600,6 +604,8 @@ class WorkerAdapter:
         self.chunk_size = self._link.chunk_size
         self._blocks_per_chunk = self._link.blocks_per_chunk
         self._lock = threading.Lock()
+        #: Notified (under ``_lock``) whenever a store settles.
+        self._settled = threading.Condition(self._lock)
         self._layers: list[torch.Tensor] = []
         self._layout: KVLayout | None = None
         self._registration: KVCacheRegistration | None = None
@@ -858,15 +864,15 @@ class WorkerAdapter:
         progress: RetrieveProgress,
     ) -> None:
         """Open a layer-wise reply's events, then settle once the last one completed."""
-        reply = future.result()
+        handles = future.result().layer_events
+        progress._answer(handles)
         try:
-            events = [handle.open() for handle in reply.layer_events]
+            last = handles[-1].open() if handles else None
         except Exception as exc:
             logger.warning("cannot open the server's layer events: %s", exc)
             self._retrieves_done(request_ids, owners, rows, None, progress)
             return
-        progress._answer(events)
-        if events and not _poll(events[-1], self._timeout):
+        if last is not None and not _poll(last, self._timeout):
             logger.warning(
                 "a layer-wise retrieve did not complete within %g s; its blocks will be recomputed",
                 self._timeout,
@@ -962,6 +968,7 @@ class WorkerAdapter:
                 self._count(stores_dropped=chunks)
         with self._lock:
             _count_out(self._stores_in_flight, request_ids)
+            self._settled.notify_all()
 
     def _count(
         self, *, stores: int = 0, stores_dropped: int = 0, retrieves: int = 0, failed: int = 0
@@ -1072,15 +1079,10 @@ class WorkerAdapter:
         """
         if self._mode == "inline":
             return True
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                busy = any(r in self._stores_in_flight for r in request_ids)
-            if not busy:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
+        with self._settled:  # woken by each settled store, not polled: no GIL taken meanwhile
+            return self._settled.wait_for(
+                lambda: not any(r in self._stores_in_flight for r in request_ids), timeout
+            )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Block ids that retrieves could not fill since the last call (to recompute)."""

