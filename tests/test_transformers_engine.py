@@ -235,7 +235,8 @@ def test_a_prompt_of_whole_chunks_still_computes_its_last_token(engine: CachingE
     tokens = prompt(2 * CHUNK, seed=7)
     stored_prefix(engine, tokens)
     hit = engine.prefill(rid(), tokens, store=False)
-    assert hit.cached_tokens == CHUNK  # the last chunk is computed: its last token gives logits
+    # The last chunk is computed: its last token gives the logits.
+    assert hit.cached_tokens == CHUNK, (engine.worker.stats, engine.lookup(rid(), tokens))
     full = engine.prefill(rid(), tokens, cached_tokens=0, store=False)
     assert hit.first_token == full.first_token
 

@@ -339,42 +339,55 @@ def _decode_figures(
 
     for _ in range(5):
         step()
-    idle = [end - start for start, end in (step() for _ in range(options.decode_steps))]
-    busy: list[tuple[float, float]] = []
-    stop = threading.Event()
-    stored_bytes = engine.worker.stats.stored_bytes
-
-    # Back to back, each of new tokens (so every chunk is copied), until told to stop. The
-    # hashes are an engine's own work, done before it stores; here they are made first.
+    # Back to back, each of new tokens (so every chunk is copied). The hashes are an
+    # engine's own work, done before it stores; here they are made first.
     chunk = engine.chunk_size
+    phases = 3
+    per_phase = max(4, options.decode_steps // phases)
     ops = [
         LoadStoreOp(
             source.block_table,
             chunk_hashes=hashes_from_tokens(fresh(source.cached_tokens), chunk),
         )
-        for _ in range(max(8, options.decode_steps * 2))
+        for _ in range(per_phase * 2 * phases)
     ]
+    unused = iter(ops)  # each op once: a store of chunks already there copies nothing
+    stored_bytes = engine.worker.stats.stored_bytes
+    idle: list[float] = []
+    during: list[float] = []
+    busy: list[tuple[float, float]] = []
+    # Idle and busy phases alternate, so that a drift of the host's speed (decode here is
+    # bound by kernel launches) lands on both sides.
+    for phase in range(phases):
+        idle.extend(end - start for start, end in (step() for _ in range(per_phase)))
+        stop = threading.Event()
+        spans: list[tuple[float, float]] = []
 
-    def stores() -> None:
-        for op in ops:
-            if stop.is_set():
-                return
-            request_id = f"background-{len(busy)}"
-            start = time.perf_counter()
-            engine.worker.submit_store_request(request_id, op)
-            engine.wait_for_stores([request_id], timeout=120)
-            busy.append((start, time.perf_counter()))
+        def stores(
+            spans: list[tuple[float, float]] = spans,
+            stop: threading.Event = stop,
+            phase: int = phase,
+        ) -> None:
+            for op in unused:
+                if stop.is_set():
+                    return
+                request_id = f"background-{phase}-{len(spans)}"
+                start = time.perf_counter()
+                engine.worker.submit_store_request(request_id, op)
+                engine.wait_for_stores([request_id], timeout=120)
+                spans.append((start, time.perf_counter()))
 
-    thread = threading.Thread(target=stores)
-    thread.start()
-    steps = [step() for _ in range(options.decode_steps)]
-    stop.set()
-    thread.join()
-    if not busy:
-        raise KVError("no background store completed")
-    # Steps inside the stores' span: between two stores the next is submitted at once.
-    first, last = busy[0][0], busy[-1][1]
-    during = [end - start for start, end in steps if first <= start and end <= last]
+        thread = threading.Thread(target=stores)
+        thread.start()
+        steps = [step() for _ in range(per_phase)]
+        stop.set()
+        thread.join()
+        if not spans:
+            raise KVError("no background store completed")
+        # Steps inside the stores' span: between two stores the next is submitted at once.
+        first, last = spans[0][0], spans[-1][1]
+        during.extend(end - start for start, end in steps if first <= start and end <= last)
+        busy.extend(spans)
     engine.release(request)
     moved = engine.worker.stats.stored_bytes - stored_bytes
     idle_ms, during_ms = _spread(idle), _spread(during) if during else {}
