@@ -12,7 +12,8 @@ nox.options.reuse_existing_virtualenvs = True
 CONSTRAINTS = ("-c", "constraints.txt")
 # The core and both transport plugins, editable: the plugins register their URL schemes
 # through entry points, which only an install provides.
-PACKAGES = ("-e", ".[dev]", "-e", "transports/zmq", "-e", "transports/unix")
+# The transformers and plot extras: the engine driver's tests and `kvrpc bench e2e`.
+PACKAGES = ("-e", ".[dev,transformers,plot]", "-e", "transports/zmq", "-e", "transports/unix")
 LINTED = ("kvrpc", "transports", "tests", "examples", "noxfile.py")
 TYPED = ("kvrpc", "transports/zmq/kvrpc_zmq", "transports/unix/kvrpc_unix")
 

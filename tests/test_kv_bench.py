@@ -57,3 +57,27 @@ def test_kv_bench_refuses_an_inproc_url_it_cannot_serve_from_a_child_process() -
     )
     assert done.returncode == 1
     assert "inproc://" in done.stderr
+
+
+def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path: Path) -> None:
+    # A smoke run of the command (a tiny model, float32): the figures' shape and the checks
+    # the bench makes on itself (a stored prefix is a hit, a fresh prompt a miss), not speed.
+    out, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    command = ["bench", "e2e", "--device", "cpu", "--rounds", "1", "--lengths", "256", "512"]
+    done = subprocess.run(
+        [sys.executable, "-m", "kvrpc", *command, "--json", str(out), "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for length in (256, 512):
+        row = figures[f"ttft_{length}"]
+        for name in ("miss", "hit", "hit_layerwise", "suffix_only", "transformers"):
+            assert row[name]["min"] <= row[name]["median"] <= row[name]["max"]
+            assert row[name]["min"] > 0
+        assert row["kv_bytes"] == length * 2 * 2 * 2 * 16 * 4  # layers, K and V, heads, dim, fp32
+    assert figures["decode_steps_during_stores"] > 0
+    assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
