@@ -336,14 +336,15 @@ def test_carrier_dtype_is_the_widest_element_that_divides_a_row(
     assert carrier_dtype(KVLayout(kind, 2, shape, dtype)) is carrier
 
 
-@pytest.mark.parametrize(
-    ("chunks", "per_group"), [(64, 8), (8, 8), (1, 8), (3, 8), (5, 8), (17, 8), (64, 1), (100, 7)]
-)
-def test_group_sizes_cover_the_batch_within_the_group_size(chunks: int, per_group: int) -> None:
-    sizes = group_sizes(chunks, per_group)
-    assert sum(sizes) == chunks
-    assert max(sizes) <= per_group
-    assert min(sizes) >= 1
+def test_group_sizes_cover_the_batch_within_the_group_size() -> None:
+    # Every batch up to 80 chunks against every group size up to 12: a group over the size
+    # would overrun the staging buffer (two chunks in groups of one once did).
+    for chunks in range(1, 81):
+        for per_group in range(1, 13):
+            sizes = group_sizes(chunks, per_group)
+            assert sum(sizes) == chunks, (chunks, per_group)
+            assert max(sizes) <= per_group, (chunks, per_group, sizes)
+            assert min(sizes) >= 1
 
 
 def test_group_sizes_keep_the_first_and_last_groups_small() -> None:

@@ -244,7 +244,7 @@ def group_sizes(chunks: int, per_group: int) -> list[int]:
     if chunks <= 0:
         return []
     small = max(1, per_group // 4)
-    if chunks <= 2 * small:
+    if chunks <= min(per_group, 2 * small):
         return [chunks]
     sizes = [small]
     left = chunks - small
