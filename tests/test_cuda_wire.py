@@ -25,6 +25,7 @@ from kvrpc.cuda import (
 from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.futures import CUDAMessagingFuture, MessagingFuture
 from kvrpc.kv import protocols as kv
+from kvrpc.kv.adapters import RetrieveProgress
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind
@@ -297,3 +298,35 @@ def test_opening_or_making_cuda_handles_needs_cuda() -> None:
         device_by_uuid(UUID)
     with pytest.raises(CudaUnavailable, match="CUDA"):
         wrapper().to_tensor()
+
+
+def test_a_layer_copy_reply_with_its_events_survives_the_wire() -> None:
+    handles = [CudaEventHandle("GPU-0000", bytes([i]) * 64) for i in range(3)]
+    reply = kv.LayerCopyReply(errors=[None, "not in the cache"], layer_events=handles)
+    frames = encode_response(5, reply.model_dump())
+    decoded = decode(frames)
+    assert kv.LayerCopyReply.model_validate(decoded.payload) == reply
+
+
+# ---------------------------------------------------------------------- retrieve progress
+# RetrieveProgress's rules without a server: the adapter answers it as the server's reply
+# and the completion arrive (a layer-wise reply carries events that a GPU would complete).
+
+
+def test_a_layerwise_retrieve_with_a_refused_key_has_no_complete_layer() -> None:
+    # The refused chunk's blocks stay unwritten, so no layer is whole, whatever its event.
+    progress = RetrieveProgress(2)
+    progress._answer([CudaEventHandle("GPU-0000", bytes(64))] * 2, whole=False)
+    assert not progress.wait_layer(0, timeout=0.05)
+    assert not progress.wait_layer(1, timeout=0.05)
+    progress._finish(False)
+    assert progress.done() and not progress.wait(0)
+
+
+def test_a_retrieve_without_layer_events_completes_every_layer_at_once() -> None:
+    progress = RetrieveProgress(3)
+    assert not progress.wait_layer(2, timeout=0.01)  # nothing answered yet
+    progress._finish(True)
+    assert all(progress.wait_layer(layer, timeout=0) for layer in range(3))
+    with pytest.raises(ValueError, match=r"layer 3 is not in 0\.\.2"):
+        progress.wait_layer(3)

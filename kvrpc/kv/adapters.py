@@ -508,6 +508,7 @@ class RetrieveProgress:
         self._ok = False
         self._answered = threading.Event()
         self._layer_events: list[CudaEventHandle] = []
+        self._partial = False
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         """Block until layer ``layer`` is written (True) or the retrieve failed (False).
@@ -519,6 +520,8 @@ class RetrieveProgress:
             raise ValueError(f"layer {layer} is not in 0..{self.num_layers - 1}")
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._answered.wait(timeout):
+            return False
+        if self._partial:
             return False
         if self._finished.is_set() or not self._layer_events:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -546,8 +549,9 @@ class RetrieveProgress:
         """True once the retrieve is settled (filled or failed); never blocks."""
         return self._finished.is_set()
 
-    def _answer(self, layer_events: list[CudaEventHandle]) -> None:
+    def _answer(self, layer_events: list[CudaEventHandle], whole: bool) -> None:
         self._layer_events = layer_events
+        self._partial = not whole
         self._answered.set()
 
     def _finish(self, ok: bool) -> None:
@@ -864,8 +868,11 @@ class WorkerAdapter:
         progress: RetrieveProgress,
     ) -> None:
         """Open a layer-wise reply's events, then settle once the last one completed."""
-        handles = future.result().layer_events
-        progress._answer(handles)
+        reply = future.result()
+        handles = reply.layer_events
+        # A key that failed at the door (evicted since the lookup, say) leaves its blocks
+        # unwritten: no layer of this retrieve is complete, whatever the events say.
+        progress._answer(handles, all(error is None for error in reply.errors))
         try:
             last = handles[-1].open() if handles else None
         except Exception as exc:

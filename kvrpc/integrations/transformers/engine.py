@@ -173,12 +173,15 @@ class CachingEngine:
                 raise _LoadFailed
 
         try:
-            return self.runner.forward(
+            logits = self.runner.forward(
                 tokens[hit:], hit, table, wait_layer=wait_layer, logits_for=logits_for
             )
         except _LoadFailed:
             progress.wait(timeout)  # no late copy may write the blocks while they are redone
             return None
+        # Every layer arrived; the whole retrieve settling well is the adapter's last word
+        # (its last event already completed, so this returns at once).
+        return logits if progress.wait(timeout) else None
 
     def store(self, request_id: str, token_ids: Sequence[int], table: Sequence[int]) -> None:
         """Store the prompt's whole chunks from its blocks, after the work queued so far."""
