@@ -8,6 +8,7 @@ the server (:func:`~kvrpc.kv.serving.serve_kv`). Each name lives in the module t
 from kvrpc.kv.adapters import (
     LoadStoreOp,
     PollingSchedulerAdapter,
+    RetrieveProgress,
     SchedulerAdapter,
     WorkerAdapter,
     WorkerStats,
@@ -39,6 +40,7 @@ __all__ = [
     "LayoutKind",
     "LoadStoreOp",
     "PollingSchedulerAdapter",
+    "RetrieveProgress",
     "SchedulerAdapter",
     "WorkerAdapter",
     "WorkerStats",
