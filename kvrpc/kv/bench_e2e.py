@@ -193,7 +193,8 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(11)
 
     def fresh(count: int) -> list[int]:
-        return torch.randint(0, shape.vocab, (count,), generator=generator).tolist()
+        tokens: list[int] = torch.randint(0, shape.vocab, (count,), generator=generator).tolist()
+        return tokens
 
     item = dtype.itemsize
     pool_bytes = sum(shape.kv_bytes(n, item) for n in lengths) + 3 * shape.kv_bytes(16384, item)

@@ -135,7 +135,6 @@ class PagedLlama:
 
         self._rotary = apply_rotary_pos_emb
 
-    @torch.inference_mode()
     def forward(
         self,
         token_ids: Sequence[int] | torch.Tensor,
@@ -151,6 +150,17 @@ class PagedLlama:
         before ``start`` must be in ``block_table``'s blocks already, and the new tokens' KV
         is written there. ``wait_layer(l)`` is called before layer ``l`` touches the blocks.
         """
+        with torch.inference_mode():
+            return self._forward(token_ids, start, block_table, wait_layer, logits_for)
+
+    def _forward(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        start: int,
+        block_table: Sequence[int],
+        wait_layer: Callable[[int], None] | None,
+        logits_for: int,
+    ) -> torch.Tensor:
         inner = self.model.model
         device = self.cache.layers[0].device
         ids = torch.as_tensor(token_ids, dtype=torch.int64).to(device).view(1, -1)
