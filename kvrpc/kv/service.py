@@ -730,10 +730,9 @@ class KVService:
         Either way the reply comes only when no byte can be written any more.
         """
         started = time.perf_counter()
-        expires = None if deadline is None else time.monotonic() + deadline
-        instance = self._instance(client_id, instance_id)
-        _require_mode(instance, "cuda_ipc")
-        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
+        instance, expires, results, found = self._cuda_retrieve_batch(
+            client_id, instance_id, request_ids, keys, block_ids, deadline
+        )
         if not found:
             return CudaCopyReply(errors=results)
         pool = self._require_pool()
@@ -766,10 +765,9 @@ class KVService:
         pins held, until the whole copy has completed (settled in the background).
         """
         started = time.perf_counter()
-        expires = None if deadline is None else time.monotonic() + deadline
-        instance = self._instance(client_id, instance_id)
-        _require_mode(instance, "cuda_ipc")
-        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
+        instance, expires, results, found = self._cuda_retrieve_batch(
+            client_id, instance_id, request_ids, keys, block_ids, deadline
+        )
         if not found:
             return LayerCopyReply(errors=results)
         pool = self._require_pool()
@@ -779,29 +777,38 @@ class KVService:
         def release() -> None:
             _unpin(pool, found)
 
-        error, event = await self._worker_ready(instance, ready, expires, release)
-        if error is None:
-            transfer = self._transfer(instance, block_ids, found, event, expires)
-            enqueued = engine.submit_retrieve_layers(transfer)
-            try:
-                done, handle, layer_events = await asyncio.wrap_future(enqueued)
-            except asyncio.CancelledError:
-                _after_engine(enqueued, engine, asyncio.get_running_loop(), release)
-                raise
-            except DeadlinePassed:
-                error = _DEADLINE_TEXT
-            except Exception as exc:
-                logger.error("a GPU copy failed", exc_info=exc)
-                error = f"{type(exc).__name__}: {exc}"
-        if error is not None:
-            self._settle_retrieve(instance, request_ids, results, found, error)
+        enqueued = await self._gpu_enqueue(
+            instance, block_ids, found, ready, engine.submit_retrieve_layers, expires, release
+        )
+        if isinstance(enqueued, str):
+            self._settle_retrieve(instance, request_ids, results, found, enqueued)
             return LayerCopyReply(errors=results)
+        done, handle, layer_events = enqueued.result()
         settle = functools.partial(
             self._settle_retrieve, instance, request_ids, list(results), found
         )
         self._start(self._settle_after_copy, engine, done, handle, settle)
         self._last_cuda_handler_seconds = time.perf_counter() - started
         return LayerCopyReply(errors=results, layer_events=layer_events)
+
+    def _cuda_retrieve_batch(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        deadline: float | None,
+    ) -> tuple[_Instance, float | None, list[str | None], list[tuple[int, int]]]:
+        """A ``cuda_ipc`` retrieve's door: (instance, expiry time, results, pinned pairs).
+
+        The deadline counts from here, when the server starts handling the call.
+        """
+        expires = None if deadline is None else time.monotonic() + deadline
+        instance = self._instance(client_id, instance_id)
+        _require_mode(instance, "cuda_ipc")
+        results, found = self._pin_batch(instance, request_ids, keys, block_ids)
+        return instance, expires, results, found
 
     async def _settle_after_copy(
         self,
@@ -939,6 +946,40 @@ class KVService:
             deadline,
         )
 
+    async def _gpu_enqueue(
+        self,
+        instance: _Instance,
+        block_ids: torch.Tensor,
+        pairs: list[tuple[int, int]],
+        ready_handle: CudaEventHandle,
+        submit: Callable[[Transfer], concurrent.futures.Future[Any]],
+        deadline: float | None,
+        on_late_finish: Callable[[], None],
+    ) -> str | concurrent.futures.Future[Any]:
+        """Wait for the worker's event, then hand ``pairs`` (key index, slot) to ``submit``.
+
+        Returns the engine's future, resolved, once the copy is enqueued, or why not once
+        it is certain never to run. If the handler is cancelled, the slots are released by
+        ``on_late_finish`` once no copy can touch them.
+        """
+        engine = instance.engine
+        assert engine is not None
+        error, ready = await self._worker_ready(instance, ready_handle, deadline, on_late_finish)
+        if error is not None:
+            return error
+        enqueued = submit(self._transfer(instance, block_ids, pairs, ready, deadline))
+        try:
+            await asyncio.wrap_future(enqueued)
+        except asyncio.CancelledError:
+            _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
+            raise
+        except DeadlinePassed:
+            return _DEADLINE_TEXT
+        except Exception as exc:
+            logger.error("a GPU copy failed", exc_info=exc)
+            return f"{type(exc).__name__}: {exc}"
+        return enqueued
+
     async def _gpu_copy(
         self,
         instance: _Instance,
@@ -957,20 +998,18 @@ class KVService:
         """
         engine = instance.engine
         assert engine is not None
-        error, ready = await self._worker_ready(instance, ready_handle, deadline, on_late_finish)
-        if error is not None:
-            return error, None
-        transfer = self._transfer(instance, block_ids, pairs, ready, deadline)
         submit = engine.submit_retrieve if retrieve else engine.submit_store
-        enqueued = submit(transfer)
+        enqueued = await self._gpu_enqueue(
+            instance, block_ids, pairs, ready_handle, submit, deadline, on_late_finish
+        )
+        if isinstance(enqueued, str):
+            return enqueued, None
+        done, handle = enqueued.result()
         try:
-            done, handle = await asyncio.wrap_future(enqueued)
             await asyncio.wrap_future(engine.wait(done, handle))
         except asyncio.CancelledError:
             _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
             raise
-        except DeadlinePassed:
-            return _DEADLINE_TEXT, None
         except Exception as exc:
             logger.error("a GPU copy failed", exc_info=exc)
             return f"{type(exc).__name__}: {exc}", None
