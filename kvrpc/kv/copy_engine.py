@@ -48,7 +48,7 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle, new_ipc_event
 from kvrpc.errors import KVError
-from kvrpc.kv.dma import copy_rows_to_device
+from kvrpc.kv.dma import copy_rows_to_device, pitched_runs
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 
 __all__ = [
@@ -72,11 +72,9 @@ __all__ = [
 # move 16 bytes per element, and it covers fp8, which has no index kernels of its own.
 _CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
 
-#: Completion events each engine cycles through. A worker may look at a reply's event a
-#: while after the reply; the ring is long enough that the event has not been recorded again
-#: by then (were it, the worker would only wait for more, never for less).
+#: Completion events each engine cycles through (see :class:`_IpcEventRing`).
 _DONE_EVENTS = 256
-#: Per-layer events of layer-wise retrieves (one a layer but the last), under the same rule.
+#: Per-layer events of layer-wise retrieves (one a layer but the last).
 _LAYER_EVENTS = 512
 
 
@@ -260,13 +258,7 @@ def group_sizes(chunks: int, per_group: int) -> list[int]:
 
 def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
     """``(first index, count)`` of each run of consecutive slot numbers, in order."""
-    runs: list[tuple[int, int]] = []
-    start = 0
-    for index in range(1, len(slots) + 1):
-        if index == len(slots) or slots[index] != slots[index - 1] + 1:
-            runs.append((start, index - start))
-            start = index
-    return runs
+    return pitched_runs(slots, 1)
 
 
 @dataclass(eq=False)
@@ -302,14 +294,32 @@ class _Lane:
     """Per staging buffer: the event after which its last reader is done (None: free)."""
     next_buffer: int = 0
     views: dict[tuple[int, int, int, KVLayout], GroupViews] = field(default_factory=dict)
-    named_events: dict[str, list[Any]] = field(default_factory=dict)
+    loaded: list[Any] = field(default_factory=list)
+    """Per staging buffer, a plain event re-recorded each use: its DMA is done (layer-wise)."""
+    freed: list[Any] = field(default_factory=list)
+    """Per staging buffer, likewise: its scatter is done (layer-wise)."""
 
-    def events(self, count: int, name: str) -> list[Any]:
-        """``count`` plain CUDA events kept under ``name``, made on first use."""
-        found = self.named_events.get(name)
-        if found is None or len(found) < count:
-            found = self.named_events[name] = [_cuda.Event() for _ in range(count)]
-        return found
+
+class _IpcEventRing:
+    """Interprocess events handed out in turn, each made on first use, reused after ``size``.
+
+    Only the engine thread takes them. A worker may look at an event a while after the
+    reply that named it; the ring is long enough that it has not been recorded again by
+    then (were it, the worker would only wait for more, never for less).
+    """
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device = device
+        self.size = size
+        self._events: list[tuple[Any, CudaEventHandle]] = []
+        self._turn = itertools.count()
+
+    def next(self) -> tuple[Any, CudaEventHandle]:
+        """The next event and its handle."""
+        index = next(self._turn) % self.size
+        if index == len(self._events):
+            self._events.append(new_ipc_event(self.device))
+        return self._events[index]
 
 
 class CopyEngine:
@@ -338,10 +348,11 @@ class CopyEngine:
         self.pollers = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-poll")
         self._store_lane = _Lane()
         self._retrieve_lane = _Lane()
-        self._done: list[tuple[Any, CudaEventHandle]] = []
-        self._done_index = itertools.count()
-        self._layer_events: list[tuple[Any, CudaEventHandle]] = []
-        self._layer_index = itertools.count()
+        self._done = _IpcEventRing(device, _DONE_EVENTS)
+        # The layer-wise retrieves' events have a ring of their own, a few batches long: the
+        # handles a worker sees repeat soon, so it opens each once (opening an IPC event
+        # costs far more than polling it).
+        self._layer_events = _IpcEventRing(device, _LAYER_EVENTS)
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
         self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._graphs_broken = False
@@ -352,15 +363,17 @@ class CopyEngine:
 
     # --------------------------------------------------------------- run in the engine thread
 
-    def _lane(self, retrieve: bool) -> _Lane:
-        return self._retrieve_lane if retrieve else self._store_lane
-
     def _setup(self, lane: _Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
         """Make the lane's streams on first use, and buffers for groups of ``per_group``."""
         if lane.kernels is None:
             torch.cuda.set_device(self.device)
             lane.kernels = _cuda.Stream(self.device)
             lane.dma = _cuda.Stream(self.device)
+            # Recorded again each use: a stream's wait takes the record it sees when
+            # enqueued, and making events costs more than the rest of a layer's enqueue on
+            # some hosts.
+            lane.loaded = [_cuda.Event() for _ in range(self.depth)]
+            lane.freed = [_cuda.Event() for _ in range(self.depth)]
         need = per_group * chunk_nbytes
         if not lane.staging or lane.staging[0].numel() < need:
             self._drain(lane)
@@ -382,23 +395,6 @@ class CopyEngine:
             if lane.kernels is not None:
                 lane.kernels.synchronize()
                 lane.dma.synchronize()
-
-    def _layer_event(self) -> tuple[Any, CudaEventHandle]:
-        """The next of the layer-wise retrieves' interprocess events.
-
-        A ring of its own, a few batches long: the handles a worker sees repeat soon, so it
-        opens each once (opening an IPC event costs far more than polling it).
-        """
-        index = next(self._layer_index) % _LAYER_EVENTS
-        if index == len(self._layer_events):
-            self._layer_events.append(new_ipc_event(self.device))
-        return self._layer_events[index]
-
-    def _done_event(self) -> tuple[Any, CudaEventHandle]:
-        index = next(self._done_index) % _DONE_EVENTS
-        if index == len(self._done):
-            self._done.append(new_ipc_event(self.device))
-        return self._done[index]
 
     def _groups(
         self, transfer: Transfer, lane: _Lane, *, layerwise: bool = False
@@ -422,10 +418,13 @@ class CopyEngine:
         self._setup(lane, per_group, row_nbytes, layer_bytes)
         with torch.cuda.stream(lane.kernels):
             flat = transfer.block_ids.reshape(-1).to(self.device, non_blocking=True)
-        sizes = [min(per_group, n - f) for f in range(0, n, per_group)]
+        if layerwise:
+            sizes = [min(per_group, n - f) for f in range(0, n, per_group)]
+        else:
+            sizes = group_sizes(n, per_group)
         groups = []
         first = 0
-        for count in sizes if layerwise else group_sizes(n, per_group):
+        for count in sizes:
             groups.append((first, count, flat[first * bpc : (first + count) * bpc]))
             first += count
         return row_nbytes, groups
@@ -451,7 +450,7 @@ class CopyEngine:
         """Record the batch's completion on ``last``, the stream its final copies ran on."""
         ended = _cuda.Event(enable_timing=True)
         ended.record(last)
-        done, handle = self._done_event()
+        done, handle = self._done.next()
         done.record(last)
         self._timings[handle] = (started, ended)
         self.batches += 1
@@ -646,11 +645,7 @@ class CopyEngine:
         with torch.cuda.stream(scatter):  # the scatters read them on this stream
             keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
         bases = [[slot * size for slot in transfer.slots[f : f + c]] for f, c, _ in groups]
-        # Two plain events per staging buffer, recorded again each use: a stream's wait
-        # takes the record it sees when enqueued, and making events costs more than the
-        # rest of a layer's enqueue on some hosts.
-        loaded = lane.events(self.depth, "loaded")
-        freed = lane.events(self.depth, "freed")
+        loaded, freed = lane.loaded, lane.freed
         handles: list[CudaEventHandle] = []
         for layer, target in enumerate(targets):
             offset = layer * layer_bytes
@@ -668,7 +663,7 @@ class CopyEngine:
                 lane.free[b] = freed[b]
             if layer == len(targets) - 1:
                 break  # the batch's own completion event stands for the last layer
-            event, handle = self._layer_event()
+            event, handle = self._layer_events.next()
             event.record(scatter)
             handles.append(handle)
             _yield(layer)
