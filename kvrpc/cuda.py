@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -36,6 +38,7 @@ __all__ = [
     "device_by_uuid",
     "device_uuid",
     "new_ipc_event",
+    "poll_event",
     "require_cuda",
 ]
 
@@ -177,6 +180,23 @@ def new_ipc_event(
         event = cast(Any, torch.cuda).Event(interprocess=True)
         handle = CudaEventHandle(device_uuid(device), bytes(event.ipc_handle()))
     return event, handle
+
+
+def poll_event(event: Any, timeout: float, give_up: Callable[[], bool] | None = None) -> bool:
+    """Poll ``event`` until it completes (True), ``timeout`` seconds pass or ``give_up()``.
+
+    False on the timeout or on ``give_up()``. The way to wait for another process's event
+    (see the rule above): CUDA has no event wait with a timeout, and a wait on a dead peer's
+    pending event never returns. The pause between polls doubles from 10 us to 1 ms.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 10e-6
+    while not event.query():
+        if (give_up is not None and give_up()) or time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    return True
 
 
 register_ext(_EVENT_EXT, CudaEventHandle, CudaEventHandle.serialize, CudaEventHandle.deserialize)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
-from kvrpc.cuda import CudaEventHandle, require_cuda
+from kvrpc.cuda import CudaEventHandle, poll_event, require_cuda
 from kvrpc.errors import WrongThread
 
 __all__ = ["CUDAMessagingFuture", "MessagingFuture"]
@@ -181,13 +181,7 @@ class CUDAMessagingFuture(Generic[T]):
             event.synchronize()
             return True
         # A bounded wait polls: CUDA has no event wait with a timeout.
-        pause = 20e-6
-        while not event.query():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-        return True
+        return poll_event(event, max(0.0, deadline - time.monotonic()))
 
     def result(self, timeout: float | None = None) -> T:
         """The reply's result once its CUDA work completed; ``TimeoutError`` past ``timeout``."""

@@ -25,7 +25,7 @@ from typing import Any, cast
 import torch
 
 from kvrpc.client import SyncClient
-from kvrpc.cuda import CudaEventHandle, new_ipc_event
+from kvrpc.cuda import CudaEventHandle, new_ipc_event, poll_event
 from kvrpc.errors import (
     ConnectionLost,
     KVConfigError,
@@ -879,7 +879,7 @@ class WorkerAdapter:
             logger.warning("cannot open the server's layer events: %s", exc)
             self._retrieves_done(request_ids, owners, rows, None, progress)
             return
-        if last is not None and not _poll(last, self._timeout):
+        if last is not None and not poll_event(last, self._timeout):
             logger.warning(
                 "a layer-wise retrieve did not complete within %g s; its blocks will be recomputed",
                 self._timeout,
@@ -1203,18 +1203,6 @@ class _EventRing:
         """Return an event whose call has been answered."""
         with self._lock:
             self._free.append(ready)
-
-
-def _poll(event: Any, timeout: float) -> bool:
-    """Poll a CUDA event until it completes (True) or ``timeout`` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    pause = 20e-6
-    while not event.query():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(pause)
-        pause = min(2 * pause, 1e-3)
-    return True
 
 
 def _wait_for(event: Any) -> None:

@@ -46,7 +46,7 @@ from typing import Any, cast
 
 import torch
 
-from kvrpc.cuda import CudaEventHandle, new_ipc_event
+from kvrpc.cuda import CudaEventHandle, new_ipc_event, poll_event
 from kvrpc.errors import KVError
 from kvrpc.kv.dma import copy_rows_to_device, pitched_runs
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
@@ -720,7 +720,7 @@ class CopyEngine:
         Polled, not waited on: a stream waiting on the event of a process that died would
         wait forever (see :mod:`kvrpc.cuda`).
         """
-        return self.pollers.submit(_poll_ready, event, give_up, timeout)
+        return self.pollers.submit(poll_event, event, timeout, give_up)
 
     def release(self, tensors: list[torch.Tensor]) -> concurrent.futures.Future[None]:
         """Drop ``tensors`` (closing their IPC mappings) once no enqueued copy can use them."""
@@ -756,14 +756,3 @@ def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:
     for key in [key for key in engine._graphs if key[0] == id(tensors)]:
         del engine._graphs[key]
     tensors.clear()
-
-
-def _poll_ready(event: Any, give_up: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    pause = 10e-6
-    while not event.query():
-        if give_up() or time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-        pause = min(2 * pause, 1e-3)
-    return True
