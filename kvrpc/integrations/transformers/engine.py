@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -184,12 +184,12 @@ class CachingEngine:
         return logits if progress.wait(timeout) else None
 
     def store(self, request_id: str, token_ids: Sequence[int], table: Sequence[int]) -> None:
-        """Store the prompt's whole chunks from its blocks, after the work queued so far."""
-        event = None
-        if self.device.type == "cuda":
-            event = cast(Any, torch.cuda).Event()
-            event.record()
-        self.worker.submit_store_request(request_id, LoadStoreOp(list(table), token_ids), event)
+        """Store the prompt's whole chunks from its blocks, after the work queued so far.
+
+        No event of its own: on a GPU the adapter records its interprocess event on this
+        thread's current stream, after the forward that wrote the blocks.
+        """
+        self.worker.submit_store_request(request_id, LoadStoreOp(list(table), token_ids))
 
     def wait_for_stores(self, request_ids: Sequence[str], timeout: float = 60.0) -> None:
         """Wait until these requests' stores are done; ``KVError`` on timeout."""
