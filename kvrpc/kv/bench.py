@@ -222,6 +222,17 @@ def wait_finished(
         time.sleep(poll)
 
 
+def timed(fn: Callable[[], object], cuda: bool = True) -> float:
+    """Seconds ``fn()`` takes, with the GPU idle before and finished after (``cuda``)."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def goal(met: bool, text: str) -> str:
     """A figure's verdict: ``met (text)`` or ``MISSED (text)``."""
     return f"{'met' if met else 'MISSED'} ({text})"

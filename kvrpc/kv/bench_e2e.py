@@ -43,7 +43,7 @@ import torch
 from kvrpc.errors import KVError
 from kvrpc.kv._child import default_url, kv_server_child
 from kvrpc.kv.adapters import LoadStoreOp
-from kvrpc.kv.bench import goal
+from kvrpc.kv.bench import goal, timed
 from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["E2EBenchOptions", "ModelShape", "random_llama", "run_e2e_bench"]
@@ -138,19 +138,6 @@ def _progress(text: str) -> None:
     print(f"[bench e2e] {text}", file=sys.stderr, flush=True)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(device: str, fn: Callable[[], object]) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def _spread(seconds: list[float]) -> dict[str, float]:
     ms = [s * 1e3 for s in seconds]
     return {
@@ -167,8 +154,8 @@ def _pinned_rates(device: str, nbytes: int, rounds: int) -> tuple[float, float]:
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     gpu.copy_(host)
-    h2d = [_timed(device, lambda: gpu.copy_(host, non_blocking=True)) for _ in range(rounds)]
-    d2h = [_timed(device, lambda: host.copy_(gpu, non_blocking=True)) for _ in range(rounds)]
+    h2d = [timed(lambda: gpu.copy_(host, non_blocking=True)) for _ in range(rounds)]
+    d2h = [timed(lambda: host.copy_(gpu, non_blocking=True)) for _ in range(rounds)]
     return nbytes / statistics.median(h2d), nbytes / statistics.median(d2h)
 
 
@@ -316,7 +303,7 @@ def _suffix_only(engine: Any, hit: Any, suffix: list[int]) -> float:
     def compute() -> int:
         return int(engine.runner.forward(suffix, length, hit.block_table)[-1].argmax())
 
-    return _timed(str(engine.device.type), compute)
+    return timed(compute, cuda=engine.device.type == "cuda")
 
 
 def _decode_figures(

@@ -36,7 +36,7 @@ from kvrpc.errors import KVError
 from kvrpc.kv import protocols
 from kvrpc.kv._child import default_url, kv_server_child
 from kvrpc.kv.adapters import LoadStoreOp, WorkerAdapter
-from kvrpc.kv.bench import goal, wait_finished
+from kvrpc.kv.bench import goal, timed, wait_finished
 from kvrpc.kv.layout import KVLayout
 from kvrpc.protocol import PING
 
@@ -90,11 +90,7 @@ def _progress(text: str) -> None:
 
 
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timed(lambda: dst.copy_(src, non_blocking=True))
 
 
 def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
