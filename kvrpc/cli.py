@@ -190,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from kvrpc.kv.serving import KVServerSettings, serve_kv
+    from kvrpc.kv.server.serving import KVServerSettings, serve_kv
     from kvrpc.transport import parse_url
 
     url = _server_url(args)
@@ -235,7 +235,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     if args.which == "rpc":
         return _run_rpc_demo()
-    from kvrpc.kv.demo import run_demo
+    from kvrpc.demo import run_demo
 
     run_demo(args.url)
     return 0
@@ -324,38 +324,38 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_bench_rpc(args: argparse.Namespace) -> int:
-    from kvrpc.bench import run_rpc_bench
+    from kvrpc.bench.rpc import run_rpc_bench
 
     return _report(asyncio.run(run_rpc_bench(args)), args.json)
 
 
 def _run_bench_kv(args: argparse.Namespace) -> int:
-    from kvrpc.kv.bench import KVBenchOptions, run_kv_bench
+    from kvrpc.bench.kv import KVBenchOptions, run_kv_bench
 
     return _report(run_kv_bench(KVBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_gpu(args: argparse.Namespace) -> int:
-    from kvrpc.kv.bench_gpu import GPUBenchOptions, run_gpu_bench
+    from kvrpc.bench.gpu import GPUBenchOptions, run_gpu_bench
 
     return _report(run_gpu_bench(GPUBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_e2e(args: argparse.Namespace) -> int:
-    from kvrpc.kv.bench_e2e import E2EBenchOptions, run_e2e_bench
+    from kvrpc.bench.e2e import E2EBenchOptions, run_e2e_bench
 
     return _report(run_e2e_bench(E2EBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_slow_reader(args: argparse.Namespace) -> int:
-    from kvrpc.bench_peers import run_slow_reader_bench
+    from kvrpc.bench.peers import run_slow_reader_bench
 
     figures = asyncio.run(run_slow_reader_bench(args.url, args.seconds, args.rounds))
     return _report(figures, args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:
-    from kvrpc.bench import measure_import
+    from kvrpc.bench.rpc import measure_import
 
     return _report(measure_import(args.runs), args.json)
 

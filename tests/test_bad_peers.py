@@ -42,8 +42,8 @@ from kvrpc.errors import (
 )
 from kvrpc.kv import KVLayout, kv_registry, shared_empty
 from kvrpc.kv import protocols as kv
-from kvrpc.kv.access import memory_owner
 from kvrpc.kv.protocols import KVCacheRegistration
+from kvrpc.kv.server.access import memory_owner
 from kvrpc.kv.shm import shared_ref
 from kvrpc.server import PeerInfo, current_peer
 from kvrpc.transport import (

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrpc.kv.copy_engine import (
+from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
+from kvrpc.kv.server.copy_engine import (
     carrier_dtype,
     contiguous_runs,
     gather_group,
@@ -19,7 +20,6 @@ from kvrpc.kv.copy_engine import (
     last_occurrences,
     scatter_group,
 )
-from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
 
 NUM_LAYERS = 3
 NUM_BLOCKS = 12

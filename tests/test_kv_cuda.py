@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import torch
 
+from kvrpc.bench._child import kv_server_child
 from kvrpc.client import SyncClient
 from kvrpc.cuda import CudaEventHandle, device_uuid
 from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.futures import MessagingFuture
 from kvrpc.kv import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter, kv_registry
 from kvrpc.kv import protocols as kv
-from kvrpc.kv._child import kv_server_child
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 
 pytestmark = [

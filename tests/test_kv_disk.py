@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from kvrpc.errors import KVConfigError, KVError
-from kvrpc.kv import disk
-from kvrpc.kv.disk import DiskTier
-from kvrpc.kv.tiers import LowerTier
+from kvrpc.kv.server.tiers import LowerTier, disk
+from kvrpc.kv.server.tiers.disk import DiskTier
 
 N = 4096  # bytes per chunk in these tests
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvrpc.errors import CudaUnavailable, KVConfigError
-from kvrpc.kv.pool import ChunkPool, Reserve
+from kvrpc.kv.server.pool import ChunkPool, Reserve
 
 SLOT = 8
 

@@ -49,7 +49,7 @@ from kvrpc.kv import protocols as kv
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout, LayoutKind
 from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
-from kvrpc.kv.serving import GB, KVServerSettings, serve_kv
+from kvrpc.kv.server.serving import GB, KVServerSettings, serve_kv
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import PING, STATS
 from kvrpc.server import PeerInfo

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kvrpc.bench._child import kv_server_child
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.kv import LoadStoreOp, WorkerAdapter
-from kvrpc.kv._child import kv_server_child
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import hashes_from_tokens
 from kvrpc.kv.layout import LayoutKind

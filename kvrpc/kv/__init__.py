@@ -2,10 +2,10 @@
 
 An inference engine's scheduler uses :class:`SchedulerAdapter` (or
 :class:`PollingSchedulerAdapter`), each worker a :class:`WorkerAdapter`; ``kvrpc serve`` runs
-the server (:func:`~kvrpc.kv.serving.serve_kv`). Each name lives in the module that owns it.
+the server (:func:`~kvrpc.kv.server.serving.serve_kv`). Each name lives in the module that owns it.
 """
 
-from kvrpc.kv.adapters import (
+from kvrpc.kv.client.adapters import (
     LoadStoreOp,
     PollingSchedulerAdapter,
     RetrieveProgress,
@@ -24,8 +24,8 @@ from kvrpc.kv.keys import (
 )
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, LayoutKind
 from kvrpc.kv.protocols import KV_PROTOCOLS, kv_registry
-from kvrpc.kv.service import KVService
-from kvrpc.kv.serving import KVServerSettings, serve_kv
+from kvrpc.kv.server.service import KVService
+from kvrpc.kv.server.serving import KVServerSettings, serve_kv
 from kvrpc.kv.shm import release_shared, shared_empty
 
 __all__ = [

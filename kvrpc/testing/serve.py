@@ -7,9 +7,9 @@ import os
 import signal
 import tempfile
 
+from kvrpc.bench._child import ServerChild, kv_server_child
 from kvrpc.client import SyncClient
 from kvrpc.kv import protocols
-from kvrpc.kv._child import ServerChild, kv_server_child
 
 __all__ = ["ServeProcess"]
 
@@ -17,7 +17,7 @@ __all__ = ["ServeProcess"]
 class ServeProcess:
     """A ``kvrpc serve --url URL [options]`` child: started, killed, restarted, asked.
 
-    Each start is one :func:`kvrpc.kv._child.kv_server_child` (which waits for the ready
+    Each start is one :func:`kvrpc.bench._child.kv_server_child` (which waits for the ready
     line and keeps the server's log in ``log_dir``), held open until :meth:`kill` or
     :meth:`stop`.
     """

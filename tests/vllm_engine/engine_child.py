@@ -82,7 +82,7 @@ def corrupt_loads() -> list[int]:
     Returns a list that grows by one per corrupted batch, so the caller can tell the patch
     was reached. Patches the name the worker adapter calls, not kvrpc's layout module.
     """
-    import kvrpc.kv.adapters as adapters
+    import kvrpc.kv.client.adapters as adapters
 
     real = adapters.scatter_chunks
     calls: list[int] = []

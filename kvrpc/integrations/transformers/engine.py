@@ -20,7 +20,12 @@ import torch
 
 from kvrpc.errors import KVError
 from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
-from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, RetrieveProgress, WorkerAdapter
+from kvrpc.kv.client.adapters import (
+    LoadStoreOp,
+    PollingSchedulerAdapter,
+    RetrieveProgress,
+    WorkerAdapter,
+)
 from kvrpc.kv.layout import LayoutKind
 from kvrpc.kv.shm import shared_empty
 

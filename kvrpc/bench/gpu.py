@@ -31,12 +31,12 @@ from typing import Any, cast
 
 import torch
 
+from kvrpc.bench._child import default_url, kv_server_child
+from kvrpc.bench.kv import goal, timed, wait_finished
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
-from kvrpc.kv._child import default_url, kv_server_child
-from kvrpc.kv.adapters import LoadStoreOp, WorkerAdapter
-from kvrpc.kv.bench import goal, timed, wait_finished
+from kvrpc.kv.client.adapters import LoadStoreOp, WorkerAdapter
 from kvrpc.kv.layout import KVLayout
 from kvrpc.protocol import PING
 

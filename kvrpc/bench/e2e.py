@@ -40,10 +40,10 @@ from typing import Any, cast
 
 import torch
 
+from kvrpc.bench._child import default_url, kv_server_child
+from kvrpc.bench.kv import goal, timed
 from kvrpc.errors import KVError
-from kvrpc.kv._child import default_url, kv_server_child
-from kvrpc.kv.adapters import LoadStoreOp
-from kvrpc.kv.bench import goal, timed
+from kvrpc.kv.client.adapters import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["E2EBenchOptions", "ModelShape", "random_llama", "run_e2e_bench"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvrpc.kv.protocols import kv_registry
-from kvrpc.kv.service import KVService
+from kvrpc.kv.server.service import KVService
 from kvrpc.server import RPCServer
 from kvrpc.transport import default_url
 
@@ -60,7 +60,7 @@ async def serve_kv(
     """
     tier = None
     if settings.disk_dir is not None:
-        from kvrpc.kv.disk import DiskTier
+        from kvrpc.kv.server.tiers.disk import DiskTier
 
         tier = DiskTier(settings.disk_dir, int(settings.disk_size * GB))
     service = KVService(

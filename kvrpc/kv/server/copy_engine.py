@@ -48,8 +48,8 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle, new_ipc_event, poll_event
 from kvrpc.errors import KVError
-from kvrpc.kv.dma import copy_rows_to_device, pitched_runs
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
+from kvrpc.kv.server.dma import copy_rows_to_device, pitched_runs
 
 __all__ = [
     "CopyEngine",
@@ -628,7 +628,7 @@ class CopyEngine:
 
         Layer ``l``'s part of a chunk is bytes ``[l * L, (l + 1) * L)`` of its slot (``L``
         one layer's share), so each layer is one pitched DMA per run of consecutive slots
-        (:func:`kvrpc.kv.dma.copy_rows_to_device`) into a staging buffer laid out as a
+        (:func:`kvrpc.kv.server.dma.copy_rows_to_device`) into a staging buffer laid out as a
         one-layer slot, then one scatter into that layer's blocks. Runs eagerly
         (two launches a layer and group): a graph per layer would buy little here, since the
         copies of later layers, not these launches, are what an engine waits for.

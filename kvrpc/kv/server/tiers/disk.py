@@ -64,7 +64,7 @@ class _Read(enum.Enum):
 
 
 class DiskTier:
-    """A :class:`~kvrpc.kv.tiers.LowerTier` keeping chunks as files under ``directory``.
+    """A :class:`~kvrpc.kv.server.tiers.LowerTier` keeping chunks as files under ``directory``.
 
     ``directory`` is created (mode 0700) if missing; give each server its own, since two
     tiers on one directory would evict each other's files behind their indexes.

@@ -38,15 +38,15 @@ from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.cuda import CudaEventHandle, device_by_uuid, forget_events
 from kvrpc.errors import CudaUnavailable, KVConfigError, KVError, UnknownInstance, UnknownJob
 from kvrpc.kv import protocols
-from kvrpc.kv.access import memory_owner
-from kvrpc.kv.copy_engine import CopyEngine, DeadlinePassed, Transfer
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, gather_chunks, scatter_chunks
-from kvrpc.kv.pool import ChunkPool, Reserve
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
+from kvrpc.kv.server.access import memory_owner
+from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, Transfer
+from kvrpc.kv.server.pool import ChunkPool, Reserve
+from kvrpc.kv.server.tiers import LowerTier
 from kvrpc.kv.shm import MemoryOwner, SharedMapping, SharedTensorRef, open_shared
-from kvrpc.kv.tiers import LowerTier
 from kvrpc.loopwatch import LoopLagProbe
 from kvrpc.server import PeerInfo, RPCServer, current_peer
 
@@ -326,7 +326,7 @@ class KVService:
     ) -> int:
         """``kv.register_kv_cache``: check the layout, map the tensors, return an instance id.
 
-        Memory is mapped only for a peer that owns it (see :mod:`kvrpc.kv.access`); ``peer``
+        Memory is mapped only for a peer that owns it (see :mod:`kvrpc.kv.server.access`); ``peer``
         is the requesting one, by default the peer of the request being handled.
         """
         owner = memory_owner(spec.mode, current_peer() if peer is None else peer)

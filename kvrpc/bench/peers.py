@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from kvrpc.bench import _child, _progress, _server_for, percentile
+from kvrpc.bench.rpc import _child, _progress, _server_for, percentile
 from kvrpc.client import AsyncClient
 from kvrpc.codec import encode_request
 from kvrpc.errors import KvrpcError
@@ -36,7 +36,7 @@ async def run_slow_reader_bench(url: str, seconds: float, rounds: int) -> dict[s
             _progress(f"round {round_ + 1}/{rounds}: idle")
             idle += await _pings(client, seconds)
             _progress(f"round {round_ + 1}/{rounds}: beside a client that reads nothing")
-            argv = [sys.executable, "-m", "kvrpc.bench_peers", "flood", url, str(seconds + 5)]
+            argv = [sys.executable, "-m", "kvrpc.bench.peers", "flood", url, str(seconds + 5)]
             async with _child(argv, _FLOOD_READY, "flooding client"):
                 times = await _pings(client, seconds)
             failures += sum(1 for t in times if t < 0)

@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from kvrpc.bench import percentile
+from kvrpc.bench._child import default_url, kv_server_child
+from kvrpc.bench.rpc import percentile
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
-from kvrpc.kv._child import default_url, kv_server_child
-from kvrpc.kv.adapters import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
+from kvrpc.kv.client.adapters import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration

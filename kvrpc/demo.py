@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from kvrpc.bench._child import default_url, kv_server_child
 from kvrpc.errors import KvrpcError
-from kvrpc.kv._child import default_url, kv_server_child
 
 __all__ = ["run_demo"]
 
