@@ -566,8 +566,8 @@ def _shm_registration(layers: list[torch.Tensor]) -> KVCacheRegistration:
         worker_id=0,
         block_size=4,
         mode="shm",
-        layout=KVLayout.from_tensors(layers).to_wire(),
-        tensors=[shared_ref(t).to_wire() for t in layers],
+        layout=KVLayout.from_tensors(layers),
+        tensors=[shared_ref(t) for t in layers],
     )
 
 

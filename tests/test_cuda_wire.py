@@ -260,7 +260,7 @@ def test_a_cuda_ipc_registration_survives_the_wire() -> None:
         worker_id=0,
         block_size=16,
         mode="cuda_ipc",
-        layout=KVLayout(LayoutKind.PAGED, 2, (2, 64, 16, 8, 128), "bfloat16").to_wire(),
+        layout=KVLayout(LayoutKind.PAGED, 2, (2, 64, 16, 8, 128), "bfloat16"),
         cuda_tensors=[wrapper(), wrapper(handle=b"\x44" * 66)],
     )
     args = (b"client-id-123456", spec)

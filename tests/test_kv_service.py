@@ -315,8 +315,8 @@ def registration(
         worker_id=rank,
         block_size=BLOCK,
         mode="shm",
-        layout=KVLayout.from_tensors(layers).to_wire(),
-        tensors=[shared_ref(t).to_wire() for t in layers],
+        layout=KVLayout.from_tensors(layers),
+        tensors=[shared_ref(t) for t in layers],
     )
 
 
@@ -1496,7 +1496,7 @@ def cuda_registration(rank: int = 1) -> KVCacheRegistration:
         worker_id=rank,
         block_size=BLOCK,
         mode="cuda_ipc",
-        layout=TEST_LAYOUT.to_wire(),
+        layout=TEST_LAYOUT,
         cuda_tensors=[layer] * LAYERS,
     )
 
@@ -1553,7 +1553,7 @@ def test_cuda_copies_into_a_cache_registered_in_the_inline_mode_are_refused_nami
         worker_id=0,
         block_size=BLOCK,
         mode="inline",
-        layout=TEST_LAYOUT.to_wire(),
+        layout=TEST_LAYOUT,
     )
     instance = raw.call(kv.REGISTER_KV_CACHE, spec)
     keys = KeyBatch.from_hashes(MODEL, WORLD, 0, chunk_hashes(1, seed=91))

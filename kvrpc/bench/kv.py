@@ -543,8 +543,8 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
                 worker_id=0,
                 block_size=_BLOCK_SIZE,
                 mode="shm",
-                layout=layout.to_wire(),
-                tensors=[shared_ref(layer).to_wire()],
+                layout=layout,
+                tensors=[shared_ref(layer)],
             )
             instance = client.call(protocols.REGISTER_KV_CACHE, me, registration)
             capacity = client.call(protocols.STATS)["bytes_free"]

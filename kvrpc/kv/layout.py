@@ -33,10 +33,12 @@ import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+import msgpack
 import torch
 
+from kvrpc.codec import register_ext
 from kvrpc.errors import KVConfigError, KVError
 
 __all__ = [
@@ -529,3 +531,25 @@ def _plan(
         list(zip(*(part.unbind(0) for part in slot_parts), strict=True)),
         keep,
     )
+
+
+# A layout travels as its own ext type, so a registration's layout is checked while the
+# payload decodes (a malformed one fails that request at the server's door, like any bad
+# payload) and the handler receives a KVLayout, never a dict to parse.
+_LAYOUT_EXT: Final = 7
+
+
+def _pack_layout(layout: KVLayout) -> bytes:
+    packed: bytes = msgpack.packb(layout.to_wire(), use_bin_type=True)
+    return packed
+
+
+def _unpack_layout(data: bytes) -> KVLayout:
+    try:
+        wire = msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed KVLayout: {exc}") from exc
+    return KVLayout.from_wire(wire)
+
+
+register_ext(_LAYOUT_EXT, KVLayout, _pack_layout, _unpack_layout)

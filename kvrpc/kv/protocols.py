@@ -23,7 +23,7 @@ seconds).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvrpc.cuda import CudaEventHandle
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
+from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.shm import SharedTensorRef
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 
 __all__ = [
@@ -66,20 +68,21 @@ TransferMode = Literal["cuda_ipc", "shm", "inline"]
 class KVCacheRegistration(BaseModel):
     """One worker's KV cache as it registers it: who it is, its layout, where its bytes are.
 
-    ``layout`` is :meth:`kvrpc.kv.layout.KVLayout.to_wire`; ``tensors`` holds one
-    :meth:`kvrpc.kv.shm.SharedTensorRef.to_wire` per layer for the ``shm`` mode;
-    ``cuda_tensors`` one :class:`~kvrpc.kv.cuda_ipc.CudaIPCWrapper` per layer for ``cuda_ipc``.
+    ``tensors`` holds one :class:`~kvrpc.kv.shm.SharedTensorRef` per layer for the ``shm``
+    mode; ``cuda_tensors`` one :class:`~kvrpc.kv.cuda_ipc.CudaIPCWrapper` per layer for
+    ``cuda_ipc``. The layout and the refs are wire types of their own, checked while the
+    payload decodes, so a handler never parses them.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     model_name: str = Field(min_length=1)
     world_size: int = Field(ge=1)
     worker_id: int = Field(ge=0)
     block_size: int = Field(ge=1)
     mode: TransferMode
-    layout: dict[str, Any]
-    tensors: list[dict[str, Any]] = []
+    layout: KVLayout
+    tensors: list[SharedTensorRef] = []
     cuda_tensors: list[CudaIPCWrapper] = []
 
 

@@ -34,10 +34,12 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
+import msgpack
 import torch
 
+from kvrpc.codec import register_ext
 from kvrpc.errors import KVConfigError, KVError, NotSharedMemory
 from kvrpc.kv.layout import dtype_from_name, dtype_name
 
@@ -409,3 +411,22 @@ def _unlink_owned() -> None:
             del _owned[name]
     for name in names:
         _unlink(name)
+
+
+# A ref travels as its own ext type: checked while the payload decodes, as a layout is.
+_REF_EXT: Final = 8
+
+
+def _pack_ref(ref: SharedTensorRef) -> bytes:
+    packed: bytes = msgpack.packb(ref.to_wire(), use_bin_type=True)
+    return packed
+
+
+def _unpack_ref(data: bytes) -> SharedTensorRef:
+    try:
+        return SharedTensorRef.from_wire(msgpack.unpackb(data, raw=False))
+    except (KVError, ValueError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed SharedTensorRef: {exc}") from exc
+
+
+register_ext(_REF_EXT, SharedTensorRef, _pack_ref, _unpack_ref)

@@ -655,7 +655,7 @@ class WorkerAdapter:
                 f"was made with block_size={self.block_size}"
             )
         mode = _mode_for(layers[0].device, self.transfer_mode)
-        tensors = [shared_ref(t).to_wire() for t in layers] if mode == "shm" else []
+        tensors = [shared_ref(t) for t in layers] if mode == "shm" else []
         wrappers = [CudaIPCWrapper.from_tensor(t) for t in layers] if mode == "cuda_ipc" else []
         registration = KVCacheRegistration(
             model_name=self.model_name,
@@ -663,7 +663,7 @@ class WorkerAdapter:
             worker_id=self.kv_rank,
             block_size=self.block_size,
             mode=mode,
-            layout=layout.to_wire(),
+            layout=layout,
             tensors=tensors,
             cuda_tensors=wrappers,
         )

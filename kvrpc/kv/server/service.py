@@ -333,7 +333,7 @@ class KVService:
         self._client(client_id)
         if spec.worker_id >= spec.world_size:
             raise KVError(f"worker id {spec.worker_id} is not below world size {spec.world_size}")
-        layout = KVLayout.from_wire(spec.layout)
+        layout = spec.layout
         if layout.block_size != spec.block_size:
             raise KVConfigError(
                 f"the KV tensors hold blocks of {layout.block_size} tokens, but block size "
@@ -354,8 +354,7 @@ class KVService:
                     f"layout has {layout.num_layers} layers but {len(spec.tensors)} tensors "
                     "were registered"
                 )
-            refs = [SharedTensorRef.from_wire(t) for t in spec.tensors]
-            mappings = await self._in_copier(_open_all, refs, layout, owner)
+            mappings = await self._in_copier(_open_all, spec.tensors, layout, owner)
             layers = [m.tensor for m in mappings]
         elif spec.tensors:
             raise KVError("the inline transfer mode registers no tensors")
