@@ -162,6 +162,16 @@ def _open_event(handle: CudaEventHandle) -> Any:
     return event
 
 
+def opened_event(handle: CudaEventHandle) -> Any | None:
+    """The handle's event if this process has opened it already, else None; never opens.
+
+    Opening an interprocess event can take milliseconds: a caller on an event loop opens
+    an unknown handle in a thread of its own and the known ones here.
+    """
+    with _open_events_lock:
+        return _open_events.get(handle)
+
+
 def forget_events(handles: list[CudaEventHandle]) -> None:
     """Close this process's copies of ``handles`` (their producer has gone)."""
     with _open_events_lock:

@@ -1174,10 +1174,11 @@ def test_an_unknown_instance_id_is_refused(baseline: Baseline, opened: Keep) -> 
 def test_registering_another_layout_for_the_same_model_and_world_size_is_refused(
     baseline: Baseline, kv_cache: Callable[..., list[torch.Tensor]], opened: Keep
 ) -> None:
-    fewer_blocks = kv_cache((2, 32, BLOCK, 1, 8))
+    # Chunks of the same size, cut another way: 2 heads of 4, not 1 of 8.
+    other_heads = kv_cache((2, NUM_BLOCKS, BLOCK, 2, 4))
     worker = opened(WorkerAdapter(baseline.server.url, MODEL, WORLD, 1, BLOCK))
     with pytest.raises(KVConfigError, match="must share a layout"):
-        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(fewer_blocks)})
+        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(other_heads)})
     assert baseline.server.stats()["instances"] == 1
     assert baseline.still_healthy()
 

@@ -1,0 +1,262 @@
+"""The I/O shell's GPU half: copy engines, a cuda_ipc worker's mapped layers, its copies.
+
+One :class:`~kvrpc.kv.server.copy_engine.CopyEngine` per GPU, made on the first registration
+that names it. Every CUDA call that can take long (opening IPC memory or events, waiting on
+events) runs in an engine's threads; the loop only awaits futures. The state core decided
+which slots a copy touches; this module runs the copy and says how it ended (None or why
+not), never changing the state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvrpc.cuda import CudaEventHandle, device_by_uuid, forget_events, opened_event, poll_event
+from kvrpc.errors import CudaUnavailable, KVConfigError
+from kvrpc.kv.cuda_ipc import CudaIPCWrapper
+from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, Transfer
+from kvrpc.kv.server.pool import ChunkPool
+
+__all__ = ["DEADLINE_TEXT", "CudaCache", "GpuCopies"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+DEADLINE_TEXT = "the deadline passed before the copy started; no block was written"
+
+
+@dataclass(eq=False)
+class CudaCache:
+    """A cuda_ipc worker's layers as this server mapped them, and the events it opened."""
+
+    engine: CopyEngine
+    layers: list[torch.Tensor]
+    layout: KVLayout
+    events: set[CudaEventHandle] = field(default_factory=set)
+    closed: bool = False
+
+
+class GpuCopies:
+    """The server's copy engines and the GPU copies of its cuda_ipc instances.
+
+    ``group_bytes`` sizes each of an engine's staging buffers; a worker's event that has not
+    completed within ``client_timeout`` seconds fails the copy (a live worker records it
+    just before asking).
+    """
+
+    def __init__(self, *, group_bytes: int, client_timeout: float) -> None:
+        self.group_bytes = group_bytes
+        self.client_timeout = client_timeout
+        self.engines: dict[int, CopyEngine] = {}
+        #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply.
+        self.last_handler_seconds = 0.0
+
+    async def open(self, wrappers: list[CudaIPCWrapper], layout: KVLayout) -> CudaCache:
+        """Map a worker's layers in its GPU's engine thread (the engine made on first use)."""
+        if not torch.cuda.is_available():
+            raise CudaUnavailable(
+                "this KV server has no CUDA (a CPU build of torch, or no visible GPU), so it "
+                "cannot map cuda_ipc KV caches; run it on the workers' host with their GPUs, "
+                "or register CPU tensors"
+            )
+        devices = {w.device_uuid for w in wrappers}
+        if len(devices) != 1:
+            raise KVConfigError("a worker's KV layers must all be on one GPU")
+        device = device_by_uuid(devices.pop())
+        assert device.index is not None
+        engine = self.engines.get(device.index)
+        if engine is None:
+            engine = CopyEngine(device, group_bytes=self.group_bytes)
+            self.engines[device.index] = engine
+        opened = engine.executor.submit(_open_cuda_all, wrappers, layout)
+        return CudaCache(engine, await asyncio.wrap_future(opened), layout)
+
+    async def warm(self, cache: CudaCache, blocks_per_chunk: int, pool: ChunkPool) -> None:
+        """Pay the first copy's one-time costs now, at registration, in the engine thread.
+
+        Streams, staging, kernels, events (see :meth:`CopyEngine.submit_warm`): the worker's
+        first store or retrieve then runs at the speed of the rest and does not stall the
+        loop.
+        """
+        warm = cache.engine.submit_warm(
+            cache.layers, cache.layout, blocks_per_chunk, pool.buffer, pool.slot_nbytes
+        )
+        await asyncio.wrap_future(warm)
+
+    def close(self, cache: CudaCache) -> None:
+        """Drop the mappings once no enqueued copy can touch them (in the engine thread)."""
+        cache.closed = True
+        layers, cache.layers = cache.layers, []
+        cache.engine.release(layers)
+        forget_events(list(cache.events))
+
+    async def copy(
+        self,
+        cache: CudaCache,
+        submit: Callable[[Transfer], concurrent.futures.Future[Any]],
+        transfer: Callable[[Any], Transfer],
+        ready_handle: CudaEventHandle,
+        deadline: float | None,
+        on_late_finish: Callable[[], None],
+        *,
+        wait: bool,
+    ) -> tuple[str | None, Any]:
+        """Wait for the worker's event, enqueue ``transfer(ready)`` with ``submit``, and wait.
+
+        Returns (None, the engine's result) once the copy has completed (or, with ``wait``
+        False, once it is enqueued), or (why not, None) once it is certain never to run. If
+        the handler is cancelled, ``on_late_finish`` runs on the loop once no copy can touch
+        the slots any more.
+        """
+        error, ready = await self._worker_ready(cache, ready_handle, deadline, on_late_finish)
+        if error is not None:
+            return error, None
+        engine = cache.engine
+        enqueued = submit(transfer(ready))
+        try:
+            result = await asyncio.wrap_future(enqueued)
+            if wait:
+                await asyncio.wrap_future(engine.wait(result[0], result[1]))
+        except asyncio.CancelledError:
+            _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
+            raise
+        except DeadlinePassed:
+            return DEADLINE_TEXT, None
+        except Exception as exc:
+            logger.error("a GPU copy failed", exc_info=exc)
+            return f"{type(exc).__name__}: {exc}", None
+        return None, result
+
+    async def settle_after(
+        self, engine: CopyEngine, done: Any, handle: CudaEventHandle, settle: Callable[..., None]
+    ) -> None:
+        """Call ``settle(None or why)`` once the engine completed an already answered copy."""
+        waited = engine.wait(done, handle)
+        try:
+            await asyncio.wrap_future(waited)
+        except asyncio.CancelledError:  # shutting down: settle when the GPU is done with it
+            loop = asyncio.get_running_loop()
+
+            def late(_: object) -> None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle, "the server shut down")
+
+            waited.add_done_callback(late)
+            raise
+        except Exception as exc:
+            logger.error("waiting for a GPU copy failed", exc_info=exc)
+            settle(f"{type(exc).__name__}: {exc}")
+            return
+        settle(None)
+
+    async def _worker_ready(
+        self,
+        cache: CudaCache,
+        handle: CudaEventHandle,
+        deadline: float | None,
+        on_late_finish: Callable[[], None],
+    ) -> tuple[str | None, Any]:
+        """Open the worker's event and poll it: (None, the event) once it has completed.
+
+        Polled until it completes, never handed to a stream while pending (see
+        :mod:`kvrpc.cuda`); opened in a poller thread the first time, since opening an
+        interprocess event can take milliseconds. ``(why not, None)`` past the client
+        timeout or the deadline, or once the worker left.
+        """
+        engine = cache.engine
+        ready = opened_event(handle)
+        if ready is None or not ready.query():
+            limit = self.client_timeout
+            if deadline is not None:
+                limit = max(0.0, min(limit, deadline - time.monotonic()))
+            polled = engine.pollers.submit(_open_and_poll, handle, lambda: cache.closed, limit)
+            try:
+                ready, ready_in_time = await asyncio.wrap_future(polled)
+            except asyncio.CancelledError:
+                on_late_finish()  # nothing was enqueued: the slots can go at once
+                raise
+            except Exception as exc:
+                return f"cannot open the worker's CUDA event: {exc}", None
+            cache.events.add(handle)
+            if not ready_in_time:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return f"{DEADLINE_TEXT} (the worker's event was still pending)", None
+                return (
+                    f"the worker's CUDA event did not complete within {limit:g} s, or the "
+                    "worker left; nothing was copied"
+                ), None
+        if cache.closed:
+            return "the worker unregistered; nothing was copied", None
+        return None, ready
+
+    def stats(self) -> dict[str, int]:
+        """The engines' part of ``kv.stats`` (empty without an engine)."""
+        if not self.engines:
+            return {}
+        engines = list(self.engines.values())
+        return {
+            "cuda_batches": sum(e.batches for e in engines),
+            "cuda_bytes_moved": sum(e.bytes_moved for e in engines),
+            "cuda_staging_bytes": sum(e.staging_bytes() for e in engines),
+            "cuda_last_batch_gpu_us": round(max(e.last_gpu_seconds for e in engines) * 1e6),
+            "cuda_last_handler_us": round(self.last_handler_seconds * 1e6),
+            # Everything this process allocated on its GPUs: the engines' buffers and
+            # temporaries (the workers' KV caches are mapped, not allocated here).
+            "cuda_peak_allocated_bytes": sum(
+                int(torch.cuda.max_memory_allocated(e.device)) for e in engines
+            ),
+        }
+
+    async def aclose(self) -> None:
+        """Finish enqueued copies and stop every engine's threads."""
+        engines, self.engines = list(self.engines.values()), {}
+        for engine in engines:
+            await asyncio.to_thread(engine.close)
+
+
+def _open_and_poll(
+    handle: CudaEventHandle, give_up: Callable[[], bool], timeout: float
+) -> tuple[Any, bool]:
+    event = handle.open()
+    return event, poll_event(event, timeout, give_up)
+
+
+def _after_engine(
+    enqueued: concurrent.futures.Future[Any],
+    engine: CopyEngine,
+    loop: asyncio.AbstractEventLoop,
+    then: Callable[[], None],
+) -> None:
+    """Call ``then`` on ``loop`` once an abandoned engine job can no longer touch memory."""
+
+    def finish(_: object = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to release into
+            loop.call_soon_threadsafe(then)
+
+    def enqueued_done(future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            finish()  # nothing was enqueued
+        else:
+            engine.wait(future.result()[0]).add_done_callback(finish)
+
+    enqueued.add_done_callback(enqueued_done)
+
+
+def _open_cuda_all(wrappers: list[CudaIPCWrapper], layout: KVLayout) -> list[torch.Tensor]:
+    layers = [wrapper.to_tensor() for wrapper in wrappers]
+    for index, tensor in enumerate(layers):
+        if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
+            raise KVConfigError(
+                f"CUDA tensor {index} is {tensor.dtype} {list(tensor.shape)}, but the layout "
+                f"says {layout.torch_dtype} {list(layout.shape)}"
+            )
+    return layers

@@ -1,0 +1,143 @@
+"""What the KV server's state core keeps, and the plans it hands to the I/O shell.
+
+Plain records, no behaviour: :mod:`kvrpc.kv.server.state` owns every rule that changes them.
+A plan (:class:`StorePlan`, :class:`RetrievePlan`, :class:`Job`) is what the state decided
+for one call; the shell runs its copies or loads and gives it back to be settled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrpc.kv.layout import KVLayout
+
+__all__ = [
+    "Client",
+    "Counters",
+    "Instance",
+    "Job",
+    "Namespace",
+    "RetrievePlan",
+    "Session",
+    "SessionKey",
+    "StorePlan",
+]
+
+#: A session's key: (namespace id, request id).
+SessionKey = tuple[bytes, str]
+
+
+@dataclass(eq=False)
+class Namespace:
+    """One (model name, world size): its id in pool keys, its chunk form and rank suffixes."""
+
+    id: bytes
+    model_name: str
+    world_size: int
+    block_size: int
+    form: tuple[str, int, tuple[int, ...], str]
+    layout: KVLayout  #: the first registered layout (for messages)
+    chunk_nbytes: int
+    suffixes: list[bytes]
+
+
+@dataclass(eq=False)
+class Instance:
+    """A registered worker KV cache, as the state sees it (its mappings live in the shell)."""
+
+    id: int
+    owner: bytes
+    namespace: Namespace
+    worker_id: int
+    mode: str
+    layout: KVLayout
+    blocks_per_chunk: int
+    chunk_nbytes: int
+    suffix: bytes
+    #: Set once unregistered or its client left: copies not yet started must not start.
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Session:
+    """A request's pins: slot -> worker id of the chunk pinned there, and its prefetch jobs."""
+
+    owner: bytes
+    pins: dict[int, int] = field(default_factory=dict)
+    jobs: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class Job:
+    """A prefetch a lookup started: the keys to load from the lower tier, then the count.
+
+    ``dropped`` is set when the job's request ended or its client left: from then on it
+    loads and pins nothing. ``result`` is taken exactly once.
+    """
+
+    id: str
+    owner: bytes
+    session: SessionKey
+    namespace: Namespace
+    prefix: bytes  #: the hashes of the chunks the lookup matched, L1 and tier together
+    to_load: list[bytes]  #: pool keys the tier holds and L1 does not
+    total: int  #: keys in the lookup, for the miss count
+    result: int | None = None
+    dropped: bool = False
+
+
+@dataclass(eq=False)
+class Client:
+    """What one adapter (by client id) owns on this server, and when it was last heard."""
+
+    last_seen: float
+    instances: set[int] = field(default_factory=set)
+    sessions: set[SessionKey] = field(default_factory=set)
+    jobs: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class StorePlan:
+    """An admitted store: per key None or why not, and the slots reserved for the copy.
+
+    ``reserved`` pairs a key index with its slot; ``waiting`` holds the key indices that
+    found the pool full while write-through saves were still pinning slots (the shell
+    waits for a save to finish and asks again).
+    """
+
+    instance: Instance
+    results: list[str | None]
+    keys: list[bytes]
+    block_ids: torch.Tensor
+    reserved: list[tuple[int, int]] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class RetrievePlan:
+    """An admitted retrieve: per key None or why not, and the slots pinned for the copy."""
+
+    instance: Instance
+    request_ids: list[str]
+    results: list[str | None]
+    block_ids: torch.Tensor
+    found: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    """The service's event counts, reported by ``kv.stats``."""
+
+    hits: int = 0
+    misses: int = 0
+    lookups: int = 0
+    stores: int = 0
+    store_refused: int = 0
+    store_duplicates: int = 0
+    retrieves: int = 0
+    retrieve_misses: int = 0
+    prefetch_jobs: int = 0
+    prefetched: int = 0
+    clients_expired: int = 0

@@ -1,0 +1,272 @@
+"""Sessions, their pins and the prefetch jobs of lookups: the state core's session rules.
+
+A lookup opens a session for its request (replacing any earlier one), pins the leading
+chunks every rank holds, and may start a prefetch :class:`~kvrpc.kv.server.records.Job`
+for what the lower tier adds; a retrieve releases the pins on what it copied; ending the
+session releases the rest, and drops its jobs so that they pin nothing. Every pin taken here
+is released exactly once. Part of :class:`~kvrpc.kv.server.state.KVState`, which owns the
+client leases; no I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from typing import Protocol
+
+from kvrpc.errors import KVError, UnknownJob
+from kvrpc.kv.keys import HASH_SIZE, KeyBatch
+from kvrpc.kv.server import poolkeys
+from kvrpc.kv.server.pool import ChunkPool
+from kvrpc.kv.server.records import Client, Counters, Job, Namespace, Session, SessionKey
+
+__all__ = ["SessionBook", "TierIndex"]
+
+
+class TierIndex(Protocol):
+    """What the state asks of a lower tier: whether it holds a key (an in-memory index)."""
+
+    def contains(self, key: bytes) -> bool:
+        """True if the tier holds ``key``'s bytes now."""
+        ...
+
+
+class SessionBook:
+    """The sessions and prefetch jobs, over the state's clients, namespaces and counters."""
+
+    def __init__(
+        self,
+        clients: dict[bytes, Client],
+        namespaces: dict[tuple[str, int], Namespace],
+        counters: Counters,
+        tier: TierIndex | None,
+    ) -> None:
+        self.clients = clients
+        self.namespaces = namespaces
+        self.counters = counters
+        self.tier = tier
+        self.pool: ChunkPool | None = None
+        self.sessions: dict[SessionKey, Session] = {}
+        self.jobs: dict[str, Job] = {}
+
+    def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int | Job:
+        """Leading chunks present on every rank, pinned for ``request_id`` (pins replaced).
+
+        Returns a :class:`Job` instead when some of them must first be loaded from the
+        lower tier: the shell loads them (:meth:`prefetch_slot`, :meth:`prefetched`) and
+        :meth:`finish_prefetch` counts and pins the result.
+        """
+        if keys.worker_id is not None:
+            raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
+        counters = self.counters
+        counters.lookups += 1
+        n = len(keys)
+        ns = self.namespaces.get((keys.model_name, keys.world_size))
+        pool = self.pool
+        if ns is None or pool is None:
+            counters.misses += n
+            return 0
+        session_key = (ns.id, request_id)
+        session = self._open_session(client_id, session_key)
+        find, pins, suffixes = pool.lookup, session.pins, ns.suffixes
+        hashes = poolkeys.chunk_hashes(keys.hashes)
+        # The hot path of a scheduler's lookup: rank by rank, each scan stopping at the first
+        # chunk that rank lacks, so a rank never looks beyond where an earlier one stopped.
+        matched = n
+        per_rank: list[list[int]] = []
+        for suffix in suffixes:
+            slots: list[int] = []
+            for chunk_hash in hashes[:matched]:
+                slot = find(chunk_hash + suffix)
+                if slot is None:
+                    break
+                slots.append(slot)
+            matched = len(slots)
+            per_rank.append(slots)
+        to_pin: list[int] = []
+        for worker, slots in enumerate(per_rank):
+            del slots[matched:]
+            pins.update(zip(slots, itertools.repeat(worker)))
+            to_pin += slots
+        to_load: list[bytes] = []
+        if self.tier is not None:  # past what every rank holds in memory: what the tier adds
+            for chunk_hash in hashes[matched:]:
+                found = [find(chunk_hash + suffix) for suffix in suffixes]
+                missing = [chunk_hash + suffixes[w] for w, slot in enumerate(found) if slot is None]
+                if not all(self.tier.contains(key) for key in missing):
+                    break
+                to_load.extend(missing)
+                for worker, slot in enumerate(found):
+                    if slot is not None:
+                        pins[slot] = worker
+                        to_pin.append(slot)
+                matched += 1
+        pool.pin_many(to_pin)
+        if not to_load:
+            counters.hits += matched
+            counters.misses += n - matched
+            return matched
+        job = Job(
+            secrets.token_urlsafe(16),
+            client_id,
+            session_key,
+            ns,
+            keys.hashes[: matched * HASH_SIZE],
+            to_load,
+            n,
+        )
+        self.jobs[job.id] = job
+        self.clients[client_id].jobs.add(job.id)
+        session.jobs.add(job.id)
+        counters.prefetch_jobs += 1
+        return job
+
+    def prefetch_slot(self, job: Job, key: bytes) -> int | None:
+        """A slot to load ``key`` into, or None: the job was dropped, or the key is present."""
+        if job.dropped:
+            return None
+        slot = self._pool().reserve(key)
+        return slot if isinstance(slot, int) else None  # present, or no room: counted later
+
+    def prefetched(self, job: Job, key: bytes, slot: int, ok: bool) -> None:
+        """A load into ``slot`` ended: keep and pin it for the session at once, or free it.
+
+        Pinned at once, so that loading the next chunk cannot evict it.
+        """
+        pool = self._pool()
+        if not ok:
+            pool.abort(slot)
+            return
+        pool.commit(slot)
+        self.counters.prefetched += 1
+        session = None if job.dropped else self.sessions.get(job.session)
+        if session is not None:
+            self._pin(session, slot, poolkeys.worker_of(key))
+
+    def finish_prefetch(self, job: Job) -> int:
+        """Count and pin the leading chunks now present on every rank: the job's result."""
+        pool = self._pool()
+        matched = 0
+        session = None if job.dropped else self.sessions.get(job.session)
+        if session is not None:
+            for chunk_hash in poolkeys.chunk_hashes(job.prefix):
+                found = [pool.lookup(chunk_hash + suffix) for suffix in job.namespace.suffixes]
+                present = [slot for slot in found if slot is not None]
+                if len(present) != len(found):
+                    break
+                for worker, slot in enumerate(present):
+                    self._pin(session, slot, worker)
+                matched += 1
+        self.counters.hits += matched
+        self.counters.misses += job.total - matched
+        job.result = matched
+        return matched
+
+    def query_prefetch_status(self, client_id: bytes, job_id: str) -> int | None:
+        """None while the job runs, then its count, exactly once."""
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != client_id:
+            raise UnknownJob(
+                "no prefetch job with that id for this client: it was never given to this "
+                "client, or its result was already taken"
+            )
+        if job.result is None:
+            return None
+        del self.jobs[job_id]
+        self.clients[client_id].jobs.discard(job_id)
+        return job.result
+
+    def end_session(self, model_name: str, world_size: int, request_id: str) -> int:
+        """Release the request's pins; returns how many were released."""
+        ns = self.namespaces.get((model_name, world_size))
+        return 0 if ns is None else self.end((ns.id, request_id))
+
+    def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int:
+        """Unpin these chunks of the request's session on every rank; the session stays.
+
+        Chunks the session never pinned are ignored, so releasing twice releases once.
+        """
+        if keys.worker_id is not None:
+            raise KVError("release_pins keys carry no worker id, as a lookup's do")
+        ns = self.namespaces.get((keys.model_name, keys.world_size))
+        pool = self.pool
+        if ns is None or pool is None:
+            return 0
+        session = self.sessions.get((ns.id, request_id))
+        if session is None or session.owner != client_id:
+            return 0
+        released = 0
+        for chunk_hash in poolkeys.chunk_hashes(keys.hashes):
+            for suffix in ns.suffixes:
+                slot = pool.lookup(chunk_hash + suffix)
+                if slot is not None and slot in session.pins:
+                    self.release_pin(session, slot)
+                    released += 1
+        return released
+
+    def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
+        self.end(key)
+        session = self.sessions[key] = Session(client_id)
+        self.clients[client_id].sessions.add(key)
+        return session
+
+    def end(self, key: SessionKey) -> int:
+        """End a session: drop its jobs, release its pins; returns how many pins it held."""
+        session = self.sessions.pop(key, None)
+        if session is None:
+            return 0
+        owner = self.clients.get(session.owner)
+        if owner is not None:
+            owner.sessions.discard(key)
+        for job_id in session.jobs:  # nobody may ask for them once the request is over
+            job = self.jobs.pop(job_id, None)
+            if job is None:
+                continue
+            job.dropped = True
+            job_owner = self.clients.get(job.owner)
+            if job_owner is not None:
+                job_owner.jobs.discard(job_id)
+        released = len(session.pins)
+        if self.pool is not None:
+            self.pool.unpin_many(session.pins)
+        session.pins.clear()
+        return released
+
+    def _pin(self, session: Session, slot: int, worker: int) -> None:
+        # No touch: a pinned slot is out of the LRU order, and its last unpin makes it the
+        # most recently used.
+        if slot not in session.pins:
+            self._pool().pin(slot)
+            session.pins[slot] = worker
+
+    def release_pin(self, session: Session, slot: int) -> None:
+        """Release the session's pin on ``slot``, if it holds one (so never twice)."""
+        if session.pins.pop(slot, None) is not None and self.pool is not None:
+            self.pool.unpin(slot)
+
+    def release_rank(self, ns_id: bytes, worker_id: int) -> None:
+        """Release every session's pins on rank ``worker_id`` of a namespace (it left)."""
+        for (session_ns, _), session in self.sessions.items():
+            if session_ns != ns_id:
+                continue
+            for slot, worker in list(session.pins.items()):
+                if worker == worker_id:
+                    self.release_pin(session, slot)
+
+    def release_copied(self, ns_id: bytes, request_id: str, slot: int) -> None:
+        """A retrieve copied ``slot`` to its worker: the request's pin on it is done."""
+        session = self.sessions.get((ns_id, request_id))
+        if session is not None and slot in session.pins:
+            self.release_pin(session, slot)
+
+    def drop_jobs(self, job_ids: set[str]) -> None:
+        """Forget these jobs (their client left): they load and pin nothing more."""
+        for job_id in job_ids:
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                job.dropped = True
+
+    def _pool(self) -> ChunkPool:
+        if self.pool is None:  # unreachable once a lookup matched; kept for clarity
+            raise KVError("no KV cache has been registered on this server yet")
+        return self.pool

@@ -1,0 +1,467 @@
+"""The KV server's state core: every rule about what is stored, pinned and owned, with no I/O.
+
+:class:`KVState` owns the namespaces, the registered instances, the sessions and their pins,
+the prefetch jobs, the client leases and the pool's index. Its methods are plain function
+calls that decide and change state synchronously, then return what must be done outside:
+a :class:`~kvrpc.kv.server.records.StorePlan` whose slots the shell fills, a
+:class:`~kvrpc.kv.server.records.RetrievePlan` whose pinned slots it copies out, the chunks
+to write through to the lower tier, a :class:`~kvrpc.kv.server.records.Job` to load, the
+instances whose mappings to close. Nothing here awaits, copies bytes or reads a clock: a
+method that renews or expires a lease takes ``now``.
+
+So the rules that matter most (pins released exactly once, a superseded prefetch pins
+nothing, a lookup sees all of a store or none of it) are tested by calling these methods.
+It is used from one thread, the server's event loop, so nothing is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+
+import torch
+
+from kvrpc.errors import KVConfigError, KVError, UnknownInstance
+from kvrpc.kv.keys import KeyBatch, blocks_per_chunk
+from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
+from kvrpc.kv.protocols import KVCacheRegistration
+from kvrpc.kv.server import poolkeys
+from kvrpc.kv.server.pool import ChunkPool, Reserve
+from kvrpc.kv.server.records import (
+    Client,
+    Counters,
+    Instance,
+    Job,
+    Namespace,
+    RetrievePlan,
+    StorePlan,
+)
+from kvrpc.kv.server.sessions import SessionBook, TierIndex
+
+__all__ = ["KVState", "batch_problems"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+_MODE_CALLS = {"cuda_ipc": "kv.store_cuda / kv.retrieve_cuda", "shm": "kv.store / kv.retrieve"}
+
+
+class KVState:
+    """The decisions of a KV server; see the module docstring.
+
+    ``chunk_size`` is tokens per chunk; a client silent for ``client_timeout`` seconds is
+    dropped by :meth:`expire`; ``tier`` is the lower tier's index, if there is one. The pool
+    is made by the shell (pinning gigabytes takes a while) and given with :meth:`set_pool`.
+    """
+
+    def __init__(
+        self, *, chunk_size: int, client_timeout: float, tier: TierIndex | None = None
+    ) -> None:
+        if chunk_size < 1:
+            raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
+        self.chunk_size = chunk_size
+        self.client_timeout = client_timeout
+        self.tier = tier
+        self.pool: ChunkPool | None = None
+        self.counters = Counters()
+        #: Write-through saves in flight, each holding a pin on its slot.
+        self.saving = 0
+        self.namespaces: dict[tuple[str, int], Namespace] = {}
+        self.instances: dict[int, Instance] = {}
+        self.clients: dict[bytes, Client] = {}
+        #: The sessions' pins and the lookups' prefetch jobs (the session rules).
+        self.sessions = SessionBook(self.clients, self.namespaces, self.counters, tier)
+
+    # ------------------------------------------------------------------ client leases
+
+    def client(self, client_id: bytes, now: float) -> Client:
+        """The client's record, made on first sight; every call renews its lease."""
+        if len(client_id) < 8:
+            raise KVError("client id must be at least 8 random bytes (the adapters make one)")
+        client = self.clients.get(client_id)
+        if client is None:
+            client = self.clients[client_id] = Client(now)
+        else:
+            client.last_seen = now
+        return client
+
+    def expire(self, now: float) -> list[Instance]:
+        """Drop the clients silent since before ``now - client_timeout``; their instances."""
+        deadline = now - self.client_timeout
+        silent = [cid for cid, client in self.clients.items() if client.last_seen < deadline]
+        closed: list[Instance] = []
+        for client_id in silent:
+            logger.warning(
+                "client %s silent for over %.1f s: releasing its KV caches, sessions and jobs",
+                client_id.hex()[:8],
+                self.client_timeout,
+            )
+            closed += self.drop_client(client_id)
+        self.counters.clients_expired += len(silent)
+        return closed
+
+    def drop_client(self, client_id: bytes) -> list[Instance]:
+        """Release all the client owns now; returns its instances, whose mappings must close."""
+        client = self.clients.pop(client_id, None)
+        if client is None:
+            return []
+        for session_key in list(client.sessions):
+            self.sessions.end(session_key)
+        self.sessions.drop_jobs(client.jobs)
+        return [i for i in map(self._forget_instance, list(client.instances)) if i is not None]
+
+    # ------------------------------------------------------------------ registration
+
+    def check_registration(
+        self, client_id: bytes, spec: KVCacheRegistration, now: float
+    ) -> tuple[int, int]:
+        """Refuse a registration that cannot work; else (blocks per chunk, chunk bytes).
+
+        Checked again by :meth:`add_instance` once the shell has mapped the tensors, since
+        another worker may have registered meanwhile.
+        """
+        self.client(client_id, now)
+        layout = spec.layout
+        if spec.worker_id >= spec.world_size:
+            raise KVError(f"worker id {spec.worker_id} is not below world size {spec.world_size}")
+        if layout.block_size != spec.block_size:
+            raise KVConfigError(
+                f"the KV tensors hold blocks of {layout.block_size} tokens, but block size "
+                f"{spec.block_size} was given"
+            )
+        given = len(spec.cuda_tensors) if spec.mode == "cuda_ipc" else len(spec.tensors)
+        if spec.mode != "cuda_ipc" and spec.cuda_tensors:
+            raise KVError("only the cuda_ipc transfer mode registers CUDA tensors")
+        if spec.mode == "cuda_ipc" and spec.tensors:
+            raise KVError("the cuda_ipc transfer mode registers CUDA tensors, not shared ones")
+        if spec.mode == "inline" and spec.tensors:
+            raise KVError("the inline transfer mode registers no tensors")
+        if spec.mode != "inline" and given != layout.num_layers:
+            what = "CUDA tensors" if spec.mode == "cuda_ipc" else "tensors"
+            raise KVConfigError(
+                f"layout has {layout.num_layers} layers but {given} {what} were registered"
+            )
+        per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
+        chunk_nbytes = layout.chunk_nbytes(per_chunk)
+        self._check_fits(spec, chunk_nbytes)
+        return per_chunk, chunk_nbytes
+
+    def _check_fits(self, spec: KVCacheRegistration, chunk_nbytes: int) -> None:
+        """Refuse a chunk form that differs from its model's, or chunks that outgrow slots."""
+        known = self.namespaces.get((spec.model_name, spec.world_size))
+        if known is not None and known.form != poolkeys.chunk_form(spec.layout):
+            raise KVConfigError(
+                f"model {spec.model_name!r} (world size {spec.world_size}) is registered with "
+                f"layout {known.layout.describe()}; this worker's is {spec.layout.describe()}. "
+                "Chunks of one model must share a layout: fix the worker, or restart the server"
+            )
+        if self.pool is not None and chunk_nbytes > self.pool.slot_nbytes:
+            raise KVConfigError(
+                f"a chunk of this layout takes {chunk_nbytes} bytes, but this server's pool "
+                f"has {self.pool.slot_nbytes}-byte slots (set by the first registered model); "
+                "run a server per model shape"
+            )
+
+    def set_pool(self, pool: ChunkPool) -> None:
+        """Adopt the pool the shell made for the first registration; once."""
+        if self.pool is not None:
+            raise KVError("the pool is made once")
+        self.pool = self.sessions.pool = pool
+
+    def add_instance(
+        self, client_id: bytes, spec: KVCacheRegistration, per_chunk: int, chunk_nbytes: int
+    ) -> Instance:
+        """Record a registration whose tensors the shell mapped; checks it fits again."""
+        self._check_fits(spec, chunk_nbytes)
+        client = self.clients.get(client_id)
+        if client is None:  # it left while its tensors were mapped
+            raise KVError("this client said goodbye or went silent while registering")
+        key = (spec.model_name, spec.world_size)
+        ns = self.namespaces.get(key)
+        if ns is None:
+            ns_id = poolkeys.namespace_id(
+                spec.model_name, spec.world_size, spec.block_size, spec.layout
+            )
+            suffixes = [poolkeys.worker_suffix(ns_id, w) for w in range(spec.world_size)]
+            form = poolkeys.chunk_form(spec.layout)
+            ns = Namespace(ns_id, *key, spec.block_size, form, spec.layout, chunk_nbytes, suffixes)
+            self.namespaces[key] = ns
+        instance_id = secrets.randbits(62)
+        while instance_id in self.instances:
+            instance_id = secrets.randbits(62)
+        instance = Instance(
+            instance_id,
+            client_id,
+            ns,
+            spec.worker_id,
+            spec.mode,
+            spec.layout,
+            per_chunk,
+            chunk_nbytes,
+            ns.suffixes[spec.worker_id],
+        )
+        self.instances[instance_id] = instance
+        client.instances.add(instance_id)
+        return instance
+
+    def unregister(self, client_id: bytes, instance_id: int, now: float) -> Instance | None:
+        """Forget the client's instance; returns it (to close), None if it had no such."""
+        if instance_id not in self.client(client_id, now).instances:
+            return None
+        return self._forget_instance(instance_id)
+
+    def _forget_instance(self, instance_id: int) -> Instance | None:
+        instance = self.instances.pop(instance_id, None)
+        if instance is None:
+            return None
+        owner = self.clients.get(instance.owner)
+        if owner is not None:
+            owner.instances.discard(instance_id)
+        still_there = any(
+            other.namespace is instance.namespace and other.worker_id == instance.worker_id
+            for other in self.instances.values()
+        )
+        if not still_there:  # nobody can retrieve this rank's chunks now: their pins go
+            self.sessions.release_rank(instance.namespace.id, instance.worker_id)
+        instance.closed = True
+        return instance
+
+    def instance(self, client_id: bytes, instance_id: int, now: float, *modes: str) -> Instance:
+        """The client's instance for a copy in one of ``modes``; raises a clear error if not."""
+        self.client(client_id, now)
+        instance = self.instances.get(instance_id)
+        if instance is None or instance.owner != client_id:
+            raise UnknownInstance(
+                f"no KV cache is registered under instance id {instance_id:x} for this client; "
+                "register_kv_caches first (a server restart or a long silence forgets it)"
+            )
+        if instance.mode not in modes:
+            which = _MODE_CALLS.get(instance.mode, "kv.store / kv.retrieve")
+            raise KVError(
+                f"this KV cache was registered in the {instance.mode} transfer mode: use {which}"
+            )
+        return instance
+
+    # ------------------------------------------------------------------ store
+
+    def begin_store(self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor) -> StorePlan:
+        """Check a store and reserve a slot per storable key (see :meth:`reserve`)."""
+        results = batch_problems(instance, keys, block_ids, retrieve=False)
+        plan = StorePlan(
+            instance, results, poolkeys.pool_keys(keys.hashes, instance.suffix), block_ids
+        )
+        plan.waiting = [i for i, problem in enumerate(results) if problem is None]
+        self.reserve(plan)
+        return plan
+
+    def reserve(self, plan: StorePlan) -> bool:
+        """Reserve slots for the plan's waiting keys; False while some must wait for a save.
+
+        A pool full of slots pinned only while the lower tier copies them frees up soon, so
+        the tier's write speed throttles stores instead of refusing them: the shell waits
+        for a save to finish and calls this again.
+        """
+        pool = self._require_pool()
+        counters = self.counters
+        waiting, plan.waiting = plan.waiting, []
+        for n, i in enumerate(waiting):
+            slot = pool.reserve(plan.keys[i])
+            if slot is Reserve.FULL and self.saving:
+                plan.waiting = waiting[n:]
+                return False
+            if slot is Reserve.EXISTS or slot is Reserve.FILLING:
+                counters.store_duplicates += 1
+                plan.results[i] = "already stored" if slot is Reserve.EXISTS else "being stored"
+            elif slot is Reserve.FULL:
+                counters.store_refused += 1
+                plan.results[i] = "no free slot: every chunk in the pool is pinned or being written"
+            else:
+                assert isinstance(slot, int)
+                plan.reserved.append((i, slot))
+        return True
+
+    def settle_store(self, plan: StorePlan, error: str | None) -> list[tuple[bytes, int]]:
+        """Commit the copied slots (or abort them all); returns the chunks to write through.
+
+        Those ``(key, slot)`` pairs are pinned and counted in :attr:`saving` until
+        :meth:`saved` is called with them, so that the tier reads bytes nobody rewrites.
+        """
+        pool = self._require_pool()
+        for i, slot in plan.reserved:
+            if error is None:
+                pool.commit(slot)
+            else:
+                pool.abort(slot)
+                plan.results[i] = f"copy failed: {error}"
+        if error is not None:
+            return []
+        self.counters.stores += len(plan.reserved)
+        tier = self.tier
+        if tier is None:
+            return []
+        saves = [(plan.keys[i], slot) for i, slot in plan.reserved]
+        saves = [(key, slot) for key, slot in saves if not tier.contains(key)]
+        pool.pin_many([slot for _, slot in saves])
+        self.saving += len(saves)
+        return saves
+
+    def saved(self, saves: Sequence[tuple[bytes, int]]) -> None:
+        """The lower tier is done reading these slots (saved or not): unpin them together.
+
+        Together and in the order they were stored, so the LRU order does not depend on
+        which write ended first.
+        """
+        self._require_pool().unpin_many(slot for _, slot in saves)
+        self.saving -= len(saves)
+
+    def abandon_store(self, plan: StorePlan) -> None:
+        """A cancelled store's copies are over: free its reserved slots unwritten."""
+        pool = self._require_pool()
+        for _, slot in plan.reserved:
+            pool.abort(slot)
+
+    # ------------------------------------------------------------------ retrieve
+
+    def begin_retrieve(
+        self,
+        instance: Instance,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+    ) -> RetrievePlan:
+        """Check a retrieve and pin each key's slot for the copy, so it is not evicted."""
+        if len(request_ids) != len(keys):
+            raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
+        results = batch_problems(instance, keys, block_ids, retrieve=True)
+        plan = RetrievePlan(instance, request_ids, results, block_ids)
+        pool = self._require_pool()
+        for i, key in enumerate(poolkeys.pool_keys(keys.hashes, instance.suffix)):
+            if results[i] is not None:
+                continue
+            slot = pool.lookup(key)
+            if slot is None:
+                self.counters.retrieve_misses += 1
+                results[i] = "not in the cache (never stored, or evicted)"
+                continue
+            pool.pin(slot)
+            pool.touch(slot)
+            plan.found.append((i, slot))
+        return plan
+
+    def settle_retrieve(self, plan: RetrievePlan, error: str | None) -> None:
+        """Unpin the copied slots; release the sessions' pins on what reached the worker."""
+        pool = self._require_pool()
+        ns_id = plan.instance.namespace.id
+        for i, slot in plan.found:
+            pool.unpin(slot)
+            if error is not None:
+                plan.results[i] = f"copy failed: {error}"
+                continue
+            self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
+        if error is None:
+            self.counters.retrieves += len(plan.found)
+
+    def abandon_retrieve(self, plan: RetrievePlan) -> None:
+        """A cancelled retrieve's copies are over: unpin its slots, sessions keep theirs."""
+        self._require_pool().unpin_many(slot for _, slot in plan.found)
+
+    # ------------------------------------------------------------------ lookups and sessions
+
+    def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int | Job:
+        """The client's lookup (see :meth:`SessionBook.lookup`); renews its lease."""
+        self.client(client_id, now)
+        return self.sessions.lookup(client_id, request_id, keys)
+
+    def query_prefetch_status(self, client_id: bytes, job_id: str, now: float) -> int | None:
+        """None while the client's job runs, then its count, exactly once."""
+        self.client(client_id, now)
+        return self.sessions.query_prefetch_status(client_id, job_id)
+
+    def end_session(
+        self, client_id: bytes, model_name: str, world_size: int, request_id: str, now: float
+    ) -> int:
+        """Release the request's pins; returns how many were released."""
+        self.client(client_id, now)
+        return self.sessions.end_session(model_name, world_size, request_id)
+
+    def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int:
+        """Unpin these chunks of the client's request on every rank; the session stays."""
+        self.client(client_id, now)
+        return self.sessions.release_pins(client_id, request_id, keys)
+
+    # ------------------------------------------------------------------ report
+
+    def stats(self, cpu_buffer_bytes: int) -> dict[str, int]:
+        """The state's part of ``kv.stats``: counters, pool occupancy, tables' sizes."""
+        counters, pool = self.counters, self.pool
+        return {
+            "hits": counters.hits,
+            "misses": counters.misses,
+            "lookups": counters.lookups,
+            "stores": counters.stores,
+            "store_refused": counters.store_refused,
+            "store_duplicates": counters.store_duplicates,
+            "retrieves": counters.retrieves,
+            "retrieve_misses": counters.retrieve_misses,
+            "evictions": pool.evictions if pool is not None else 0,
+            "chunks": pool.ready_slots if pool is not None else 0,
+            "bytes_used": pool.bytes_used if pool is not None else 0,
+            "bytes_free": pool.bytes_free if pool is not None else cpu_buffer_bytes,
+            "slot_bytes": pool.slot_nbytes if pool is not None else 0,
+            "pinned_chunks": pool.pinned_slots if pool is not None else 0,
+            "sessions": len(self.sessions.sessions),
+            "clients": len(self.clients),
+            "clients_expired": counters.clients_expired,
+            "instances": len(self.instances),
+            "prefetch_jobs": counters.prefetch_jobs,
+            "prefetch_jobs_open": len(self.sessions.jobs),
+            "prefetched": counters.prefetched,
+            "chunk_size": self.chunk_size,
+        }
+
+    def clear(self) -> int:
+        """Drop every unpinned stored chunk from L1; returns how many were dropped."""
+        return self.pool.clear() if self.pool is not None else 0
+
+    def _require_pool(self) -> ChunkPool:
+        if self.pool is None:  # unreachable with a registered instance; kept for clarity
+            raise KVError("no KV cache has been registered on this server yet")
+        return self.pool
+
+
+def batch_problems(
+    instance: Instance, keys: KeyBatch, block_ids: torch.Tensor, *, retrieve: bool
+) -> list[str | None]:
+    """Per key: None if it may be copied, else why not (``SKIP_BLOCK`` only in retrieves)."""
+    n = len(keys)
+    ns = instance.namespace
+    if keys.model_name != ns.model_name or keys.world_size != ns.world_size:
+        return [
+            f"keys are for model {keys.model_name!r} world size {keys.world_size}, but "
+            f"this instance serves {ns.model_name!r} world size {ns.world_size}"
+        ] * n
+    if keys.worker_id != instance.worker_id:
+        return [
+            f"keys carry worker id {keys.worker_id}, this instance is worker {instance.worker_id}"
+        ] * n
+    if instance.mode == "inline":
+        return [None] * n
+    per_chunk = instance.blocks_per_chunk
+    if block_ids.dtype != torch.int64 or tuple(block_ids.shape) != (n, per_chunk):
+        raise KVError(
+            f"block ids must be an int64 tensor of shape [{n}, {per_chunk}] (one row of "
+            f"blocks_per_chunk ids per key), not {block_ids.dtype} {list(block_ids.shape)}"
+        )
+    return _block_problems(block_ids, instance.layout, SKIP_BLOCK if retrieve else 0)
+
+
+def _block_problems(block_ids: torch.Tensor, layout: KVLayout, low: int) -> list[str | None]:
+    """Per row of ``block_ids``: None if every id is in ``[low, num_blocks)``, else why not."""
+    num_blocks = layout.num_blocks
+    outside = (block_ids < low) | (block_ids >= num_blocks)
+    results: list[str | None] = [None] * len(block_ids)
+    for i, bad in enumerate(outside.any(dim=1).tolist()):
+        if bad:
+            wrong = block_ids[i][outside[i]][0].item()
+            results[i] = f"block id {wrong} is outside this KV cache's 0..{num_blocks - 1}"
+    return results
