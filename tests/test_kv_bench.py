@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvrpc.bench.gpu import first_transfer_figures
+
 
 def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path: Path) -> None:
     out = tmp_path / "kv.json"
@@ -81,3 +83,41 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
     assert figures["decode_steps_during_stores"] > 0
     assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_bench_reports_the_first_transfer_against_the_warm_pinned_copies() -> None:
+    # (seconds, the kv.stats taken just after): the loop-lag figures cover that copy alone.
+    store = (
+        0.100,
+        {
+            "cuda_last_batch_gpu_us": 90_000,
+            "cuda_last_handler_us": 95_000,
+            "loop_lag_max_us": 4_200,
+            "loop_lag_samples": 97,
+        },
+    )
+    retrieve = (
+        0.050,
+        {
+            "cuda_last_batch_gpu_us": 41_000,
+            "cuda_last_handler_us": 44_000,
+            "loop_lag_max_us": 300,
+            "loop_lag_samples": 49,
+        },
+    )
+    figures = first_transfer_figures(store, retrieve, d2h_seconds=0.040, h2d_seconds=0.045)
+
+    assert figures["first_store_ms"] == 100.0
+    assert figures["first_store_ratio"] == 0.4  # 40 ms of pinned copy in 100 ms
+    assert figures["first_retrieve_ratio"] == 0.9
+    assert figures["first_store_engine_gpu_ms"] == 90.0
+    assert figures["first_retrieve_handler_ms"] == 44.0
+    assert figures["first_store_loop_lag_max_us"] == 4200
+    assert figures["first_retrieve_loop_lag_samples"] == 49
+    assert figures["first_transfer_goal"].startswith("MISSED")  # 0.4 < 0.8
+    assert figures["first_stall_goal"].startswith("MISSED")  # 4.2 ms >= 1 ms
+
+    quick = (0.045, {**store[1], "loop_lag_max_us": 800})
+    figures = first_transfer_figures(quick, retrieve, d2h_seconds=0.040, h2d_seconds=0.045)
+    assert figures["first_transfer_goal"].startswith("met")
+    assert figures["first_stall_goal"].startswith("met")

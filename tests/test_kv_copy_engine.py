@@ -4,21 +4,35 @@
 a staging buffer ``[g, chunk_nbytes]`` whose rows are pool slots; they must move exactly the
 bytes that :func:`gather_chunks` / :func:`scatter_chunks` move, for every layout kind and
 dtype, so a chunk stored by the GPU path reads back on the CPU path and the other way round.
+
+The engine's warm-up (:meth:`CopyEngine.submit_warm`) is checked on the GPU (``pytest -m
+cuda``): it must change no byte of the layers or the pool, and leave the first copies
+nothing to capture or allocate.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
+from typing import Any
+
 import pytest
 import torch
 
+from kvrpc.cuda import CudaEventHandle
+from kvrpc.errors import KVError
 from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
+from kvrpc.kv.server import copy_engine
 from kvrpc.kv.server.copy_engine import (
+    CopyEngine,
+    Transfer,
     carrier_dtype,
     contiguous_runs,
     gather_group,
     group_sizes,
     last_occurrences,
     scatter_group,
+    warm_group_sizes,
 )
 
 NUM_LAYERS = 3
@@ -351,3 +365,208 @@ def test_group_sizes_keep_the_first_and_last_groups_small() -> None:
     assert group_sizes(64, 8) == [2, 8, 8, 8, 8, 8, 8, 8, 4, 2]
     assert group_sizes(3, 8) == [3]
     assert group_sizes(0, 8) == []
+
+
+def test_warm_group_sizes_cover_every_group_of_every_batch_up_to_sixteen_a_group() -> None:
+    # The sizes CopyEngine._groups cuts a whole-chunk batch into, for every batch up to 200
+    # chunks, on a ring of two buffers: each must have its graph captured by the warm-up.
+    for fit in range(1, 17):
+        warmed = set(warm_group_sizes(fit))
+        for chunks in range(1, 201):
+            per_group = min(fit, -(-chunks // 2))
+            assert set(group_sizes(chunks, per_group)) <= warmed, (fit, chunks)
+
+
+def test_warm_group_sizes_past_sixteen_are_the_end_and_full_groups_of_large_batches() -> None:
+    assert warm_group_sizes(64) == [16, 64]
+    for fit in (17, 33, 256):
+        sizes = group_sizes(10 * fit, fit)
+        assert {sizes[0], sizes[1]} <= set(warm_group_sizes(fit))
+        assert len(warm_group_sizes(fit)) <= 2
+
+
+def test_an_event_ring_filled_ahead_hands_out_its_events_in_turn_and_makes_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = itertools.count()
+
+    def fake_event(device: Any) -> tuple[Any, CudaEventHandle]:
+        number = next(made)
+        return number, CudaEventHandle("GPU-fake", number.to_bytes(64, "little"))
+
+    monkeypatch.setattr(copy_engine, "new_ipc_event", fake_event)
+    ring = copy_engine._IpcEventRing(torch.device("cuda", 0), 5)
+    assert ring.next()[0] == 0  # one made on first use
+    assert ring.fill() == 4
+    assert ring.fill() == 0
+    assert [ring.next()[0] for _ in range(7)] == [1, 2, 3, 4, 0, 1, 2]
+    assert next(made) == 5
+
+
+def test_warm_up_refuses_chunks_larger_than_the_pools_slots_before_any_cuda_call() -> None:
+    layout = layout_of(LayoutKind.PAGED, "wide", torch.bfloat16)
+    engine = CopyEngine(torch.device("cuda", 0))  # makes threads only, no CUDA call
+    try:
+        host = torch.empty(4 * layout.chunk_nbytes(BPC), dtype=torch.uint8)
+        small = layout.chunk_nbytes(BPC) - 1
+        future = engine.submit_warm(random_layers(layout, 20), layout, BPC, host, small)
+        with pytest.raises(KVError, match="slots"):
+            future.result(timeout=30)
+    finally:
+        engine.executor.shutdown(wait=True)
+        engine.waiters.shutdown(wait=True)
+        engine.pollers.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------ the engine on a GPU
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: runs on the GPU machine with `pytest -m cuda`",
+)
+GPU_BLOCKS = 64
+GPU_SHAPES = {
+    "paged-bf16": (LayoutKind.PAGED, (2, GPU_BLOCKS, 16, 2, 64), "bfloat16"),
+    "blocks_first-fp16": (LayoutKind.BLOCKS_FIRST, (GPU_BLOCKS, 2, 16, 2, 64), "float16"),
+    "mla-fp8": (LayoutKind.MLA, (GPU_BLOCKS, 16, 5), "float8_e4m3fn"),  # a uint8 carrier
+}
+gpu_layouts = pytest.mark.parametrize("name", list(GPU_SHAPES))
+GPU_BPC = 4
+PATTERN = 0x5A
+
+
+def gpu_layout(name: str) -> KVLayout:
+    kind, shape, dtype = GPU_SHAPES[name]
+    return KVLayout(kind, 4, shape, dtype)
+
+
+def gpu_layers(layout: KVLayout, seed: int) -> list[torch.Tensor]:
+    """Layers of random bit patterns (NaNs too, so compared as bytes)."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    layers = []
+    for _ in range(layout.num_layers):
+        layer = torch.empty(layout.shape, dtype=layout.torch_dtype, device="cuda")
+        layer.view(torch.uint8).random_(generator=generator)
+        layers.append(layer)
+    return layers
+
+
+def pinned_pool(slots: int, slot_nbytes: int) -> torch.Tensor:
+    return torch.full((slots * slot_nbytes,), PATTERN, dtype=torch.uint8).pin_memory()
+
+
+def engine_for(layout: KVLayout, chunks_a_group: int = 3) -> CopyEngine:
+    group = chunks_a_group * layout.chunk_nbytes(GPU_BPC)
+    return CopyEngine(torch.device("cuda", torch.cuda.current_device()), group_bytes=group)
+
+
+def blocks_of(layers: list[torch.Tensor], layout: KVLayout, ids: list[int]) -> list[torch.Tensor]:
+    index = torch.tensor(ids, device="cuda")
+    return [layer.view(torch.uint8).index_select(layout.block_dim, index) for layer in layers]
+
+
+def run(engine: CopyEngine, submit: Any, transfer: Transfer) -> None:
+    done, handle = submit(transfer).result(timeout=60)[:2]
+    engine.wait(done, handle).result(timeout=60)
+
+
+def engine_state(engine: CopyEngine) -> dict[str, Any]:
+    lanes = (engine._store_lane, engine._retrieve_lane)
+    return {
+        "graphs": set(engine._graphs),
+        "staging": [[t.data_ptr() for t in lane.staging] for lane in lanes],
+        "scratch": [lane.scratch.data_ptr() if lane.scratch is not None else 0 for lane in lanes],
+        "events": (len(engine._done._events), len(engine._layer_events._events)),
+    }
+
+
+@pytest.mark.parametrize("spare", [0, 4096], ids=["exact-slots", "larger-slots"])
+@gpu_layouts
+@pytest.mark.cuda
+@needs_gpu
+def test_warm_up_changes_no_byte_of_the_layers_or_the_pool(name: str, spare: int) -> None:
+    layout = gpu_layout(name)
+    layers = gpu_layers(layout, seed=30)
+    before = [layer.view(torch.uint8).clone() for layer in layers]
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC) + spare
+    host = pinned_pool(8, slot_nbytes)
+    engine = engine_for(layout)
+    try:
+        engine.submit_warm(layers, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        torch.cuda.synchronize()
+        for layer, old in zip(layers, before, strict=True):
+            assert torch.equal(layer.view(torch.uint8), old)
+        assert bool((host == PATTERN).all())
+        assert engine._graphs, "the warm-up captured no graph"
+        assert set(engine.warm_timings) >= {"buffers", "ipc_events", "graphs_store"}
+    finally:
+        engine.close()
+
+
+@gpu_layouts
+@pytest.mark.cuda
+@needs_gpu
+def test_after_the_warm_up_the_first_copies_capture_allocate_and_make_nothing(name: str) -> None:
+    layout = gpu_layout(name)
+    layers = gpu_layers(layout, seed=31)
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+    host = pinned_pool(16, slot_nbytes)
+    engine = engine_for(layout)
+    order = torch.randperm(GPU_BLOCKS, generator=torch.Generator().manual_seed(32)).tolist()
+    chunks = 7  # groups of 1-3 chunks on both buffers
+    a, b, c = (order[i * chunks * GPU_BPC : (i + 1) * chunks * GPU_BPC] for i in range(3))
+    slots = [9, 10, 11, 0, 2, 3, 5]  # runs and gaps
+    source = [t.clone() for t in blocks_of(layers, layout, a)]
+    try:
+        engine.submit_warm(layers, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        warmed = engine_state(engine)
+        assert warmed["events"] == (copy_engine._DONE_EVENTS, copy_engine._LAYER_EVENTS)
+
+        def transfer(ids: list[int]) -> Transfer:
+            rows = torch.tensor(ids, dtype=torch.int64).view(chunks, GPU_BPC)
+            return Transfer(layers, layout, rows, host, slots, slot_nbytes)
+
+        run(engine, engine.submit_store, transfer(a))
+        expected = torch.zeros(chunks, slot_nbytes, dtype=torch.uint8)
+        rows = torch.tensor(a, dtype=torch.int64).view(chunks, GPU_BPC)
+        gather_chunks([t.cpu() for t in layers], layout, rows, list(expected.unbind(0)))
+        for row, slot in enumerate(slots):
+            assert torch.equal(host[slot * slot_nbytes : (slot + 1) * slot_nbytes], expected[row])
+
+        run(engine, engine.submit_retrieve, transfer(b))
+        run(engine, engine.submit_retrieve_layers, transfer(c))
+        torch.cuda.synchronize()
+        for got in (blocks_of(layers, layout, b), blocks_of(layers, layout, c)):
+            for layer, want in zip(got, source, strict=True):
+                assert torch.equal(layer, want)
+        assert engine_state(engine) == warmed  # nothing captured, reallocated or made
+    finally:
+        engine.close()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_warm_up_again_is_free_another_instance_gets_its_graphs_and_release_drops_them() -> None:
+    layout = gpu_layout("paged-bf16")
+    first, second = gpu_layers(layout, seed=33), gpu_layers(layout, seed=34)
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+    host = pinned_pool(8, slot_nbytes)
+    engine = engine_for(layout)
+    try:
+        engine.submit_warm(first, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        graphs = set(engine._graphs)
+        start = time.perf_counter()
+        engine.submit_warm(first, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        assert time.perf_counter() - start < 0.5
+        assert set(engine._graphs) == graphs
+
+        engine.submit_warm(second, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        theirs = {key for key in engine._graphs if key[0] == id(second)}
+        assert len(theirs) == len(graphs)
+        assert set(engine._graphs) == graphs | theirs
+
+        engine.release(first).result(timeout=60)
+        assert set(engine._graphs) == theirs
+        assert id(first) not in engine._warmed and id(second) in engine._warmed
+    finally:
+        engine.close()

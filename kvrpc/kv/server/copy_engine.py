@@ -66,6 +66,7 @@ __all__ = [
     "layer_views",
     "scatter_group",
     "scatter_views",
+    "warm_group_sizes",
 ]
 
 # Widest first; see kvrpc.kv.layout: a wide element type makes index_select / index_copy_
@@ -76,6 +77,9 @@ _CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint
 _DONE_EVENTS = 256
 #: Per-layer events of layer-wise retrieves (one a layer but the last).
 _LAYER_EVENTS = 512
+#: Group sizes the warm-up captures graphs for, at most, per staging buffer and direction:
+#: each capture is about a millisecond of Python for 32 layers.
+_WARM_SIZES = 16
 
 
 logger = logging.getLogger("kvrpc.kv")
@@ -256,6 +260,19 @@ def group_sizes(chunks: int, per_group: int) -> list[int]:
     return sizes
 
 
+def warm_group_sizes(per_group: int) -> list[int]:
+    """The group sizes whose graphs :meth:`CopyEngine.submit_warm` captures.
+
+    Every size a whole-chunk batch's groups can have (:func:`group_sizes` with at most
+    ``per_group`` a group: every size up to it) while there are at most
+    :data:`_WARM_SIZES` of them; past that, the small end groups and the full group, which
+    every large batch has (its one remainder group is captured on first use).
+    """
+    if per_group <= _WARM_SIZES:
+        return list(range(1, per_group + 1))
+    return sorted({max(1, per_group // 4), per_group})
+
+
 def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
     """``(first index, count)`` of each run of consecutive slot numbers, in order."""
     return pitched_runs(slots, 1)
@@ -321,6 +338,21 @@ class _IpcEventRing:
             self._events.append(new_ipc_event(self.device))
         return self._events[index]
 
+    def fill(self) -> int:
+        """Make every event the ring will hand out, now; returns how many were made.
+
+        Making an interprocess event (``cudaEventCreate`` and ``cudaIpcGetEventHandle``)
+        holds the GIL; the engine's warm-up fills its rings so that no copy pays it. The
+        GIL is let go every few events, so that the event loop's thread is not kept out.
+        """
+        made = 0
+        while len(self._events) < self.size:
+            self._events.append(new_ipc_event(self.device))
+            made += 1
+            if made % 16 == 0:
+                time.sleep(0)
+        return made
+
 
 class CopyEngine:
     """One GPU's copy engine: an executor thread, a lane per direction, their staging rings.
@@ -356,12 +388,24 @@ class CopyEngine:
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
         self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
         self._graphs_broken = False
+        # The layer lists warmed up (see submit_warm), by id: held so that no other list
+        # can take the id of one whose graphs are still cached, until release drops both.
+        self._warmed: dict[int, list[torch.Tensor]] = {}
+        # Engine-owned pinned bytes: where the warm-up's device-to-host copy lands, since
+        # the pool's slots may hold chunks.
+        self._sink: torch.Tensor | None = None
+        #: Seconds each step of the last :meth:`submit_warm` took, by step (see there).
+        self.warm_timings: dict[str, float] = {}
         self.batches = 0
         self.bytes_moved = 0
         #: GPU time of the last completed batch, first copy to last, in seconds.
         self.last_gpu_seconds = 0.0
 
     # --------------------------------------------------------------- run in the engine thread
+
+    def _fit(self, row_nbytes: int) -> int:
+        """How many rows of ``row_nbytes`` one staging buffer holds: the largest group."""
+        return max(1, self.group_bytes // row_nbytes)
 
     def _setup(self, lane: _Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
         """Make the lane's streams on first use, and buffers for groups of ``per_group``."""
@@ -413,7 +457,7 @@ class CopyEngine:
         bpc = transfer.block_ids.shape[1]
         layer_bytes = layout.layer_chunk_nbytes(bpc)
         row_nbytes = layer_bytes if layerwise else layout.chunk_nbytes(bpc)
-        fit = max(1, self.group_bytes // row_nbytes)
+        fit = self._fit(row_nbytes)
         per_group = min(fit, n) if layerwise else min(fit, -(-n // self.depth))
         self._setup(lane, per_group, row_nbytes, layer_bytes)
         with torch.cuda.stream(lane.kernels):
@@ -466,13 +510,19 @@ class CopyEngine:
         """
         b = lane.next_buffer
         lane.next_buffer = (b + 1) % self.depth
+        return b, self._views(lane, b, count, chunk_nbytes, layout), lane.free[b]
+
+    def _views(
+        self, lane: _Lane, b: int, count: int, chunk_nbytes: int, layout: KVLayout
+    ) -> GroupViews:
+        """Staging buffer ``b``'s views for a group of ``count`` chunks, built once."""
         key = (b, count, chunk_nbytes, layout)
         views = lane.views.get(key)
         if views is None:
             assert lane.scratch is not None
             staging = lane.staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
             views = lane.views[key] = group_views(layout, staging, lane.scratch)
-        return b, views, lane.free[b]
+        return views
 
     def _run_group(
         self,
@@ -493,21 +543,36 @@ class CopyEngine:
         into the graph's own ids tensor first. Where capture fails, the group runs eagerly.
         """
         dim = layout.block_dim
-        if self._graphs_broken:
+        entry = self._graph(layers, views_of_layers, views, dim, ids, b, count, scatter)
+        if entry is None:
             run = scatter_views if scatter else gather_views
             run(views_of_layers, views, dim, ids, pause=_yield)
             return
+        graph, static_ids = entry
+        static_ids.copy_(ids, non_blocking=True)
+        graph.replay()
+
+    def _graph(
+        self,
+        layers: list[torch.Tensor],
+        views_of_layers: list[torch.Tensor],
+        views: GroupViews,
+        dim: int,
+        ids: torch.Tensor,
+        b: int,
+        count: int,
+        scatter: bool,
+    ) -> tuple[Any, torch.Tensor] | None:
+        """The group's graph and its ids tensor, captured on first use; None: run eagerly."""
+        if self._graphs_broken:
+            return None
         key = (id(layers), b, count, scatter)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(views_of_layers, views, dim, ids, scatter)
-            if entry is None:
-                self._run_group(layers, views_of_layers, views, layout, ids, b, count, scatter)
-                return
-            self._graphs[key] = entry
-        graph, static_ids = entry
-        static_ids.copy_(ids, non_blocking=True)
-        graph.replay()
+            if entry is not None:
+                self._graphs[key] = entry
+        return entry
 
     def _capture(
         self,
@@ -672,6 +737,161 @@ class CopyEngine:
         handles.append(handle)
         return done, handle, handles
 
+    def _warm(
+        self,
+        layers: list[torch.Tensor],
+        layout: KVLayout,
+        blocks_per_chunk: int,
+        host: torch.Tensor,
+        slot_nbytes: int,
+    ) -> None:
+        """Pay what the first copies of ``layers`` would pay; see :meth:`submit_warm`."""
+        if id(layers) in self._warmed:
+            return
+        chunk_nbytes = layout.chunk_nbytes(blocks_per_chunk)
+        layer_bytes = layout.layer_chunk_nbytes(blocks_per_chunk)
+        if chunk_nbytes > slot_nbytes or host.numel() < slot_nbytes:
+            raise KVError(
+                f"cannot warm up for {chunk_nbytes}-byte chunks: the pool's slots are "
+                f"{slot_nbytes} bytes and its buffer {host.numel()}"
+            )
+        timings: dict[str, float] = {}
+        mark = [time.perf_counter()]
+
+        def step(name: str) -> None:
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - mark[0]
+            mark[0] = now
+            time.sleep(0)  # each step holds the GIL: let the event loop's thread in between
+
+        torch.cuda.set_device(self.device)
+        # Alone on the GPU: the warm-up writes staging buffers without the lanes' free
+        # events, so no copy of another instance may be in flight meanwhile (nor be
+        # enqueued: this thread is the only one that enqueues).
+        self._drain()
+        step("drain")
+
+        # Streams, events and buffers at the largest group a copy of this layout uses:
+        # whole chunks (store, retrieve) and single layers (layer-wise retrieve, whose
+        # groups, and scratch, are up to group_bytes). The caching allocator takes the
+        # memory from the driver now (cudaMalloc holds the GIL, hundreds of microseconds
+        # to milliseconds for 256 MiB), and nothing a copy asks for later is larger, so no
+        # copy reallocates them, which would also drop every captured graph.
+        fit, fit_layer = self._fit(chunk_nbytes), self._fit(layer_bytes)
+        store, retrieve = self._store_lane, self._retrieve_lane
+        self._setup(retrieve, fit_layer, layer_bytes, layer_bytes)
+        self._setup(retrieve, fit, chunk_nbytes, layer_bytes)
+        self._setup(store, fit, chunk_nbytes, layer_bytes)
+        step("buffers")
+
+        # Every interprocess event the rings will hand out; each costs tens of microseconds
+        # of driver calls under the GIL, one a batch and one a layer (layer-wise) otherwise.
+        self._done.fill()
+        self._layer_events.fill()
+        step("ipc_events")
+
+        dim = layout.block_dim
+        bpc = blocks_per_chunk
+        with torch.cuda.stream(store.kernels):
+            cpu_ids = torch.arange(fit * bpc, dtype=torch.int64) % layout.num_blocks
+            ids = cpu_ids.to(self.device, non_blocking=True)
+        step("ids")
+
+        # Store lane. Kernels load lazily (CUDA_MODULE_LOADING=LAZY): the first launch of
+        # each kernel loads its module, milliseconds under the GIL. One eager gather of a
+        # whole group from the worker's layers (a read; the rows land in staging) loads
+        # index_select's and the strided copy's kernels before any capture.
+        sources = layer_views(layers, layout)
+        counts = warm_group_sizes(fit)
+        with torch.cuda.stream(store.kernels):
+            gather_views(sources, self._views(store, 0, fit, chunk_nbytes, layout), dim, ids)
+            timing = _cuda.Event(enable_timing=True)
+            timing.record(store.kernels)
+        step("kernels_store")
+        # The graphs a store replays, keyed by (these layers, staging buffer, group size):
+        # every size a batch's groups can have (warm_group_sizes) on every buffer, since
+        # which buffer a group gets depends on the batches before it. Replayed once each
+        # (reads of the layers again) so that their first launch is paid here too.
+        with torch.cuda.stream(store.kernels):
+            for count in counts:
+                for b in range(self.depth):
+                    views = self._views(store, b, count, chunk_nbytes, layout)
+                    self._run_group(
+                        layers, sources, views, layout, ids[: count * bpc], b, count, False
+                    )
+                    step("graphs_store")
+        # The device-to-host path, into engine-owned pinned memory (the pool's slots may
+        # hold chunks): the first copy_ of a kind sets up torch's and the driver's paths.
+        if self._sink is None:
+            self._sink = torch.empty(1 << 16, dtype=torch.uint8, pin_memory=True)
+        sink = self._sink
+        rows = self._views(store, 0, 1, chunk_nbytes, layout).rows.view(-1)
+        store.dma.wait_stream(store.kernels)
+        with torch.cuda.stream(store.dma):
+            width = min(sink.numel(), rows.numel())
+            sink[:width].copy_(rows[:width], non_blocking=True)
+        step("dma_store")
+
+        # Retrieve lane: the host-to-device paths read the pool (a read changes no byte):
+        # one whole chunk as Tensor.copy_ moves it, and one layer of two slots as the
+        # layer-wise retrieve's pitched cuMemcpy2DAsync moves it (its first call resolves
+        # the driver entry point).
+        last = self.depth - 1
+        one = self._views(retrieve, 0, 1, chunk_nbytes, layout)
+        pair = min(2, host.numel() // slot_nbytes)
+        one_layer = replace(layout, num_layers=1)
+        layered = self._views(retrieve, last, pair, layer_bytes, one_layer)
+        with torch.cuda.stream(retrieve.dma):
+            one.rows.view(-1).copy_(host[:chunk_nbytes], non_blocking=True)
+        offsets = [slot * slot_nbytes for slot in range(pair)]
+        copy_rows_to_device(layered.rows, host, offsets, slot_nbytes, retrieve.dma)
+        step("dma_retrieve")
+        # The scatter kernels (strided copy, index_copy_, and the repeated-ids path's
+        # index_select), loaded by eager scatters into an engine-owned stand-in for one
+        # chunk's blocks of a layer, never into the worker's layers.
+        retrieve.kernels.wait_stream(retrieve.dma)
+        with torch.cuda.stream(retrieve.kernels):
+            shape = list(layout.shape)
+            shape[dim] = bpc
+            stand_in = layer_views(
+                [torch.empty(shape, dtype=layout.torch_dtype, device=self.device)], layout
+            )
+            own = torch.arange(bpc, dtype=torch.int64, device=self.device)
+            scatter_views(stand_in * layout.num_layers, one, dim, own, pause=_yield)
+            scatter_views(stand_in * layout.num_layers, one, dim, own, own, _yield)
+            layer_one = self._views(retrieve, last, 1, layer_bytes, one_layer)
+            scatter_views(stand_in, layer_one, dim, own)
+        step("kernels_retrieve")
+        # The graphs a retrieve replays, captured on the worker's layers but not replayed:
+        # a replay would write them. Capture only records the launches.
+        targets = layer_views(layers, layout)
+        with torch.cuda.stream(retrieve.kernels):
+            for count in counts:
+                for b in range(self.depth):
+                    views = self._views(retrieve, b, count, chunk_nbytes, layout)
+                    self._graph(layers, targets, views, dim, ids[: count * bpc], b, count, True)
+                    step("graphs_retrieve")
+
+        # The waiter and poller threads start on first use, and a thread's first CUDA call
+        # binds the device's context: start one of each now, each doing what it does.
+        done = _cuda.Event()
+        done.record(retrieve.kernels)
+        self.wait(done).result()
+        self.wait_ready(done, lambda: False, 10.0).result()
+        step("threads")
+        self._drain()
+        timing.synchronize()
+        step("drain")
+        self._warmed[id(layers)] = layers
+        self.warm_timings = timings
+        logger.info(
+            "copy engine on %s warmed up for %s in %.1f ms (%d graphs cached)",
+            self.device,
+            layout.describe(),
+            sum(timings.values()) * 1e3,
+            len(self._graphs),
+        )
+
     # --------------------------------------------------------------- called from the loop
 
     def submit_store(
@@ -695,6 +915,45 @@ class CopyEngine:
         every chunk is in its blocks (the last one is the batch's own).
         """
         return self.executor.submit(self._retrieve_layers, transfer)
+
+    def submit_warm(
+        self,
+        layers: list[torch.Tensor],
+        layout: KVLayout,
+        blocks_per_chunk: int,
+        host: torch.Tensor,
+        slot_nbytes: int,
+    ) -> concurrent.futures.Future[None]:
+        """Pay, in the engine thread, the one-time costs of the first copies of ``layers``.
+
+        Call once a ``cuda_ipc`` worker's layers are mapped, before its first copy:
+        ``layers`` is the very list that later transfers carry (the captured graphs are
+        keyed by it), ``blocks_per_chunk`` theirs, ``host`` the pool's pinned buffer and
+        ``slot_nbytes`` its slot size. Without it the first store and retrieve pay, inside
+        the request, and partly under the GIL (so stalling the server's event loop):
+
+        * the lanes' streams and events, and their staging and scratch buffers, allocated
+          here at the largest group a copy of this layout uses (``group_bytes``), so that
+          no later copy grows them (growing drops every captured graph);
+        * every interprocess event of the completion and per-layer rings;
+        * the first launch of each kernel (CUDA loads modules lazily), through eager
+          gathers from the layers and eager scatters into an engine-owned stand-in;
+        * the CUDA graph capture of every (staging buffer, group size) a whole-chunk store
+          or retrieve of these layers uses (:func:`warm_group_sizes`): the store's graphs
+          are replayed once too, the retrieve's only captured, since replaying them would
+          write the layers;
+        * the device-to-host, host-to-device and pitched (``cuMemcpy2DAsync``) copy paths,
+          and the waiter and poller threads.
+
+        Never changes a byte a client can see: it reads the layers and the pool's buffer
+        and writes only staging, scratch and engine-owned memory. It waits for the copies
+        in flight first and for its own work last, so it never shares a staging buffer with
+        a copy. Calling it again for the same list does nothing; for another instance on
+        this engine it costs that instance's graphs and a few eager launches.
+        :attr:`warm_timings` says what each step took. The future fails with
+        :class:`KVError` if a chunk does not fit a slot.
+        """
+        return self.executor.submit(self._warm, layers, layout, blocks_per_chunk, host, slot_nbytes)
 
     def wait(
         self, event: Any, handle: CudaEventHandle | None = None
@@ -755,4 +1014,6 @@ def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:
     # list (and so, possibly, its id) goes.
     for key in [key for key in engine._graphs if key[0] == id(tensors)]:
         del engine._graphs[key]
+    if engine._warmed.get(id(tensors)) is tensors:
+        del engine._warmed[id(tensors)]
     tensors.clear()
