@@ -25,7 +25,7 @@ from kvrpc.cuda import (
 from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.futures import CUDAMessagingFuture, MessagingFuture
 from kvrpc.kv import protocols as kv
-from kvrpc.kv.client.adapters import RetrieveProgress
+from kvrpc.kv.client import RetrieveProgress
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind

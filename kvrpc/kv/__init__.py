@@ -5,7 +5,7 @@ An inference engine's scheduler uses :class:`SchedulerAdapter` (or
 the server (:func:`~kvrpc.kv.server.serving.serve_kv`). Each name lives in the module that owns it.
 """
 
-from kvrpc.kv.client.adapters import (
+from kvrpc.kv.client import (
     LoadStoreOp,
     PollingSchedulerAdapter,
     RetrieveProgress,

@@ -80,18 +80,19 @@ def corrupt_loads() -> list[int]:
     """Make the worker write zeros for every retrieved chunk, still reporting success.
 
     Returns a list that grows by one per corrupted batch, so the caller can tell the patch
-    was reached. Patches the name the worker adapter calls, not kvrpc's layout module.
+    was reached. Patches the name the worker adapter's completions call, not kvrpc's layout
+    module.
     """
-    import kvrpc.kv.client.adapters as adapters
+    import kvrpc.kv.client.completions as completions
 
-    real = adapters.scatter_chunks
+    real = completions.scatter_chunks
     calls: list[int] = []
 
     def scatter_zeros(layers: Any, layout: Any, block_ids: Any, srcs: Any) -> None:
         calls.append(len(srcs))
         real(layers, layout, block_ids, [torch.zeros_like(src) for src in srcs])
 
-    adapters.scatter_chunks = scatter_zeros
+    completions.scatter_chunks = scatter_zeros
     return calls
 
 

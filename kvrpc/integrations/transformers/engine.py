@@ -20,7 +20,7 @@ import torch
 
 from kvrpc.errors import KVError
 from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
-from kvrpc.kv.client.adapters import (
+from kvrpc.kv.client import (
     LoadStoreOp,
     PollingSchedulerAdapter,
     RetrieveProgress,

@@ -4,7 +4,7 @@ This module imports vLLM. The rules it follows live in :mod:`.plan` (what each s
 :mod:`.layouts` (what vLLM's tensors are) and :mod:`.settings` (what it was told); here they
 are only wired to vLLM's calls.
 
-Scheduler role: one :class:`~kvrpc.kv.client.adapters.SchedulerAdapter`. Lookups never block vLLM's
+Scheduler role: one :class:`~kvrpc.kv.client.scheduler.SchedulerAdapter`. Lookups never block vLLM's
 scheduler loop: ``get_num_new_matched_tokens`` answers ``None`` (ask again next step) while
 the server has not answered, and a miss once ``kvrpc.lookup_timeout`` has passed. Loads are
 asynchronous by default: vLLM allocates the blocks, the workers retrieve into them between
@@ -14,7 +14,7 @@ before the forward and each attention layer waits for its own layer
 (``wait_for_layer_load``, see :mod:`.layer_loads`). Every finished request's blocks are held
 until the workers report its stores done.
 
-Worker role: one :class:`~kvrpc.kv.client.adapters.WorkerAdapter` per worker process. Submits
+Worker role: one :class:`~kvrpc.kv.client.worker.WorkerAdapter` per worker process. Submits
 never wait for the GPU: with CUDA KV caches the adapter records an interprocess event on the
 current stream, after the engine's work, and the server waits for it. When the server is
 gone, stores are dropped and counted, retrieves fail at once as load errors (vLLM then
@@ -42,7 +42,7 @@ from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
-from kvrpc.kv.client.adapters import SchedulerAdapter, WorkerAdapter
+from kvrpc.kv.client import SchedulerAdapter, WorkerAdapter
 from kvrpc.transport import default_url
 
 if TYPE_CHECKING:

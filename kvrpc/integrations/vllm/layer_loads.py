@@ -3,7 +3,7 @@
 With ``kvrpc.layerwise`` the connector submits a step's retrieves in ``start_load_kv``,
 before the forward, and each attention layer calls ``wait_for_layer_load`` before it reads
 its KV. :class:`LayerLoads` keeps the step's retrieves (their
-:class:`~kvrpc.kv.client.adapters.RetrieveProgress`) and decides, at each wait and at the end of
+:class:`~kvrpc.kv.client.progress.RetrieveProgress`) and decides, at each wait and at the end of
 the forward, which blocks vLLM must be told are load errors. It imports nothing of vLLM and
 does no I/O of its own (it only waits on the progress objects it is given), so its rules
 are tested with stand-ins for them.

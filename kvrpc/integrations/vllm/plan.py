@@ -30,7 +30,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvrpc.kv.client.adapters import LoadStoreOp
+from kvrpc.kv.client import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["KVRanks", "Phase", "ReleasePins", "SchedulerPlan", "Transfer", "kv_ranks"]

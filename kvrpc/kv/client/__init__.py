@@ -1,13 +1,20 @@
-"""The engine side of the KV service: the scheduler's and the workers' adapters."""
+"""The engine side of the KV service: the scheduler's and the workers' adapters.
 
-from kvrpc.kv.client.adapters import (
-    LoadStoreOp,
-    PollingSchedulerAdapter,
-    RetrieveProgress,
-    SchedulerAdapter,
-    WorkerAdapter,
-    WorkerStats,
-)
+Each name lives in the module that owns it: :mod:`~kvrpc.kv.client.scheduler` (the
+scheduler's adapters), :mod:`~kvrpc.kv.client.worker` (the worker's), with what they are
+made of beside them: :mod:`~kvrpc.kv.client.link` (the connection, client id and
+keepalives), :mod:`~kvrpc.kv.client.ops` (what a transfer names),
+:mod:`~kvrpc.kv.client.ledger` (what is in flight and finished),
+:mod:`~kvrpc.kv.client.completions` (what happens when a reply arrives),
+:mod:`~kvrpc.kv.client.progress` (a retrieve's progress) and
+:mod:`~kvrpc.kv.client.events` (the worker's CUDA events).
+"""
+
+from kvrpc.kv.client.ledger import WorkerStats
+from kvrpc.kv.client.ops import LoadStoreOp
+from kvrpc.kv.client.progress import RetrieveProgress
+from kvrpc.kv.client.scheduler import PollingSchedulerAdapter, SchedulerAdapter
+from kvrpc.kv.client.worker import WorkerAdapter
 
 __all__ = [
     "LoadStoreOp",
