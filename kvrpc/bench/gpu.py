@@ -42,7 +42,7 @@ from kvrpc.bench.kv import goal, timed, wait_finished
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
-from kvrpc.kv.client.adapters import LoadStoreOp, WorkerAdapter
+from kvrpc.kv.client import LoadStoreOp, WorkerAdapter
 from kvrpc.kv.layout import KVLayout
 from kvrpc.protocol import PING
 
