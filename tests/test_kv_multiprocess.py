@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVConfigError, KVError
-from kvrpc.kv import PollingSchedulerAdapter, WorkerAdapter, kv_registry
+from kvrpc.kv import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter, kv_registry
 from kvrpc.kv import protocols as kv
+from kvrpc.protocol import PING
 
 WORLD_SIZE = 2
 BLOCK_SIZE = 4
@@ -394,3 +396,63 @@ def test_an_adapter_whose_block_size_does_not_divide_the_chunk_size_fails_at_sta
     url = start_server()
     with pytest.raises(KVConfigError, match=r"\b8\b.*\b3\b|\b3\b.*\b8\b"):
         WorkerAdapter(url, MODEL, WORLD_SIZE, 0, 3)
+
+
+def test_an_inline_retrieve_writes_its_blocks_off_the_client_loop_thread_which_stays_free(
+    start_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writing a retrieve's bytes into the KV tensors is the worker's own slow work: were it
+    # done on the SyncClient's loop thread, this worker's other replies and its keepalives
+    # would wait behind it. The scatter is held until the test lets it go, so the order of
+    # what happens is fixed; the timeouts only bound a failure, they measure nothing.
+    import kvrpc.kv.client.completions as completions
+
+    url = start_server()
+    layers = [torch.randn(LAYER_SHAPE).half() for _ in range(LAYERS)]
+    worker = WorkerAdapter(url, "inline-model", 1, 0, BLOCK_SIZE, transfer_mode="inline")
+    real = completions.scatter_chunks
+    entered, release = threading.Event(), threading.Event()
+    scattered_on: list[threading.Thread] = []
+
+    def held_scatter(*args: Any) -> None:
+        scattered_on.append(threading.current_thread())
+        entered.set()
+        release.wait(120)
+        real(*args)
+
+    try:
+        worker.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        prompt = _prompt(10, chunks=2)
+        worker.submit_store_request("s", LoadStoreOp(_blocks(0, 2), token_ids=prompt))
+        assert _wait_for(lambda: "s" in worker.get_finished({"s"})[0], 60)
+        for layer in layers:
+            layer[:, 20:24] = 0
+
+        monkeypatch.setattr(completions, "scatter_chunks", held_scatter)
+        progress = worker.submit_retrieve_request(
+            "r", LoadStoreOp(_blocks(20, 2), token_ids=prompt)
+        )
+        try:
+            assert entered.wait(60), "the retrieve's reply never reached the scatter"
+            loop_thread = worker._link.client._thread
+            assert scattered_on[0] is not loop_thread, "scattered on the client's loop thread"
+            assert scattered_on[0] is not threading.current_thread()
+            # While the scatter is held, the same client still gets its replies. Waited for
+            # on this thread: the call's own timeout runs on the loop thread, which a held
+            # scatter there would stop too.
+            ping = worker._link.client.submit(PING)
+            keepalive = worker._link.submit(kv.KEEPALIVE)
+            assert ping.wait(60) and ping.result() == "pong", "a ping waited for the scatter"
+            assert keepalive.wait(60) and keepalive.exception() is None
+            assert not progress.done(), "reported finished before its blocks were written"
+            assert "r" not in worker.get_finished(set())[1]
+        finally:
+            release.set()
+        assert progress.wait(60)
+        assert _wait_for(lambda: "r" in worker.get_finished(set())[1], 60)
+        assert not worker.get_block_ids_with_load_errors()
+        for layer in layers:
+            assert torch.equal(layer[:, 20:24], layer[:, 0:4])
+    finally:
+        release.set()
+        worker.shutdown()

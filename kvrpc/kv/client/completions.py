@@ -1,9 +1,10 @@
 """What a worker does with its calls' replies: count them, write retrieved bytes, settle.
 
-A reply arrives on the :class:`~kvrpc.client.SyncClient`'s event-loop thread. What follows
-(opening a layer-wise reply's events and polling the last one) runs on threads of the
-adapter's own, so that the loop thread is free for the adapter's other replies and its
-keepalives.
+A reply arrives on the :class:`~kvrpc.client.SyncClient`'s event-loop thread, which also
+carries the adapter's other replies and its keepalives, so nothing slow may run there. A
+retrieve's completion work (writing an inline reply's bytes into the KV tensors, waiting on
+the server's CUDA events) runs on the adapter's own completion threads: the loop thread
+only hands the reply over. A store's reply needs only counting, done where it arrives.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ __all__ = ["Completions", "InlineTarget"]
 
 logger = logging.getLogger("kvrpc.kv")
 
+#: Threads settling one worker's retrieves: two, so that one layer-wise retrieve polling its
+#: last event does not hold up the next one's completion.
+_COMPLETION_THREADS = 2
+
 
 class InlineTarget(NamedTuple):
     """The KV tensors an inline retrieve writes its reply's bytes into, and their layout."""
@@ -41,6 +46,7 @@ class Completions:
 
     ``forgotten`` is called when the server no longer knows the worker's KV cache, so that
     the next submit registers it again; ``timeout`` bounds each wait for a server's event.
+    Owns its completion threads (started on first use): :meth:`shutdown` ends them.
     """
 
     def __init__(
@@ -50,14 +56,20 @@ class Completions:
         self._timeout = timeout
         self._forgotten = forgotten
         self._lock = threading.Lock()
-        self._waiters: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ stores
 
     def store_answered(
         self, request_ids: Sequence[str], future: MessagingFuture[Any] | None, chunks: int = 0
     ) -> None:
-        """Count a store's outcome (None: it was never sent) and settle its requests."""
+        """Count a store's outcome (None: it was never sent) and settle its requests.
+
+        Runs where the reply arrives, the loop thread included: it only counts (no copy, no
+        wait), and queued behind retrieve work it would hold up ``wait_for_stores``, which
+        an engine calls before it reuses blocks.
+        """
         if future is not None:
             reply = self._note_outcome("store", future)
             errors = reply.errors if isinstance(reply, CudaCopyReply) else reply
@@ -80,21 +92,43 @@ class Completions:
         progress: RetrieveProgress,
         inline: InlineTarget | None,
     ) -> None:
-        """A retrieve's reply arrived (or its call failed): settle it."""
-        if future.exception() is None and isinstance(future.result(), LayerCopyReply):
-            # Opening the events and polling the last one must not hold up this
-            # client's loop thread (its other replies and keepalives).
-            self._layer_waits().submit(
-                self._layers_done, request_ids, owners, rows, future, progress
-            )
-        else:
-            self.retrieve_settled(request_ids, owners, rows, future, progress, inline)
+        """A retrieve's reply arrived (or its call failed): settle it on a completion thread.
 
-    def _layer_waits(self) -> concurrent.futures.ThreadPoolExecutor:
+        Called from the future's done-callback, on the client's loop thread: it only hands
+        the work over, so that the loop stays free for this worker's other replies.
+        """
+        work = (request_ids, owners, rows, future, progress, inline)
         with self._lock:
-            if self._waiters is None:
-                self._waiters = concurrent.futures.ThreadPoolExecutor(2, "kvrpc-layer-wait")
-            return self._waiters
+            if not self._closed:
+                if self._threads is None:
+                    self._threads = concurrent.futures.ThreadPoolExecutor(
+                        _COMPLETION_THREADS, "kvrpc-kv-complete"
+                    )
+                self._threads.submit(self._complete, *work)
+                return
+        # Shut down: the client is closed and its loop thread gone, so this is a thread
+        # of the engine's (a submit racing shutdown) and the work may run right here.
+        self._complete(*work)
+
+    def _complete(
+        self,
+        request_ids: Sequence[str],
+        owners: list[str],
+        rows: torch.Tensor,
+        future: MessagingFuture[Any],
+        progress: RetrieveProgress,
+        inline: InlineTarget | None,
+    ) -> None:
+        try:
+            if future.exception() is None and isinstance(future.result(), LayerCopyReply):
+                self._layers_done(request_ids, owners, rows, future, progress)
+            else:
+                self.retrieve_settled(request_ids, owners, rows, future, progress, inline)
+        except Exception:
+            # A bug here must not leave the engine waiting forever for this retrieve.
+            logger.exception("settling a retrieve failed; its blocks will be recomputed")
+            if not progress.done():
+                self.retrieve_settled(request_ids, owners, rows, None, progress)
 
     def _layers_done(
         self,
@@ -142,10 +176,15 @@ class Completions:
         failed: list[int] = []
         if future is not None:
             reply = self._note_outcome("retrieve", future)
-            if isinstance(reply, CudaCopyReply):
-                # The server replies once its copy completed; waiting on the event it sends
-                # keeps the CUDA future's contract (and returns at once).
-                future.to_cuda_future().wait()
+            if isinstance(reply, CudaCopyReply) and not future.to_cuda_future().wait(self._timeout):
+                # The server replies once its copy completed, so the event it sends has
+                # completed and this returns at once; waiting on it keeps the CUDA future's
+                # contract. Bounded, polled on this thread: a peer's event may never complete.
+                logger.warning(
+                    "a retrieve's copy did not complete within %g s; its blocks will be recomputed",
+                    self._timeout,
+                )
+                reply = None
             errors = (
                 reply.errors
                 if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
@@ -190,8 +229,13 @@ class Completions:
         return reply
 
     def shutdown(self) -> None:
-        """Wait for the completion work handed off so far; call once no reply can arrive."""
+        """Finish the completion work handed over so far and end the completion threads.
+
+        Call once no reply can arrive (the client closed); work handed over later runs on
+        the caller's thread.
+        """
         with self._lock:
-            waiters, self._waiters = self._waiters, None
-        if waiters is not None:
-            waiters.shutdown(wait=True)
+            self._closed = True
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=True)

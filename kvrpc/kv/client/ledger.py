@@ -40,8 +40,8 @@ class WorkerStats:
 class RequestLedger:
     """Stores and retrieves in flight per request, finished requests, load errors, counters.
 
-    Thread-safe: submits write it from the engine's threads, completions from the threads
-    that see the replies.
+    Thread-safe: submits write it from the engine's threads, retrieve completions from the
+    adapter's completion threads, store replies from the client's loop thread.
     """
 
     def __init__(self) -> None:

@@ -308,6 +308,8 @@ class WorkerAdapter:
 
         inline = self._inline_target()
 
+        # Runs on the client's loop thread: returning the event and handing the reply to
+        # the completion threads is all it does (see completions).
         def done(future: MessagingFuture[Any]) -> None:
             self._give_back(ready, future)
             self._completions.retrieve_answered(request_ids, owners, rows, future, progress, inline)
@@ -389,7 +391,10 @@ class WorkerAdapter:
         return self._ledger.take_load_errors()
 
     def shutdown(self) -> None:
-        """Unregister the KV cache (best effort) and close the connection."""
+        """Unregister the KV cache (best effort), close the connection, end its threads.
+
+        Retrieves answered before the connection closed are settled first.
+        """
         with self._lock:
             instance_id, self._instance_id = self._instance_id, None
             self._registration = None
