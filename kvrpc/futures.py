@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -141,7 +142,8 @@ class CUDAMessagingFuture(Generic[T]):
     either as the whole result or as its ``cuda_event`` field) that the producer recorded
     after the work the result describes. :meth:`query` is true only once the reply arrived
     and that event completed; :meth:`wait` and :meth:`result` also wait for the event;
-    :meth:`wait_on` makes a CUDA stream wait for it without blocking the host on the GPU.
+    :meth:`wait_on` returns once work queued on a stream afterwards runs after the
+    producer's, polling the event on the host (never making a stream wait on it pending).
     A reply without an event (an error, or a result with nothing on the GPU) needs only the
     reply. Constructing one in a process without CUDA raises :class:`CudaUnavailable`.
     """
@@ -193,23 +195,31 @@ class CUDAMessagingFuture(Generic[T]):
         """The call's error, or None; waits for the reply only."""
         return self._inner.exception(timeout)
 
-    def wait_on(self, stream: Any = None) -> None:
-        """Make ``stream`` (default: the current stream) wait for the producer's CUDA work.
+    def wait_on(self, stream: Any = None, timeout: float | None = None) -> None:
+        """Block until the producer's CUDA work completed: work queued from then on follows it.
 
-        Blocks the host only until the reply arrives, never on the GPU; later work queued on
-        ``stream`` runs after the producer's. Raises the call's error if it failed.
+        Polls the producer's event on the host (:func:`~kvrpc.cuda.poll_event`), and never
+        makes a stream wait on it while it is pending: a stream waiting on a dead producer's
+        pending event never runs again (see :mod:`kvrpc.cuda`). Once it has completed, no
+        stream needs to wait: whatever is queued on ``stream``, or any other, from then on
+        runs after the producer's work. Nor is a wait on the completed event queued, as the
+        producer may record that event again meanwhile, which would make it a wait on a
+        pending event after all. So nothing is queued on ``stream``; it is kept for callers
+        that name one.
+
+        Raises the call's error if it failed, and ``TimeoutError`` if the reply and the
+        event's completion take more than ``timeout`` seconds in all (None: no limit).
         """
-        import torch
-
-        self._inner.wait()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._inner.wait(timeout):
+            raise TimeoutError(f"no reply within {timeout} s")
         self._inner.result(0)  # raises the call's error
         event = self._event()
-        # A completed event needs no wait; only a pending one is handed to the stream (which
-        # then depends on the producer staying alive: see kvrpc.cuda).
-        if event is not None and not event.query():
-            (stream if stream is not None else torch.cuda.current_stream(self.device)).wait_event(
-                event
-            )
+        if event is None:
+            return
+        left = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+        if not poll_event(event, left):
+            raise TimeoutError(f"the producer's CUDA work did not complete within {timeout} s")
 
     def add_done_callback(self, fn: Callable[[MessagingFuture[T]], object]) -> None:
         """Call ``fn`` with the inner future once the reply arrives (not the CUDA work)."""

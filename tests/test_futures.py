@@ -253,3 +253,127 @@ def test_to_cuda_future_raises_cuda_unavailable_without_cuda() -> None:
         fut.to_cuda_future()
     with pytest.raises(CudaUnavailable):
         CUDAMessagingFuture(fut)
+
+
+# A fake interprocess event and stream, because no GPU is here: wait_on's rule (see
+# kvrpc.cuda) is about the order of calls, which a fake can record. The fake event completes
+# when the test says so, and the stream notes whether the event had completed when it was
+# handed over.
+
+
+class FakePeerEvent:
+    """Stands in for another process's ``torch.cuda.Event``; completes on ``complete()``."""
+
+    def __init__(self, completed: bool = False) -> None:
+        self._completed = threading.Event()
+        if completed:
+            self._completed.set()
+        self.queries = 0
+        self.handed_to_streams: list[bool] = []
+
+    def complete(self) -> None:
+        self._completed.set()
+
+    def query(self) -> bool:
+        self.queries += 1
+        return self._completed.is_set()
+
+    def wait(self, stream: Any = None) -> None:  # torch's event.wait(stream) orders a stream
+        self.handed_to_streams.append(self._completed.is_set())
+
+    def synchronize(self) -> None:
+        raise AssertionError("wait_on must poll, not block in synchronize()")
+
+
+class FakeStream:
+    """Stands in for a ``torch.cuda.Stream``: notes each event it is made to wait on."""
+
+    def __init__(self) -> None:
+        self.waited_while_completed: list[bool] = []
+
+    def wait_event(self, event: FakePeerEvent) -> None:
+        self.waited_while_completed.append(event._completed.is_set())
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Let a CUDAMessagingFuture be made without a GPU, its reply's event a fake one."""
+    import kvrpc.cuda
+    import kvrpc.futures
+
+    events: dict[Any, FakePeerEvent] = {}
+    monkeypatch.setattr(kvrpc.futures, "require_cuda", lambda what: None)
+    monkeypatch.setattr(kvrpc.cuda, "_open_event", lambda handle: events[handle])
+
+    def reply_with(event: FakePeerEvent) -> tuple[MessagingFuture[Any], CUDAMessagingFuture[Any]]:
+        from kvrpc.cuda import CudaEventHandle
+
+        handle = CudaEventHandle("GPU-fake", bytes([len(events)]) * 64)
+        events[handle] = event
+        future: MessagingFuture[Any] = MessagingFuture()
+        future.set_result(handle)
+        return future, future.to_cuda_future()
+
+    return reply_with
+
+
+def test_wait_on_polls_a_pending_peer_event_on_the_host_and_never_hands_it_to_a_stream(
+    fake_cuda: Any,
+) -> None:
+    event, stream = FakePeerEvent(), FakeStream()
+    _, cuda_future = fake_cuda(event)
+    returned = threading.Event()
+    errors: list[BaseException] = []
+
+    def wait_on() -> None:
+        try:
+            cuda_future.wait_on(stream)
+        except BaseException as exc:
+            errors.append(exc)
+        returned.set()
+
+    waiter = threading.Thread(target=wait_on, daemon=True)
+    waiter.start()
+    try:
+        # Nothing completes the event until the test does, so wait_on cannot return yet.
+        finished_early = returned.wait(0.3)
+        assert stream.waited_while_completed == [], "a stream was made to wait on it pending"
+        assert event.handed_to_streams == [], "a stream was made to wait on it pending"
+        assert not finished_early, "wait_on returned while the peer's event was pending"
+        assert event.queries > 0, "the event was not polled"
+    finally:
+        event.complete()
+    assert returned.wait(30), "wait_on did not return once the event completed"
+    waiter.join(30)
+    assert errors == []
+    assert False not in stream.waited_while_completed + event.handed_to_streams
+
+
+def test_wait_on_with_a_timeout_raises_timeout_error_and_leaves_the_stream_alone(
+    fake_cuda: Any,
+) -> None:
+    event, stream = FakePeerEvent(), FakeStream()
+    _, cuda_future = fake_cuda(event)
+    with pytest.raises(TimeoutError):
+        cuda_future.wait_on(stream, timeout=0.05)
+    assert event.queries > 0
+    assert stream.waited_while_completed == [] and event.handed_to_streams == []
+
+
+def test_wait_on_a_completed_event_returns_at_once_without_a_stream_wait(fake_cuda: Any) -> None:
+    event, stream = FakePeerEvent(completed=True), FakeStream()
+    _, cuda_future = fake_cuda(event)
+    cuda_future.wait_on(stream, timeout=0)
+    assert stream.waited_while_completed == [] and event.handed_to_streams == []
+
+
+def test_wait_on_raises_the_calls_error_and_times_out_waiting_for_the_reply(
+    fake_cuda: Any,
+) -> None:
+    future: MessagingFuture[Any] = MessagingFuture()
+    cuda_future = future.to_cuda_future()
+    with pytest.raises(TimeoutError):
+        cuda_future.wait_on(FakeStream(), timeout=0.01)
+    future.set_exception(RemoteError("Boom", "it failed"))
+    with pytest.raises(RemoteError):
+        cuda_future.wait_on(FakeStream(), timeout=1)
