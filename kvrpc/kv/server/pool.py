@@ -16,6 +16,14 @@ A slot is in one of three states:
 Thread-safety: none. Every method must be called from one thread, the server's event-loop
 thread; the executor threads only touch the bytes of :meth:`~ChunkPool.slot_view` tensors.
 
+Host memory: without pinning the buffer comes from ``torch.empty``, whose pages the OS provides
+only when first written, so an unused pool costs address space but not resident memory. Pinned
+(``pin_memory``), the same buffer is page-locked with ``cudaHostRegister`` at construction,
+which makes every page resident at once (about 0.3 s per GiB) and keeps it so until the pool is
+dropped. It is not allocated with ``torch.empty(..., pin_memory=True)``, whose caching
+allocator rounds the size up to a power of two (a 40 GB pool would pin 64 GB) and keeps the
+memory after use.
+
 Memory: the only Python object per stored chunk is its key. Everything else lives in flat
 arrays allocated once, at construction: slot -> key (a list), the LRU links, pin counts, states,
 the free stack, and key -> slot as an open-addressing hash table of slot numbers. That is about
@@ -40,12 +48,20 @@ from kvrpc.errors import CudaUnavailable, KVConfigError
 __all__ = ["ChunkPool", "EvictHook", "Reserve"]
 
 EvictHook = Callable[[bytes, int], None]
-"""``on_evict(key, slot)``: called just before a ready slot is taken from ``key`` for reuse."""
+"""``on_evict(key, slot)``: called just before a ready slot is taken from ``key`` for reuse.
+
+:meth:`ChunkPool.reserve` calls it when it evicts a ready slot, before the slot changes hands:
+it may copy the slot's bytes out synchronously (to a lower tier, say). While it runs the pool
+is unchanged and the key still ready; it must not call the pool's mutating methods. If it
+raises, the exception propagates out of :meth:`~ChunkPool.reserve` and nothing is evicted or
+reserved.
+"""
 
 # Slot states, one signed byte per slot.
 _FREE = 0
 _FILLING = 1
 _READY = 2
+_NAMES = {_FREE: "free", _FILLING: "filling", _READY: "ready"}
 
 # cudaHostRegisterPortable: the pages count as pinned for every CUDA context (every GPU the server
 # copies to), not only the current one.
@@ -77,46 +93,14 @@ class ChunkPool:
     it was given for as long as the chunk is stored.
 
     ``num_slots = capacity_bytes // slot_nbytes``; the byte limit is hard: the buffer is
-    ``num_slots * slot_nbytes`` bytes and never grows. Without ``pin_memory`` the buffer comes
-    from ``torch.empty``, whose pages the OS provides only when first written, so an unused
-    pool costs address space but not resident memory. With ``pin_memory`` (needs CUDA) the same
-    buffer is page-locked with ``cudaHostRegister`` at construction, which makes every page
-    resident at once (about 0.3 s per GiB) and keeps it so until the pool is dropped. It is not
-    allocated with ``torch.empty(..., pin_memory=True)``, whose caching allocator rounds the
-    size up to a power of two (a 40 GB pool would pin 64 GB) and keeps the memory after use.
+    ``num_slots * slot_nbytes`` bytes and never grows. ``pin_memory`` (needs CUDA) page-locks
+    it at construction (see the module doc).
 
-    ``on_evict`` (also settable later as the attribute of that name) is called as
-    ``on_evict(key, slot)`` when :meth:`reserve` evicts a ready slot, before the slot changes
-    hands: it may copy the slot's bytes out synchronously (to a lower tier, say). While it runs
-    the pool is unchanged and the key still ready; it must not call the pool's mutating
-    methods. If it raises, the exception propagates out of :meth:`reserve` and nothing is
-    evicted or reserved.
-
+    ``on_evict`` (also settable later as the attribute of that name) is an :data:`EvictHook`.
     Not thread-safe: use it from the server's event-loop thread only (see the module doc).
     Methods that take a slot raise ``ValueError`` when the slot is out of range or in the wrong
     state for the call; those are programming errors of the caller, not conditions to handle.
     """
-
-    __slots__ = (
-        "__weakref__",
-        "_buffer",
-        "_evictions",
-        "_filling",
-        "_free",
-        "_free_count",
-        "_home",
-        "_keys",
-        "_mask",
-        "_next",
-        "_num_slots",
-        "_pinned",
-        "_pins",
-        "_prev",
-        "_slot_nbytes",
-        "_state",
-        "_table",
-        "on_evict",
-    )
 
     def __init__(
         self,
@@ -150,12 +134,7 @@ class ChunkPool:
             )
         self._num_slots = num_slots
         self._slot_nbytes = slot_nbytes
-        self._buffer: Any = torch.empty(num_slots * slot_nbytes, dtype=torch.uint8)
-        if pin_memory:
-            _pin_host_memory(self._buffer)
-            # The finalizer holds the buffer, so the pages are unregistered before they can be
-            # freed; at interpreter exit the process's end releases them anyway.
-            weakref.finalize(self, _unpin_host_memory, self._buffer).atexit = False
+        self._buffer = _host_buffer(self, num_slots * slot_nbytes, pin_memory)
         self.on_evict: EvictHook | None = on_evict
 
         # slot -> key, None when free: the only per-chunk Python object is the key itself.
@@ -506,10 +485,20 @@ class ChunkPool:
         self._check_slot(slot)
         state = self._state[slot]
         if state != expected:
-            names = {_FREE: "free", _FILLING: "filling", _READY: "ready"}
             raise ValueError(
-                f"ChunkPool.{method}: slot {slot} is {names[state]}, not {names[expected]}"
+                f"ChunkPool.{method}: slot {slot} is {_NAMES[state]}, not {_NAMES[expected]}"
             )
+
+
+def _host_buffer(owner: object, nbytes: int, pin_memory: bool) -> Any:
+    """A 1-D uint8 host tensor of ``nbytes``, page-locked while ``owner`` lives if asked."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if pin_memory:
+        _pin_host_memory(buffer)
+        # The finalizer holds the buffer, so the pages are unregistered before they can be
+        # freed; at interpreter exit the process's end releases them anyway.
+        weakref.finalize(owner, _unpin_host_memory, buffer).atexit = False
+    return buffer
 
 
 def _pin_host_memory(buffer: Any) -> None:
