@@ -22,9 +22,9 @@ import torch
 from kvrpc.cuda import CudaEventHandle
 from kvrpc.errors import KVError
 from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
-from kvrpc.kv.server import copy_engine
-from kvrpc.kv.server.copy_engine import (
-    CopyEngine,
+from kvrpc.kv.server import copy_engine, lanes
+from kvrpc.kv.server.copy_engine import CopyEngine
+from kvrpc.kv.server.copy_plan import (
     Transfer,
     carrier_dtype,
     contiguous_runs,
@@ -34,6 +34,7 @@ from kvrpc.kv.server.copy_engine import (
     scatter_group,
     warm_group_sizes,
 )
+from kvrpc.kv.server.lanes import IpcEventRing
 
 NUM_LAYERS = 3
 NUM_BLOCKS = 12
@@ -394,8 +395,8 @@ def test_an_event_ring_filled_ahead_hands_out_its_events_in_turn_and_makes_no_mo
         number = next(made)
         return number, CudaEventHandle("GPU-fake", number.to_bytes(64, "little"))
 
-    monkeypatch.setattr(copy_engine, "new_ipc_event", fake_event)
-    ring = copy_engine._IpcEventRing(torch.device("cuda", 0), 5)
+    monkeypatch.setattr(lanes, "new_ipc_event", fake_event)
+    ring = IpcEventRing(torch.device("cuda", 0), 5)
     assert ring.next()[0] == 0  # one made on first use
     assert ring.fill() == 4
     assert ring.fill() == 0
@@ -473,7 +474,7 @@ def run(engine: CopyEngine, submit: Any, transfer: Transfer) -> None:
 def engine_state(engine: CopyEngine) -> dict[str, Any]:
     lanes = (engine._store_lane, engine._retrieve_lane)
     return {
-        "graphs": set(engine._graphs),
+        "graphs": set(engine.graphs.captured()),
         "staging": [[t.data_ptr() for t in lane.staging] for lane in lanes],
         "scratch": [lane.scratch.data_ptr() if lane.scratch is not None else 0 for lane in lanes],
         "events": (len(engine._done._events), len(engine._layer_events._events)),
@@ -497,7 +498,7 @@ def test_warm_up_changes_no_byte_of_the_layers_or_the_pool(name: str, spare: int
         for layer, old in zip(layers, before, strict=True):
             assert torch.equal(layer.view(torch.uint8), old)
         assert bool((host == PATTERN).all())
-        assert engine._graphs, "the warm-up captured no graph"
+        assert len(engine.graphs), "the warm-up captured no graph"
         assert set(engine.warm_timings) >= {"buffers", "ipc_events", "graphs_store"}
     finally:
         engine.close()
@@ -554,19 +555,19 @@ def test_warm_up_again_is_free_another_instance_gets_its_graphs_and_release_drop
     engine = engine_for(layout)
     try:
         engine.submit_warm(first, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
-        graphs = set(engine._graphs)
+        graphs = set(engine.graphs.captured())
         start = time.perf_counter()
         engine.submit_warm(first, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
         assert time.perf_counter() - start < 0.5
-        assert set(engine._graphs) == graphs
+        assert set(engine.graphs.captured()) == graphs
 
         engine.submit_warm(second, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
-        theirs = {key for key in engine._graphs if key[0] == id(second)}
+        theirs = {key for key in engine.graphs.captured() if key[0] == id(second)}
         assert len(theirs) == len(graphs)
-        assert set(engine._graphs) == graphs | theirs
+        assert set(engine.graphs.captured()) == graphs | theirs
 
         engine.release(first).result(timeout=60)
-        assert set(engine._graphs) == theirs
+        assert set(engine.graphs.captured()) == theirs
         assert id(first) not in engine._warmed and id(second) in engine._warmed
     finally:
         engine.close()

@@ -29,57 +29,48 @@ event recorded after it; waiting for that event happens in a pool
 of waiter threads (:meth:`CopyEngine.wait`), never on the event loop and never in the
 engine thread, so the next batch is enqueued while this one is still moving.
 
-The gather and scatter maths (:func:`gather_group`, :func:`scatter_group`) are plain torch
-and work on any device; the tests check them on the CPU against :mod:`kvrpc.kv.layout`.
+The plan maths (views, groups, slot runs: :mod:`~kvrpc.kv.server.copy_plan`) are plain
+torch and work on any device; the lanes and event rings (:mod:`~kvrpc.kv.server.lanes`), the
+graph cache (:mod:`~kvrpc.kv.server.graphs`) and the warm-up (:mod:`~kvrpc.kv.server.warmup`)
+each have a module of their own.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 
-from kvrpc.cuda import CudaEventHandle, new_ipc_event, poll_event
+from kvrpc.cuda import CudaEventHandle, poll_event
 from kvrpc.errors import KVError
-from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
-from kvrpc.kv.server.dma import copy_rows_to_device, pitched_runs
+from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.server.copy_plan import (
+    GroupViews,
+    Transfer,
+    group_sizes,
+    group_views,
+    host_runs,
+    keep_rows,
+    layer_views,
+    scatter_views,
+    yield_gil,
+)
+from kvrpc.kv.server.dma import copy_rows_to_device
+from kvrpc.kv.server.graphs import GraphCache
+from kvrpc.kv.server.lanes import IpcEventRing, Lane
+from kvrpc.kv.server.warmup import warm
 
-__all__ = [
-    "CopyEngine",
-    "DeadlinePassed",
-    "GroupViews",
-    "Transfer",
-    "carrier_dtype",
-    "contiguous_runs",
-    "gather_group",
-    "gather_views",
-    "group_sizes",
-    "group_views",
-    "last_occurrences",
-    "layer_views",
-    "scatter_group",
-    "scatter_views",
-    "warm_group_sizes",
-]
-
-# Widest first; see kvrpc.kv.layout: a wide element type makes index_select / index_copy_
-# move 16 bytes per element, and it covers fp8, which has no index kernels of its own.
-_CARRIERS = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+__all__ = ["CopyEngine", "DeadlinePassed", "Transfer"]
 
 #: Completion events each engine cycles through (see :class:`_IpcEventRing`).
 _DONE_EVENTS = 256
 #: Per-layer events of layer-wise retrieves (one a layer but the last).
 _LAYER_EVENTS = 512
-#: Group sizes the warm-up captures graphs for, at most, per staging buffer and direction:
-#: each capture is about a millisecond of Python for 32 layers.
-_WARM_SIZES = 16
 
 
 logger = logging.getLogger("kvrpc.kv")
@@ -90,268 +81,6 @@ _cuda = cast(Any, torch.cuda)
 
 class DeadlinePassed(KVError):
     """A retrieve's deadline passed before its copy started: no byte was written."""
-
-
-def carrier_dtype(layout: KVLayout) -> torch.dtype:
-    """The widest element type whose size divides one row (the layout's last dim) in bytes."""
-    row = layout.shape[-1] * layout.torch_dtype.itemsize
-    return next(c for c in _CARRIERS if row % c.itemsize == 0)
-
-
-@dataclass(frozen=True, eq=False)
-class GroupViews:
-    """One group's staging rows and the scratch buffer, as the carrier views a copy needs.
-
-    Building them takes a few torch calls per layer; the engine builds them once per
-    staging buffer and group size and reuses them, so that a group costs two launches a
-    layer and little else.
-    """
-
-    rows: torch.Tensor
-    """The staging rows themselves, uint8 ``[g, chunk_nbytes]``: what the DMAs move."""
-    parts: list[torch.Tensor]
-    """Per layer: that layer's part of every row, ``[g, *chunk shape]`` in the carrier type."""
-    picked: torch.Tensor
-    """The scratch as one layer with ``g * bpc`` blocks: what ``index_select`` fills."""
-    moved: torch.Tensor
-    """``picked`` with its block dim split into ``(g, bpc)`` and ``g`` moved first."""
-
-
-def layer_views(layers: Sequence[torch.Tensor], layout: KVLayout) -> list[torch.Tensor]:
-    """The layers in the carrier type (no copy)."""
-    carrier = carrier_dtype(layout)
-    return [layer.view(carrier) for layer in layers]
-
-
-def group_views(layout: KVLayout, staging: torch.Tensor, scratch: torch.Tensor) -> GroupViews:
-    """The views for a group of ``staging.shape[0]`` chunks (uint8 ``[g, chunk_nbytes]``)."""
-    carrier = carrier_dtype(layout)
-    groups, num_layers = staging.shape[0], layout.num_layers
-    per_layer = staging.shape[1] // num_layers
-    dim = layout.block_dim
-    blocks_per_chunk = per_layer // layout.block_nbytes
-    chunk_shape = list(layout.shape)
-    chunk_shape[dim] = blocks_per_chunk
-    chunk_shape[-1] = chunk_shape[-1] * layout.torch_dtype.itemsize // carrier.itemsize
-    by_layer = staging.view(groups, num_layers, per_layer)
-    parts = [
-        by_layer[:, index].view(carrier).view(groups, *chunk_shape) for index in range(num_layers)
-    ]
-    shape = list(chunk_shape)
-    shape[dim] = groups * blocks_per_chunk
-    picked = scratch[: math.prod(shape) * carrier.itemsize].view(carrier).view(shape)
-    split = list(chunk_shape)
-    split[dim : dim + 1] = [groups, blocks_per_chunk]
-    return GroupViews(staging, parts, picked, picked.view(split).movedim(dim, 0))
-
-
-def gather_views(
-    sources: Sequence[torch.Tensor],
-    views: GroupViews,
-    dim: int,
-    block_ids: torch.Tensor,
-    pause: Callable[[int], None] | None = None,
-) -> None:
-    """Gather a group: per layer, ``index_select`` into the scratch, then one strided copy.
-
-    ``pause(layer)``, if given, is called after each layer (the engine yields the GIL there).
-    """
-    picked, moved = views.picked, views.moved
-    for index, (source, part) in enumerate(zip(sources, views.parts, strict=True)):
-        torch.index_select(source, dim, block_ids, out=picked)
-        part.copy_(moved)
-        if pause is not None:
-            pause(index)
-
-
-def scatter_views(
-    targets: Sequence[torch.Tensor],
-    views: GroupViews,
-    dim: int,
-    block_ids: torch.Tensor,
-    keep: torch.Tensor | None = None,
-    pause: Callable[[int], None] | None = None,
-) -> None:
-    """Scatter a group: per layer, one strided copy into the scratch, then ``index_copy_``.
-
-    ``keep``, when a block id appears more than once, holds the positions to write (the last
-    occurrence of each id, see :func:`last_occurrences`), so that the later chunk wins as on
-    the CPU path; ``index_copy_`` with repeated ids would pick one at random.
-    """
-    ids = block_ids if keep is None else block_ids.index_select(0, keep)
-    picked, moved = views.picked, views.moved
-    for index, (target, part) in enumerate(zip(targets, views.parts, strict=True)):
-        moved.copy_(part)
-        source = picked if keep is None else picked.index_select(dim, keep)
-        target.index_copy_(dim, ids, source)
-        if pause is not None:
-            pause(index)
-
-
-def gather_group(
-    layers: Sequence[torch.Tensor],
-    layout: KVLayout,
-    block_ids: torch.Tensor,
-    staging: torch.Tensor,
-    scratch: torch.Tensor,
-) -> None:
-    """Gather ``g`` chunks into ``staging`` (uint8 ``[g, chunk_nbytes]``), one slot per row.
-
-    ``block_ids`` is the ``g * bpc`` block ids of the chunks, flat, on the layers' device;
-    ``scratch`` is a uint8 buffer of at least one layer's share of the group. The rows come
-    out exactly as :func:`kvrpc.kv.layout.gather_chunks` writes slots.
-    """
-    views = group_views(layout, staging, scratch)
-    gather_views(layer_views(layers, layout), views, layout.block_dim, block_ids)
-
-
-def scatter_group(
-    layers: Sequence[torch.Tensor],
-    layout: KVLayout,
-    block_ids: torch.Tensor,
-    staging: torch.Tensor,
-    scratch: torch.Tensor,
-    keep: torch.Tensor | None = None,
-) -> None:
-    """Scatter the rows of ``staging`` into the blocks ``block_ids`` names (the reverse copy).
-
-    ``keep`` is as for :func:`scatter_views`.
-    """
-    views = group_views(layout, staging, scratch)
-    scatter_views(layer_views(layers, layout), views, layout.block_dim, block_ids, keep)
-
-
-def last_occurrences(block_ids: list[int]) -> list[int] | None:
-    """Positions of the last occurrence of each id, in order; None when every id is written once.
-
-    A :data:`~kvrpc.kv.layout.SKIP_BLOCK` id (a block a retrieve must leave alone) is never
-    among the positions.
-    """
-    last: dict[int, int] = {}
-    for position, block in enumerate(block_ids):
-        if block != SKIP_BLOCK:
-            last[block] = position
-    if len(last) == len(block_ids):
-        return None
-    return sorted(last.values())
-
-
-def group_sizes(chunks: int, per_group: int) -> list[int]:
-    """How a batch of ``chunks`` is cut into groups of at most ``per_group`` chunks.
-
-    The first and the last group are a quarter of the others: nothing overlaps the first
-    group's gather (a store's DMA waits for it) or the last group's scatter (a retrieve's
-    end waits for it), so keeping them small shortens the batch.
-    """
-    if chunks <= 0:
-        return []
-    small = max(1, per_group // 4)
-    if chunks <= min(per_group, 2 * small):
-        return [chunks]
-    sizes = [small]
-    left = chunks - small
-    while left > per_group + small:
-        sizes.append(per_group)
-        left -= per_group
-    if left > small:
-        sizes += [left - small, small]
-    else:
-        sizes.append(left)
-    return sizes
-
-
-def warm_group_sizes(per_group: int) -> list[int]:
-    """The group sizes whose graphs :meth:`CopyEngine.submit_warm` captures.
-
-    Every size a whole-chunk batch's groups can have (:func:`group_sizes` with at most
-    ``per_group`` a group: every size up to it) while there are at most
-    :data:`_WARM_SIZES` of them; past that, the small end groups and the full group, which
-    every large batch has (its one remainder group is captured on first use).
-    """
-    if per_group <= _WARM_SIZES:
-        return list(range(1, per_group + 1))
-    return sorted({max(1, per_group // 4), per_group})
-
-
-def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
-    """``(first index, count)`` of each run of consecutive slot numbers, in order."""
-    return pitched_runs(slots, 1)
-
-
-@dataclass(eq=False)
-class Transfer:
-    """One batch for the engine: whose blocks, which ones, which pool slots."""
-
-    layers: list[torch.Tensor]
-    layout: KVLayout
-    block_ids: torch.Tensor
-    """``[n, bpc]`` int64 on the CPU, one row per chunk."""
-    host: torch.Tensor
-    """The pool's whole pinned buffer (1-D uint8)."""
-    slots: list[int]
-    slot_nbytes: int
-    ready: Any = None
-    """The worker's event: its blocks are ready to read (store) or to write (retrieve)."""
-    deadline: float | None = None
-    """``time.monotonic()`` past which the copy must not start (retrieve)."""
-
-
-@dataclass(eq=False)
-class _Lane:
-    """One direction's streams and staging ring (see the module docstring).
-
-    ``kernels`` runs the gathers (store) or scatters (retrieve), ``dma`` the host copies.
-    """
-
-    kernels: Any = None
-    dma: Any = None
-    staging: list[torch.Tensor] = field(default_factory=list)
-    scratch: torch.Tensor | None = None
-    free: list[Any] = field(default_factory=list)
-    """Per staging buffer: the event after which its last reader is done (None: free)."""
-    next_buffer: int = 0
-    views: dict[tuple[int, int, int, KVLayout], GroupViews] = field(default_factory=dict)
-    loaded: list[Any] = field(default_factory=list)
-    """Per staging buffer, a plain event re-recorded each use: its DMA is done (layer-wise)."""
-    freed: list[Any] = field(default_factory=list)
-    """Per staging buffer, likewise: its scatter is done (layer-wise)."""
-
-
-class _IpcEventRing:
-    """Interprocess events handed out in turn, each made on first use, reused after ``size``.
-
-    Only the engine thread takes them. A worker may look at an event a while after the
-    reply that named it; the ring is long enough that it has not been recorded again by
-    then (were it, the worker would only wait for more, never for less).
-    """
-
-    def __init__(self, device: torch.device, size: int) -> None:
-        self.device = device
-        self.size = size
-        self._events: list[tuple[Any, CudaEventHandle]] = []
-        self._turn = itertools.count()
-
-    def next(self) -> tuple[Any, CudaEventHandle]:
-        """The next event and its handle."""
-        index = next(self._turn) % self.size
-        if index == len(self._events):
-            self._events.append(new_ipc_event(self.device))
-        return self._events[index]
-
-    def fill(self) -> int:
-        """Make every event the ring will hand out, now; returns how many were made.
-
-        Making an interprocess event (``cudaEventCreate`` and ``cudaIpcGetEventHandle``)
-        holds the GIL; the engine's warm-up fills its rings so that no copy pays it. The
-        GIL is let go every few events, so that the event loop's thread is not kept out.
-        """
-        made = 0
-        while len(self._events) < self.size:
-            self._events.append(new_ipc_event(self.device))
-            made += 1
-            if made % 16 == 0:
-                time.sleep(0)
-        return made
 
 
 class CopyEngine:
@@ -378,16 +107,15 @@ class CopyEngine:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, name)
         self.waiters = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-wait")
         self.pollers = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-poll")
-        self._store_lane = _Lane()
-        self._retrieve_lane = _Lane()
-        self._done = _IpcEventRing(device, _DONE_EVENTS)
+        self._store_lane = Lane()
+        self._retrieve_lane = Lane()
+        self._done = IpcEventRing(device, _DONE_EVENTS)
         # The layer-wise retrieves' events have a ring of their own, a few batches long: the
         # handles a worker sees repeat soon, so it opens each once (opening an IPC event
         # costs far more than polling it).
-        self._layer_events = _IpcEventRing(device, _LAYER_EVENTS)
+        self._layer_events = IpcEventRing(device, _LAYER_EVENTS)
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
-        self._graphs: dict[tuple[int, int, int, bool], tuple[Any, torch.Tensor]] = {}
-        self._graphs_broken = False
+        self.graphs = GraphCache()
         # The layer lists warmed up (see submit_warm), by id: held so that no other list
         # can take the id of one whose graphs are still cached, until release drops both.
         self._warmed: dict[int, list[torch.Tensor]] = {}
@@ -407,7 +135,7 @@ class CopyEngine:
         """How many rows of ``row_nbytes`` one staging buffer holds: the largest group."""
         return max(1, self.group_bytes // row_nbytes)
 
-    def _setup(self, lane: _Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
+    def _setup(self, lane: Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
         """Make the lane's streams on first use, and buffers for groups of ``per_group``."""
         if lane.kernels is None:
             torch.cuda.set_device(self.device)
@@ -426,22 +154,22 @@ class CopyEngine:
             ]
             lane.views.clear()
             lane.free = [None] * self.depth
-            self._graphs.clear()
+            self.graphs.clear()
         scratch = per_group * layer_bytes
         if lane.scratch is None or lane.scratch.numel() < scratch:
             self._drain(lane)
             lane.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
             lane.views.clear()
-            self._graphs.clear()
+            self.graphs.clear()
 
-    def _drain(self, *lanes: _Lane) -> None:
+    def _drain(self, *lanes: Lane) -> None:
         for lane in lanes or (self._store_lane, self._retrieve_lane):
             if lane.kernels is not None:
                 lane.kernels.synchronize()
                 lane.dma.synchronize()
 
     def _groups(
-        self, transfer: Transfer, lane: _Lane, *, layerwise: bool = False
+        self, transfer: Transfer, lane: Lane, *, layerwise: bool = False
     ) -> tuple[int, list[tuple[int, int, torch.Tensor]]]:
         """Per group: first chunk, chunk count, its flat block ids on the GPU.
 
@@ -473,23 +201,6 @@ class CopyEngine:
             first += count
         return row_nbytes, groups
 
-    def _host_runs(
-        self, transfer: Transfer, first: int, count: int, chunk_nbytes: int
-    ) -> list[tuple[torch.Tensor, int, int]]:
-        """Host views to copy for chunks ``first..first+count``: (view, staging row, rows)."""
-        slots = transfer.slots[first : first + count]
-        size = transfer.slot_nbytes
-        out = []
-        if size == chunk_nbytes:
-            for start, length in contiguous_runs(slots):
-                begin = slots[start] * size
-                out.append((transfer.host[begin : begin + length * size], start, length))
-        else:
-            for start, slot in enumerate(slots):
-                begin = slot * size
-                out.append((transfer.host[begin : begin + chunk_nbytes], start, 1))
-        return out
-
     def _finish(self, last: Any, started: Any, nbytes: int) -> tuple[Any, CudaEventHandle]:
         """Record the batch's completion on ``last``, the stream its final copies ran on."""
         ended = _cuda.Event(enable_timing=True)
@@ -502,7 +213,7 @@ class CopyEngine:
         return done, handle
 
     def _next_views(
-        self, lane: _Lane, count: int, chunk_nbytes: int, layout: KVLayout
+        self, lane: Lane, count: int, chunk_nbytes: int, layout: KVLayout
     ) -> tuple[int, GroupViews, Any]:
         """Take the lane's next staging buffer: (its number, views, event it is free after).
 
@@ -513,7 +224,7 @@ class CopyEngine:
         return b, self._views(lane, b, count, chunk_nbytes, layout), lane.free[b]
 
     def _views(
-        self, lane: _Lane, b: int, count: int, chunk_nbytes: int, layout: KVLayout
+        self, lane: Lane, b: int, count: int, chunk_nbytes: int, layout: KVLayout
     ) -> GroupViews:
         """Staging buffer ``b``'s views for a group of ``count`` chunks, built once."""
         key = (b, count, chunk_nbytes, layout)
@@ -523,84 +234,6 @@ class CopyEngine:
             staging = lane.staging[b][: count * chunk_nbytes].view(count, chunk_nbytes)
             views = lane.views[key] = group_views(layout, staging, lane.scratch)
         return views
-
-    def _run_group(
-        self,
-        layers: list[torch.Tensor],
-        views_of_layers: list[torch.Tensor],
-        views: GroupViews,
-        layout: KVLayout,
-        ids: torch.Tensor,
-        b: int,
-        count: int,
-        scatter: bool,
-    ) -> None:
-        """Gather (or scatter) one group on the current stream, as one CUDA graph replay.
-
-        Two launches a layer cost about a millisecond of Python for 32 layers, and the
-        first group's DMA waits for them. A graph captured once per (KV cache, staging
-        buffer, group size, direction) replays them in one launch; its block ids are copied
-        into the graph's own ids tensor first. Where capture fails, the group runs eagerly.
-        """
-        dim = layout.block_dim
-        entry = self._graph(layers, views_of_layers, views, dim, ids, b, count, scatter)
-        if entry is None:
-            run = scatter_views if scatter else gather_views
-            run(views_of_layers, views, dim, ids, pause=_yield)
-            return
-        graph, static_ids = entry
-        static_ids.copy_(ids, non_blocking=True)
-        graph.replay()
-
-    def _graph(
-        self,
-        layers: list[torch.Tensor],
-        views_of_layers: list[torch.Tensor],
-        views: GroupViews,
-        dim: int,
-        ids: torch.Tensor,
-        b: int,
-        count: int,
-        scatter: bool,
-    ) -> tuple[Any, torch.Tensor] | None:
-        """The group's graph and its ids tensor, captured on first use; None: run eagerly."""
-        if self._graphs_broken:
-            return None
-        key = (id(layers), b, count, scatter)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(views_of_layers, views, dim, ids, scatter)
-            if entry is not None:
-                self._graphs[key] = entry
-        return entry
-
-    def _capture(
-        self,
-        views_of_layers: list[torch.Tensor],
-        views: GroupViews,
-        dim: int,
-        ids: torch.Tensor,
-        scatter: bool,
-    ) -> tuple[Any, torch.Tensor] | None:
-        static_ids = torch.empty_like(ids)
-        graph = _cuda.CUDAGraph()
-        try:
-            # Captured on the lane's own stream (the current one here). Not through
-            # torch.cuda.graph(), which first synchronizes the device and runs a full GC
-            # pass; thread-local mode keeps the waiter threads' CUDA calls legal meanwhile.
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                if scatter:
-                    scatter_views(views_of_layers, views, dim, static_ids)
-                else:
-                    gather_views(views_of_layers, views, dim, static_ids)
-            finally:
-                graph.capture_end()
-        except Exception:
-            logger.warning("CUDA graph capture failed; the copy engine runs eagerly", exc_info=True)
-            self._graphs_broken = True
-            return None
-        return graph, static_ids
 
     def _store(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
         lane = self._store_lane
@@ -618,12 +251,12 @@ class CopyEngine:
             if free is not None:
                 gather.wait_event(free)
             with torch.cuda.stream(gather):
-                self._run_group(transfer.layers, sources, views, layout, ids, b, count, False)
+                self.graphs.run_group(transfer.layers, sources, views, layout, ids, b, count, False)
                 gathered = _cuda.Event()
                 gathered.record(gather)
             copy.wait_event(gathered)
             with torch.cuda.stream(copy):
-                for view, row, rows in self._host_runs(transfer, first, count, chunk_nbytes):
+                for view, row, rows in host_runs(transfer, first, count, chunk_nbytes):
                     view.copy_(staging[row : row + rows].view(-1), non_blocking=True)
                 freed = _cuda.Event()
                 freed.record(copy)
@@ -637,7 +270,7 @@ class CopyEngine:
                 "the retrieve's deadline passed before its copy started; no block was written"
             )
 
-    def _start_retrieve(self, transfer: Transfer, lane: _Lane) -> Any:
+    def _start_retrieve(self, transfer: Transfer, lane: Lane) -> Any:
         """Order the lane after the worker's event; returns the batch's timing start event."""
         scatter, copy = lane.kernels, lane.dma
         if transfer.ready is not None:
@@ -661,30 +294,24 @@ class CopyEngine:
             if free is not None:
                 copy.wait_event(free)
             with torch.cuda.stream(copy):
-                for view, row, rows in self._host_runs(transfer, first, count, chunk_nbytes):
+                for view, row, rows in host_runs(transfer, first, count, chunk_nbytes):
                     staging[row : row + rows].view(-1).copy_(view, non_blocking=True)
                 loaded = _cuda.Event()
                 loaded.record(copy)
             scatter.wait_event(loaded)
             with torch.cuda.stream(scatter):
-                keep = self._keep(transfer, first, count)
+                keep = keep_rows(transfer, first, count, self.device)
                 if keep is None:
-                    self._run_group(transfer.layers, targets, views, layout, ids, b, count, True)
+                    self.graphs.run_group(
+                        transfer.layers, targets, views, layout, ids, b, count, True
+                    )
                 else:  # repeated block ids: rare, run eagerly
-                    scatter_views(targets, views, layout.block_dim, ids, keep, _yield)
+                    scatter_views(targets, views, layout.block_dim, ids, keep, yield_gil)
                 freed = _cuda.Event()
                 freed.record(scatter)
             lane.free[b] = freed
             time.sleep(0)  # let the event loop thread take the GIL between groups
         return self._finish(scatter, started, chunk_nbytes * len(transfer.slots))
-
-    def _keep(self, transfer: Transfer, first: int, count: int) -> torch.Tensor | None:
-        """The rows' :func:`last_occurrences` on the GPU, enqueued on the current stream."""
-        rows_ids = transfer.block_ids[first : first + count].reshape(-1).tolist()
-        keep_list = last_occurrences(rows_ids)
-        if keep_list is None:
-            return None
-        return torch.tensor(keep_list, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _retrieve_layers(
         self, transfer: Transfer
@@ -708,7 +335,7 @@ class CopyEngine:
         size = transfer.slot_nbytes
         started = self._start_retrieve(transfer, lane)
         with torch.cuda.stream(scatter):  # the scatters read them on this stream
-            keeps = [self._keep(transfer, first, count) for first, count, _ in groups]
+            keeps = [keep_rows(transfer, first, count, self.device) for first, count, _ in groups]
         bases = [[slot * size for slot in transfer.slots[f : f + c]] for f, c, _ in groups]
         loaded, freed = lane.loaded, lane.freed
         handles: list[CudaEventHandle] = []
@@ -731,175 +358,11 @@ class CopyEngine:
             event, handle = self._layer_events.next()
             event.record(scatter)
             handles.append(handle)
-            _yield(layer)
+            yield_gil(layer)
         nbytes = layer_bytes * layout.num_layers * len(transfer.slots)
         done, handle = self._finish(scatter, started, nbytes)
         handles.append(handle)
         return done, handle, handles
-
-    def _warm(
-        self,
-        layers: list[torch.Tensor],
-        layout: KVLayout,
-        blocks_per_chunk: int,
-        host: torch.Tensor,
-        slot_nbytes: int,
-    ) -> None:
-        """Pay what the first copies of ``layers`` would pay; see :meth:`submit_warm`."""
-        if id(layers) in self._warmed:
-            return
-        chunk_nbytes = layout.chunk_nbytes(blocks_per_chunk)
-        layer_bytes = layout.layer_chunk_nbytes(blocks_per_chunk)
-        if chunk_nbytes > slot_nbytes or host.numel() < slot_nbytes:
-            raise KVError(
-                f"cannot warm up for {chunk_nbytes}-byte chunks: the pool's slots are "
-                f"{slot_nbytes} bytes and its buffer {host.numel()}"
-            )
-        timings: dict[str, float] = {}
-        mark = [time.perf_counter()]
-
-        def step(name: str) -> None:
-            now = time.perf_counter()
-            timings[name] = timings.get(name, 0.0) + now - mark[0]
-            mark[0] = now
-            time.sleep(0)  # each step holds the GIL: let the event loop's thread in between
-
-        torch.cuda.set_device(self.device)
-        # Alone on the GPU: the warm-up writes staging buffers without the lanes' free
-        # events, so no copy of another instance may be in flight meanwhile (nor be
-        # enqueued: this thread is the only one that enqueues).
-        self._drain()
-        step("drain")
-
-        # Streams, events and buffers at the largest group a copy of this layout uses:
-        # whole chunks (store, retrieve) and single layers (layer-wise retrieve, whose
-        # groups, and scratch, are up to group_bytes). The caching allocator takes the
-        # memory from the driver now (cudaMalloc holds the GIL; the first stream costs 3
-        # ms, on an H200), and nothing a copy asks for later is larger, so no copy
-        # reallocates them. Reallocating drops every captured graph: without this, the
-        # first layer-wise retrieve of a large batch grew the retrieve scratch and threw
-        # away both lanes' graphs.
-        fit, fit_layer = self._fit(chunk_nbytes), self._fit(layer_bytes)
-        store, retrieve = self._store_lane, self._retrieve_lane
-        self._setup(retrieve, fit_layer, layer_bytes, layer_bytes)
-        self._setup(retrieve, fit, chunk_nbytes, layer_bytes)
-        self._setup(store, fit, chunk_nbytes, layer_bytes)
-        step("buffers")
-
-        # Every interprocess event the rings will hand out: about 13 us of driver calls
-        # each under the GIL (0.55 ms the first), 10 ms for the 768, that would otherwise
-        # be paid one a batch and one a layer (layer-wise) by the first few hundred copies.
-        self._done.fill()
-        self._layer_events.fill()
-        step("ipc_events")
-
-        dim = layout.block_dim
-        bpc = blocks_per_chunk
-        with torch.cuda.stream(store.kernels):
-            cpu_ids = torch.arange(fit * bpc, dtype=torch.int64) % layout.num_blocks
-            ids = cpu_ids.to(self.device, non_blocking=True)
-        step("ids")
-
-        # Store lane. Kernels load lazily (CUDA's default lazy module loading): the first
-        # launch of each kernel loads its module under the GIL. Measured on an H200: the
-        # first gather of a group over 32 layers took 85 ms against 0.9 ms after, the
-        # first scatter 31 ms against 0.8; that was most of what a cold server's first
-        # store (90 ms against 40) and retrieve (62 ms) paid. One eager gather of a whole
-        # group from the worker's layers (a read; the rows land in staging) loads
-        # index_select's and the strided copy's kernels before any capture.
-        sources = layer_views(layers, layout)
-        counts = warm_group_sizes(fit)
-        with torch.cuda.stream(store.kernels):
-            gather_views(sources, self._views(store, 0, fit, chunk_nbytes, layout), dim, ids)
-            timing = _cuda.Event(enable_timing=True)
-            timing.record(store.kernels)
-        step("kernels_store")
-        # The graphs a store replays, keyed by (these layers, staging buffer, group size):
-        # every size a batch's groups can have (warm_group_sizes) on every buffer, since
-        # which buffer a group gets depends on the batches before it. The first capture in
-        # a process took 20 ms, later ones about 1 ms. Replayed once each (reads of the
-        # layers again) so that their first launch (graph upload) is paid here too.
-        with torch.cuda.stream(store.kernels):
-            for count in counts:
-                for b in range(self.depth):
-                    views = self._views(store, b, count, chunk_nbytes, layout)
-                    self._run_group(
-                        layers, sources, views, layout, ids[: count * bpc], b, count, False
-                    )
-                    step("graphs_store")
-        # The device-to-host path, into engine-owned pinned memory (the pool's slots may
-        # hold chunks): the first copy_ of a kind sets up torch's and the driver's paths.
-        if self._sink is None:
-            self._sink = torch.empty(1 << 16, dtype=torch.uint8, pin_memory=True)
-        sink = self._sink
-        rows = self._views(store, 0, 1, chunk_nbytes, layout).rows.view(-1)
-        store.dma.wait_stream(store.kernels)
-        with torch.cuda.stream(store.dma):
-            width = min(sink.numel(), rows.numel())
-            sink[:width].copy_(rows[:width], non_blocking=True)
-        step("dma_store")
-
-        # Retrieve lane: the host-to-device paths read the pool (a read changes no byte):
-        # one whole chunk as Tensor.copy_ moves it, and one layer of two slots as the
-        # layer-wise retrieve's pitched cuMemcpy2DAsync moves it (its first call resolves
-        # the driver entry point).
-        last = self.depth - 1
-        one = self._views(retrieve, 0, 1, chunk_nbytes, layout)
-        pair = min(2, host.numel() // slot_nbytes)
-        one_layer = replace(layout, num_layers=1)
-        layered = self._views(retrieve, last, pair, layer_bytes, one_layer)
-        with torch.cuda.stream(retrieve.dma):
-            one.rows.view(-1).copy_(host[:chunk_nbytes], non_blocking=True)
-        offsets = [slot * slot_nbytes for slot in range(pair)]
-        copy_rows_to_device(layered.rows, host, offsets, slot_nbytes, retrieve.dma)
-        step("dma_retrieve")
-        # The scatter kernels (strided copy, index_copy_, and the repeated-ids path's
-        # index_select), loaded by eager scatters into an engine-owned stand-in for one
-        # chunk's blocks of a layer, never into the worker's layers.
-        retrieve.kernels.wait_stream(retrieve.dma)
-        with torch.cuda.stream(retrieve.kernels):
-            shape = list(layout.shape)
-            shape[dim] = bpc
-            stand_in = layer_views(
-                [torch.empty(shape, dtype=layout.torch_dtype, device=self.device)], layout
-            )
-            own = torch.arange(bpc, dtype=torch.int64, device=self.device)
-            scatter_views(stand_in * layout.num_layers, one, dim, own, pause=_yield)
-            scatter_views(stand_in * layout.num_layers, one, dim, own, own, _yield)
-            layer_one = self._views(retrieve, last, 1, layer_bytes, one_layer)
-            scatter_views(stand_in, layer_one, dim, own)
-        step("kernels_retrieve")
-        # The graphs a retrieve replays, captured on the worker's layers but not replayed:
-        # a replay would write them. Capture only records the launches.
-        targets = layer_views(layers, layout)
-        with torch.cuda.stream(retrieve.kernels):
-            for count in counts:
-                for b in range(self.depth):
-                    views = self._views(retrieve, b, count, chunk_nbytes, layout)
-                    self._graph(layers, targets, views, dim, ids[: count * bpc], b, count, True)
-                    step("graphs_retrieve")
-
-        # The waiter and poller threads start on first use, and a thread's first CUDA call
-        # binds the device's context: start one of each now, each doing what it does.
-        done = _cuda.Event()
-        done.record(retrieve.kernels)
-        self.wait(done).result()
-        self.wait_ready(done, lambda: False, 10.0).result()
-        step("threads")
-        self._drain()
-        timing.synchronize()
-        step("drain")
-        self._warmed[id(layers)] = layers
-        self.warm_timings = timings
-        logger.info(
-            "copy engine on %s warmed up for %s in %.1f ms (%d graphs cached)",
-            self.device,
-            layout.describe(),
-            sum(timings.values()) * 1e3,
-            len(self._graphs),
-        )
-
-    # --------------------------------------------------------------- called from the loop
 
     def submit_store(
         self, transfer: Transfer
@@ -960,7 +423,7 @@ class CopyEngine:
         :attr:`warm_timings` says what each step took. The future fails with
         :class:`KVError` if a chunk does not fit a slot.
         """
-        return self.executor.submit(self._warm, layers, layout, blocks_per_chunk, host, slot_nbytes)
+        return self.executor.submit(warm, self, layers, layout, blocks_per_chunk, host, slot_nbytes)
 
     def wait(
         self, event: Any, handle: CudaEventHandle | None = None
@@ -1008,19 +471,11 @@ class CopyEngine:
         self.pollers.shutdown(wait=True)
 
 
-def _yield(layer: int) -> None:
-    # Every few layers' launches, let the event loop's thread take the GIL: a torch launch
-    # holds it, and without a pause the loop could wait for a whole group's launches.
-    if layer % 8 == 7:
-        time.sleep(0)
-
-
 def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:
     engine._drain()
     # The graphs captured for these tensors hold their addresses: drop them before the
     # list (and so, possibly, its id) goes.
-    for key in [key for key in engine._graphs if key[0] == id(tensors)]:
-        del engine._graphs[key]
+    engine.graphs.drop(tensors)
     if engine._warmed.get(id(tensors)) is tensors:
         del engine._warmed[id(tensors)]
     tensors.clear()
