@@ -43,7 +43,7 @@ import torch
 from kvrpc.bench._child import default_url, kv_server_child
 from kvrpc.bench.kv import goal, timed
 from kvrpc.errors import KVError
-from kvrpc.kv.client.adapters import LoadStoreOp
+from kvrpc.kv.client import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["E2EBenchOptions", "ModelShape", "random_llama", "run_e2e_bench"]

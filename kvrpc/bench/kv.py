@@ -50,7 +50,7 @@ from kvrpc.bench.rpc import percentile
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
-from kvrpc.kv.client.adapters import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
+from kvrpc.kv.client import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration
