@@ -1,29 +1,30 @@
-"""The KV-cache service through real RPC: adapters and raw ``kv.*`` calls to a served KVService.
+"""The KV-cache service end to end: adapters and raw ``kv.*`` calls to served KVServices.
 
-Each test starts its own server (``serve_kv`` on an ``inproc://`` address, in a thread with its
-own event loop), so the adapters' SyncClients and the tests' AsyncClients talk to it exactly as
-they would to ``kvrpc serve``. The KV caches are tiny: two layers of ``[2, 64, 4, 1, 8]``
-float16 (64 blocks of 4 tokens), chunks of 8 tokens, so 2 blocks and 512 bytes per chunk.
+Every test runs against live servers over each transport (``inproc``, ``unix``, ``zmq+ipc``;
+the harness is in ``conftest.py``). What is tested here lives in the I/O: byte copies in every
+transfer mode, the real disk tier, mappings, the transports, the adapters, the wire errors
+and the handlers' answers. The rules the state core decides (pins, sessions, eviction,
+prefetch jobs, leases, registration and batch checks) are specified without a server in
+``test_state.py``; a few of them are also checked here end to end, across the transports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
+import msgpack
 import pytest
 import torch
 
-from kvrpc import AsyncClient, RPCServer
-from kvrpc.client import SyncClient
+from kvrpc import AsyncClient
+from kvrpc.codec import WIRE_VERSION, MessageKind, decode, encode_request
 from kvrpc.cuda import CudaEventHandle
 from kvrpc.errors import (
     CudaUnavailable,
@@ -35,444 +36,48 @@ from kvrpc.errors import (
 )
 from kvrpc.kv import (
     KeyBatch,
-    KVService,
     LoadStoreOp,
     PollingSchedulerAdapter,
     SchedulerAdapter,
     WorkerAdapter,
-    hashes_from_tokens,
     kv_registry,
-    release_shared,
-    shared_empty,
 )
 from kvrpc.kv import protocols as kv
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout, LayoutKind
-from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
-from kvrpc.kv.server.serving import GB, KVServerSettings, serve_kv
-from kvrpc.kv.shm import shared_ref
-from kvrpc.protocol import PING, STATS
+from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.server import PeerInfo
-from kvrpc.transport import PeerCredentials
-
-T = TypeVar("T")
-
-MODEL = "test-model"
-WORLD = 2
-BLOCK = 4
-CHUNK = 8
-BPC = CHUNK // BLOCK  # blocks per chunk
-NUM_BLOCKS = 64
-LAYER_SHAPE = (2, NUM_BLOCKS, BLOCK, 1, 8)
-LAYERS = 2
-SLOT = LAYERS * 2 * BPC * BLOCK * 1 * 8 * 2  # bytes of one chunk: one pool slot
-WAIT = 5.0  # seconds any expected event may take before a test gives up
-CREDENTIALS = PeerCredentials(pid=1, uid=0, gid=0)
-
-_names = itertools.count()
-
-
-class Keep(Protocol):
-    """The ``opened`` fixture: returns what it is given, and closes it after the test."""
-
-    def __call__(self, thing: T, /) -> T: ...
-
-
-# ------------------------------------------------------------------ the server
-
-
-@dataclass(eq=False)
-class KVServer:
-    """A served KVService on its own loop thread; ``stall`` freezes that loop on purpose."""
-
-    url: str
-    server: RPCServer
-    service: KVService
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-    stats_client: SyncClient
-    _release: threading.Event = field(default_factory=threading.Event)
-
-    def stats(self) -> dict[str, int]:
-        """``kv.stats`` from a client that owns nothing, so asking never counts as liveness."""
-        answer: dict[str, int] = self.stats_client.call(kv.STATS)
-        return answer
-
-    def rpc_stats(self) -> dict[str, int]:
-        """The RPC server's own counters (``in_flight``: requests not yet answered)."""
-        answer: dict[str, int] = self.stats_client.call(STATS)
-        return answer
-
-    def ping(self) -> str:
-        """``rpc.ping``: the server still answers."""
-        answer: str = self.stats_client.call(PING, timeout=WAIT)
-        return answer
-
-    def wait_stats(self, what: str, **expected: int) -> dict[str, int]:
-        """Poll ``kv.stats`` until every named counter has the expected value."""
-        return wait_until(
-            self.stats,
-            lambda stats: all(stats[name] == value for name, value in expected.items()),
-            what,
-        )
-
-    def stall(self) -> None:
-        """Block the server's event loop (no request is handled) until :meth:`resume`."""
-        self._release.clear()
-        entered = threading.Event()
-
-        def block() -> None:
-            entered.set()
-            self._release.wait(WAIT * 2)
-
-        self.loop.call_soon_threadsafe(block)
-        assert entered.wait(WAIT), "the server loop did not stall"
-
-    def resume(self) -> None:
-        """Let the stalled loop run again."""
-        self._release.set()
-
-    def settle(self, *adapters: WorkerAdapter | SchedulerAdapter) -> None:
-        """Wait until every request the adapters sent so far is answered, and they saw it.
-
-        A ping on an adapter's own connection is answered once the server has taken every
-        earlier message of that connection (and started its handler); the server then counts
-        a request in flight until its reply is handed to the client; a second ping comes back
-        after those replies, whose completion callbacks have run by then.
-        """
-        for adapter in adapters:
-            assert adapter._link.client.call(PING, timeout=WAIT) == "pong"
-        wait_until(self.rpc_stats, lambda stats: stats["in_flight"] == 0, "requests answered")
-        for adapter in adapters:
-            assert adapter._link.client.call(PING, timeout=WAIT) == "pong"
-
-    def stop(self) -> None:
-        """Stop serving and join the thread."""
-        self.resume()
-        self.stats_client.close()
-        self.server.stop()
-        self.thread.join(WAIT * 2)
-        assert not self.thread.is_alive(), "the KV server did not stop"
-
-
-def start_kv_server(
-    url: str, *, slots: int = 64, client_timeout: float = 10.0, disk_dir: Path | None = None
-) -> KVServer:
-    """Serve a KVService with a pool of ``slots`` chunk slots at ``url``, in a thread."""
-    settings = KVServerSettings(
-        url=url,
-        chunk_size=CHUNK,
-        cpu_buffer_size=slots * SLOT / GB,
-        max_workers=2,
-        client_timeout=client_timeout,
-        disk_dir=None if disk_dir is None else str(disk_dir),
-        disk_size=1 / 1024,
-    )
-    ready = threading.Event()
-    started: dict[str, Any] = {}
-
-    def on_ready(server: RPCServer, service: KVService) -> None:
-        started.update(server=server, service=service, loop=asyncio.get_running_loop())
-        ready.set()
-
-    def run() -> None:
-        try:
-            asyncio.run(serve_kv(settings, on_ready=on_ready))
-        except BaseException as exc:
-            started["error"] = exc
-            ready.set()
-            raise
-
-    thread = threading.Thread(target=run, name=f"kv-server {url}", daemon=True)
-    thread.start()
-    assert ready.wait(WAIT), "the KV server did not start"
-    if "error" in started:
-        raise started["error"]
-    stats_client = SyncClient(url, registry=kv_registry(), timeout=WAIT)
-    return KVServer(
-        url, started["server"], started["service"], started["loop"], thread, stats_client
-    )
-
-
-@pytest.fixture(params=["inproc", "unix", "zmq+ipc"])
-def start_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., KVServer]]:
-    """Start KV servers with given settings; all are stopped after the test.
-
-    Every test runs over each transport: over a socket the server takes requests straight
-    from the transport's read callback, outside any task, which inproc does not show.
-    """
-    servers: list[KVServer] = []
-    sockets = tmp_path_factory.mktemp("sockets")
-
-    def start(**settings: Any) -> KVServer:
-        name = f"kv-service-{next(_names)}"
-        where = name if request.param == "inproc" else f"{sockets}/{name}.sock"
-        running = start_kv_server(f"{request.param}://{where}", **settings)
-        servers.append(running)
-        return running
-
-    yield start
-    for running in servers:
-        running.stop()
-
-
-@pytest.fixture
-def kv_server(start_server: Callable[..., KVServer]) -> KVServer:
-    """A KV server with room for 64 chunks."""
-    return start_server()
-
-
-@pytest.fixture
-def opened(start_server: Callable[..., KVServer]) -> Iterator[Keep]:
-    """Keep adapters and clients to close after the test, before the servers stop."""
-    things: list[Any] = []
-
-    def keep(thing: T) -> T:
-        things.append(thing)
-        return thing
-
-    yield keep
-    for thing in reversed(things):
-        thing.close()
-
-
-@pytest.fixture
-def kv_cache() -> Iterator[Callable[..., list[torch.Tensor]]]:
-    """Per-layer KV tensors in shared memory, filled with random bits; released afterwards."""
-    made: list[torch.Tensor] = []
-    seeds = itertools.count(1)
-
-    def make(shape: tuple[int, ...] = LAYER_SHAPE) -> list[torch.Tensor]:
-        layers = [shared_empty(shape, torch.float16) for _ in range(LAYERS)]
-        fill_random(layers, next(seeds))
-        made.extend(layers)
-        return layers
-
-    yield make
-    for tensor in made:
-        release_shared(tensor)
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def wait_until(get: Callable[[], T], ok: Callable[[T], bool], what: str) -> T:
-    """Poll ``get()`` until ``ok`` holds for its value; fail naming ``what`` after WAIT s."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = get()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last value {value!r}")
-        time.sleep(0.005)
-
-
-def fill_random(layers: list[torch.Tensor], seed: int) -> None:
-    """Random bit patterns (as int16), so that every block differs from every other."""
-    generator = torch.Generator().manual_seed(seed)
-    for layer in layers:
-        bits = torch.randint(-(2**15), 2**15, layer.shape, dtype=torch.int16, generator=generator)
-        layer.view(torch.int16).copy_(bits)
-
-
-def prompt(chunks: int, seed: int, extra: int = 0) -> list[int]:
-    """Token ids of ``chunks`` whole chunks (plus ``extra`` tokens), different per seed."""
-    return [seed * 100_000 + i for i in range(chunks * CHUNK + extra)]
-
-
-def chunk_hashes(chunks: int, seed: int) -> list[bytes]:
-    """The prefix-chained hashes of a ``chunks``-chunk prompt."""
-    return hashes_from_tokens(prompt(chunks, seed), CHUNK)
-
-
-def blocks(first: int, chunks: int) -> list[int]:
-    """Block ids for ``chunks`` chunks, from block ``first`` on."""
-    return list(range(first, first + chunks * BPC))
-
-
-def same_blocks(layers: list[torch.Tensor], a: list[int], b: list[int]) -> bool:
-    """Whether blocks ``a`` and ``b`` hold the same bits in every layer."""
-    return all(
-        torch.equal(layer.view(torch.int16)[:, a], layer.view(torch.int16)[:, b])
-        for layer in layers
-    )
-
-
-def registration(
-    rank: int,
-    layers: list[torch.Tensor],
-    *,
-    model: str = MODEL,
-    world_size: int = WORLD,
-) -> KVCacheRegistration:
-    """What a worker of ``rank`` sends to register ``layers`` (shared memory)."""
-    return KVCacheRegistration(
-        model_name=model,
-        world_size=world_size,
-        worker_id=rank,
-        block_size=BLOCK,
-        mode="shm",
-        layout=KVLayout.from_tensors(layers),
-        tensors=[shared_ref(t) for t in layers],
-    )
-
-
-def rows(first: int, chunks: int) -> torch.Tensor:
-    """The block-id rows ``kv.store``/``kv.retrieve`` take: ``[chunks, BPC]`` int64."""
-    return torch.tensor(blocks(first, chunks), dtype=torch.int64).view(chunks, BPC)
-
-
-class RawClient:
-    """``kv.*`` spoken directly with a client id of its own, to see what adapters only log.
-
-    It sends no keepalives: it is alive only while it makes calls.
-    """
-
-    def __init__(self, url: str, *, model: str = MODEL, world_size: int = WORLD) -> None:
-        self.sync = SyncClient(url, registry=kv_registry(), timeout=WAIT)
-        self.client_id = secrets.token_bytes(16)
-        self.model = model
-        self.world_size = world_size
-
-    def call(self, protocol: Any, *args: Any) -> Any:
-        return self.sync.call(protocol, self.client_id, *args)
-
-    def register(self, rank: int, layers: list[torch.Tensor]) -> RawWorker:
-        spec = registration(rank, layers, model=self.model, world_size=self.world_size)
-        return RawWorker(self, rank, self.call(kv.REGISTER_KV_CACHE, spec), layers)
-
-    def lookup(self, request_id: str, hashes: list[bytes]) -> int | str:
-        keys = KeyBatch.from_hashes(self.model, self.world_size, None, hashes)
-        answer: int | str = self.call(kv.LOOKUP, request_id, keys)
-        return answer
-
-    def lookup_count(self, request_id: str, hashes: list[bytes]) -> int:
-        """A lookup that must answer a count (no prefetch)."""
-        answer = self.lookup(request_id, hashes)
-        assert isinstance(answer, int), f"expected a count, got a prefetch job {answer!r}"
-        return answer
-
-    def probe(self, hashes: list[bytes]) -> int:
-        """How many leading chunks are present, leaving no pins behind."""
-        request_id = f"probe-{secrets.token_hex(4)}"
-        count = self.lookup_count(request_id, hashes)
-        self.end_session(request_id)
-        return count
-
-    def end_session(self, request_id: str) -> int:
-        released: int = self.call(kv.END_SESSION, self.model, self.world_size, request_id)
-        return released
-
-    def query(self, job_id: str) -> int | None:
-        answer: int | None = self.call(kv.QUERY_PREFETCH_STATUS, job_id)
-        return answer
-
-    def close(self) -> None:
-        self.sync.close()
-
-
-@dataclass(eq=False)
-class RawWorker:
-    """One registered KV cache of a :class:`RawClient`."""
-
-    client: RawClient
-    rank: int
-    instance: int
-    layers: list[torch.Tensor]
-
-    def keys(self, hashes: list[bytes]) -> KeyBatch:
-        return KeyBatch.from_hashes(self.client.model, self.client.world_size, self.rank, hashes)
-
-    def store(self, hashes: list[bytes], first_block: int) -> list[str | None]:
-        """Store one chunk per hash from blocks ``first_block`` on; per key None or why not."""
-        answer: list[str | None] = self.client.call(
-            kv.STORE, self.instance, self.keys(hashes), rows(first_block, len(hashes)), []
-        )
-        return answer
-
-    def retrieve(self, request_id: str, hashes: list[bytes], first_block: int) -> list[str | None]:
-        """Retrieve one chunk per hash into blocks ``first_block`` on; per key None or why not."""
-        reply: RetrieveReply = self.client.call(
-            kv.RETRIEVE,
-            self.instance,
-            [request_id] * len(hashes),
-            self.keys(hashes),
-            rows(first_block, len(hashes)),
-        )
-        assert reply.chunks == []  # the shm mode writes the blocks; no bytes come back
-        return reply.errors
-
-    def round_trips(self, hashes: list[bytes], stored_at: int, into: int) -> bool:
-        """Retrieve ``hashes`` into blocks ``into``: all found and equal to ``stored_at``'s."""
-        errors = self.retrieve(f"check-{secrets.token_hex(4)}", hashes, into)
-        return errors == [None] * len(hashes) and same_blocks(
-            self.layers, blocks(stored_at, len(hashes)), blocks(into, len(hashes))
-        )
-
-
-def open_workers(
-    url: str,
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-    world_size: int = WORLD,
-    **options: Any,
-) -> list[tuple[WorkerAdapter, list[torch.Tensor]]]:
-    """A registered WorkerAdapter per rank, each with its own shared-memory KV cache."""
-    workers = []
-    for rank in range(world_size):
-        worker = opened(WorkerAdapter(url, MODEL, world_size, rank, BLOCK, **options))
-        layers = kv_cache()
-        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
-        workers.append((worker, layers))
-    return workers
-
-
-def wait_finished(worker: WorkerAdapter, request_id: str, *, store: bool) -> None:
-    """Report ``request_id`` finished and poll until its store (or retrieve) is returned."""
-    seen: set[str] = set()
-
-    def poll() -> set[str]:
-        stores, retrieves = worker.get_finished({request_id} if store else set())
-        seen.update(stores if store else retrieves)
-        return seen
-
-    wait_until(poll, lambda ids: request_id in ids, f"{request_id!r} to finish")
-
-
-def store_all(
-    workers: list[tuple[WorkerAdapter, list[torch.Tensor]]], request_id: str, op: LoadStoreOp
-) -> None:
-    """Every worker stores ``op``; returns once all stores are done."""
-    for worker, _ in workers:
-        worker.submit_store_request(request_id, op)
-    for worker, _ in workers:
-        wait_finished(worker, request_id, store=True)
-
-
-def retrieve_all(
-    workers: list[tuple[WorkerAdapter, list[torch.Tensor]]], request_id: str, op: LoadStoreOp
-) -> None:
-    """Every worker retrieves ``op``; returns once all retrieves are done."""
-    for worker, _ in workers:
-        worker.submit_retrieve_request(request_id, op)
-    for worker, _ in workers:
-        wait_finished(worker, request_id, store=False)
-
-
-def lookup_tokens(scheduler: SchedulerAdapter, request_id: str, **source: Any) -> int:
-    """Submit a lookup and poll until the scheduler has its answer."""
-    scheduler.maybe_submit_lookup_request(request_id, **source)
-    answer = wait_until(
-        lambda: scheduler.check_lookup_result(request_id),
-        lambda tokens: tokens is not None,
-        f"the lookup of {request_id!r}",
-    )
-    assert answer is not None
-    return answer
-
+from kvrpc.transport import TransportOptions, connect_client
+
+from .conftest import (
+    BLOCK,
+    BPC,
+    CHUNK,
+    CREDENTIALS,
+    LAYER_SHAPE,
+    LAYERS,
+    MODEL,
+    NUM_BLOCKS,
+    SLOT,
+    WAIT,
+    WORLD,
+    Baseline,
+    Keep,
+    KVServer,
+    RawClient,
+    blocks,
+    chunk_hashes,
+    fill_random,
+    lookup_tokens,
+    open_workers,
+    prompt,
+    registration,
+    retrieve_all,
+    rows,
+    same_blocks,
+    store_all,
+    wait_until,
+)
 
 # ------------------------------------------------------------------ store, lookup, retrieve
 
@@ -564,141 +169,36 @@ def test_token_and_block_hash_sources_name_the_same_keys_on_scheduler_and_worker
         assert same_blocks(layers, blocks(0, 2), blocks(30, 2))
 
 
-# ------------------------------------------------------------------ eviction and pins
+# ------------------------------------------------------------------ sessions and registrations
 
 
-def test_a_full_pool_evicts_the_least_recently_used_chunks(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-) -> None:
-    kv_server = start_server(slots=4)
-    raw = opened(RawClient(kv_server.url, world_size=1))
-    worker = raw.register(0, kv_cache())
-    a, b, c = (chunk_hashes(2, seed) for seed in (10, 11, 12))
-    assert worker.store(a, 0) == [None, None]
-    assert worker.store(b, 4) == [None, None]
-    assert raw.probe(a) == 2  # a use: a is now more recent than b
-
-    assert worker.store(c, 8) == [None, None]
-
-    assert (raw.probe(a), raw.probe(b), raw.probe(c)) == (2, 0, 2)
-    stats = kv_server.stats()
-    assert (stats["evictions"], stats["chunks"], stats["bytes_free"]) == (2, 4, 0)
-    assert worker.retrieve("gone", b, 40) == ["not in the cache (never stored, or evicted)"] * 2
-    assert worker.round_trips(a, stored_at=0, into=40)
-    assert worker.round_trips(c, stored_at=8, into=48)
-
-
-def test_looked_up_chunks_stay_pinned_while_more_is_stored_and_a_pinned_pool_refuses_stores(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-) -> None:
-    kv_server = start_server(slots=4)
-    raw = opened(RawClient(kv_server.url, world_size=1))
-    worker = raw.register(0, kv_cache())
-    a, b, c, d, e = (chunk_hashes(2, seed) for seed in (20, 21, 22, 23, 24))
-    assert worker.store(a, 0) == [None, None]
-    assert raw.lookup_count("request-a", a) == 2  # oldest, but pinned from here on
-
-    for i, more in enumerate((b, c, d)):
-        assert worker.store(more, 4 + 4 * i) == [None, None]
-        assert raw.probe(a) == 2
-    assert kv_server.stats()["evictions"] == 4  # b, then c
-
-    assert raw.lookup_count("request-d", d) == 2
-    assert kv_server.stats()["pinned_chunks"] == 4
-    refused = worker.store(e, 16)
-    assert refused == ["no free slot: every chunk in the pool is pinned or being written"] * 2
-    stats = kv_server.stats()
-    assert (stats["store_refused"], stats["chunks"], stats["evictions"]) == (2, 4, 4)
-    assert worker.round_trips(a, stored_at=0, into=40)  # the pinned chunks are intact
-
-
-def test_end_session_releases_the_requests_pins(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-) -> None:
-    kv_server = start_server(slots=4)
-    raw = opened(RawClient(kv_server.url, world_size=1))
-    worker = raw.register(0, kv_cache())
-    a, b, c = (chunk_hashes(2, seed) for seed in (30, 31, 32))
-    assert worker.store(a, 0) == [None, None]
-    assert worker.store(b, 4) == [None, None]
-    assert raw.lookup_count("ra", a) == 2
-    assert raw.lookup_count("rb", b) == 2
-    assert kv_server.stats()["pinned_chunks"] == 4
-    assert worker.store(c, 8)[0] is not None
-
-    assert raw.end_session("ra") == 2
-    assert raw.end_session("rb") == 2
-    assert raw.end_session("rb") == 0  # already ended
-    stats = kv_server.stats()
-    assert (stats["pinned_chunks"], stats["sessions"]) == (0, 0)
-    assert worker.store(c, 8) == [None, None]
-
-
-def test_a_lookup_again_for_the_same_request_replaces_its_pins(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-) -> None:
-    kv_server = start_server(slots=4)
-    raw = opened(RawClient(kv_server.url, world_size=1))
-    worker = raw.register(0, kv_cache())
-    a, b = chunk_hashes(2, 33), chunk_hashes(2, 34)
-    assert worker.store(a, 0) == [None, None]
-    assert worker.store(b, 4) == [None, None]
-    assert raw.lookup_count("r", a) == 2
-    assert raw.lookup_count("r", b[:1]) == 1
-    stats = kv_server.stats()
-    assert (stats["pinned_chunks"], stats["sessions"]) == (1, 1)
-
-
-def test_unregistering_a_models_worker_releases_only_that_models_pins_on_its_rank(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-) -> None:
-    kv_server = start_server(slots=4)
-    model_a = opened(RawClient(kv_server.url, model="model-a", world_size=1))
-    model_b = opened(RawClient(kv_server.url, model="model-b", world_size=1))
-    worker_a, worker_b = model_a.register(0, kv_cache()), model_b.register(0, kv_cache())
-    hashes_a, hashes_b = chunk_hashes(2, seed=41), chunk_hashes(2, seed=42)
-    assert worker_a.store(hashes_a, 0) == [None, None]
-    assert worker_b.store(hashes_b, 0) == [None, None]
-    assert model_a.lookup_count("ra", hashes_a) == 2
-    assert model_b.lookup_count("rb", hashes_b) == 2
-    assert kv_server.stats()["pinned_chunks"] == 4
-
-    # Nobody can retrieve model a's chunks now; model b's rank 0 is still there.
-    assert model_a.call(kv.UNREGISTER_KV_CACHE, worker_a.instance) is True
-    assert kv_server.stats()["pinned_chunks"] == 2
-    assert worker_b.store(chunk_hashes(2, seed=43), 4) == [None, None]  # evicts model a's
-    assert worker_b.retrieve("rb", hashes_b, 40) == [None, None]
-    assert same_blocks(worker_b.layers, blocks(0, 2), blocks(40, 2))
-
-
-def test_a_retrieve_releases_its_requests_pin_for_that_rank_only(
+def test_end_session_release_pins_and_unregister_answer_over_the_wire_what_they_released(
     kv_server: KVServer, kv_cache: Callable[..., list[torch.Tensor]], opened: Keep
 ) -> None:
-    raw = opened(RawClient(kv_server.url))
-    rank0, rank1 = raw.register(0, kv_cache()), raw.register(1, kv_cache())
-    hashes = chunk_hashes(3, seed=40)
-    assert rank0.store(hashes, 0) == [None] * 3
-    assert rank1.store(hashes, 0) == [None] * 3
-    assert raw.lookup_count("r", hashes) == 3
-    assert kv_server.stats()["pinned_chunks"] == 6
+    # What each releases is test_state.py's to specify; here, the handlers' answers.
+    raw = opened(RawClient(kv_server.url, world_size=1))
+    stranger = opened(RawClient(kv_server.url, world_size=1))
+    worker = raw.register(0, kv_cache())
+    hashes = chunk_hashes(2, seed=30)
+    assert worker.store(hashes, 0) == [None, None]
+    assert raw.lookup_count("r", hashes) == 2
+    assert kv_server.stats()["pinned_chunks"] == 2
+    assert raw.end_session("r") == 2
+    assert raw.end_session("r") == 0  # already ended
+    stats = kv_server.stats()
+    assert (stats["pinned_chunks"], stats["sessions"]) == (0, 0)
+    assert raw.lookup_count("again", hashes) == 2
+    keys = KeyBatch.from_hashes(MODEL, 1, None, hashes[:1])
+    assert raw.call(kv.RELEASE_PINS, "again", keys) == 1
+    assert raw.call(kv.RELEASE_PINS, "again", keys) == 0
+    assert raw.end_session("again") == 1
 
-    assert rank0.retrieve("another-request", hashes, 20) == [None] * 3
-    assert kv_server.stats()["pinned_chunks"] == 6
-    assert rank0.retrieve("r", hashes, 20) == [None] * 3
-    assert kv_server.stats()["pinned_chunks"] == 3
-    assert rank1.retrieve("r", hashes, 20) == [None] * 3
-    assert kv_server.stats()["pinned_chunks"] == 0
-    assert same_blocks(rank1.layers, blocks(0, 3), blocks(20, 3))
+    assert stranger.call(kv.UNREGISTER_KV_CACHE, worker.instance) is False
+    assert raw.call(kv.UNREGISTER_KV_CACHE, worker.instance) is True
+    assert raw.call(kv.UNREGISTER_KV_CACHE, worker.instance) is False
+    assert kv_server.stats()["instances"] == 0
+    with pytest.raises(UnknownInstance):
+        worker.store(chunk_hashes(1, seed=31), 4)
 
 
 # ------------------------------------------------------------------ get_finished
@@ -1025,44 +525,6 @@ def test_a_lookup_of_chunks_evicted_to_disk_prefetches_them_as_a_job(
     assert kv_server.stats()["pinned_chunks"] == 0
 
 
-def test_a_prefetch_superseded_by_a_new_lookup_of_its_request_pins_nothing_for_it(
-    start_server: Callable[..., KVServer],
-    kv_cache: Callable[..., list[torch.Tensor]],
-    opened: Keep,
-    tmp_path: Path,
-) -> None:
-    kv_server = start_server(slots=4, disk_dir=tmp_path)
-    raw = opened(RawClient(kv_server.url, world_size=1))
-    second_connection = opened(RawClient(kv_server.url, world_size=1))
-    second_connection.client_id = raw.client_id  # the same client, over another connection
-    worker = raw.register(0, kv_cache())
-    a, b = chunk_hashes(2, 75), chunk_hashes(4, 76)
-    assert worker.store(a, 0) == [None, None]
-    kv_server.wait_stats("a on disk", tier_saves=2, pinned_chunks=0)
-    assert worker.store(b, 4) == [None] * 4  # a is on disk only now
-    kv_server.wait_stats("b on disk", tier_saves=6, pinned_chunks=0)
-
-    # Both lookups of request "r" wait in the server's queue, in this order: the second
-    # replaces the first (and its job) before the first's prefetch has loaded anything.
-    kv_server.stall()
-    try:
-        lookups = []
-        for connection, hashes in ((raw, a), (second_connection, b[2:])):
-            keys = KeyBatch.from_hashes(MODEL, 1, None, hashes)
-            lookups.append(connection.sync.submit(kv.LOOKUP, raw.client_id, "r", keys))
-            time.sleep(0.1)
-    finally:
-        kv_server.resume()
-    assert isinstance(lookups[0].result(WAIT), str)
-    assert lookups[1].result(WAIT) == 2
-    deadline = time.monotonic() + 1.0  # the superseded prefetch may still load a, or not
-    while kv_server.stats()["prefetched"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    stats = kv_server.stats()
-    assert (stats["sessions"], stats["pinned_chunks"]) == (1, 2)  # b[2:] only
-    assert raw.end_session("r") == 2
-
-
 def test_scheduler_adapter_waits_for_a_prefetch_and_counts_its_tokens(
     start_server: Callable[..., KVServer],
     kv_cache: Callable[..., list[torch.Tensor]],
@@ -1088,30 +550,81 @@ def test_scheduler_adapter_waits_for_a_prefetch_and_counts_its_tokens(
 # ------------------------------------------------------------------ bad input
 
 
-@dataclass
-class Baseline:
-    """A raw client with rank 0 registered and two chunks stored at block 0."""
+#: The tests' layout as its ext payload carries it (ext code 7: kvrpc.kv.layout's wire form).
+LAYOUT_WIRE: dict[str, Any] = {
+    "kind": "paged",
+    "num_layers": LAYERS,
+    "shape": list(LAYER_SHAPE),
+    "dtype": "float16",
+}
+LAYOUT_EXT = 7
+BAD_LAYOUTS: dict[str, tuple[bytes, str]] = {
+    "not-msgpack": (b"\xc1", "malformed KVLayout"),
+    "truncated": (msgpack.packb(LAYOUT_WIRE)[:-4], "malformed KVLayout"),
+    "not-a-dict": (msgpack.packb(list(LAYOUT_WIRE.values())), "exactly the keys"),
+    "extra-key": (msgpack.packb({**LAYOUT_WIRE, "num_blocks": NUM_BLOCKS}), "exactly the keys"),
+    "unknown-kind": (msgpack.packb({**LAYOUT_WIRE, "kind": "ragged"}), "unknown KV layout kind"),
+    "no-k-and-v": (
+        msgpack.packb({**LAYOUT_WIRE, "shape": [3, NUM_BLOCKS, BLOCK, 1, 8]}),
+        "holds K and V on dim 0, which must be 2",
+    ),
+    "dtype-alias": (msgpack.packb({**LAYOUT_WIRE, "dtype": "half"}), "is an alias"),
+}
 
-    server: KVServer
-    raw: RawClient
-    worker: RawWorker
 
-    def still_healthy(self) -> bool:
-        """The server answers pings, and the chunks stored first come back intact."""
-        return self.server.ping() == "pong" and self.worker.round_trips(
-            chunk_hashes(2, seed=80), stored_at=0, into=56
-        )
+def register_request(request_id: int, layout_payload: bytes) -> list[bytes]:
+    """A ``kv.register_kv_cache`` request as a peer frames it, with these layout ext bytes.
+
+    A registration model travels as its field dict (see kvrpc.codec); an honest client can
+    only send a layout that is well formed, so this one is packed by hand.
+    """
+    fields = {
+        "model_name": MODEL,
+        "world_size": WORLD,
+        "worker_id": 1,
+        "block_size": BLOCK,
+        "mode": "inline",
+        "layout": msgpack.ExtType(LAYOUT_EXT, layout_payload),
+        "tensors": [],
+        "cuda_tensors": [],
+    }
+    args = [secrets.token_bytes(16), fields]
+    name = kv.REGISTER_KV_CACHE.name
+    header = [WIRE_VERSION, int(MessageKind.REQUEST), request_id, name, args]
+    return [msgpack.packb(header, use_bin_type=True)]
 
 
-@pytest.fixture
-def baseline(
-    kv_server: KVServer, kv_cache: Callable[..., list[torch.Tensor]], opened: Keep
-) -> Baseline:
-    """A server already holding some chunks, to check it stays healthy after bad input."""
-    raw = opened(RawClient(kv_server.url))
-    worker = raw.register(0, kv_cache())
-    assert worker.store(chunk_hashes(2, seed=80), 0) == [None, None]
-    return Baseline(kv_server, raw, worker)
+@pytest.mark.parametrize(("payload", "says"), BAD_LAYOUTS.values(), ids=list(BAD_LAYOUTS.keys()))
+def test_a_malformed_layout_is_refused_at_the_servers_door_and_the_server_stays_healthy(
+    payload: bytes, says: str, baseline: Baseline
+) -> None:
+    async def exchange() -> list[Any]:
+        peer = connect_client(baseline.server.url, TransportOptions())
+        await peer.connect()
+        try:
+            replies = []
+            requests = (
+                register_request(7, payload),
+                encode_request(8, "rpc.ping", []),  # the same connection still serves
+                register_request(9, msgpack.packb(LAYOUT_WIRE)),  # and so does the same frame
+            )
+            for frames in requests:
+                await peer.send(frames)
+                async with asyncio.timeout(WAIT):
+                    replies.append(decode(await peer.recv()))
+            return replies
+        finally:
+            await peer.close()
+
+    refused, pong, registered = asyncio.run(exchange())
+
+    assert (refused.kind, refused.request_id) == (MessageKind.ERROR, 7)
+    error_type, message = refused.payload
+    assert error_type == "ProtocolError" and says in message
+    assert (pong.kind, pong.payload) == (MessageKind.RESPONSE, "pong")
+    assert registered.kind is MessageKind.RESPONSE and isinstance(registered.payload, int)
+    assert baseline.server.stats()["instances"] == 2  # the baseline's and the good one's
+    assert baseline.still_healthy()
 
 
 def test_block_ids_out_of_range_refuse_only_their_keys(baseline: Baseline) -> None:
