@@ -71,7 +71,9 @@ class GpuCopies:
         devices = {w.device_uuid for w in wrappers}
         if len(devices) != 1:
             raise KVConfigError("a worker's KV layers must all be on one GPU")
-        device = device_by_uuid(devices.pop())
+        # In a thread: the first call reads every GPU's properties, which starts CUDA in this
+        # process (a long call that would stall the loop).
+        device = await asyncio.to_thread(device_by_uuid, devices.pop())
         assert device.index is not None
         engine = self.engines.get(device.index)
         if engine is None:
