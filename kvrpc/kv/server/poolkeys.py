@@ -71,7 +71,7 @@ def chunk_hashes(hashes: bytes) -> list[bytes]:
 
 def pool_keys(hashes: bytes, suffix: bytes) -> list[bytes]:
     """The pool keys of a batch's hashes for one rank (``suffix``: :func:`worker_suffix`)."""
-    return [hashes[i : i + HASH_SIZE] + suffix for i in range(0, len(hashes), HASH_SIZE)]
+    return [chunk_hash + suffix for chunk_hash in chunk_hashes(hashes)]
 
 
 def worker_of(key: bytes) -> int:

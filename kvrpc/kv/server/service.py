@@ -324,16 +324,11 @@ class KVService:
         Either way the reply comes only when no byte can be written any more.
         """
         started = time.perf_counter()
-        plan, cache, expires = self._admit_cuda_retrieve(
-            client_id, instance_id, request_ids, keys, block_ids, deadline
+        plan, _, error, result = await self._cuda_retrieve(
+            client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=False
         )
         if not plan.found:
             return CudaCopyReply(errors=plan.results)
-        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
-        late = functools.partial(self.state.abandon_retrieve, plan)
-        error, result = await self.gpu.copy(
-            cache, cache.engine.submit_retrieve, transfer, ready, expires, late, wait=True
-        )
         self.state.settle_retrieve(plan, error)
         self.gpu.last_handler_seconds = time.perf_counter() - started
         return CudaCopyReply(errors=plan.results, cuda_event=None if error else result[1])
@@ -354,17 +349,11 @@ class KVService:
         pins held, until the whole copy has completed (settled in the background).
         """
         started = time.perf_counter()
-        plan, cache, expires = self._admit_cuda_retrieve(
-            client_id, instance_id, request_ids, keys, block_ids, deadline
+        plan, cache, error, result = await self._cuda_retrieve(
+            client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=True
         )
         if not plan.found:
             return LayerCopyReply(errors=plan.results)
-        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
-        late = functools.partial(self.state.abandon_retrieve, plan)
-        engine = cache.engine
-        error, result = await self.gpu.copy(
-            cache, engine.submit_retrieve_layers, transfer, ready, expires, late, wait=False
-        )
         if error is not None:
             self.state.settle_retrieve(plan, error)
             return LayerCopyReply(errors=plan.results)
@@ -373,24 +362,42 @@ class KVService:
         # once the copy completed must not change what was already answered.
         answered = list(plan.results)
         settle = functools.partial(self.state.settle_retrieve, plan)
-        self._start(self.gpu.settle_after, engine, done, handle, settle)
+        self._start(self.gpu.settle_after, cache.engine, done, handle, settle)
         self.gpu.last_handler_seconds = time.perf_counter() - started
         return LayerCopyReply(errors=answered, layer_events=layer_events)
 
-    def _admit_cuda_retrieve(
+    async def _cuda_retrieve(
         self,
         client_id: bytes,
         instance_id: int,
         request_ids: list[str],
         keys: KeyBatch,
         block_ids: torch.Tensor,
+        ready: CudaEventHandle,
         deadline: float | None,
-    ) -> tuple[RetrievePlan, CudaCache, float | None]:
-        """A ``cuda_ipc`` retrieve's door; its deadline counts from here."""
+        *,
+        layers: bool,
+    ) -> tuple[RetrievePlan, CudaCache, str | None, Any]:
+        """A ``cuda_ipc`` retrieve up to its settle: (plan, cache, None or why not, result).
+
+        The deadline counts from here. Nothing is copied when the plan found nothing; a
+        layer-wise copy is awaited until enqueued, a whole one until completed.
+        """
         now = time.monotonic()
         instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
         plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
-        return plan, self.mappings.cuda(instance), None if deadline is None else now + deadline
+        cache = self.mappings.cuda(instance)
+        if not plan.found:
+            return plan, cache, None, None
+        expires = None if deadline is None else now + deadline
+        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
+        late = functools.partial(self.state.abandon_retrieve, plan)
+        engine = cache.engine
+        submit = engine.submit_retrieve_layers if layers else engine.submit_retrieve
+        error, result = await self.gpu.copy(
+            cache, submit, transfer, ready, expires, late, wait=not layers
+        )
+        return plan, cache, error, result
 
     # ------------------------------------------------------------------ lookup / sessions
 
