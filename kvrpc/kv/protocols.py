@@ -103,10 +103,12 @@ class RetrieveReply(BaseModel):
 class CudaCopyReply(BaseModel):
     """Per-key outcome of a ``cuda_ipc`` store or retrieve, and the copy's completion event.
 
-    ``errors[i]`` is None when key ``i`` was copied. ``cuda_event`` (None when nothing was
-    copied) was recorded on the server's copy stream after the batch; the server replies
-    once it has completed, so a worker may wait on it (``CUDAMessagingFuture``) without
-    risk of waiting on a server that died mid-copy.
+    ``errors[i]`` is None when key ``i`` is copied. The server replies once the copy is
+    enqueued: ``cuda_event`` (None when nothing is copied) is recorded on its copy stream
+    after the batch and completes when the whole batch has been copied. A worker polls it
+    (:func:`~kvrpc.cuda.poll_event`, or ``CUDAMessagingFuture.wait`` with a timeout) and
+    never makes a stream wait on it, nor blocks on it without a timeout: the server could
+    die mid-copy, and then the event would never complete.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -166,7 +168,8 @@ STORE_CUDA = ProtocolDefinition(
     CudaCopyReply,
     doc=(
         "Store chunks from a cuda_ipc worker's GPU blocks: (client, instance, keys, block ids "
-        "[n, blocks_per_chunk], the worker's event after which the blocks hold the KV)."
+        "[n, blocks_per_chunk], the worker's event after which the blocks hold the KV). "
+        "Answered once the copy is enqueued; the reply's event completes when it is done."
     ),
 )
 RETRIEVE_CUDA = ProtocolDefinition(
@@ -176,8 +179,9 @@ RETRIEVE_CUDA = ProtocolDefinition(
     doc=(
         "Retrieve chunks into a cuda_ipc worker's GPU blocks: (client, instance, request id "
         "per key, keys, block ids, the worker's event after which the blocks may be written, "
-        "deadline in seconds or None). Past the deadline a copy that has not started is "
-        "not started: the reply says so only when no byte can be written any more."
+        "deadline in seconds or None). Answered once the copy is enqueued; the reply's "
+        "event completes when it is done. Past the deadline a copy that has not started is "
+        "not started, and the reply says so (with no event: no byte is written)."
     ),
 )
 RETRIEVE_CUDA_LAYERS = ProtocolDefinition(

@@ -1,15 +1,21 @@
 """What a worker does with its calls' replies: count them, write retrieved bytes, settle.
 
 A reply arrives on the :class:`~kvrpc.client.SyncClient`'s event-loop thread, which also
-carries the adapter's other replies and its keepalives, so nothing slow may run there. A
-retrieve's completion work (writing an inline reply's bytes into the KV tensors, waiting on
-the server's CUDA events) runs on the adapter's own completion threads: the loop thread
-only hands the reply over. A store's reply needs only counting, done where it arrives.
+carries the adapter's other replies and its keepalives, so nothing slow may run there:
+
+* a ``cuda_ipc`` reply comes once the server's copy is enqueued and carries the event
+  recorded after it; the request settles when that event completes, which the adapter's
+  :class:`~kvrpc.kv.client.watcher.EventWatcher` polls for on its own thread;
+* an inline retrieve's bytes are written into the KV tensors on the adapter's completion
+  threads;
+* any other reply (shm, or a CUDA one that copied nothing) needs only counting, done where
+  it arrives or on those threads.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -17,11 +23,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kvrpc.cuda import poll_event
 from kvrpc.errors import UnknownInstance
 from kvrpc.futures import MessagingFuture
 from kvrpc.kv.client.ledger import RequestLedger
 from kvrpc.kv.client.progress import RetrieveProgress
+from kvrpc.kv.client.watcher import EventWatcher
 from kvrpc.kv.layout import KVLayout, scatter_chunks
 from kvrpc.kv.protocols import CudaCopyReply, LayerCopyReply, RetrieveReply
 
@@ -29,8 +35,7 @@ __all__ = ["Completions", "InlineTarget"]
 
 logger = logging.getLogger("kvrpc.kv")
 
-#: Threads settling one worker's retrieves: two, so that one layer-wise retrieve polling its
-#: last event does not hold up the next one's completion.
+#: Threads writing one worker's inline retrieves into its KV tensors.
 _COMPLETION_THREADS = 2
 
 
@@ -46,17 +51,23 @@ class Completions:
 
     ``forgotten`` is called when the server no longer knows the worker's KV cache, so that
     the next submit registers it again; ``timeout`` bounds each wait for a server's event.
-    Owns its completion threads (started on first use): :meth:`shutdown` ends them.
+    Owns its completion threads and its event watcher (``events``, by default one for CUDA
+    events; each started on first use): :meth:`shutdown` ends them.
     """
 
     def __init__(
-        self, ledger: RequestLedger, timeout: float, forgotten: Callable[[], None]
+        self,
+        ledger: RequestLedger,
+        timeout: float,
+        forgotten: Callable[[], None],
+        events: EventWatcher | None = None,
     ) -> None:
         self._ledger = ledger
         self._timeout = timeout
         self._forgotten = forgotten
         self._lock = threading.Lock()
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._events = EventWatcher() if events is None else events
         self._closed = False
 
     # ------------------------------------------------------------------ stores
@@ -66,20 +77,37 @@ class Completions:
     ) -> None:
         """Count a store's outcome (None: it was never sent) and settle its requests.
 
-        Runs where the reply arrives, the loop thread included: it only counts (no copy, no
-        wait), and queued behind retrieve work it would hold up ``wait_for_stores``, which
-        an engine calls before it reuses blocks.
+        Runs where the reply arrives, the loop thread included, and does no wait there: a
+        ``cuda_ipc`` store settles once the server's event completes (the engine may reuse
+        the blocks only then), which the watcher notices; any other store settles at once.
         """
+        reply = None if future is None else self._note_outcome("store", future)
+        if isinstance(reply, CudaCopyReply) and reply.cuda_event is not None:
+            settle = functools.partial(self._store_copied, request_ids, reply.errors, chunks)
+            self._events.watch(reply.cuda_event, self._timeout, settle)
+            return
         if future is not None:
-            reply = self._note_outcome("store", future)
-            errors = reply.errors if isinstance(reply, CudaCopyReply) else reply
-            if isinstance(errors, list):
-                # "already stored" is not a loss: the chunk is there.
-                stored = sum(1 for e in errors if e is None or e == "already stored")
-                self._ledger.count(stores=stored, stores_dropped=len(errors) - stored)
-            else:  # the call failed: none of its chunks was stored
-                self._ledger.count(stores_dropped=chunks)
+            self._count_store(reply.errors if isinstance(reply, CudaCopyReply) else reply, chunks)
         self._ledger.stores_settled(request_ids)
+
+    def _store_copied(
+        self, request_ids: Sequence[str], errors: list[str | None], chunks: int, ok: bool
+    ) -> None:
+        if not ok:
+            logger.warning(
+                "a store's copy did not complete within %g s; its chunks count as dropped",
+                self._timeout,
+            )
+        self._count_store(errors if ok else None, chunks)
+        self._ledger.stores_settled(request_ids)
+
+    def _count_store(self, errors: object, chunks: int) -> None:
+        if isinstance(errors, list):
+            # "already stored" is not a loss: the chunk is there.
+            stored = sum(1 for e in errors if e is None or e == "already stored")
+            self._ledger.count(stores=stored, stores_dropped=len(errors) - stored)
+        else:  # the call failed: none of its chunks was stored
+            self._ledger.count(stores_dropped=chunks)
 
     # ------------------------------------------------------------------ retrieves
 
@@ -92,11 +120,22 @@ class Completions:
         progress: RetrieveProgress,
         inline: InlineTarget | None,
     ) -> None:
-        """A retrieve's reply arrived (or its call failed): settle it on a completion thread.
+        """A retrieve's reply arrived (or its call failed): settle it once its copy is done.
 
-        Called from the future's done-callback, on the client's loop thread: it only hands
-        the work over, so that the loop stays free for this worker's other replies.
+        Called from the future's done-callback, on the client's loop thread: a ``cuda_ipc``
+        reply goes to the event watcher, anything else to a completion thread, so that the
+        loop stays free for this worker's other replies.
         """
+        reply = future.result() if future.exception() is None else None
+        if isinstance(reply, LayerCopyReply):
+            self._layers_answered(request_ids, owners, rows, future, progress, reply)
+            return
+        if isinstance(reply, CudaCopyReply) and reply.cuda_event is not None:
+            settle = functools.partial(
+                self._retrieve_copied, request_ids, owners, rows, future, progress
+            )
+            self._events.watch(reply.cuda_event, self._timeout, settle)
+            return
         work = (request_ids, owners, rows, future, progress, inline)
         with self._lock:
             if not self._closed:
@@ -120,44 +159,50 @@ class Completions:
         inline: InlineTarget | None,
     ) -> None:
         try:
-            if future.exception() is None and isinstance(future.result(), LayerCopyReply):
-                self._layers_done(request_ids, owners, rows, future, progress)
-            else:
-                self.retrieve_settled(request_ids, owners, rows, future, progress, inline)
+            self.retrieve_settled(request_ids, owners, rows, future, progress, inline)
         except Exception:
             # A bug here must not leave the engine waiting forever for this retrieve.
             logger.exception("settling a retrieve failed; its blocks will be recomputed")
             if not progress.done():
                 self.retrieve_settled(request_ids, owners, rows, None, progress)
 
-    def _layers_done(
+    def _layers_answered(
         self,
         request_ids: Sequence[str],
         owners: list[str],
         rows: torch.Tensor,
         future: MessagingFuture[Any],
         progress: RetrieveProgress,
+        reply: LayerCopyReply,
     ) -> None:
-        """Open a layer-wise reply's events, then settle once the last one completed."""
-        reply = future.result()
+        """Hand a layer-wise reply's events to the progress; settle once the last completed."""
         handles = reply.layer_events
         # A key that failed at the door (evicted since the lookup, say) leaves its blocks
         # unwritten: no layer of this retrieve is complete, whatever the events say.
         progress._answer(handles, all(error is None for error in reply.errors))
-        try:
-            last = handles[-1].open() if handles else None
-        except Exception as exc:
-            logger.warning("cannot open the server's layer events: %s", exc)
-            self.retrieve_settled(request_ids, owners, rows, None, progress)
+        if not handles:
+            self.retrieve_settled(request_ids, owners, rows, future, progress)
             return
-        if last is not None and not poll_event(last, self._timeout):
+        settle = functools.partial(
+            self._retrieve_copied, request_ids, owners, rows, future, progress
+        )
+        self._events.watch(handles[-1], self._timeout, settle)
+
+    def _retrieve_copied(
+        self,
+        request_ids: Sequence[str],
+        owners: list[str],
+        rows: torch.Tensor,
+        future: MessagingFuture[Any],
+        progress: RetrieveProgress,
+        ok: bool,
+    ) -> None:
+        if not ok:
             logger.warning(
-                "a layer-wise retrieve did not complete within %g s; its blocks will be recomputed",
+                "a retrieve's copy did not complete within %g s; its blocks will be recomputed",
                 self._timeout,
             )
-            self.retrieve_settled(request_ids, owners, rows, None, progress)
-            return
-        self.retrieve_settled(request_ids, owners, rows, future, progress)
+        self.retrieve_settled(request_ids, owners, rows, future if ok else None, progress)
 
     def retrieve_settled(
         self,
@@ -171,20 +216,12 @@ class Completions:
         """Count a retrieve's outcome (None: no usable reply) and settle its requests.
 
         A chunk the reply does not report as moved, or every chunk when there is no reply or
-        writing an inline reply's bytes fails, leaves its blocks as load errors.
+        writing an inline reply's bytes fails, leaves its blocks as load errors. A
+        ``cuda_ipc`` reply's event has completed by now (see :meth:`retrieve_answered`).
         """
         failed: list[int] = []
         if future is not None:
             reply = self._note_outcome("retrieve", future)
-            if isinstance(reply, CudaCopyReply) and not future.to_cuda_future().wait(self._timeout):
-                # The server replies once its copy completed, so the event it sends has
-                # completed and this returns at once; waiting on it keeps the CUDA future's
-                # contract. Bounded, polled on this thread: a peer's event may never complete.
-                logger.warning(
-                    "a retrieve's copy did not complete within %g s; its blocks will be recomputed",
-                    self._timeout,
-                )
-                reply = None
             errors = (
                 reply.errors
                 if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
@@ -232,10 +269,12 @@ class Completions:
         """Finish the completion work handed over so far and end the completion threads.
 
         Call once no reply can arrive (the client closed); work handed over later runs on
-        the caller's thread.
+        the caller's thread. Copies still pending get up to ``timeout`` seconds to complete;
+        past it their requests settle as failed.
         """
         with self._lock:
             self._closed = True
             threads, self._threads = self._threads, None
         if threads is not None:
             threads.shutdown(wait=True)
+        self._events.close(self._timeout)

@@ -244,7 +244,9 @@ class KVService:
     ) -> CudaCopyReply:
         """``kv.store_cuda``: the GPU copy engine gathers the blocks into pinned pool slots.
 
-        Replies once the copy has completed, with the event the engine recorded after it.
+        Replies once the copy is enqueued, with the event the engine records after it: the
+        worker may reuse the blocks once that event completed. The chunks become visible to
+        lookups when the copy has completed (all of them at once, settled in the background).
         """
         started = time.perf_counter()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "cuda_ipc")
@@ -256,12 +258,31 @@ class KVService:
         cache = self.mappings.cuda(instance)
         transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.reserved, None)
         late = functools.partial(self.state.abandon_store, plan)
-        error, result = await self.gpu.copy(
-            cache, cache.engine.submit_store, transfer, ready, None, late, wait=True
-        )
-        self._settle_store(plan, error)
+        error, result = await self.gpu.copy(cache, cache.engine.submit_store, transfer, ready, late)
+        if error is not None:
+            self._settle_store(plan, error)
+            return CudaCopyReply(errors=plan.results)
+        settle = functools.partial(self._settle_store, plan)
+        answered = self._settle_later(cache, plan, settle, result, started)
+        return CudaCopyReply(errors=answered, cuda_event=result[1])
+
+    def _settle_later(
+        self,
+        cache: CudaCache,
+        plan: StorePlan | RetrievePlan,
+        settle: Callable[[str | None], None],
+        enqueued: tuple[Any, ...],
+        started: float,
+    ) -> list[str | None]:
+        """What to answer for an enqueued copy now; ``settle`` runs once it has completed.
+
+        The reply goes with the plan's results as they are, so the settle that follows must
+        not change what was already answered: they are copied here.
+        """
+        done, handle = enqueued[0], enqueued[1]
+        self._start(self.gpu.settle_after, cache.engine, done, handle, settle)
         self.gpu.last_handler_seconds = time.perf_counter() - started
-        return CudaCopyReply(errors=plan.results, cuda_event=None if error else result[1])
+        return list(plan.results)
 
     async def _admit_store(
         self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor
@@ -319,19 +340,24 @@ class KVService:
     ) -> CudaCopyReply:
         """``kv.retrieve_cuda``: the GPU copy engine writes the chunks into the blocks.
 
-        With a ``deadline`` (seconds from now), a copy that has not started by then never
-        starts, and the keys fail with a reason; one that started finishes and succeeds.
-        Either way the reply comes only when no byte can be written any more.
+        Replies once the copy is enqueued, with the event the engine records after it: the
+        blocks hold the chunks once that event completed. The slots stay pinned, and the
+        sessions' pins held, until then (settled in the background). With a ``deadline``
+        (seconds from now), a copy that has not started by then never starts, and the keys
+        fail with a reason (the reply then carries no event, and no byte was written).
         """
         started = time.perf_counter()
-        plan, _, error, result = await self._cuda_retrieve(
+        plan, cache, error, result = await self._cuda_retrieve(
             client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=False
         )
         if not plan.found:
             return CudaCopyReply(errors=plan.results)
-        self.state.settle_retrieve(plan, error)
-        self.gpu.last_handler_seconds = time.perf_counter() - started
-        return CudaCopyReply(errors=plan.results, cuda_event=None if error else result[1])
+        if error is not None:
+            self.state.settle_retrieve(plan, error)
+            return CudaCopyReply(errors=plan.results)
+        settle = functools.partial(self.state.settle_retrieve, plan)
+        answered = self._settle_later(cache, plan, settle, result, started)
+        return CudaCopyReply(errors=answered, cuda_event=result[1])
 
     async def retrieve_cuda_layers(
         self,
@@ -357,14 +383,9 @@ class KVService:
         if error is not None:
             self.state.settle_retrieve(plan, error)
             return LayerCopyReply(errors=plan.results)
-        done, handle, layer_events = result
-        # The reply goes now with the plan's results as they are; the settle that follows
-        # once the copy completed must not change what was already answered.
-        answered = list(plan.results)
         settle = functools.partial(self.state.settle_retrieve, plan)
-        self._start(self.gpu.settle_after, cache.engine, done, handle, settle)
-        self.gpu.last_handler_seconds = time.perf_counter() - started
-        return LayerCopyReply(errors=answered, layer_events=layer_events)
+        answered = self._settle_later(cache, plan, settle, result, started)
+        return LayerCopyReply(errors=answered, layer_events=result[2])
 
     async def _cuda_retrieve(
         self,
@@ -381,7 +402,7 @@ class KVService:
         """A ``cuda_ipc`` retrieve up to its settle: (plan, cache, None or why not, result).
 
         The deadline counts from here. Nothing is copied when the plan found nothing; a
-        layer-wise copy is awaited until enqueued, a whole one until completed.
+        copy is awaited until enqueued.
         """
         now = time.monotonic()
         instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
@@ -394,9 +415,7 @@ class KVService:
         late = functools.partial(self.state.abandon_retrieve, plan)
         engine = cache.engine
         submit = engine.submit_retrieve_layers if layers else engine.submit_retrieve
-        error, result = await self.gpu.copy(
-            cache, submit, transfer, ready, expires, late, wait=not layers
-        )
+        error, result = await self.gpu.copy(cache, submit, transfer, ready, late, expires)
         return plan, cache, error, result
 
     # ------------------------------------------------------------------ lookup / sessions
