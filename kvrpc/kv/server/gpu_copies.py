@@ -62,18 +62,13 @@ class GpuCopies:
 
     async def open(self, wrappers: list[CudaIPCWrapper], layout: KVLayout) -> CudaCache:
         """Map a worker's layers in its GPU's engine thread (the engine made on first use)."""
-        if not torch.cuda.is_available():
-            raise CudaUnavailable(
-                "this KV server has no CUDA (a CPU build of torch, or no visible GPU), so it "
-                "cannot map cuda_ipc KV caches; run it on the workers' host with their GPUs, "
-                "or register CPU tensors"
-            )
         devices = {w.device_uuid for w in wrappers}
         if len(devices) != 1:
             raise KVConfigError("a worker's KV layers must all be on one GPU")
-        # In a thread: the first call reads every GPU's properties, which starts CUDA in this
-        # process (a long call that would stall the loop).
-        device = await asyncio.to_thread(device_by_uuid, devices.pop())
+        # In a thread: the first CUDA call of the process (finding the GPUs, reading their
+        # properties) starts CUDA, which takes a few hundred milliseconds with the GIL held
+        # at times; on the loop it would stall every client.
+        device = await asyncio.to_thread(_device_of, devices.pop())
         assert device.index is not None
         engine = self.engines.get(device.index)
         if engine is None:
@@ -107,17 +102,15 @@ class GpuCopies:
         submit: Callable[[Transfer], concurrent.futures.Future[Any]],
         transfer: Callable[[Any], Transfer],
         ready_handle: CudaEventHandle,
-        deadline: float | None,
         on_late_finish: Callable[[], None],
-        *,
-        wait: bool,
+        deadline: float | None = None,
     ) -> tuple[str | None, Any]:
-        """Wait for the worker's event, enqueue ``transfer(ready)`` with ``submit``, and wait.
+        """Wait for the worker's event, then enqueue ``transfer(ready)`` with ``submit``.
 
-        Returns (None, the engine's result) once the copy has completed (or, with ``wait``
-        False, once it is enqueued), or (why not, None) once it is certain never to run. If
-        the handler is cancelled, ``on_late_finish`` runs on the loop once no copy can touch
-        the slots any more.
+        Returns (None, the engine's result: its completion event first) once the copy is
+        enqueued, or (why not, None) once it is certain never to run; the caller settles
+        the copy once it has completed (:meth:`settle_after`). If the handler is cancelled,
+        ``on_late_finish`` runs on the loop once no copy can touch the slots any more.
         """
         error, ready = await self._worker_ready(cache, ready_handle, deadline, on_late_finish)
         if error is not None:
@@ -126,8 +119,6 @@ class GpuCopies:
         enqueued = submit(transfer(ready))
         try:
             result = await asyncio.wrap_future(enqueued)
-            if wait:
-                await asyncio.wrap_future(engine.wait(result[0], result[1]))
         except asyncio.CancelledError:
             _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
             raise
@@ -223,6 +214,16 @@ class GpuCopies:
         engines, self.engines = list(self.engines.values()), {}
         for engine in engines:
             await asyncio.to_thread(engine.close)
+
+
+def _device_of(uuid: str) -> torch.device:
+    if not torch.cuda.is_available():
+        raise CudaUnavailable(
+            "this KV server has no CUDA (a CPU build of torch, or no visible GPU), so it "
+            "cannot map cuda_ipc KV caches; run it on the workers' host with their GPUs, "
+            "or register CPU tensors"
+        )
+    return device_by_uuid(uuid)
 
 
 def _open_and_poll(

@@ -140,12 +140,7 @@ class Mappings:
             self._pool_ready = asyncio.get_running_loop().create_future()
             try:
                 pool = await self.cpu.call(
-                    functools.partial(
-                        ChunkPool,
-                        self.cpu_buffer_bytes,
-                        chunk_nbytes,
-                        pin_memory=torch.cuda.is_available(),
-                    )
+                    functools.partial(_new_pool, self.cpu_buffer_bytes, chunk_nbytes)
                 )
             except BaseException as exc:
                 ready, self._pool_ready = self._pool_ready, None
@@ -160,3 +155,8 @@ class Mappings:
         pool = self.state.pool
         assert pool is not None  # an instance exists, so the pool does
         return pool
+
+
+def _new_pool(capacity: int, chunk_nbytes: int) -> ChunkPool:
+    # Off the loop: the first torch.cuda.is_available() of a process starts CUDA's driver.
+    return ChunkPool(capacity, chunk_nbytes, pin_memory=torch.cuda.is_available())
