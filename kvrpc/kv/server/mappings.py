@@ -58,7 +58,7 @@ class Mappings:
         mapped: Mapped = []
         try:
             if spec.mode == "cuda_ipc":
-                mapped = await self.gpu.open(spec.cuda_tensors, spec.layout)
+                mapped = await self.gpu.open(spec.cuda_tensors, spec.layout, spec.ready_events)
             elif spec.mode == "shm":
                 mapped = await self.cpu.open_shared(spec.tensors, spec.layout, owner)
             recheck()
@@ -107,7 +107,7 @@ class Mappings:
     ) -> Transfer:
         """The copy engine's job for ``pairs`` (key index, slot), after the worker's event."""
         pool = self._pool()
-        rows = block_ids[[i for i, _ in pairs]]
+        rows = _rows_of(block_ids, [i for i, _ in pairs])
         slots = [slot for _, slot in pairs]
         return Transfer(
             cache.layers, cache.layout, rows, pool.buffer, slots, pool.slot_nbytes, ready, deadline
@@ -130,7 +130,7 @@ class Mappings:
         mapped = self._mapped[instance.id]
         assert isinstance(mapped, list)
         layers = [mapping.tensor for mapping in mapped]
-        rows = block_ids[[i for i, _ in pairs]]
+        rows = _rows_of(block_ids, [i for i, _ in pairs])
         per_chunk = instance.blocks_per_chunk
         return self.cpu.by_layers(fn, layers, instance.layout, per_chunk, rows, slots)
 
@@ -160,3 +160,10 @@ class Mappings:
 def _new_pool(capacity: int, chunk_nbytes: int) -> ChunkPool:
     # Off the loop: the first torch.cuda.is_available() of a process starts CUDA's driver.
     return ChunkPool(capacity, chunk_nbytes, pin_memory=torch.cuda.is_available())
+
+
+def _rows_of(block_ids: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """The rows of ``block_ids`` at ``indices``; the tensor itself when that is every row."""
+    if len(indices) == len(block_ids) and indices == list(range(len(indices))):
+        return block_ids  # the common batch, every key copied: no gather, no new tensor
+    return block_ids[indices]
