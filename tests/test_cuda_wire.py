@@ -253,7 +253,7 @@ def test_a_cuda_copy_reply_with_its_event_survives_the_wire() -> None:
     assert type(validated.cuda_event) is CudaEventHandle
 
 
-def test_a_cuda_ipc_registration_survives_the_wire() -> None:
+def test_a_cuda_ipc_registration_survives_the_wire_with_its_ready_events() -> None:
     spec = KVCacheRegistration(
         model_name="model",
         world_size=1,
@@ -262,12 +262,14 @@ def test_a_cuda_ipc_registration_survives_the_wire() -> None:
         mode="cuda_ipc",
         layout=KVLayout(LayoutKind.PAGED, 2, (2, 64, 16, 8, 128), "bfloat16"),
         cuda_tensors=[wrapper(), wrapper(handle=b"\x44" * 66)],
+        ready_events=[CudaEventHandle(UUID, HANDLE), CudaEventHandle(UUID, bytes(64))],
     )
     args = (b"client-id-123456", spec)
     message = decode(on_the_wire(encode_request(2, kv.REGISTER_KV_CACHE.name, args)))
     validated = kv.REGISTER_KV_CACHE.validate_payload(message.payload)
     assert validated[1] == spec
     assert all(type(w) is CudaIPCWrapper for w in validated[1].cuda_tensors)
+    assert validated[1].ready_events == spec.ready_events
 
 
 # ------------------------------------------------------------------ without a GPU

@@ -70,8 +70,10 @@ class KVCacheRegistration(BaseModel):
 
     ``tensors`` holds one :class:`~kvrpc.kv.shm.SharedTensorRef` per layer for the ``shm``
     mode; ``cuda_tensors`` one :class:`~kvrpc.kv.cuda_ipc.CudaIPCWrapper` per layer for
-    ``cuda_ipc``. The layout and the refs are wire types of their own, checked while the
-    payload decodes, so a handler never parses them.
+    ``cuda_ipc``, and ``ready_events`` the interprocess events the worker will record first
+    for the server to wait on (``cuda_ipc`` only; ignored otherwise), which the server opens
+    while it registers rather than in the first copies. The layout and the refs are wire
+    types of their own, checked while the payload decodes, so a handler never parses them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -84,6 +86,7 @@ class KVCacheRegistration(BaseModel):
     layout: KVLayout
     tensors: list[SharedTensorRef] = []
     cuda_tensors: list[CudaIPCWrapper] = []
+    ready_events: list[CudaEventHandle] = []
 
 
 class RetrieveReply(BaseModel):

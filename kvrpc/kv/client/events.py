@@ -31,13 +31,20 @@ class EventRing:
 
     An event goes back to the ring when its call's reply arrives: by then the server has
     seen it complete, so recording it again cannot change what that call waited for.
+    ``made`` events are made at once (more as needed): their handles go with the
+    registration, so that the server opens them then, not in the worker's first copies.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, made: int = 0) -> None:
         self.device = device
-        self._free: list[Ready] = []
+        self._free: list[Ready] = [Ready(*new_ipc_event(device)) for _ in range(made)]
         self._lock = threading.Lock()
         self._side: Any = None
+
+    def handles(self) -> list[CudaEventHandle]:
+        """The handles of the events the ring holds now, next to be taken last."""
+        with self._lock:
+            return [ready.handle for ready in self._free]
 
     def record_after(self, after: Any) -> Ready:
         """Take an event and record it after ``after`` (an event), or on the current stream."""

@@ -38,6 +38,9 @@ logger = logging.getLogger("kvrpc.kv")
 
 #: Seconds between attempts to register a KV cache again with a server that forgot it.
 _REREGISTER_INTERVAL = 1.0
+#: Ready events a cuda_ipc worker makes at registration, for the server to open then: a
+#: store and a retrieve in flight at once each hold one.
+_READY_EVENTS = 2
 
 
 class WorkerAdapter:
@@ -128,6 +131,7 @@ class WorkerAdapter:
         mode = _mode_for(layers[0].device, self.transfer_mode)
         tensors = [shared_ref(t) for t in layers] if mode == "shm" else []
         wrappers = [CudaIPCWrapper.from_tensor(t) for t in layers] if mode == "cuda_ipc" else []
+        events = EventRing(layers[0].device, _READY_EVENTS) if mode == "cuda_ipc" else None
         registration = KVCacheRegistration(
             model_name=self.model_name,
             world_size=self.world_size,
@@ -137,8 +141,8 @@ class WorkerAdapter:
             layout=layout,
             tensors=tensors,
             cuda_tensors=wrappers,
+            ready_events=[] if events is None else events.handles(),
         )
-        events = EventRing(layers[0].device) if mode == "cuda_ipc" else None
         instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
         with self._lock:
             self._layers, self._layout, self._mode = layers, layout, mode

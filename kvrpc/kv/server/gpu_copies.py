@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from kvrpc.cuda import CudaEventHandle, device_by_uuid, forget_events, opened_event, poll_event
+from kvrpc.cuda import (
+    CudaEventHandle,
+    device_by_uuid,
+    device_uuid,
+    forget_events,
+    opened_event,
+    poll_event,
+)
 from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout
@@ -60,8 +67,28 @@ class GpuCopies:
         #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply.
         self.last_handler_seconds = 0.0
 
-    async def open(self, wrappers: list[CudaIPCWrapper], layout: KVLayout) -> CudaCache:
-        """Map a worker's layers in its GPU's engine thread (the engine made on first use)."""
+    async def start_cuda(self) -> int:
+        """Start CUDA and every visible GPU's context now, in a thread; returns the GPU count.
+
+        For a server about to listen, before any client is there to wait: a process's first
+        CUDA calls hold the GIL for a long while (a context's creation, ~130 ms on the lent
+        H200), which at a worker's first registration stalled the event loop for every
+        client. Does nothing (returns 0) where there is no CUDA.
+        """
+        return await asyncio.to_thread(_start_cuda)
+
+    async def open(
+        self,
+        wrappers: list[CudaIPCWrapper],
+        layout: KVLayout,
+        ready_events: list[CudaEventHandle],
+    ) -> CudaCache:
+        """Map a worker's layers in its GPU's engine thread (the engine made on first use).
+
+        The worker's ``ready_events`` are opened there too: opening an interprocess event
+        holds the GIL for up to milliseconds, which the first copies would otherwise pay,
+        stalling the loop.
+        """
         devices = {w.device_uuid for w in wrappers}
         if len(devices) != 1:
             raise KVConfigError("a worker's KV layers must all be on one GPU")
@@ -74,8 +101,9 @@ class GpuCopies:
         if engine is None:
             engine = CopyEngine(device, group_bytes=self.group_bytes)
             self.engines[device.index] = engine
-        opened = engine.executor.submit(_open_cuda_all, wrappers, layout)
-        return CudaCache(engine, await asyncio.wrap_future(opened), layout)
+        opened = engine.executor.submit(_open_cuda_all, wrappers, layout, ready_events)
+        layers = await asyncio.wrap_future(opened)
+        return CudaCache(engine, layers, layout, set(ready_events))
 
     async def warm(self, cache: CudaCache, blocks_per_chunk: int, pool: ChunkPool) -> None:
         """Pay the first copy's one-time costs now, at registration, in the engine thread.
@@ -216,6 +244,16 @@ class GpuCopies:
             await asyncio.to_thread(engine.close)
 
 
+def _start_cuda() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    count = torch.cuda.device_count()
+    for index in range(count):
+        torch.cuda.synchronize(index)  # creates the device's primary context
+    device_by_uuid(device_uuid(0))  # and reads every GPU's UUID once
+    return count
+
+
 def _device_of(uuid: str) -> torch.device:
     if not torch.cuda.is_available():
         raise CudaUnavailable(
@@ -254,8 +292,15 @@ def _after_engine(
     enqueued.add_done_callback(enqueued_done)
 
 
-def _open_cuda_all(wrappers: list[CudaIPCWrapper], layout: KVLayout) -> list[torch.Tensor]:
+def _open_cuda_all(
+    wrappers: list[CudaIPCWrapper], layout: KVLayout, ready_events: list[CudaEventHandle]
+) -> list[torch.Tensor]:
     layers = [wrapper.to_tensor() for wrapper in wrappers]
+    for handle in ready_events:
+        try:
+            handle.open()  # kept by kvrpc.cuda, found there by the copies (opened_event)
+        except Exception as exc:
+            raise KVConfigError(f"cannot open the worker's ready event: {exc}") from exc
     for index, tensor in enumerate(layers):
         if tuple(tensor.shape) != layout.shape or tensor.dtype != layout.torch_dtype:
             raise KVConfigError(

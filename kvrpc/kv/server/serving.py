@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +80,13 @@ async def serve_kv(
     url = settings.url if settings.url is not None else default_url()
     server = RPCServer(url, registry=kv_registry(), max_workers=settings.max_workers)
     service.register(server)
+    # Before listening: a first registration would otherwise pay CUDA's start-up, stalling
+    # the loop for every client (see GpuCopies.start_cuda).
+    started = time.perf_counter()
+    gpus = await service.gpu.start_cuda()
+    if gpus:
+        took_ms = (time.perf_counter() - started) * 1e3
+        logger.info("CUDA started on %d GPU(s) in %.0f ms", gpus, took_ms)
     async with service, server:
         logger.info(
             "ready: kv server on %s: chunks of %d tokens, CPU buffer %.2f GiB, %d workers",
