@@ -953,6 +953,20 @@ def test_a_lookup_again_for_the_same_request_replaces_its_pins() -> None:
     assert end(state, "r") == 1
 
 
+def test_only_the_client_that_opened_a_session_can_end_it() -> None:
+    state = make_state(slots=4)
+    instance = register(state)
+    stored = hashes(2, 1)
+    assert store(state, instance, stored) == [None, None]
+    assert count(state, "r", stored) == 2
+
+    assert end(state, "r", client=OTHER) == 0  # not its session: it releases nothing
+
+    assert (pinned(state), state.stats(0)["sessions"]) == (2, 1)
+    assert retrieve(state, instance, "r", stored[:1]) == [None]  # the session still works
+    assert end(state, "r") == 1 and pinned(state) == 0
+
+
 def test_pins_are_released_exactly_once_by_retrieve_release_pins_and_end_session() -> None:
     state = make_state(slots=8)
     rank0, rank1 = (

@@ -176,10 +176,22 @@ class SessionBook:
         self.clients[client_id].jobs.discard(job_id)
         return job.result
 
-    def end_session(self, model_name: str, world_size: int, request_id: str) -> int:
-        """Release the request's pins; returns how many were released."""
+    def end_session(
+        self, client_id: bytes, model_name: str, world_size: int, request_id: str
+    ) -> int:
+        """End the client's session of the request; returns how many pins were released.
+
+        Like :meth:`release_pins`, a session another client opened is left alone (0): only the
+        scheduler that looked a request up decides when it is over.
+        """
         ns = self.namespaces.get((model_name, world_size))
-        return 0 if ns is None else self.end((ns.id, request_id))
+        if ns is None:
+            return 0
+        key = (ns.id, request_id)
+        session = self.sessions.get(key)
+        if session is None or session.owner != client_id:
+            return 0
+        return self.end(key)
 
     def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int:
         """Unpin these chunks of the request's session on every rank; the session stays.

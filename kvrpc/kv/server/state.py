@@ -380,9 +380,9 @@ class KVState:
     def end_session(
         self, client_id: bytes, model_name: str, world_size: int, request_id: str, now: float
     ) -> int:
-        """Release the request's pins; returns how many were released."""
+        """End the client's session of the request (see :meth:`SessionBook.end_session`)."""
         self.client(client_id, now)
-        return self.sessions.end_session(model_name, world_size, request_id)
+        return self.sessions.end_session(client_id, model_name, world_size, request_id)
 
     def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int:
         """Unpin these chunks of the client's request on every rank; the session stays."""
