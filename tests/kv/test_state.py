@@ -1196,9 +1196,34 @@ def test_a_failed_load_frees_its_slot_and_the_count_stops_there() -> None:
     assert state.sessions.finish_prefetch(job) == 0
 
     assert (state.counters.hits, state.counters.misses, state.counters.prefetched) == (0, 2, 1)
-    # The chunk loaded past the gap stays pinned for the session until it ends, once.
-    assert pool_of(state).pins(loaded) == 1
-    assert end(state, "r") == 1 and pinned(state) == 0
+    assert pool_of(state).lookup(job.to_load[1]) == loaded  # kept in L1 for later lookups
+    assert pinned(state) == 0 and end(state, "r") == 0  # but past the count: not pinned
+
+
+def test_a_prefetch_keeps_pins_only_on_the_chunks_it_counts() -> None:
+    tier = FakeTier()
+    state = make_state(slots=8, tier=tier)
+    rank0, rank1 = (
+        register(state, worker_id=0, world_size=2),
+        register(state, worker_id=1, world_size=2),
+    )
+    wanted = hashes(3, 1)
+    assert store(state, rank0, wanted) == [None] * 3  # rank 0's chunks are in memory
+    tier.keys.update(h + rank1.suffix for h in wanted)  # rank 1's in the tier only
+    job = lookup(state, "r", wanted, world_size=2)
+    assert isinstance(job, Job) and pinned(state) == 3  # rank 0's part, pinned by the lookup
+    # Rank 1's chunk 1 fails to load; its chunks 0 and 2 load.
+    for key, ok in zip(job.to_load, (True, False, True), strict=True):
+        slot = state.sessions.prefetch_slot(job, key)
+        assert slot is not None
+        state.sessions.prefetched(job, key, slot, ok)
+
+    assert state.sessions.finish_prefetch(job) == 1
+
+    # The engine retrieves only the leading chunk: pins past it would wait for end_session.
+    assert pins_of(state, rank0, wanted) == [1, 0, 0]
+    assert pins_of(state, rank1, wanted[:1] + wanted[2:]) == [1, 0]
+    assert end(state, "r", world_size=2) == 2 and pinned(state) == 0
 
 
 def test_a_prefetch_finds_no_room_in_a_pinned_pool_and_counts_what_is_there() -> None:

@@ -144,11 +144,16 @@ class SessionBook:
             self._pin(session, slot, poolkeys.worker_of(key))
 
     def finish_prefetch(self, job: Job) -> int:
-        """Count and pin the leading chunks now present on every rank: the job's result."""
+        """Count and pin the leading chunks now present on every rank: the job's result.
+
+        The session's other pins (chunks past a gap, loaded or pinned by the lookup) are
+        released: the engine retrieves only the leading chunks it is told of.
+        """
         pool = self._pool()
         matched = 0
         session = None if job.dropped else self.sessions.get(job.session)
         if session is not None:
+            counted: set[int] = set()
             for chunk_hash in poolkeys.chunk_hashes(job.prefix):
                 found = [pool.lookup(chunk_hash + suffix) for suffix in job.namespace.suffixes]
                 present = [slot for slot in found if slot is not None]
@@ -156,7 +161,10 @@ class SessionBook:
                     break
                 for worker, slot in enumerate(present):
                     self._pin(session, slot, worker)
+                counted.update(present)
                 matched += 1
+            for slot in [slot for slot in session.pins if slot not in counted]:
+                self.release_pin(session, slot)
         self.counters.hits += matched
         self.counters.misses += job.total - matched
         job.result = matched
