@@ -64,7 +64,8 @@ class GpuCopies:
         self.group_bytes = group_bytes
         self.client_timeout = client_timeout
         self.engines: dict[int, CopyEngine] = {}
-        #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply.
+        #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply
+        #: (sent once the copy is enqueued).
         self.last_handler_seconds = 0.0
 
     async def start_cuda(self) -> int:
