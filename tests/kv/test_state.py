@@ -1177,6 +1177,31 @@ def test_an_ended_sessions_job_is_forgotten_and_pins_nothing() -> None:
         state.query_prefetch_status(ME, job.id, 0.0)
 
 
+@pytest.mark.parametrize("drop", ["client left", "request ended"])
+def test_a_dropped_job_counts_no_hits_or_misses(drop: str) -> None:
+    tier = FakeTier()
+    state = make_state(slots=4, tier=tier)
+    instance = register(state)
+    a = hashes(2, 1)
+    evicted_to_tier(state, instance, a)
+    job = lookup(state, "r", a)
+    assert isinstance(job, Job)
+    slot = state.sessions.prefetch_slot(job, job.to_load[0])  # a load in flight...
+    assert slot is not None
+
+    if drop == "client left":
+        state.drop_client(ME)
+    else:
+        assert end(state, "r") == 0
+    state.sessions.prefetched(job, job.to_load[0], slot, ok=True)  # ...ends after the drop
+
+    assert state.sessions.finish_prefetch(job) == 0
+    # Nobody is told this lookup's outcome, so it is neither a hit nor a miss; the load did
+    # happen (its chunk stays in L1), so it is counted as prefetched.
+    counters = state.counters
+    assert (counters.lookups, counters.hits, counters.misses, counters.prefetched) == (1, 0, 0, 1)
+
+
 def test_a_failed_load_frees_its_slot_and_the_count_stops_there() -> None:
     tier = FakeTier()
     state = make_state(slots=4, tier=tier)

@@ -165,8 +165,10 @@ class SessionBook:
                 matched += 1
             for slot in [slot for slot in session.pins if slot not in counted]:
                 self.release_pin(session, slot)
-        self.counters.hits += matched
-        self.counters.misses += job.total - matched
+            # Only a job whose count can still be asked for is a lookup's outcome: a
+            # dropped one (its request ended, its client left) is neither hit nor miss.
+            self.counters.hits += matched
+            self.counters.misses += job.total - matched
         job.result = matched
         return matched
 
