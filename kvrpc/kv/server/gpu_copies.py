@@ -57,12 +57,19 @@ class GpuCopies:
 
     ``group_bytes`` sizes each of an engine's staging buffers; a worker's event that has not
     completed within ``client_timeout`` seconds fails the copy (a live worker records it
-    just before asking).
+    just before asking); ``spawn(fn, *args)`` runs a background coroutine in the service's
+    task group (the settles of answered copies).
     """
 
-    def __init__(self, *, group_bytes: int, client_timeout: float) -> None:
+    def __init__(
+        self,
+        group_bytes: int,
+        client_timeout: float,
+        spawn: Callable[..., None],
+    ) -> None:
         self.group_bytes = group_bytes
         self.client_timeout = client_timeout
+        self._spawn = spawn
         self.engines: dict[int, CopyEngine] = {}
         #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply
         #: (sent once the copy is enqueued).
@@ -157,6 +164,25 @@ class GpuCopies:
             logger.error("a GPU copy failed", exc_info=exc)
             return f"{type(exc).__name__}: {exc}", None
         return None, result
+
+    def settle_later(
+        self,
+        engine: CopyEngine,
+        results: list[str | None],
+        settle: Callable[[str | None], None],
+        enqueued: tuple[Any, ...],
+        started: float,
+    ) -> list[str | None]:
+        """What to answer for an enqueued copy now; ``settle`` runs once it has completed.
+
+        ``enqueued`` is the engine's result (its completion event and handle first). The
+        reply goes with ``results`` as they are, so the settle that follows must not change
+        what was already answered: they are copied here. ``started`` is when the handler
+        began (``time.perf_counter()``), for ``cuda_last_handler_us``.
+        """
+        self._spawn(self.settle_after, engine, enqueued[0], enqueued[1], settle)
+        self.last_handler_seconds = time.perf_counter() - started
+        return list(results)
 
     async def settle_after(
         self, engine: CopyEngine, done: Any, handle: CudaEventHandle, settle: Callable[..., None]

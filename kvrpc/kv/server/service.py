@@ -32,10 +32,10 @@ from kvrpc.kv.layout import gather_chunks, scatter_chunks
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
 from kvrpc.kv.server.access import memory_owner
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
-from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
+from kvrpc.kv.server.gpu_copies import GpuCopies
 from kvrpc.kv.server.mappings import Mappings
 from kvrpc.kv.server.pool import ChunkPool
-from kvrpc.kv.server.records import Instance, RetrievePlan, StorePlan
+from kvrpc.kv.server.records import Instance, StorePlan
 from kvrpc.kv.server.state import KVState
 from kvrpc.kv.server.tiering import Tiering
 from kvrpc.kv.server.tiers import LowerTier
@@ -78,7 +78,7 @@ class KVService:
         self.cpu_buffer_bytes = cpu_buffer_bytes
         self.lower_tier = lower_tier
         self.cpu = CpuCopies(copy_workers)
-        self.gpu = GpuCopies(group_bytes=cuda_group_bytes, client_timeout=client_timeout)
+        self.gpu = GpuCopies(cuda_group_bytes, client_timeout, self._start)
         self.tiering = None if lower_tier is None else Tiering(self.state, lower_tier, self._start)
         self.mappings = Mappings(self.state, self.cpu, self.gpu, cpu_buffer_bytes)
         self._loop_probe = loop_probe
@@ -263,26 +263,8 @@ class KVService:
             self._settle_store(plan, error)
             return CudaCopyReply(errors=plan.results)
         settle = functools.partial(self._settle_store, plan)
-        answered = self._settle_later(cache, plan, settle, result, started)
+        answered = self.gpu.settle_later(cache.engine, plan.results, settle, result, started)
         return CudaCopyReply(errors=answered, cuda_event=result[1])
-
-    def _settle_later(
-        self,
-        cache: CudaCache,
-        plan: StorePlan | RetrievePlan,
-        settle: Callable[[str | None], None],
-        enqueued: tuple[Any, ...],
-        started: float,
-    ) -> list[str | None]:
-        """What to answer for an enqueued copy now; ``settle`` runs once it has completed.
-
-        The reply goes with the plan's results as they are, so the settle that follows must
-        not change what was already answered: they are copied here.
-        """
-        done, handle = enqueued[0], enqueued[1]
-        self._start(self.gpu.settle_after, cache.engine, done, handle, settle)
-        self.gpu.last_handler_seconds = time.perf_counter() - started
-        return list(plan.results)
 
     async def _admit_store(
         self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor
@@ -346,18 +328,10 @@ class KVService:
         (seconds from now), a copy that has not started by then never starts, and the keys
         fail with a reason (the reply then carries no event, and no byte was written).
         """
-        started = time.perf_counter()
-        plan, cache, error, result = await self._cuda_retrieve(
+        answered, result = await self._cuda_retrieve(
             client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=False
         )
-        if not plan.found:
-            return CudaCopyReply(errors=plan.results)
-        if error is not None:
-            self.state.settle_retrieve(plan, error)
-            return CudaCopyReply(errors=plan.results)
-        settle = functools.partial(self.state.settle_retrieve, plan)
-        answered = self._settle_later(cache, plan, settle, result, started)
-        return CudaCopyReply(errors=answered, cuda_event=result[1])
+        return CudaCopyReply(errors=answered, cuda_event=None if result is None else result[1])
 
     async def retrieve_cuda_layers(
         self,
@@ -374,18 +348,10 @@ class KVService:
         The reply carries one event per layer; the slots stay pinned, and the sessions'
         pins held, until the whole copy has completed (settled in the background).
         """
-        started = time.perf_counter()
-        plan, cache, error, result = await self._cuda_retrieve(
+        answered, result = await self._cuda_retrieve(
             client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=True
         )
-        if not plan.found:
-            return LayerCopyReply(errors=plan.results)
-        if error is not None:
-            self.state.settle_retrieve(plan, error)
-            return LayerCopyReply(errors=plan.results)
-        settle = functools.partial(self.state.settle_retrieve, plan)
-        answered = self._settle_later(cache, plan, settle, result, started)
-        return LayerCopyReply(errors=answered, layer_events=result[2])
+        return LayerCopyReply(errors=answered, layer_events=[] if result is None else result[2])
 
     async def _cuda_retrieve(
         self,
@@ -398,25 +364,30 @@ class KVService:
         deadline: float | None,
         *,
         layers: bool,
-    ) -> tuple[RetrievePlan, CudaCache, str | None, Any]:
-        """A ``cuda_ipc`` retrieve up to its settle: (plan, cache, None or why not, result).
+    ) -> tuple[list[str | None], Any]:
+        """A ``cuda_ipc`` retrieve up to its enqueued copy: (what to answer, engine's result).
 
-        The deadline counts from here. Nothing is copied when the plan found nothing; a
-        copy is awaited until enqueued.
+        The deadline counts from here. The engine's result is None when nothing is copied
+        (nothing found, or the copy refused); else the copy settles once it completed.
         """
+        started = time.perf_counter()
         now = time.monotonic()
         instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
         plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
         cache = self.mappings.cuda(instance)
         if not plan.found:
-            return plan, cache, None, None
+            return plan.results, None
         expires = None if deadline is None else now + deadline
         transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
         late = functools.partial(self.state.abandon_retrieve, plan)
         engine = cache.engine
         submit = engine.submit_retrieve_layers if layers else engine.submit_retrieve
         error, result = await self.gpu.copy(cache, submit, transfer, ready, late, expires)
-        return plan, cache, error, result
+        if error is not None:
+            self.state.settle_retrieve(plan, error)
+            return plan.results, None
+        settle = functools.partial(self.state.settle_retrieve, plan)
+        return self.gpu.settle_later(cache.engine, plan.results, settle, result, started), result
 
     # ------------------------------------------------------------------ lookup / sessions
 
