@@ -37,6 +37,9 @@ logger = logging.getLogger("kvrpc.kv")
 
 #: Threads writing one worker's inline retrieves into its KV tensors.
 _COMPLETION_THREADS = 2
+#: Seconds a shutdown waits for copies still in flight (a 2 GiB one takes ~40 ms): bounded,
+#: since a server that died mid-copy leaves its event pending for ever.
+_SHUTDOWN_WAIT = 5.0
 
 
 class InlineTarget(NamedTuple):
@@ -269,12 +272,12 @@ class Completions:
         """Finish the completion work handed over so far and end the completion threads.
 
         Call once no reply can arrive (the client closed); work handed over later runs on
-        the caller's thread. Copies still pending get up to ``timeout`` seconds to complete;
-        past it their requests settle as failed.
+        the caller's thread. Copies still pending get up to ``timeout`` seconds (at most
+        :data:`_SHUTDOWN_WAIT`) to complete; past it their requests settle as failed.
         """
         with self._lock:
             self._closed = True
             threads, self._threads = self._threads, None
         if threads is not None:
             threads.shutdown(wait=True)
-        self._events.close(self._timeout)
+        self._events.close(min(self._timeout, _SHUTDOWN_WAIT))
