@@ -583,3 +583,44 @@ def test_sigkilled_idle_worker_is_noticed_within_ten_seconds_at_default_timeout(
             assert noticed < 10, f"noticed after {noticed:.1f} s"
             assert _stats(client)["pinned_chunks"] == 0, "the dead rank's pins stay"
         worker.process.join(10)
+
+
+def test_a_server_killed_mid_copy_fails_the_retrieve_in_time_and_never_reports_half_a_copy(
+    tmp_path: Path,
+) -> None:
+    """The server answers a retrieve once its copy is enqueued; if it dies mid-copy, the
+    copy's event never completes: the worker's watcher gives up at its timeout and reports
+    every block as a load error, or (had the copy finished first) the blocks hold the chunks;
+    never a success over half-written blocks, and shutting down does not hang."""
+    # 32 layers of 2,048 blocks: a retrieve of 64 chunks is 2 GiB, ~40 ms on the link.
+    layers = [
+        torch.empty((2, 2048, BLOCK_SIZE, 8, 128), dtype=torch.bfloat16, device="cuda")
+        for _ in range(32)
+    ]
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for layer in layers:
+        layer.view(torch.uint8).random_(generator=generator)
+    stored, retrieved = list(range(1024)), list(range(1024, 2048))
+    tokens = _tokens(12, 64 * 256 // CHUNK_SIZE)
+    digest = _digest(layers, "paged", stored)
+    url = f"unix://{tmp_path}/kv.sock"
+    options = ("--chunk-size", "256", "--cpu-buffer-size", "2.5")
+    with kv_server_child(url, str(tmp_path), *options) as child:
+        adapter = WorkerAdapter(url, "killed", 1, 0, BLOCK_SIZE, timeout=5.0)
+        adapter.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        adapter.submit_store_request("s", LoadStoreOp(stored, tokens))
+        _wait(adapter, "s", store=True, timeout=30)
+        adapter.submit_retrieve_request("r", LoadStoreOp(retrieved, tokens))
+        time.sleep(0.015)  # the copy is under way: answered or about to be
+        os.kill(child.pid, signal.SIGKILL)
+        started = time.monotonic()
+        _wait(adapter, "r", store=False, timeout=30)
+        assert time.monotonic() - started < 15
+        failed = adapter.get_block_ids_with_load_errors()
+        if failed:
+            assert failed == set(retrieved)
+        else:
+            assert _digest(layers, "paged", retrieved) == digest
+        started = time.monotonic()
+        adapter.shutdown()
+        assert time.monotonic() - started < 10
