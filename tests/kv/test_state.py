@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -327,6 +328,50 @@ def test_a_dropped_clients_job_loads_nothing_more() -> None:
     assert state.sessions.prefetch_slot(job, job.to_load[1]) is None
     assert state.sessions.finish_prefetch(job) == 0
     assert (pinned(state), state.sessions.jobs) == (0, {})
+
+
+@pytest.mark.parametrize(
+    ("call", "refusal"),
+    [
+        ("a copy on its old instance", UnknownInstance),
+        ("an unregister of its old instance", None),
+        ("a status query of its old job", UnknownJob),
+        ("an end of its old session", 0),
+        ("a release of its old pins", 0),
+        ("a lookup with a worker id", KVError),
+        ("a registration of a rank past the world size", KVError),
+    ],
+)
+def test_an_expired_clients_refused_call_leaves_no_client_record(call: str, refusal: Any) -> None:
+    tier = FakeTier()
+    state = make_state(slots=4, tier=tier)
+    instance = register(state, now=0.0)
+    a = hashes(2, 1)
+    evicted_to_tier(state, instance, a)
+    job = lookup(state, "r", a)
+    assert isinstance(job, Job)
+    assert state.expire(now=TIMEOUT + 1.0) == [instance]
+    later = TIMEOUT + 2.0
+    calls: dict[str, Callable[[], object]] = {
+        "a copy on its old instance": lambda: state.instance(ME, instance.id, later, "inline"),
+        "an unregister of its old instance": lambda: state.unregister(ME, instance.id, later),
+        "a status query of its old job": lambda: state.query_prefetch_status(ME, job.id, later),
+        "an end of its old session": lambda: state.end_session(ME, MODEL, 1, "r", later),
+        "a release of its old pins": lambda: state.release_pins(ME, "r", lookup_keys(a), later),
+        "a lookup with a worker id": lambda: state.lookup(ME, "r", keys_for(instance, a), later),
+        "a registration of a rank past the world size": lambda: state.check_registration(
+            ME, spec(worker_id=1), later
+        ),
+    }
+
+    if isinstance(refusal, type):
+        with pytest.raises(refusal):
+            calls[call]()
+    else:
+        assert calls[call]() == refusal
+
+    # A record would own nothing, and expire again with a warning and a second count.
+    assert (state.clients, state.stats(0)["clients"]) == ({}, 0)
 
 
 def test_a_client_id_is_at_least_8_bytes() -> None:

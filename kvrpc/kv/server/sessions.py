@@ -54,10 +54,9 @@ class SessionBook:
 
         Returns a :class:`Job` instead when some of them must first be loaded from the
         lower tier: the shell loads them (:meth:`prefetch_slot`, :meth:`prefetched`) and
-        :meth:`finish_prefetch` counts and pins the result.
+        :meth:`finish_prefetch` counts and pins the result. The keys carry no worker id
+        (:meth:`KVState.lookup <kvrpc.kv.server.state.KVState.lookup>` refuses them first).
         """
-        if keys.worker_id is not None:
-            raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
         counters = self.counters
         counters.lookups += 1
         n = len(keys)

@@ -75,13 +75,24 @@ class KVState:
     # ------------------------------------------------------------------ client leases
 
     def client(self, client_id: bytes, now: float) -> Client:
-        """The client's record, made on first sight; every call renews its lease."""
+        """The client's record, made on first sight; renews its lease.
+
+        Only the calls a client starts with make a record: a keepalive, a registration that
+        passes its checks, a lookup. The others act on what a client owns and only renew a
+        known client's lease (:meth:`renew`), so an expired client's refused call leaves no
+        record behind that owns nothing and would expire again.
+        """
+        client = self.renew(client_id, now)
+        if client is None:
+            client = self.clients[client_id] = Client(now)
+        return client
+
+    def renew(self, client_id: bytes, now: float) -> Client | None:
+        """Renew a known client's lease and return its record; None (and no record) if unknown."""
         if len(client_id) < 8:
             raise KVError("client id must be at least 8 random bytes (the adapters make one)")
         client = self.clients.get(client_id)
-        if client is None:
-            client = self.clients[client_id] = Client(now)
-        else:
+        if client is not None:
             client.last_seen = now
         return client
 
@@ -120,7 +131,7 @@ class KVState:
         Checked again by :meth:`add_instance` once the shell has mapped the tensors, since
         another worker may have registered meanwhile.
         """
-        self.client(client_id, now)
+        self.renew(client_id, now)
         layout = spec.layout
         if spec.worker_id >= spec.world_size:
             raise KVError(f"worker id {spec.worker_id} is not below world size {spec.world_size}")
@@ -144,6 +155,7 @@ class KVState:
         per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
         chunk_nbytes = layout.chunk_nbytes(per_chunk)
         self._check_fits(spec, chunk_nbytes)
+        self.client(client_id, now)  # passed: add_instance will look for its record
         return per_chunk, chunk_nbytes
 
     def _check_fits(self, spec: KVCacheRegistration, chunk_nbytes: int) -> None:
@@ -206,7 +218,8 @@ class KVState:
 
     def unregister(self, client_id: bytes, instance_id: int, now: float) -> Instance | None:
         """Forget the client's instance; returns it (to close), None if it had no such."""
-        if instance_id not in self.client(client_id, now).instances:
+        client = self.renew(client_id, now)
+        if client is None or instance_id not in client.instances:
             return None
         return self._forget_instance(instance_id)
 
@@ -228,7 +241,7 @@ class KVState:
 
     def instance(self, client_id: bytes, instance_id: int, now: float, *modes: str) -> Instance:
         """The client's instance for a copy in one of ``modes``; raises a clear error if not."""
-        self.client(client_id, now)
+        self.renew(client_id, now)
         instance = self.instances.get(instance_id)
         if instance is None or instance.owner != client_id:
             raise UnknownInstance(
@@ -369,24 +382,26 @@ class KVState:
 
     def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int | Job:
         """The client's lookup (see :meth:`SessionBook.lookup`); renews its lease."""
+        if keys.worker_id is not None:  # refused before the client is recorded
+            raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
         self.client(client_id, now)
         return self.sessions.lookup(client_id, request_id, keys)
 
     def query_prefetch_status(self, client_id: bytes, job_id: str, now: float) -> int | None:
         """None while the client's job runs, then its count, exactly once."""
-        self.client(client_id, now)
+        self.renew(client_id, now)
         return self.sessions.query_prefetch_status(client_id, job_id)
 
     def end_session(
         self, client_id: bytes, model_name: str, world_size: int, request_id: str, now: float
     ) -> int:
         """End the client's session of the request (see :meth:`SessionBook.end_session`)."""
-        self.client(client_id, now)
+        self.renew(client_id, now)
         return self.sessions.end_session(client_id, model_name, world_size, request_id)
 
     def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int:
         """Unpin these chunks of the client's request on every rank; the session stays."""
-        self.client(client_id, now)
+        self.renew(client_id, now)
         return self.sessions.release_pins(client_id, request_id, keys)
 
     # ------------------------------------------------------------------ report
