@@ -110,23 +110,7 @@ class ChunkPool:
         pin_memory: bool = False,
         on_evict: EvictHook | None = None,
     ) -> None:
-        if slot_nbytes <= 0:
-            raise KVConfigError(f"ChunkPool: slot_nbytes={slot_nbytes!r} must be positive")
-        if capacity_bytes < 0:
-            raise KVConfigError(f"ChunkPool: capacity_bytes={capacity_bytes!r} is negative")
-        num_slots = capacity_bytes // slot_nbytes
-        if num_slots == 0:
-            raise KVConfigError(
-                f"ChunkPool: the capacity of {capacity_bytes} bytes is smaller than one chunk "
-                f"of {slot_nbytes} bytes; raise --cpu-buffer-size to at least {slot_nbytes} "
-                "bytes (or use a smaller chunk size)"
-            )
-        if num_slots > _MAX_SLOTS:
-            raise KVConfigError(
-                f"ChunkPool: {capacity_bytes} bytes in chunks of {slot_nbytes} bytes makes "
-                f"{num_slots} slots, more than the {_MAX_SLOTS} a pool can index; use a larger "
-                "chunk size or a smaller --cpu-buffer-size"
-            )
+        num_slots = _slot_count(capacity_bytes, slot_nbytes)
         if pin_memory and not torch.cuda.is_available():
             raise CudaUnavailable(
                 "ChunkPool: pin_memory=True needs a CUDA build of torch and a GPU; "
@@ -488,6 +472,28 @@ class ChunkPool:
             raise ValueError(
                 f"ChunkPool.{method}: slot {slot} is {_NAMES[state]}, not {_NAMES[expected]}"
             )
+
+
+def _slot_count(capacity_bytes: int, slot_nbytes: int) -> int:
+    """``capacity_bytes // slot_nbytes``, refused unless it is 1 to ``_MAX_SLOTS`` slots."""
+    if slot_nbytes <= 0:
+        raise KVConfigError(f"ChunkPool: slot_nbytes={slot_nbytes!r} must be positive")
+    if capacity_bytes < 0:
+        raise KVConfigError(f"ChunkPool: capacity_bytes={capacity_bytes!r} is negative")
+    num_slots = capacity_bytes // slot_nbytes
+    if num_slots == 0:
+        raise KVConfigError(
+            f"ChunkPool: the capacity of {capacity_bytes} bytes is smaller than one chunk "
+            f"of {slot_nbytes} bytes; raise --cpu-buffer-size to at least {slot_nbytes} "
+            "bytes (or use a smaller chunk size)"
+        )
+    if num_slots > _MAX_SLOTS:
+        raise KVConfigError(
+            f"ChunkPool: {capacity_bytes} bytes in chunks of {slot_nbytes} bytes makes "
+            f"{num_slots} slots, more than the {_MAX_SLOTS} a pool can index; use a larger "
+            "chunk size or a smaller --cpu-buffer-size"
+        )
+    return num_slots
 
 
 def _host_buffer(owner: object, nbytes: int, pin_memory: bool) -> Any:
