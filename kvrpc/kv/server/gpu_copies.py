@@ -52,6 +52,20 @@ class CudaCache:
     closed: bool = False
 
 
+@dataclass(eq=False)
+class _Answered:
+    """A copy already answered, until it is settled: once, by whoever notices it first."""
+
+    done: Any  # the engine's completion event
+    settle: Callable[[str | None], None]
+    settled: bool = False
+
+    def finish(self, error: str | None) -> None:
+        if not self.settled:
+            self.settled = True
+            self.settle(error)
+
+
 class GpuCopies:
     """The server's copy engines and the GPU copies of its cuda_ipc instances.
 
@@ -70,6 +84,7 @@ class GpuCopies:
         self.group_bytes = group_bytes
         self.client_timeout = client_timeout
         self._spawn = spawn
+        self._answered: list[_Answered] = []
         self.engines: dict[int, CopyEngine] = {}
         #: The last kv.store_cuda / kv.retrieve_cuda handler, from its start to its reply
         #: (sent once the copy is enqueued).
@@ -180,15 +195,42 @@ class GpuCopies:
         what was already answered: they are copied here. ``started`` is when the handler
         began (``time.perf_counter()``), for ``cuda_last_handler_us``.
         """
-        self._spawn(self.settle_after, engine, enqueued[0], enqueued[1], settle)
+        answered = _Answered(enqueued[0], settle)
+        self._answered.append(answered)
+        self._spawn(self._settle_after, engine, enqueued[1], answered)
         self.last_handler_seconds = time.perf_counter() - started
         return list(results)
 
-    async def settle_after(
-        self, engine: CopyEngine, done: Any, handle: CudaEventHandle, settle: Callable[..., None]
+    def settle_completed(self) -> None:
+        """Settle now every answered copy whose completion event has completed.
+
+        A worker learns that its copy is done from that event, before the engine's waiter
+        thread has told the loop, so a handler that reads the state calls this first: a
+        lookup sent after a store was reported finished finds the store's chunks. Querying
+        the engine's own events takes microseconds and never blocks.
+        """
+        if not self._answered:
+            return
+        pending = []
+        for answered in self._answered:
+            if answered.settled:
+                continue
+            try:
+                completed = bool(answered.done.query())
+            except Exception:  # the waiter thread reports what went wrong
+                completed = False
+            if completed:
+                answered.finish(None)
+            else:
+                pending.append(answered)
+        self._answered = pending
+
+    async def _settle_after(
+        self, engine: CopyEngine, handle: CudaEventHandle, answered: _Answered
     ) -> None:
-        """Call ``settle(None or why)`` once the engine completed an already answered copy."""
-        waited = engine.wait(done, handle)
+        """Settle an answered copy once the engine's waiter thread saw it complete."""
+        settle = answered.finish
+        waited = engine.wait(answered.done, handle)
         try:
             await asyncio.wrap_future(waited)
         except asyncio.CancelledError:  # shutting down: settle when the GPU is done with it
@@ -205,6 +247,8 @@ class GpuCopies:
             settle(f"{type(exc).__name__}: {exc}")
             return
         settle(None)
+        with contextlib.suppress(ValueError):  # gone already if a handler settled it
+            self._answered.remove(answered)
 
     async def _worker_ready(
         self,

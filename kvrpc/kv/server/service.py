@@ -213,6 +213,7 @@ class KVService:
         chunks: list[torch.Tensor],
     ) -> list[str | None]:
         """``kv.store``: copy each key's blocks into a pool slot; per key None or why not."""
+        self.gpu.settle_completed()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "shm", "inline")
         if instance.mode == "inline":
             check_inline_chunks(chunks, len(keys), instance.chunk_nbytes)
@@ -248,6 +249,7 @@ class KVService:
         worker may reuse the blocks once that event completed. The chunks become visible to
         lookups when the copy has completed (all of them at once, settled in the background).
         """
+        self.gpu.settle_completed()
         started = time.perf_counter()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "cuda_ipc")
         plan = await self._admit_store(instance, keys, block_ids)
@@ -290,6 +292,7 @@ class KVService:
         block_ids: torch.Tensor,
     ) -> RetrieveReply:
         """``kv.retrieve``: copy each key's chunk into its blocks (or into the reply)."""
+        self.gpu.settle_completed()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "shm", "inline")
         plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
         srcs = self.mappings.slots(plan.found, instance.chunk_nbytes)
@@ -370,6 +373,7 @@ class KVService:
         The deadline counts from here. The engine's result is None when nothing is copied
         (nothing found, or the copy refused); else the copy settles once it completed.
         """
+        self.gpu.settle_completed()
         started = time.perf_counter()
         now = time.monotonic()
         instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
@@ -397,6 +401,7 @@ class KVService:
         Replaces the pins of an earlier lookup for the same request. Answers a prefetch job
         id instead when some of those chunks must first be loaded from the lower tier.
         """
+        self.gpu.settle_completed()
         found = self.state.lookup(client_id, request_id, keys, time.monotonic())
         if isinstance(found, int):
             return found
@@ -406,12 +411,14 @@ class KVService:
 
     def query_prefetch_status(self, client_id: bytes, job_id: str) -> int | None:
         """``kv.query_prefetch_status``: None while running, then the count, exactly once."""
+        self.gpu.settle_completed()
         return self.state.query_prefetch_status(client_id, job_id, time.monotonic())
 
     def end_session(
         self, client_id: bytes, model_name: str, world_size: int, request_id: str
     ) -> int:
         """``kv.end_session``: release the request's pins; returns how many were released."""
+        self.gpu.settle_completed()
         now = time.monotonic()
         return self.state.end_session(client_id, model_name, world_size, request_id, now)
 
@@ -421,12 +428,14 @@ class KVService:
         The session stays open for the rest of its pins. Chunks the session never pinned are
         ignored, so releasing twice releases once. Returns how many pins were released.
         """
+        self.gpu.settle_completed()
         return self.state.release_pins(client_id, request_id, keys, time.monotonic())
 
     # ------------------------------------------------------------------ stats / clear
 
     def stats(self) -> dict[str, int]:
         """``kv.stats``: counters and the pool's occupancy."""
+        self.gpu.settle_completed()
         report = self.state.stats(self.cpu_buffer_bytes)
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
@@ -438,6 +447,7 @@ class KVService:
 
     def clear(self) -> int:
         """``kv.clear``: drop every unpinned stored chunk; returns how many were dropped."""
+        self.gpu.settle_completed()
         return self.state.clear()
 
 
