@@ -101,8 +101,10 @@ class Completions:
                 "a store's copy did not complete within %g s; its chunks count as dropped",
                 self._timeout,
             )
-        self._count_store(errors if ok else None, chunks)
-        self._ledger.stores_settled(request_ids)
+        try:
+            self._count_store(errors if ok else None, chunks)
+        finally:  # whatever happened, the engine must not wait for this store for ever
+            self._ledger.stores_settled(request_ids)
 
     def _count_store(self, errors: object, chunks: int) -> None:
         if isinstance(errors, list):
@@ -205,7 +207,13 @@ class Completions:
                 "a retrieve's copy did not complete within %g s; its blocks will be recomputed",
                 self._timeout,
             )
-        self.retrieve_settled(request_ids, owners, rows, future if ok else None, progress)
+        try:
+            self.retrieve_settled(request_ids, owners, rows, future if ok else None, progress)
+        except Exception:
+            # A bug here must not leave the engine waiting forever for this retrieve.
+            logger.exception("settling a retrieve failed; its blocks will be recomputed")
+            if not progress.done():
+                self.retrieve_settled(request_ids, owners, rows, None, progress)
 
     def retrieve_settled(
         self,
