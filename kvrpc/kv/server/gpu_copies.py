@@ -160,7 +160,7 @@ class GpuCopies:
 
         Returns (None, the engine's result: its completion event first) once the copy is
         enqueued, or (why not, None) once it is certain never to run; the caller settles
-        the copy once it has completed (:meth:`settle_after`). If the handler is cancelled,
+        the copy once it has completed (:meth:`settle_later`). If the handler is cancelled,
         ``on_late_finish`` runs on the loop once no copy can touch the slots any more.
         """
         error, ready = await self._worker_ready(cache, ready_handle, deadline, on_late_finish)
