@@ -318,7 +318,7 @@ class GpuCopies:
 def _start_cuda() -> int:
     if not torch.cuda.is_available():
         return 0
-    count = torch.cuda.device_count()
+    count = int(torch.cuda.device_count())
     for index in range(count):
         torch.cuda.synchronize(index)  # creates the device's primary context
     device_by_uuid(device_uuid(0))  # and reads every GPU's UUID once
