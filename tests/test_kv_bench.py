@@ -94,6 +94,7 @@ def test_gpu_bench_reports_the_first_transfer_against_the_warm_pinned_copies() -
             "cuda_last_handler_us": 95_000,
             "loop_lag_max_us": 4_200,
             "loop_lag_samples": 97,
+            "gc_pause_max_us": 3_900,
         },
     )
     retrieve = (
@@ -114,6 +115,8 @@ def test_gpu_bench_reports_the_first_transfer_against_the_warm_pinned_copies() -
     assert figures["first_retrieve_handler_ms"] == 44.0
     assert figures["first_store_loop_lag_max_us"] == 4200
     assert figures["first_retrieve_loop_lag_samples"] == 49
+    assert figures["first_store_gc_pause_max_us"] == 3900
+    assert figures["first_retrieve_gc_pause_max_us"] == 0  # no collection during it
     assert figures["first_transfer_goal"].startswith("MISSED")  # 0.4 < 0.8
     assert figures["first_stall_goal"].startswith("MISSED")  # 4.2 ms >= 1 ms
 

@@ -296,6 +296,8 @@ def first_transfer_figures(
         lag = int(stats.get("loop_lag_max_us", 0))
         figures[f"first_{name}_loop_lag_max_us"] = lag
         figures[f"first_{name}_loop_lag_samples"] = int(stats.get("loop_lag_samples", 0))
+        # A collection stops the loop too: beside a long stall, says whether it was the GC's.
+        figures[f"first_{name}_gc_pause_max_us"] = int(stats.get("gc_pause_max_us", 0))
         lags.append(lag)
     ratio = min(figures["first_store_ratio"], figures["first_retrieve_ratio"])
     figures["first_transfer_goal"] = goal(
