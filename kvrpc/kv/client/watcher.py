@@ -9,9 +9,9 @@ noticed as soon as each completes and the adapter's other threads stay free.
 
 The pause between polls grows from ``first_pause`` to ``max_pause`` while the events stay
 pending, and starts again at the first when a new one is added: a copy of a few
-milliseconds is noticed within tens of microseconds, a long one costs a few thousand cheap
-wake-ups a second, and an idle adapter costs none (the thread sleeps until it is given an
-event).
+milliseconds is noticed within tens of microseconds, a long one costs up to ten thousand
+cheap wake-ups a second while it lasts (each a ``query()``, a few microseconds), and an
+idle adapter costs none (the thread sleeps until it is given an event).
 """
 
 from __future__ import annotations
