@@ -205,9 +205,9 @@ class GpuCopies:
         """Settle now every answered copy whose completion event has completed.
 
         A worker learns that its copy is done from that event, before the engine's waiter
-        thread has told the loop, so a handler that reads the state calls this first: a
-        lookup sent after a store was reported finished finds the store's chunks. Querying
-        the engine's own events takes microseconds and never blocks.
+        thread has told the loop, so the service calls this before each of its handlers:
+        a lookup sent after a store was reported finished finds the store's chunks.
+        Querying the engine's own events takes microseconds and never blocks.
         """
         if not self._answered:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -118,7 +119,8 @@ class KVService:
             protocols.GOODBYE.name: self.goodbye,
         }
         for definition in protocols.KV_PROTOCOLS:
-            server.register(definition, handlers[definition.name])
+            handler = handlers[definition.name]
+            server.register(definition, _settling_first(self.gpu.settle_completed, handler))
 
     async def __aenter__(self) -> KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
@@ -213,7 +215,6 @@ class KVService:
         chunks: list[torch.Tensor],
     ) -> list[str | None]:
         """``kv.store``: copy each key's blocks into a pool slot; per key None or why not."""
-        self.gpu.settle_completed()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "shm", "inline")
         if instance.mode == "inline":
             check_inline_chunks(chunks, len(keys), instance.chunk_nbytes)
@@ -249,7 +250,6 @@ class KVService:
         worker may reuse the blocks once that event completed. The chunks become visible to
         lookups when the copy has completed (all of them at once, settled in the background).
         """
-        self.gpu.settle_completed()
         started = time.perf_counter()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "cuda_ipc")
         plan = await self._admit_store(instance, keys, block_ids)
@@ -292,7 +292,6 @@ class KVService:
         block_ids: torch.Tensor,
     ) -> RetrieveReply:
         """``kv.retrieve``: copy each key's chunk into its blocks (or into the reply)."""
-        self.gpu.settle_completed()
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "shm", "inline")
         plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
         srcs = self.mappings.slots(plan.found, instance.chunk_nbytes)
@@ -373,7 +372,6 @@ class KVService:
         The deadline counts from here. The engine's result is None when nothing is copied
         (nothing found, or the copy refused); else the copy settles once it completed.
         """
-        self.gpu.settle_completed()
         started = time.perf_counter()
         now = time.monotonic()
         instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
@@ -401,7 +399,6 @@ class KVService:
         Replaces the pins of an earlier lookup for the same request. Answers a prefetch job
         id instead when some of those chunks must first be loaded from the lower tier.
         """
-        self.gpu.settle_completed()
         found = self.state.lookup(client_id, request_id, keys, time.monotonic())
         if isinstance(found, int):
             return found
@@ -411,14 +408,12 @@ class KVService:
 
     def query_prefetch_status(self, client_id: bytes, job_id: str) -> int | None:
         """``kv.query_prefetch_status``: None while running, then the count, exactly once."""
-        self.gpu.settle_completed()
         return self.state.query_prefetch_status(client_id, job_id, time.monotonic())
 
     def end_session(
         self, client_id: bytes, model_name: str, world_size: int, request_id: str
     ) -> int:
         """``kv.end_session``: release the request's pins; returns how many were released."""
-        self.gpu.settle_completed()
         now = time.monotonic()
         return self.state.end_session(client_id, model_name, world_size, request_id, now)
 
@@ -428,14 +423,12 @@ class KVService:
         The session stays open for the rest of its pins. Chunks the session never pinned are
         ignored, so releasing twice releases once. Returns how many pins were released.
         """
-        self.gpu.settle_completed()
         return self.state.release_pins(client_id, request_id, keys, time.monotonic())
 
     # ------------------------------------------------------------------ stats / clear
 
     def stats(self) -> dict[str, int]:
         """``kv.stats``: counters and the pool's occupancy."""
-        self.gpu.settle_completed()
         report = self.state.stats(self.cpu_buffer_bytes)
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
@@ -447,7 +440,6 @@ class KVService:
 
     def clear(self) -> int:
         """``kv.clear``: drop every unpinned stored chunk; returns how many were dropped."""
-        self.gpu.settle_completed()
         return self.state.clear()
 
 
@@ -462,3 +454,27 @@ def _log_registration(spec: KVCacheRegistration, chunk_nbytes: int, instance_id:
         chunk_nbytes,
         instance_id,
     )
+
+
+def _settling_first(settle: Callable[[], None], handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler``, calling ``settle`` (the answered GPU copies that completed) first.
+
+    A worker sees a copy's event complete before the engine's waiter thread has told the
+    loop, so every kv.* call settles those copies before it reads the state: a lookup sent
+    after a store was reported finished finds the store's chunks.
+    """
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def settled_then(*args: Any) -> Any:
+            settle()
+            return await handler(*args)
+
+        return settled_then
+
+    @functools.wraps(handler)
+    def settled_first(*args: Any) -> Any:
+        settle()
+        return handler(*args)
+
+    return settled_first
