@@ -159,7 +159,7 @@ class Completions:
         request_ids: Sequence[str],
         owners: list[str],
         rows: torch.Tensor,
-        future: MessagingFuture[Any],
+        future: MessagingFuture[Any] | None,
         progress: RetrieveProgress,
         inline: InlineTarget | None,
     ) -> None:
@@ -207,13 +207,7 @@ class Completions:
                 "a retrieve's copy did not complete within %g s; its blocks will be recomputed",
                 self._timeout,
             )
-        try:
-            self.retrieve_settled(request_ids, owners, rows, future if ok else None, progress)
-        except Exception:
-            # A bug here must not leave the engine waiting forever for this retrieve.
-            logger.exception("settling a retrieve failed; its blocks will be recomputed")
-            if not progress.done():
-                self.retrieve_settled(request_ids, owners, rows, None, progress)
+        self._complete(request_ids, owners, rows, future if ok else None, progress, None)
 
     def retrieve_settled(
         self,
