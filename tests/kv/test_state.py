@@ -133,6 +133,11 @@ def register(
     return state.add_instance(client, registration, per_chunk, chunk_nbytes)
 
 
+def two_ranks(state: KVState) -> tuple[Instance, Instance]:
+    """Ranks 0 and 1 of a world of two, registered by the same client."""
+    return register(state, worker_id=0, world_size=2), register(state, worker_id=1, world_size=2)
+
+
 def keys_for(instance: Instance, chunk_hashes: list[bytes]) -> KeyBatch:
     """The worker-side key batch of ``instance``'s rank."""
     ns = instance.namespace
@@ -822,10 +827,7 @@ def test_a_retrieve_takes_one_request_id_per_key() -> None:
 
 def test_a_retrieve_releases_its_requests_pin_for_its_rank_only() -> None:
     state = make_state(slots=8)
-    rank0, rank1 = (
-        register(state, worker_id=0, world_size=2),
-        register(state, worker_id=1, world_size=2),
-    )
+    rank0, rank1 = two_ranks(state)
     stored = hashes(3, 1)
     assert store(state, rank0, stored) == [None] * 3
     assert store(state, rank1, stored) == [None] * 3
@@ -929,10 +931,7 @@ def test_the_inline_mode_takes_no_block_ids() -> None:
 
 def test_lookup_counts_only_leading_chunks_present_on_every_rank() -> None:
     state = make_state(slots=16)
-    rank0, rank1 = (
-        register(state, worker_id=0, world_size=2),
-        register(state, worker_id=1, world_size=2),
-    )
+    rank0, rank1 = two_ranks(state)
     stored = hashes(3, 1)
     assert store(state, rank0, stored) == [None] * 3
     assert count(state, "only-rank-0", stored, world_size=2) == 0
@@ -1014,10 +1013,7 @@ def test_only_the_client_that_opened_a_session_can_end_it() -> None:
 
 def test_pins_are_released_exactly_once_by_retrieve_release_pins_and_end_session() -> None:
     state = make_state(slots=8)
-    rank0, rank1 = (
-        register(state, worker_id=0, world_size=2),
-        register(state, worker_id=1, world_size=2),
-    )
+    rank0, rank1 = two_ranks(state)
     stored = hashes(3, 1)
     assert store(state, rank0, stored) == [None] * 3
     assert store(state, rank1, stored) == [None] * 3
@@ -1156,10 +1152,7 @@ def test_query_prefetch_status_answers_exactly_once_and_only_to_the_jobs_client(
 def test_a_lookup_loads_only_what_memory_lacks_and_stops_where_the_tier_does() -> None:
     tier = FakeTier()
     state = make_state(slots=8, tier=tier)
-    rank0, rank1 = (
-        register(state, worker_id=0, world_size=2),
-        register(state, worker_id=1, world_size=2),
-    )
+    rank0, rank1 = two_ranks(state)
     wanted = hashes(3, 1)
     assert store(state, rank0, wanted) == [None] * 3  # rank 0's chunks are in memory (and tier)
     tier.keys.update(h + rank1.suffix for h in wanted[:2])  # rank 1's first two in the tier only
@@ -1273,10 +1266,7 @@ def test_a_failed_load_frees_its_slot_and_the_count_stops_there() -> None:
 def test_a_prefetch_keeps_pins_only_on_the_chunks_it_counts() -> None:
     tier = FakeTier()
     state = make_state(slots=8, tier=tier)
-    rank0, rank1 = (
-        register(state, worker_id=0, world_size=2),
-        register(state, worker_id=1, world_size=2),
-    )
+    rank0, rank1 = two_ranks(state)
     wanted = hashes(3, 1)
     assert store(state, rank0, wanted) == [None] * 3  # rank 0's chunks are in memory
     tier.keys.update(h + rank1.suffix for h in wanted)  # rank 1's in the tier only
