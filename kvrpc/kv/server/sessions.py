@@ -194,13 +194,9 @@ class SessionBook:
         scheduler that looked a request up decides when it is over.
         """
         ns = self.namespaces.get((model_name, world_size))
-        if ns is None:
+        if ns is None or self._owned(client_id, ns.id, request_id) is None:
             return 0
-        key = (ns.id, request_id)
-        session = self.sessions.get(key)
-        if session is None or session.owner != client_id:
-            return 0
-        return self.end(key)
+        return self.end((ns.id, request_id))
 
     def release_pins(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int:
         """Unpin these chunks of the request's session on every rank; the session stays.
@@ -213,8 +209,8 @@ class SessionBook:
         pool = self.pool
         if ns is None or pool is None:
             return 0
-        session = self.sessions.get((ns.id, request_id))
-        if session is None or session.owner != client_id:
+        session = self._owned(client_id, ns.id, request_id)
+        if session is None:
             return 0
         released = 0
         for chunk_hash in poolkeys.chunk_hashes(keys.hashes):
@@ -224,6 +220,11 @@ class SessionBook:
                     self.release_pin(session, slot)
                     released += 1
         return released
+
+    def _owned(self, client_id: bytes, ns_id: bytes, request_id: str) -> Session | None:
+        """The request's session if ``client_id`` opened it; None if none, or another's."""
+        session = self.sessions.get((ns_id, request_id))
+        return session if session is not None and session.owner == client_id else None
 
     def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
         self.end(key)
