@@ -242,6 +242,17 @@ def evicted_to_tier(state: KVState, instance: Instance, chunk_hashes: list[bytes
     assert all(state.tier.contains(h + instance.suffix) for h in chunk_hashes)
 
 
+def prefetching(request_id: str = "r") -> tuple[KVState, Instance, list[bytes], Job]:
+    """Two chunks stored, written through and evicted from L1: a lookup's prefetch job for them."""
+    state = make_state(slots=4, tier=FakeTier())
+    instance = register(state)
+    chunk_hashes = hashes(2, 1)
+    evicted_to_tier(state, instance, chunk_hashes)
+    job = lookup(state, request_id, chunk_hashes)
+    assert isinstance(job, Job)
+    return state, instance, chunk_hashes, job
+
+
 # ------------------------------------------------------------------ client leases
 
 
@@ -315,13 +326,7 @@ def test_goodbye_releases_all_a_client_owns_at_once_without_counting_an_expiry()
 
 
 def test_a_dropped_clients_job_loads_nothing_more() -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, _, _, job = prefetching()
     first = state.sessions.prefetch_slot(job, job.to_load[0])  # a load in flight...
     assert first is not None
 
@@ -348,13 +353,7 @@ def test_a_dropped_clients_job_loads_nothing_more() -> None:
     ],
 )
 def test_an_expired_clients_refused_call_leaves_no_client_record(call: str, refusal: Any) -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state, now=0.0)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, instance, a, job = prefetching()
     assert state.expire(now=TIMEOUT + 1.0) == [instance]
     later = TIMEOUT + 2.0
     calls: dict[str, Callable[[], object]] = {
@@ -1130,13 +1129,7 @@ def test_a_lookup_of_chunks_only_in_the_tier_starts_a_job_that_loads_and_pins_th
 
 
 def test_query_prefetch_status_answers_exactly_once_and_only_to_the_jobs_client() -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, _, _, job = prefetching()
     with pytest.raises(UnknownJob):
         state.query_prefetch_status(OTHER, job.id, 0.0)
     with pytest.raises(UnknownJob):
@@ -1197,13 +1190,7 @@ def test_a_superseded_prefetch_pins_nothing() -> None:
 
 
 def test_an_ended_sessions_job_is_forgotten_and_pins_nothing() -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "slow", a)
-    assert isinstance(job, Job)
+    state, _, _, job = prefetching("slow")
 
     assert end(state, "slow") == 0  # the scheduler gave up waiting (a polling timeout)
 
@@ -1217,13 +1204,7 @@ def test_an_ended_sessions_job_is_forgotten_and_pins_nothing() -> None:
 
 @pytest.mark.parametrize("drop", ["client left", "request ended"])
 def test_a_dropped_job_counts_no_hits_or_misses(drop: str) -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, _, _, job = prefetching()
     slot = state.sessions.prefetch_slot(job, job.to_load[0])  # a load in flight...
     assert slot is not None
 
@@ -1241,13 +1222,7 @@ def test_a_dropped_job_counts_no_hits_or_misses(drop: str) -> None:
 
 
 def test_a_failed_load_frees_its_slot_and_the_count_stops_there() -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, _, _, job = prefetching()
     failed = state.sessions.prefetch_slot(job, job.to_load[0])
     assert failed is not None
     state.sessions.prefetched(job, job.to_load[0], failed, ok=False)
@@ -1303,13 +1278,7 @@ def test_a_prefetch_finds_no_room_in_a_pinned_pool_and_counts_what_is_there() ->
 
 
 def test_a_prefetch_skips_a_chunk_stored_meanwhile_and_counts_it() -> None:
-    tier = FakeTier()
-    state = make_state(slots=4, tier=tier)
-    instance = register(state)
-    a = hashes(2, 1)
-    evicted_to_tier(state, instance, a)
-    job = lookup(state, "r", a)
-    assert isinstance(job, Job)
+    state, instance, a, job = prefetching()
     assert store(state, instance, a[:1]) == [None]  # a worker stored chunk 0 again meanwhile
 
     assert len(load_all(state, job)) == 1
