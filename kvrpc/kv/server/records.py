@@ -31,7 +31,13 @@ SessionKey = tuple[bytes, str]
 
 @dataclass(eq=False)
 class Namespace:
-    """One (model name, world size): its id in pool keys, its chunk form and rank suffixes."""
+    """One (model name, world size): its id in pool keys, its chunk form and rank suffixes.
+
+    ``ranks`` maps each rank that registered on this server to its suffix, in rank order: a
+    lookup counts the chunks these ranks hold. On one host that is every rank; with a
+    server per host, each server answers for its own ranks and the scheduler takes the
+    minimum over the servers.
+    """
 
     id: bytes
     model_name: str
@@ -41,6 +47,7 @@ class Namespace:
     layout: KVLayout  #: the first registered layout (for messages)
     chunk_nbytes: int
     suffixes: list[bytes]
+    ranks: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -81,9 +88,11 @@ class Job:
     owner: bytes
     session: SessionKey
     namespace: Namespace
-    prefix: bytes  #: the hashes of the chunks the lookup matched, L1 and tier together
+    prefix: bytes  #: the hashes of the chunks the job may count: L1, tier and remote together
     to_load: list[bytes]  #: pool keys the tier holds and L1 does not
     total: int  #: keys in the lookup, for the miss count
+    #: Past the local run: per chunk, the pool keys L1 lacks, to ask a remote tier for.
+    remote: list[list[bytes]] = field(default_factory=list)
     result: int | None = None
     dropped: bool = False
 

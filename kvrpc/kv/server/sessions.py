@@ -1,8 +1,8 @@
 """Sessions, their pins and the prefetch jobs of lookups: the state core's session rules.
 
-A lookup opens a session for its request (replacing any earlier one), pins the leading
-chunks every rank holds, and may start a prefetch :class:`~kvrpc.kv.server.records.Job`
-for what the lower tier adds; a retrieve releases the pins on what it copied; ending the
+A lookup opens a session for its request (replacing its own earlier one; another client's
+is refused), pins the leading chunks every rank holds, and may start a prefetch
+:class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve releases the pins on what it copied; ending the
 session releases the rest, and drops its jobs so that they pin nothing. Every pin taken here
 is released exactly once. Part of :class:`~kvrpc.kv.server.state.KVState`, which owns the
 client leases; no I/O, no asyncio.
@@ -20,7 +20,7 @@ from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.pool import ChunkPool
 from kvrpc.kv.server.records import Client, Counters, Job, Namespace, Session, SessionKey
 
-__all__ = ["SessionBook", "TierIndex"]
+__all__ = ["RemoteIndex", "SessionBook", "TierIndex"]
 
 
 class TierIndex(Protocol):
@@ -28,6 +28,14 @@ class TierIndex(Protocol):
 
     def contains(self, key: bytes) -> bool:
         """True if the tier holds ``key``'s bytes now."""
+        ...
+
+
+class RemoteIndex(Protocol):
+    """What the state asks of a remote tier: whether to ask it at all now (its breaker)."""
+
+    def available(self) -> bool:
+        """True unless the tier is being skipped (down or slow, see its circuit breaker)."""
         ...
 
 
@@ -40,11 +48,13 @@ class SessionBook:
         namespaces: dict[tuple[str, int], Namespace],
         counters: Counters,
         tier: TierIndex | None,
+        remote: RemoteIndex | None = None,
     ) -> None:
         self.clients = clients
         self.namespaces = namespaces
         self.counters = counters
         self.tier = tier
+        self.remote = remote
         self.pool: ChunkPool | None = None
         self.sessions: dict[SessionKey, Session] = {}
         self.jobs: dict[str, Job] = {}
@@ -52,10 +62,15 @@ class SessionBook:
     def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int | Job:
         """Leading chunks present on every rank, pinned for ``request_id`` (pins replaced).
 
-        Returns a :class:`Job` instead when some of them must first be loaded from the
-        lower tier: the shell loads them (:meth:`prefetch_slot`, :meth:`prefetched`) and
+        Every rank means every rank registered on this server (:attr:`Namespace.ranks`).
+        Returns a :class:`Job` instead when some of them must first be loaded from a lower
+        tier: the disk's chunks it holds (:attr:`Job.to_load`), and, past those, the chunks
+        a remote tier may hold (:attr:`Job.remote`: the shell asks it which it has). The
+        shell loads them (:meth:`prefetch_slot`, :meth:`prefetched`) and
         :meth:`finish_prefetch` counts and pins the result. The keys carry no worker id
         (:meth:`KVState.lookup <kvrpc.kv.server.state.KVState.lookup>` refuses them first).
+        Raises :class:`~kvrpc.errors.KVError` if another client has a session of this
+        request id open: a request id names one client's session, never another's.
         """
         counters = self.counters
         counters.lookups += 1
@@ -67,13 +82,14 @@ class SessionBook:
             return 0
         session_key = (ns.id, request_id)
         session = self._open_session(client_id, session_key)
-        find, pins, suffixes = pool.lookup, session.pins, ns.suffixes
+        find, pins = pool.lookup, session.pins
+        ranks = list(ns.ranks.items())
         hashes = poolkeys.chunk_hashes(keys.hashes)
         # The hot path of a scheduler's lookup: rank by rank, each scan stopping at the first
         # chunk that rank lacks, so a rank never looks beyond where an earlier one stopped.
         matched = n
         per_rank: list[list[int]] = []
-        for suffix in suffixes:
+        for _, suffix in ranks:
             slots: list[int] = []
             for chunk_hash in hashes[:matched]:
                 slot = find(chunk_hash + suffix)
@@ -83,25 +99,30 @@ class SessionBook:
             matched = len(slots)
             per_rank.append(slots)
         to_pin: list[int] = []
-        for worker, slots in enumerate(per_rank):
+        for (worker, _), slots in zip(ranks, per_rank, strict=True):
             del slots[matched:]
             pins.update(zip(slots, itertools.repeat(worker)))
             to_pin += slots
         to_load: list[bytes] = []
         if self.tier is not None:  # past what every rank holds in memory: what the tier adds
             for chunk_hash in hashes[matched:]:
-                found = [find(chunk_hash + suffix) for suffix in suffixes]
-                missing = [chunk_hash + suffixes[w] for w, slot in enumerate(found) if slot is None]
+                missing, held = self._split(chunk_hash, ranks)
                 if not all(self.tier.contains(key) for key in missing):
                     break
                 to_load.extend(missing)
-                for worker, slot in enumerate(found):
-                    if slot is not None:
-                        pins[slot] = worker
-                        to_pin.append(slot)
+                self._mark(pins, to_pin, held)
                 matched += 1
+        remote: list[list[bytes]] = []
+        if matched < n and self.remote is not None and self.remote.available():
+            # Past the local run, a remote tier may hold the rest: the shell asks it about
+            # all of them in one round trip. L1's own slots of those chunks are pinned, so
+            # that loading the rest cannot evict them; finish_prefetch releases the unused.
+            for chunk_hash in hashes[matched:]:
+                missing, held = self._split(chunk_hash, ranks)
+                remote.append(missing)
+                self._mark(pins, to_pin, held)
         pool.pin_many(to_pin)
-        if not to_load:
+        if not to_load and not remote:
             counters.hits += matched
             counters.misses += n - matched
             return matched
@@ -110,15 +131,39 @@ class SessionBook:
             client_id,
             session_key,
             ns,
-            keys.hashes[: matched * HASH_SIZE],
+            keys.hashes[: (matched + len(remote)) * HASH_SIZE],
             to_load,
             n,
+            remote=remote,
         )
         self.jobs[job.id] = job
         self.clients[client_id].jobs.add(job.id)
         session.jobs.add(job.id)
         counters.prefetch_jobs += 1
         return job
+
+    def _split(
+        self, chunk_hash: bytes, ranks: list[tuple[int, bytes]]
+    ) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """The chunk's pool keys that L1 lacks, and ``(slot, worker)`` of those it holds."""
+        find = self._pool().lookup
+        missing: list[bytes] = []
+        held: list[tuple[int, int]] = []
+        for worker, suffix in ranks:
+            slot = find(chunk_hash + suffix)
+            if slot is None:
+                missing.append(chunk_hash + suffix)
+            else:
+                held.append((slot, worker))
+        return missing, held
+
+    @staticmethod
+    def _mark(pins: dict[int, int], to_pin: list[int], held: list[tuple[int, int]]) -> None:
+        """Mark held slots to be pinned for the session (each slot once)."""
+        for slot, worker in held:
+            if slot not in pins:
+                pins[slot] = worker
+                to_pin.append(slot)
 
     def prefetch_slot(self, job: Job, key: bytes) -> int | None:
         """A slot to load ``key`` into, or None: the job was dropped, or the key is present."""
@@ -154,13 +199,14 @@ class SessionBook:
         if session is not None:
             counted: set[int] = set()
             for chunk_hash in poolkeys.chunk_hashes(job.prefix):
-                found = [pool.lookup(chunk_hash + suffix) for suffix in job.namespace.suffixes]
-                present = [slot for slot in found if slot is not None]
+                ranks = job.namespace.ranks
+                found = [(pool.lookup(chunk_hash + s), w) for w, s in ranks.items()]
+                present = [(slot, worker) for slot, worker in found if slot is not None]
                 if len(present) != len(found):
                     break
-                for worker, slot in enumerate(present):
+                for slot, worker in present:
                     self._pin(session, slot, worker)
-                counted.update(present)
+                counted.update(slot for slot, _ in present)
                 matched += 1
             for slot in [slot for slot in session.pins if slot not in counted]:
                 self.release_pin(session, slot)
@@ -214,7 +260,7 @@ class SessionBook:
             return 0
         released = 0
         for chunk_hash in poolkeys.chunk_hashes(keys.hashes):
-            for suffix in ns.suffixes:
+            for suffix in ns.ranks.values():
                 slot = pool.lookup(chunk_hash + suffix)
                 if slot is not None and slot in session.pins:
                     self.release_pin(session, slot)
@@ -227,6 +273,13 @@ class SessionBook:
         return session if session is not None and session.owner == client_id else None
 
     def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
+        earlier = self.sessions.get(key)
+        if earlier is not None and earlier.owner != client_id:
+            raise KVError(
+                f"request id {key[1]!r} names another client's open session on this server; "
+                "request ids are scoped by their engine (the adapters' engine_id): give "
+                "each engine its own"
+            )
         self.end(key)
         session = self.sessions[key] = Session(client_id)
         self.clients[client_id].sessions.add(key)

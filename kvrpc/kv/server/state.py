@@ -37,7 +37,7 @@ from kvrpc.kv.server.records import (
     RetrievePlan,
     StorePlan,
 )
-from kvrpc.kv.server.sessions import SessionBook, TierIndex
+from kvrpc.kv.server.sessions import RemoteIndex, SessionBook, TierIndex
 
 __all__ = ["KVState", "batch_problems"]
 
@@ -50,12 +50,18 @@ class KVState:
     """The decisions of a KV server; see the module docstring.
 
     ``chunk_size`` is tokens per chunk; a client silent for ``client_timeout`` seconds is
-    dropped by :meth:`expire`; ``tier`` is the lower tier's index, if there is one. The pool
+    dropped by :meth:`expire`; ``tier`` is the lower tier's index, if there is one, and
+    ``remote`` a remote tier's breaker (lookups ask it what L1 and ``tier`` lack). The pool
     is made by the shell (pinning gigabytes takes a while) and given with :meth:`set_pool`.
     """
 
     def __init__(
-        self, *, chunk_size: int, client_timeout: float, tier: TierIndex | None = None
+        self,
+        *,
+        chunk_size: int,
+        client_timeout: float,
+        tier: TierIndex | None = None,
+        remote: RemoteIndex | None = None,
     ) -> None:
         if chunk_size < 1:
             raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
@@ -70,7 +76,7 @@ class KVState:
         self.instances: dict[int, Instance] = {}
         self.clients: dict[bytes, Client] = {}
         #: The sessions' pins and the lookups' prefetch jobs (the session rules).
-        self.sessions = SessionBook(self.clients, self.namespaces, self.counters, tier)
+        self.sessions = SessionBook(self.clients, self.namespaces, self.counters, tier, remote)
 
     # ------------------------------------------------------------------ client leases
 
@@ -198,6 +204,9 @@ class KVState:
             form = poolkeys.chunk_form(spec.layout)
             ns = Namespace(ns_id, *key, spec.block_size, form, spec.layout, chunk_nbytes, suffixes)
             self.namespaces[key] = ns
+        if spec.worker_id not in ns.ranks:
+            ns.ranks[spec.worker_id] = ns.suffixes[spec.worker_id]
+            ns.ranks = dict(sorted(ns.ranks.items()))
         instance_id = secrets.randbits(62)
         while instance_id in self.instances:
             instance_id = secrets.randbits(62)
