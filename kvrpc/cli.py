@@ -75,6 +75,31 @@ def _parser() -> argparse.ArgumentParser:
         help="sample the event loop's lag every millisecond; kv.stats reports it (benchmarks)",
     )
     serve.add_argument("--disk-size", type=_positive_float, default=16.0, help="disk tier GiB")
+    redis = serve.add_argument_group(
+        "Redis tier", "a store shared by the servers of several hosts (needs kvrpc[redis])"
+    )
+    redis.add_argument(
+        "--redis-url", help="redis://HOST:PORT/DB or rediss:// (TLS) of a Redis tier below L1"
+    )
+    redis.add_argument(
+        "--redis-cluster", action="store_true", help="the URL is a node of a Redis Cluster"
+    )
+    redis.add_argument("--redis-prefix", default="kvrpc:", help="what every key starts with")
+    redis.add_argument(
+        "--redis-ttl", type=_positive_float, help="seconds before a chunk expires (default: never)"
+    )
+    redis.add_argument(
+        "--redis-write-budget",
+        type=_positive_float,
+        default=0.25,
+        help="GiB of writes queued for Redis; past it writes are dropped and counted",
+    )
+    redis.add_argument(
+        "--redis-timeout",
+        type=_positive_float,
+        default=1.0,
+        help="seconds any Redis operation may take before the tier is skipped and probed",
+    )
     serve.set_defaults(run=_run_serve)
 
     demo = commands.add_parser(
@@ -204,6 +229,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         client_timeout=args.client_timeout,
         disk_dir=args.disk_dir,
         disk_size=args.disk_size,
+        redis_url=args.redis_url,
+        redis_cluster=args.redis_cluster,
+        redis_prefix=args.redis_prefix,
+        redis_ttl=args.redis_ttl,
+        redis_write_budget=args.redis_write_budget,
+        redis_timeout=args.redis_timeout,
         loop_probe=args.loop_probe,
         cuda_group_mib=args.cuda_group_mib,
     )
@@ -216,6 +247,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             f"kvrpc ready {url} chunk_size={args.chunk_size} "
             f"cpu_buffer_size={args.cpu_buffer_size:g}GiB max_workers={args.max_workers}"
             + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else "")
+            + (f" redis={_redacted(args.redis_url)}" if args.redis_url else "")
             + (
                 " unauthenticated: any process that reaches this address can read, write and "
                 "clear the cache; shm and cuda_ipc workers are refused here"
@@ -358,6 +390,16 @@ def _run_bench_import(args: argparse.Namespace) -> int:
     from kvrpc.bench.rpc import measure_import
 
     return _report(measure_import(args.runs), args.json)
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for what the server prints."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
 
 
 def _positive_int(text: str) -> int:

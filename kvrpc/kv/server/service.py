@@ -39,7 +39,7 @@ from kvrpc.kv.server.pool import ChunkPool
 from kvrpc.kv.server.records import Instance, StorePlan
 from kvrpc.kv.server.state import KVState
 from kvrpc.kv.server.tiering import Tiering
-from kvrpc.kv.server.tiers import LowerTier
+from kvrpc.kv.server.tiers import LowerTier, RemoteTier
 from kvrpc.loopwatch import LoopLagProbe
 from kvrpc.server import PeerInfo, RPCServer, current_peer
 
@@ -56,10 +56,11 @@ class KVService:
     ``chunk_size`` is tokens per chunk; ``cpu_buffer_bytes`` bounds the L1 pool (its slots
     are sized by the first registered layout); ``copy_workers`` is the number of copy
     threads; a client silent for ``client_timeout`` seconds is dropped with everything it
-    owns. ``cuda_group_bytes`` sizes each of a GPU copy engine's two staging buffers. On a
-    host with CUDA the pool is pinned, so that GPU copies run at PCIe speed. Open it
-    (``async with``) on the server's loop before serving: that starts the task that drops
-    silent clients.
+    owns. ``lower_tier`` is this host's disk tier, ``remote_tier`` a store shared by many
+    servers (Redis), each optional. ``cuda_group_bytes`` sizes each of a GPU copy engine's
+    two staging buffers. On a host with CUDA the pool is pinned, so that GPU copies run at
+    PCIe speed. Open it (``async with``) on the server's loop before serving: that starts
+    the task that drops silent clients (and a remote tier's writers and probe).
     """
 
     def __init__(
@@ -70,17 +71,28 @@ class KVService:
         copy_workers: int = 2,
         client_timeout: float = 8.0,
         lower_tier: LowerTier | None = None,
+        remote_tier: RemoteTier | None = None,
         cuda_group_bytes: int = 256 << 20,
         loop_probe: bool = False,
     ) -> None:
         if cpu_buffer_bytes < 1:
             raise KVConfigError(f"the CPU buffer must be at least 1 byte, not {cpu_buffer_bytes}")
-        self.state = KVState(chunk_size=chunk_size, client_timeout=client_timeout, tier=lower_tier)
+        self.state = KVState(
+            chunk_size=chunk_size,
+            client_timeout=client_timeout,
+            tier=lower_tier,
+            remote=remote_tier,
+        )
         self.cpu_buffer_bytes = cpu_buffer_bytes
         self.lower_tier = lower_tier
+        self.remote_tier = remote_tier
         self.cpu = CpuCopies(copy_workers)
         self.gpu = GpuCopies(cuda_group_bytes, client_timeout, self._start)
-        self.tiering = None if lower_tier is None else Tiering(self.state, lower_tier, self._start)
+        self.tiering = (
+            None
+            if lower_tier is None and remote_tier is None
+            else Tiering(self.state, self._start, disk=lower_tier, remote=remote_tier)
+        )
         self.mappings = Mappings(self.state, self.cpu, self.gpu, cpu_buffer_bytes)
         self._loop_probe = loop_probe
         self._probe: LoopLagProbe | None = None
@@ -126,6 +138,8 @@ class KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
         group = await self._tasks.open()
         group.start_soon(self._expire_silent_clients)
+        if self.remote_tier is not None:
+            group.start_soon(self.remote_tier.run)
         if self._loop_probe:
             self._probe = LoopLagProbe(asyncio.get_running_loop()).start()
         return self
@@ -147,6 +161,8 @@ class KVService:
         await self.gpu.aclose()
         if self.lower_tier is not None:
             await self.lower_tier.aclose()
+        if self.remote_tier is not None:
+            await self.remote_tier.aclose()
 
     def _start(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         """Run ``fn(*args)`` in the service's task group, from a task or a read callback."""
@@ -273,7 +289,7 @@ class KVService:
     ) -> StorePlan:
         plan = self.state.begin_store(instance, keys, block_ids)
         while plan.waiting:
-            assert self.tiering is not None  # only saves make a key wait
+            assert self.tiering is not None  # only disk saves make a key wait
             await self.tiering.save_finished()
             self.state.reserve(plan)
         return plan
@@ -281,7 +297,7 @@ class KVService:
     def _settle_store(self, plan: StorePlan, error: str | None) -> None:
         saves = self.state.settle_store(plan, error)
         if self.tiering is not None:
-            self.tiering.write_through(saves, plan.instance.chunk_nbytes)
+            self.tiering.stored(plan, saves, committed=error is None)
 
     async def retrieve(
         self,
@@ -433,6 +449,9 @@ class KVService:
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
                 report[f"tier_{name}"] = value
+        if self.remote_tier is not None:
+            for name, value in self.remote_tier.stats().items():
+                report[f"redis_{name}"] = value
         report.update(self.gpu.stats())
         if self._probe is not None:
             report.update(self._probe.take())  # since the last kv.stats

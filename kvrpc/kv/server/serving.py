@@ -29,7 +29,10 @@ class KVServerSettings:
     both the server's BLOCKING pool and the copy threads; a client silent for
     ``client_timeout`` seconds loses what it registered, pinned and started. ``disk_dir``
     turns on a disk tier of ``disk_size`` GiB below L1: every stored chunk is written
-    through to it, and lookups prefetch from it what L1 has evicted. ``loop_probe`` samples
+    through to it, and lookups prefetch from it what L1 has evicted. ``redis_url`` turns on
+    a Redis tier (``redis_cluster``: a Redis Cluster) shared by many servers: stores are
+    queued for it within ``redis_write_budget`` GiB, lookups ask it what L1 and disk miss;
+    see :class:`~kvrpc.kv.server.tiers.redistier.RedisSettings`. ``loop_probe`` samples
     the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
     ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
     """
@@ -41,6 +44,12 @@ class KVServerSettings:
     client_timeout: float = 8.0
     disk_dir: str | None = None
     disk_size: float = 16.0
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    redis_prefix: str = "kvrpc:"
+    redis_ttl: float | None = None
+    redis_write_budget: float = 0.25
+    redis_timeout: float = 1.0
     loop_probe: bool = False
     cuda_group_mib: int = 256
 
@@ -64,12 +73,26 @@ async def serve_kv(
         from kvrpc.kv.server.tiers.disk import DiskTier
 
         tier = DiskTier(settings.disk_dir, int(settings.disk_size * GB))
+    remote = None
+    if settings.redis_url is not None:
+        from kvrpc.kv.server.tiers.redistier import RedisSettings, RedisTier
+
+        redis_settings = RedisSettings(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            prefix=settings.redis_prefix,
+            ttl=settings.redis_ttl,
+            write_budget=int(settings.redis_write_budget * GB),
+            timeout=settings.redis_timeout,
+        )
+        remote = RedisTier(redis_settings, chunk_tokens=settings.chunk_size)
     service = KVService(
         chunk_size=settings.chunk_size,
         cpu_buffer_bytes=settings.cpu_buffer_bytes,
         copy_workers=settings.max_workers,
         client_timeout=settings.client_timeout,
         lower_tier=tier,
+        remote_tier=remote,
         loop_probe=settings.loop_probe,
         cuda_group_bytes=settings.cuda_group_mib << 20,
     )

@@ -2,10 +2,10 @@
 
 A lookup opens a session for its request (replacing its own earlier one; another client's
 is refused), pins the leading chunks every rank holds, and may start a prefetch
-:class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve releases the pins on what it copied; ending the
-session releases the rest, and drops its jobs so that they pin nothing. Every pin taken here
-is released exactly once. Part of :class:`~kvrpc.kv.server.state.KVState`, which owns the
-client leases; no I/O, no asyncio.
+:class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve releases
+the pins on what it copied; ending the session releases the rest, and drops its jobs so
+that they pin nothing. Every pin taken here is released exactly once. Part of
+:class:`~kvrpc.kv.server.state.KVState`, which owns the client leases; no I/O, no asyncio.
 """
 
 from __future__ import annotations

@@ -336,6 +336,18 @@ class KVState:
         self._require_pool().unpin_many(slot for _, slot in saves)
         self.saving -= len(saves)
 
+    def lend(self, slot: int) -> None:
+        """Pin a committed slot while a remote tier's writer reads it.
+
+        Unlike a disk save it is not counted in :attr:`saving`: a store never waits for a
+        remote write (their bytes are bounded by the tier's write budget instead).
+        """
+        self._require_pool().pin(slot)
+
+    def returned(self, slot: int) -> None:
+        """The remote tier's writer is done with a slot :meth:`lend` pinned."""
+        self._require_pool().unpin(slot)
+
     def abandon_store(self, plan: StorePlan) -> None:
         """A cancelled store's copies are over: free its reserved slots unwritten."""
         pool = self._require_pool()

@@ -1,6 +1,6 @@
-"""Lower tiers behind the L1 pool: the one interface, and the disk tier that implements it."""
+"""Tiers behind the L1 pool: their interfaces, the disk tier, and (with redis-py) Redis."""
 
-from kvrpc.kv.server.tiers.base import LowerTier
+from kvrpc.kv.server.tiers.base import LowerTier, RemoteTier
 from kvrpc.kv.server.tiers.disk import DiskTier
 
-__all__ = ["DiskTier", "LowerTier"]
+__all__ = ["DiskTier", "LowerTier", "RemoteTier"]

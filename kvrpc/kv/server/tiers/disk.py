@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import enum
 import functools
 import logging
@@ -32,6 +31,7 @@ from typing import TypeVar
 import torch
 
 from kvrpc.errors import KVConfigError, KVError
+from kvrpc.kv.server.tiers.memory import memory_of
 
 __all__ = ["DiskTier"]
 
@@ -350,21 +350,6 @@ def _tensor_problem(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _memory_of(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous 1-D uint8 CPU tensor's memory, without a copy.
-
-    torch tensors do not export the buffer protocol (and numpy is not a dependency), so the
-    view goes through ctypes: an array type of the right length placed at ``data_ptr()``.
-    The view does not keep the tensor alive. It is safe because each thread function holds
-    a reference to the tensor until it has dropped the view, and the tier's callers keep the
-    tensor's storage in place (no resize) and unused by others until the awaited call returns.
-    """
-    n = tensor.numel()
-    if n == 0:
-        return memoryview(bytearray())
-    return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
-
-
 def _unlink_all(paths: list[str]) -> list[OSError]:
     """Delete ``paths``; returns the errors (a file already gone is not one)."""
     errors: list[OSError] = []
@@ -398,7 +383,7 @@ def _write_file(directory: str, path: str, data: torch.Tensor) -> None:
     fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
     try:
         with open(fd, "wb", buffering=0) as file:
-            view = _memory_of(source)
+            view = memory_of(source)
             written = 0
             while written < len(view):
                 written += file.write(view[written:])
@@ -419,7 +404,7 @@ def _read_into(path: str, out: torch.Tensor) -> _Read:
         with open(path, "rb", buffering=0) as file:
             if os.fstat(file.fileno()).st_size != size:
                 return _Read.WRONG_SIZE
-            view = _memory_of(target)
+            view = memory_of(target)
             got = 0
             while got < size:
                 n = file.readinto(view[got:])

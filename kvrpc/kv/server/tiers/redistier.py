@@ -1,0 +1,409 @@
+"""A remote tier on Redis (or Valkey), one node or a Redis Cluster, shared by many servers.
+
+Every server of a fleet writes the chunks it stores behind L1 and reads, on a lookup that
+L1 and disk miss, the chunks any of them wrote: a fresh server on a new host is warm from
+its first lookup. Keys and values are :mod:`~kvrpc.kv.server.tiers.values`'s.
+
+It never holds anything up:
+
+- **Writes** are offered, never awaited: a chunk goes into a queue bounded by
+  ``write_budget`` bytes while its L1 slot stays pinned (so the queue copies nothing and the
+  server's memory does not grow). Past the budget, or while the tier is skipped, the write
+  is dropped and counted. ``writers`` tasks send the queue, parts first and header last.
+- **Reads** come in two steps of one round trip each: the headers of a batch (which chunks
+  the store has, and what their bytes must be), then each chunk's parts, copied into its
+  slot and checked against the header's length and CRC off the loop. A header or a CRC
+  that does not match is a miss, counted, and deleted.
+- **Deadlines and a breaker.** Every operation has ``timeout`` seconds. A connection error
+  or a timeout opens the :class:`~kvrpc.kv.server.tiers.breaker.Breaker`: lookups stop
+  asking and writes are dropped (counted as skipped) until a PING probe, sent with backoff
+  by :meth:`RedisTier.run`, works again. An error reply (``OOM`` from a full store, say)
+  is counted but is no reason to stop reading.
+
+Used from the server's event loop only; redis-py's asyncio client does its socket work
+there without blocking, and the byte copies and CRCs run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvrpc.errors import KVConfigError
+from kvrpc.kv.server.records import Namespace
+from kvrpc.kv.server.tiers import values
+from kvrpc.kv.server.tiers.breaker import Breaker
+from kvrpc.kv.server.tiers.memory import memory_of
+from kvrpc.kv.server.tiers.values import Header
+
+__all__ = ["RedisSettings", "RedisTier"]
+
+logger = logging.getLogger("kvrpc.kv")
+
+_KNOWN_KEYS = 1 << 16  # pool keys remembered as held by the store, so they are not rewritten
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the store is and how the tier uses it (``kvrpc serve --redis-*``).
+
+    ``url`` is ``redis://``, ``rediss://`` (TLS) or ``unix://``; ``cluster`` treats it as one
+    node of a Redis Cluster. Keys start with ``prefix``; ``ttl`` (seconds) makes them expire.
+    ``write_budget`` bounds the bytes of queued writes; ``timeout`` bounds every operation.
+    ``part_bytes`` splits larger chunks into parts (read in parallel, and spread over a
+    cluster's nodes). ``connections`` bounds the parallel operations.
+    """
+
+    url: str
+    cluster: bool = False
+    prefix: str = "kvrpc:"
+    ttl: float | None = None
+    write_budget: int = 256 << 20
+    timeout: float = 1.0
+    part_bytes: int = 4 << 20
+    writers: int = 4
+    connections: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("write_budget", "part_bytes", "writers", "connections"):
+            if getattr(self, name) < 1:
+                raise KVConfigError(f"the Redis tier's {name} must be at least 1")
+        if self.timeout <= 0 or (self.ttl is not None and self.ttl <= 0):
+            raise KVConfigError("the Redis tier's timeout and ttl must be positive seconds")
+
+
+@dataclass(eq=False)
+class _Write:
+    base: bytes
+    key: bytes
+    namespace_id: bytes
+    data: torch.Tensor
+    done: Callable[[], None]
+
+
+class RedisTier:
+    """The Redis tier (see the module doc); :meth:`run` must run while it is used."""
+
+    def __init__(self, settings: RedisSettings, *, chunk_tokens: int, client: Any = None) -> None:
+        self.settings = settings
+        self.chunk_tokens = chunk_tokens
+        self._prefix = settings.prefix.encode()
+        self._client = client if client is not None else _connect(settings)
+        self.breaker = Breaker()
+        self._queue: deque[_Write] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._limit = asyncio.Semaphore(settings.connections)
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        self._closed = False
+        self._counts = dict.fromkeys(
+            (
+                "writes", "write_bytes", "write_dropped", "write_skipped", "write_errors",
+                "finds", "hits", "misses", "loads", "load_bytes", "corrupt", "errors",
+                "timeouts", "probes",
+            ),
+            0,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the breaker
+
+    def available(self) -> bool:
+        """True unless the tier is skipped (it failed; a probe will say when it is back)."""
+        return self.breaker.allows() and not self._closed
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        was_up = self.breaker.allows()
+        self.breaker.failed(time.monotonic())
+        self._counts["timeouts" if isinstance(error, TimeoutError) else "errors"] += 1
+        if was_up:
+            logger.warning(
+                "redis tier: %s failed (%s); skipping the tier, probing again in %.2f s",
+                what,
+                _describe(error),
+                self.breaker.backoff,
+            )
+
+    # ------------------------------------------------------------------ writes
+
+    def offer(
+        self, ns: Namespace, key: bytes, data: torch.Tensor, done: Callable[[], None]
+    ) -> bool:
+        """Queue ``data`` (the 1-D uint8 bytes of ``key``'s chunk) for writing; never waits.
+
+        True if queued: ``done`` is then called once the tier no longer reads ``data``. False
+        (``done`` not called) if the store is known to hold the chunk, the tier is skipped,
+        or the queue has no room in its byte budget; the last two are counted.
+        """
+        if key in self._known:
+            self._known.move_to_end(key)
+            return False
+        if not self.available():
+            self._counts["write_skipped"] += 1
+            return False
+        nbytes = data.numel()
+        if self._queued_bytes + nbytes > self.settings.write_budget:
+            self._counts["write_dropped"] += 1
+            return False
+        base = self._base(ns, key)
+        self._queue.append(_Write(base, key, ns.id, data, done))
+        self._queued_bytes += nbytes
+        self._wake.set()
+        return True
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            write = self._queue.popleft()
+            try:
+                if self.available():
+                    await self._write(write)
+                else:
+                    self._counts["write_skipped"] += 1
+            finally:
+                self._queued_bytes -= write.data.numel()
+                write.done()
+
+    async def _write(self, write: _Write) -> None:
+        view = memory_of(write.data)
+        spans = values.part_spans(len(view), self.settings.part_bytes)
+        crc = await asyncio.to_thread(values.checksum, view)
+        header = values.pack_header(write.namespace_id, len(view), len(spans), crc)
+        ttl = self._ttl_ms()
+        parts = values.part_keys(write.base, len(spans))
+        try:
+            async with self._limit, asyncio.timeout(self.settings.timeout):
+                # Parts first, the header once they are all acknowledged: a reader that finds
+                # the header finds every part (on a cluster, the parts live on other nodes).
+                pipe = self._client.pipeline(transaction=False)
+                for name, (start, end) in zip(parts, spans, strict=True):
+                    pipe.set(name, view[start:end], px=ttl)
+                await pipe.execute()
+                await self._client.set(values.header_key(write.base), header, px=ttl)
+        except (TimeoutError, OSError, _redis_errors().ConnectionError) as error:
+            self._failed("a write", error)
+            return
+        except _redis_errors().RedisError as error:
+            self._counts["write_errors"] += 1
+            logger.warning("redis tier: a write was refused: %s", _describe(error))
+            return
+        self._counts["writes"] += 1
+        self._counts["write_bytes"] += len(view)
+        self._remember(write.key)
+
+    # ------------------------------------------------------------------ reads
+
+    async def find(self, ns: Namespace, keys: Sequence[bytes]) -> list[Header | None]:
+        """The headers of these chunks, in one round trip; None for each chunk it lacks.
+
+        All None if the tier is skipped or does not answer in time. A header that is not
+        this format, names another namespace, or another length than ``ns``'s chunks is
+        counted as corrupt, deleted, and None.
+        """
+        if not keys or not self.available():
+            return [None] * len(keys)
+        bases = [self._base(ns, key) for key in keys]
+        try:
+            async with self._limit, asyncio.timeout(self.settings.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for base in bases:
+                    pipe.get(values.header_key(base))
+                raw = await pipe.execute()
+        except (TimeoutError, OSError, _redis_errors().RedisError) as error:
+            self._failed("a lookup", error)
+            return [None] * len(keys)
+        self.breaker.succeeded()
+        self._counts["finds"] += 1
+        found: list[Header | None] = []
+        bad: list[bytes] = []
+        for key, base, value in zip(keys, bases, raw, strict=True):
+            header = values.unpack_header(value)
+            if value is not None and (
+                header is None or header.namespace_id != ns.id or header.nbytes != ns.chunk_nbytes
+            ):
+                bad.append(base)
+                header = None
+            found.append(header)
+            if header is not None:
+                self._remember(key)
+        self._counts["hits"] += sum(h is not None for h in found)
+        self._counts["misses"] += sum(h is None for h in found)
+        if bad:
+            await self._discard(bad, [1] * len(bad))
+        return found
+
+    async def load(self, ns: Namespace, key: bytes, header: Header, out: torch.Tensor) -> bool:
+        """Copy the chunk :meth:`find` gave ``header`` for into ``out``; False if it cannot.
+
+        False when a part is gone (expired or evicted since), the bytes do not add up to
+        the header's length or CRC (counted as corrupt and deleted), or the store fails or
+        is too slow. After False, ``out``'s contents are unspecified.
+        """
+        if not self.available():
+            return False
+        base = self._base(ns, key)
+        try:
+            async with self._limit, asyncio.timeout(self.settings.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for name in values.part_keys(base, header.parts):
+                    pipe.get(name)
+                parts = await pipe.execute()
+        except (TimeoutError, OSError, _redis_errors().RedisError) as error:
+            self._failed("a load", error)
+            return False
+        if any(part is None for part in parts):
+            self._forget(key)  # expired or evicted part by part: the header goes too
+            await self._discard([base], [header.parts], count=False)
+            return False
+        if not await asyncio.to_thread(_fill, out, parts, header):
+            self._counts["corrupt"] += 1
+            logger.warning("redis tier: a chunk's bytes do not match its header; deleting it")
+            self._forget(key)
+            await self._discard([base], [header.parts], count=False)
+            return False
+        self._counts["loads"] += 1
+        self._counts["load_bytes"] += header.nbytes
+        return True
+
+    async def _discard(self, bases: list[bytes], parts: list[int], *, count: bool = True) -> None:
+        if count:
+            self._counts["corrupt"] += len(bases)
+            logger.warning("redis tier: %d chunk header(s) of another format; deleting", len(bases))
+        names = [values.header_key(b) for b in bases]
+        for base, n in zip(bases, parts, strict=True):
+            names += values.part_keys(base, n)
+        with contextlib.suppress(TimeoutError, OSError, _redis_errors().RedisError):
+            async with asyncio.timeout(self.settings.timeout):
+                pipe = self._client.pipeline(transaction=False)
+                for name in names:  # one DEL per key: a cluster's keys live on several nodes
+                    pipe.delete(name)
+                await pipe.execute()
+
+    # ------------------------------------------------------------------ background, report
+
+    async def run(self) -> None:
+        """The writers and the probe, until cancelled; start it beside the server."""
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.settings.writers):
+                group.create_task(self._writer())
+            group.create_task(self._prober())
+
+    async def _prober(self) -> None:
+        breaker = self.breaker
+        while True:
+            await asyncio.sleep(breaker.wait(time.monotonic()))
+            if not breaker.probe_due(time.monotonic()):
+                continue
+            self._counts["probes"] += 1
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    await self._client.ping()
+            except (TimeoutError, OSError, _redis_errors().RedisError) as error:
+                breaker.failed(time.monotonic())
+                logger.debug("redis tier: probe failed (%s)", _describe(error))
+                continue
+            breaker.succeeded()
+            logger.warning("redis tier: the store answers again; using it")
+
+    def stats(self) -> dict[str, int]:
+        """Counters, the write queue and the breaker's state (0 up, 1 skipped, 2 probing).
+
+        ``hits``/``misses`` count chunks :meth:`find` asked for; ``write_dropped`` writes
+        past the budget, ``write_skipped`` writes while skipped; ``trips`` times it opened.
+        """
+        return {
+            **self._counts,
+            "state": int(self.breaker.state),
+            "trips": self.breaker.trips,
+            "write_budget": self.settings.write_budget,
+            "write_queued_bytes": self._queued_bytes,
+            "write_queued": len(self._queue),
+        }
+
+    async def aclose(self) -> None:
+        """Drop the queued writes (their slots are released) and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._queue:
+            write = self._queue.popleft()
+            self._queued_bytes -= write.data.numel()
+            self._counts["write_dropped"] += 1
+            write.done()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    def _base(self, ns: Namespace, key: bytes) -> bytes:
+        return values.key_base(self._prefix, ns.model_name, ns.world_size, self.chunk_tokens, key)
+
+    def _ttl_ms(self) -> int | None:
+        ttl = self.settings.ttl
+        return None if ttl is None else max(1, int(ttl * 1000))
+
+    def _remember(self, key: bytes) -> None:
+        self._known[key] = None
+        self._known.move_to_end(key)
+        if len(self._known) > _KNOWN_KEYS:
+            self._known.popitem(last=False)
+
+    def _forget(self, key: bytes) -> None:
+        self._known.pop(key, None)
+
+
+def _fill(out: torch.Tensor, parts: list[bytes], header: Header) -> bool:
+    """Copy ``parts`` into ``out`` back to back; True if length and CRC match the header."""
+    view = memory_of(out)
+    if sum(len(p) for p in parts) != header.nbytes or len(view) != header.nbytes:
+        return False
+    offset = 0
+    for part in parts:
+        view[offset : offset + len(part)] = part
+        offset += len(part)
+    return values.checksum(view) == header.crc
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _redis_errors() -> Any:
+    import redis.exceptions
+
+    return redis.exceptions
+
+
+def _connect(settings: RedisSettings) -> Any:
+    """A redis-py asyncio client for ``settings``; an install hint if redis-py is missing."""
+    try:
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+    except ImportError as error:
+        raise KVConfigError("the Redis tier needs redis-py: pip install 'kvrpc[redis]'") from error
+    # The tier's own deadline and breaker decide what a failure costs; the client's retries
+    # would only stretch a failing operation past its deadline.
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": settings.timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": settings.connections + settings.writers,
+    }
+    try:
+        if settings.cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            return RedisCluster.from_url(settings.url, **options)
+        return redis.asyncio.Redis.from_url(settings.url, **options)
+    except ValueError as error:
+        raise KVConfigError(f"--redis-url {settings.url!r}: {error}") from error

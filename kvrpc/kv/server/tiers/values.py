@@ -1,0 +1,103 @@
+"""How a chunk is kept in a key-value store: key names, the header, the parts. Pure.
+
+A chunk of pool key ``hash + namespace id + worker`` is kept under ``<base>:h``, a fixed
+header, and ``<base>:0 .. <base>:<parts-1>``, its bytes in parts of at most ``part_bytes``,
+where ``<base>`` is ``prefix``, the model's name, ``w<world size>/r<rank>``, the namespace
+id (which names the layout), ``c<chunk tokens>`` and the chunk hash, in hex:
+
+    kvrpc:llama-8b/w2/r1/3f2a...e1/c256/9b0c...77:h
+
+The header says what the parts must add up to: a format version, the namespace id, the
+length, the number of parts and a CRC-32 of the bytes. A reader checks all of it, and
+treats any mismatch as a miss, so bytes written under another layout, cut short, or
+corrupted are never loaded. Parts are written first and the header last, so a header
+names parts that were all written.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+from kvrpc.kv.keys import HASH_SIZE
+from kvrpc.kv.server.poolkeys import NAMESPACE_ID_SIZE, worker_of
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "Header",
+    "checksum",
+    "header_key",
+    "key_base",
+    "pack_header",
+    "part_keys",
+    "part_spans",
+    "unpack_header",
+]
+
+FORMAT_VERSION: Final = 1
+_MAGIC: Final = b"KVRC"
+_HEADER: Final = struct.Struct("<4sHH8sQI")  # magic, version, parts, namespace id, length, crc
+HEADER_SIZE: Final = _HEADER.size
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a chunk's header says about its parts."""
+
+    namespace_id: bytes
+    nbytes: int
+    parts: int
+    crc: int
+
+
+def key_base(
+    prefix: bytes, model: str, world_size: int, chunk_tokens: int, pool_key: bytes
+) -> bytes:
+    """The name every key of this chunk starts with (see the module doc)."""
+    ns_id = pool_key[HASH_SIZE : HASH_SIZE + NAMESPACE_ID_SIZE]
+    # Braces would make a Redis Cluster hash tag of the model's name, putting every chunk
+    # of a model on one node; the name is for people reading keys, so they are replaced.
+    name = model.replace("{", "(").replace("}", ")")
+    middle = f"{name}/w{world_size}/r{worker_of(pool_key)}/{ns_id.hex()}/c{chunk_tokens}/"
+    return prefix + middle.encode() + pool_key[:HASH_SIZE].hex().encode()
+
+
+def header_key(base: bytes) -> bytes:
+    """The key of a chunk's header."""
+    return base + b":h"
+
+
+def part_keys(base: bytes, parts: int) -> list[bytes]:
+    """The keys of a chunk's parts, in order."""
+    return [base + b":%d" % i for i in range(parts)]
+
+
+def part_spans(nbytes: int, part_bytes: int) -> list[tuple[int, int]]:
+    """``(start, end)`` byte offsets of each part of an ``nbytes`` chunk (at least one)."""
+    if part_bytes < 1:
+        raise ValueError(f"parts hold at least 1 byte, not {part_bytes}")
+    starts = range(0, max(nbytes, 1), part_bytes)
+    return [(start, min(start + part_bytes, nbytes)) for start in starts]
+
+
+def checksum(data: memoryview | bytes) -> int:
+    """The CRC-32 of ``data`` (zlib's, which releases the GIL on large buffers)."""
+    return zlib.crc32(data)
+
+
+def pack_header(namespace_id: bytes, nbytes: int, parts: int, crc: int) -> bytes:
+    """The header of a chunk of ``nbytes`` bytes in ``parts`` parts with CRC ``crc``."""
+    return _HEADER.pack(_MAGIC, FORMAT_VERSION, parts, namespace_id, nbytes, crc)
+
+
+def unpack_header(raw: bytes | None) -> Header | None:
+    """The header in ``raw``, or None if it is missing, cut short, or not this format."""
+    if raw is None or len(raw) != HEADER_SIZE:
+        return None
+    magic, version, parts, ns_id, nbytes, crc = _HEADER.unpack(raw)
+    if magic != _MAGIC or version != FORMAT_VERSION or parts < 1:
+        return None
+    return Header(ns_id, nbytes, parts, crc)
