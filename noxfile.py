@@ -13,7 +13,9 @@ CONSTRAINTS = ("-c", "constraints.txt")
 # The core and both transport plugins, editable: the plugins register their URL schemes
 # through entry points, which only an install provides.
 # The transformers and plot extras: the engine driver's tests and `kvrpc bench e2e`.
-PACKAGES = ("-e", ".[dev,transformers,plot]", "-e", "transports/zmq", "-e", "transports/unix")
+# The redis extra: the Redis tier's tests run against a real redis-server (installed by
+# tools/ensure-redis-server.sh where it is absent).
+PACKAGES = ("-e", ".[dev,transformers,plot,redis]", "-e", "transports/zmq", "-e", "transports/unix")
 LINTED = ("kvrpc", "transports", "tests", "examples", "noxfile.py")
 TYPED = ("kvrpc", "transports/zmq/kvrpc_zmq", "transports/unix/kvrpc_unix")
 
@@ -29,13 +31,15 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     # torch is not needed to type-check: kvrpc imports it lazily and mypy treats it as Any.
     session.install(
-        "mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10", "pyzmq>=25", "pytest>=8"
-    )
+        *CONSTRAINTS, "mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10",
+        "pyzmq>=25", "pytest>=8", "redis",
+    )  # fmt: skip
     session.run("mypy", "--strict", *TYPED)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
+    session.run("bash", "tools/ensure-redis-server.sh", external=True)
     session.install(*CONSTRAINTS, *PACKAGES)
     # -rs prints why each skipped test was skipped (GPU tests on machines without one).
     session.run("pytest", "-rs", *session.posargs)

@@ -147,10 +147,19 @@ class KVServer:
 
 
 def start_kv_server(
-    url: str, *, slots: int = 64, client_timeout: float = 10.0, disk_dir: Path | None = None
+    url: str,
+    *,
+    slots: int = 64,
+    client_timeout: float = 10.0,
+    disk_dir: Path | None = None,
+    **extra: Any,
 ) -> KVServer:
-    """Serve a KVService with a pool of ``slots`` chunk slots at ``url``, in a thread."""
+    """Serve a KVService with a pool of ``slots`` chunk slots at ``url``, in a thread.
+
+    ``extra`` are more :class:`KVServerSettings` fields (``redis_url``, say).
+    """
     settings = KVServerSettings(
+        **extra,
         url=url,
         chunk_size=CHUNK,
         cpu_buffer_size=slots * SLOT / GB,
