@@ -1383,3 +1383,56 @@ def test_a_pool_key_is_the_hash_the_namespace_and_the_worker(worker_id: int) -> 
     assert [poolkeys.worker_of(key) for key in keys] == [worker_id] * 3
     assert poolkeys.chunk_hashes(b"".join(chunk_hashes)) == chunk_hashes
     assert poolkeys.pool_keys(b"", suffix) == [] and poolkeys.chunk_hashes(b"") == []
+
+
+# ------------------------------------------------------------------ a remote tier
+
+
+class Remote:
+    """A remote tier's breaker as the state sees it: only ``available`` (the shell asks it)."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    def available(self) -> bool:
+        return self.up
+
+
+def test_a_lookup_past_l1_hands_the_rest_to_an_available_remote_tier_pinning_what_l1_has() -> None:
+    remote = Remote()
+    state = KVState(chunk_size=CHUNK, client_timeout=TIMEOUT, remote=remote)
+    state.set_pool(ChunkPool(16 * SLOT, SLOT, pin_memory=False))
+    rank0, rank1 = two_ranks(state)
+    prompt_hashes = hashes(4, 60)
+    assert store(state, rank0, prompt_hashes[:3]) == [None] * 3
+    assert store(state, rank1, prompt_hashes[:1]) == [None]
+    job = lookup(state, "r", prompt_hashes, world_size=2)
+    assert isinstance(job, Job) and job.to_load == []
+    ns = rank0.namespace
+    # Chunk 0 is local on both ranks; chunks 1-2 lack rank 1 only, chunk 3 both ranks.
+    assert job.remote == [
+        [prompt_hashes[1] + ns.ranks[1]],
+        [prompt_hashes[2] + ns.ranks[1]],
+        [prompt_hashes[3] + ns.ranks[0], prompt_hashes[3] + ns.ranks[1]],
+    ]
+    assert job.prefix == b"".join(prompt_hashes)
+    assert state.pool is not None and state.pool.pinned_slots == 4  # L1's 2 + 2 of rank 0
+    # Nothing came from the remote tier: the job counts the local run, releasing the rest.
+    assert state.sessions.finish_prefetch(job) == 1
+    assert state.pool.pinned_slots == 2
+    remote.up = False  # skipped: the lookup answers at once, as without a remote tier
+    assert count(state, "r2", prompt_hashes, world_size=2) == 1
+
+
+def test_a_lookup_of_a_request_id_another_client_holds_open_is_refused_and_changes_nothing() -> (
+    None
+):
+    state = make_state(slots=8)
+    instance = register(state)
+    stored = hashes(2, 61)
+    assert store(state, instance, stored) == [None, None]
+    assert count(state, "shared-id", stored) == 2
+    with pytest.raises(KVError, match="another client's open session"):
+        lookup(state, "shared-id", stored, client=OTHER)
+    assert state.pool is not None and state.pool.pinned_slots == 2
+    assert state.end_session(ME, MODEL, 1, "shared-id", 0.0) == 2
