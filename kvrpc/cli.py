@@ -205,6 +205,19 @@ def _parser() -> argparse.ArgumentParser:
     slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     slow.set_defaults(run=_run_bench_slow_reader)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
+    tier = benches.add_parser(
+        "tier", help="the Redis tier's prefetch rate beside plain redis-py (needs kvrpc[redis])"
+    )
+    tier.add_argument("--redis-url", help="a Redis to use (default: start a local redis-server)")
+    tier.add_argument("--cluster", action="store_true", help="a 3-node local Redis Cluster")
+    tier.add_argument("--quick", action="store_true", help="16 chunks of 2 MiB, three rounds")
+    tier.add_argument("--chunks", type=_positive_int, help="chunks fetched per round [64]")
+    tier.add_argument("--chunk-mib", type=_positive_float, help="MiB per chunk [16]")
+    tier.add_argument("--part-mib", type=_positive_float, help="MiB per Redis value [4]")
+    tier.add_argument("--rounds", type=_positive_int, help="rounds per reader, interleaved [5]")
+    tier.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    tier.set_defaults(run=_run_bench_tier)
+
     imports.add_argument("--runs", type=int, default=15)
     imports.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     imports.set_defaults(run=_run_bench_import)
@@ -384,6 +397,12 @@ def _run_bench_slow_reader(args: argparse.Namespace) -> int:
 
     figures = asyncio.run(run_slow_reader_bench(args.url, args.seconds, args.rounds))
     return _report(figures, args.json)
+
+
+def _run_bench_tier(args: argparse.Namespace) -> int:
+    from kvrpc.bench.tier import TierBenchOptions, run_tier_bench
+
+    return _report(run_tier_bench(TierBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:
