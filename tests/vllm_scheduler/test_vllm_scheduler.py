@@ -86,10 +86,13 @@ class Engine:
         context = multiprocessing.get_context("spawn")
         self.pipes = []
         self.workers = []
+        engine_id = self.config.kv_transfer_config.engine_id
         for rank in range(TP):
             ours, theirs = context.Pipe()
             worker = context.Process(
-                target=harness.worker_main, args=(theirs, model, extra, rank, TP), daemon=True
+                target=harness.worker_main,
+                args=(theirs, model, extra, rank, TP, engine_id),
+                daemon=True,
             )
             worker.start()
             self.pipes.append(ours)

@@ -57,8 +57,18 @@ def save_tiny_model() -> str:
     return path
 
 
-def vllm_config(model: str, extra: dict[str, Any], tp: int = 2, rank: int = 0) -> Any:
-    """vLLM's own VllmConfig for the tiny model, with KvrpcConnector and ``extra``."""
+def vllm_config(
+    model: str,
+    extra: dict[str, Any],
+    tp: int = 2,
+    rank: int = 0,
+    engine_id: str | None = None,
+) -> Any:
+    """vLLM's own VllmConfig for the tiny model, with KvrpcConnector and ``extra``.
+
+    ``engine_id`` is the scheduler's, for a worker's config: vLLM hands its workers the
+    engine's own config, engine id included, where this harness builds one per process.
+    """
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
@@ -83,7 +93,9 @@ def vllm_config(model: str, extra: dict[str, Any], tp: int = 2, rank: int = 0) -
         ),
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
         # vLLM's default kv_load_failure_policy ("fail"): the connector makes it "recompute".
-        kv_transfer_config=KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra),
+        kv_transfer_config=KVTransferConfig(
+            **CONNECTOR, engine_id=engine_id, kv_connector_extra_config=extra
+        ),
         device_config=DeviceConfig("cpu"),
         parallel_config=ParallelConfig(tensor_parallel_size=tp),
     )
@@ -140,7 +152,9 @@ def wrong_blocks(layer: torch.Tensor, index: int, rank: int, reads: list[Any]) -
     return set(blocks[wrong].tolist())
 
 
-def worker_main(conn: Connection, model: str, extra: dict[str, Any], rank: int, tp: int) -> None:
+def worker_main(
+    conn: Connection, model: str, extra: dict[str, Any], rank: int, tp: int, engine_id: str
+) -> None:
     """A tensor-parallel rank's worker process, driven over ``conn`` (see the module doc)."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -148,7 +162,7 @@ def worker_main(conn: Connection, model: str, extra: dict[str, Any], rank: int, 
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.worker.utils import allocate_kv_cache
 
-    config = vllm_config(model, extra, tp, rank)
+    config = vllm_config(model, extra, tp, rank, engine_id)
     cache_config = kv_cache_config(tp)
     try:
         connector = KVConnectorFactory.create_connector(

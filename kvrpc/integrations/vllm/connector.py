@@ -4,6 +4,11 @@ This module imports vLLM. The rules it follows live in :mod:`.plan` (what each s
 :mod:`.layouts` (what vLLM's tensors are) and :mod:`.settings` (what it was told); here they
 are only wired to vLLM's calls.
 
+Both roles scope their request ids by vLLM's engine id (``kv_transfer_config.engine_id``,
+which vLLM makes once per engine and hands to the scheduler and every worker in the same
+config), so engines sharing a server never touch each other's sessions. ``kvrpc.url`` may
+list one server per host: the scheduler asks them all, each worker its own host's.
+
 Scheduler role: one :class:`~kvrpc.kv.client.scheduler.SchedulerAdapter`. Lookups never block vLLM's
 scheduler loop: ``get_num_new_matched_tokens`` answers ``None`` (ask again next step) while
 the server has not answered, and a miss once ``kvrpc.lookup_timeout`` has passed. Loads are
@@ -26,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +48,7 @@ from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
-from kvrpc.kv.client import SchedulerAdapter, WorkerAdapter
+from kvrpc.kv.client import SchedulerAdapter, WorkerAdapter, server_for_rank
 from kvrpc.transport import default_url
 
 if TYPE_CHECKING:
@@ -135,14 +141,20 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 "--disable-hybrid-kv-cache-manager, or use a model with full attention only"
             )
         settings = self.settings
-        self.url = settings.url or default_url()
+        urls = settings.urls or [default_url()]
+        self.engine_id = _engine_id(transfer_config)
         self.block_size = int(vllm_config.cache_config.block_size)
         self.model_name = settings.model_name or str(vllm_config.model_config.model)
         parallel = vllm_config.parallel_config
         world_size, rank = int(parallel.world_size), int(parallel.rank)
         tp = int(parallel.tensor_parallel_size)
         self.use_mla = bool(getattr(vllm_config.model_config, "use_mla", False))
-        ranks = kv_ranks(world_size, rank, tp, self.use_mla)
+        if len(urls) > world_size:
+            raise KVConfigError(
+                f"kvrpc.url lists {len(urls)} servers for {world_size} vLLM ranks; give one "
+                "per host, in host order (see docs/vllm.md, 'Several hosts')"
+            )
+        ranks = kv_ranks(world_size, rank, tp, self.use_mla, len(urls))
         self.kv_world_size, self.kv_rank, self.is_kv_writer = (
             ranks.world_size,
             ranks.rank,
@@ -162,8 +174,16 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 # cache: a chunk it cannot load is computed, never a failed request.
                 logger.info("kv_load_failure_policy 'fail' -> 'recompute': kvrpc is a cache")
                 transfer_config.kv_load_failure_policy = "recompute"
+            self.url = ", ".join(urls)
             self.scheduler = SchedulerAdapter(
-                self.url, self.model_name, self.kv_world_size, 0, self.block_size, **options
+                urls,
+                self.model_name,
+                self.kv_world_size,
+                0,
+                self.block_size,
+                engine_id=self.engine_id,
+                lookup_timeout=settings.lookup_timeout,
+                **options,
             )
             self.plan = SchedulerPlan(
                 self.scheduler.chunk_size,
@@ -174,6 +194,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._asked: dict[str, float] = {}
             self._matched: dict[str, int] = {}
         else:
+            # Picked by vLLM's own rank, which says where the process runs; the kv rank
+            # does not (with MLA a whole stage shares one).
+            self.url = server_for_rank(urls, rank, world_size)
             self.worker = WorkerAdapter(
                 self.url,
                 self.model_name,
@@ -181,6 +204,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self.kv_rank,
                 self.block_size,
                 retrieve_deadline=settings.retrieve_deadline,
+                engine_id=self.engine_id,
                 **options,
             )
             self._seen_worker_stats = _worker_counters(self.worker)
@@ -498,6 +522,21 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _count(self, **counts: int) -> None:
         for key, value in counts.items():
             self._stats[key] = self._stats.get(key, 0) + value
+
+
+def _engine_id(transfer_config: Any) -> str:
+    """The engine id vLLM made (a uuid, in KVTransferConfig), or a fresh one where it has none.
+
+    vLLM's ids are uuids, free of the ``/`` that kvrpc puts between an engine id and a
+    request id; any other ``/`` is replaced, so that the scoping stays unambiguous. A fresh
+    id is this process's own: the workers' then differ from the scheduler's, so their
+    retrieves leave the request's pins to its end_session instead of releasing them.
+    """
+    engine_id = getattr(transfer_config, "engine_id", None)
+    if not engine_id:
+        engine_id = uuid.uuid4().hex
+        logger.info("vLLM gave no engine id; kvrpc scopes this engine's requests by %s", engine_id)
+    return str(engine_id).replace("/", "_")
 
 
 def _one_group(block_ids: tuple[list[int], ...] | None) -> list[int]:

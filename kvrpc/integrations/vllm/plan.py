@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvrpc.kv.client import LoadStoreOp
+from kvrpc.kv.client.hosts import host_of_rank
 from kvrpc.kv.keys import hashes_from_tokens
 
 __all__ = ["KVRanks", "Phase", "ReleasePins", "SchedulerPlan", "Transfer", "kv_ranks"]
@@ -45,19 +46,26 @@ class KVRanks:
     writer: bool
 
 
-def kv_ranks(world_size: int, rank: int, tensor_parallel: int, use_mla: bool) -> KVRanks:
+def kv_ranks(
+    world_size: int, rank: int, tensor_parallel: int, use_mla: bool, hosts: int = 1
+) -> KVRanks:
     """The world size and rank in kvrpc's keys of vLLM rank ``rank`` of ``world_size``.
 
     Each rank holds its own shard of the KV cache, so it is a rank of its own, except with
     MLA: one latent cache serves every tensor-parallel rank of a pipeline stage, so the
     stage is one kvrpc rank (vLLM numbers ranks stage by stage, ``rank // tensor_parallel``
-    is the stage), stored by the stage's first rank and loaded by all of them.
+    is the stage), stored by the stage's first rank and loaded by all of them. With the
+    engine's ranks on ``hosts`` hosts (one server each, see
+    :func:`~kvrpc.kv.client.hosts.host_of_rank`), a stage that spans hosts is stored by its
+    first rank on each host, since the others load from their own host's server.
     """
     if not use_mla:
         return KVRanks(world_size, rank, True)
-    return KVRanks(
-        world_size // tensor_parallel, rank // tensor_parallel, rank % tensor_parallel == 0
+    first_of_stage = rank % tensor_parallel == 0
+    first_on_host = first_of_stage or (
+        host_of_rank(rank, world_size, hosts) != host_of_rank(rank - 1, world_size, hosts)
     )
+    return KVRanks(world_size // tensor_parallel, rank // tensor_parallel, first_on_host)
 
 
 class Phase(enum.Enum):

@@ -11,9 +11,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kvrpc.errors import KVConfigError
+from kvrpc.errors import InvalidURL, KVConfigError
+from kvrpc.kv.client.hosts import server_urls
+from kvrpc.transport import parse_url
 
 __all__ = ["PREFIX", "ConnectorSettings"]
 
@@ -31,9 +33,12 @@ class ConnectorSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str | None = Field(
+    url: str | list[str] | None = Field(
         default=None,
-        description="The kvrpc server's URL; unset: the default of `kvrpc serve` on this host.",
+        description=(
+            "The kvrpc server's URL, or a list of one per host (in host order) for an engine "
+            "whose workers span hosts; unset: the default of `kvrpc serve` on this host."
+        ),
     )
     model_name: str | None = Field(
         default=None,
@@ -77,6 +82,24 @@ class ConnectorSettings(BaseModel):
             "in the messages) for vLLM's own CPU caches."
         ),
     )
+
+    @field_validator("url")
+    @classmethod
+    def _urls_are_urls(cls, url: str | list[str] | None) -> str | list[str] | None:
+        # Refused at start, naming the bad entry, rather than at the first connect.
+        if url is None:
+            return None
+        try:
+            for each in server_urls(url):
+                parse_url(each)
+        except (ValueError, InvalidURL) as exc:
+            raise ValueError(str(exc)) from None
+        return url
+
+    @property
+    def urls(self) -> list[str] | None:
+        """``url`` as a list, one URL per host; None when unset."""
+        return None if self.url is None else server_urls(self.url)
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorSettings:

@@ -2,7 +2,8 @@
 
 :func:`prompt_hashes` turns a prompt, given one of three ways, into its chunk hashes (the
 scheduler's lookups and the workers' transfers use the same rule); :func:`plan_chunks` turns
-a batch of ops into the keys, block-id rows and owning request of every whole chunk moved.
+a batch of ops into the keys, block-id rows and owning request of every whole chunk moved;
+:func:`scoped_request_id` is the request id the server sees for an engine's request.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from kvrpc.kv.keys import (
 )
 from kvrpc.kv.layout import SKIP_BLOCK
 
-__all__ = ["NO_BLOCKS", "ChunkPlan", "LoadStoreOp", "plan_chunks", "prompt_hashes"]
+__all__ = [
+    "NO_BLOCKS",
+    "ChunkPlan",
+    "LoadStoreOp",
+    "check_engine_id",
+    "plan_chunks",
+    "prompt_hashes",
+    "scoped_request_id",
+]
 
 #: The block-id rows of a message that carries the chunks' bytes instead (inline stores).
 NO_BLOCKS = torch.empty(0, dtype=torch.int64)
@@ -57,6 +66,30 @@ class LoadStoreOp:
     def first_written_block(self, block_size: int) -> int:
         """The first block a retrieve may write: blocks before it hold skipped tokens."""
         return -(-(self.start + self.skip_first_n_tokens) // block_size)
+
+
+def check_engine_id(engine_id: str | None) -> str | None:
+    """``engine_id`` if it can scope request ids; raises ``ValueError`` if it cannot.
+
+    An empty id, or one holding ``/`` (the separator :func:`scoped_request_id` puts
+    between the engine id and the request id), could make two engines' ids collide.
+    """
+    if engine_id is not None and (not engine_id or "/" in engine_id):
+        raise ValueError(f"engine id {engine_id!r} must be a non-empty string without '/'")
+    return engine_id
+
+
+def scoped_request_id(engine_id: str | None, request_id: str) -> str:
+    """The id the server knows ``request_id`` of engine ``engine_id`` by.
+
+    A server keeps a session (its pins, its prefetch jobs) per request id, and request ids
+    are unique only inside the engine that made them (vLLM counts them from the same
+    start in every engine). Prefixing the engine id keeps two engines on one server apart:
+    with an engine id free of ``/`` (see :func:`check_engine_id`), everything before the
+    first ``/`` is the engine. ``None`` (one engine per server, plain library use) leaves
+    the id as it is.
+    """
+    return request_id if engine_id is None else f"{engine_id}/{request_id}"
 
 
 def prompt_hashes(

@@ -20,9 +20,17 @@ from kvrpc.futures import MessagingFuture
 from kvrpc.kv import protocols
 from kvrpc.kv.client.completions import Completions, InlineTarget
 from kvrpc.kv.client.events import EventRing, Ready, wait_for
+from kvrpc.kv.client.hosts import server_for_rank, server_urls
 from kvrpc.kv.client.ledger import RequestLedger
 from kvrpc.kv.client.link import ServerLink
-from kvrpc.kv.client.ops import NO_BLOCKS, ChunkPlan, LoadStoreOp, plan_chunks
+from kvrpc.kv.client.ops import (
+    NO_BLOCKS,
+    ChunkPlan,
+    LoadStoreOp,
+    check_engine_id,
+    plan_chunks,
+    scoped_request_id,
+)
 from kvrpc.kv.client.progress import RetrieveProgress
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout, LayoutKind, gather_chunks
@@ -57,11 +65,18 @@ class WorkerAdapter:
       to start; past it, it fails, but only once no late copy can write the blocks.
     * CPU tensors from :func:`kvrpc.kv.shared_empty`: ``shm`` (the server copies the blocks
       itself); or ``transfer_mode="inline"`` to send the bytes in the messages (any host).
+
+    ``server_url`` is one URL, or one per host of an engine that spans hosts, in host order:
+    then this worker talks to ``server_for_rank(urls, kv_rank, world_size)`` (see
+    :mod:`~kvrpc.kv.client.hosts`: ranks in contiguous blocks per host); an engine that
+    places ranks otherwise picks the URL itself. ``engine_id`` must be its scheduler's
+    (see :class:`~kvrpc.kv.client.scheduler.SchedulerAdapter`): a retrieve names its
+    requests' sessions by it, and releases their pins as it copies.
     """
 
     def __init__(
         self,
-        server_url: str,
+        server_url: str | Sequence[str],
         model_name: str,
         world_size: int,
         kv_rank: int,
@@ -69,6 +84,7 @@ class WorkerAdapter:
         *,
         transfer_mode: TransferMode | None = None,
         retrieve_deadline: float | None = None,
+        engine_id: str | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         keepalive_interval: float = 2.0,
@@ -81,8 +97,9 @@ class WorkerAdapter:
         self.block_size = block_size
         self.transfer_mode = transfer_mode
         self.retrieve_deadline = retrieve_deadline
+        self.engine_id = check_engine_id(engine_id)
         self._link = ServerLink(
-            server_url,
+            server_for_rank(server_urls(server_url), kv_rank, world_size),
             block_size,
             timeout=timeout,
             connect_timeout=connect_timeout,
@@ -291,15 +308,20 @@ class WorkerAdapter:
             ready = self._ready_after(event)
         else:
             wait_for(event)
+        engine_id = self.engine_id
+        # The server's names for the chunks' sessions; the ledger keeps the engine's own.
+        wire_owners = (
+            owners if engine_id is None else [scoped_request_id(engine_id, o) for o in owners]
+        )
         try:
             if ready is not None:
                 deadline = None if self.retrieve_deadline is None else float(self.retrieve_deadline)
                 protocol = protocols.RETRIEVE_CUDA_LAYERS if layerwise else protocols.RETRIEVE_CUDA
                 future = self._link.submit(
-                    protocol, instance_id, owners, keys, rows, ready.handle, deadline
+                    protocol, instance_id, wire_owners, keys, rows, ready.handle, deadline
                 )
             else:
-                future = self._link.submit(protocols.RETRIEVE, instance_id, owners, keys, rows)
+                future = self._link.submit(protocols.RETRIEVE, instance_id, wire_owners, keys, rows)
         except KvrpcError as exc:
             logger.warning("retrieve not sent, its blocks will be recomputed: %s", exc)
             self._give_back(ready)
