@@ -30,10 +30,13 @@ def redis_available() -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A free loopback port whose cluster bus port (the port + 10000) is a port too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port + 10000 <= 65535:
+            return port
 
 
 class RedisProcess:
