@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         "/tmp/kvrpc-<uid>/kvrpc.sock: a socket only this user can reach)",
     )
     serve.add_argument(
+        "--also-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="serve the same cache on this URL too (repeatable): the host's workers on a local "
+        "socket, schedulers of other hosts on zmq+tcp://",
+    )
+    serve.add_argument(
         "--cpu-buffer-size", type=_positive_float, default=1.0, help="L1 pool size in GiB"
     )
     serve.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per chunk")
@@ -233,9 +241,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     url = _server_url(args)
     # Only a local socket says who its peers are; say so where anyone may connect.
-    exposed = parse_url(url).scheme not in ("unix", "zmq+ipc", "inproc")
+    exposed = any(
+        parse_url(each).scheme not in ("unix", "zmq+ipc", "inproc")
+        for each in [url, *args.also_url]
+    )
     settings = KVServerSettings(
         url=url,
+        also_urls=tuple(args.also_url),
         cpu_buffer_size=args.cpu_buffer_size,
         chunk_size=args.chunk_size,
         max_workers=args.max_workers,
@@ -257,7 +269,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.stop)
         print(
-            f"kvrpc ready {url} chunk_size={args.chunk_size} "
+            f"kvrpc ready {' '.join([url, *args.also_url])} chunk_size={args.chunk_size} "
             f"cpu_buffer_size={args.cpu_buffer_size:g}GiB max_workers={args.max_workers}"
             + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else "")
             + (f" redis={_redacted(args.redis_url)}" if args.redis_url else "")

@@ -297,3 +297,49 @@ def test_an_mla_stage_spanning_hosts_is_stored_by_its_first_rank_on_each_host() 
     # On one host, as before: only each stage's first rank; without MLA, every rank.
     assert [r for r in range(16) if kv_ranks(16, r, 16, True).writer] == [0]
     assert all(kv_ranks(4, r, 4, False, hosts=2).writer for r in range(4))
+
+
+# ------------------------------------------------------------------ one server, two URLs
+
+
+def test_one_server_serves_the_same_cache_on_a_local_socket_and_over_tcp(
+    tmp_path: Path, kv_cache: Callable[..., list[torch.Tensor]]
+) -> None:
+    """Workers register (shared memory) on the local socket; a scheduler asks over TCP."""
+    import socket
+
+    from .conftest import start_kv_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tcp = f"zmq+tcp://127.0.0.1:{port}"
+    server = start_kv_server(f"unix://{tmp_path}/kv.sock", also_urls=(tcp,))
+    worker = WorkerAdapter(server.url, MODEL, 1, 0, BLOCK)
+    scheduler = PollingSchedulerAdapter(tcp, MODEL, 1, 0, BLOCK)
+    try:
+        layers = kv_cache()
+        worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+        tokens = prompt(2, seed=5)
+        store_all([(worker, layers)], "s", LoadStoreOp(blocks(0, 2), token_ids=tokens))
+        scheduler.maybe_submit_lookup_request("r", token_ids=tokens)
+        assert scheduler.check_lookup_result("r") == 2 * CHUNK
+        assert server.stats()["pinned_chunks"] == 2  # the scheduler's session, over TCP
+        scheduler.end_session("r")
+        server.wait_stats("the session over TCP ended", pinned_chunks=0)
+    finally:
+        scheduler.close()
+        worker.close()
+        server.stop()
+
+
+def test_the_connector_takes_a_workers_local_url_beside_the_schedulers_list() -> None:
+    settings = ConnectorSettings.from_extra_config(
+        {
+            "kvrpc.url": ["zmq+tcp://10.0.0.1:5555", "zmq+tcp://10.0.0.2:5555"],
+            "kvrpc.worker_url": "unix:///run/kvrpc/kv.sock",
+        }
+    )
+    assert settings.worker_url == "unix:///run/kvrpc/kv.sock"
+    with pytest.raises(KVConfigError, match="worker_url"):
+        ConnectorSettings.from_extra_config({"kvrpc.worker_url": "nonsense"})

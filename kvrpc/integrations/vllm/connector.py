@@ -196,7 +196,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         else:
             # Picked by vLLM's own rank, which says where the process runs; the kv rank
             # does not (with MLA a whole stage shares one).
-            self.url = server_for_rank(urls, rank, world_size)
+            self.url = settings.worker_url or server_for_rank(urls, rank, world_size)
             self.worker = WorkerAdapter(
                 self.url,
                 self.model_name,

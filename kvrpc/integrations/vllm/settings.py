@@ -40,6 +40,14 @@ class ConnectorSettings(BaseModel):
             "whose workers span hosts; unset: the default of `kvrpc serve` on this host."
         ),
     )
+    worker_url: str | None = Field(
+        default=None,
+        description=(
+            "The URL this host's workers use instead of their entry in `kvrpc.url`: a local "
+            "socket of the same server (`kvrpc serve --also-url`), which GPU and shared-memory "
+            "caches need, where `kvrpc.url` lists TCP URLs for the scheduler."
+        ),
+    )
     model_name: str | None = Field(
         default=None,
         min_length=1,
@@ -83,7 +91,7 @@ class ConnectorSettings(BaseModel):
         ),
     )
 
-    @field_validator("url")
+    @field_validator("url", "worker_url")
     @classmethod
     def _urls_are_urls(cls, url: str | list[str] | None) -> str | list[str] | None:
         # Refused at start, naming the bad entry, rather than at the first connect.

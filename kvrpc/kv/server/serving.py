@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
@@ -38,6 +39,8 @@ class KVServerSettings:
     """
 
     url: str | None = None  #: None: :func:`kvrpc.transport.default_url`
+    #: More URLs serving the same cache: workers on a local socket, schedulers over TCP.
+    also_urls: tuple[str, ...] = ()
     cpu_buffer_size: float = 1.0
     chunk_size: int = 256
     max_workers: int = 4
@@ -103,6 +106,14 @@ async def serve_kv(
     url = settings.url if settings.url is not None else default_url()
     server = RPCServer(url, registry=kv_registry(), max_workers=settings.max_workers)
     service.register(server)
+    # One service behind every URL: a host's workers register on a local socket (the only
+    # kind that may map their memory) while a scheduler on another host asks over TCP.
+    also = [
+        RPCServer(extra, registry=kv_registry(), max_workers=settings.max_workers)
+        for extra in settings.also_urls
+    ]
+    for extra_server in also:
+        service.register(extra_server)
     # Before listening: a first registration would otherwise pay CUDA's start-up, stalling
     # the loop for every client (see GpuCopies.start_cuda).
     started = time.perf_counter()
@@ -110,10 +121,12 @@ async def serve_kv(
     if gpus:
         took_ms = (time.perf_counter() - started) * 1e3
         logger.info("CUDA started on %d GPU(s) in %.0f ms", gpus, took_ms)
-    async with service, server:
+    async with service, server, contextlib.AsyncExitStack() as stack:
+        for extra_server in also:
+            await stack.enter_async_context(extra_server)
         logger.info(
             "ready: kv server on %s: chunks of %d tokens, CPU buffer %.2f GiB, %d workers",
-            url,
+            ", ".join([url, *settings.also_urls]),
             settings.chunk_size,
             settings.cpu_buffer_size,
             settings.max_workers,
