@@ -105,7 +105,8 @@ async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
         if tier.stats()["writes"] != len(keys):
             raise RuntimeError(f"the bench could not write its chunks: {tier.stats()}")
         outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in keys]
-        bases = [tier._base(ns, key) for key in keys]  # the keys both readers fetch
+        prefix = settings.prefix.encode()
+        bases = [values.key_base(prefix, ns.model_name, 1, 256, key) for key in keys]
         parts = len(values.part_spans(nbytes, settings.part_bytes))
         names = [values.part_keys(base, parts) for base in bases]
         total = nbytes * len(keys)

@@ -198,9 +198,9 @@ class SessionBook:
         session = None if job.dropped else self.sessions.get(job.session)
         if session is not None:
             counted: set[int] = set()
+            ranks = list(job.namespace.ranks.items())
             for chunk_hash in poolkeys.chunk_hashes(job.prefix):
-                ranks = job.namespace.ranks
-                found = [(pool.lookup(chunk_hash + s), w) for w, s in ranks.items()]
+                found = [(pool.lookup(chunk_hash + s), w) for w, s in ranks]
                 present = [(slot, worker) for slot, worker in found if slot is not None]
                 if len(present) != len(found):
                     break
