@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     gpu.set_defaults(run=_run_bench_gpu)
     e2e = benches.add_parser(
-        "e2e", help="time to first token on a real model (random weights): miss vs hit"
+        "e2e", help="time to first token on a real model (random weights): miss vs hit (L1/Redis)"
     )
     e2e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a tiny model")
     e2e.add_argument("--quick", action="store_true", help="1k and 4k prompts, two rounds")
@@ -200,6 +200,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     e2e.add_argument("--layers", type=_positive_int, help="layers of the model [32]")
     e2e.add_argument("--rounds", type=_positive_int, help="timed rounds per length [5]")
+    e2e.add_argument(
+        "--tier",
+        choices=("l1", "redis"),
+        default="l1",
+        help="serve hits from L1, or from a local redis-server (L1 emptied before each) [l1]",
+    )
     e2e.add_argument("--plot", metavar="PNG", help="draw TTFT against prompt length (matplotlib)")
     e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     e2e.set_defaults(run=_run_bench_e2e)
@@ -214,15 +220,28 @@ def _parser() -> argparse.ArgumentParser:
     slow.set_defaults(run=_run_bench_slow_reader)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     tier = benches.add_parser(
-        "tier", help="the Redis tier's prefetch rate beside plain redis-py (needs kvrpc[redis])"
+        "tier", help="the Redis tier: prefetch rate, lookup cost, RSS in an outage (kvrpc[redis])"
     )
     tier.add_argument("--redis-url", help="a Redis to use (default: start a local redis-server)")
     tier.add_argument("--cluster", action="store_true", help="a 3-node local Redis Cluster")
-    tier.add_argument("--quick", action="store_true", help="16 chunks of 2 MiB, three rounds")
+    tier.add_argument(
+        "--only", nargs="+", metavar="FIGURE", help="prefetch, lookup, outage [all three]"
+    )
+    tier.add_argument("--quick", action="store_true", help="small sizes, a 5 s outage")
     tier.add_argument("--chunks", type=_positive_int, help="chunks fetched per round [64]")
     tier.add_argument("--chunk-mib", type=_positive_float, help="MiB per chunk [16]")
     tier.add_argument("--part-mib", type=_positive_float, help="MiB per Redis value [4]")
     tier.add_argument("--rounds", type=_positive_int, help="rounds per reader, interleaved [5]")
+    tier.add_argument("--lookups", type=_positive_int, help="timed lookups per server [2000]")
+    tier.add_argument("--interleave", type=_positive_int, help="turns the lookups take [5]")
+    tier.add_argument(
+        "--outage", choices=("kill", "pause"), default="kill", help="how Redis goes down"
+    )
+    tier.add_argument(
+        "--outage-seconds", type=_positive_float, help="seconds of stores while down [60]"
+    )
+    tier.add_argument("--pool-gib", type=_positive_float, help="the outage server's L1 [1]")
+    tier.add_argument("--budget-gib", type=_positive_float, help="its --redis-write-budget [0.25]")
     tier.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     tier.set_defaults(run=_run_bench_tier)
 

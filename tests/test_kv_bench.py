@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kvrpc.bench.gpu import first_transfer_figures
+from kvrpc.testing.redis_server import redis_available
 
 
 def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path: Path) -> None:
@@ -82,6 +85,43 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
         assert row["kv_bytes"] == length * 2 * 2 * 2 * 16 * 4  # layers, K and V, heads, dim, fp32
     assert figures["decode_steps_during_stores"] > 0
     assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not redis_available(), reason="needs redis-server and redis-cli")
+def test_e2e_bench_with_the_redis_tier_serves_every_hit_from_redis(tmp_path: Path) -> None:
+    # A smoke run against a real redis-server: each hit finds L1 empty and loads its whole
+    # prefix from Redis (the bench checks that itself and fails otherwise; the counters here
+    # say it again), and the figures name the tier and where a Redis hit starts to pay.
+    out, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    command = ["bench", "e2e", "--device", "cpu", "--tier", "redis", "--lengths", "256", "512"]
+    files = ["--json", str(out), "--plot", str(plot)]
+    done = subprocess.run(
+        [sys.executable, "-m", "kvrpc", *command, "--rounds", "1", *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["tier"] == "redis"
+    hits_per_length = 2 + 2 * 1  # two untimed (whole, layer-wise), then one of each a round
+    for length in (256, 512):
+        row = figures[f"ttft_{length}"]
+        assert row["hit_cached_tokens"] == length  # the whole prefix, none recomputed
+        assert row["redis_chunks_loaded_per_hit"] == length // 256
+        for name in ("miss", "hit", "hit_layerwise", "suffix_only"):
+            assert 0 < row[name]["min"] <= row[name]["median"] <= row[name]["max"]
+        assert row["miss_to_hit"] > 0
+    # Every chunk of both prefixes was written once, none dropped; each hit loaded its own.
+    assert figures["redis_writes"] == 256 // 256 + 512 // 256
+    assert figures["redis_write_dropped"] == 0
+    assert figures["redis_loads"] == hits_per_length * (1 + 2)
+    assert figures["redis_hits"] >= figures["redis_loads"]
+    assert figures["redis_load_bytes"] == figures["redis_loads"] * figures["ttft_256"]["kv_bytes"]
+    assert figures["redis_hit_beats_recompute_from_tokens"] in (None, 256, 512)
+    assert "goal_whole" not in figures  # the L1 goals are not claimed for Redis hits
+    assert figures["decode_steps_during_stores"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -58,7 +58,18 @@ from kvrpc.kv.shm import release_shared, shared_empty, shared_ref
 from kvrpc.protocol import PING
 from kvrpc.transport import parse_url
 
-__all__ = ["FIGURES", "KVBenchOptions", "goal", "run_kv_bench", "wait_finished"]
+__all__ = [
+    "FIGURES",
+    "KVBenchOptions",
+    "goal",
+    "interleaved",
+    "lookup_scheduler",
+    "proc_status",
+    "run_kv_bench",
+    "serve_stored_prompt",
+    "timed_lookup",
+    "wait_finished",
+]
 
 #: The figures ``kvrpc bench kv`` can take, in the order it takes them.
 FIGURES = ("lookup", "transfer", "memory")
@@ -189,7 +200,7 @@ def _client(url: str) -> SyncClient:
     return SyncClient(url, registry=protocols.kv_registry(), timeout=300.0)
 
 
-def _proc_status(pid: int, field: str) -> int:
+def proc_status(pid: int, field: str) -> int:
     """A ``kB`` field of ``/proc/<pid>/status`` in bytes (0 where absent).
 
     ``VmRSS`` is the resident memory now; ``VmHWM`` its peak since the process's exec. Not
@@ -241,57 +252,81 @@ def goal(met: bool, text: str) -> str:
 # ---------------------------------------------------------------------- 1. lookup
 
 
-def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, Any]:
-    """Adapter lookup p50 of a fully cached 32k-token prompt vs ``rpc.ping`` p50."""
+def serve_stored_prompt(
+    stack: contextlib.ExitStack, url: str, tmp: str, *server_options: str
+) -> tuple[list[int], SyncClient]:
+    """A ``kvrpc serve`` at ``url`` holding the 32k-token lookup prompt for both ranks.
+
+    The server (with ``server_options`` beside its chunk size and a small pool) and a client
+    of it close with ``stack``; returns the prompt's token ids and the client. Raises
+    :class:`KVError` if the stores did not leave every chunk on the server.
+    """
     per_chunk = _CHUNK_SIZE // _BLOCK_SIZE
     num_blocks = _PROMPT_CHUNKS * per_chunk
     prompt = random.Random(1).choices(range(32000), k=_PROMPT_CHUNKS * _CHUNK_SIZE)
-    hashes = hashes_from_tokens(prompt, _CHUNK_SIZE)
-    keys = KeyBatch(_MODEL, _LOOKUP_WORLD_SIZE, None, b"".join(hashes))
-    server_options = ("--chunk-size", str(_CHUNK_SIZE), "--cpu-buffer-size", "0.01")
+    options = ("--chunk-size", str(_CHUNK_SIZE), "--cpu-buffer-size", "0.01", *server_options)
+    stack.enter_context(_kv_server(url, tmp, *options))
+    # The smallest KV cache that holds the prompt: the lookup never touches its bytes.
+    for rank in range(_LOOKUP_WORLD_SIZE):
+        layer = shared_empty((num_blocks, _BLOCK_SIZE, 1), torch.uint8)
+        stack.callback(release_shared, layer)
+        worker = stack.enter_context(
+            WorkerAdapter(url, _MODEL, _LOOKUP_WORLD_SIZE, rank, _BLOCK_SIZE)
+        )
+        worker.register_kv_caches({"layer.0": layer})
+        worker.submit_store_request("prompt", LoadStoreOp(range(num_blocks), prompt))
+        wait_finished(worker, "prompt", store=True)
+    client = stack.enter_context(_client(url))
+    stored = client.call(protocols.STATS)["chunks"]
+    if stored != _LOOKUP_WORLD_SIZE * _PROMPT_CHUNKS:
+        raise KVError(f"the prompt's stores left {stored} chunks on the server, not 256")
+    return prompt, client
+
+
+def lookup_scheduler(stack: contextlib.ExitStack, url: str) -> PollingSchedulerAdapter:
+    """The scheduler adapter the lookup figures time, for :func:`serve_stored_prompt`'s server."""
+    scheduler = PollingSchedulerAdapter(
+        url, _MODEL, _LOOKUP_WORLD_SIZE, 0, _BLOCK_SIZE, poll_interval=1.0
+    )
+    stack.enter_context(scheduler)
+    return scheduler
+
+
+def timed_lookup(scheduler: PollingSchedulerAdapter, prompt: list[int], request_id: str) -> float:
+    """Seconds one adapter lookup of ``prompt`` takes to its answer (its end_session untimed).
+
+    Raises :class:`KVError` unless it matched the whole prompt.
+    """
+    start = time.perf_counter()
+    scheduler.maybe_submit_lookup_request(request_id, token_ids=prompt)
+    tokens = scheduler.check_lookup_result(request_id)
+    elapsed = time.perf_counter() - start
+    scheduler.end_session(request_id)
+    if tokens != len(prompt):
+        raise KVError(f"a lookup matched {tokens} tokens, not {len(prompt)}")
+    return elapsed
+
+
+def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, Any]:
+    """Adapter lookup p50 of a fully cached 32k-token prompt vs ``rpc.ping`` p50."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_kv_server(url, tmp, *server_options))
-        # The smallest KV cache that holds the prompt: the lookup never touches its bytes.
-        for rank in range(_LOOKUP_WORLD_SIZE):
-            layer = shared_empty((num_blocks, _BLOCK_SIZE, 1), torch.uint8)
-            stack.callback(release_shared, layer)
-            worker = stack.enter_context(
-                WorkerAdapter(url, _MODEL, _LOOKUP_WORLD_SIZE, rank, _BLOCK_SIZE)
-            )
-            worker.register_kv_caches({"layer.0": layer})
-            worker.submit_store_request("prompt", LoadStoreOp(range(num_blocks), prompt))
-            wait_finished(worker, "prompt", store=True)
-        client = stack.enter_context(_client(url))
-        stored = client.call(protocols.STATS)["chunks"]
-        if stored != _LOOKUP_WORLD_SIZE * _PROMPT_CHUNKS:
-            raise KVError(f"the prompt's stores left {stored} chunks on the server, not 256")
+        prompt, client = serve_stored_prompt(stack, url, tmp)
+        hashes = hashes_from_tokens(prompt, _CHUNK_SIZE)
+        keys = KeyBatch(_MODEL, _LOOKUP_WORLD_SIZE, None, b"".join(hashes))
         figures: dict[str, Any] = {
             "lookup_url": url,
             "lookup_prompt_tokens": len(prompt),
             **_check_pins(client, keys),
         }
-        scheduler = stack.enter_context(
-            PollingSchedulerAdapter(
-                url, _MODEL, _LOOKUP_WORLD_SIZE, 0, _BLOCK_SIZE, poll_interval=1.0
-            )
-        )
+        scheduler = lookup_scheduler(stack, url)
         me = secrets.token_bytes(16)
         serial = iter(range(1 << 62))
-        expected_tokens = _PROMPT_CHUNKS * _CHUNK_SIZE
 
         def ping() -> None:
             client.call(PING)
 
         def adapter_lookup() -> float:
-            request_id = f"lookup-{next(serial)}"
-            start = time.perf_counter()
-            scheduler.maybe_submit_lookup_request(request_id, token_ids=prompt)
-            tokens = scheduler.check_lookup_result(request_id)
-            elapsed = time.perf_counter() - start
-            scheduler.end_session(request_id)
-            if tokens != expected_tokens:
-                raise KVError(f"a lookup matched {tokens} tokens, not {expected_tokens}")
-            return elapsed
+            return timed_lookup(scheduler, prompt, f"lookup-{next(serial)}")
 
         end_sessions: list[float] = []
 
@@ -319,7 +354,7 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         for path in paths.values():
             for _ in range(min(100, options.lookups)):
                 path()
-        samples = _interleaved(paths, options.lookups, options.interleave)
+        samples = interleaved(paths, options.lookups, options.interleave)
         # Only the timed rounds' end_session calls, not the warm-up's.
         samples["end_session_raw"] = end_sessions[-len(samples["lookup_raw"]) :]
     for name, taken in samples.items():
@@ -354,7 +389,7 @@ def _check_pins(client: SyncClient, keys: KeyBatch) -> dict[str, int]:
     }
 
 
-def _interleaved(
+def interleaved(
     paths: dict[str, Callable[[], Any]], calls: int, rounds: int
 ) -> dict[str, list[float]]:
     """Seconds per call of each path, the paths taking turns for ``rounds`` rounds.
@@ -536,7 +571,7 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         with _kv_server(url, tmp, *server_options) as pid, _client(url) as client:
             me = secrets.token_bytes(16)
             client.call(protocols.STATS)
-            rss_start = _proc_status(pid, "VmRSS")
+            rss_start = proc_status(pid, "VmRSS")
             registration = KVCacheRegistration(
                 model_name=_MODEL,
                 world_size=1,
@@ -550,7 +585,7 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
             capacity = client.call(protocols.STATS)["bytes_free"]
             if capacity != count * slot:
                 raise KVError(f"the pool holds {capacity // slot} chunks, not {count}")
-            rss_registered = _proc_status(pid, "VmRSS")
+            rss_registered = proc_status(pid, "VmRSS")
             rows = torch.arange(batch, dtype=torch.int64).view(batch, 1)
             _progress(f"memory: storing {count:,} chunks of {slot} bytes, {batch} a message")
             stored, refused = 0, 0
@@ -566,8 +601,8 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
                     reported = stored / count
                     _progress(f"memory: {stored:,} of {count:,} chunks stored")
             elapsed = time.perf_counter() - start
-            rss_after = _proc_status(pid, "VmRSS")
-            peak = _proc_status(pid, "VmHWM")
+            rss_after = proc_status(pid, "VmRSS")
+            peak = proc_status(pid, "VmHWM")
             stats = client.call(protocols.STATS)
     finally:
         release_shared(layer)

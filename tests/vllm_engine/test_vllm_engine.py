@@ -6,6 +6,12 @@ engine is vLLM's own, started afresh in a child process (``engine_child.py``), w
 runner, CPU attention backend and KV cache, loading the connector from a
 ``KVTransferConfig``; the server is a real ``kvrpc serve``.
 
+Through one server the prefix comes back from its L1. Through the Redis tier (issue 24) two
+servers share one real redis-server: engine A stores through server A, which writes the
+chunks to Redis; a fresh engine B, through a fresh server B with an empty L1, loads them from
+there. ``tools/ensure-redis-server.sh`` installs redis-server for the session; without it the
+Redis test is skipped with the reason, as in ``tests/kv/test_redis_tier.py``.
+
 The model is a tiny Llama with real random weights saved under a fixed seed. Random weights
 of a large spread (``initializer_range=0.5``), not vLLM's dummy weights: with those a tiny
 model's greedy tokens hardly depend on the prefix's KV, so a connector that loaded nothing
@@ -15,6 +21,7 @@ would pass. Here a wrong prefix changes the very first token, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +40,7 @@ pytest.importorskip("vllm.version", reason="the whole-engine test runs in `nox -
 
 import torch
 
+from kvrpc.testing.redis_server import RedisProcess, redis_available
 from kvrpc.testing.serve import ServeProcess
 
 CHILD = Path(__file__).with_name("engine_child.py")
@@ -83,11 +91,22 @@ def save_model(path: Path) -> None:
     model.save_pretrained(path)
 
 
-def start_server(path: Path) -> ServeProcess:
-    """A ``kvrpc serve`` child process on a unix socket, started."""
-    server = ServeProcess(f"unix://{path}", "--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.25")
+@contextlib.contextmanager
+def serving(*options: str) -> Iterator[ServeProcess]:
+    """A ``kvrpc serve`` child process on a unix socket of its own, started, then stopped.
+
+    ``options`` are added to the chunk size and the L1 size every server here has.
+    """
+    # In the temp dir, not pytest's tmp_path: a unix socket path must fit in 108 bytes.
+    path = Path(tempfile.gettempdir()) / f"kve-{os.getpid()}-{time.monotonic_ns()}.sock"
+    server = ServeProcess(
+        f"unix://{path}", "--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.25", *options
+    )
     server.start()
-    return server
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Engines:
@@ -147,6 +166,37 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
         time.sleep(0.05)
 
 
+def store_on_a_miss(engines: Engines, name: str, server: ServeProcess) -> dict[str, Any]:
+    """Engine ``name``'s run of FIRST, once ``server`` counts the three chunks it stored."""
+    result = engines.run(name, server.url, [FIRST])
+    # The server's count, not the connector's: a store's reply may land after the engine's
+    # last step has reported its counters.
+    wait_for(lambda: server.stats()["stores"] == SHARED // CHUNK, f"engine {name!r}'s stores")
+    return result
+
+
+def assert_a_miss_that_generates_the_same(stored: dict[str, Any], want: dict[str, Any]) -> None:
+    """The storing engine's run: a miss (an empty server), and storing changed nothing it made."""
+    first = stored["outputs"][0]
+    assert first["num_cached_tokens"] == 0
+    assert stored["connector"]["hit_tokens"] == 0
+    assert generation_differences(first, want) == []
+
+
+def assert_the_prefix_was_loaded(loaded: dict[str, Any]) -> None:
+    """The loading engine's 192 cached tokens came from kvrpc, with no failed retrieve.
+
+    Its vLLM prefix cache started empty, so the cached tokens are the connector's: vLLM's
+    scheduler counts them as external hits, and the connector as three retrieved chunks.
+    """
+    assert loaded["outputs"][0]["num_cached_tokens"] == SHARED
+    assert loaded["external_hit_tokens"] == SHARED
+    connector = loaded["connector"]
+    assert connector["hit_tokens"] == SHARED
+    assert connector["retrieved_chunks"] == SHARED // CHUNK
+    assert connector["failed_retrieves"] == 0
+
+
 # ---------------------------------------------------------------------- fixtures
 # Module-scoped: every engine start costs ~20 s, so each engine runs once for the module.
 
@@ -160,11 +210,17 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Engines:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServeProcess]:
-    # In the temp dir, not pytest's tmp_path: a unix socket path must fit in 108 bytes.
-    path = Path(tempfile.gettempdir()) / f"kve-{os.getpid()}-{time.monotonic_ns()}.sock"
-    server = start_server(path)
-    yield server
-    server.stop()
+    with serving() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisProcess]:
+    """One real redis-server on loopback, empty at the start, deleted at the end."""
+    if not redis_available():
+        pytest.skip("redis-server/redis-cli not installed")
+    with RedisProcess() as store:
+        yield store
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +233,7 @@ def reference(engines: Engines) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def stored(engines: Engines, server: ServeProcess) -> dict[str, Any]:
     """Engine A's run of FIRST, once the server holds the three chunks it stored."""
-    result = engines.run("stored", server.url, [FIRST])
-    # The server's count, not the connector's: a store's reply may land after the engine's
-    # last step has reported its counters.
-    wait_for(lambda: server.stats()["stores"] == SHARED // CHUNK, "engine A's three stores")
-    return result
+    return store_on_a_miss(engines, "stored", server)
 
 
 # ---------------------------------------------------------------------- the tests
@@ -193,27 +245,44 @@ def test_a_prefix_stored_by_one_engine_is_loaded_by_a_fresh_one_and_generates_th
     reference: list[dict[str, Any]],
     stored: dict[str, Any],
 ) -> None:
-    # Engine A: a miss (an empty server), and storing changed nothing it generated.
-    first = stored["outputs"][0]
-    assert first["num_cached_tokens"] == 0
-    assert stored["connector"]["hit_tokens"] == 0
-    assert generation_differences(first, reference[0]) == []
+    assert_a_miss_that_generates_the_same(stored, reference[0])
 
     before = server.stats()
     loaded = engines.run("loaded", server.url, [SECOND])
-    second = loaded["outputs"][0]
-
-    # Engine B started with vLLM's prefix cache empty: its 192 cached tokens came from kvrpc,
-    # as vLLM's scheduler counts them, as the connector counts them, and as the server does.
-    assert second["num_cached_tokens"] == SHARED
-    assert loaded["external_hit_tokens"] == SHARED
-    connector = loaded["connector"]
-    assert connector["hit_tokens"] == SHARED
-    assert connector["retrieved_chunks"] == SHARED // CHUNK
-    assert connector["failed_retrieves"] == 0
+    # Engine B's prefix came from kvrpc: vLLM and the connector count it, and so does the server.
+    assert_the_prefix_was_loaded(loaded)
     assert server.stats()["retrieves"] - before["retrieves"] == SHARED // CHUNK
     # And with that prefix it generates what the engine that computed it all generates.
-    assert generation_differences(second, reference[1]) == []
+    assert generation_differences(loaded["outputs"][0], reference[1]) == []
+
+
+def test_a_prefix_stored_through_one_server_is_loaded_from_redis_through_another(
+    engines: Engines, reference: list[dict[str, Any]], redis: RedisProcess
+) -> None:
+    """Engine A through server A, then a fresh engine B through a fresh server B, one Redis.
+
+    Server B starts after server A has written the chunks to Redis and stopped, so B's L1
+    is empty and A is gone: the only place B can find the prefix is the shared Redis.
+    """
+    chunks = SHARED // CHUNK
+    with serving("--redis-url", redis.url) as server_a:
+        stored = store_on_a_miss(engines, "redis-stored", server_a)
+        # Written behind the stores' replies: wait for Redis to acknowledge all three.
+        wait_for(lambda: server_a.stats()["redis_writes"] == chunks, "engine A's chunks in Redis")
+    assert_a_miss_that_generates_the_same(stored, reference[0])
+
+    with serving("--redis-url", redis.url) as server_b:
+        before = server_b.stats()
+        assert (before["stores"], before["chunks"], before["redis_hits"]) == (0, 0, 0)
+        loaded = engines.run("redis-loaded", server_b.url, [SECOND])
+        after = server_b.stats()
+    assert_the_prefix_was_loaded(loaded)
+    # Server B found the three chunks in Redis, loaded them into its L1 and served them.
+    assert after["redis_hits"] - before["redis_hits"] == chunks
+    assert after["redis_loads"] - before["redis_loads"] == chunks
+    assert after["redis_corrupt"] == 0
+    assert after["retrieves"] - before["retrieves"] == chunks
+    assert generation_differences(loaded["outputs"][0], reference[1]) == []
 
 
 def test_the_comparison_catches_a_prefix_that_was_loaded_wrong(
@@ -232,8 +301,5 @@ def test_the_comparison_catches_a_prefix_that_was_loaded_wrong(
     """
     corrupted = engines.run("corrupted", server.url, [SECOND], corrupt_loads=True)
     assert corrupted["corrupted_batches"] >= 1  # the zeros were written, by the real path
-    second = corrupted["outputs"][0]
-    assert second["num_cached_tokens"] == SHARED
-    assert corrupted["connector"]["retrieved_chunks"] == SHARED // CHUNK
-    assert corrupted["connector"]["failed_retrieves"] == 0
-    assert generation_differences(second, reference[1]) != []
+    assert_the_prefix_was_loaded(corrupted)
+    assert generation_differences(corrupted["outputs"][0], reference[1]) != []
