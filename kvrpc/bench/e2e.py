@@ -280,12 +280,13 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
         def rid(kind: str) -> str:
             return f"{kind}-{next(serial)}"
 
-        # Per length, what each hit (untimed ones too) retrieved, and loaded from Redis.
-        cached: dict[int, list[int]] = {n: [] for n in lengths}
-        loaded: dict[int, list[int]] = {n: [] for n in lengths}
-
         def hit(name: str, prefix: list[int], layerwise: bool) -> Any:
-            """A prefill of ``prefix`` and a new suffix that must be a hit (from Redis)."""
+            """A prefill of ``prefix`` and a new suffix that must be a whole hit (from Redis).
+
+            ``KVError`` unless it retrieved the whole prefix (and, from Redis, loaded every
+            one of its chunks there): every hit of a row is the same, so the row's figures
+            can say so once.
+            """
             before = source.empty_l1() if source is not None else None
             done = engine.prefill(
                 rid(name), prefix + fresh(_SUFFIX), layerwise=layerwise, store=False
@@ -296,10 +297,8 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
                     f"a {length}-token prefix was not a hit: {done.cached_tokens} tokens "
                     f"retrieved{', then recomputed' if done.recomputed else ''}"
                 )
-            cached[length].append(done.cached_tokens)
-            if source is not None and before is not None:
-                chunks = length // engine.chunk_size
-                loaded[length].append(source.check_loaded(before, chunks, length))
+            if source is not None and before is not None:  # both or neither
+                source.check_loaded(before, length // engine.chunk_size, length)
             return done
 
         # The decode figure stores a 16k-token request's KV (2 GiB in the 8B shape), or the
@@ -344,10 +343,10 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
             rows[length] = taken
         for length, taken in rows.items():
             row = _row(taken, shape.kv_bytes(length, item), h2d)
-            # hit() refused any hit short of the whole prefix: min() reports them all once.
-            row["hit_cached_tokens"] = min(cached[length])
+            # hit() refused any hit short of the whole prefix, or not loaded whole from Redis.
+            row["hit_cached_tokens"] = length
             if redis_tier:
-                row["redis_chunks_loaded_per_hit"] = min(loaded[length])
+                row["redis_chunks_loaded_per_hit"] = length // engine.chunk_size
             figures[f"ttft_{length}"] = row
         if source is not None:
             # Before the decode figure: its back-to-back stores may outrun Redis, and their
@@ -471,15 +470,14 @@ class _RedisSource:
                 )
             time.sleep(0.005)
 
-    def check_loaded(self, before: dict[str, int], chunks: int, length: int) -> int:
-        """The chunks loaded from Redis since ``before``; ``KVError`` unless ``chunks``."""
+    def check_loaded(self, before: dict[str, int], chunks: int, length: int) -> None:
+        """``KVError`` unless exactly ``chunks`` were loaded from Redis since ``before``."""
         loaded = self.stats()["redis_loads"] - before["redis_loads"]
         if loaded != chunks:
             raise KVError(
                 f"a {length}-token hit loaded {loaded} chunks from Redis, not its {chunks}: "
                 "it was not served from Redis"
             )
-        return loaded
 
 
 def _redis_figures(
