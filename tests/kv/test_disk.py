@@ -79,6 +79,7 @@ async def test_saved_chunk_loads_back_byte_for_byte(tmp_path: Path, make_tier: M
     assert tier.stats() == {
         "files": 1,
         "bytes": N,
+        "capacity": 1 << 20,
         "saves": 1,
         "loads": 1,
         "evictions": 0,

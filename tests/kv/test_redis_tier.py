@@ -289,6 +289,49 @@ async def test_a_full_store_refuses_writes_counted_and_reads_go_on(
         assert loaded is not None and torch.equal(loaded, chunk(1))
 
 
+@needs_redis
+async def test_a_key_of_another_type_is_a_bad_key_deleted_and_the_tier_stays_up(
+    redis: RedisProcess,
+) -> None:
+    ns = namespace()
+    async with Tier(redis.url) as t:
+        for seed in (1, 2):
+            assert t.offer(ns, seed, chunk(seed))
+        await until(lambda: len(t.released) == 2, "both writes")
+        base1 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 1))
+        base2 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 2))
+        direct = store_client(redis)
+        # GET on a list answers WRONGTYPE: an error reply from a store that is up.
+        direct.delete(base1 + b":0", base2 + b":h")
+        direct.rpush(base1 + b":0", b"x")
+        direct.rpush(base2 + b":h", b"x")
+        headers = await t.tier.find(ns, [pool_key(ns, 1), pool_key(ns, 2)])
+        assert headers[0] is not None and headers[1] is None
+        assert await t.load(ns, 1) is None
+        stats = t.tier.stats()
+        assert (stats["corrupt"], stats["state"], stats["trips"]) == (2, 0, 0)
+        assert direct.exists(base1 + b":h", base1 + b":0", base2 + b":h") == 0
+
+
+@needs_redis
+async def test_the_deadline_covers_the_wait_for_a_connection(redis: RedisProcess) -> None:
+    ns = namespace()
+    async with Tier(redis.url, timeout=0.2, connections=1) as t:
+        # The test takes the tier's one connection, as an operation that never ends would.
+        async with t.tier._limit:
+            headers = await asyncio.wait_for(t.tier.find(ns, [pool_key(ns, 1)]), timeout=30)
+        assert headers == [None]
+        assert t.tier.stats()["timeouts"] == 1 and not t.tier.available()
+
+
+@needs_redis
+async def test_the_stores_memory_and_its_limit_are_reported(redis: RedisProcess) -> None:
+    redis.cli("config", "set", "maxmemory", str(64 << 20))
+    async with Tier(redis.url) as t:
+        await until(lambda: t.tier.stats()["capacity"] == 64 << 20, "the first INFO memory")
+        assert t.tier.stats()["used_bytes"] > 0
+
+
 # ------------------------------------------------------------------ servers sharing a Redis
 
 

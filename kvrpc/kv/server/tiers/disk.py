@@ -222,7 +222,7 @@ class DiskTier:
         return False
 
     def stats(self) -> dict[str, int]:
-        """Counters: files and bytes kept now; saves, loads, evictions, errors, refused so far.
+        """Counters: files and bytes kept now (of ``capacity``); saves, loads, errors so far.
 
         ``saves`` and ``loads`` count successful ones; ``refused`` counts saves skipped
         because the chunk could not fit in ``capacity_bytes`` beside the writes in flight.
@@ -230,6 +230,7 @@ class DiskTier:
         return {
             "files": len(self._index),
             "bytes": self._bytes,
+            "capacity": self.capacity_bytes,
             "saves": self._saves,
             "loads": self._loads,
             "evictions": self._evictions,

@@ -14,11 +14,14 @@ It never holds anything up:
   the store has, and what their bytes must be), then each chunk's parts, copied into its
   slot and checked against the header's length and CRC off the loop. A header or a CRC
   that does not match is a miss, counted, and deleted.
-- **Deadlines and a breaker.** Every operation has ``timeout`` seconds. A connection error
+- **Deadlines and a breaker.** Every operation has ``timeout`` seconds, the wait for one of
+  the ``connections`` included. A connection error
   or a timeout opens the :class:`~kvrpc.kv.server.tiers.breaker.Breaker`: lookups stop
   asking and writes are dropped (counted as skipped) until a PING probe, sent with backoff
   by :meth:`RedisTier.run`, works again. An error reply (``OOM`` from a full store, say)
-  is counted but is no reason to stop reading.
+  is counted but is no reason to stop reading; a key of another type is a bad key, deleted.
+- **Usage.** While the tier is up, :meth:`RedisTier.run` reads the store's ``INFO memory``
+  every few seconds, for ``kv.stats``.
 
 Used from the server's event loop only; redis-py's asyncio client does its socket work
 there without blocking, and the byte copies and CRCs run in a thread.
@@ -49,6 +52,7 @@ __all__ = ["RedisSettings", "RedisTier"]
 logger = logging.getLogger("kvrpc.kv")
 
 _KNOWN_KEYS = 1 << 16  # pool keys remembered as held by the store, so they are not rewritten
+_USAGE_EVERY = 5.0  # seconds between INFO memory reads while the tier is up
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class RedisTier:
         self._limit = asyncio.Semaphore(settings.connections)
         self._known: OrderedDict[bytes, None] = OrderedDict()
         self._closed = False
+        self._logged_refusals: set[str] = set()
+        self._usage = {"used_bytes": 0, "capacity": 0}
+        self._usage_at = -_USAGE_EVERY
         self._counts = dict.fromkeys(
             (
                 "writes", "write_bytes", "write_dropped", "write_skipped", "write_errors",
@@ -130,6 +137,16 @@ class RedisTier:
                 _describe(error),
                 self.breaker.backoff,
             )
+
+    def _refused(self, what: str, error: BaseException, *, counter: str | None = "errors") -> None:
+        # An error reply (OOM, a wrong type, a refused command) says the store is up: the
+        # operation misses, but the tier stays in use. Logged once per kind of reply.
+        if counter is not None:
+            self._counts[counter] += 1
+        kind = type(error).__name__
+        if kind not in self._logged_refusals:
+            self._logged_refusals.add(kind)
+            logger.warning("redis tier: %s was refused: %s", what, _describe(error))
 
     # ------------------------------------------------------------------ writes
 
@@ -181,7 +198,7 @@ class RedisTier:
         ttl = self._ttl_ms()
         parts = values.part_keys(write.base, len(spans))
         try:
-            async with self._limit, asyncio.timeout(self.settings.timeout):
+            async with asyncio.timeout(self.settings.timeout), self._limit:
                 # Parts first, the header once they are all acknowledged: a reader that finds
                 # the header finds every part (on a cluster, the parts live on other nodes).
                 pipe = self._client.pipeline(transaction=False)
@@ -189,12 +206,12 @@ class RedisTier:
                     pipe.set(name, view[start:end], px=ttl)
                 await pipe.execute()
                 await self._client.set(values.header_key(write.base), header, px=ttl)
-        except (TimeoutError, OSError, _redis_errors().ConnectionError) as error:
+        except _outages() as error:
             self._failed("a write", error)
             return
         except _redis_errors().RedisError as error:
             self._counts["write_errors"] += 1
-            logger.warning("redis tier: a write was refused: %s", _describe(error))
+            self._refused("a write", error, counter=None)
             return
         self._counts["writes"] += 1
         self._counts["write_bytes"] += len(view)
@@ -213,20 +230,24 @@ class RedisTier:
             return [None] * len(keys)
         bases = [self._base(ns, key) for key in keys]
         try:
-            async with self._limit, asyncio.timeout(self.settings.timeout):
+            async with asyncio.timeout(self.settings.timeout), self._limit:
                 pipe = self._client.pipeline(transaction=False)
                 for base in bases:
                     pipe.get(values.header_key(base))
-                raw = await pipe.execute()
-        except (TimeoutError, OSError, _redis_errors().RedisError) as error:
+                raw = _replies(await pipe.execute(raise_on_error=False))
+        except _outages() as error:
             self._failed("a lookup", error)
+            return [None] * len(keys)
+        except _redis_errors().RedisError as error:
+            self._refused("a lookup", error)
             return [None] * len(keys)
         self.breaker.succeeded()
         self._counts["finds"] += 1
         found: list[Header | None] = []
         bad: list[bytes] = []
         for key, base, value in zip(keys, bases, raw, strict=True):
-            header = values.unpack_header(value)
+            # A key of another type (WRONGTYPE) is as bad as a header of another format.
+            header = None if isinstance(value, BaseException) else values.unpack_header(value)
             if value is not None and (
                 header is None or header.namespace_id != ns.id or header.nbytes != ns.chunk_nbytes
             ):
@@ -252,19 +273,24 @@ class RedisTier:
             return False
         base = self._base(ns, key)
         try:
-            async with self._limit, asyncio.timeout(self.settings.timeout):
+            async with asyncio.timeout(self.settings.timeout), self._limit:
                 pipe = self._client.pipeline(transaction=False)
                 for name in values.part_keys(base, header.parts):
                     pipe.get(name)
-                parts = await pipe.execute()
-        except (TimeoutError, OSError, _redis_errors().RedisError) as error:
+                parts = _replies(await pipe.execute(raise_on_error=False))
+        except _outages() as error:
             self._failed("a load", error)
+            return False
+        except _redis_errors().RedisError as error:
+            self._refused("a load", error)
             return False
         if any(part is None for part in parts):
             self._forget(key)  # expired or evicted part by part: the header goes too
             await self._discard([base], [header.parts], count=False)
             return False
-        if not await asyncio.to_thread(_fill, out, parts, header):
+        if any(isinstance(part, BaseException) for part in parts) or not await asyncio.to_thread(
+            _fill, out, parts, header
+        ):
             self._counts["corrupt"] += 1
             logger.warning("redis tier: a chunk's bytes do not match its header; deleting it")
             self._forget(key)
@@ -301,6 +327,8 @@ class RedisTier:
         breaker = self.breaker
         while True:
             await asyncio.sleep(breaker.wait(time.monotonic()))
+            if breaker.allows() and time.monotonic() - self._usage_at >= _USAGE_EVERY:
+                await self._read_usage()
             if not breaker.probe_due(time.monotonic()):
                 continue
             self._counts["probes"] += 1
@@ -314,14 +342,38 @@ class RedisTier:
             breaker.succeeded()
             logger.warning("redis tier: the store answers again; using it")
 
+    async def _read_usage(self) -> None:
+        # The store's memory, as its INFO says: used by everything in it, not only this
+        # tier's keys (counting those would need a SCAN). A cluster's is its primaries' sum.
+        self._usage_at = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                if self.settings.cluster:
+                    replies = list(
+                        (await self._client.info("memory", target_nodes="primaries")).values()
+                    )
+                else:
+                    replies = [await self._client.info("memory")]
+        except (*_outages(), _redis_errors().RedisError) as error:
+            # The operations' own deadlines trip the breaker; a missed figure only waits.
+            logger.debug("redis tier: INFO memory failed (%s)", _describe(error))
+            return
+        limits = [int(reply.get("maxmemory", 0)) for reply in replies]
+        self._usage = {
+            "used_bytes": sum(int(reply.get("used_memory", 0)) for reply in replies),
+            "capacity": 0 if 0 in limits else sum(limits),  # 0: a node without maxmemory
+        }
+
     def stats(self) -> dict[str, int]:
         """Counters, the write queue and the breaker's state (0 up, 1 skipped, 2 probing).
 
         ``hits``/``misses`` count chunks :meth:`find` asked for; ``write_dropped`` writes
         past the budget, ``write_skipped`` writes while skipped; ``trips`` times it opened.
+        ``used_bytes`` and ``capacity`` (0: unbounded) are the store's memory as last read.
         """
         return {
             **self._counts,
+            **self._usage,
             "state": int(self.breaker.state),
             "trips": self.breaker.trips,
             "write_budget": self.settings.write_budget,
@@ -373,6 +425,17 @@ def _fill(out: torch.Tensor, parts: list[bytes], header: Header) -> bool:
     return values.checksum(view) == header.crc
 
 
+def _replies(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies (``raise_on_error=False``), raising the first outage among them.
+
+    Other error replies stay in the list, for the caller to treat as a bad key.
+    """
+    for reply in replies:
+        if isinstance(reply, _outages()):
+            raise reply
+    return replies
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
@@ -381,6 +444,22 @@ def _redis_errors() -> Any:
     import redis.exceptions
 
     return redis.exceptions
+
+
+def _outages() -> tuple[type[BaseException], ...]:
+    """The errors that mean the store is down or too slow (and so trip the breaker).
+
+    Every other ``RedisError`` is a reply from a store that is up, and only misses.
+    """
+    errors = _redis_errors()
+    return (
+        TimeoutError,
+        OSError,
+        errors.ConnectionError,
+        errors.TimeoutError,
+        errors.ClusterError,
+        errors.RedisClusterException,
+    )
 
 
 def _connect(settings: RedisSettings) -> Any:
