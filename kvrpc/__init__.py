@@ -14,8 +14,10 @@ from kvrpc.errors import (
     RemoteError,
     RequestTimeout,
     ServerBusy,
+    Status,
     TransportError,
     UnknownProtocol,
+    register_error,
 )
 from kvrpc.futures import CUDAMessagingFuture, MessagingFuture
 from kvrpc.protocol import HandlerType, ProtocolDefinition, ProtocolRegistry
@@ -37,9 +39,11 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "ServerBusy",
+    "Status",
     "SyncClient",
     "TransportError",
     "UnknownProtocol",
+    "register_error",
     "register_ext",
 ]
 

@@ -490,8 +490,7 @@ class AsyncClient:
         if sink.done():  # cancelled by its caller meanwhile
             return
         if message.kind is MessageKind.ERROR:
-            type_name, text = message.payload
-            sink.set_exception(error_from_wire(str(type_name), str(text)))
+            sink.set_exception(error_from_wire(*message.payload))
             return
         value = message.payload
         if entry.definition is not None and self.validate:

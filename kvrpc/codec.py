@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame layout changes; peers of another version are refused.
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2
 
 #: ``bytes``/``bytearray`` of at least this many bytes travel as their own frame.
 OOB_THRESHOLD: Final = 1024
@@ -95,7 +95,7 @@ class Message:
     """A decoded message.
 
     ``payload`` is the tuple of arguments for a request, the return value for a response,
-    and ``(error_type_name, error_message)`` for an error.
+    and ``(status_code, error_type_name, error_message)`` for an error.
     """
 
     kind: MessageKind
@@ -160,9 +160,12 @@ def encode_response(request_id: int, value: Any) -> list[Buffer]:
     return _encode(MessageKind.RESPONSE, request_id, "", value)
 
 
-def encode_error(request_id: int, type_name: str, message: str) -> list[Buffer]:
-    """Frames of an error response naming the exception type and its message."""
-    return _encode(MessageKind.ERROR, request_id, "", [type_name, message])
+def encode_error(request_id: int, status: int, type_name: str, message: str) -> list[Buffer]:
+    """Frames of an error response: its status code, the exception type's name, its message.
+
+    :func:`kvrpc.errors.error_to_wire` gives the three for an exception.
+    """
+    return _encode(MessageKind.ERROR, request_id, "", [int(status), type_name, message])
 
 
 def encode(message: Message) -> list[Buffer]:
@@ -367,7 +370,7 @@ def decode(frames: Sequence[Buffer]) -> Message:
         kind = _KINDS[raw_kind]
         if kind is MessageKind.RESPONSE:
             return Message(kind, request_id, name, payload)
-        if type(payload) is list and (kind is MessageKind.REQUEST or len(payload) == 2):
+        if type(payload) is list and (kind is MessageKind.REQUEST or _is_error_payload(payload)):
             return Message(kind, request_id, name, tuple(payload))
     return _decode_carefully(frames)
 
@@ -428,11 +431,21 @@ def _decode_carefully(frames: Sequence[Buffer]) -> Message:
         )
     if kind is MessageKind.RESPONSE:
         return Message(kind, request_id, name, payload)
-    if type(payload) is not list or (kind is MessageKind.ERROR and len(payload) != 2):
+    if type(payload) is not list or (kind is MessageKind.ERROR and not _is_error_payload(payload)):
         raise ProtocolError(
             f"{kind.name.lower()} payload has the wrong shape", request_id=request_id, kind=kind
         )
     return Message(kind, request_id, name, tuple(payload))
+
+
+def _is_error_payload(payload: list[Any]) -> bool:
+    """True for ``[code, type_name, message]``: an int and two strings."""
+    return (
+        len(payload) == 3
+        and type(payload[0]) is int
+        and type(payload[1]) is str
+        and type(payload[2]) is str
+    )
 
 
 class _ExtHook:

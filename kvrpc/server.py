@@ -37,6 +37,7 @@ from kvrpc.errors import (
     ServerBusy,
     TransportError,
     UnknownProtocol,
+    error_to_wire,
 )
 from kvrpc.protocol import (
     ECHO,
@@ -562,7 +563,7 @@ class RPCServer:
 
     async def _send_error(self, peer: Peer, request_id: int, exc: BaseException) -> None:
         logger.debug("request %d from %r failed", request_id, peer, exc_info=exc)
-        frames = codec.encode_error(request_id, type(exc).__name__, str(exc))
+        frames = codec.encode_error(request_id, *error_to_wire(exc))
         try:
             await self._send(peer, frames)
         except TransportError:

@@ -37,6 +37,7 @@ from kvrpc.errors import (
     MessageTooLarge,
     ProtocolError,
     ServerBusy,
+    Status,
     TransportError,
     WrongThread,
 )
@@ -126,8 +127,8 @@ def test_a_deeply_nested_request_gets_a_protocol_error_and_the_served_process_li
                 return [reply, pong]
 
             reply, pong = asyncio.run(attack())
-            assert reply.request_id == 7 and reply.payload[0] == "ProtocolError"
-            assert "nest more than" in reply.payload[1]
+            assert reply.request_id == 7 and reply.payload[:2] == (Status.PROTOCOL, "ProtocolError")
+            assert "nest more than" in reply.payload[2]
             assert pong == "pong"
             assert child.poll() is None
         finally:
@@ -711,7 +712,7 @@ def _request_over_unix(path: str, request: list[Any]) -> str:
                 break
     reply = decode([data[12 : 12 + size]])
     if reply.kind == 2:
-        return f"{reply.payload[0]}: {reply.payload[1]}"
+        return f"{reply.payload[1]}: {reply.payload[2]}"
     return f"registered {reply.payload}"
 
 

@@ -205,18 +205,18 @@ async def test_reply_from_another_wire_version_fails_that_call_at_once(url: str)
     fake = create_server(url)
     await fake.start()
 
-    async def answer_in_version_2() -> None:
+    async def answer_in_another_version() -> None:
         import msgpack
 
         peer, frames = await fake.recv()
         request = codec.decode(frames)
         await fake.send(
-            peer, [msgpack.packb([2, int(MessageKind.RESPONSE), request.request_id, "", "pong"])]
+            peer, [msgpack.packb([9, int(MessageKind.RESPONSE), request.request_id, "", "pong"])]
         )
 
     async with AsyncClient(url, timeout=5) as client:
-        task = asyncio.create_task(answer_in_version_2())
-        with pytest.raises(VersionMismatch, match="version 2"):
+        task = asyncio.create_task(answer_in_another_version())
+        with pytest.raises(VersionMismatch, match="version 9"):
             await client.call("rpc.ping")
         await task
     await fake.close()

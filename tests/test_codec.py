@@ -159,9 +159,9 @@ def test_request_without_arguments_has_an_empty_tuple_payload() -> None:
     assert message == Message(MessageKind.REQUEST, 0, "rpc.ping", ())
 
 
-def test_error_response_carries_type_name_and_message() -> None:
-    message = decode(encode_error(9, "ValueError", "bad value: 3"))
-    assert message == Message(MessageKind.ERROR, 9, "", ("ValueError", "bad value: 3"))
+def test_error_response_carries_status_code_type_name_and_message() -> None:
+    message = decode(encode_error(9, 1, "ValueError", "bad value: 3"))
+    assert message == Message(MessageKind.ERROR, 9, "", (1, "ValueError", "bad value: 3"))
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_error_response_carries_type_name_and_message() -> None:
         Message(MessageKind.RESPONSE, 2, "", [1, (2, 3)]),
         Message(MessageKind.RESPONSE, 3, "", (1, 2)),
         Message(MessageKind.RESPONSE, 4, "", None),
-        Message(MessageKind.ERROR, 5, "", ("RemoteError", "boom")),
+        Message(MessageKind.ERROR, 5, "", (1, "RemoteError", "boom")),
     ],
     ids=lambda m: m.kind.name,
 )
@@ -564,7 +564,7 @@ def test_truncated_header_raises_protocol_error_at_every_cut_point() -> None:
         assert info.value.request_id == expected_id, cut
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 1, 3, 99])
 def test_wrong_wire_version_raises_version_mismatch_naming_both(version: int) -> None:
     header = msgpack.packb([version, 0, 5, "rpc.ping", []])
     with pytest.raises(VersionMismatch) as info:
@@ -794,7 +794,11 @@ def test_trailing_bytes_after_the_header_raise_protocol_error() -> None:
         (MessageKind.REQUEST, "not a list"),
         (MessageKind.REQUEST, {"a": 1}),
         (MessageKind.ERROR, ["only the type"]),
-        (MessageKind.ERROR, ["Type", "message", "extra"]),
+        (MessageKind.ERROR, ["Type", "message"]),  # wire version 1's shape, without a code
+        (MessageKind.ERROR, [1, "Type", "message", "extra"]),
+        (MessageKind.ERROR, ["1", "Type", "message"]),
+        (MessageKind.ERROR, [True, "Type", "message"]),
+        (MessageKind.ERROR, [1, b"Type", "message"]),
         (MessageKind.ERROR, None),
     ],
 )
@@ -813,7 +817,7 @@ def test_payload_of_the_wrong_shape_raises_protocol_error(kind: MessageKind, pay
     [
         (encode_request(2**40, "kv.lookup", [big()]), (MessageKind.REQUEST, 2**40)),
         (encode_response(0, None), (MessageKind.RESPONSE, 0)),
-        (encode_error(2**64 - 1, "E", "m"), (MessageKind.ERROR, 2**64 - 1)),
+        (encode_error(2**64 - 1, 1, "E", "m"), (MessageKind.ERROR, 2**64 - 1)),
     ],
 )
 def test_peek_reads_kind_and_request_id(frames: list[Any], expected: tuple[Any, Any]) -> None:

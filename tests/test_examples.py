@@ -44,6 +44,7 @@ EXPECTED = {
         "calc.stats -> Summary(count=8, mean=5.0, stdev=2.1381, min=2.0, max=9.0)",
         "calc.norm of (1,1), (2,2), (3,3) -> 1.4142, 2.8284, 4.2426",
         "refused before sending: calc.norm: argument 0: Input should be an instance of Vec2",
+        "calc.scale refused: NotFinite (status 1001): calc.scale needs a finite factor, not inf",
         "calc.stats([]) failed on the server: ValueError: calc.stats needs at least one value",
     ],
 }

@@ -24,11 +24,17 @@ from kvrpc import (
 from kvrpc.codec import MessageKind
 from kvrpc.errors import (
     ConnectionLost,
+    DeadlinePassed,
     DuplicateProtocol,
+    KVConfigError,
+    KvrpcError,
     MessageTooLarge,
     PayloadValidationError,
     ProtocolError,
+    Status,
+    UnknownJob,
     VersionMismatch,
+    register_error,
 )
 from kvrpc.transport import ClientTransport, connect_client
 
@@ -117,6 +123,33 @@ async def test_handler_exception_becomes_remote_error_with_type_name(
     assert caught.value.remote_type == "ValueError"
     assert "boom" in str(caught.value)
     assert server.stats.handler_errors == 1
+
+
+class GeoOutOfBounds(KvrpcError):
+    """An extension's error, registered with a code of its own."""
+
+
+register_error(1300, GeoOutOfBounds)
+RAISE = ProtocolDefinition("test.raise", (str,), None)
+RAISABLE: dict[str, type[KvrpcError]] = {
+    cls.__name__: cls
+    for cls in (GeoOutOfBounds, DeadlinePassed, UnknownJob, ServerBusy, KVConfigError)
+}
+
+
+@pytest.mark.parametrize("name", list(RAISABLE))
+async def test_an_error_with_a_status_code_crosses_the_wire_as_its_own_class(
+    server: RPCServer, url: str, name: str
+) -> None:
+    def raise_it(which: str) -> None:
+        raise RAISABLE[which](f"{which} raised on purpose")
+
+    server.register(RAISE, raise_it)
+    async with AsyncClient(url, registry=server.registry) as client:
+        with pytest.raises(RAISABLE[name], match=f"^{name} raised on purpose$") as caught:
+            await client.call(RAISE, name)
+    assert type(caught.value) is RAISABLE[name]
+    assert caught.value.status == RAISABLE[name]("").status != Status.UNKNOWN
 
 
 async def test_blocking_handler_does_not_delay_ping(server: RPCServer, url: str) -> None:
@@ -229,19 +262,23 @@ async def test_corrupt_payload_after_readable_request_id_gets_error_reply(
     reply = await ask(peer, [whole[:-10]])  # payload cut short
     assert reply.kind is MessageKind.ERROR
     assert reply.request_id == 41
-    assert reply.payload[0] == "ProtocolError"
+    assert reply.payload[:2] == (Status.PROTOCOL, "ProtocolError")
     await peer.close()
 
 
+@pytest.mark.parametrize("version", [1, 99], ids=["the-old-wire", "a-newer-wire"])
 async def test_wrong_wire_version_is_answered_with_version_mismatch(
-    server: RPCServer, url: str
+    server: RPCServer, url: str, version: int
 ) -> None:
-    header = msgpack.packb([99, 0, 5, "rpc.ping", []])
+    # Version 1 is the wire before status codes: its error payload was [name, message].
+    header = msgpack.packb([version, 0, 5, "rpc.ping", []])
     peer = await raw_peer(url)
     reply = await ask(peer, [header])
     assert (reply.kind, reply.request_id) == (MessageKind.ERROR, 5)
-    assert reply.payload[0] == VersionMismatch.__name__
-    assert "99" in reply.payload[1]
+    assert reply.payload[:2] == (Status.VERSION_MISMATCH, VersionMismatch.__name__)
+    assert str(version) in reply.payload[2]
+    # The reply is in this side's version (`ask` decoded it), so an old peer's decoder
+    # refuses it in turn: its call fails with VersionMismatch rather than misreading it.
     await peer.close()
 
 
@@ -250,7 +287,7 @@ async def test_unexpected_buffer_frames_get_error_reply(server: RPCServer, url: 
     peer = await raw_peer(url)
     reply = await ask(peer, [*frames, b"stray frame"])
     assert reply.request_id == 9
-    assert reply.payload[0] == "ProtocolError"
+    assert reply.payload[:2] == (Status.PROTOCOL, "ProtocolError")
     await peer.close()
 
 
@@ -287,7 +324,7 @@ async def test_oversized_message_gets_error_reply_and_no_decode(url: str) -> Non
 async def test_response_sent_to_server_is_dropped_and_counted(server: RPCServer, url: str) -> None:
     peer = await raw_peer(url)
     await peer.send(codec.encode_response(123456, "unsolicited"))
-    await peer.send(codec.encode_error(654321, "ValueError", "nobody asked"))
+    await peer.send(codec.encode_error(654321, 1, "ValueError", "nobody asked"))
     await still_serving(url)
     assert server.stats.unexpected == 2
     assert server.stats.dropped == 2

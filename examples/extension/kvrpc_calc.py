@@ -6,10 +6,12 @@ An extension needs nothing from kvrpc beyond its public API:
   constants that servers and clients both import;
 * wire types of its own, registered once per process with :func:`kvrpc.register_ext` under a
   code from 64-127 (0-63 are kvrpc's);
+* errors of its own, registered with :func:`kvrpc.register_error` under a status code from
+  1000-9999 (lower ones are kvrpc's), so that a caller catches them by their own class;
 * an ``install(server)`` function that registers the handlers on an :class:`RPCServer`.
 
-Importing this module registers the ``Vec2`` ext type, so import it in every process that sends
-or receives a ``Vec2``, client and server alike.
+Importing this module registers the ``Vec2`` ext type and the ``NotFinite`` error, so import it
+in every process that sends or receives them, client and server alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from kvrpc import HandlerType, ProtocolDefinition, ProtocolRegistry, RPCServer, register_ext
+from kvrpc import (
+    HandlerType,
+    KvrpcError,
+    ProtocolDefinition,
+    ProtocolRegistry,
+    RPCServer,
+    register_error,
+    register_ext,
+)
 
 __all__ = [
     "ADD",
@@ -29,7 +39,9 @@ __all__ = [
     "PROTOCOLS",
     "SCALE",
     "STATS",
+    "NOT_FINITE_STATUS",
     "VEC2_EXT_CODE",
+    "NotFinite",
     "Summary",
     "Vec2",
     "install",
@@ -107,6 +119,19 @@ def registry() -> ProtocolRegistry:
     return reg
 
 
+# ----------------------------------------------------------------------------- errors
+
+
+class NotFinite(KvrpcError):
+    """A calc handler was given an infinite or NaN number where it needs a finite one."""
+
+
+#: NotFinite's status code: like ext codes, process-wide and unique.
+NOT_FINITE_STATUS = 1001
+
+register_error(NOT_FINITE_STATUS, NotFinite)
+
+
 # ----------------------------------------------------------------------------- handlers
 
 
@@ -115,6 +140,8 @@ def _add(a: float, b: float) -> float:
 
 
 def _scale(v: Vec2, factor: float) -> Vec2:
+    if not math.isfinite(factor):
+        raise NotFinite(f"calc.scale needs a finite factor, not {factor}")
     return Vec2(v.x * factor, v.y * factor)
 
 

@@ -11,9 +11,10 @@ the module next to this file; an installed extension would be imported the same 
 from __future__ import annotations
 
 import asyncio
+import math
 
 import kvrpc_calc
-from kvrpc_calc import ADD, NORM, SCALE, STATS, Summary, Vec2
+from kvrpc_calc import ADD, NORM, SCALE, STATS, NotFinite, Summary, Vec2
 
 from kvrpc import AsyncClient, PayloadValidationError, RemoteError, RPCServer
 
@@ -53,6 +54,12 @@ async def main() -> None:
             await client.call(NORM, (3.0, 4.0))
         except PayloadValidationError as exc:
             print(f"refused before sending: {exc}")
+
+        # The extension's own error, by its status code, comes back as itself.
+        try:
+            await client.call(SCALE, Vec2(1.0, 1.0), math.inf)
+        except NotFinite as exc:
+            print(f"calc.scale refused: NotFinite (status {exc.status}): {exc}")
 
         # The handler's own ValueError comes back as RemoteError.
         try:

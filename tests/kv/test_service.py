@@ -31,6 +31,7 @@ from kvrpc.errors import (
     KVConfigError,
     KVError,
     NotSharedMemory,
+    Status,
     UnknownInstance,
     UnknownJob,
 )
@@ -619,8 +620,8 @@ def test_a_malformed_layout_is_refused_at_the_servers_door_and_the_server_stays_
     refused, pong, registered = asyncio.run(exchange())
 
     assert (refused.kind, refused.request_id) == (MessageKind.ERROR, 7)
-    error_type, message = refused.payload
-    assert error_type == "ProtocolError" and says in message
+    status, error_type, message = refused.payload
+    assert (status, error_type) == (Status.PROTOCOL, "ProtocolError") and says in message
     assert (pong.kind, pong.payload) == (MessageKind.RESPONSE, "pong")
     assert registered.kind is MessageKind.RESPONSE and isinstance(registered.payload, int)
     assert baseline.server.stats()["instances"] == 2  # the baseline's and the good one's

@@ -47,7 +47,7 @@ from typing import Any, cast
 import torch
 
 from kvrpc.cuda import CudaEventHandle, poll_event
-from kvrpc.errors import KVError
+from kvrpc.errors import DeadlinePassed
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.server.copy_plan import (
     GroupViews,
@@ -77,10 +77,6 @@ logger = logging.getLogger("kvrpc.kv")
 
 # torch.cuda's classes are untyped; the engine holds them as Any.
 _cuda = cast(Any, torch.cuda)
-
-
-class DeadlinePassed(KVError):
-    """A retrieve's deadline passed before its copy started: no byte was written."""
 
 
 class CopyEngine:
