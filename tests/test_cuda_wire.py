@@ -22,13 +22,14 @@ from kvrpc.cuda import (
     new_ipc_event,
     require_cuda,
 )
-from kvrpc.errors import CudaUnavailable, KVConfigError
+from kvrpc.errors import CudaUnavailable, KVConfigError, PayloadValidationError
 from kvrpc.futures import CUDAMessagingFuture, MessagingFuture
 from kvrpc.kv import protocols as kv
 from kvrpc.kv.client import RetrieveProgress
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind
+from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration
 
 UUID = "GPU-5f1c2a9e-0b7d-4e3a-9c61-2d8f0e4b7a13"
@@ -240,13 +241,28 @@ def test_ipc_wrapper_from_something_that_is_no_tensor_is_a_config_error() -> Non
 
 
 def test_a_cuda_copy_reply_without_an_event_survives_the_wire() -> None:
-    reply = CudaCopyReply(errors=[None, "not in the cache (never stored, or evicted)"])
+    reply = CudaCopyReply(
+        statuses=[KeyStatus.OK, KeyStatus.NOT_IN_CACHE], detail="not in the cache"
+    )
     payload = decode(on_the_wire(encode_response(1, reply))).payload
     assert kv.RETRIEVE_CUDA.validate_response(payload) == reply
 
 
+def test_key_statuses_travel_as_ints_and_an_unknown_one_is_refused() -> None:
+    reply = CudaCopyReply(statuses=[KeyStatus.OK, KeyStatus.NO_FREE_SLOT], detail="full")
+    payload = decode(on_the_wire(encode_response(1, reply))).payload
+    assert payload["statuses"] == [0, 3] and type(payload["statuses"][1]) is int
+    validated = kv.STORE_CUDA.validate_response(payload)
+    assert validated.statuses == [KeyStatus.OK, KeyStatus.NO_FREE_SLOT]
+    assert type(validated.statuses[1]) is KeyStatus and validated.failed() == [1]
+    with pytest.raises(PayloadValidationError):
+        kv.STORE_CUDA.validate_response({**payload, "statuses": [0, 99]})
+    with pytest.raises(PayloadValidationError):
+        kv.STORE_CUDA.validate_response({**payload, "statuses": ["OK"]})
+
+
 def test_a_cuda_copy_reply_with_its_event_survives_the_wire() -> None:
-    reply = CudaCopyReply(errors=[None], cuda_event=CudaEventHandle(UUID, HANDLE))
+    reply = CudaCopyReply(statuses=[KeyStatus.OK], cuda_event=CudaEventHandle(UUID, HANDLE))
     payload = decode(on_the_wire(encode_response(1, reply))).payload
     validated = kv.STORE_CUDA.validate_response(payload)
     assert validated == reply
@@ -304,7 +320,11 @@ def test_opening_or_making_cuda_handles_needs_cuda() -> None:
 
 def test_a_layer_copy_reply_with_its_events_survives_the_wire() -> None:
     handles = [CudaEventHandle("GPU-0000", bytes([i]) * 64) for i in range(3)]
-    reply = kv.LayerCopyReply(errors=[None, "not in the cache"], layer_events=handles)
+    reply = kv.LayerCopyReply(
+        statuses=[KeyStatus.OK, KeyStatus.NOT_IN_CACHE],
+        detail="not in the cache",
+        layer_events=handles,
+    )
     frames = encode_response(5, reply.model_dump())
     decoded = decode(frames)
     assert kv.LayerCopyReply.model_validate(decoded.payload) == reply

@@ -24,6 +24,7 @@ from kvrpc.kv.client.completions import Completions
 from kvrpc.kv.client.ledger import RequestLedger
 from kvrpc.kv.client.progress import RetrieveProgress
 from kvrpc.kv.client.watcher import EventWatcher
+from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import CudaCopyReply
 
 UUID = "GPU-5f1c2a9e-0b7d-4e3a-9c61-2d8f0e4b7a13"
@@ -195,7 +196,9 @@ def test_a_store_answered_at_enqueue_is_finished_only_once_its_event_completed(
     ledger = done._ledger
     handle, event = events.new()
     ledger.stores_sent(["req"])
-    done.store_answered(["req"], answered(CudaCopyReply(errors=[None, None], cuda_event=handle)))
+    done.store_answered(
+        ["req"], answered(CudaCopyReply(statuses=[KeyStatus.OK] * 2, cuda_event=handle))
+    )
     # The engine must not reuse the blocks yet: the server's copy may still read them.
     assert not ledger.wait_for_stores(["req"], SETTLE)
     assert ledger.finished({"req"})[0] == set()
@@ -211,7 +214,9 @@ def test_a_store_whose_event_never_completes_counts_its_chunks_dropped(
     done = completions(events, watcher, timeout=0.02)
     handle, _ = events.new()
     done._ledger.stores_sent(["req"])
-    done.store_answered(["req"], answered(CudaCopyReply(errors=[None], cuda_event=handle)), 1)
+    done.store_answered(
+        ["req"], answered(CudaCopyReply(statuses=[KeyStatus.OK], cuda_event=handle)), 1
+    )
     assert done._ledger.wait_for_stores(["req"], HANG)
     assert done._ledger.stats.stored_chunks == 0
     assert done._ledger.stats.dropped_stores == 1
@@ -226,7 +231,7 @@ def test_a_retrieve_answered_at_enqueue_is_finished_only_once_its_event_complete
     rows = torch.tensor([[4, 5], [6, 7]])
     progress = RetrieveProgress(1)
     ledger.retrieves_sent(["req"])
-    reply = CudaCopyReply(errors=[None, None], cuda_event=handle)
+    reply = CudaCopyReply(statuses=[KeyStatus.OK] * 2, cuda_event=handle)
     done.retrieve_answered(["req"], ["req", "req"], rows, answered(reply), progress, None)
     assert not progress.wait(SETTLE)
     assert ledger.finished(set())[1] == set()
@@ -244,7 +249,7 @@ def test_a_retrieve_whose_event_never_completes_leaves_its_blocks_as_load_errors
     rows = torch.tensor([[4, 5]])
     progress = RetrieveProgress(1)
     done._ledger.retrieves_sent(["req"])
-    reply = CudaCopyReply(errors=[None], cuda_event=handle)
+    reply = CudaCopyReply(statuses=[KeyStatus.OK], cuda_event=handle)
     done.retrieve_answered(["req"], ["req"], rows, answered(reply), progress, None)
     assert progress.wait(HANG) is False  # finished, but not filled
     assert done._ledger.take_load_errors() == {4, 5}
@@ -257,7 +262,7 @@ def test_a_cuda_reply_that_copied_nothing_settles_at_once_without_an_event(
     rows = torch.tensor([[4, 5]])
     progress = RetrieveProgress(1)
     done._ledger.retrieves_sent(["req"])
-    reply = CudaCopyReply(errors=["not in the cache (never stored, or evicted)"])
+    reply = CudaCopyReply(statuses=[KeyStatus.NOT_IN_CACHE], detail="not in the cache")
     done.retrieve_answered(["req"], ["req"], rows, answered(reply), progress, None)
     assert progress.wait(HANG) is False
     assert done._ledger.take_load_errors() == {4, 5}

@@ -594,8 +594,8 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
             while stored < count:
                 n = min(batch, count - stored)
                 keys = KeyBatch(_MODEL, 1, 0, os.urandom(HASH_SIZE * n))
-                results = client.call(protocols.STORE, me, instance, keys, rows[:n].clone(), [])
-                refused += sum(result is not None for result in results)
+                reply = client.call(protocols.STORE, me, instance, keys, rows[:n].clone(), [])
+                refused += len(reply.failed())
                 stored += n
                 if stored / count >= reported + 0.1:
                     reported = stored / count

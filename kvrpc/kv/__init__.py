@@ -23,6 +23,7 @@ from kvrpc.kv.keys import (
     salted_root,
 )
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout, LayoutKind
+from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import KV_PROTOCOLS, kv_registry
 from kvrpc.kv.server.service import KVService
 from kvrpc.kv.server.serving import KVServerSettings, serve_kv
@@ -37,6 +38,7 @@ __all__ = [
     "KVServerSettings",
     "KVService",
     "KeyBatch",
+    "KeyStatus",
     "LayoutKind",
     "LoadStoreOp",
     "PollingSchedulerAdapter",

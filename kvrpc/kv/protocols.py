@@ -32,6 +32,7 @@ from kvrpc.cuda import CudaEventHandle
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.outcomes import KeyOutcomes, StoreReply
 from kvrpc.kv.shm import SharedTensorRef
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 
@@ -57,6 +58,7 @@ __all__ = [
     "LayerCopyReply",
     "KVCacheRegistration",
     "RetrieveReply",
+    "StoreReply",
     "kv_registry",
 ]
 
@@ -89,24 +91,21 @@ class KVCacheRegistration(BaseModel):
     ready_events: list[CudaEventHandle] = []
 
 
-class RetrieveReply(BaseModel):
-    """Per-key outcome of a retrieve: ``errors[i]`` is None when key ``i`` was copied.
+class RetrieveReply(KeyOutcomes):
+    """Per-key outcome of a retrieve (``statuses``, see :class:`~kvrpc.kv.outcomes.KeyOutcomes`).
 
     ``chunks`` carries the chunk bytes (one uint8 tensor per key, empty for failed keys)
     in the ``inline`` mode, and is empty in the ``shm`` mode, where the server wrote the
     blocks itself.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-    errors: list[str | None]
-    chunks: list[torch.Tensor] = []
+    chunks: list[torch.Tensor] = Field(default_factory=list)
 
 
-class CudaCopyReply(BaseModel):
+class CudaCopyReply(KeyOutcomes):
     """Per-key outcome of a ``cuda_ipc`` store or retrieve, and the copy's completion event.
 
-    ``errors[i]`` is None when key ``i`` is copied. The server replies once the copy is
+    ``statuses[i]`` is OK when key ``i`` is copied. The server replies once the copy is
     enqueued: ``cuda_event`` (None when nothing is copied) is recorded on its copy stream
     after the batch and completes when the whole batch has been copied. A worker polls it
     (:func:`~kvrpc.cuda.poll_event`, or ``CUDAMessagingFuture.wait`` with a timeout) and
@@ -114,13 +113,10 @@ class CudaCopyReply(BaseModel):
     die mid-copy, and then the event would never complete.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-    errors: list[str | None]
     cuda_event: CudaEventHandle | None = None
 
 
-class LayerCopyReply(BaseModel):
+class LayerCopyReply(KeyOutcomes):
     """Per-key outcome of a layer-wise ``cuda_ipc`` retrieve, and one event per layer.
 
     Sent once the copy is enqueued, not once it completed: ``layer_events[l]`` (recorded on
@@ -129,10 +125,7 @@ class LayerCopyReply(BaseModel):
     stream wait on them: see :mod:`kvrpc.cuda`). Empty when nothing was copied.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-    errors: list[str | None]
-    layer_events: list[CudaEventHandle] = []
+    layer_events: list[CudaEventHandle] = Field(default_factory=list)
 
 
 REGISTER_KV_CACHE = ProtocolDefinition(
@@ -150,10 +143,10 @@ UNREGISTER_KV_CACHE = ProtocolDefinition(
 STORE = ProtocolDefinition(
     "kv.store",
     (bytes, int, KeyBatch, torch.Tensor, list[torch.Tensor]),
-    list[str | None],
+    StoreReply,
     doc=(
         "Store chunks: (client, instance, keys, block ids [n, blocks_per_chunk], inline "
-        "chunk bytes or []); per key None when stored, else why not."
+        "chunk bytes or []); a status per key."
     ),
 )
 RETRIEVE = ProtocolDefinition(

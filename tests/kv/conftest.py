@@ -40,6 +40,7 @@ from kvrpc.kv import (
 )
 from kvrpc.kv import protocols as kv
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.outcomes import KeyStatus, StoreReply
 from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
 from kvrpc.kv.server.serving import GB, KVServerSettings, serve_kv
 from kvrpc.kv.shm import shared_ref
@@ -61,6 +62,8 @@ WAIT = 5.0  # seconds any expected event may take before a test gives up
 CREDENTIALS = PeerCredentials(pid=1, uid=0, gid=0)
 
 _names = itertools.count()
+
+OK = KeyStatus.OK  #: a key that was copied
 
 
 class Keep(Protocol):
@@ -386,15 +389,15 @@ class RawWorker:
     def keys(self, hashes: list[bytes]) -> KeyBatch:
         return KeyBatch.from_hashes(self.client.model, self.client.world_size, self.rank, hashes)
 
-    def store(self, hashes: list[bytes], first_block: int) -> list[str | None]:
-        """Store one chunk per hash from blocks ``first_block`` on; per key None or why not."""
-        answer: list[str | None] = self.client.call(
+    def store(self, hashes: list[bytes], first_block: int) -> list[KeyStatus]:
+        """Store one chunk per hash from blocks ``first_block`` on; a status per key."""
+        reply: StoreReply = self.client.call(
             kv.STORE, self.instance, self.keys(hashes), rows(first_block, len(hashes)), []
         )
-        return answer
+        return reply.statuses
 
-    def retrieve(self, request_id: str, hashes: list[bytes], first_block: int) -> list[str | None]:
-        """Retrieve one chunk per hash into blocks ``first_block`` on; per key None or why not."""
+    def retrieve(self, request_id: str, hashes: list[bytes], first_block: int) -> list[KeyStatus]:
+        """Retrieve one chunk per hash into blocks ``first_block`` on; a status per key."""
         reply: RetrieveReply = self.client.call(
             kv.RETRIEVE,
             self.instance,
@@ -403,12 +406,12 @@ class RawWorker:
             rows(first_block, len(hashes)),
         )
         assert reply.chunks == []  # the shm mode writes the blocks; no bytes come back
-        return reply.errors
+        return reply.statuses
 
     def round_trips(self, hashes: list[bytes], stored_at: int, into: int) -> bool:
         """Retrieve ``hashes`` into blocks ``into``: all found and equal to ``stored_at``'s."""
-        errors = self.retrieve(f"check-{secrets.token_hex(4)}", hashes, into)
-        return errors == [None] * len(hashes) and same_blocks(
+        statuses = self.retrieve(f"check-{secrets.token_hex(4)}", hashes, into)
+        return statuses == [KeyStatus.OK] * len(hashes) and same_blocks(
             self.layers, blocks(stored_at, len(hashes)), blocks(into, len(hashes))
         )
 
@@ -499,5 +502,5 @@ def baseline(
     """A server already holding some chunks, to check it stays healthy after bad input."""
     raw = opened(RawClient(kv_server.url))
     worker = raw.register(0, kv_cache())
-    assert worker.store(chunk_hashes(2, seed=80), 0) == [None, None]
+    assert worker.store(chunk_hashes(2, seed=80), 0) == [OK, OK]
     return Baseline(kv_server, raw, worker)

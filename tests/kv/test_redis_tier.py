@@ -31,6 +31,7 @@ from .conftest import (
     LAYER_SHAPE,
     LAYERS,
     MODEL,
+    OK,
     Keep,
     KVServer,
     RawClient,
@@ -353,12 +354,12 @@ def shm_round_trip(
     reader = reader_client.register(0, kv_cache())
     hashes = chunk_hashes(3, 80)
     before = a.stats()["redis_writes"]
-    assert writer.store(hashes, 0) == [None] * 3
+    assert writer.store(hashes, 0) == [OK] * 3
     a.wait_stats("written to Redis", redis_writes=before + 3, redis_write_queued=0)
     job = reader_client.lookup("r", hashes)
     assert isinstance(job, str), "a lookup that L1 misses asks Redis through a prefetch job"
     assert wait_until(lambda: reader_client.query(job), lambda n: n is not None, "job") == 3
-    assert reader.retrieve("r", hashes, 40) == [None] * 3
+    assert reader.retrieve("r", hashes, 40) == [OK] * 3
     for layer_a, layer_b in zip(writer.layers, reader.layers, strict=True):
         bits_a, bits_b = layer_a.view(torch.int16), layer_b.view(torch.int16)
         assert torch.equal(bits_a[:, blocks(0, 3)], bits_b[:, blocks(40, 3)])
@@ -415,7 +416,7 @@ def test_lookups_answer_while_redis_is_down_and_the_tier_comes_back_by_itself(
     raw_b = opened(RawClient(b.url, world_size=1))
     worker_b = raw_b.register(0, kv_cache())
     local = chunk_hashes(2, 81)
-    assert worker_b.store(local, 0) == [None, None]
+    assert worker_b.store(local, 0) == [OK, OK]
     b.wait_stats("written", redis_writes=2, pinned_chunks=0)
     redis.kill()
     # L1 keeps serving; a lookup past L1 ends as a job that counts what L1 has.
@@ -433,7 +434,7 @@ def test_lookups_answer_while_redis_is_down_and_the_tier_comes_back_by_itself(
     assert stats["redis_errors"] + stats["redis_timeouts"] >= 1
     # While skipped, a lookup does not ask Redis: a count at once, not a job.
     assert isinstance(raw_b.lookup("skipped", local + chunk_hashes(2, 83)), int)
-    assert worker_b.store(chunk_hashes(1, 84), 10) == [None]  # stores go on
+    assert worker_b.store(chunk_hashes(1, 84), 10) == [OK]  # stores go on
     for request_id in ("down", "skipped"):
         raw_b.end_session(request_id)
     redis.start()
@@ -457,7 +458,7 @@ def test_a_paused_redis_blocks_no_store_and_no_lookup(
     redis.pause()
     try:
         for i in range(4):  # every store is answered while Redis answers nothing
-            assert worker.store(chunk_hashes(3, 85 + i), 0) == [None] * 3
+            assert worker.store(chunk_hashes(3, 85 + i), 0) == [OK] * 3
             assert a.stats()["redis_write_queued_bytes"] <= budget
         assert raw.probe(chunk_hashes(3, 85)) == 3
         stats = a.wait_stats("the tier skipped", redis_state=int(BreakerState.SKIPPED))

@@ -46,6 +46,7 @@ from kvrpc.kv import (
 from kvrpc.kv import protocols as kv
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout, LayoutKind
+from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.server import PeerInfo
 from kvrpc.transport import TransportOptions, connect_client
@@ -59,6 +60,7 @@ from .conftest import (
     LAYERS,
     MODEL,
     NUM_BLOCKS,
+    OK,
     SLOT,
     WAIT,
     WORLD,
@@ -181,7 +183,7 @@ def test_end_session_release_pins_and_unregister_answer_over_the_wire_what_they_
     stranger = opened(RawClient(kv_server.url, world_size=1))
     worker = raw.register(0, kv_cache())
     hashes = chunk_hashes(2, seed=30)
-    assert worker.store(hashes, 0) == [None, None]
+    assert worker.store(hashes, 0) == [OK, OK]
     assert raw.lookup_count("r", hashes) == 2
     assert kv_server.stats()["pinned_chunks"] == 2
     assert raw.end_session("r") == 2
@@ -488,10 +490,10 @@ def test_a_lookup_of_chunks_evicted_to_disk_prefetches_them_as_a_job(
     other_client = opened(RawClient(kv_server.url, world_size=1))
     worker = raw.register(0, kv_cache())
     a, c, b = chunk_hashes(2, 70), chunk_hashes(2, 71), chunk_hashes(4, 72)
-    assert worker.store(a, 0) == [None, None]
-    assert worker.store(c, 4) == [None, None]
+    assert worker.store(a, 0) == [OK, OK]
+    assert worker.store(c, 4) == [OK, OK]
     kv_server.wait_stats("a and c written to disk", tier_saves=4, pinned_chunks=0)
-    assert worker.store(b, 8) == [None] * 4  # evicts a and c from memory
+    assert worker.store(b, 8) == [OK] * 4  # evicts a and c from memory
     kv_server.wait_stats("b written to disk", tier_saves=8, pinned_chunks=0)
     assert kv_server.stats()["evictions"] == 4
 
@@ -519,8 +521,8 @@ def test_a_lookup_of_chunks_evicted_to_disk_prefetches_them_as_a_job(
     assert (stats["prefetch_jobs"], stats["prefetch_jobs_open"], stats["prefetched"]) == (2, 0, 4)
     assert stats["pinned_chunks"] == 4  # the prefetched chunks wait for their retrieves
 
-    assert worker.retrieve("ra", a, 40) == [None, None]
-    assert worker.retrieve("rc", c, 48) == [None, None]
+    assert worker.retrieve("ra", a, 40) == [OK, OK]
+    assert worker.retrieve("rc", c, 48) == [OK, OK]
     assert same_blocks(worker.layers, blocks(0, 2), blocks(40, 2))
     assert same_blocks(worker.layers, blocks(4, 2), blocks(48, 2))
     assert kv_server.stats()["pinned_chunks"] == 0
@@ -634,13 +636,12 @@ def test_block_ids_out_of_range_refuse_only_their_keys(baseline: Baseline) -> No
     ids = rows(0, 3)
     ids[1, 1] = NUM_BLOCKS
     answer = raw.call(kv.STORE, worker.instance, worker.keys(hashes), ids, [])
-    assert answer[0] is None and answer[2] is None
-    assert answer[1] == f"block id {NUM_BLOCKS} is outside this KV cache's 0..{NUM_BLOCKS - 1}"
+    assert answer.statuses == [OK, KeyStatus.BAD_BLOCK_ID, OK]
+    assert answer.detail == f"block id {NUM_BLOCKS} is outside this KV cache's 0..{NUM_BLOCKS - 1}"
     ids[1, 1] = -2  # -1 is SKIP_BLOCK in a retrieve; anything lower is out of range
     reply = raw.call(kv.RETRIEVE, worker.instance, ["r"] * 3, worker.keys(hashes), ids)
-    assert reply.errors[0] is None
-    assert reply.errors[1] == f"block id -2 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
-    assert reply.errors[2] is None
+    assert reply.statuses == [OK, KeyStatus.BAD_BLOCK_ID, OK]
+    assert reply.detail == f"block id -2 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
     assert same_blocks(worker.layers, blocks(0, 1), blocks(0, 1))
     assert baseline.still_healthy()
 
@@ -648,14 +649,14 @@ def test_block_ids_out_of_range_refuse_only_their_keys(baseline: Baseline) -> No
 def test_a_retrieve_leaves_blocks_marked_skip_as_they_were(baseline: Baseline) -> None:
     raw, worker = baseline.raw, baseline.worker
     hashes = chunk_hashes(1, seed=84)
-    assert raw.call(kv.STORE, worker.instance, worker.keys(hashes), rows(0, 1), []) == [None]
+    assert raw.call(kv.STORE, worker.instance, worker.keys(hashes), rows(0, 1), []).ok() == [0]
     target = rows(BPC, 1)
     target[0, 0] = -1  # the engine holds this block's tokens itself
     before = [layer.view(torch.int16)[:, BPC].clone() for layer in worker.layers]
 
     reply = raw.call(kv.RETRIEVE, worker.instance, ["r"], worker.keys(hashes), target)
 
-    assert reply.errors == [None]
+    assert reply.statuses == [OK]
     assert same_blocks(worker.layers, list(range(BPC + 1, 2 * BPC)), list(range(1, BPC)))
     assert all(
         torch.equal(layer.view(torch.int16)[:, BPC], old)
@@ -663,7 +664,8 @@ def test_a_retrieve_leaves_blocks_marked_skip_as_they_were(baseline: Baseline) -
     )
     other = worker.keys(chunk_hashes(1, seed=85))
     answer = raw.call(kv.STORE, worker.instance, other, target, [])  # a store never skips
-    assert answer == [f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"]
+    assert answer.statuses == [KeyStatus.BAD_BLOCK_ID]
+    assert answer.detail == f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
 
 
 def test_block_ids_of_the_wrong_shape_refuse_the_whole_batch(baseline: Baseline) -> None:
@@ -726,14 +728,14 @@ def test_keys_of_another_model_world_size_or_rank_are_refused_per_key(
     for model, world_size in (("other-model", WORLD), (MODEL, 4)):
         keys = KeyBatch.from_hashes(model, world_size, 0, hashes)
         answer = raw.call(kv.STORE, worker.instance, keys, rows(0, 2), [])
-        assert len(answer) == 2
-        assert all(f"keys are for model {model!r} world size {world_size}" in a for a in answer)
+        assert answer.statuses == [KeyStatus.WRONG_NAMESPACE] * 2
+        assert f"keys are for model {model!r} world size {world_size}" in answer.detail
         reply = raw.call(kv.RETRIEVE, worker.instance, ["r", "r"], keys, rows(0, 2))
-        assert len(reply.errors) == 2
-        assert all(error and "keys are for model" in error for error in reply.errors)
+        assert reply.statuses == [KeyStatus.WRONG_NAMESPACE] * 2
+        assert "keys are for model" in reply.detail
     rank1_keys = KeyBatch.from_hashes(MODEL, WORLD, 1, hashes)
     answer = raw.call(kv.STORE, worker.instance, rank1_keys, rows(0, 2), [])
-    assert all("worker id 1" in a for a in answer)
+    assert answer.statuses == [KeyStatus.WRONG_WORKER] * 2 and "worker id 1" in answer.detail
     assert baseline.server.stats()["stores"] == 2  # the baseline's, nothing more
     assert baseline.still_healthy()
 
@@ -747,10 +749,10 @@ def test_a_retrieve_of_an_evicted_key_says_it_is_not_in_the_cache(
     raw = opened(RawClient(kv_server.url, world_size=1))
     worker = raw.register(0, kv_cache())
     old, new = chunk_hashes(2, seed=85), chunk_hashes(2, seed=86)
-    assert worker.store(old, 0) == [None, None]
-    assert worker.store(new, 4) == [None, None]
-    errors = worker.retrieve("r", old + new, 40)
-    assert errors == ["not in the cache (never stored, or evicted)"] * 2 + [None, None]
+    assert worker.store(old, 0) == [OK, OK]
+    assert worker.store(new, 4) == [OK, OK]
+    statuses = worker.retrieve("r", old + new, 40)
+    assert statuses == [KeyStatus.NOT_IN_CACHE] * 2 + [OK, OK]
     stats = kv_server.stats()
     assert (stats["retrieve_misses"], stats["retrieves"]) == (2, 2)
     assert same_blocks(worker.layers, blocks(4, 2), blocks(44, 2))
@@ -762,8 +764,8 @@ def test_a_second_store_of_a_key_is_refused_and_keeps_the_first_copy(
 ) -> None:
     worker = baseline.worker
     hashes = chunk_hashes(1, seed=87)
-    assert worker.store(hashes, 0) == [None]
-    assert worker.store(hashes, 10) == ["already stored"]
+    assert worker.store(hashes, 0) == [OK]
+    assert worker.store(hashes, 10) == [KeyStatus.ALREADY_STORED]
     assert baseline.server.stats()["store_duplicates"] == 1
     assert worker.round_trips(hashes, stored_at=0, into=30)
     assert baseline.still_healthy()
@@ -813,9 +815,9 @@ def test_a_silent_client_loses_its_instances_sessions_and_jobs_but_keepalive_kee
     silent = opened(RawClient(kv_server.url, world_size=1))
     worker = silent.register(0, kv_cache())
     a, b = chunk_hashes(2, seed=90), chunk_hashes(4, seed=91)
-    assert worker.store(a, 0) == [None, None]
+    assert worker.store(a, 0) == [OK, OK]
     kv_server.wait_stats("a on disk", tier_saves=2, pinned_chunks=0)
-    assert worker.store(b, 4) == [None] * 4  # a is on disk only now
+    assert worker.store(b, 4) == [OK] * 4  # a is on disk only now
     kv_server.wait_stats("b on disk", tier_saves=6, pinned_chunks=0)
     assert isinstance(silent.lookup("ra", a), str)  # a prefetch job, never asked about
     kv_server.wait_stats("a back in memory, evicting b's first two", prefetched=2)
@@ -926,9 +928,9 @@ async def test_lookups_during_a_store_see_none_or_all_of_its_chunks_never_more(
                 retrieve = kv.RETRIEVE, client_id, instance, ["r"], last_key, rows(into, 1)
                 retrieves.append((into, await client.submit(*retrieve)))
             await asyncio.sleep(0)
-        assert await store == [None] * chunks
+        assert (await store).statuses == [OK] * chunks
         answers = [await lookup for lookup in lookups]
-        found = [(into, (await reply).errors == [None]) for into, reply in retrieves]
+        found = [(into, (await reply).statuses == [OK]) for into, reply in retrieves]
         after = await client.call(kv.LOOKUP, client_id, "r", lookup_keys)
 
     assert before == 0 and after == chunks
@@ -954,7 +956,7 @@ def test_a_restarted_server_finds_its_disk_chunks_only_for_the_same_model_and_la
     first = start_server(slots=4, disk_dir=tmp_path)
     raw = RawClient(first.url, world_size=1)
     original = kv_cache()
-    assert raw.register(0, original).store(hashes, 0) == [None, None]
+    assert raw.register(0, original).store(hashes, 0) == [OK, OK]
     first.wait_stats("written to disk", tier_saves=2, pinned_chunks=0)
     raw.close()
     first.stop()
@@ -974,7 +976,7 @@ def test_a_restarted_server_finds_its_disk_chunks_only_for_the_same_model_and_la
     job = raw.lookup("r", hashes)
     assert isinstance(job, str)
     assert wait_until(lambda: raw.query(job), lambda got: got is not None, "the job") == 2
-    assert worker.retrieve("r", hashes, 20) == [None, None]
+    assert worker.retrieve("r", hashes, 20) == [OK, OK]
     ids_then, ids_now = torch.tensor(blocks(0, 2)), torch.tensor(blocks(20, 2))
     assert all(
         torch.equal(old.view(torch.int16)[:, ids_then], new.view(torch.int16)[:, ids_now])

@@ -27,6 +27,15 @@ from kvrpc.errors import KVConfigError, KVError, UnknownInstance, UnknownJob
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind
+from kvrpc.kv.outcomes import (
+    ALREADY_STORED,
+    BEING_STORED,
+    NO_FREE_SLOT,
+    NOT_IN_CACHE,
+    KeyFailure,
+    KeyStatus,
+    copy_failed,
+)
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.pool import ChunkPool
@@ -44,8 +53,8 @@ SLOT = LAYOUT.chunk_nbytes(BPC)  # 512 bytes: one pool slot
 TIMEOUT = 10.0  # seconds of silence after which a client is dropped
 ME = b"client-1" * 2
 OTHER = b"client-2" * 2
-MISSING = "not in the cache (never stored, or evicted)"
-NO_SLOT = "no free slot: every chunk in the pool is pinned or being written"
+MISSING = NOT_IN_CACHE
+NO_SLOT = NO_FREE_SLOT
 
 
 class FakeTier:
@@ -154,7 +163,7 @@ def rows(chunks: int, first: int = 0) -> torch.Tensor:
     return torch.arange(first, first + chunks * BPC, dtype=torch.int64).view(chunks, BPC)
 
 
-def store(state: KVState, instance: Instance, chunk_hashes: list[bytes]) -> list[str | None]:
+def store(state: KVState, instance: Instance, chunk_hashes: list[bytes]) -> list[KeyFailure | None]:
     """A store whose copy succeeds; its write-through saves (if any) end at once."""
     plan = state.begin_store(instance, keys_for(instance, chunk_hashes), rows(len(chunk_hashes)))
     assert plan.waiting == []
@@ -172,8 +181,8 @@ def retrieve(
     request_id: str,
     chunk_hashes: list[bytes],
     *,
-    error: str | None = None,
-) -> list[str | None]:
+    error: KeyFailure | None = None,
+) -> list[KeyFailure | None]:
     """A retrieve for ``request_id`` whose copy ends with ``error`` (None: it succeeds)."""
     n = len(chunk_hashes)
     plan = state.begin_retrieve(
@@ -617,9 +626,9 @@ def test_a_second_store_of_a_key_is_refused_and_keeps_the_first_copy() -> None:
     assert store(state, instance, first) == [None]
     slot = slot_of(state, instance, first[0])
 
-    assert store(state, instance, first) == ["already stored"]
+    assert store(state, instance, first) == [ALREADY_STORED]
     filling = state.begin_store(instance, keys_for(instance, second), rows(1))
-    assert store(state, instance, second) == ["being stored"]
+    assert store(state, instance, second) == [BEING_STORED]
     state.settle_store(filling, None)
 
     assert slot_of(state, instance, first[0]) == slot
@@ -634,9 +643,10 @@ def test_a_failed_copy_aborts_the_stores_slots_and_writes_nothing_through() -> N
     stored = hashes(2, 1)
     plan = state.begin_store(instance, keys_for(instance, stored), rows(2))
 
-    assert state.settle_store(plan, "bus error") == []
+    assert state.settle_store(plan, copy_failed("bus error")) == []
 
-    assert plan.results == ["copy failed: bus error"] * 2
+    assert plan.results == [copy_failed("bus error")] * 2
+    assert plan.results[0] == KeyFailure(KeyStatus.COPY_FAILED, "copy failed: bus error")
     assert pool_of(state).free_slots == 4 and state.saving == 0 and tier.keys == set()
     assert state.counters.stores == 0 and probe(state, stored) == 0
     assert store(state, instance, stored) == [None, None]  # the keys are free to store again
@@ -792,8 +802,8 @@ def test_a_failed_retrieve_copy_says_so_and_leaves_the_sessions_pins() -> None:
     assert count(state, "r", stored) == 2
 
     assert (
-        retrieve(state, instance, "r", stored, error="bad address")
-        == ["copy failed: bad address"] * 2
+        retrieve(state, instance, "r", stored, error=copy_failed("bad address"))
+        == [copy_failed("bad address")] * 2
     )
 
     assert pinned(state) == 2 and state.counters.retrieves == 0
@@ -855,14 +865,17 @@ def test_block_ids_out_of_range_refuse_only_their_keys() -> None:
     ids[1, 1] = NUM_BLOCKS
     outside = f"is outside this KV cache's 0..{NUM_BLOCKS - 1}"
 
+    def bad(block: int) -> KeyFailure:
+        return KeyFailure(KeyStatus.BAD_BLOCK_ID, f"block id {block} {outside}")
+
     plan = state.begin_store(instance, keys_for(instance, stored), ids)
 
-    assert plan.results == [None, f"block id {NUM_BLOCKS} {outside}", None]
+    assert plan.results == [None, bad(NUM_BLOCKS), None]
     assert [i for i, _ in plan.reserved] == [0, 2]
     state.settle_store(plan, None)
     ids[1, 1] = -2  # -1 is SKIP_BLOCK in a retrieve; anything lower is out of range
     plan = state.begin_retrieve(instance, ["r"] * 3, keys_for(instance, stored), ids)
-    assert plan.results == [None, f"block id -2 {outside}", None]
+    assert plan.results == [None, bad(-2), None]
     assert [i for i, _ in plan.found] == [0, 2]
     state.settle_retrieve(plan, None)
     assert pinned(state) == 0
@@ -877,7 +890,9 @@ def test_a_block_marked_skip_is_allowed_only_in_a_retrieve() -> None:
 
     assert batch_problems(instance, keys, target, retrieve=True) == [None]
     assert batch_problems(instance, keys, target, retrieve=False) == [
-        f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
+        KeyFailure(
+            KeyStatus.BAD_BLOCK_ID, f"block id -1 is outside this KV cache's 0..{NUM_BLOCKS - 1}"
+        )
     ]
 
 
@@ -905,13 +920,20 @@ def test_keys_of_another_model_world_size_or_rank_are_refused_per_key() -> None:
         keys = KeyBatch.from_hashes(model, world_size, 0, stored)
         says = f"keys are for model {model!r} world size {world_size}"
         plan = state.begin_store(instance, keys, rows(2))
-        assert len(plan.results) == 2 and all(says in (r or "") for r in plan.results)
+        assert len(plan.results) == 2
+        assert all(r and r.status is KeyStatus.WRONG_NAMESPACE for r in plan.results)
+        assert all(r and says in r.detail for r in plan.results)
         assert plan.reserved == []
         retrieving = state.begin_retrieve(instance, ["r", "r"], keys, rows(2))
-        assert all(says in (r or "") for r in retrieving.results)
+        assert all(r and r.status is KeyStatus.WRONG_NAMESPACE for r in retrieving.results)
+        assert all(r and says in r.detail for r in retrieving.results)
     rank1 = KeyBatch.from_hashes(MODEL, 2, 1, stored)
     plan = state.begin_store(instance, rank1, rows(2))
-    assert plan.results == ["keys carry worker id 1, this instance is worker 0"] * 2
+    assert (
+        plan.results
+        == [KeyFailure(KeyStatus.WRONG_WORKER, "keys carry worker id 1, this instance is worker 0")]
+        * 2
+    )
     assert state.counters.stores == 0 and pool_of(state).free_slots == 4
 
 
@@ -937,7 +959,7 @@ def test_lookup_counts_only_leading_chunks_present_on_every_rank() -> None:
 
     assert store(state, rank1, stored[:2]) == [None] * 2
     assert count(state, "rank-1-has-two", stored, world_size=2) == 2
-    assert store(state, rank1, stored) == ["already stored"] * 2 + [None]
+    assert store(state, rank1, stored) == [ALREADY_STORED] * 2 + [None]
     assert count(state, "both", stored, world_size=2) == 3
     # A longer prompt with the same start matches the stored prefix; another start, none.
     assert count(state, "longer", stored + hashes(2, 2), world_size=2) == 3

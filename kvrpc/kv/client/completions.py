@@ -29,6 +29,7 @@ from kvrpc.kv.client.ledger import RequestLedger
 from kvrpc.kv.client.progress import RetrieveProgress
 from kvrpc.kv.client.watcher import EventWatcher
 from kvrpc.kv.layout import KVLayout, scatter_chunks
+from kvrpc.kv.outcomes import KeyOutcomes, KeyStatus
 from kvrpc.kv.protocols import CudaCopyReply, LayerCopyReply, RetrieveReply
 
 __all__ = ["Completions", "InlineTarget"]
@@ -86,15 +87,15 @@ class Completions:
         """
         reply = None if future is None else self._note_outcome("store", future)
         if isinstance(reply, CudaCopyReply) and reply.cuda_event is not None:
-            settle = functools.partial(self._store_copied, request_ids, reply.errors, chunks)
+            settle = functools.partial(self._store_copied, request_ids, reply.statuses, chunks)
             self._events.watch(reply.cuda_event, self._timeout, settle)
             return
         if future is not None:
-            self._count_store(reply.errors if isinstance(reply, CudaCopyReply) else reply, chunks)
+            self._count_store(reply.statuses if isinstance(reply, KeyOutcomes) else None, chunks)
         self._ledger.stores_settled(request_ids)
 
     def _store_copied(
-        self, request_ids: Sequence[str], errors: list[str | None], chunks: int, ok: bool
+        self, request_ids: Sequence[str], statuses: list[KeyStatus], chunks: int, ok: bool
     ) -> None:
         if not ok:
             logger.warning(
@@ -102,15 +103,15 @@ class Completions:
                 self._timeout,
             )
         try:
-            self._count_store(errors if ok else None, chunks)
+            self._count_store(statuses if ok else None, chunks)
         finally:  # whatever happened, the engine must not wait for this store for ever
             self._ledger.stores_settled(request_ids)
 
-    def _count_store(self, errors: object, chunks: int) -> None:
-        if isinstance(errors, list):
-            # "already stored" is not a loss: the chunk is there.
-            stored = sum(1 for e in errors if e is None or e == "already stored")
-            self._ledger.count(stores=stored, stores_dropped=len(errors) - stored)
+    def _count_store(self, statuses: list[KeyStatus] | None, chunks: int) -> None:
+        if statuses is not None:
+            # ALREADY_STORED is not a loss: the chunk is there.
+            stored = sum(1 for status in statuses if status.held)
+            self._ledger.count(stores=stored, stores_dropped=len(statuses) - stored)
         else:  # the call failed: none of its chunks was stored
             self._ledger.count(stores_dropped=chunks)
 
@@ -184,7 +185,7 @@ class Completions:
         handles = reply.layer_events
         # A key that failed at the door (evicted since the lookup, say) leaves its blocks
         # unwritten: no layer of this retrieve is complete, whatever the events say.
-        progress._answer(handles, all(error is None for error in reply.errors))
+        progress._answer(handles, not reply.failed())
         if not handles:
             self.retrieve_settled(request_ids, owners, rows, future, progress)
             return
@@ -227,13 +228,10 @@ class Completions:
         failed: list[int] = []
         if future is not None:
             reply = self._note_outcome("retrieve", future)
-            errors = (
-                reply.errors
-                if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
-                else [""] * len(owners)
-            )
-            ok = [i for i, error in enumerate(errors) if error is None]
-            failed = [i for i, error in enumerate(errors) if error is not None]
+            if isinstance(reply, KeyOutcomes):
+                ok, failed = reply.ok(), reply.failed()
+            else:
+                ok, failed = [], list(range(len(owners)))
             if inline is not None and ok and isinstance(reply, RetrieveReply):
                 try:
                     chunks = [reply.chunks[i] for i in ok]
@@ -258,15 +256,13 @@ class Completions:
         except Exception as exc:
             logger.warning("%s failed: %s", what, exc)
             return None
-        errors = (
-            reply.errors
-            if isinstance(reply, RetrieveReply | CudaCopyReply | LayerCopyReply)
-            else reply
-        )
-        problems = [e for e in errors if e is not None]
-        if problems:
+        if isinstance(reply, KeyOutcomes) and reply.detail:
             logger.debug(
-                "%s: %d of %d chunks not moved: %s", what, len(problems), len(errors), problems[0]
+                "%s: %d of %d chunks not moved: %s",
+                what,
+                len(reply.failed()),
+                len(reply.statuses),
+                reply.detail,
             )
         return reply
 

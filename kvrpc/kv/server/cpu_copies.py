@@ -23,6 +23,7 @@ import torch
 
 from kvrpc.errors import KVConfigError, KVError
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.outcomes import KeyFailure, copy_failed
 from kvrpc.kv.shm import MemoryOwner, SharedMapping, SharedTensorRef, open_shared
 
 __all__ = ["CpuCopies", "check_inline_chunks", "clone_into", "copy_all"]
@@ -52,8 +53,8 @@ class CpuCopies:
 
     async def run(
         self, works: list[Callable[[], None]], *, on_late_finish: Callable[[], None]
-    ) -> str | None:
-        """Run ``works`` side by side; None if all succeeded, else the first error.
+    ) -> KeyFailure | None:
+        """Run ``works`` side by side; None if all succeeded, else the first error's failure.
 
         Waits for every part even after one fails, since the others write the same slots.
         If the handler is cancelled (server shutdown), running copies cannot be stopped: the
@@ -79,7 +80,7 @@ class CpuCopies:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 logger.error("a KV copy failed", exc_info=outcome)
-                return f"{type(outcome).__name__}: {outcome}"
+                return copy_failed(outcome)
         return None
 
     def by_layers(

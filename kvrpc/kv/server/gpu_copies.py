@@ -31,14 +31,13 @@ from kvrpc.cuda import (
 from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.outcomes import DEADLINE_PASSED, WORKER_GONE, KeyFailure, KeyStatus, copy_failed
 from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, Transfer
 from kvrpc.kv.server.pool import ChunkPool
 
-__all__ = ["DEADLINE_TEXT", "CudaCache", "GpuCopies"]
+__all__ = ["CudaCache", "GpuCopies"]
 
 logger = logging.getLogger("kvrpc.kv")
-
-DEADLINE_TEXT = "the deadline passed before the copy started; no block was written"
 
 
 @dataclass(eq=False)
@@ -57,10 +56,10 @@ class _Answered:
     """A copy already answered, until it is settled: once, by whoever notices it first."""
 
     done: Any  # the engine's completion event
-    settle: Callable[[str | None], None]
+    settle: Callable[[KeyFailure | None], None]
     settled: bool = False
 
-    def finish(self, error: str | None) -> None:
+    def finish(self, error: KeyFailure | None) -> None:
         if not self.settled:
             self.settled = True
             self.settle(error)
@@ -155,7 +154,7 @@ class GpuCopies:
         ready_handle: CudaEventHandle,
         on_late_finish: Callable[[], None],
         deadline: float | None = None,
-    ) -> tuple[str | None, Any]:
+    ) -> tuple[KeyFailure | None, Any]:
         """Wait for the worker's event, then enqueue ``transfer(ready)`` with ``submit``.
 
         Returns (None, the engine's result: its completion event first) once the copy is
@@ -174,20 +173,20 @@ class GpuCopies:
             _after_engine(enqueued, engine, asyncio.get_running_loop(), on_late_finish)
             raise
         except DeadlinePassed:
-            return DEADLINE_TEXT, None
+            return DEADLINE_PASSED, None
         except Exception as exc:
             logger.error("a GPU copy failed", exc_info=exc)
-            return f"{type(exc).__name__}: {exc}", None
+            return copy_failed(exc), None
         return None, result
 
     def settle_later(
         self,
         engine: CopyEngine,
-        results: list[str | None],
-        settle: Callable[[str | None], None],
+        results: list[KeyFailure | None],
+        settle: Callable[[KeyFailure | None], None],
         enqueued: tuple[Any, ...],
         started: float,
-    ) -> list[str | None]:
+    ) -> list[KeyFailure | None]:
         """What to answer for an enqueued copy now; ``settle`` runs once it has completed.
 
         ``enqueued`` is the engine's result (its completion event and handle first). The
@@ -238,13 +237,13 @@ class GpuCopies:
 
             def late(_: object) -> None:
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(settle, "the server shut down")
+                    loop.call_soon_threadsafe(settle, copy_failed("the server shut down"))
 
             waited.add_done_callback(late)
             raise
         except Exception as exc:
             logger.error("waiting for a GPU copy failed", exc_info=exc)
-            settle(f"{type(exc).__name__}: {exc}")
+            settle(copy_failed(exc))
             return
         settle(None)
         with contextlib.suppress(ValueError):  # gone already if a handler settled it
@@ -256,7 +255,7 @@ class GpuCopies:
         handle: CudaEventHandle,
         deadline: float | None,
         on_late_finish: Callable[[], None],
-    ) -> tuple[str | None, Any]:
+    ) -> tuple[KeyFailure | None, Any]:
         """Open the worker's event and poll it: (None, the event) once it has completed.
 
         Polled until it completes, never handed to a stream while pending (see
@@ -277,17 +276,18 @@ class GpuCopies:
                 on_late_finish()  # nothing was enqueued: the slots can go at once
                 raise
             except Exception as exc:
-                return f"cannot open the worker's CUDA event: {exc}", None
+                return copy_failed(f"cannot open the worker's CUDA event: {exc}"), None
             cache.events.add(handle)
             if not ready_in_time:
                 if deadline is not None and time.monotonic() >= deadline:
-                    return f"{DEADLINE_TEXT} (the worker's event was still pending)", None
-                return (
+                    pending = f"{DEADLINE_PASSED.detail} (the worker's event was still pending)"
+                    return KeyFailure(KeyStatus.DEADLINE_PASSED, pending), None
+                return copy_failed(
                     f"the worker's CUDA event did not complete within {limit:g} s, or the "
                     "worker left; nothing was copied"
                 ), None
         if cache.closed:
-            return "the worker unregistered; nothing was copied", None
+            return WORKER_GONE, None
         return None, ready
 
     def stats(self) -> dict[str, int]:

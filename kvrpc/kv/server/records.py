@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.outcomes import KeyFailure
 
 __all__ = [
     "Client",
@@ -109,7 +110,7 @@ class Client:
 
 @dataclass(eq=False)
 class StorePlan:
-    """An admitted store: per key None or why not, and the slots reserved for the copy.
+    """An admitted store: per key None or a :class:`KeyFailure`, and the slots it reserved.
 
     ``reserved`` pairs a key index with its slot; ``waiting`` holds the key indices that
     found the pool full while write-through saves were still pinning slots (the shell
@@ -117,7 +118,7 @@ class StorePlan:
     """
 
     instance: Instance
-    results: list[str | None]
+    results: list[KeyFailure | None]
     keys: list[bytes]
     block_ids: torch.Tensor
     reserved: list[tuple[int, int]] = field(default_factory=list)
@@ -126,11 +127,11 @@ class StorePlan:
 
 @dataclass(eq=False)
 class RetrievePlan:
-    """An admitted retrieve: per key None or why not, and the slots pinned for the copy."""
+    """An admitted retrieve: per key None or a :class:`KeyFailure`, and the slots it pinned."""
 
     instance: Instance
     request_ids: list[str]
-    results: list[str | None]
+    results: list[KeyFailure | None]
     block_ids: torch.Tensor
     found: list[tuple[int, int]] = field(default_factory=list)
 

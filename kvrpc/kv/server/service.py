@@ -30,6 +30,7 @@ from kvrpc.errors import KVConfigError, KVError
 from kvrpc.kv import protocols
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import gather_chunks, scatter_chunks
+from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, outcome_fields
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
 from kvrpc.kv.server.access import memory_owner
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
@@ -46,8 +47,6 @@ from kvrpc.server import PeerInfo, RPCServer, current_peer
 __all__ = ["KVService"]
 
 logger = logging.getLogger("kvrpc.kv")
-
-_GONE = "the worker unregistered; nothing was copied"
 
 
 class KVService:
@@ -229,8 +228,8 @@ class KVService:
         keys: KeyBatch,
         block_ids: torch.Tensor,
         chunks: list[torch.Tensor],
-    ) -> list[str | None]:
-        """``kv.store``: copy each key's blocks into a pool slot; per key None or why not."""
+    ) -> StoreReply:
+        """``kv.store``: copy each key's blocks into a pool slot; a status per key."""
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "shm", "inline")
         if instance.mode == "inline":
             check_inline_chunks(chunks, len(keys), instance.chunk_nbytes)
@@ -238,7 +237,7 @@ class KVService:
             raise KVError("chunk bytes travel in the message only in the inline mode")
         plan = await self._admit_store(instance, keys, block_ids)
         if plan.reserved and instance.closed:  # it left while the store waited for a slot
-            self._settle_store(plan, _GONE)
+            self._settle_store(plan, WORKER_GONE)
         elif plan.reserved:
             outs = self.mappings.slots(plan.reserved, instance.chunk_nbytes)
             if instance.mode == "inline":
@@ -250,7 +249,7 @@ class KVService:
                 )
             late = functools.partial(self.state.abandon_store, plan)
             self._settle_store(plan, await self.cpu.run(works, on_late_finish=late))
-        return plan.results
+        return StoreReply(**outcome_fields(plan.results))
 
     async def store_cuda(
         self,
@@ -270,19 +269,19 @@ class KVService:
         instance = self.state.instance(client_id, instance_id, time.monotonic(), "cuda_ipc")
         plan = await self._admit_store(instance, keys, block_ids)
         if plan.reserved and instance.closed:  # it left while the store waited for a slot
-            self._settle_store(plan, _GONE)
+            self._settle_store(plan, WORKER_GONE)
         if not plan.reserved or instance.closed:
-            return CudaCopyReply(errors=plan.results)
+            return CudaCopyReply(**outcome_fields(plan.results))
         cache = self.mappings.cuda(instance)
         transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.reserved, None)
         late = functools.partial(self.state.abandon_store, plan)
         error, result = await self.gpu.copy(cache, cache.engine.submit_store, transfer, ready, late)
         if error is not None:
             self._settle_store(plan, error)
-            return CudaCopyReply(errors=plan.results)
+            return CudaCopyReply(**outcome_fields(plan.results))
         settle = functools.partial(self._settle_store, plan)
         answered = self.gpu.settle_later(cache.engine, plan.results, settle, result, started)
-        return CudaCopyReply(errors=answered, cuda_event=result[1])
+        return CudaCopyReply(**outcome_fields(answered), cuda_event=result[1])
 
     async def _admit_store(
         self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor
@@ -294,7 +293,7 @@ class KVService:
             self.state.reserve(plan)
         return plan
 
-    def _settle_store(self, plan: StorePlan, error: str | None) -> None:
+    def _settle_store(self, plan: StorePlan, error: KeyFailure | None) -> None:
         saves = self.state.settle_store(plan, error)
         if self.tiering is not None:
             self.tiering.stored(plan, saves, committed=error is None)
@@ -321,12 +320,12 @@ class KVService:
         late = functools.partial(self.state.abandon_retrieve, plan)
         self.state.settle_retrieve(plan, await self.cpu.run(works, on_late_finish=late))
         if instance.mode != "inline":
-            return RetrieveReply(errors=plan.results)
+            return RetrieveReply(**outcome_fields(plan.results))
         by_index = dict(zip((i for i, _ in plan.found), copies, strict=False))
         empty = torch.empty(0, dtype=torch.uint8)
         results = plan.results
         chunks = [by_index.get(i, empty) if results[i] is None else empty for i in range(len(keys))]
-        return RetrieveReply(errors=results, chunks=chunks)
+        return RetrieveReply(**outcome_fields(results), chunks=chunks)
 
     async def retrieve_cuda(
         self,
@@ -349,7 +348,8 @@ class KVService:
         answered, result = await self._cuda_retrieve(
             client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=False
         )
-        return CudaCopyReply(errors=answered, cuda_event=None if result is None else result[1])
+        event = None if result is None else result[1]
+        return CudaCopyReply(**outcome_fields(answered), cuda_event=event)
 
     async def retrieve_cuda_layers(
         self,
@@ -369,7 +369,8 @@ class KVService:
         answered, result = await self._cuda_retrieve(
             client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=True
         )
-        return LayerCopyReply(errors=answered, layer_events=[] if result is None else result[2])
+        events = [] if result is None else result[2]
+        return LayerCopyReply(**outcome_fields(answered), layer_events=events)
 
     async def _cuda_retrieve(
         self,
@@ -382,7 +383,7 @@ class KVService:
         deadline: float | None,
         *,
         layers: bool,
-    ) -> tuple[list[str | None], Any]:
+    ) -> tuple[list[KeyFailure | None], Any]:
         """A ``cuda_ipc`` retrieve up to its enqueued copy: (what to answer, engine's result).
 
         The deadline counts from here. The engine's result is None when nothing is copied

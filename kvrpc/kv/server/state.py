@@ -25,6 +25,14 @@ import torch
 from kvrpc.errors import KVConfigError, KVError, UnknownInstance
 from kvrpc.kv.keys import KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
+from kvrpc.kv.outcomes import (
+    ALREADY_STORED,
+    BEING_STORED,
+    NO_FREE_SLOT,
+    NOT_IN_CACHE,
+    KeyFailure,
+    KeyStatus,
+)
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.pool import ChunkPool, Reserve
@@ -293,16 +301,16 @@ class KVState:
                 return False
             if slot is Reserve.EXISTS or slot is Reserve.FILLING:
                 counters.store_duplicates += 1
-                plan.results[i] = "already stored" if slot is Reserve.EXISTS else "being stored"
+                plan.results[i] = ALREADY_STORED if slot is Reserve.EXISTS else BEING_STORED
             elif slot is Reserve.FULL:
                 counters.store_refused += 1
-                plan.results[i] = "no free slot: every chunk in the pool is pinned or being written"
+                plan.results[i] = NO_FREE_SLOT
             else:
                 assert isinstance(slot, int)
                 plan.reserved.append((i, slot))
         return True
 
-    def settle_store(self, plan: StorePlan, error: str | None) -> list[tuple[bytes, int]]:
+    def settle_store(self, plan: StorePlan, error: KeyFailure | None) -> list[tuple[bytes, int]]:
         """Commit the copied slots (or abort them all); returns the chunks to write through.
 
         Those ``(key, slot)`` pairs are pinned and counted in :attr:`saving` until
@@ -314,7 +322,7 @@ class KVState:
                 pool.commit(slot)
             else:
                 pool.abort(slot)
-                plan.results[i] = f"copy failed: {error}"
+                plan.results[i] = error
         if error is not None:
             return []
         self.counters.stores += len(plan.reserved)
@@ -375,21 +383,21 @@ class KVState:
             slot = pool.lookup(key)
             if slot is None:
                 self.counters.retrieve_misses += 1
-                results[i] = "not in the cache (never stored, or evicted)"
+                results[i] = NOT_IN_CACHE
                 continue
             pool.pin(slot)
             pool.touch(slot)
             plan.found.append((i, slot))
         return plan
 
-    def settle_retrieve(self, plan: RetrievePlan, error: str | None) -> None:
+    def settle_retrieve(self, plan: RetrievePlan, error: KeyFailure | None) -> None:
         """Unpin the copied slots; release the sessions' pins on what reached the worker."""
         pool = self._require_pool()
         ns_id = plan.instance.namespace.id
         for i, slot in plan.found:
             pool.unpin(slot)
             if error is not None:
-                plan.results[i] = f"copy failed: {error}"
+                plan.results[i] = error
                 continue
             self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
         if error is None:
@@ -467,19 +475,23 @@ class KVState:
 
 def batch_problems(
     instance: Instance, keys: KeyBatch, block_ids: torch.Tensor, *, retrieve: bool
-) -> list[str | None]:
+) -> list[KeyFailure | None]:
     """Per key: None if it may be copied, else why not (``SKIP_BLOCK`` only in retrieves)."""
     n = len(keys)
     ns = instance.namespace
     if keys.model_name != ns.model_name or keys.world_size != ns.world_size:
-        return [
+        wrong = KeyFailure(
+            KeyStatus.WRONG_NAMESPACE,
             f"keys are for model {keys.model_name!r} world size {keys.world_size}, but "
-            f"this instance serves {ns.model_name!r} world size {ns.world_size}"
-        ] * n
+            f"this instance serves {ns.model_name!r} world size {ns.world_size}",
+        )
+        return [wrong] * n
     if keys.worker_id != instance.worker_id:
-        return [
-            f"keys carry worker id {keys.worker_id}, this instance is worker {instance.worker_id}"
-        ] * n
+        other = KeyFailure(
+            KeyStatus.WRONG_WORKER,
+            f"keys carry worker id {keys.worker_id}, this instance is worker {instance.worker_id}",
+        )
+        return [other] * n
     if instance.mode == "inline":
         return [None] * n
     per_chunk = instance.blocks_per_chunk
@@ -491,13 +503,16 @@ def batch_problems(
     return _block_problems(block_ids, instance.layout, SKIP_BLOCK if retrieve else 0)
 
 
-def _block_problems(block_ids: torch.Tensor, layout: KVLayout, low: int) -> list[str | None]:
+def _block_problems(block_ids: torch.Tensor, layout: KVLayout, low: int) -> list[KeyFailure | None]:
     """Per row of ``block_ids``: None if every id is in ``[low, num_blocks)``, else why not."""
     num_blocks = layout.num_blocks
     outside = (block_ids < low) | (block_ids >= num_blocks)
-    results: list[str | None] = [None] * len(block_ids)
+    results: list[KeyFailure | None] = [None] * len(block_ids)
     for i, bad in enumerate(outside.any(dim=1).tolist()):
         if bad:
             wrong = block_ids[i][outside[i]][0].item()
-            results[i] = f"block id {wrong} is outside this KV cache's 0..{num_blocks - 1}"
+            results[i] = KeyFailure(
+                KeyStatus.BAD_BLOCK_ID,
+                f"block id {wrong} is outside this KV cache's 0..{num_blocks - 1}",
+            )
     return results
