@@ -232,6 +232,12 @@ def _parser() -> argparse.ArgumentParser:
     tier.add_argument("--chunk-mib", type=_positive_float, help="MiB per chunk [16]")
     tier.add_argument("--part-mib", type=_positive_float, help="MiB per Redis value [4]")
     tier.add_argument("--rounds", type=_positive_int, help="rounds per reader, interleaved [5]")
+    tier.add_argument(
+        "--redis-io-threads",
+        dest="io_threads",
+        type=_positive_int,
+        help="io-threads of the local redis-servers the prefetch figure starts [1]",
+    )
     tier.add_argument("--lookups", type=_positive_int, help="timed lookups per server [2000]")
     tier.add_argument("--interleave", type=_positive_int, help="turns the lookups take [5]")
     tier.add_argument(

@@ -3,13 +3,15 @@
 Three figures (``--only`` picks some):
 
 - **prefetch**: how fast the tier fetches chunks, beside plain redis-py. The same chunks are
-  written once; then rounds alternate between the two readers, each fetching every chunk
+  written once; then rounds alternate between the readers, each fetching every chunk
   with the same parallelism (all chunks at once, one pipeline each), after an untimed round
   each that opens their connections:
 
   - *kvrpc*: :class:`~kvrpc.kv.server.tiers.redistier.RedisTier`, as a prefetch job uses
-    it: one round trip for the headers, then each chunk's parts copied into its slot and
-    checked against length and CRC;
+    it: one round trip for the headers, then each chunk's parts received straight into its
+    slot (direct reads) and checked against lengths and CRC;
+  - *kvrpc via redis-py*: the same tier with ``direct_reads`` off (as a ``rediss://`` tier
+    reads): parts through redis-py, copied into the slot, then checked;
   - *baseline*: redis-py's asyncio client with hiredis, the fastest plain use of it: a
     pipeline of GETs per chunk over the same keys, the bytes left where redis-py put them.
 
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -40,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +93,8 @@ _RECOVERY_S = 60.0  # how long the tier may take to be used again once Redis is 
 class TierBenchOptions:
     """What ``kvrpc bench tier`` measures.
 
-    ``chunks``, ``chunk_mib``, ``part_mib`` and ``rounds`` shape the prefetch figure;
+    ``chunks``, ``chunk_mib``, ``part_mib`` and ``rounds`` shape the prefetch figure, and
+    ``io_threads`` (when more than 1) is given to the local redis-servers it starts;
     ``lookups`` and ``interleave`` the lookup figure's timed calls and turns; ``outage``
     (``kill`` or ``pause``), ``outage_seconds``, ``pool_gib`` and ``budget_gib`` the outage.
     """
@@ -106,6 +112,7 @@ class TierBenchOptions:
     outage_seconds: float = 60.0
     pool_gib: float = 1.0
     budget_gib: float = 0.25
+    io_threads: int = 1
 
     @classmethod
     def from_args(cls, args: Any) -> TierBenchOptions:
@@ -134,6 +141,7 @@ class TierBenchOptions:
             "outage_seconds",
             "pool_gib",
             "budget_gib",
+            "io_threads",
         )
         given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
         return cls(
@@ -169,11 +177,11 @@ def _progress(text: str) -> None:
     print(f"[bench tier] {text}", file=sys.stderr, flush=True)
 
 
-def _local_redis(stack: contextlib.ExitStack) -> Any:
+def _local_redis(stack: contextlib.ExitStack, config: list[tuple[str, str]] | None = None) -> Any:
     """A local redis-server with no memory limit, closed with ``stack``."""
     from kvrpc.testing.redis_server import RedisProcess
 
-    return stack.enter_context(RedisProcess([("maxmemory", "0")]))
+    return stack.enter_context(RedisProcess([("maxmemory", "0"), *(config or [])]))
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout: float) -> None:
@@ -193,15 +201,21 @@ def _prefetch_figures(options: TierBenchOptions) -> dict[str, Any]:
         if url is None:
             from kvrpc.testing.redis_server import RedisCluster
 
+            config = [("io-threads", str(options.io_threads))] if options.io_threads > 1 else []
             if options.cluster:
-                url = stack.enter_context(RedisCluster(3)).url
+                cluster = stack.enter_context(RedisCluster(3, config))
+                url, servers = cluster.url, cluster.nodes
             else:
-                url = _local_redis(stack).url
+                server = _local_redis(stack, config)
+                url, servers = server.url, [server]
+            pids = [s.process.pid for s in servers if s.process is not None]
+        else:
+            pids = []
         _progress(f"prefetch: {options.chunks} chunks of {options.chunk_mib:g} MiB from {url}")
-        return asyncio.run(_measure(options, url))
+        return asyncio.run(_measure(options, url, pids))
 
 
-async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
+async def _measure(options: TierBenchOptions, url: str, pids: list[int]) -> dict[str, Any]:
     from kvrpc.kv.server.tiers.redistier import RedisSettings, RedisTier
 
     nbytes = int(options.chunk_mib * (1 << 20))
@@ -224,6 +238,7 @@ async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
     )
     tier = RedisTier(settings, chunk_tokens=256)
     runner = asyncio.create_task(tier.run())
+    copying = RedisTier(dataclasses.replace(settings, direct_reads=False), chunk_tokens=256)
     baseline = _baseline_client(url, options.cluster, options.chunks)
     try:
         keys = [i.to_bytes(32, "little") + suffix for i in range(options.chunks)]
@@ -242,16 +257,26 @@ async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
         names = [values.part_keys(base, parts) for base in bases]
         total = nbytes * len(keys)
         ours: list[float] = []
+        busy: list[float] = []  # the store's CPU seconds per second of a kvrpc round
+        copied: list[float] = []
         theirs: list[float] = []
-        # One untimed round each first: both open their connections there.
+        # One untimed round each first: they open their connections there.
         await _kvrpc_round(tier, ns, keys, outs)
+        await _kvrpc_round(copying, ns, keys, outs)
         await _baseline_round(baseline, names)
         for _ in range(options.rounds):
-            ours.append(total / await _timed(_kvrpc_round(tier, ns, keys, outs)) / 1e9)
+            for out in outs:
+                out.zero_()  # what a round checks must be what it read
+            cpu = _cpu_seconds(pids)
+            took = await _timed(_kvrpc_round(tier, ns, keys, outs))
+            busy.append((_cpu_seconds(pids) - cpu) / took)
+            ours.append(total / took / 1e9)
+            _check(outs, sources)
+            copied.append(total / await _timed(_kvrpc_round(copying, ns, keys, outs)) / 1e9)
             theirs.append(total / await _timed(_baseline_round(baseline, names)) / 1e9)
-        for out, data in zip(outs, sources, strict=True):
-            if not torch.equal(out, data):
-                raise RuntimeError("a chunk came back from Redis with other bytes")
+        _check(outs, sources)
+        if tier.stats()["direct_loads"] != tier.stats()["loads"]:
+            raise RuntimeError(f"some chunks were not read directly: {tier.stats()}")
         ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
         return {
             "prefetch_redis": (
@@ -261,6 +286,9 @@ async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
             "prefetch_chunk_mib": options.chunk_mib,
             "prefetch_part_mib": options.part_mib,
             "kvrpc_prefetch_gbps": [round(x, 3) for x in ours],
+            "redis_server_cpu_per_kvrpc_second": [round(x, 2) for x in busy] if pids else None,
+            "redis_io_threads": options.io_threads if pids else None,
+            "kvrpc_via_redis_py_gbps": [round(x, 3) for x in copied],
             "redis_py_pipelined_gbps": [round(x, 3) for x in theirs],
             "prefetch_ratio_median": round(statistics.median(ratios), 3),
             "prefetch_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
@@ -270,7 +298,26 @@ async def _measure(options: TierBenchOptions, url: str) -> dict[str, Any]:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
         await tier.aclose()
+        await copying.aclose()
         await baseline.aclose()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used (Linux ``/proc``; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _check(outs: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    for out, data in zip(outs, sources, strict=True):
+        if not torch.equal(out, data):
+            raise RuntimeError("a chunk came back from Redis with other bytes")
 
 
 async def _timed(work: Any) -> float:

@@ -132,10 +132,13 @@ class RedisProcess:
 
 
 class RedisCluster:
-    """A Redis Cluster of ``nodes`` masters on loopback, made with ``redis-cli --cluster``."""
+    """A Redis Cluster of ``nodes`` masters on loopback, made with ``redis-cli --cluster``.
 
-    def __init__(self, nodes: int = 3) -> None:
-        config = [("cluster-enabled", "yes"), ("cluster-node-timeout", "2000")]
+    ``config`` adds ``--name value`` pairs to every node's command line.
+    """
+
+    def __init__(self, nodes: int = 3, config: Sequence[tuple[str, str]] = ()) -> None:
+        config = [("cluster-enabled", "yes"), ("cluster-node-timeout", "2000"), *config]
         self.nodes: list[RedisProcess] = []
         try:
             for _ in range(nodes):

@@ -52,13 +52,16 @@ needs_redis = pytest.mark.skipif(
 
 
 def test_a_header_round_trips_and_anything_else_is_no_header() -> None:
-    raw = values.pack_header(b"n" * 8, 1000, 3, 0xDEADBEEF)
+    raw = values.pack_header(b"n" * 8, 1000, 400, 0xDEADBEEF)
     assert len(raw) == values.HEADER_SIZE
-    assert values.unpack_header(raw) == values.Header(b"n" * 8, 1000, 3, 0xDEADBEEF)
+    header = values.unpack_header(raw)
+    assert header == values.Header(b"n" * 8, 1000, 3, 0xDEADBEEF, 400)
+    assert header.spans() == [(0, 400), (400, 800), (800, 1000)]
     assert values.unpack_header(None) is None
     assert values.unpack_header(raw[:-1]) is None  # cut short
     assert values.unpack_header(b"XXXX" + raw[4:]) is None  # not this format
     assert values.unpack_header(raw[:4] + b"\x09\x00" + raw[6:]) is None  # another version
+    assert values.unpack_header(raw[:6] + b"\x04\x00" + raw[8:]) is None  # parts do not add up
 
 
 def test_parts_cover_the_chunk_once_and_keys_name_model_rank_layout_and_chunk_size() -> None:
@@ -168,13 +171,17 @@ class Tier:
         return out if await self.tier.load(ns, key, header, out) else None
 
 
+READS = pytest.mark.parametrize("direct", [True, False], ids=["direct", "redis-py"])
+
+
 @needs_redis
+@READS
 async def test_a_written_chunk_is_found_and_loaded_byte_identical_in_parts(
-    redis: RedisProcess,
+    redis: RedisProcess, direct: bool
 ) -> None:
     ns = namespace()
     data = chunk(1)
-    async with Tier(redis.url) as t:
+    async with Tier(redis.url, direct_reads=direct) as t:
         assert t.offer(ns, 1, data)
         await until(lambda: t.released, "the write to finish")
         assert t.tier.stats()["writes"] == 1
@@ -188,14 +195,16 @@ async def test_a_written_chunk_is_found_and_loaded_byte_identical_in_parts(
         assert t.tier.stats() | {} == t.tier.stats()  # a fresh dict each time
         stats = t.tier.stats()
         assert (stats["hits"], stats["misses"], stats["loads"], stats["state"]) == (1, 1, 1, 0)
+        assert stats["direct_loads"] == (1 if direct else 0)
 
 
 @needs_redis
+@READS
 async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
-    redis: RedisProcess,
+    redis: RedisProcess, direct: bool
 ) -> None:
     ns = namespace()
-    async with Tier(redis.url) as t:
+    async with Tier(redis.url, direct_reads=direct) as t:
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
         await until(lambda: len(t.released) == 2, "both writes")
@@ -213,6 +222,50 @@ async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
 
 
 @needs_redis
+@READS
+async def test_a_part_cut_short_or_of_another_type_is_a_miss_and_the_next_load_works(
+    redis: RedisProcess, direct: bool
+) -> None:
+    ns = namespace()
+    async with Tier(redis.url, direct_reads=direct) as t:
+        for seed in (1, 2, 3):
+            assert t.offer(ns, seed, chunk(seed))
+        await until(lambda: len(t.released) == 3, "the writes")
+        store = store_client(redis)
+        base1 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 1))
+        base2 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 2))
+        store.set(base1 + b":0", b"short")  # a value of another length than its span
+        store.delete(base2 + b":2")
+        store.rpush(base2 + b":2", b"x")  # WRONGTYPE for GET
+        assert await t.load(ns, 1) is None
+        assert await t.load(ns, 2) is None
+        assert t.tier.stats()["corrupt"] == 2 and t.tier.available()
+        loaded = await t.load(ns, 3)  # the connection that read the bad replies still works
+        assert loaded is not None and torch.equal(loaded, chunk(3))
+
+
+@needs_redis
+def test_direct_reads_log_in_with_the_urls_password_and_database() -> None:
+    if not redis_available():
+        pytest.skip("redis-server/redis-cli not installed")
+    ns = namespace()
+
+    async def round_trip(url: str) -> dict[str, int]:
+        async with Tier(url) as t:
+            assert t.offer(ns, 5, chunk(5))
+            await until(lambda: t.released, "the write")
+            loaded = await t.load(ns, 5)
+            assert loaded is not None and torch.equal(loaded, chunk(5))
+            return t.tier.stats()
+
+    with RedisProcess() as server:
+        server.cli("config", "set", "requirepass", "s3cret")  # after start: it pings without
+        stats = asyncio.run(round_trip(f"redis://:s3cret@127.0.0.1:{server.port}/3"))
+        assert stats["direct_loads"] == 1 and stats["writes"] == 1
+        assert int(server.cli("-a", "s3cret", "-n", "3", "dbsize")) == 4  # in database 3
+
+
+@needs_redis
 async def test_a_header_of_another_namespace_or_length_is_never_loaded(
     redis: RedisProcess,
 ) -> None:
@@ -221,7 +274,7 @@ async def test_a_header_of_another_namespace_or_length_is_never_loaded(
         assert t.offer(ns, 3, chunk(3))
         await until(lambda: t.released, "the write")
         base = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 3))
-        store_client(redis).set(base + b":h", values.pack_header(ns.id, NBYTES - 1, 3, 0))
+        store_client(redis).set(base + b":h", values.pack_header(ns.id, NBYTES - 1, NBYTES, 0))
         assert await t.load(ns, 3) is None
         assert t.tier.stats()["corrupt"] == 1
 
@@ -365,6 +418,7 @@ def shm_round_trip(
         assert torch.equal(bits_a[:, blocks(0, 3)], bits_b[:, blocks(40, 3)])
     assert reader_client.end_session("r") == 0  # the retrieve released every pin
     assert b.stats()["redis_loads"] >= 3
+    assert b.stats()["redis_direct_loads"] == b.stats()["redis_loads"]  # past redis-py
 
 
 @needs_redis

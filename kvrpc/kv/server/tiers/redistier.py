@@ -11,9 +11,11 @@ It never holds anything up:
   server's memory does not grow). Past the budget, or while the tier is skipped, the write
   is dropped and counted. ``writers`` tasks send the queue, parts first and header last.
 - **Reads** come in two steps of one round trip each: the headers of a batch (which chunks
-  the store has, and what their bytes must be), then each chunk's parts, copied into its
-  slot and checked against the header's length and CRC off the loop. A header or a CRC
-  that does not match is a miss, counted, and deleted.
+  the store has, and what their bytes must be), then each chunk's parts, received straight
+  into its slot (:mod:`~kvrpc.kv.server.tiers.direct`: the kernel writes the value into
+  the slot, no client buffer in between; redis-py's copy for ``rediss://``, or with
+  ``direct_reads`` off) and checked against the header's lengths and CRC off the loop. A
+  header, a length or a CRC that does not match is a miss, counted, and deleted.
 - **Deadlines and a breaker.** Every operation has ``timeout`` seconds, the wait for one of
   the ``connections`` included. A connection error
   or a timeout opens the :class:`~kvrpc.kv.server.tiers.breaker.Breaker`: lookups stop
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import OrderedDict, deque
@@ -44,7 +47,9 @@ from kvrpc.errors import KVConfigError
 from kvrpc.kv.server.records import Namespace
 from kvrpc.kv.server.tiers import values
 from kvrpc.kv.server.tiers.breaker import Breaker
+from kvrpc.kv.server.tiers.direct import Address, DirectReader, direct_address
 from kvrpc.kv.server.tiers.memory import memory_of
+from kvrpc.kv.server.tiers.resp import Reply, ReplyKind
 from kvrpc.kv.server.tiers.values import Header
 
 __all__ = ["RedisSettings", "RedisTier"]
@@ -53,6 +58,15 @@ logger = logging.getLogger("kvrpc.kv")
 
 _KNOWN_KEYS = 1 << 16  # pool keys remembered as held by the store, so they are not rewritten
 _USAGE_EVERY = 5.0  # seconds between INFO memory reads while the tier is up
+_REDIRECTS = ("MOVED ", "ASK ")  # a cluster's replies for a key that another node serves
+
+
+class _Got(enum.Enum):
+    """How reading a chunk's parts ended."""
+
+    OK = 1  # in the slot, lengths and CRC checked
+    GONE = 2  # a part is missing (expired or evicted)
+    BAD = 3  # a part of another length or type, or a CRC that does not match
 
 
 @dataclass(frozen=True)
@@ -62,8 +76,10 @@ class RedisSettings:
     ``url`` is ``redis://``, ``rediss://`` (TLS) or ``unix://``; ``cluster`` treats it as one
     node of a Redis Cluster. Keys start with ``prefix``; ``ttl`` (seconds) makes them expire.
     ``write_budget`` bounds the bytes of queued writes; ``timeout`` bounds every operation.
-    ``part_bytes`` splits larger chunks into parts (read in parallel, and spread over a
-    cluster's nodes). ``connections`` bounds the parallel operations.
+    ``part_bytes`` splits larger chunks into parts (spread over a cluster's nodes).
+    ``connections`` bounds the parallel operations. ``direct_reads`` receives parts
+    straight into the slots over the tier's own connections (``redis://`` and ``unix://``;
+    a ``rediss://`` tier always reads through redis-py).
     """
 
     url: str
@@ -75,6 +91,7 @@ class RedisSettings:
     part_bytes: int = 4 << 20
     writers: int = 4
     connections: int = 16
+    direct_reads: bool = True
 
     def __post_init__(self) -> None:
         for name in ("write_budget", "part_bytes", "writers", "connections"):
@@ -101,6 +118,8 @@ class RedisTier:
         self.chunk_tokens = chunk_tokens
         self._prefix = settings.prefix.encode()
         self._client = client if client is not None else _connect(settings)
+        address = direct_address(settings.url) if settings.direct_reads else None
+        self._direct = None if address is None else DirectReader(address)
         self.breaker = Breaker()
         self._queue: deque[_Write] = deque()
         self._queued_bytes = 0
@@ -114,8 +133,8 @@ class RedisTier:
         self._counts = dict.fromkeys(
             (
                 "writes", "write_bytes", "write_dropped", "write_skipped", "write_errors",
-                "finds", "hits", "misses", "loads", "load_bytes", "corrupt", "errors",
-                "timeouts", "probes",
+                "finds", "hits", "misses", "loads", "direct_loads", "load_bytes", "corrupt",
+                "errors", "timeouts", "probes",
             ),
             0,
         )  # fmt: skip
@@ -194,7 +213,7 @@ class RedisTier:
         view = memory_of(write.data)
         spans = values.part_spans(len(view), self.settings.part_bytes)
         crc = await asyncio.to_thread(values.checksum, view)
-        header = values.pack_header(write.namespace_id, len(view), len(spans), crc)
+        header = values.pack_header(write.namespace_id, len(view), self.settings.part_bytes, crc)
         ttl = self._ttl_ms()
         parts = values.part_keys(write.base, len(spans))
         try:
@@ -266,39 +285,102 @@ class RedisTier:
         """Copy the chunk :meth:`find` gave ``header`` for into ``out``; False if it cannot.
 
         False when a part is gone (expired or evicted since), the bytes do not add up to
-        the header's length or CRC (counted as corrupt and deleted), or the store fails or
+        the header's lengths or CRC (counted as corrupt and deleted), or the store fails or
         is too slow. After False, ``out``'s contents are unspecified.
         """
         if not self.available():
             return False
         base = self._base(ns, key)
+        view = memory_of(out)
+        if len(view) != header.nbytes:
+            raise ValueError(f"a {len(view)}-byte slot for a {header.nbytes}-byte chunk")
+        names = values.part_keys(base, header.parts)
         try:
             async with asyncio.timeout(self.settings.timeout), self._limit:
-                pipe = self._client.pipeline(transaction=False)
-                for name in values.part_keys(base, header.parts):
-                    pipe.get(name)
-                parts = _replies(await pipe.execute(raise_on_error=False))
+                got = None
+                if self._direct is not None:
+                    got = await self._read_direct(self._direct, names, header, view)
+                direct = got is not None
+                if got is None:  # no direct reads, or a cluster moved a slot: via redis-py
+                    got = await self._read_client(names, header, view)
         except _outages() as error:
             self._failed("a load", error)
             return False
         except _redis_errors().RedisError as error:
             self._refused("a load", error)
             return False
-        if any(part is None for part in parts):
+        if got is _Got.GONE:
             self._forget(key)  # expired or evicted part by part: the header goes too
             await self._discard([base], [header.parts], count=False)
             return False
-        if any(isinstance(part, BaseException) for part in parts) or not await asyncio.to_thread(
-            _fill, out, parts, header
-        ):
+        if got is _Got.BAD:
             self._counts["corrupt"] += 1
             logger.warning("redis tier: a chunk's bytes do not match its header; deleting it")
             self._forget(key)
             await self._discard([base], [header.parts], count=False)
             return False
         self._counts["loads"] += 1
+        self._counts["direct_loads"] += direct
         self._counts["load_bytes"] += header.nbytes
         return True
+
+    async def _read_direct(
+        self, reader: DirectReader, names: list[bytes], header: Header, view: memoryview
+    ) -> _Got | None:
+        """The parts, received into ``view`` and checked; None: read them through redis-py."""
+        targets = [view[start:end] for start, end in header.spans()]
+        if not self.settings.cluster:
+            replies: list[Reply] | None = await reader.get_into(names, targets)
+        else:
+            replies = await self._read_nodes(reader, names, targets)
+        if replies is None:
+            return None
+        if any(r.kind is ReplyKind.ERROR and r.text.startswith(_REDIRECTS) for r in replies):
+            return None  # a slot moved: redis-py follows it and learns the new map
+        if any(r.kind is ReplyKind.NIL for r in replies):
+            return _Got.GONE
+        if any(r.kind is not ReplyKind.VALUE for r in replies):
+            return _Got.BAD  # another length, or a key of another type
+        crc = await asyncio.to_thread(values.checksum, view)
+        return _Got.OK if crc == header.crc else _Got.BAD
+
+    async def _read_nodes(
+        self, reader: DirectReader, names: list[bytes], targets: list[memoryview]
+    ) -> list[Reply] | None:
+        """A cluster's parts, one pipeline per node that holds some; None if unmapped."""
+        by_node: dict[Address, list[int]] = {}
+        try:
+            for i, name in enumerate(names):
+                node = self._client.get_node_from_key(name)
+                by_node.setdefault(reader.default.at(node.host, node.port), []).append(i)
+        except Exception:  # the client has no slot map yet (or lost it): redis-py reads
+            return None
+        replies: list[Reply | None] = [None] * len(names)
+
+        async def one(address: Address, indices: list[int]) -> None:
+            got = await reader.get_into(
+                [names[i] for i in indices], [targets[i] for i in indices], address
+            )
+            for i, reply in zip(indices, got, strict=True):
+                replies[i] = reply
+
+        async with asyncio.TaskGroup() as group:
+            for address, indices in by_node.items():
+                group.create_task(one(address, indices))
+        return [reply for reply in replies if reply is not None]
+
+    async def _read_client(self, names: list[bytes], header: Header, view: memoryview) -> _Got:
+        """The parts through redis-py, copied into ``view`` and checked."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        parts = _replies(await pipe.execute(raise_on_error=False))
+        if any(part is None for part in parts):
+            return _Got.GONE
+        if any(isinstance(part, BaseException) for part in parts):
+            return _Got.BAD
+        ok = await asyncio.to_thread(_fill, view, parts, header)
+        return _Got.OK if ok else _Got.BAD
 
     async def _discard(self, bases: list[bytes], parts: list[int], *, count: bool = True) -> None:
         if count:
@@ -391,6 +473,8 @@ class RedisTier:
             self._queued_bytes -= write.data.numel()
             self._counts["write_dropped"] += 1
             write.done()
+        if self._direct is not None:
+            self._direct.close()
         with contextlib.suppress(Exception):
             await self._client.aclose()
 
@@ -413,15 +497,13 @@ class RedisTier:
         self._known.pop(key, None)
 
 
-def _fill(out: torch.Tensor, parts: list[bytes], header: Header) -> bool:
-    """Copy ``parts`` into ``out`` back to back; True if length and CRC match the header."""
-    view = memory_of(out)
-    if sum(len(p) for p in parts) != header.nbytes or len(view) != header.nbytes:
+def _fill(view: memoryview, parts: list[bytes], header: Header) -> bool:
+    """Copy ``parts`` into their spans of ``view``; True if lengths and CRC match the header."""
+    spans = header.spans()
+    if any(len(part) != end - start for part, (start, end) in zip(parts, spans, strict=True)):
         return False
-    offset = 0
-    for part in parts:
-        view[offset : offset + len(part)] = part
-        offset += len(part)
+    for part, (start, end) in zip(parts, spans, strict=True):
+        view[start:end] = part
     return values.checksum(view) == header.crc
 
 

@@ -8,8 +8,9 @@ id (which names the layout), ``c<chunk tokens>`` and the chunk hash, in hex:
     kvrpc:llama-8b/w2/r1/3f2a...e1/c256/9b0c...77:h
 
 The header says what the parts must add up to: a format version, the namespace id, the
-length, the number of parts and a CRC-32 of the bytes. A reader checks all of it, and
-treats any mismatch as a miss, so bytes written under another layout, cut short, or
+length, the number of parts, the size of each part but the last (so a reader knows where
+every part goes before it asks for any), and a CRC-32 of the bytes. A reader checks all of
+it, and treats any mismatch as a miss, so bytes written under another layout, cut short, or
 corrupted are never loaded. Parts are written first and the header last, so a header
 names parts that were all written.
 """
@@ -37,9 +38,11 @@ __all__ = [
     "unpack_header",
 ]
 
-FORMAT_VERSION: Final = 1
+#: 2 added the part size; a header of another version is a miss (and deleted).
+FORMAT_VERSION: Final = 2
 _MAGIC: Final = b"KVRC"
-_HEADER: Final = struct.Struct("<4sHH8sQI")  # magic, version, parts, namespace id, length, crc
+# magic, version, parts, namespace id, length, crc, part size
+_HEADER: Final = struct.Struct("<4sHH8sQII")
 HEADER_SIZE: Final = _HEADER.size
 
 
@@ -51,6 +54,11 @@ class Header:
     nbytes: int
     parts: int
     crc: int
+    part_bytes: int
+
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of each part in the chunk's bytes."""
+        return part_spans(self.nbytes, self.part_bytes)
 
 
 def key_base(
@@ -88,16 +96,19 @@ def checksum(data: memoryview | bytes) -> int:
     return zlib.crc32(data)
 
 
-def pack_header(namespace_id: bytes, nbytes: int, parts: int, crc: int) -> bytes:
-    """The header of a chunk of ``nbytes`` bytes in ``parts`` parts with CRC ``crc``."""
-    return _HEADER.pack(_MAGIC, FORMAT_VERSION, parts, namespace_id, nbytes, crc)
+def pack_header(namespace_id: bytes, nbytes: int, part_bytes: int, crc: int) -> bytes:
+    """The header of a chunk of ``nbytes`` bytes in parts of ``part_bytes``, CRC ``crc``."""
+    parts = len(part_spans(nbytes, part_bytes))
+    return _HEADER.pack(_MAGIC, FORMAT_VERSION, parts, namespace_id, nbytes, crc, part_bytes)
 
 
 def unpack_header(raw: bytes | None) -> Header | None:
     """The header in ``raw``, or None if it is missing, cut short, or not this format."""
     if raw is None or len(raw) != HEADER_SIZE:
         return None
-    magic, version, parts, ns_id, nbytes, crc = _HEADER.unpack(raw)
-    if magic != _MAGIC or version != FORMAT_VERSION or parts < 1:
+    magic, version, parts, ns_id, nbytes, crc, part_bytes = _HEADER.unpack(raw)
+    if magic != _MAGIC or version != FORMAT_VERSION or part_bytes < 1:
         return None
-    return Header(ns_id, nbytes, parts, crc)
+    if parts != len(part_spans(nbytes, part_bytes)):
+        return None
+    return Header(ns_id, nbytes, parts, crc, part_bytes)
