@@ -348,4 +348,12 @@ def test_a_type_that_cannot_be_validated_raises_type_error_naming_the_protocol()
 
 
 def test_check_types_builds_both_validators_of_a_sound_definition() -> None:
-    define("ext.fine", int, response=list[str]).check_types()
+    definition = define("ext.fine", int, response=list[str])
+    assert definition.check_types() is None
+    # Both validators exist and check what they were built for.
+    assert definition.validate_payload([3]) == (3,)
+    assert definition.validate_response(["a", "b"]) == ["a", "b"]
+    with pytest.raises(PayloadValidationError, match=r"argument 0"):
+        definition.validate_payload(["3"])
+    with pytest.raises(PayloadValidationError, match=r"ext\.fine response"):
+        definition.validate_response([1])

@@ -314,7 +314,17 @@ async def test_a_send_to_a_peer_that_left_is_skipped(
     peer, _ = await server.recv()
     await client.close()
     await until(lambda: server.stats()["disconnects"] == 1)
+    assert server.stats()["skipped"] == 0
     await server.send(peer, [b"nobody listens"])
+    assert server.stats()["skipped"] == 1
+    other = await connected(sock_path)  # and the server goes on serving others
+    await other.send([b"still here"])
+    peer2, frames = await server.recv()
+    assert frames == [b"still here"] and peer2 != peer
+    await server.send(peer2, [b"answer"])
+    assert await other.recv() == [b"answer"]
+    assert server.stats()["skipped"] == 1
+    await other.close()
 
 
 # ----------------------------------------------------------------------------- the client

@@ -416,6 +416,7 @@ class UnixServerTransport:
             "dropped": 0,
             "backlogged": 0,
             "stalled": 0,
+            "skipped": 0,
         }
         self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
 
@@ -593,6 +594,7 @@ class UnixServerTransport:
         """
         connection = self._connections.get(peer)
         if connection is None:
+            self._counts["skipped"] += 1
             return
         prefix, total = frame_prefix(frames)
         if (
@@ -642,7 +644,12 @@ class UnixServerTransport:
                 os.unlink(self.path)
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: ``connections``, ``disconnects`` and ``malformed``."""
+        """Counters since start.
+
+        ``connections``, ``disconnects``, ``malformed`` (connections closed for bad framing),
+        ``dropped`` (peers closed for not reading), ``backlogged`` (reads paused for a peer
+        with too much unsent), ``stalled`` and ``skipped`` (sends to a peer already gone).
+        """
         return dict(self._counts)
 
 
