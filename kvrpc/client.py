@@ -1,7 +1,8 @@
 """AsyncClient, and SyncClient: the same client driven from a background event-loop thread.
 
-Both keep one table of pending requests, resolved by one receive loop: the async client's
-entries are asyncio futures, the sync client's are :class:`MessagingFuture`s. Every pending
+Both keep one table of pending requests (:class:`~kvrpc.calls.CallTable`, which decides
+without I/O), resolved by one receive loop: the async client's entries are asyncio futures,
+the sync client's are :class:`MessagingFuture`s. Every pending
 call ends: with its reply, with :class:`RequestTimeout` when its deadline passes (a late reply
 is then dropped and counted), or with :class:`ConnectionLost` when the connection breaks.
 """
@@ -16,27 +17,24 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
-from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 
 from kvrpc import codec
 from kvrpc._lifetime import OwnedTaskGroup
+from kvrpc.calls import CallTable, ClientStats, Sink
 from kvrpc.codec import Buffer, MessageKind
 from kvrpc.errors import (
     ClientClosed,
     ConnectionLost,
     KvrpcError,
     MessageTooLarge,
-    PayloadValidationError,
     ProtocolError,
-    RequestTimeout,
     TransportError,
     WrongThread,
-    error_from_wire,
 )
 from kvrpc.futures import MessagingFuture
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
@@ -63,106 +61,6 @@ DEFAULT: Final = _Default()
 
 Timeout = float | None | _Default
 ProtocolRef = str | ProtocolDefinition
-
-
-class _Sink(Protocol):
-    """What a pending request resolves: an asyncio future or a MessagingFuture."""
-
-    def done(self) -> bool: ...
-    def set_result(self, value: Any, /) -> None: ...
-    def set_exception(self, exc: BaseException, /) -> None: ...
-
-
-@dataclass
-class ClientStats:
-    """Counters of one client's traffic."""
-
-    requests: int = 0  #: requests sent
-    replies: int = 0  #: replies matched to a pending request
-    timeouts: int = 0  #: requests failed with RequestTimeout
-    late_replies: int = 0  #: replies for no pending request (timed out, cancelled, unknown)
-    malformed: int = 0  #: messages from the server that could not be decoded
-    disconnects: int = 0  #: connections lost (each failed the calls pending on it)
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
-        return asdict(self)
-
-
-class _Pending:
-    __slots__ = ("definition", "on_done", "sink", "timeout")
-
-    def __init__(
-        self,
-        sink: _Sink,
-        definition: ProtocolDefinition | None,
-        timeout: float | None,
-        on_done: Callable[[], None] | None,
-    ) -> None:
-        self.sink = sink
-        self.definition = definition
-        self.timeout = timeout
-        self.on_done = on_done
-
-
-class _Deadlines:
-    """Request deadlines with one loop timer per distinct timeout, not one per request.
-
-    Requests with the same timeout expire in the order they were made, so each timeout keeps
-    a FIFO of ``(deadline, request_id)`` and one timer for its head. A loop timer per call
-    (a heap push, a cancel and a heap pop) was a measurable part of a call's cost.
-    Finished requests leave the FIFO when they reach its head (:meth:`prune`).
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        pending: dict[int, _Pending],
-        expire: Callable[[int, float], None],
-    ) -> None:
-        self._loop = loop
-        self._pending = pending
-        self._expire = expire
-        self._queues: dict[float, deque[tuple[float, int]]] = {}
-        self._timers: dict[float, asyncio.TimerHandle] = {}
-
-    def add(self, request_id: int, seconds: float) -> None:
-        when = self._loop.time() + seconds
-        queue = self._queues.get(seconds)
-        if queue is None:
-            queue = self._queues[seconds] = deque()
-        queue.append((when, request_id))
-        if seconds not in self._timers:
-            self._timers[seconds] = self._loop.call_at(when, self._fire, seconds)
-
-    def prune(self, seconds: float) -> None:
-        queue = self._queues.get(seconds)
-        pending = self._pending
-        while queue and queue[0][1] not in pending:
-            queue.popleft()
-
-    def _fire(self, seconds: float) -> None:
-        del self._timers[seconds]
-        queue = self._queues[seconds]
-        now = self._loop.time()
-        pending = self._pending
-        while queue:
-            when, request_id = queue[0]
-            if request_id in pending and when > now:
-                break
-            queue.popleft()  # first: expiring prunes this queue's head
-            if request_id in pending:
-                self._expire(request_id, seconds)
-        if queue:
-            self._timers[seconds] = self._loop.call_at(queue[0][0], self._fire, seconds)
-        else:
-            del self._queues[seconds]
-
-    def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        self._queues.clear()
 
 
 class AsyncClient:
@@ -205,15 +103,16 @@ class AsyncClient:
         self.validate = validate
         self.max_message_size = self.config.max_message_size
         self.max_in_flight = self.config.max_in_flight
-        self.stats = ClientStats()
+        self._calls = CallTable(url, validate=validate)
+        self.stats: ClientStats = self._calls.stats
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._transport: ClientTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._deadlines: _Deadlines | None = None
         self._broken: KvrpcError | None = None
         # Requests submitted from other threads, waiting for the outbox task to send them.
         self._outbox: deque[tuple[int, list[Buffer]]] = deque()
@@ -263,7 +162,6 @@ class AsyncClient:
             raise
         self._transport = transport
         self._loop = asyncio.get_running_loop()
-        self._deadlines = _Deadlines(self._loop, self._pending, self._expire)
         if isinstance(transport, SupportsClientReceiver):
             transport.set_receiver(self._on_message)  # replies straight from the read callback
         self._slots = asyncio.Semaphore(self.max_in_flight)
@@ -279,9 +177,10 @@ class AsyncClient:
         if stack is None:
             return
         self._exit_stack = None
-        self._fail_all(ClientClosed(f"client for {self.url} was closed"))
-        if self._deadlines is not None:
-            self._deadlines.close()
+        self._calls.fail_all(ClientClosed(f"client for {self.url} was closed"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
         await stack.aclose()  # stops the receive loop, then closes the transport
         self._task_group = None
 
@@ -309,7 +208,7 @@ class AsyncClient:
         slots = self._require_open()
         await slots.acquire()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: self._forget(request_id))
+        future.add_done_callback(lambda _: self.withdraw(request_id))
         self._register(request_id, future, definition, timeout, slots.release)
         try:
             await self._send(request_id, frames)
@@ -357,19 +256,37 @@ class AsyncClient:
     def _register(
         self,
         request_id: int,
-        sink: _Sink,
+        sink: Sink,
         definition: ProtocolDefinition | None,
         timeout: Timeout,
         on_done: Callable[[], None] | None,
     ) -> None:
         seconds = self.timeout if isinstance(timeout, _Default) else timeout
-        self._pending[request_id] = _Pending(sink, definition, seconds, on_done)
+        assert self._loop is not None
+        now = self._loop.time()
+        self._calls.add(request_id, sink, definition, seconds, now, on_done)
         if seconds is not None:
             # The deadline belongs to the request, not to whoever awaits it: a submitted
             # future times out even if nobody is waiting on it yet.
-            assert self._deadlines is not None
-            self._deadlines.add(request_id, seconds)
-        self.stats.requests += 1
+            self._arm(now + seconds)
+
+    def _arm(self, when: float) -> None:
+        """One loop timer, at the earliest deadline of the table."""
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        assert self._loop is not None
+        self._timer = self._timer_at = None
+        self._calls.expire(self._loop.time())
+        upcoming = self._calls.next_deadline()
+        if upcoming is not None:
+            self._arm(upcoming)
 
     async def _send(self, request_id: int, frames: list[Buffer]) -> None:
         """Send one registered request; a failure fails that request, never the client."""
@@ -377,56 +294,24 @@ class AsyncClient:
         try:
             await self._transport.send(frames)
         except ConnectionLost as exc:
-            self._resolve_error(request_id, exc)
+            self._calls.fail(request_id, exc)
         except TransportError as exc:  # this message could not go (too many frames, say)
-            self._resolve_error(request_id, self._send_failure(request_id, exc))
+            self._calls.fail(request_id, self._send_failure(request_id, exc))
         except Exception as exc:
             # Not an error the transport meant to raise: it cannot be trusted with another
             # message, so this call and every later one fail at once instead of waiting.
             logger.exception("sending to %s failed", self.url)
             self._broken = self._send_failure(request_id, exc)
-            self._fail_all(self._broken)
+            self._calls.fail_all(self._broken)
         else:
             self._sent_since_loss.set()
 
     def _send_failure(self, request_id: int, exc: Exception) -> TransportError:
-        entry = self._pending.get(request_id)
-        name = entry.definition.name if entry is not None and entry.definition else "a request"
+        call = self._calls.get(request_id)
+        name = call.name if call is not None else "a request"
         error = TransportError(f"sending {name} to {self.url} failed: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         return error
-
-    def _pop(self, request_id: int) -> _Pending | None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            if entry.timeout is not None and self._deadlines is not None:
-                self._deadlines.prune(entry.timeout)
-            if entry.on_done is not None:
-                entry.on_done()
-        return entry
-
-    def _forget(self, request_id: int) -> None:
-        """Drop a request whose future finished or was cancelled by its caller."""
-        self._pop(request_id)
-
-    def _resolve_error(self, request_id: int, exc: BaseException) -> None:
-        entry = self._pop(request_id)
-        if entry is not None and not entry.sink.done():
-            entry.sink.set_exception(exc)
-
-    def _expire(self, request_id: int, seconds: float) -> None:
-        entry = self._pending.get(request_id)
-        if entry is None:
-            return
-        self.stats.timeouts += 1
-        name = entry.definition.name if entry.definition else "request"
-        self._resolve_error(
-            request_id, RequestTimeout(f"{name} got no reply from {self.url} within {seconds}s")
-        )
-
-    def _fail_all(self, exc: KvrpcError) -> None:
-        for request_id in list(self._pending):
-            self._resolve_error(request_id, exc)
 
     # ------------------------------------------------------------------ receiving
 
@@ -445,24 +330,24 @@ class AsyncClient:
             except Exception as exc:  # a broken transport must not leave calls hanging
                 logger.exception("receive loop for %s failed", self.url)
                 self._broken = ConnectionLost(f"receiving from {self.url} failed: {exc}")
-                self._fail_all(self._broken)
+                self._calls.fail_all(self._broken)
                 return
             self._on_message(frames)
             del frames  # not held while waiting for the next message
 
     def _connection_lost(self, exc: ConnectionLost) -> None:
-        pending = len(self._pending)
+        pending = len(self._calls)
         self.stats.disconnects += 1
         if pending:
             logger.warning("connection to %s lost with %d calls pending", self.url, pending)
-        self._fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
+        self._calls.fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
 
     def _on_message(self, frames: list[Buffer]) -> None:
         if type(frames) is Oversized:  # the transport threw away a reply over our limit
             self.stats.malformed += 1
             kind, request_id = codec.peek(frames)
             if request_id is not None and kind is not MessageKind.REQUEST:
-                self._resolve_error(
+                self._calls.fail(
                     request_id,
                     MessageTooLarge(
                         f"the reply of {frames.size} bytes exceeds this client's "
@@ -476,43 +361,28 @@ class AsyncClient:
             self.stats.malformed += 1
             if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
                 # The reply is unreadable, but we know whose it is: fail that call now.
-                self._resolve_error(exc.request_id, exc)
+                self._calls.fail(exc.request_id, exc)
             return
-        if message.kind is MessageKind.REQUEST:
-            self.stats.malformed += 1
-            return
-        entry = self._pop(message.request_id)
-        if entry is None:
-            self.stats.late_replies += 1
-            return
-        self.stats.replies += 1
-        sink = entry.sink
-        if sink.done():  # cancelled by its caller meanwhile
-            return
-        if message.kind is MessageKind.ERROR:
-            sink.set_exception(error_from_wire(*message.payload))
-            return
-        value = message.payload
-        if entry.definition is not None and self.validate:
-            try:
-                value = entry.definition.validate_response(value)
-            except PayloadValidationError as exc:
-                sink.set_exception(exc)
-                return
-        sink.set_result(value)
+        self._calls.settle(message)
 
-    # ------------------------------------------------------------------ used by SyncClient
+    # ------------------------------------------------------------------ for other threads
 
-    def _submit_threadsafe(
+    def submit_prepared(
         self,
         request_id: int,
         definition: ProtocolDefinition | None,
         frames: list[Buffer],
-        sink: MessagingFuture[Any],
+        sink: Sink,
         timeout: Timeout,
         on_done: Callable[[], None],
     ) -> None:
-        """Register and send a prepared request; runs on the client's loop."""
+        """Register and queue a request made by :meth:`prepare`; call it on the client's loop.
+
+        For a caller on another thread, which hands it over with ``call_soon_threadsafe``
+        (as :class:`SyncClient` does): ``sink`` is resolved as :meth:`submit`'s future is,
+        and ``on_done`` runs once when the call leaves the table. Never raises: a closed or
+        broken client fails ``sink``.
+        """
         try:
             self._require_open()
         except KvrpcError as exc:
@@ -522,6 +392,14 @@ class AsyncClient:
         self._register(request_id, sink, definition, timeout, on_done)
         self._outbox.append((request_id, frames))
         self._outbox_ready.set()
+
+    def withdraw(self, request_id: int) -> None:
+        """Forget a request whose future finished or whose caller gave up on it.
+
+        Its in-flight slot is free again; a reply that still comes is dropped as late.
+        Call it on the client's loop.
+        """
+        self._calls.pop(request_id)
 
     async def _outbox_loop(self) -> None:
         """Send what other threads submitted, in order, from one task of the task group."""
@@ -597,7 +475,7 @@ class SyncClient:
         self._slots.acquire()
         try:
             self._loop.call_soon_threadsafe(
-                self._client._submit_threadsafe,
+                self._client.submit_prepared,
                 request_id,
                 definition,
                 frames,
@@ -626,7 +504,7 @@ class SyncClient:
         # than when a reply or the timeout eventually arrives.
         if future.cancelled() and self._loop is not None:
             with suppress(RuntimeError):  # the loop has stopped: close() freed everything
-                self._loop.call_soon_threadsafe(self._client._forget, request_id)
+                self._loop.call_soon_threadsafe(self._client.withdraw, request_id)
 
     def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
         """Call and block for the response; raises what :meth:`AsyncClient.call` raises."""

@@ -1,0 +1,223 @@
+"""The client's pending calls: ids, deadlines on an explicit ``now``, and reply matching.
+
+:class:`CallTable` holds every call a client has sent and not yet settled. It decides what a
+reply, a deadline or a lost connection does to them, and resolves their futures; it does no
+I/O, reads no clock and starts no timer: the shell (:class:`~kvrpc.client.AsyncClient`)
+passes ``now`` in and arms one timer at :meth:`CallTable.next_deadline`. Tests drive it with
+plain synchronous calls.
+
+Deadlines: calls with the same timeout expire in the order they were made, so each timeout
+keeps a FIFO of ``(deadline, request id)``; the earliest deadline is the smallest FIFO head.
+A settled call leaves its FIFO when it reaches the head. This keeps a call's cost at one
+append and one pop, where a heap or a timer per call was a measurable part of it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from kvrpc.codec import Message, MessageKind
+from kvrpc.errors import PayloadValidationError, RequestTimeout, error_from_wire
+from kvrpc.protocol import ProtocolDefinition
+
+__all__ = ["Call", "CallTable", "ClientStats", "Sink"]
+
+
+class Sink(Protocol):
+    """What a call resolves: an asyncio future or a :class:`~kvrpc.futures.MessagingFuture`."""
+
+    def done(self) -> bool:
+        """True once resolved or cancelled."""
+        ...
+
+    def set_result(self, value: Any, /) -> None:
+        """Resolve with the response."""
+        ...
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        """Resolve with an error."""
+        ...
+
+
+@dataclass
+class ClientStats:
+    """Counters of one client's traffic."""
+
+    requests: int = 0  #: requests sent
+    replies: int = 0  #: replies matched to a pending request
+    timeouts: int = 0  #: requests failed with RequestTimeout
+    late_replies: int = 0  #: replies for no pending request (timed out, cancelled, unknown)
+    malformed: int = 0  #: messages from the server that could not be decoded
+    disconnects: int = 0  #: connections lost (each failed the calls pending on it)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
+
+
+class Call:
+    """One pending call: what it resolves, what checks its reply, and its deadline."""
+
+    __slots__ = ("definition", "on_done", "sink", "timeout")
+
+    def __init__(
+        self,
+        sink: Sink,
+        definition: ProtocolDefinition | None,
+        timeout: float | None,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        self.sink = sink
+        self.definition = definition
+        self.timeout = timeout
+        self.on_done = on_done
+
+    @property
+    def name(self) -> str:
+        """The protocol's name, for messages ("a request" when it is not known locally)."""
+        return self.definition.name if self.definition is not None else "a request"
+
+
+class CallTable:
+    """The pending calls of one client (see the module doc); ``peer`` names it in errors.
+
+    ``validate`` checks each response against its call's protocol definition.
+    """
+
+    def __init__(self, peer: str, *, validate: bool = True) -> None:
+        self.peer = peer
+        self.validate = validate
+        self.stats = ClientStats()
+        self._calls: dict[int, Call] = {}
+        self._fifos: dict[float, deque[tuple[float, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._calls
+
+    def get(self, request_id: int) -> Call | None:
+        """The pending call, or None."""
+        return self._calls.get(request_id)
+
+    # ------------------------------------------------------------------ adding, removing
+
+    def add(
+        self,
+        request_id: int,
+        sink: Sink,
+        definition: ProtocolDefinition | None,
+        timeout: float | None,
+        now: float,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """A call was sent (or is about to be): it is pending until settled.
+
+        With a ``timeout`` it expires at ``now + timeout``. ``on_done`` runs once when the
+        call leaves the table, however it ends.
+        """
+        if request_id in self._calls:
+            raise ValueError(f"request {request_id} is already pending")
+        self._calls[request_id] = Call(sink, definition, timeout, on_done)
+        if timeout is not None:
+            fifo = self._fifos.get(timeout)
+            if fifo is None:
+                fifo = self._fifos[timeout] = deque()
+            fifo.append((now + timeout, request_id))
+        self.stats.requests += 1
+
+    def pop(self, request_id: int) -> Call | None:
+        """Remove a call without resolving it (its future finished, or was cancelled)."""
+        call = self._calls.pop(request_id, None)
+        if call is not None:
+            if call.timeout is not None:
+                self._prune(call.timeout)
+            if call.on_done is not None:
+                call.on_done()
+        return call
+
+    def fail(self, request_id: int, exc: BaseException) -> None:
+        """Remove the call and fail its future with ``exc`` (nothing if it is not pending)."""
+        call = self.pop(request_id)
+        if call is not None and not call.sink.done():
+            call.sink.set_exception(exc)
+
+    def fail_all(self, exc: BaseException) -> int:
+        """Fail every pending call with ``exc``; returns how many there were."""
+        ids = list(self._calls)
+        for request_id in ids:
+            self.fail(request_id, exc)
+        return len(ids)
+
+    # ------------------------------------------------------------------ time
+
+    def next_deadline(self) -> float | None:
+        """When the earliest pending call expires (None: no call has a deadline)."""
+        heads = [fifo[0][0] for fifo in self._fifos.values() if fifo]
+        return min(heads) if heads else None
+
+    def expire(self, now: float) -> int:
+        """Fail every call whose deadline is at or before ``now`` with :class:`RequestTimeout`.
+
+        Returns how many expired.
+        """
+        expired = 0
+        for timeout, fifo in list(self._fifos.items()):
+            while fifo and fifo[0][0] <= now:
+                _, request_id = fifo.popleft()
+                call = self._calls.get(request_id)
+                if call is None:
+                    continue
+                expired += 1
+                self.stats.timeouts += 1
+                self.fail(
+                    request_id,
+                    RequestTimeout(f"{call.name} got no reply from {self.peer} within {timeout}s"),
+                )
+            if not fifo:  # failing a call may have pruned it away already
+                self._fifos.pop(timeout, None)
+        return expired
+
+    def _prune(self, timeout: float) -> None:
+        fifo = self._fifos.get(timeout)
+        calls = self._calls
+        while fifo and fifo[0][1] not in calls:
+            fifo.popleft()
+        if fifo is not None and not fifo:
+            del self._fifos[timeout]
+
+    # ------------------------------------------------------------------ replies
+
+    def settle(self, message: Message) -> None:
+        """Resolve the call a decoded reply or error answers; a stray one is only counted.
+
+        A request from the server is malformed; a reply for no pending call (expired,
+        cancelled, never sent) is late. A response that fails its protocol's check fails
+        the call with :class:`PayloadValidationError`.
+        """
+        if message.kind is MessageKind.REQUEST:
+            self.stats.malformed += 1
+            return
+        call = self.pop(message.request_id)
+        if call is None:
+            self.stats.late_replies += 1
+            return
+        self.stats.replies += 1
+        sink = call.sink
+        if sink.done():  # cancelled by its caller meanwhile
+            return
+        if message.kind is MessageKind.ERROR:
+            sink.set_exception(error_from_wire(*message.payload))
+            return
+        value = message.payload
+        if call.definition is not None and self.validate:
+            try:
+                value = call.definition.validate_response(value)
+            except PayloadValidationError as exc:
+                sink.set_exception(exc)
+                return
+        sink.set_result(value)
