@@ -187,8 +187,8 @@ class CallTable:
         calls = self._calls
         while fifo and fifo[0][1] not in calls:
             fifo.popleft()
-        if fifo is not None and not fifo:
-            del self._fifos[timeout]
+        # An empty FIFO stays: a client uses few distinct timeouts, and the next call with
+        # this one would only make it again.
 
     # ------------------------------------------------------------------ replies
 
