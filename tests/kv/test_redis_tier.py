@@ -117,6 +117,11 @@ def pool_key(ns: Namespace, seed: int) -> bytes:
     return bytes([seed % 256]) * 32 + ns.suffixes[0]
 
 
+def base_of(ns: Namespace, seed: int) -> bytes:
+    """The name every key of chunk ``seed`` starts with, as :class:`Tier` writes it."""
+    return values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, seed))
+
+
 @pytest.fixture
 def redis() -> Iterator[RedisProcess]:
     if not redis_available():
@@ -208,8 +213,8 @@ async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
         await until(lambda: len(t.released) == 2, "both writes")
-        base1 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 1))
-        base2 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 2))
+        base1 = base_of(ns, 1)
+        base2 = base_of(ns, 2)
         # One byte of a part changed (same length): only the CRC can tell.
         part = base1 + b":1"
         direct = store_client(redis)
@@ -232,8 +237,8 @@ async def test_a_part_cut_short_or_of_another_type_is_a_miss_and_the_next_load_w
             assert t.offer(ns, seed, chunk(seed))
         await until(lambda: len(t.released) == 3, "the writes")
         store = store_client(redis)
-        base1 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 1))
-        base2 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 2))
+        base1 = base_of(ns, 1)
+        base2 = base_of(ns, 2)
         store.set(base1 + b":0", b"short")  # a value of another length than its span
         store.delete(base2 + b":2")
         store.rpush(base2 + b":2", b"x")  # WRONGTYPE for GET
@@ -273,7 +278,7 @@ async def test_a_header_of_another_namespace_or_length_is_never_loaded(
     async with Tier(redis.url) as t:
         assert t.offer(ns, 3, chunk(3))
         await until(lambda: t.released, "the write")
-        base = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 3))
+        base = base_of(ns, 3)
         store_client(redis).set(base + b":h", values.pack_header(ns.id, NBYTES - 1, NBYTES, 0))
         assert await t.load(ns, 3) is None
         assert t.tier.stats()["corrupt"] == 1
@@ -352,8 +357,8 @@ async def test_a_key_of_another_type_is_a_bad_key_deleted_and_the_tier_stays_up(
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
         await until(lambda: len(t.released) == 2, "both writes")
-        base1 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 1))
-        base2 = values.key_base(b"kvrpc:", ns.model_name, 1, 8, pool_key(ns, 2))
+        base1 = base_of(ns, 1)
+        base2 = base_of(ns, 2)
         direct = store_client(redis)
         # GET on a list answers WRONGTYPE: an error reply from a store that is up.
         direct.delete(base1 + b":0", base2 + b":h")
