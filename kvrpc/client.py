@@ -263,7 +263,8 @@ class AsyncClient:
     ) -> None:
         seconds = self.timeout if isinstance(timeout, _Default) else timeout
         assert self._loop is not None
-        now = self._loop.time()
+        # The clock is read only for a call that has a deadline, as before the table.
+        now = self._loop.time() if seconds is not None else 0.0
         self._calls.add(request_id, sink, definition, seconds, now, on_done)
         if seconds is not None:
             # The deadline belongs to the request, not to whoever awaits it: a submitted
