@@ -1,4 +1,10 @@
-"""The ``kvrpc`` command: ``serve``, ``demo``, ``ping``, ``stats`` and ``bench``."""
+"""The ``kvrpc`` command: ``serve``, ``demo``, ``ping``, ``stats`` and ``bench``.
+
+Exit status: 0 done, 1 a failure (the server unreachable, a benchmark that could not take a
+figure, an extra not installed), 2 bad usage (a flag's value, or two flags that disagree),
+130 interrupted. A benchmark exits 0 once its figures are taken, goals met or MISSED: it
+reports, and a goal's verdict is one of its figures.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,93 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvrpc.errors import KvrpcError
+from kvrpc.sizes import format_size, parse_size
 
 __all__ = ["main"]
 
+GIB = 1 << 30
+
+_DESCRIPTION = (
+    "kvrpc: typed RPC over pluggable transports, and a KV-cache service for LLM inference "
+    "engines. 'kvrpc serve' runs the cache, 'kvrpc demo' shows it at work, 'kvrpc ping' and "
+    "'kvrpc stats' ask a running server, 'kvrpc bench' measures."
+)
+_SIZES_EPILOG = (
+    "A default in [brackets] is the full run's; --quick picks a smaller one where the flag is "
+    "not given. Exit status: 0 once the figures are taken, goals met or MISSED; 1 if a figure "
+    "could not be taken; 2 for bad usage."
+)
+_EPILOG = (
+    "exit status: 0 done, 1 failed, 2 bad usage, 130 interrupted. "
+    "Run 'kvrpc COMMAND --help' for a command's flags."
+)
+
+
+class _Failed(Exception):
+    """A failure the command explains in full (what is wrong, what to do): exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser: help that shows each flag's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help where there is a default worth showing.
+
+    Not for a default of None or False (no value, a switch off), nor where the help already
+    names its default (``[2000]`` for a bench size that ``--quick`` changes, or "default:").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+            or "default" in text
+            or "[" in text
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, read only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("kvrpc")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            found = "unknown (not installed)"
+        print(f"kvrpc {found}")  # on stdout, as argparse's own version action prints
+        parser.exit()
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``kvrpc`` command line; returns the exit status."""
+    """Run the ``kvrpc`` command line; returns the exit status (see the module docstring).
+
+    Bad usage exits through :class:`SystemExit` with status 2, as argparse does.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     # Only a server's log is worth reading by default; the other commands print their results.
@@ -29,9 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
+        # Rules between flags and what a command needs installed, checked before it starts
+        # (argparse checks one flag at a time). Bad usage exits here with status 2.
+        args.check(args)
         result: int = args.run(args)
     except KvrpcError as exc:
         print(f"kvrpc {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except _Failed as exc:
+        print(f"kvrpc {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -39,9 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvrpc", description=__doc__)
+    parser = _Parser(prog="kvrpc", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action=_VersionAction, help="print kvrpc's version")
+    parser.set_defaults(check=_no_check, url_option=None)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run a KV-cache server until SIGINT/SIGTERM")
     serve.add_argument(
@@ -58,7 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         "socket, schedulers of other hosts on zmq+tcp://",
     )
     serve.add_argument(
-        "--cpu-buffer-size", type=_positive_float, default=1.0, help="L1 pool size in GiB"
+        "--cpu-buffer-size",
+        type=_gib,
+        default=1.0,
+        metavar="SIZE",
+        help="L1 pool size: GiB, or with a unit (8GiB, 512MiB, 8GB); filled as chunks are "
+        "stored, so size it to the memory the host can spare beside the engine (default: 1)",
     )
     serve.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per chunk")
     serve.add_argument(
@@ -82,12 +176,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample the event loop's lag every millisecond; kv.stats reports it (benchmarks)",
     )
-    serve.add_argument("--disk-size", type=_positive_float, default=16.0, help="disk tier GiB")
+    serve.add_argument(
+        "--disk-size",
+        type=_gib,
+        default=16.0,
+        metavar="SIZE",
+        help="disk tier size: GiB, or with a unit (default: 16)",
+    )
     redis = serve.add_argument_group(
         "Redis tier", "a store shared by the servers of several hosts (needs kvrpc[redis])"
     )
     redis.add_argument(
-        "--redis-url", help="redis://HOST:PORT/DB or rediss:// (TLS) of a Redis tier below L1"
+        "--redis-url",
+        type=_redis_url,
+        help="redis://HOST:PORT/DB or rediss:// (TLS) of a Redis tier below L1",
     )
     redis.add_argument(
         "--redis-cluster", action="store_true", help="the URL is a node of a Redis Cluster"
@@ -98,9 +200,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     redis.add_argument(
         "--redis-write-budget",
-        type=_positive_float,
+        type=_gib,
         default=0.25,
-        help="GiB of writes queued for Redis; past it writes are dropped and counted",
+        metavar="SIZE",
+        help="writes queued for Redis (GiB, or with a unit); past it writes are dropped and "
+        "counted (default: 0.25)",
     )
     redis.add_argument(
         "--redis-timeout",
@@ -125,29 +229,60 @@ def _parser() -> argparse.ArgumentParser:
 
     ping = commands.add_parser("ping", help="call rpc.ping on a server")
     ping.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
-    ping.add_argument("--count", type=int, default=3)
-    ping.add_argument("--timeout", type=float, default=5.0, help="seconds per ping")
+    _url_option(ping)
+    ping.add_argument("--count", type=_positive_int, default=3, help="pings to send")
+    ping.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds to connect, and per ping"
+    )
     ping.set_defaults(run=_run_ping)
 
     stats = commands.add_parser("stats", help="print a server's counters as JSON")
     stats.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
-    stats.add_argument("--timeout", type=float, default=5.0)
+    _url_option(stats)
+    stats.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=5.0,
+        help="seconds to connect, and per call",
+    )
     stats.set_defaults(run=_run_stats)
 
-    bench = commands.add_parser("bench", help="benchmarks")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks",
+        description="Benchmarks: each prints its figures (and --json FILE writes them).",
+        epilog="exit status: 0 once the figures are taken, whether each goal is met or MISSED "
+        "(a goal's verdict is one of the figures); 1 if a figure could not be taken; "
+        "2 for bad usage.",
+    )
     benches = bench.add_subparsers(dest="bench", required=True)
     rpc = benches.add_parser("rpc", help="round trip, pipelined throughput and bandwidth")
     rpc.add_argument("--url", default="inproc://kvrpc-bench", help="transport to measure")
-    rpc.add_argument("--calls", type=int, default=5000, help="sequential pings measured")
-    rpc.add_argument("--pipelined", type=int, default=20000, help="calls in the pipelined run")
-    rpc.add_argument("--window", type=int, default=64, help="calls in flight when pipelined")
-    rpc.add_argument("--payload-mib", type=int, default=64, help="echo payload for bandwidth")
-    rpc.add_argument("--rounds", type=int, default=5, help="echo round trips for bandwidth")
-    rpc.add_argument("--interleave", type=int, default=5, help="turns kvrpc and the baseline take")
+    rpc.add_argument("--calls", type=_positive_int, default=5000, help="sequential pings measured")
+    rpc.add_argument(
+        "--pipelined", type=_positive_int, default=20000, help="calls in the pipelined run"
+    )
+    rpc.add_argument(
+        "--window", type=_positive_int, default=64, help="calls in flight when pipelined"
+    )
+    rpc.add_argument(
+        "--payload-mib", type=_positive_int, default=64, help="echo payload for bandwidth, MiB"
+    )
+    rpc.add_argument(
+        "--rounds", type=_positive_int, default=5, help="echo round trips for bandwidth"
+    )
+    rpc.add_argument(
+        "--interleave",
+        type=_positive_int,
+        default=5,
+        help="turns kvrpc and the baseline take; --calls and --pipelined are shared among them",
+    )
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    rpc.set_defaults(run=_run_bench_rpc)
+    rpc.set_defaults(run=_run_bench_rpc, check=_checks(rpc, _check_bench_rpc))
     kv = benches.add_parser(
-        "kv", help="KV service: lookup vs ping, store/retrieve vs memcpy, memory per chunk"
+        "kv",
+        help="KV service: lookup vs ping, store/retrieve vs memcpy, memory per chunk",
+        epilog=_SIZES_EPILOG,
     )
     kv.add_argument("--url", help="where the servers listen (default: a temporary socket)")
     kv.add_argument(
@@ -156,7 +291,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("lookup", "transfer", "memory"),
         help="take only this figure (repeat for several; default: all three)",
     )
-    kv.add_argument("--quick", action="store_true", help="small versions of every figure")
+    kv.add_argument(
+        "--quick",
+        action="store_true",
+        help="small versions of every figure: a check that the bench runs, too small to "
+        "judge the goals by (their verdicts are printed, marked as such)",
+    )
     kv.add_argument("--lookups", type=_positive_int, help="timed lookups (and pings) [2000]")
     kv.add_argument("--interleave", type=_positive_int, help="turns the lookup paths take [5]")
     kv.add_argument("--rounds", type=_positive_int, help="timed store/retrieve rounds [5]")
@@ -172,7 +312,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     kv.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     gpu = benches.add_parser(
-        "gpu", help="GPU path: cuda_ipc store/retrieve vs pinned copies, loop stall, GPU memory"
+        "gpu",
+        help="GPU path: cuda_ipc store/retrieve vs pinned copies, loop stall, GPU memory",
+        epilog=_SIZES_EPILOG,
     )
     gpu.add_argument("--url", help="where the server listens (default: a temporary socket)")
     gpu.add_argument("--quick", action="store_true", help="a small workload")
@@ -188,13 +330,24 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     gpu.set_defaults(run=_run_bench_gpu)
     e2e = benches.add_parser(
-        "e2e", help="time to first token on a real model (random weights): miss vs hit (L1/Redis)"
+        "e2e",
+        help="time to first token on a real model (random weights): miss vs hit (L1/Redis)",
+        epilog=_SIZES_EPILOG,
     )
-    e2e.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a tiny model")
-    e2e.add_argument("--quick", action="store_true", help="1k and 4k prompts, two rounds")
+    e2e.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: a smoke run, a tiny 2-layer model on 256- and 512-token prompts, two rounds",
+    )
+    e2e.add_argument(
+        "--quick",
+        action="store_true",
+        help="1k and 4k prompts, two rounds (with --device cpu: 256 and 512, as always there)",
+    )
     e2e.add_argument(
         "--lengths",
-        type=_positive_int,
+        type=_token_count,
         nargs="+",
         help="cached prefixes in tokens, multiples of 256 [1024 4096 16384 32768]",
     )
@@ -208,7 +361,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     e2e.add_argument("--plot", metavar="PNG", help="draw TTFT against prompt length (matplotlib)")
     e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    e2e.set_defaults(run=_run_bench_e2e)
+    e2e.set_defaults(run=_run_bench_e2e, check=_checks(e2e, _check_bench_e2e))
     kv.set_defaults(run=_run_bench_kv)
     slow = benches.add_parser(
         "slow-reader", help="ping latency beside a client that never reads, against idle"
@@ -220,12 +373,18 @@ def _parser() -> argparse.ArgumentParser:
     slow.set_defaults(run=_run_bench_slow_reader)
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     tier = benches.add_parser(
-        "tier", help="the Redis tier: prefetch rate, lookup cost, RSS in an outage (kvrpc[redis])"
+        "tier",
+        help="the Redis tier: prefetch rate, lookup cost, RSS in an outage (kvrpc[redis])",
+        epilog=_SIZES_EPILOG,
     )
     tier.add_argument("--redis-url", help="a Redis to use (default: start a local redis-server)")
     tier.add_argument("--cluster", action="store_true", help="a 3-node local Redis Cluster")
     tier.add_argument(
-        "--only", nargs="+", metavar="FIGURE", help="prefetch, lookup, outage [all three]"
+        "--only",
+        nargs="+",
+        choices=("prefetch", "lookup", "outage"),
+        metavar="FIGURE",
+        help="prefetch, lookup, outage [all three]",
     )
     tier.add_argument("--quick", action="store_true", help="small sizes, a 5 s outage")
     tier.add_argument("--chunks", type=_positive_int, help="chunks fetched per round [64]")
@@ -249,15 +408,138 @@ def _parser() -> argparse.ArgumentParser:
     tier.add_argument("--pool-gib", type=_positive_float, help="the outage server's L1 [1]")
     tier.add_argument("--budget-gib", type=_positive_float, help="its --redis-write-budget [0.25]")
     tier.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    tier.set_defaults(run=_run_bench_tier)
+    tier.set_defaults(run=_run_bench_tier, check=_checks(tier, _check_bench_tier))
 
-    imports.add_argument("--runs", type=int, default=15)
+    imports.add_argument(
+        "--runs", type=_positive_int, default=15, help="fresh interpreters, each timed once"
+    )
     imports.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     imports.set_defaults(run=_run_bench_import)
     return parser
 
 
+# ------------------------------------------------------------------------------ checks
+
+
+def _no_check(args: argparse.Namespace) -> None:
+    """A command whose flags argparse checks alone."""
+
+
+def _checks(
+    parser: argparse.ArgumentParser, check: Callable[[argparse.ArgumentParser, Any], None]
+) -> Callable[[argparse.Namespace], None]:
+    """``check`` bound to its subcommand's parser, whose ``error`` prints that usage line."""
+    return lambda args: check(parser, args)
+
+
+def _check_bench_rpc(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # The sequential and pipelined calls are shared among the interleaved turns: a turn
+    # with none would have no latency to report, after every other round had run.
+    for flag, value in (("--calls", args.calls), ("--pipelined", args.pipelined)):
+        if value < args.interleave:
+            parser.error(
+                f"argument {flag}: {value} calls cannot be shared among --interleave "
+                f"{args.interleave} turns; give {flag} at least {args.interleave}, or a "
+                "smaller --interleave"
+            )
+
+
+def _check_bench_e2e(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # Checked here, not after minutes of prefills; the imports are needed anyway.
+    _require_extra("transformers", "transformers", "kvrpc bench e2e")
+    if args.plot:
+        _require_extra("matplotlib", "plot", "kvrpc bench e2e --plot")
+
+
+def _check_bench_tier(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _require_extra("redis", "redis", "kvrpc bench tier")
+
+
+def _require_extra(module: str, extra: str, what: str) -> None:
+    """Raise :class:`_Failed` naming the pip command where ``module`` cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise _Failed(
+            f"{what} needs {module}, which is not installed ({exc}); install it with: "
+            f"pip install 'kvrpc[{extra}]'"
+        ) from None
+
+
 # ------------------------------------------------------------------------------ serve
+
+
+def _socket_path(url: str) -> str | None:
+    """The filesystem path of a unix:// or zmq+ipc:// URL; None for any other scheme."""
+    from kvrpc.transport import parse_url
+
+    parsed = parse_url(url)
+    return parsed.path if parsed.scheme in ("unix", "zmq+ipc") and parsed.path else None
+
+
+def _make_socket_dirs(urls: Sequence[str]) -> None:
+    """Create a socket URL's missing directory, mode 0700 (only this user may connect).
+
+    ``/run/kvrpc`` and the like do not exist on a fresh host; a command pasted from the docs
+    should work there. An existing directory is left as it is.
+    """
+    for url in urls:
+        path = _socket_path(url)
+        parent = os.path.dirname(path) if path else ""
+        if not parent or os.path.isdir(parent):
+            continue
+        try:
+            os.makedirs(parent, mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another server, or a file: binding will say which
+        except OSError as exc:
+            raise _Failed(
+                f"cannot create {parent} for {url}: {exc.strerror}. Create it yourself "
+                f"(for example: sudo install -d -m 0700 -o $USER {parent}) or give --url a "
+                "socket in a directory of your own"
+            ) from None
+        print(f"kvrpc serve: created {parent} (mode 0700) for {url}", file=sys.stderr)
+
+
+def _memory_bytes() -> int | None:
+    """The machine's memory in bytes (``MemTotal``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return None
+
+
+def _serve_warnings(args: argparse.Namespace, urls: Sequence[str]) -> list[str]:
+    """What ``kvrpc serve`` should tell its user before starting (it starts anyway)."""
+    from kvrpc.transport import parse_url
+
+    warnings = []
+    memory = _memory_bytes()
+    pool = int(args.cpu_buffer_size * GIB)
+    if memory is not None and pool > memory:
+        # The pool fills as chunks are stored, so the server starts, and fails only later.
+        warnings.append(
+            f"--cpu-buffer-size {format_size(pool)} is more than this machine's memory "
+            f"({format_size(memory)}); the server starts, but may be killed for memory once "
+            "the cache fills: give it what the host can spare beside the engine"
+        )
+    for url in urls:
+        if parse_url(url).scheme == "inproc":
+            warnings.append(
+                f"{url} is reachable only from inside this process, so no client can "
+                "connect to this server: use unix:// (local processes) or zmq+tcp:// (other "
+                "hosts)"
+            )
+    return warnings
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -265,6 +547,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     from kvrpc.transport import parse_url
 
     url = _server_url(args)
+    for warning in _serve_warnings(args, [url, *args.also_url]):
+        print(f"kvrpc serve: warning: {warning}", file=sys.stderr, flush=True)
+    if args.redis_url:
+        _require_extra("redis", "redis", "kvrpc serve --redis-url")
+    _make_socket_dirs([url, *args.also_url])
     # Only a local socket says who its peers are; say so where anyone may connect.
     exposed = any(
         parse_url(each).scheme not in ("unix", "zmq+ipc", "inproc")
@@ -368,10 +655,21 @@ def _run_rpc_demo() -> int:
 # ------------------------------------------------------------------------------ ping / stats
 
 
+def _url_option(parser: argparse.ArgumentParser) -> None:
+    """``--url`` beside the positional URL, as ``serve`` and ``bench`` spell it."""
+    parser.add_argument("--url", dest="url_option", metavar="URL", help="the same as URL")
+    parser.set_defaults(check=_checks(parser, _check_one_url))
+
+
+def _check_one_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.url and args.url_option and args.url != args.url_option:
+        parser.error(f"argument --url: give the server once, not {args.url} and --url too")
+
+
 def _server_url(args: argparse.Namespace) -> str:
     from kvrpc.transport import default_url
 
-    url: str = args.url or default_url()
+    url: str = args.url or args.url_option or default_url()
     return url
 
 
@@ -424,9 +722,12 @@ def _run_bench_gpu(args: argparse.Namespace) -> int:
 
 
 def _run_bench_e2e(args: argparse.Namespace) -> int:
-    from kvrpc.bench.e2e import E2EBenchOptions, run_e2e_bench
+    from kvrpc.bench.e2e import E2EBenchOptions, run_e2e_bench, ttft_table
 
-    return _report(run_e2e_bench(E2EBenchOptions.from_args(args)), args.json)
+    figures = run_e2e_bench(E2EBenchOptions.from_args(args))
+    # A row per prompt length, where the generic table would print each as a long dict.
+    rest = {key: value for key, value in figures.items() if not key.startswith("ttft_")}
+    return _report(figures, args.json, text=f"{_table(rest)}\n\n{ttft_table(figures)}")
 
 
 def _run_bench_slow_reader(args: argparse.Namespace) -> int:
@@ -458,22 +759,68 @@ def _redacted(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
 
 
+# Argument types. argparse names the flag in its message ("argument --count: ...") and exits
+# with status 2; each message says what the flag accepts. A ValueError would be reported as
+# "invalid <function name> value", so every refusal is an ArgumentTypeError.
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, not {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    """A finite number above 0 (seconds, mostly): ``inf`` would never fire as a timeout."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, not {text!r}")
     return value
 
 
-def _report(figures: dict[str, Any], json_path: str | None) -> int:
-    print(_table(figures))
+def _gib(text: str) -> float:
+    """A size above 0 in GiB: a bare number is GiB, or give a unit (8GiB, 512MiB, 8GB)."""
+    try:
+        nbytes = parse_size(text, "GiB")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if nbytes == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text!r}")
+    return nbytes / GIB
+
+
+def _token_count(text: str) -> int:
+    """A prompt length for ``bench e2e``: whole chunks of 256 tokens, or no hit is whole."""
+    value = _positive_int(text)
+    if value % 256:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of 256 (the bench's chunk size), not {value}; "
+            f"try {max(256, value // 256 * 256)}"
+        )
+    return value
+
+
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(
+            f"expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH, "
+            f"not {_redacted(text)!r}"
+        )
+    return text
+
+
+def _report(figures: dict[str, Any], json_path: str | None, text: str | None = None) -> int:
+    """Print ``text`` (default: the figures' table) and write ``json_path``; exit status 0."""
+    print(_table(figures) if text is None else text)
     if json_path:
         with open(json_path, "w") as out:
             json.dump(figures, out, indent=2)
@@ -486,11 +833,19 @@ def _number(value: float) -> str:
     return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, dict) and set(value) == {"median", "min", "max"}:
+        # A spread over rounds: the median first, the range beside it.
+        return (
+            f"{_number(value['median'])} (min {_number(value['min'])}, max {_number(value['max'])})"
+        )
+    return str(value)
+
+
 def _table(figures: dict[str, Any]) -> str:
-    rows = [
-        (key, _number(value) if isinstance(value, float) else str(value))
-        for key, value in figures.items()
-    ]
+    rows = [(key, _cell(value)) for key, value in figures.items()]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 

@@ -20,6 +20,8 @@ def kvrpc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def test_demo_serves_a_prompt_twice_across_processes_miss_then_hit() -> None:
     done = kvrpc("demo")
     assert done.returncode == 0, done.stderr
+    # Nothing on stderr: no torch "Failed to initialize NumPy" warning (numpy is a dependency).
+    assert done.stderr == ""
     lines = done.stdout.splitlines()
     first = next(line for line in lines if line.startswith("request-1: lookup"))
     second = next(line for line in lines if line.startswith("request-2: lookup"))
@@ -96,7 +98,10 @@ def test_a_scheme_without_its_plugin_fails_naming_the_package(
 
 @pytest.mark.parametrize("scheme", ["zmq+ipc", "unix"])
 def test_serve_then_ping_and_stats_from_other_processes(scheme: str, tmp_path: Path) -> None:
-    url = f"{scheme}://{tmp_path}/cli.sock"
+    # In a directory that does not exist yet, as /run/kvrpc on a fresh host: serve makes it,
+    # private to this user, and leaves no socket file behind once stopped.
+    socket_dir = tmp_path / "run" / "kvrpc"
+    url = f"{scheme}://{socket_dir}/cli.sock"
     with subprocess.Popen(
         [*KVRPC, "serve", "--url", url],
         stdout=subprocess.PIPE,
@@ -104,6 +109,8 @@ def test_serve_then_ping_and_stats_from_other_processes(scheme: str, tmp_path: P
         text=True,
     ) as server:
         _ping_and_stats_then_stop(server, url)
+    assert socket_dir.stat().st_mode & 0o777 == 0o700
+    assert list(socket_dir.iterdir()) == []
 
 
 def _ping_and_stats_then_stop(server: subprocess.Popen[str], url: str) -> None:
@@ -167,6 +174,11 @@ def test_serve_prints_a_ready_line_and_stops_cleanly_on_a_signal(sig: signal.Sig
         )
         child.send_signal(sig)
         assert child.wait(timeout=30) == 0
+        # inproc:// serves no other process, and the server says so before it starts.
+        assert (
+            "inproc://cli-serve is reachable only from inside this process"
+            in (child.communicate()[1])
+        )
     finally:
         child.kill()
         child.communicate()

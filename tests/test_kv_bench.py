@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kvrpc.bench.e2e import length_label, ttft_table
 from kvrpc.bench.gpu import first_transfer_figures
+from kvrpc.bench.kv import QUICK_NOTE
 from kvrpc.testing.redis_server import redis_available
 
 
@@ -49,8 +51,14 @@ def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path
     assert figures["tiny_rss_after_bytes"] > figures["tiny_rss_start_bytes"] > 0
     assert isinstance(figures["tiny_metadata_bytes_per_chunk"], float)
 
+    # --quick says first that its figures are not comparable to the goals, and marks each
+    # verdict; the exit status stays 0 (checked above) whatever the verdicts.
+    assert figures["note"] == QUICK_NOTE
+    assert done.stdout.splitlines()[0].startswith("note")
+    assert "not comparable to the goals" in done.stdout
     for goal in ("lookup_goal", "transfer_goal", "memory_goal"):
         assert figures[goal].startswith(("met", "MISSED")), goal
+        assert figures[goal].endswith(", at --quick sizes"), goal
 
 
 def test_kv_bench_refuses_an_inproc_url_it_cannot_serve_from_a_child_process() -> None:
@@ -85,7 +93,13 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
         assert row["kv_bytes"] == length * 2 * 2 * 2 * 16 * 4  # layers, K and V, heads, dim, fp32
     assert figures["decode_steps_during_stores"] > 0
     assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
+    assert figures["prompt_lengths"] == "256 512"  # what ran, named as it ran
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The rows print as a table, one line per length, not as dicts.
+    assert "{" not in done.stdout
+    table = done.stdout[done.stdout.index("time to first token") :].splitlines()
+    assert table[1].split()[:3] == ["prompt", "miss", "hit"]
+    assert [line.split()[0] for line in table[2:4]] == ["256", "512"]
 
 
 @pytest.mark.skipif(not redis_available(), reason="needs redis-server and redis-cli")
@@ -164,3 +178,39 @@ def test_gpu_bench_reports_the_first_transfer_against_the_warm_pinned_copies() -
     figures = first_transfer_figures(quick, retrieve, d2h_seconds=0.040, h2d_seconds=0.045)
     assert figures["first_transfer_goal"].startswith("met")
     assert figures["first_stall_goal"].startswith("met")
+
+
+def test_prompt_lengths_are_labelled_in_k_only_when_whole_thousands() -> None:
+    labels = [length_label(n) for n in (256, 512, 1024, 1536, 4096, 32768)]
+    assert labels == ["256", "512", "1k", "1536", "4k", "32k"]
+
+
+def test_ttft_table_has_a_row_per_length_and_a_dash_for_a_figure_not_taken() -> None:
+    def spread(ms: float) -> dict[str, float]:
+        return {"median": ms, "min": ms, "max": ms}
+
+    row = {
+        **{name: spread(2.0) for name in ("miss", "hit_layerwise", "suffix_only")},
+        "hit": spread(1.0),
+        "transformers": spread(3.0),
+        "transfer_bound_ms": float("nan"),  # a CPU run: no pinned rate
+        "miss_to_hit": 2.0,
+        "miss_to_hit_layerwise": 1.0,
+        "hit_to_bound": float("nan"),
+        "kv_bytes": 1,
+    }
+    figures = {"rounds": 3, "ttft_4096": row, "ttft_512": row, "device": "cpu"}
+    lines = ttft_table(figures).splitlines()
+    assert lines[0] == "time to first token, ms (medians of 3 rounds)"
+    assert [line.split()[0] for line in lines[1:]] == ["prompt", "512", "4k"]
+    assert lines[2].split()[1:] == [
+        "2.00",
+        "1.00",
+        "2.00",
+        "2.00",
+        "3.00",
+        "-",
+        "2.00",
+        "1.00",
+        "-",
+    ]

@@ -62,7 +62,15 @@ from kvrpc.kv import protocols
 from kvrpc.kv.client import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
 
-__all__ = ["TIERS", "E2EBenchOptions", "ModelShape", "random_llama", "run_e2e_bench"]
+__all__ = [
+    "TIERS",
+    "E2EBenchOptions",
+    "ModelShape",
+    "length_label",
+    "random_llama",
+    "run_e2e_bench",
+    "ttft_table",
+]
 
 #: Where ``--tier`` takes a hit's prefix from: the server's memory, or Redis behind it.
 TIERS = ("l1", "redis")
@@ -235,6 +243,8 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
             f"{shape.kv_heads} KV heads, head dim {shape.head_dim}, {dtype}, random weights"
         ),
         "tier": options.tier,
+        # What ran, as run: --device cpu and --quick each choose their own lengths.
+        "prompt_lengths": " ".join(length_label(n) for n in lengths),
         "suffix_tokens": _SUFFIX,
         "rounds": options.rounds,
     }
@@ -360,6 +370,55 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
         _plot(figures, lengths, options.plot)
         figures["plot"] = options.plot
     return figures
+
+
+def length_label(tokens: int) -> str:
+    """A prompt length as plots and tables label it: ``4k``, or ``256`` below or between k's.
+
+    ``k`` is 1024 tokens; a length that is not a whole number of them is written in full.
+    """
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
+
+
+#: ``ttft_table``'s columns: a row's figure and its heading.
+_COLUMNS = (
+    ("miss", "miss"),
+    ("hit", "hit"),
+    ("hit_layerwise", "hit layer-wise"),
+    ("suffix_only", "suffix only"),
+    ("transformers", "transformers"),
+    ("transfer_bound_ms", "bound"),
+    ("miss_to_hit", "miss/hit"),
+    ("miss_to_hit_layerwise", "miss/hit lw"),
+    ("hit_to_bound", "hit/bound"),
+)
+
+
+def ttft_table(figures: dict[str, Any]) -> str:
+    """The ``ttft_<length>`` rows of :func:`run_e2e_bench`'s figures as a text table.
+
+    Times are the medians of the rounds in ms (the spreads are in the figures); the last three
+    columns are ratios. A figure this run could not take (the transfer bound on a CPU) is ``-``.
+    """
+    rows = sorted(
+        (int(key.removeprefix("ttft_")), row)
+        for key, row in figures.items()
+        if key.startswith("ttft_")
+    )
+    heading = ["prompt", *(title for _, title in _COLUMNS)]
+    table = [heading]
+    for length, row in rows:
+        cells = [length_label(length)]
+        for name, _ in _COLUMNS:
+            value = row[name]["median"] if isinstance(row[name], dict) else row[name]
+            cells.append("-" if math.isnan(value) else f"{value:,.2f}")
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(heading))]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        for line in table
+    ]
+    return "\n".join([f"time to first token, ms (medians of {figures['rounds']} rounds)", *lines])
 
 
 def _row(taken: dict[str, list[float]], kv_bytes: int, h2d: float) -> dict[str, Any]:
@@ -654,10 +713,13 @@ def _plot(figures: dict[str, Any], lengths: list[int], path: str) -> None:
         high = [row[name]["max"] - m for m, row in zip(medians, rows, strict=True)]
         axes.errorbar(lengths, medians, yerr=[low, high], fmt=style, capsize=3, label=label)
     bound = [row["transfer_bound_ms"] for row in rows]
-    axes.plot(lengths, bound, "k--", label="transfer bound (KV bytes / pinned H2D)")
+    if not any(math.isnan(ms) for ms in bound):  # no pinned rate on a CPU: no line to draw
+        axes.plot(lengths, bound, "k--", label="transfer bound (KV bytes / pinned H2D)")
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
-    axes.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+    axes.set_xticks(lengths, [length_label(n) for n in lengths])
+    # Minor log ticks between the lengths would be labelled too, in the lengths' way.
+    axes.tick_params(axis="x", which="minor", labelbottom=False)
     axes.set_xlabel(f"cached prefix (tokens), plus a {figures['suffix_tokens']}-token suffix")
     axes.set_ylabel("time to first token (ms)")
     axes.set_title(f"kvrpc TTFT, {figures['device']}, hits from {tier}", fontsize=10)
