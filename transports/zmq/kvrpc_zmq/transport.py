@@ -24,6 +24,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -380,6 +381,8 @@ class ZmqServerTransport:
         self.options = options
         self._driver: _ServerDriver | None = None
         self._backlogs: dict[Peer, _Backlog] = {}
+        # (st_dev, st_ino) of the ipc socket file this server bound, removed on close.
+        self._socket_file: tuple[int, int] | None = None
         self._counts = {
             "connections": 0,
             "disconnects": 0,
@@ -412,6 +415,10 @@ class ZmqServerTransport:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise TransportError(f"cannot bind {self.url.raw}: {exc}") from exc
+        if self.url.scheme == "zmq+ipc":
+            with contextlib.suppress(OSError):
+                info = os.lstat(self.url.path)
+                self._socket_file = (info.st_dev, info.st_ino)
         self._driver = _ServerDriver(sock, self._counts)
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
@@ -505,6 +512,21 @@ class ZmqServerTransport:
         self._backlogs.clear()
         if self._driver is not None:
             self._driver.shutdown()
+        self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
+        # libzmq leaves a bound ipc socket's file behind on close. Only ours goes: another
+        # server may have replaced it since (after finding it stale), and its clients need it.
+        identity, self._socket_file = self._socket_file, None
+        if identity is None:
+            return
+        try:
+            info = os.lstat(self.url.path)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == identity:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.url.path)
 
     def stats(self) -> dict[str, int]:
         """Connections accepted, disconnects, failed handshakes, replies dropped or backlogged."""
@@ -547,6 +569,23 @@ class _ClientDriver(_Driver):
             self.wake_reader()
 
 
+async def _resolve(url: TransportURL) -> None:
+    """Raise :class:`TransportError` naming the host where ``url``'s host does not resolve."""
+    host = url.host
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return  # an address: nothing to look up
+    except OSError:
+        pass
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TransportError(
+            f"cannot connect to {url.raw}: the host {host!r} does not resolve ({exc.strerror}); "
+            "check the host name in the URL"
+        ) from None
+
+
 class ZmqClientTransport:
     """A DEALER socket connected to the server; zmq reconnects it in the background."""
 
@@ -557,7 +596,13 @@ class ZmqClientTransport:
         self._driver: _ClientDriver | None = None
 
     async def connect(self) -> None:
-        """Connect and wait for the handshake (the caller bounds the wait)."""
+        """Connect and wait for the handshake (the caller bounds the wait).
+
+        A ``zmq+tcp`` host name is resolved first: zmq would retry a name that does not
+        resolve in silence until the caller gave up, so :class:`TransportError` says so now.
+        """
+        if self.url.scheme == "zmq+tcp":
+            await _resolve(self.url)
         sock = _context().socket(zmq.DEALER)
         _configure(sock, self.options)
         sock.setsockopt(zmq.IMMEDIATE, 1)
