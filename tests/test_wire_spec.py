@@ -1,0 +1,200 @@
+"""docs/wire.md is enough to write a client: one written from it alone talks to ``kvrpc serve``.
+
+The client below uses a plain socket, ``struct`` and ``msgpack``, and nothing of kvrpc: every
+constant in it (the unix framing, the header's five fields, the kinds, the ext codes, the
+status codes) is one that docs/wire.md states. The server is a real ``kvrpc serve`` child
+process on a ``unix://`` socket. If the code and the page drift apart, these tests fail.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgpack
+import pytest
+
+# --------------------------------------------------------------- what docs/wire.md says
+
+WIRE_VERSION = 2
+REQUEST, RESPONSE, ERROR = 0, 1, 2
+EXT_BUFFER, EXT_TUPLE = 0, 2
+BUFFER_REF = struct.Struct("<IB")  # frame index, then 0 for a byte string
+COUNT = struct.Struct(">I")
+LENGTH = struct.Struct(">Q")
+STATUS_PROTOCOL = 2
+STATUS_VERSION_MISMATCH = 4
+STATUS_INVALID_PAYLOAD = 6
+STATUS_UNKNOWN_PROTOCOL = 7
+
+WAIT = 30.0  # seconds a socket read may block before the test gives up, never a measurement
+
+
+class WireClient:
+    """A kvrpc client over ``unix://``, as docs/wire.md specifies it."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(WAIT)
+        self.sock.connect(path)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        prefix = COUNT.pack(len(frames)) + b"".join(LENGTH.pack(len(f)) for f in frames)
+        self.sock.sendall(prefix + b"".join(frames))
+
+    def send_header(self, header: list[Any], buffers: Sequence[bytes] = ()) -> None:
+        self.send_frames([msgpack.packb(header, use_bin_type=True), *buffers])
+
+    def recv_frames(self) -> list[bytes]:
+        (count,) = COUNT.unpack(self.read_exactly(COUNT.size))
+        lengths = [LENGTH.unpack(self.read_exactly(LENGTH.size))[0] for _ in range(count)]
+        return [self.read_exactly(n) for n in lengths]
+
+    def recv(self) -> list[Any]:
+        """The next reply's header, with out-of-band buffers and tuples resolved."""
+        frames = self.recv_frames()
+
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == EXT_BUFFER:
+                index, _kind = BUFFER_REF.unpack(data)
+                return frames[index]
+            if code == EXT_TUPLE:
+                return tuple(msgpack.unpackb(data, ext_hook=ext_hook, raw=False))
+            return msgpack.ExtType(code, data)
+
+        header: list[Any] = msgpack.unpackb(
+            frames[0], ext_hook=ext_hook, raw=False, strict_map_key=False
+        )
+        return header
+
+    def call(self, request_id: int, name: str, args: list[Any]) -> list[Any]:
+        self.send_header([WIRE_VERSION, REQUEST, request_id, name, args])
+        return self.recv()
+
+    def read_exactly(self, size: int) -> bytes:
+        """Exactly ``size`` bytes from the stream."""
+        chunks = []
+        while size:
+            chunk = self.sock.recv(size)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+
+def tuple_ext(*items: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(items), use_bin_type=True))
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+@pytest.fixture(scope="module")
+def socket_path() -> Iterator[str]:
+    """The socket of a ``kvrpc serve`` child, shared by this module's tests."""
+    directory = tempfile.mkdtemp(prefix="kvrpc-wire-", dir="/tmp")  # AF_UNIX paths are short
+    path = f"{directory}/kv.sock"
+    url = f"unix://{path}"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--cpu-buffer-size", "0.01"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        ready = child.stdout.readline()
+        assert ready.startswith(f"kvrpc ready {url}"), ready + child.stderr.read()[-2000:]
+        yield path
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert child.returncode == 0, stderr[-2000:]
+
+
+@pytest.fixture
+def client(socket_path: str) -> Iterator[WireClient]:
+    connection = WireClient(socket_path)
+    yield connection
+    connection.close()
+
+
+# ------------------------------------------------------------------------------- the tests
+
+
+def test_a_ping_written_from_the_spec_gets_pong_under_its_request_id(client: WireClient) -> None:
+    assert client.call(41, "rpc.ping", []) == [WIRE_VERSION, RESPONSE, 41, "", "pong"]
+
+
+def test_the_byte_by_byte_ping_of_the_spec_is_what_the_server_sends(client: WireClient) -> None:
+    client.sock.sendall(bytes.fromhex("00000001 000000000000000e 9502 0001 a8 7270632e70696e67 90"))
+    reply = bytes.fromhex("00000001 000000000000000a 95 0201 01 a0 a4 706f6e67")
+    assert client.read_exactly(len(reply)) == reply
+
+
+def test_echo_returns_tuples_and_out_of_band_bytes_as_the_spec_encodes_them(
+    client: WireClient,
+) -> None:
+    big = bytes(range(256)) * 16  # 4 KiB: the server lifts it out of band in its reply
+    ref = msgpack.ExtType(EXT_BUFFER, BUFFER_REF.pack(1, 0))
+    value = {"n": -3, "tuple": tuple_ext(1, "two", None), "big": ref, "small": b"\x00\x01"}
+    client.send_header([WIRE_VERSION, REQUEST, 42, "rpc.echo", [value]], [big])
+    frames = client.recv_frames()
+    assert len(frames) == 2 and frames[1] == big  # the reply's buffer is a frame of its own
+    header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+    assert header[:4] == [WIRE_VERSION, RESPONSE, 42, ""]
+    echoed = header[4]
+    assert echoed["big"] == msgpack.ExtType(EXT_BUFFER, BUFFER_REF.pack(1, 0))
+    assert echoed["tuple"].code == EXT_TUPLE
+    assert msgpack.unpackb(echoed["tuple"].data, raw=False) == [1, "two", None]
+    assert (echoed["n"], echoed["small"]) == (-3, b"\x00\x01")
+
+
+def test_replies_to_pipelined_requests_are_matched_by_request_id(client: WireClient) -> None:
+    for request_id in (7, 8, 9):
+        client.send_header([WIRE_VERSION, REQUEST, request_id, "rpc.echo", [request_id * 10]])
+    replies = {reply[2]: reply[4] for reply in (client.recv() for _ in range(3))}
+    assert replies == {7: 70, 8: 80, 9: 90}
+
+
+def test_an_unknown_protocol_is_an_error_reply_with_status_7(client: WireClient) -> None:
+    version, kind, request_id, name, payload = client.call(5, "rpc.no_such_thing", [])
+    assert (version, kind, request_id, name) == (WIRE_VERSION, ERROR, 5, "")
+    status, type_name, message = payload
+    assert (status, type_name) == (STATUS_UNKNOWN_PROTOCOL, "UnknownProtocol")
+    assert "rpc.no_such_thing" in message
+
+
+def test_arguments_of_the_wrong_type_get_status_6(client: WireClient) -> None:
+    # rpc.echo takes exactly one argument.
+    assert client.call(6, "rpc.echo", [1, 2])[4][0] == STATUS_INVALID_PAYLOAD
+    # kv.keepalive takes one bin: a str is not bytes to the strict validation.
+    reply = client.call(7, "kv.keepalive", ["not bytes"])
+    assert reply[1] == ERROR and reply[4][0] == STATUS_INVALID_PAYLOAD
+
+
+def test_another_wire_version_is_refused_with_status_4_in_version_2(client: WireClient) -> None:
+    client.send_header([1, REQUEST, 3, "rpc.ping", []])
+    version, kind, request_id, _, (status, type_name, message) = client.recv()
+    assert (version, kind, request_id) == (WIRE_VERSION, ERROR, 3)
+    assert (status, type_name) == (STATUS_VERSION_MISMATCH, "VersionMismatch")
+    assert "1" in message and "2" in message
+    assert client.call(4, "rpc.ping", [])[4] == "pong"  # the connection is still good
+
+
+def test_an_unreferenced_buffer_frame_is_a_protocol_error(client: WireClient) -> None:
+    client.send_header([WIRE_VERSION, REQUEST, 11, "rpc.echo", [b"x"]], [b"stray frame"])
+    reply = client.recv()
+    assert reply[1:3] == [ERROR, 11] and reply[4][0] == STATUS_PROTOCOL
