@@ -82,6 +82,8 @@ async def test_saved_chunk_loads_back_byte_for_byte(tmp_path: Path, make_tier: M
         "capacity": 1 << 20,
         "saves": 1,
         "loads": 1,
+        "save_bytes": N,
+        "load_bytes": N,
         "evictions": 0,
         "errors": 0,
         "refused": 0,

@@ -124,6 +124,8 @@ class CopyEngine:
         self.bytes_moved = 0
         #: GPU time of the last completed batch, first copy to last, in seconds.
         self.last_gpu_seconds = 0.0
+        #: GPU time of every timed batch so far, in seconds: the engine's busy time.
+        self.gpu_seconds = 0.0
 
     # --------------------------------------------------------------- run in the engine thread
 
@@ -436,6 +438,9 @@ class CopyEngine:
         if timing is not None:
             started, ended = timing
             self.last_gpu_seconds = started.elapsed_time(ended) / 1e3
+            # Waiter threads may add at once; a lost sum would be a monitoring figure a
+            # batch short, never a wrong copy.
+            self.gpu_seconds += self.last_gpu_seconds
 
     def wait_ready(
         self, event: Any, give_up: Callable[[], bool], timeout: float

@@ -300,6 +300,7 @@ class GpuCopies:
             "cuda_bytes_moved": sum(e.bytes_moved for e in engines),
             "cuda_staging_bytes": sum(e.staging_bytes() for e in engines),
             "cuda_last_batch_gpu_us": round(max(e.last_gpu_seconds for e in engines) * 1e6),
+            "cuda_busy_us": round(sum(e.gpu_seconds for e in engines) * 1e6),
             "cuda_last_handler_us": round(self.last_handler_seconds * 1e6),
             # Everything this process allocated on its GPUs: the engines' buffers and
             # temporaries (the workers' KV caches are mapped, not allocated here).

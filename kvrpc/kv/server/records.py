@@ -148,6 +148,8 @@ class Counters:
     store_duplicates: int = 0
     retrieves: int = 0
     retrieve_misses: int = 0
+    store_bytes: int = 0  #: bytes of the chunks stored into L1
+    retrieve_bytes: int = 0  #: bytes of the chunks retrieved from L1
     prefetch_jobs: int = 0
     prefetched: int = 0
     clients_expired: int = 0

@@ -326,6 +326,7 @@ class KVState:
         if error is not None:
             return []
         self.counters.stores += len(plan.reserved)
+        self.counters.store_bytes += len(plan.reserved) * plan.instance.chunk_nbytes
         tier = self.tier
         if tier is None:
             return []
@@ -402,6 +403,7 @@ class KVState:
             self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
         if error is None:
             self.counters.retrieves += len(plan.found)
+            self.counters.retrieve_bytes += len(plan.found) * plan.instance.chunk_nbytes
 
     def abandon_retrieve(self, plan: RetrievePlan) -> None:
         """A cancelled retrieve's copies are over: unpin its slots, sessions keep theirs."""
@@ -447,6 +449,8 @@ class KVState:
             "store_duplicates": counters.store_duplicates,
             "retrieves": counters.retrieves,
             "retrieve_misses": counters.retrieve_misses,
+            "store_bytes": counters.store_bytes,
+            "retrieve_bytes": counters.retrieve_bytes,
             "evictions": pool.evictions if pool is not None else 0,
             "chunks": pool.ready_slots if pool is not None else 0,
             "bytes_used": pool.bytes_used if pool is not None else 0,

@@ -100,6 +100,8 @@ class DiskTier:
         self._busy: set[bytes] = set()
         self._saves = 0
         self._loads = 0
+        self._save_bytes = 0
+        self._load_bytes = 0
         self._evictions = 0
         self._errors = 0
         self._refused = 0
@@ -175,6 +177,7 @@ class DiskTier:
         self._index[key] = _File(size)
         self._bytes += size
         self._saves += 1
+        self._save_bytes += size
 
     async def load(self, key: bytes, out: torch.Tensor) -> bool:
         """Read ``key``'s file into ``out`` (1-D ``uint8``, CPU); False if it cannot.
@@ -214,6 +217,7 @@ class DiskTier:
             return False
         if result is _Read.OK:
             self._loads += 1
+            self._load_bytes += out.numel()
             return True
         if self._index.get(key) is entry:
             logger.warning("disk tier: a chunk file was %s; dropping it", result.value)
@@ -224,7 +228,8 @@ class DiskTier:
     def stats(self) -> dict[str, int]:
         """Counters: files and bytes kept now (of ``capacity``); saves, loads, errors so far.
 
-        ``saves`` and ``loads`` count successful ones; ``refused`` counts saves skipped
+        ``saves`` and ``loads`` count successful ones (``save_bytes`` and ``load_bytes``
+        their bytes); ``refused`` counts saves skipped
         because the chunk could not fit in ``capacity_bytes`` beside the writes in flight.
         """
         return {
@@ -233,6 +238,8 @@ class DiskTier:
             "capacity": self.capacity_bytes,
             "saves": self._saves,
             "loads": self._loads,
+            "save_bytes": self._save_bytes,
+            "load_bytes": self._load_bytes,
             "evictions": self._evictions,
             "errors": self._errors,
             "refused": self._refused,
