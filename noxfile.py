@@ -14,8 +14,9 @@ CONSTRAINTS = ("-c", "constraints.txt")
 # through entry points, which only an install provides.
 # The transformers and plot extras: the engine driver's tests and `kvrpc bench e2e`.
 # The redis extra: the Redis tier's tests run against a real redis-server (installed by
-# tools/ensure-redis-server.sh where it is absent).
-PACKAGES = ("-e", ".[dev,transformers,plot,redis]", "-e", "transports/zmq", "-e", "transports/unix")
+# tools/ensure-redis-server.sh where it is absent). The metrics extra: the /metrics tests.
+EXTRAS = ".[dev,transformers,plot,redis,metrics]"
+PACKAGES = ("-e", EXTRAS, "-e", "transports/zmq", "-e", "transports/unix")
 LINTED = ("kvrpc", "transports", "tests", "examples", "noxfile.py")
 TYPED = ("kvrpc", "transports/zmq/kvrpc_zmq", "transports/unix/kvrpc_unix")
 
@@ -32,7 +33,7 @@ def typecheck(session: nox.Session) -> None:
     # torch is not needed to type-check: kvrpc imports it lazily and mypy treats it as Any.
     session.install(
         *CONSTRAINTS, "mypy>=1.11", "msgpack>=1.0.5", "anyio>=4.3", "pydantic>=2.10",
-        "pyzmq>=25", "pytest>=8", "redis",
+        "pyzmq>=25", "pytest>=8", "redis", "prometheus_client",
     )  # fmt: skip
     session.run("mypy", "--strict", *TYPED)
 

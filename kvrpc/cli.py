@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvrpc.errors import KvrpcError
+from kvrpc.metrics import command as metrics_command
 from kvrpc.sizes import format_size, parse_size
 
 __all__ = ["main"]
@@ -212,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds any Redis operation may take before the tier is skipped and probed",
     )
+    metrics_command.add_serve_arguments(serve)
     serve.set_defaults(run=_run_serve)
 
     demo = commands.add_parser(
@@ -236,7 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ping.set_defaults(run=_run_ping)
 
-    stats = commands.add_parser("stats", help="print a server's counters as JSON")
+    stats = commands.add_parser(
+        "stats", help="print a server's counters as a table (--json for scripts)"
+    )
     stats.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
     _url_option(stats)
     stats.add_argument(
@@ -245,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to connect, and per call",
     )
+    metrics_command.add_stats_arguments(stats)
     stats.set_defaults(run=_run_stats)
 
     bench = commands.add_parser(
@@ -544,6 +549,14 @@ def _serve_warnings(args: argparse.Namespace, urls: Sequence[str]) -> list[str]:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from kvrpc.kv.server.serving import KVServerSettings, serve_kv
+
+    problem = metrics_command.check_serve_arguments(args)
+    if problem is not None:
+        print(f"kvrpc serve: {problem}", file=sys.stderr)
+        return 2
+    insecure = metrics_command.insecure_warning(args)
+    if insecure is not None:
+        print(f"kvrpc serve: warning: {insecure}", file=sys.stderr, flush=True)
     from kvrpc.transport import parse_url
 
     url = _server_url(args)
@@ -574,7 +587,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_timeout=args.redis_timeout,
         loop_probe=args.loop_probe,
         cuda_group_mib=args.cuda_group_mib,
+        **metrics_command.serve_settings(args),
     )
+    metrics_url: list[str] = []  # filled before ready() runs, if the endpoint is on
 
     def ready(server: Any, service: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -585,6 +600,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             f"cpu_buffer_size={args.cpu_buffer_size:g}GiB max_workers={args.max_workers}"
             + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else "")
             + (f" redis={_redacted(args.redis_url)}" if args.redis_url else "")
+            + (f" metrics={metrics_url[0]}" if metrics_url else "")
             + (
                 " unauthenticated: any process that reaches this address can read, write and "
                 "clear the cache; shm and cuda_ipc workers are refused here"
@@ -594,7 +610,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    asyncio.run(serve_kv(settings, on_ready=ready))
+    asyncio.run(serve_kv(settings, on_ready=ready, on_metrics=metrics_url.append))
     return 0
 
 
@@ -688,16 +704,7 @@ def _run_ping(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    from kvrpc.client import SyncClient
-
-    with SyncClient(
-        _server_url(args), timeout=args.timeout, connect_timeout=args.timeout
-    ) as client:
-        report = {"rpc": client.call("rpc.stats")}
-        if "kv.stats" in client.call("rpc.list_protocols"):
-            report["kv"] = client.call("kv.stats")
-        print(json.dumps(report, indent=2, sort_keys=True))
-    return 0
+    return metrics_command.run_stats(_server_url(args), args.timeout, args.watch, args.json)
 
 
 # ------------------------------------------------------------------------------ bench

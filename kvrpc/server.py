@@ -66,6 +66,9 @@ logger = logging.getLogger("kvrpc.server")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+HandlerWrapper = Callable[[ProtocolDefinition, Callable[..., Any]], Callable[..., Any]]
+"""``wrap(definition, fn) -> fn'``: what :meth:`RPCServer.instrument` takes."""
+
 
 @dataclass
 class ServerStats:
@@ -172,6 +175,7 @@ class RPCServer:
         self.shutdown_grace = self.config.shutdown_grace
         self._stats = ServerStats()
         self._handlers: dict[str, _Handler] = {}
+        self._wrap: HandlerWrapper | None = None
         self._per_peer: dict[Peer, int] = {}
         self._accepting = False
         # True while a reply begun in _offer waits to be sent; later messages go to recv().
@@ -227,7 +231,25 @@ class RPCServer:
         # Only a registration that succeeds adds its definition to the registry.
         if known is None:
             self.registry.add(definition)
+        if self._wrap is not None:
+            fn = self._wrap(definition, fn)
         self._handlers[definition.name] = _Handler(definition, fn, is_async)
+
+    def instrument(self, wrap: HandlerWrapper) -> None:
+        """Pass every handler, registered now or later, through ``wrap(definition, fn)``.
+
+        For observers (:mod:`kvrpc.metrics` times calls this way): the request path itself
+        is unchanged, and a server never instrumented pays nothing. ``wrap`` must return a
+        callable of the same kind as ``fn`` (``async def`` for ``async def``), since how a
+        handler runs (inline, in a task, in a thread) is decided from the original. One
+        wrapper per server: a second call raises ``RuntimeError``.
+        """
+        if self._wrap is not None:
+            raise RuntimeError("this RPCServer is already instrumented")
+        self._wrap = wrap
+        for name, handler in self._handlers.items():
+            wrapped = wrap(handler.definition, handler.fn)
+            self._handlers[name] = _Handler(handler.definition, wrapped, handler.is_async)
 
     def _register_builtins(self) -> None:
         for definition, fn in (
@@ -258,6 +280,10 @@ class RPCServer:
     def stats(self) -> ServerStats:
         """The live counters (read them on the server's event loop)."""
         return self._stats
+
+    def transport_stats(self) -> dict[str, int]:
+        """The transport's counters (see ``ServerTransport.stats``); empty before start."""
+        return self._transport.stats() if self._transport is not None else {}
 
     async def __aenter__(self) -> RPCServer:
         return await self.start()

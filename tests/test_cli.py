@@ -120,9 +120,13 @@ def _ping_and_stats_then_stop(server: subprocess.Popen[str], url: str) -> None:
         pinged = kvrpc("ping", url, "--count", "2", timeout=60)
         assert pinged.returncode == 0, pinged.stderr
         assert pinged.stdout.count("pong") == 2
-        stats = kvrpc("stats", url, timeout=60)
+        stats = kvrpc("stats", url, "--json", timeout=60)
         assert stats.returncode == 0, stats.stderr
         report = json.loads(stats.stdout)
+        table = kvrpc("stats", url, timeout=60)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.startswith(f"kvrpc stats {url}\n")
+        assert "KV cache (L1)" in table.stdout and "transport_" not in table.stdout
         assert report["rpc"]["transport_connections"] >= 2
         assert report["kv"]["chunk_size"] == 256 and report["kv"]["chunks"] == 0
     finally:

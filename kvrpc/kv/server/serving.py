@@ -36,6 +36,8 @@ class KVServerSettings:
     see :class:`~kvrpc.kv.server.tiers.redistier.RedisSettings`. ``loop_probe`` samples
     the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
     ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
+    ``metrics_port`` turns on the metrics and health endpoint (:mod:`kvrpc.metrics`, the
+    ``kvrpc[metrics]`` extra) on ``metrics_host``.
     """
 
     url: str | None = None  #: None: :func:`kvrpc.transport.default_url`
@@ -55,6 +57,11 @@ class KVServerSettings:
     redis_timeout: float = 1.0
     loop_probe: bool = False
     cuda_group_mib: int = 256
+    #: Serve /metrics, /livez and /readyz on this port (0: any free one); None: no endpoint.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    #: Tiers (``disk``, ``redis``) whose state /readyz does not depend on.
+    readyz_ignore: tuple[str, ...] = ()
 
     @property
     def cpu_buffer_bytes(self) -> int:
@@ -66,10 +73,12 @@ async def serve_kv(
     settings: KVServerSettings,
     *,
     on_ready: Callable[[RPCServer, KVService], None] | None = None,
+    on_metrics: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the ``kv.*`` and ``rpc.*`` protocols until the server's ``stop()`` is called.
 
-    ``on_ready`` runs once the transport is bound (install signal handlers there).
+    ``on_ready`` runs once the transport is bound (install signal handlers there);
+    ``on_metrics`` before it, with the metrics endpoint's ``http://HOST:PORT``, if one runs.
     """
     tier = None
     if settings.disk_dir is not None:
@@ -114,6 +123,18 @@ async def serve_kv(
     ]
     for extra_server in also:
         service.register(extra_server)
+    metrics = None
+    if settings.metrics_port is not None:
+        from kvrpc.metrics.endpoint import MetricsEndpoint
+
+        # Built before the servers start, so that their handlers are timed from the first call.
+        metrics = MetricsEndpoint(
+            [server, *also],
+            service,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            ignored_tiers=settings.readyz_ignore,
+        )
     # Before listening: a first registration would otherwise pay CUDA's start-up, stalling
     # the loop for every client (see GpuCopies.start_cuda).
     started = time.perf_counter()
@@ -124,6 +145,11 @@ async def serve_kv(
     async with service, server, contextlib.AsyncExitStack() as stack:
         for extra_server in also:
             await stack.enter_async_context(extra_server)
+        if metrics is not None:
+            await stack.enter_async_context(metrics)
+            logger.info("metrics and health on %s (/metrics, /livez, /readyz)", metrics.url)
+            if on_metrics is not None:
+                on_metrics(metrics.url)
         logger.info(
             "ready: kv server on %s: chunks of %d tokens, CPU buffer %.2f GiB, %d workers",
             ", ".join([url, *settings.also_urls]),
