@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "vllm", "vllm_engine"]
+nox.options.sessions = ["lint", "typecheck", "tests", "vllm", "vllm_engine", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch==2.13.0 through the constraints file: on the project's machines that is the CPU build
@@ -17,7 +17,7 @@ CONSTRAINTS = ("-c", "constraints.txt")
 # tools/ensure-redis-server.sh where it is absent). The metrics extra: the /metrics tests.
 EXTRAS = ".[dev,transformers,plot,redis,metrics]"
 PACKAGES = ("-e", EXTRAS, "-e", "transports/zmq", "-e", "transports/unix")
-LINTED = ("kvrpc", "transports", "tests", "examples", "noxfile.py")
+LINTED = ("kvrpc", "transports", "tests", "examples", "tools", "noxfile.py")
 TYPED = ("kvrpc", "transports/zmq/kvrpc_zmq", "transports/unix/kvrpc_unix")
 
 
@@ -76,6 +76,21 @@ def vllm_engine(session: nox.Session) -> None:
     session.install("--no-deps", *CONSTRAINTS, "redis", "hiredis")
     env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     session.run("pytest", "-rs", "tests/vllm_engine", *session.posargs, env=env)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, built into site/ in strict mode: a broken link fails it.
+
+    kvrpc itself is installed (with the constraints' torch) because the protocol reference
+    is generated from the protocols it registers. Nothing is fetched at build time.
+    """
+    session.install(*CONSTRAINTS, "-e", ".", "-r", "docs/requirements.txt")
+    # NO_MKDOCS_2_WARNING: mkdocs-material's notice about MkDocs 2.0, printed on every build.
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs,
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )  # fmt: skip
 
 
 @nox.session
