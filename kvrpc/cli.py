@@ -282,6 +282,18 @@ def _parser() -> argparse.ArgumentParser:
         default=5,
         help="turns kvrpc and the baseline take; --calls and --pipelined are shared among them",
     )
+    rpc.add_argument(
+        "--sync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure SyncClient against blocking raw clients (not for inproc URLs)",
+    )
+    rpc.add_argument(
+        "--vs",
+        choices=("lmcache",),
+        help="also measure this peer system in the same run (lmcache: LMCache's MP RPC, "
+        "which must be importable)",
+    )
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     rpc.set_defaults(run=_run_bench_rpc, check=_checks(rpc, _check_bench_rpc))
     kv = benches.add_parser(
@@ -711,9 +723,26 @@ def _run_stats(args: argparse.Namespace) -> int:
 
 
 def _run_bench_rpc(args: argparse.Namespace) -> int:
+    from kvrpc.bench.lmcache_peer import require_lmcache
     from kvrpc.bench.rpc import run_rpc_bench
+    from kvrpc.bench.sync import SyncOptions, run_sync_bench
+    from kvrpc.transport import parse_url
 
-    return _report(asyncio.run(run_rpc_bench(args)), args.json)
+    if args.vs == "lmcache":
+        require_lmcache()  # before any figure is taken, not after a minute of them
+    figures = asyncio.run(run_rpc_bench(args))
+    if (args.sync or args.vs) and parse_url(args.url).scheme != "inproc":
+        figures |= run_sync_bench(
+            SyncOptions(
+                args.url,
+                calls=args.calls,
+                pipelined=args.pipelined,
+                window=args.window,
+                rounds=args.interleave,
+                vs_lmcache=args.vs == "lmcache",
+            )
+        )
+    return _report(figures, args.json)
 
 
 def _run_bench_kv(args: argparse.Namespace) -> int:

@@ -56,6 +56,42 @@ def test_bench_rpc_prints_and_writes_its_figures(tmp_path: Path) -> None:
     assert figures["echo_gb_per_s"] > 0
 
 
+def test_bench_rpc_over_a_socket_measures_the_sync_client_beside_blocking_raw_clients(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "rpc.json"
+    done = kvrpc(
+        "bench", "rpc", "--url", f"unix://{tmp_path}/b.sock", "--calls", "200",
+        "--pipelined", "500", "--rounds", "1", "--payload-mib", "1", "--interleave", "2",
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    # kvrpc's two clients, the transport's own raw clients and plain pyzmq, all in one run.
+    for prefix in ("", "raw_", "sync_", "raw_sync_", "raw_zmq_sync_"):
+        assert 0 < figures[f"{prefix}ping_p50_us"] <= figures[f"{prefix}ping_p99_us"], prefix
+        assert figures[f"{prefix}pipelined_calls_per_s"] > 0, prefix
+    assert figures["sync_ping_p50_ratio_to_raw_sync"] == pytest.approx(
+        figures["sync_ping_p50_us"] / figures["raw_sync_ping_p50_us"]
+    )
+    assert figures["pipelined_p99_over_p50"] >= 1
+    assert "lmcache_ping_p50_us" not in figures  # only with --vs lmcache
+
+
+def test_bench_rpc_vs_lmcache_says_what_is_missing_when_lmcache_is_not_importable() -> None:
+    pytest.importorskip("kvrpc_unix")
+    try:
+        import lmcache  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("lmcache is importable here: the figure itself runs on the GPU host")
+    done = kvrpc("bench", "rpc", "--url", "unix:///tmp/kvrpc-no-lmcache.sock", "--vs", "lmcache")
+    assert done.returncode == 1
+    assert "--vs lmcache needs LMCache importable" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_bench_import_reports_that_kvrpc_imports_neither_torch_nor_pydantic(
     tmp_path: Path,
 ) -> None:

@@ -99,7 +99,16 @@ def test_the_plugin_is_found_by_its_url_scheme() -> None:
     from kvrpc.transport import get_plugin
 
     assert isinstance(get_plugin("unix"), UnixPlugin)
-    assert UnixPlugin().raw_baseline.server_argv(parse_url("unix:///tmp/x"))[-1] == "/tmp/x"
+
+
+def test_the_raw_baseline_is_found_apart_from_the_plugin_and_has_a_blocking_client() -> None:
+    from kvrpc_unix.baseline import RAW_BASELINE
+
+    from kvrpc.bench.baselines import SyncRawBaseline, baseline_for
+
+    assert baseline_for("unix") is RAW_BASELINE
+    assert isinstance(RAW_BASELINE, SyncRawBaseline)
+    assert RAW_BASELINE.server_argv(parse_url("unix:///tmp/x"))[-1] == "/tmp/x"
 
 
 # ----------------------------------------------------------------------------- the socket file
@@ -472,6 +481,12 @@ async def test_the_raw_baseline_echoes_in_its_own_process_and_cleans_up(sock_pat
         assert await asyncio.gather(*replies) == [b"%d" % i for i in range(100)]
         assert await client.call(b"after") == b"after"
         await client.close()
+        blocking = RAW_BASELINE.connect_sync(url)
+        big = bytes(range(256)) * 1024  # more than one recv's worth
+        for payload in (b"one", b"", big, b"two"):
+            blocking.send(payload)
+        assert [blocking.recv() for _ in range(4)] == [b"one", b"", big, b"two"]
+        blocking.close()
     finally:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):

@@ -1,4 +1,4 @@
-"""A ``kvrpc serve`` child process, for the demo and the benchmark."""
+"""Child processes that print a ready line once they serve: ``kvrpc serve`` and the peers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kvrpc.errors import KVError
 from kvrpc.transport import local_url
 
-__all__ = ["ServerChild", "default_url", "kv_server_child"]
+__all__ = ["ServerChild", "default_url", "kv_server_child", "ready_child"]
 
 _START_TIMEOUT_S = 60.0
 
@@ -46,16 +46,28 @@ def kv_server_child(url: str, log_dir: str, *options: str) -> Iterator[ServerChi
     a minute. The server's log goes to a file in ``log_dir``.
     """
     argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, *options]
-    log_path = os.path.join(log_dir, f"server-{secrets.token_hex(4)}.log")
+    with ready_child(argv, "kvrpc ready", log_dir, f"the server at {url}") as started:
+        yield started
+
+
+@contextlib.contextmanager
+def ready_child(argv: list[str], ready: str, log_dir: str, what: str) -> Iterator[ServerChild]:
+    """Run ``argv`` until the block ends (then SIGTERM, and SIGKILL 10 s later).
+
+    Waits for a first line on its stdout that starts with ``ready``; raises :class:`KVError`
+    naming ``what``, with the end of its log (its stderr, kept in ``log_dir``), if another
+    line or none comes within a minute.
+    """
+    log_path = os.path.join(log_dir, f"child-{secrets.token_hex(4)}.log")
     with open(log_path, "w") as log:
         child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             line = _first_line(child, _START_TIMEOUT_S)
             started = ServerChild(child.pid, line.strip(), log_path)
-            if not line.startswith("kvrpc ready"):
+            if not line.startswith(ready):
                 log.flush()
                 raise KVError(
-                    f"the server at {url} did not start (it printed {line!r}); its log ends "
+                    f"{what} did not start (it printed {line!r}); its log ends "
                     f"with:\n{started.log_tail(2000)}"
                 )
             yield started

@@ -24,16 +24,15 @@ import anyio
 
 from kvrpc import codec
 from kvrpc._memory import max_rss_bytes
+from kvrpc.bench.baselines import RawEchoClient, baseline_for
 from kvrpc.client import AsyncClient
 from kvrpc.errors import TransportError
 from kvrpc.protocol import ECHO, PING, STATS
 from kvrpc.server import RPCServer
-from kvrpc.transport import TransportURL, get_plugin, parse_url
+from kvrpc.transport import TransportURL, parse_url
 
 __all__ = [
     "EchoPath",
-    "RawBaseline",
-    "RawEchoClient",
     "measure_import",
     "percentile",
     "run_rpc_bench",
@@ -99,35 +98,6 @@ class EchoPath(Protocol):
 
     async def echo(self, payload: bytes) -> bytes:
         """Send ``payload`` and return what came back."""
-
-
-class RawEchoClient(Protocol):
-    """What a transport plugin's raw baseline client offers (see ``RawBaseline``)."""
-
-    async def call(self, payload: bytes) -> bytes:
-        """Send one message and await its echo."""
-
-    async def submit(self, payload: bytes) -> asyncio.Future[bytes]:
-        """Send one message; the future resolves with its echo (echoes come in order)."""
-
-    async def close(self) -> None:
-        """Disconnect."""
-
-
-class RawBaseline(Protocol):
-    """The optional ``raw_baseline`` attribute of a transport plugin.
-
-    The same socket library or API the plugin is built on, with no kvrpc in between: the
-    benchmark divides kvrpc's figures by these, measured in the same run.
-    """
-
-    def server_argv(self, url: TransportURL) -> list[str]:
-        """A command serving the echo at ``url`` that prints ``ready`` once it listens."""
-        ...
-
-    async def connect(self, url: TransportURL) -> RawEchoClient:
-        """A client of that echo server."""
-        ...
 
 
 class _KvrpcPath:
@@ -209,7 +179,7 @@ async def _baseline_for(url: str) -> AsyncIterator[tuple[str, EchoPath] | None]:
         async with _raw_queue_echo() as path:
             yield "asyncio queues between two tasks (same loop)", path
         return
-    baseline: RawBaseline | None = getattr(get_plugin(parsed.scheme), "raw_baseline", None)
+    baseline = baseline_for(parsed.scheme)
     if baseline is None:
         yield None
         return
@@ -230,8 +200,9 @@ async def run_rpc_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     In the same run, and interleaved with kvrpc's own rounds so that a noisy machine hurts
     both alike, the same figures are taken for the transport's raw baseline: for inproc two
-    tasks passing messages through asyncio queues, for a plugin the ``raw_baseline`` it
-    offers (plain pyzmq, plain asyncio sockets). The ratios kvrpc / raw are what to compare.
+    tasks passing messages through asyncio queues, for a plugin's scheme the baseline registered
+    under ``kvrpc.baselines`` (plain pyzmq, plain sockets). The ratios kvrpc / raw are what
+    to compare.
     """
     payload = os.urandom(args.payload_mib * 1024 * 1024)
     figures: dict[str, Any] = {"url": args.url}
@@ -266,6 +237,7 @@ async def _latency_and_rate(
     rounds = max(1, args.interleave)
     samples: dict[str, list[float]] = {prefix: [] for prefix in paths}
     busy: dict[str, float] = dict.fromkeys(paths, 0.0)
+    loaded: dict[str, list[float]] = {prefix: [] for prefix in paths}
     for turn in range(rounds):
         _progress(f"round {turn + 1}/{rounds}: {args.calls // rounds} sequential pings each")
         for prefix, path in paths.items():
@@ -279,29 +251,42 @@ async def _latency_and_rate(
             f"{args.window} in flight, each"
         )
         for prefix, path in paths.items():
-            busy[prefix] += await _pipelined(path, args.pipelined // rounds, args.window)
+            elapsed, latencies = await _pipelined(path, args.pipelined // rounds, args.window)
+            busy[prefix] += elapsed
+            loaded[prefix] += latencies
     figures: dict[str, float] = {}
     for prefix, taken in samples.items():
         figures[f"{prefix}ping_p50_us"] = percentile(taken, 0.50) * 1e6
         figures[f"{prefix}ping_p99_us"] = percentile(taken, 0.99) * 1e6
         figures[f"{prefix}ping_mean_us"] = statistics.fmean(taken) * 1e6
-        figures[f"{prefix}pipelined_calls_per_s"] = (
-            (args.pipelined // rounds) * rounds / busy[prefix]
-        )
+        figures[f"{prefix}pipelined_calls_per_s"] = len(loaded[prefix]) / busy[prefix]
+        figures[f"{prefix}pipelined_p50_us"] = percentile(loaded[prefix], 0.50) * 1e6
+        figures[f"{prefix}pipelined_p99_us"] = percentile(loaded[prefix], 0.99) * 1e6
+    figures["pipelined_p99_over_p50"] = figures["pipelined_p99_us"] / figures["pipelined_p50_us"]
     return figures
 
 
-async def _pipelined(path: EchoPath, calls: int, window_size: int) -> float:
-    """Seconds to complete ``calls`` calls keeping ``window_size`` in flight."""
-    window: deque[asyncio.Future[Any]] = deque()
-    start = time.perf_counter()
+async def _pipelined(path: EchoPath, calls: int, window_size: int) -> tuple[float, list[float]]:
+    """Seconds to complete ``calls`` calls keeping ``window_size`` in flight, and latencies.
+
+    A call's latency runs from its send to the moment its answer was awaited; answers come in
+    the order sent, so the oldest is always the next to wait for.
+    """
+    clock = time.perf_counter
+    window: deque[tuple[float, asyncio.Future[Any]]] = deque()
+    latencies: list[float] = []
+    start = clock()
     for _ in range(calls):
-        window.append(await path.submit())
+        window.append((clock(), await path.submit()))
         if len(window) >= window_size:
-            await window.popleft()
+            sent, future = window.popleft()
+            await future
+            latencies.append(clock() - sent)
     while window:
-        await window.popleft()
-    return time.perf_counter() - start
+        sent, future = window.popleft()
+        await future
+        latencies.append(clock() - sent)
+    return clock() - start, latencies
 
 
 async def _bandwidth(

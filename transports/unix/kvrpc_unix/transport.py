@@ -24,15 +24,12 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from kvrpc.codec import Buffer
 from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
-
-if TYPE_CHECKING:
-    from kvrpc_unix.baseline import RawEchoBaseline
 
 __all__ = ["UnixClientTransport", "UnixPlugin", "UnixServerTransport", "socket_path"]
 
@@ -862,18 +859,8 @@ class UnixClientTransport:
 class UnixPlugin:
     """The ``unix://`` transport plugin, registered under the ``kvrpc.transports`` entry points.
 
-    URLs are ``unix:///absolute/path/to/socket``. ``raw_baseline`` is the plain-asyncio echo
-    that benchmarks measure this transport against.
+    URLs are ``unix:///absolute/path/to/socket``.
     """
-
-    @property
-    def raw_baseline(self) -> RawEchoBaseline:
-        """The plain-asyncio Unix-socket echo that ``kvrpc bench`` compares against."""
-        # Imported on use: `python -m kvrpc_unix.baseline` must not find the module already
-        # imported by the package, or runpy warns and runs a second copy of it.
-        from kvrpc_unix.baseline import RAW_BASELINE
-
-        return RAW_BASELINE
 
     def create_server(self, url: TransportURL, options: TransportOptions) -> UnixServerTransport:
         """A server for the socket path in ``url`` (not started yet)."""

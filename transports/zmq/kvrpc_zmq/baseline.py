@@ -1,9 +1,11 @@
 """The raw pyzmq echo that ``kvrpc bench rpc --url zmq+...`` measures kvrpc against.
 
 Server: a synchronous ROUTER that sends every message straight back (run this module with an
-endpoint). Client: a zmq.asyncio DEALER, the way an asyncio program would use pyzmq without
-kvrpc. Neither encodes, validates nor dispatches anything, so kvrpc's figures divided by
-these are what kvrpc itself costs over the bare socket library.
+endpoint). Clients: a zmq.asyncio DEALER, the way an asyncio program would use pyzmq without
+kvrpc, and a plain blocking DEALER in the caller's thread, the way a synchronous one would
+(small frames copied, pyzmq's fastest path for them). None encodes, validates nor dispatches
+anything, so kvrpc's figures divided by these are what kvrpc itself costs over the bare
+socket library. Registered under the ``kvrpc.baselines`` entry points, apart from the plugin.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import zmq.asyncio
 from kvrpc.transport import TransportURL
 from kvrpc_zmq.transport import endpoint_for
 
-__all__ = ["RAW_BASELINE", "RawZmqEcho", "RawZmqEchoClient"]
+__all__ = ["RAW_BASELINE", "RawZmqEcho", "RawZmqEchoClient", "SyncRawZmqEchoClient"]
 
 
 class RawZmqEchoClient:
@@ -71,6 +73,32 @@ class RawZmqEchoClient:
         self._context.term()
 
 
+class SyncRawZmqEchoClient:
+    """A blocking DEALER in the caller's thread, talking to the raw echo server."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._sock = self._context.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def send(self, payload: bytes) -> None:
+        """Send one message without waiting for its echo (copied when small, as pyzmq advises)."""
+        if len(payload) < 65536:
+            self._sock.send(payload)
+        else:
+            self._sock.send(payload, copy=False)
+
+    def recv(self) -> bytes:
+        """Block until the next echo arrives."""
+        return self._sock.recv()
+
+    def close(self) -> None:
+        """Close the socket and its context."""
+        self._sock.close(linger=0)
+        self._context.term()
+
+
 class RawZmqEcho:
     """How the benchmark starts and reaches the raw echo for a zmq URL."""
 
@@ -81,6 +109,10 @@ class RawZmqEcho:
     async def connect(self, url: TransportURL) -> RawZmqEchoClient:
         """A connected client."""
         return RawZmqEchoClient(endpoint_for(url))
+
+    def connect_sync(self, url: TransportURL) -> SyncRawZmqEchoClient:
+        """A connected blocking client."""
+        return SyncRawZmqEchoClient(endpoint_for(url))
 
 
 RAW_BASELINE = RawZmqEcho()

@@ -684,11 +684,3 @@ class ZmqPlugin:
     def create_client(self, url: TransportURL, options: TransportOptions) -> ClientTransport:
         """A DEALER client for ``url`` (connected by ``connect``)."""
         return ZmqClientTransport(url, options)
-
-    #: The raw pyzmq echo the benchmark compares against (see kvrpc_zmq.baseline).
-    @property
-    def raw_baseline(self) -> Any:
-        """The plain pyzmq echo baseline for ``kvrpc bench rpc``."""
-        from kvrpc_zmq.baseline import RAW_BASELINE
-
-        return RAW_BASELINE
