@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -300,3 +301,11 @@ def test_a_metrics_host_beyond_loopback_needs_metrics_insecure() -> None:
                    "--metrics-host", "0.0.0.0")  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "--metrics-insecure" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_operating_page_lists_every_exported_metric() -> None:
+    from kvrpc.metrics.names import METRICS
+
+    page = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
+    missing = [m.name for m in METRICS if f"`{m.name}`" not in page]
+    assert missing == []
