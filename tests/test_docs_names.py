@@ -31,8 +31,8 @@ PACKAGES = {
 DOTTED = re.compile(r"(?<![\w./-])(kvrpc|kvrpc_zmq|kvrpc_unix)((?:\.[A-Za-z_]\w*)+)")
 PATH = re.compile(r"(?<![\w./-])((?:kvrpc|transports|tests|tools|examples)/[\w./-]*\w\.py)\b")
 
-#: Dotted names that are not Python names: a socket file, the entry-point group.
-NOT_PYTHON = {"kvrpc.sock", "kvrpc.transports"}
+#: Dotted names that are not Python names: a socket file, the entry-point groups.
+NOT_PYTHON = {"kvrpc.sock", "kvrpc.transports", "kvrpc.baselines"}
 
 
 def _source(path: Path) -> ast.Module:
