@@ -42,6 +42,7 @@ from kvrpc.transport import (
     ClientTransport,
     Oversized,
     SupportsClientReceiver,
+    SupportsTrySend,
     TransportOptions,
     connect_client,
 )
@@ -109,6 +110,7 @@ class AsyncClient:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transport: ClientTransport | None = None
+        self._try_send: Callable[[Sequence[Buffer]], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
@@ -164,6 +166,7 @@ class AsyncClient:
         self._loop = asyncio.get_running_loop()
         if isinstance(transport, SupportsClientReceiver):
             transport.set_receiver(self._on_message)  # replies straight from the read callback
+        self._try_send = transport.try_send if isinstance(transport, SupportsTrySend) else None
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._broken = None
         self._exit_stack = stack
@@ -391,6 +394,11 @@ class AsyncClient:
             sink.set_exception(exc)
             return
         self._register(request_id, sink, definition, timeout, on_done)
+        # Sent in this loop turn when nothing queued is still owed (order is kept: the outbox
+        # task holds a request in the queue until its send is done).
+        if not self._outbox and self._try_send is not None and self._try_send(frames):
+            self._sent_since_loss.set()
+            return
         self._outbox.append((request_id, frames))
         self._outbox_ready.set()
 
@@ -408,8 +416,11 @@ class AsyncClient:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
-                request_id, frames = self._outbox.popleft()
-                await self._send(request_id, frames)
+                request_id, frames = self._outbox[0]
+                try:
+                    await self._send(request_id, frames)
+                finally:
+                    self._outbox.popleft()
 
 
 class SyncClient:

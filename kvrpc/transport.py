@@ -31,6 +31,7 @@ __all__ = [
     "SupportsClientReceiver",
     "SupportsPeerCredentials",
     "SupportsServerReceiver",
+    "SupportsTrySend",
     "TransportOptions",
     "TransportPlugin",
     "TransportURL",
@@ -232,6 +233,23 @@ class SupportsClientReceiver(Protocol):
 
     def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
         """Hand each message to ``receiver`` as it is read."""
+
+
+@runtime_checkable
+class SupportsTrySend(Protocol):
+    """A client transport that can send at once, without an await, when nothing is in the way.
+
+    The client tries this first for every request it sends from the event loop's thread: a
+    request submitted by another thread then goes out in the same loop turn that receives it,
+    instead of one turn later from the task that awaits ``send``.
+    """
+
+    def try_send(self, frames: Sequence[Buffer]) -> bool:
+        """Send ``frames`` now and return True, or send nothing and return False.
+
+        False means ``send`` must be used for this message: not connected, the socket's queue
+        is full, or an error that ``send`` will report. Never raises and never waits.
+        """
 
 
 @runtime_checkable

@@ -28,12 +28,12 @@ from typing import Any
 import anyio
 import pytest
 
-from kvrpc.client import AsyncClient
-from kvrpc.codec import encode_request
+from kvrpc.client import AsyncClient, SyncClient
+from kvrpc.codec import decode, encode_request
 from kvrpc.errors import ConnectionLost, MessageTooLarge
 from kvrpc.protocol import ECHO, PING, HandlerType, ProtocolDefinition
 from kvrpc.server import RPCServer
-from kvrpc.transport import TransportOptions, connect_client, parse_url
+from kvrpc.transport import SupportsTrySend, TransportOptions, connect_client, parse_url
 
 __all__ = [
     "BLOCK",
@@ -185,6 +185,55 @@ class TransportConformance:
             assert await asyncio.gather(*futures) == [seq for seq in range(500) for _ in "12"]
         for client in (1, 2):
             assert [seq for who, seq in record if who == client] == list(range(500))
+
+    @pytest.mark.asyncio
+    async def test_a_sync_clients_requests_from_one_thread_arrive_in_order(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Requests a thread submits reach the server in the order submitted.
+
+        Sent at once where the transport can (``SupportsTrySend``), else queued behind what
+        the loop still owes.
+        """
+        url = transport_case.make_url()
+        record: list[tuple[int, int]] = []
+        async with serve_conformance(url, record):
+
+            def submit_all() -> list[int]:
+                with SyncClient(url, timeout=CALL_TIMEOUT) as client:
+                    futures = [client.submit(RECORD, 1, seq) for seq in range(2000)]
+                    payload = os.urandom(2 * MiB)  # a large one between small ones
+                    futures.append(client.submit(ECHO, payload))
+                    futures += [client.submit(RECORD, 1, seq) for seq in range(2000, 2100)]
+                    results = [future.result() for future in futures]
+                    assert results[2000] == payload
+                    return [r for r in results if isinstance(r, int)]
+
+            assert await anyio.to_thread.run_sync(submit_all) == list(range(2100))
+        assert [seq for _, seq in record] == list(range(2100))
+
+    @pytest.mark.asyncio
+    async def test_try_send_sends_only_when_it_can(self, transport_case: TransportCase) -> None:
+        """``try_send`` says False and sends nothing when it cannot, and keeps the order.
+
+        For a transport that declares ``SupportsTrySend``: False before it is connected and
+        after it is closed; messages it sends and ones ``send`` sends arrive in order.
+        """
+        url = transport_case.make_url()
+        transport = connect_client(url, TransportOptions())
+        if not isinstance(transport, SupportsTrySend):
+            await transport.close()
+            pytest.skip(f"{transport_case.name} does not declare SupportsTrySend")
+        async with serve_conformance(url):
+            assert transport.try_send(encode_request(1, PING.name, ())) is False
+            await transport.connect()
+            assert transport.try_send(encode_request(2, ECHO.name, ("a",)))
+            await transport.send(encode_request(3, ECHO.name, ("b",)))
+            assert transport.try_send(encode_request(4, ECHO.name, ("c",)))
+            replies = [decode(await transport.recv()) for _ in range(3)]
+            assert [(r.request_id, r.payload) for r in replies] == [(2, "a"), (3, "b"), (4, "c")]
+            await transport.close()
+            assert transport.try_send(encode_request(5, PING.name, ())) is False
 
     @pytest.mark.asyncio
     async def test_handlers_of_every_type_answer(self, transport_case: TransportCase) -> None:

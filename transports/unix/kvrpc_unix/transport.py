@@ -821,6 +821,21 @@ class UnixClientTransport:
         if connection.out_bytes >= _HIGH_WATER and not await connection.drain():
             raise ConnectionLost(f"connection to unix://{self.path} broke while sending")
 
+    def try_send(self, frames: Sequence[Buffer]) -> bool:
+        """Write one message now if connected and below the high-water mark; else False.
+
+        Like :meth:`send`, the frames are written without being copied.
+        """
+        connection = self._connection
+        if self._closed or connection is None or connection.out_bytes >= _HIGH_WATER:
+            return False
+        try:
+            prefix, total = frame_prefix(frames)
+        except Exception:  # send() reports a message the framing refuses
+            return False
+        # False: the connection had died unnoticed and nothing was written; send() reconnects.
+        return connection.write(prefix, frames, total)
+
     async def recv(self) -> list[Buffer]:
         """The next message; raises :class:`ConnectionLost` once per lost connection.
 

@@ -639,6 +639,18 @@ class ZmqClientTransport:
                 raise TransportError(f"sending to {self.url.raw} failed: {exc}") from exc
         driver.after_send()
 
+    def try_send(self, frames: Sequence[Buffer]) -> bool:
+        """Send one request now if connected and zmq has room; else send nothing, False."""
+        driver = self._driver
+        if driver is None or driver.closed or not driver.connected.is_set():
+            return False
+        try:
+            _send_parts(driver.sock, frames)
+        except zmq.ZMQError:  # Again (full) or worse: send() waits or reports it
+            return False
+        driver.after_send()
+        return True
+
     async def _wait_for_room(self, driver: _ClientDriver) -> None:
         if driver.closed:
             raise ConnectionLost(f"connection to {self.url.raw} is closed")
