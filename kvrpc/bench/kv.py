@@ -10,7 +10,10 @@ its slot size from the first layout registered with it, and the figures use diff
   ``kv.lookup`` of the already hashed :class:`~kvrpc.kv.KeyBatch` and the ``kv.end_session``
   after it, to show where the time goes. Each adapter lookup is followed by the adapter's
   ``end_session``, which does not wait: the server handles it just before the next lookup,
-  as it would in an engine. Goal: lookup p50 at most 2x ping p50.
+  as it would in an engine. Goal: lookup p50 at most 2x ping p50. Beside them, the same lookup
+  through the non-blocking :class:`~kvrpc.kv.SchedulerAdapter`, its ``check_lookup_result``
+  polled in a loop without sleeping (as a busy scheduler thread polls) and with a 20 us sleep
+  between checks. Goal: the busy poll's p50 at most 1.2x the sleeping one's.
 * **transfer**: a batched store of ``chunks`` chunks from a worker's shared-memory KV cache into
   the server, and a batched retrieve of them into other blocks, through
   :class:`~kvrpc.kv.WorkerAdapter`, against a single-threaded ``torch`` copy of the same number
@@ -54,7 +57,12 @@ from kvrpc.bench.rpc import percentile
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
-from kvrpc.kv.client import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
+from kvrpc.kv.client import (
+    LoadStoreOp,
+    PollingSchedulerAdapter,
+    SchedulerAdapter,
+    WorkerAdapter,
+)
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration
@@ -69,6 +77,7 @@ __all__ = [
     "goal",
     "interleaved",
     "lookup_scheduler",
+    "polled_lookup",
     "proc_status",
     "run_kv_bench",
     "serve_stored_prompt",
@@ -88,6 +97,9 @@ _LOOKUP_WORLD_SIZE = 2
 # Goals: lookup p50 / ping p50 at most; store and retrieve GB/s / memcpy GB/s at least;
 # server bytes per stored chunk, beyond the pool's pages, at most.
 _LOOKUP_GOAL = 2.0
+_BUSY_POLL_GOAL = 1.2
+#: The sleep between a polling scheduler's checks in the "with a sleep" figure.
+_POLL_PAUSE_S = 20e-6
 _TRANSFER_GOAL = 0.5
 _METADATA_GOAL = 200.0
 # How long a waiting loop sleeps between polls of the adapter: short next to a transfer.
@@ -363,11 +375,24 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         def hashing() -> None:
             hashes_from_tokens(prompt, _CHUNK_SIZE)
 
+        # The non-blocking adapter an engine's scheduler uses, polled as vLLM's scheduler
+        # polls it: in a loop without sleeping, and with a 20 us sleep between checks.
+        plain = SchedulerAdapter(url, _MODEL, _LOOKUP_WORLD_SIZE, 0, _BLOCK_SIZE)
+        stack.enter_context(plain)
+
+        def polled(pause: float | None) -> Callable[[], float]:
+            def lookup() -> float:
+                return polled_lookup(plain, prompt, f"polled-{next(serial)}", pause)
+
+            return lookup
+
         paths: dict[str, Callable[[], Any]] = {
             "ping": ping,
             "lookup": adapter_lookup,
             "lookup_raw": raw_lookup,
             "hashing": hashing,
+            "lookup_busy_poll": polled(None),
+            "lookup_sleep_poll": polled(_POLL_PAUSE_S),
         }
         _progress(f"lookup: warming up against {url}")
         for path in paths.values():
@@ -384,7 +409,33 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
     figures["lookup_to_ping_p50_ratio"] = ratio
     figures["lookup_raw_to_ping_p50_ratio"] = figures["lookup_raw_p50_us"] / figures["ping_p50_us"]
     figures["lookup_goal"] = goal(ratio <= _LOOKUP_GOAL, f"lookup p50 <= {_LOOKUP_GOAL:g}x ping")
+    busy = figures["lookup_busy_poll_p50_us"] / figures["lookup_sleep_poll_p50_us"]
+    figures["busy_poll_to_sleep_poll_p50_ratio"] = busy
+    figures["busy_poll_goal"] = goal(
+        busy <= _BUSY_POLL_GOAL,
+        f"lookup polled without sleeping <= {_BUSY_POLL_GOAL:g}x polled with 20 us sleeps",
+    )
     return figures
+
+
+def polled_lookup(
+    scheduler: SchedulerAdapter, prompt: list[int], request_id: str, pause: float | None
+) -> float:
+    """Seconds one lookup takes to its answer when ``check_lookup_result`` is polled.
+
+    ``pause`` is the sleep between checks; None polls in a loop without sleeping, as a busy
+    scheduler thread does. Raises :class:`KVError` unless it matched the whole prompt.
+    """
+    start = time.perf_counter()
+    scheduler.maybe_submit_lookup_request(request_id, token_ids=prompt)
+    while (tokens := scheduler.check_lookup_result(request_id)) is None:
+        if pause is not None:
+            time.sleep(pause)
+    elapsed = time.perf_counter() - start
+    scheduler.end_session(request_id)
+    if tokens != len(prompt):
+        raise KVError(f"a polled lookup matched {tokens} tokens, not {len(prompt)}")
+    return elapsed
 
 
 def _check_pins(client: SyncClient, keys: KeyBatch) -> dict[str, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -441,6 +442,31 @@ def test_polling_lookup_that_cannot_answer_in_time_counts_zero_and_ends_its_sess
     kv_server.wait_stats("the timed-out session to end", sessions=0, pinned_chunks=0)
     # The late lookup pinned nothing for good: the next one of the prompt answers in full.
     assert lookup_tokens(scheduler, "again", token_ids=tokens) == 2 * CHUNK
+
+
+def test_a_check_of_a_pending_lookup_waits_its_poll_grace_for_the_answer(
+    kv_server: KVServer,
+    kv_cache: Callable[..., list[torch.Tensor]],
+    opened: Keep,
+) -> None:
+    # A scheduler polling without sleeping holds the GIL that the client's loop thread needs
+    # to read the answer; a check that waits a little (with the GIL released) lets it land.
+    workers = open_workers(kv_server.url, kv_cache, opened)
+    tokens = prompt(2, seed=61)
+    store_all(workers, "s", LoadStoreOp(blocks(0, 2), token_ids=tokens))
+    scheduler = opened(SchedulerAdapter(kv_server.url, MODEL, WORLD, 0, BLOCK, poll_grace=0.9))
+    kv_server.stall()
+    scheduler.maybe_submit_lookup_request("graced", token_ids=tokens)
+    # The answer can come only after this resume, which races with the check below: a check
+    # that only glanced (poll_grace=0) would mostly see None, one that waits sees the answer.
+    threading.Thread(target=kv_server.resume).start()
+    assert scheduler.check_lookup_result("graced") == 2 * CHUNK
+
+
+def test_a_poll_grace_outside_zero_to_one_second_is_refused(kv_server: KVServer) -> None:
+    for grace in (-1e-6, 1.0):
+        with pytest.raises(KVConfigError, match="poll_grace"):
+            SchedulerAdapter(kv_server.url, MODEL, WORLD, 0, BLOCK, poll_grace=grace)
 
 
 def test_polling_lookup_timing_out_before_its_prefetch_job_arrives_leaves_no_job_open(

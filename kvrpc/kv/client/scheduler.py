@@ -49,6 +49,10 @@ class SchedulerAdapter:
     decides how long to wait). ``engine_id`` (made once per engine, given to its scheduler
     and all its workers) scopes the request ids this adapter sends, so that engines sharing
     a server never touch each other's sessions; None sends them as they are.
+
+    While an answer is pending, ``check_lookup_result`` waits up to ``poll_grace`` seconds
+    (default 50 us) for it before returning None, with the GIL released: a scheduler that
+    polls in a loop without sleeping then gets its answer as fast as one that sleeps.
     """
 
     def __init__(
@@ -64,7 +68,11 @@ class SchedulerAdapter:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         keepalive_interval: float = 2.0,
+        poll_grace: float = 50e-6,
     ) -> None:
+        if not 0 <= poll_grace < 1:
+            raise KVConfigError(f"poll_grace is seconds in [0, 1), not {poll_grace!r}")
+        self.poll_grace = poll_grace
         self.model_name = model_name
         self.world_size = world_size
         self.kv_rank = kv_rank
@@ -243,7 +251,10 @@ class SchedulerAdapter:
             return answer.chunks
         future = answer.future
         assert future is not None
-        if not future.done():
+        # A short wait, not a glance: it lets go of the GIL, which the client's loop thread
+        # needs to read the answer. A caller polling in a tight loop would otherwise keep it,
+        # and the answer would land only at the interpreter's switches, 5 ms apart.
+        if not future.done() and not future.wait(self.poll_grace):
             return None
         try:
             result = future.result()
