@@ -82,7 +82,10 @@ def test_a_server_under_junk_from_many_peers_lives_answers_and_stays_bounded(
     assert report.rss_end_bytes - report.rss_half_bytes < 48 * 1024 * 1024, summary
     assert report.fds_end <= report.fds_start + 4, summary
     stats = subprocess.run(
-        [sys.executable, "-m", "kvrpc", "stats", url], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kvrpc", "stats", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert stats.returncode == 0, stats.stderr
     counters = json.loads(stats.stdout)["rpc"]
