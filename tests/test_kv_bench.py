@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "KVRPC_PROGRESS": "1"},  # piped: progress only where forced
     )
     assert done.returncode == 0, done.stderr
     assert "[bench kv]" in done.stderr  # progress shows while it runs

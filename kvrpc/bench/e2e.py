@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import math
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -61,6 +60,7 @@ from kvrpc.errors import KVError
 from kvrpc.kv import protocols
 from kvrpc.kv.client import LoadStoreOp
 from kvrpc.kv.keys import hashes_from_tokens
+from kvrpc.progress import Progress
 
 __all__ = [
     "TIERS",
@@ -172,10 +172,6 @@ def random_llama(shape: ModelShape, device: str, dtype: torch.dtype, max_tokens:
     return model.eval()
 
 
-def _progress(text: str) -> None:
-    print(f"[bench e2e] {text}", file=sys.stderr, flush=True)
-
-
 def _spread(seconds: list[float]) -> dict[str, float]:
     ms = [s * 1e3 for s in seconds]
     return {
@@ -205,6 +201,11 @@ def _transformers_prefill(model: Any, tokens: list[int], device: str) -> int:
         return int(model.lm_head(hidden[:, -1:])[0, -1].argmax())
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench e2e")
+
+
+@_progress.closing
 def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
     """Take the figures (see the module docstring); ``KVError`` if a hit is not a hit.
 

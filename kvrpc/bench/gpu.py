@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ from kvrpc.errors import KVError
 from kvrpc.kv import protocols
 from kvrpc.kv.client import LoadStoreOp, WorkerAdapter
 from kvrpc.kv.layout import KVLayout
+from kvrpc.progress import Progress
 from kvrpc.protocol import PING
 
 __all__ = ["GPUBenchOptions", "first_transfer_figures", "run_gpu_bench"]
@@ -94,14 +94,15 @@ class GPUBenchOptions:
         )
 
 
-def _progress(text: str) -> None:
-    print(f"[bench gpu] {text}", file=sys.stderr, flush=True)
-
-
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
     return timed(lambda: dst.copy_(src, non_blocking=True))
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench gpu")
+
+
+@_progress.closing
 def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
     """Take the GPU figures; raises :class:`KVError` if a store or retrieve misbehaves."""
     if not torch.cuda.is_available():

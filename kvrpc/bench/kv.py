@@ -43,7 +43,6 @@ import os
 import random
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +66,7 @@ from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.shm import release_shared, shared_empty, shared_ref
+from kvrpc.progress import Progress
 from kvrpc.protocol import PING
 from kvrpc.transport import parse_url
 
@@ -168,12 +168,18 @@ QUICK_NOTE = (
 )
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench kv")
+
+
+@_progress.closing
 def run_kv_bench(options: KVBenchOptions) -> dict[str, Any]:
     """Take the figures ``options`` asks for; returns them by name, in the order taken.
 
-    Progress goes to stderr. Raises :class:`~kvrpc.errors.KVError` when a server does not
-    start or an operation does not do what the figure needs (a lookup that misses, a store
-    refused, retrieved bytes that differ), rather than reporting a figure of the wrong thing.
+    Progress shows on stderr where it is a terminal (:mod:`kvrpc.progress`). Raises
+    :class:`~kvrpc.errors.KVError` when a server does not start or an operation does not do
+    what the figure needs (a lookup that misses, a store refused, retrieved bytes that
+    differ), rather than reporting a figure of the wrong thing.
     """
     unknown = set(options.figures) - set(FIGURES)
     if unknown:
@@ -203,10 +209,6 @@ def run_kv_bench(options: KVBenchOptions) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- servers
-
-
-def _progress(text: str) -> None:
-    print(f"[bench kv] {text}", file=sys.stderr, flush=True)
 
 
 def _figure_url(url: str, index: int) -> str:

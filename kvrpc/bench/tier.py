@@ -39,7 +39,6 @@ import dataclasses
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,6 +68,7 @@ from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.records import Namespace
 from kvrpc.kv.server.tiers import values
 from kvrpc.kv.shm import release_shared, shared_empty
+from kvrpc.progress import Progress
 from kvrpc.transport import local_url
 
 __all__ = ["FIGURES", "TierBenchOptions", "run_tier_bench"]
@@ -153,6 +153,11 @@ class TierBenchOptions:
         )
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench tier")
+
+
+@_progress.closing
 def run_tier_bench(options: TierBenchOptions) -> dict[str, Any]:
     """Take the figures ``options`` asks for; their values by name, in the order taken.
 
@@ -171,10 +176,6 @@ def run_tier_bench(options: TierBenchOptions) -> dict[str, Any]:
         if "outage" in options.figures:
             figures.update(_outage_figures(options, tmp))
     return figures
-
-
-def _progress(text: str) -> None:
-    print(f"[bench tier] {text}", file=sys.stderr, flush=True)
 
 
 def _local_redis(stack: contextlib.ExitStack, config: list[tuple[str, str]] | None = None) -> Any:

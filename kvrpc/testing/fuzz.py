@@ -42,6 +42,7 @@ import msgpack
 from kvrpc.client import SyncClient
 from kvrpc.codec import WIRE_VERSION, encode_request
 from kvrpc.errors import KvrpcError
+from kvrpc.progress import Progress
 from kvrpc.transport import TransportOptions, connect_client
 
 __all__ = ["FuzzReport", "fuzz_server", "junk_bytes", "junk_message", "process_usage"]
@@ -207,6 +208,11 @@ def process_usage(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+# On a terminal, how many inputs are sent so far; piped or under pytest, nothing.
+_progress = Progress("fuzz")
+
+
+@_progress.closing
 def fuzz_server(
     url: str,
     *,
@@ -249,6 +255,9 @@ def fuzz_server(
             report.wire_inputs += wire
             report.reconnects += 1
             report.stuck_sends += stuck
+            _progress(
+                f"{report.inputs:,} of {inputs:,} inputs sent, {report.reconnects:,} reconnects"
+            )
             if report.inputs >= inputs // 2 and not half_done.is_set():
                 report.rss_half_bytes = process_usage(pid)[0]
                 half_done.set()
