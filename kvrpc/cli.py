@@ -295,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
         "which must be importable)",
     )
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _plot_option(rpc, "bars of kvrpc and each baseline: ping p50/p99, pipelined calls/s")
     rpc.set_defaults(run=_run_bench_rpc, check=_checks(rpc, _check_bench_rpc))
     kv = benches.add_parser(
         "kv",
@@ -328,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
         "--tiny-batch", type=_positive_int, default=8192, help="keys per store message (memory)"
     )
     kv.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _plot_option(kv, "a panel per figure taken: lookup vs ping, GB/s vs memcpy, bytes a chunk")
     gpu = benches.add_parser(
         "gpu",
         help="GPU path: cuda_ipc store/retrieve vs pinned copies, loop stall, GPU memory",
@@ -345,7 +347,8 @@ def _parser() -> argparse.ArgumentParser:
         "--group-mib", type=_positive_int, default=256, help="the server's --cuda-group-mib"
     )
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    gpu.set_defaults(run=_run_bench_gpu)
+    _plot_option(gpu, "transfers vs pinned copies, first transfer, loop stall, GPU memory")
+    gpu.set_defaults(run=_run_bench_gpu, check=_checks(gpu, _check_bench_plot))
     e2e = benches.add_parser(
         "e2e",
         help="time to first token on a real model (random weights): miss vs hit (L1/Redis)",
@@ -376,10 +379,10 @@ def _parser() -> argparse.ArgumentParser:
         default="l1",
         help="serve hits from L1, or from a local redis-server (L1 emptied before each) [l1]",
     )
-    e2e.add_argument("--plot", metavar="PNG", help="draw TTFT against prompt length (matplotlib)")
+    _plot_option(e2e, "draw TTFT against prompt length")
     e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     e2e.set_defaults(run=_run_bench_e2e, check=_checks(e2e, _check_bench_e2e))
-    kv.set_defaults(run=_run_bench_kv)
+    kv.set_defaults(run=_run_bench_kv, check=_checks(kv, _check_bench_plot))
     slow = benches.add_parser(
         "slow-reader", help="ping latency beside a client that never reads, against idle"
     )
@@ -425,6 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     tier.add_argument("--pool-gib", type=_positive_float, help="the outage server's L1 [1]")
     tier.add_argument("--budget-gib", type=_positive_float, help="its --redis-write-budget [0.25]")
     tier.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _plot_option(tier, "prefetch GB/s per round, lookup with and without Redis, outage RSS")
     tier.set_defaults(run=_run_bench_tier, check=_checks(tier, _check_bench_tier))
 
     imports.add_argument(
@@ -464,12 +468,22 @@ def _check_bench_rpc(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def _check_bench_e2e(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # Checked here, not after minutes of prefills; the imports are needed anyway.
     _require_extra("transformers", "transformers", "kvrpc bench e2e")
-    if args.plot:
-        _require_extra("matplotlib", "plot", "kvrpc bench e2e --plot")
+    _check_bench_plot(parser, args)
 
 
 def _check_bench_tier(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _require_extra("redis", "redis", "kvrpc bench tier")
+    _check_bench_plot(parser, args)
+
+
+def _check_bench_plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _require_plot(args)
+
+
+def _require_plot(args: argparse.Namespace) -> None:
+    """``--plot`` needs matplotlib: said before the bench runs, not once its figures are in."""
+    if args.plot:
+        _require_extra("matplotlib", "plot", f"kvrpc bench {args.bench} --plot")
 
 
 def _require_extra(module: str, extra: str, what: str) -> None:
@@ -730,6 +744,7 @@ def _run_bench_rpc(args: argparse.Namespace) -> int:
 
     if args.vs == "lmcache":
         require_lmcache()  # before any figure is taken, not after a minute of them
+    _require_plot(args)  # --plot hook (issue 28): matplotlib is there before the figures
     figures = asyncio.run(run_rpc_bench(args))
     if (args.sync or args.vs) and parse_url(args.url).scheme != "inproc":
         figures |= run_sync_bench(
@@ -742,19 +757,21 @@ def _run_bench_rpc(args: argparse.Namespace) -> int:
                 vs_lmcache=args.vs == "lmcache",
             )
         )
-    return _report(figures, args.json)
+    return _report(figures, args.json, plot=_plotter("rpc", args.plot))  # --plot hook
 
 
 def _run_bench_kv(args: argparse.Namespace) -> int:
     from kvrpc.bench.kv import KVBenchOptions, run_kv_bench
 
-    return _report(run_kv_bench(KVBenchOptions.from_args(args)), args.json)
+    figures = run_kv_bench(KVBenchOptions.from_args(args))
+    return _report(figures, args.json, plot=_plotter("kv", args.plot))
 
 
 def _run_bench_gpu(args: argparse.Namespace) -> int:
     from kvrpc.bench.gpu import GPUBenchOptions, run_gpu_bench
 
-    return _report(run_gpu_bench(GPUBenchOptions.from_args(args)), args.json)
+    figures = run_gpu_bench(GPUBenchOptions.from_args(args))
+    return _report(figures, args.json, plot=_plotter("gpu", args.plot))
 
 
 def _run_bench_e2e(args: argparse.Namespace) -> int:
@@ -776,7 +793,8 @@ def _run_bench_slow_reader(args: argparse.Namespace) -> int:
 def _run_bench_tier(args: argparse.Namespace) -> int:
     from kvrpc.bench.tier import TierBenchOptions, run_tier_bench
 
-    return _report(run_tier_bench(TierBenchOptions.from_args(args)), args.json)
+    figures = run_tier_bench(TierBenchOptions.from_args(args))
+    return _report(figures, args.json, plot=_plotter("tier", args.plot))
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:
@@ -834,6 +852,17 @@ def _gib(text: str) -> float:
     return nbytes / GIB
 
 
+def _plot_path(text: str) -> str:
+    """A PNG to write once the figures are in: its directory must exist now, not after them."""
+    directory = os.path.dirname(os.path.abspath(text))
+    if not text or os.path.isdir(text) or not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(
+            f"expected a file to write in an existing directory, not {text!r}; create "
+            f"{directory} first, or name a PNG in this directory"
+        )
+    return text
+
+
 def _token_count(text: str) -> int:
     """A prompt length for ``bench e2e``: whole chunks of 256 tokens, or no hit is whole."""
     value = _positive_int(text)
@@ -854,14 +883,46 @@ def _redis_url(text: str) -> str:
     return text
 
 
-def _report(figures: dict[str, Any], json_path: str | None, text: str | None = None) -> int:
-    """Print ``text`` (default: the figures' table) and write ``json_path``; exit status 0."""
+def _report(
+    figures: dict[str, Any],
+    json_path: str | None,
+    text: str | None = None,
+    plot: Callable[[dict[str, Any]], str] | None = None,
+) -> int:
+    """Print ``text`` (default: the figures' table), write ``json_path``, draw ``plot``.
+
+    ``plot`` draws the figures and returns the file it wrote. The exit status is 0.
+    """
     print(_table(figures) if text is None else text)
     if json_path:
         with open(json_path, "w") as out:
             json.dump(figures, out, indent=2)
         print(f"figures written to {json_path}")
+    if plot is not None:
+        print(f"plot written to {plot(figures)}")
     return 0
+
+
+def _plotter(bench: str, path: str | None) -> Callable[[dict[str, Any]], str] | None:
+    """``bench``'s plot function of :mod:`kvrpc.bench.plots`, bound to ``path`` (or None)."""
+    if path is None:
+        return None
+    plot_path: str = path
+
+    def draw(figures: dict[str, Any]) -> str:
+        from kvrpc.bench import plots
+
+        getattr(plots, f"plot_{bench}")(figures, plot_path)
+        return plot_path
+
+    return draw
+
+
+def _plot_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """A bench's ``--plot PNG``: ``what`` the plot shows (it needs kvrpc[plot])."""
+    parser.add_argument(
+        "--plot", type=_plot_path, metavar="PNG", help=f"also draw {what} (needs matplotlib)"
+    )
 
 
 def _number(value: float) -> str:

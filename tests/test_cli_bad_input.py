@@ -22,6 +22,7 @@ _BAD_VALUES = {
     cli._gib: ["0", "-1", "inf", "nan", "8XB", "GiB"],
     cli._token_count: ["0", "300", "x"],
     cli._redis_url: ["localhost:6379", "http://x"],
+    cli._plot_path: ["/no/such/directory/plot.png", "", "/tmp"],
 }
 
 
