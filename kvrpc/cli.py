@@ -391,6 +391,29 @@ def _parser() -> argparse.ArgumentParser:
     slow.add_argument("--rounds", type=_positive_int, default=3, help="idle/flooded pairs")
     slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     slow.set_defaults(run=_run_bench_slow_reader)
+    metrics = benches.add_parser(
+        "metrics",
+        help="the metrics endpoint: /metrics scrape time, and its cost on the ping p50 "
+        "(kvrpc[metrics])",
+    )
+    metrics.add_argument(
+        "--url", help="where the metered server listens (default: a temporary socket)"
+    )
+    metrics.add_argument(
+        "--chunks", type=_positive_int, default=10_000, help="tiny chunks each server holds"
+    )
+    metrics.add_argument(
+        "--clients", type=_positive_int, default=64, help="clients kept connected to each server"
+    )
+    metrics.add_argument(
+        "--scrapes", type=_positive_int, default=200, help="timed GETs of /metrics"
+    )
+    metrics.add_argument("--pings", type=_positive_int, default=2000, help="timed pings per server")
+    metrics.add_argument(
+        "--interleave", type=_positive_int, default=5, help="turns the two servers' pings take"
+    )
+    metrics.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    metrics.set_defaults(run=_run_bench_metrics, check=_checks(metrics, _check_bench_metrics))
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     tier = benches.add_parser(
         "tier",
@@ -474,6 +497,15 @@ def _check_bench_e2e(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def _check_bench_tier(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     _require_extra("redis", "redis", "kvrpc bench tier")
     _check_bench_plot(parser, args)
+
+
+def _check_bench_metrics(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _require_extra("prometheus_client", "metrics", "kvrpc bench metrics")
+    if args.pings < args.interleave:
+        parser.error(
+            f"argument --pings: {args.pings} pings cannot be shared among --interleave "
+            f"{args.interleave} turns; give --pings at least {args.interleave}"
+        )
 
 
 def _check_bench_plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -795,6 +827,12 @@ def _run_bench_tier(args: argparse.Namespace) -> int:
 
     figures = run_tier_bench(TierBenchOptions.from_args(args))
     return _report(figures, args.json, plot=_plotter("tier", args.plot))
+
+
+def _run_bench_metrics(args: argparse.Namespace) -> int:
+    from kvrpc.bench.metrics import MetricsBenchOptions, run_metrics_bench
+
+    return _report(run_metrics_bench(MetricsBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:

@@ -73,6 +73,7 @@ from kvrpc.transport import parse_url
 __all__ = [
     "FIGURES",
     "QUICK_NOTE",
+    "TINY_CHUNK_TOKENS",
     "KVBenchOptions",
     "goal",
     "interleaved",
@@ -80,8 +81,11 @@ __all__ = [
     "polled_lookup",
     "proc_status",
     "run_kv_bench",
+    "register_tiny",
     "serve_stored_prompt",
+    "store_tiny",
     "timed_lookup",
+    "tiny_layer",
     "wait_finished",
 ]
 
@@ -462,17 +466,17 @@ def _check_pins(client: SyncClient, keys: KeyBatch) -> dict[str, int]:
 
 
 def interleaved(
-    paths: dict[str, Callable[[], Any]], calls: int, rounds: int
+    paths: dict[str, Callable[[], Any]], calls: int, rounds: int, what: str = "lookup"
 ) -> dict[str, list[float]]:
     """Seconds per call of each path, the paths taking turns for ``rounds`` rounds.
 
     A path that returns a float reports its own time (to leave out untimed work after it);
-    otherwise the whole call is timed.
+    otherwise the whole call is timed. Progress names each round ``what`` round.
     """
     rounds = max(1, min(rounds, calls))
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for turn in range(rounds):
-        _progress(f"lookup round {turn + 1}/{rounds}: {calls // rounds} calls of each kind")
+        _progress(f"{what} round {turn + 1}/{rounds}: {calls // rounds} calls of each kind")
         for name, path in paths.items():
             out = samples[name]
             for _ in range(calls // rounds):
@@ -621,13 +625,62 @@ def _retrieve_and_compare(
 # ---------------------------------------------------------------------- 3. memory
 
 
+#: Tokens per tiny chunk: one block of 16 one-byte tokens, one layer (the server's chunk size).
+TINY_CHUNK_TOKENS = _BLOCK_SIZE
+
+
+def tiny_layer(batch: int) -> tuple[torch.Tensor, KVLayout, int]:
+    """A shared-memory KV layer of ``batch`` tiny chunks, its layout and a chunk's bytes.
+
+    A tiny chunk is the smallest the service takes: one block of 16 one-byte tokens in one
+    layer, for a server run with ``--chunk-size`` :data:`TINY_CHUNK_TOKENS`. The caller
+    releases the layer (:func:`~kvrpc.kv.shm.release_shared`).
+    """
+    layer = shared_empty((batch, _BLOCK_SIZE, 1), torch.uint8)
+    layout = KVLayout.from_tensors([layer])
+    return layer, layout, layout.chunk_nbytes(1)
+
+
+def register_tiny(client: SyncClient, me: bytes, layer: torch.Tensor, layout: KVLayout) -> Any:
+    """Register :func:`tiny_layer`'s ``layer`` for client id ``me``; returns the instance."""
+    registration = KVCacheRegistration(
+        model_name=_MODEL,
+        world_size=1,
+        worker_id=0,
+        block_size=_BLOCK_SIZE,
+        mode="shm",
+        layout=layout,
+        tensors=[shared_ref(layer)],
+    )
+    return client.call(protocols.REGISTER_KV_CACHE, me, registration)
+
+
+def store_tiny(
+    client: SyncClient, me: bytes, instance: Any, count: int, batch: int, what: str
+) -> int:
+    """Store ``count`` tiny chunks of fresh random keys, ``batch`` a raw ``kv.store`` call.
+
+    ``instance`` is :func:`register_tiny`'s, for a layer of at least ``batch`` chunks; the
+    stores read its first rows. Progress names ``what``. Returns the chunks refused.
+    """
+    rows = torch.arange(batch, dtype=torch.int64).view(batch, 1)
+    stored, refused, reported = 0, 0, 0.0
+    while stored < count:
+        n = min(batch, count - stored)
+        keys = KeyBatch(_MODEL, 1, 0, os.urandom(HASH_SIZE * n))
+        reply = client.call(protocols.STORE, me, instance, keys, rows[:n].clone(), [])
+        refused += len(reply.failed())
+        stored += n
+        if stored / count >= reported + 0.1:
+            reported = stored / count
+            _progress(f"{what}: {stored:,} of {count:,} chunks stored")
+    return refused
+
+
 def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, Any]:
     """Server resident memory per stored chunk, beyond the pool pages the chunks fill."""
     count, batch = options.tiny_chunks, min(options.tiny_batch, options.tiny_chunks)
-    # The smallest chunk the service takes: one block of 16 one-byte tokens, one layer.
-    layer = shared_empty((batch, _BLOCK_SIZE, 1), torch.uint8)
-    layout = KVLayout.from_tensors([layer])
-    slot = layout.chunk_nbytes(1)
+    layer, layout, slot = tiny_layer(batch)
     # Exactly `count` slots: the server floors GiB * 2**30 to bytes, then to slots, so half a
     # slot more keeps float rounding from costing one.
     buffer_gib = (count * slot + slot / 2) / _GIB
@@ -644,34 +697,14 @@ def _memory_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
             me = secrets.token_bytes(16)
             client.call(protocols.STATS)
             rss_start = proc_status(pid, "VmRSS")
-            registration = KVCacheRegistration(
-                model_name=_MODEL,
-                world_size=1,
-                worker_id=0,
-                block_size=_BLOCK_SIZE,
-                mode="shm",
-                layout=layout,
-                tensors=[shared_ref(layer)],
-            )
-            instance = client.call(protocols.REGISTER_KV_CACHE, me, registration)
+            instance = register_tiny(client, me, layer, layout)
             capacity = client.call(protocols.STATS)["bytes_free"]
             if capacity != count * slot:
                 raise KVError(f"the pool holds {capacity // slot} chunks, not {count}")
             rss_registered = proc_status(pid, "VmRSS")
-            rows = torch.arange(batch, dtype=torch.int64).view(batch, 1)
             _progress(f"memory: storing {count:,} chunks of {slot} bytes, {batch} a message")
-            stored, refused = 0, 0
             start = time.perf_counter()
-            reported = 0.0
-            while stored < count:
-                n = min(batch, count - stored)
-                keys = KeyBatch(_MODEL, 1, 0, os.urandom(HASH_SIZE * n))
-                reply = client.call(protocols.STORE, me, instance, keys, rows[:n].clone(), [])
-                refused += len(reply.failed())
-                stored += n
-                if stored / count >= reported + 0.1:
-                    reported = stored / count
-                    _progress(f"memory: {stored:,} of {count:,} chunks stored")
+            refused = store_tiny(client, me, instance, count, batch, "memory")
             elapsed = time.perf_counter() - start
             rss_after = proc_status(pid, "VmRSS")
             peak = proc_status(pid, "VmHWM")
