@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from kvrpc.codec import Message, MessageKind
-from kvrpc.errors import PayloadValidationError, RequestTimeout, error_from_wire
+from kvrpc.errors import RequestTimeout, error_from_wire
 from kvrpc.protocol import ProtocolDefinition
 
-__all__ = ["Call", "CallTable", "ClientStats", "Sink"]
+__all__ = ["Call", "CallTable", "ClientStats", "Sink", "outcome"]
 
 
 class Sink(Protocol):
@@ -52,6 +52,7 @@ class ClientStats:
     late_replies: int = 0  #: replies for no pending request (timed out, cancelled, unknown)
     malformed: int = 0  #: messages from the server that could not be decoded
     disconnects: int = 0  #: connections lost (each failed the calls pending on it)
+    direct_calls: int = 0  #: calls a SyncClient's caller answered on its own connection
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -210,14 +211,24 @@ class CallTable:
         sink = call.sink
         if sink.done():  # cancelled by its caller meanwhile
             return
-        if message.kind is MessageKind.ERROR:
-            sink.set_exception(error_from_wire(*message.payload))
+        try:
+            value = outcome(message, call.definition, self.validate)
+        except Exception as exc:
+            sink.set_exception(exc)
             return
-        value = message.payload
-        if call.definition is not None and self.validate:
-            try:
-                value = call.definition.validate_response(value)
-            except PayloadValidationError as exc:
-                sink.set_exception(exc)
-                return
         sink.set_result(value)
+
+
+def outcome(message: Message, definition: ProtocolDefinition | None, validate: bool) -> Any:
+    """The value a reply carries, checked against ``definition``; raises what an error says.
+
+    An error reply raises the error it names (:func:`~kvrpc.errors.error_from_wire`); with
+    ``validate``, a response its protocol's check refuses raises
+    :class:`~kvrpc.errors.PayloadValidationError`.
+    """
+    if message.kind is MessageKind.ERROR:
+        raise error_from_wire(*message.payload)
+    value = message.payload
+    if definition is not None and validate:
+        value = definition.validate_response(value)
+    return value

@@ -37,6 +37,7 @@ from kvrpc.errors import (
     WrongThread,
 )
 from kvrpc.futures import MessagingFuture
+from kvrpc.lane import NOT_TAKEN, DirectLane
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 from kvrpc.transport import (
     ClientTransport,
@@ -62,6 +63,9 @@ DEFAULT: Final = _Default()
 
 Timeout = float | None | _Default
 ProtocolRef = str | ProtocolDefinition
+
+# A SyncClient's lane connects at once or not at all: a failed try must not stall a call.
+_LANE_CONNECT_TIMEOUT = 0.5
 
 
 class AsyncClient:
@@ -427,11 +431,14 @@ class SyncClient:
     """A blocking client: an :class:`AsyncClient` driven by its own event-loop thread.
 
     Safe to use from many threads at once. ``submit`` returns a :class:`MessagingFuture`,
-    ``call`` blocks for the result. Takes the same keyword options as :class:`AsyncClient`.
-    Connects in the constructor; raises :class:`TransportError` if it cannot.
+    ``call`` blocks for the result. Takes the same keyword options as :class:`AsyncClient`,
+    and ``direct`` (default True): a ``call`` made while none of this client's calls is
+    pending does its own socket I/O in the calling thread, on a connection of its own, where
+    the transport offers one (see :mod:`kvrpc.lane`); every other call goes through the loop
+    thread. Connects in the constructor; raises :class:`TransportError` if it cannot.
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, *, direct: bool = True, **options: Any) -> None:
         self._client = AsyncClient(url, **options)
         self._slots = threading.BoundedSemaphore(self._client.max_in_flight)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -439,12 +446,29 @@ class SyncClient:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._closed = False
+        # Submissions waiting for the loop thread, handed over with one wake-up per batch.
+        self._handover: deque[tuple[Any, ...]] = deque()
+        self._handover_lock = threading.Lock()
+        self._wake_pending = False
+        self._unsettled = 0  # submitted calls not yet settled (guarded by _handover_lock)
         self._thread = threading.Thread(target=self._run, name=f"kvrpc-client {url}", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
             self._thread.join()
             raise self._error
+        client = self._client
+        self._lane: DirectLane | None = None
+        if direct:
+            self._lane = DirectLane(
+                url,
+                TransportOptions(client.max_message_size, client.reconnect_timeout),
+                connect_timeout=min(client.connect_timeout, _LANE_CONNECT_TIMEOUT),
+                retry_interval=client.reconnect_timeout,
+                validate=client.validate,
+            )
+            if not self._lane.open():
+                self._lane = None  # this transport has none, or it failed: the loop path
 
     @property
     def url(self) -> str:
@@ -453,8 +477,12 @@ class SyncClient:
 
     @property
     def stats(self) -> ClientStats:
-        """The underlying client's counters."""
-        return self._client.stats
+        """The client's counters: the loop thread's and the direct lane's, summed."""
+        loop = self._client.stats
+        if self._lane is None:
+            return loop
+        lane = self._lane.stats.as_dict()
+        return ClientStats(**{key: value + lane[key] for key, value in loop.as_dict().items()})
 
     def _run(self) -> None:
         asyncio.run(self._main())
@@ -483,23 +511,23 @@ class SyncClient:
             raise ClientClosed(f"client for {self.url} is closed")
         self._refuse_loop_thread()
         request_id, definition, frames = self._client.prepare(protocol, payload)
-        future: MessagingFuture[Any] = MessagingFuture(self._thread)
-        self._slots.acquire()
-        try:
-            self._loop.call_soon_threadsafe(
-                self._client.submit_prepared,
-                request_id,
-                definition,
-                frames,
-                future,
-                timeout,
-                self._slots.release,
-            )
-        except RuntimeError:  # the loop has stopped
-            self._slots.release()
-            raise ClientClosed(f"client for {self.url} is closed") from None
-        future.add_done_callback(functools.partial(self._withdraw_if_cancelled, request_id))
-        return future
+        return self._submit_prepared(request_id, definition, frames, timeout)
+
+    def _hand_over(self) -> None:
+        # On the loop thread: everything submitted since the last wake-up, in order.
+        with self._handover_lock:
+            items = list(self._handover)
+            self._handover.clear()
+            self._wake_pending = False
+        submit = self._client.submit_prepared
+        for item in items:
+            submit(*item)
+
+    def _call_left(self) -> None:
+        # A call left the client's table (settled, expired, withdrawn): its slot comes back.
+        with self._handover_lock:
+            self._unsettled -= 1
+        self._slots.release()
 
     def _refuse_loop_thread(self) -> None:
         # The loop thread runs the futures' done-callbacks. Blocking it (for a free in-flight
@@ -520,7 +548,48 @@ class SyncClient:
 
     def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
         """Call and block for the response; raises what :meth:`AsyncClient.call` raises."""
+        lane = self._lane
+        # Only with nothing of this client pending, so that a call never overtakes a request
+        # the same thread submitted before it (the lane is another connection).
+        if lane is not None and self._unsettled == 0 and not self._closed:
+            self._refuse_loop_thread()
+            request_id, definition, frames = self._client.prepare(protocol, payload)
+            seconds = self._client.timeout if isinstance(timeout, _Default) else timeout
+            value = lane.call(request_id, definition, frames, seconds)
+            if value is NOT_TAKEN:  # nothing was sent: the loop path takes it as it is
+                value = self._submit_prepared(request_id, definition, frames, timeout).result()
+            return value
         return self.submit(protocol, *payload, timeout=timeout).result()
+
+    def _submit_prepared(
+        self,
+        request_id: int,
+        definition: ProtocolDefinition | None,
+        frames: list[Buffer],
+        timeout: Timeout,
+    ) -> MessagingFuture[Any]:
+        if self._closed or self._loop is None:
+            raise ClientClosed(f"client for {self.url} is closed")
+        future: MessagingFuture[Any] = MessagingFuture(self._thread)
+        self._slots.acquire()
+        with self._handover_lock:
+            self._unsettled += 1
+            self._handover.append(
+                (request_id, definition, frames, future, timeout, self._call_left)
+            )
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._hand_over)
+            except RuntimeError:
+                with self._handover_lock:
+                    self._handover.clear()
+                    self._unsettled -= 1
+                self._slots.release()
+                raise ClientClosed(f"client for {self.url} is closed") from None
+        future.add_done_callback(functools.partial(self._withdraw_if_cancelled, request_id))
+        return future
 
     def close(self) -> None:
         """Fail pending calls with :class:`ClientClosed`, stop the loop thread; idempotent."""
@@ -528,6 +597,8 @@ class SyncClient:
             return
         self._refuse_loop_thread()
         self._closed = True
+        if self._lane is not None:
+            self._lane.close()
         if self._loop is not None and self._stop is not None and self._thread.is_alive():
             with suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stop.set)

@@ -23,11 +23,13 @@ from kvrpc.errors import ConnectionLost, InvalidURL, TransportError, TransportNo
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "BlockingClientTransport",
     "ClientTransport",
     "InprocPlugin",
     "Oversized",
     "PeerCredentials",
     "ServerTransport",
+    "SupportsBlockingClient",
     "SupportsClientReceiver",
     "SupportsPeerCredentials",
     "SupportsServerReceiver",
@@ -36,6 +38,7 @@ __all__ = [
     "TransportPlugin",
     "TransportURL",
     "claim_socket_path",
+    "connect_blocking",
     "connect_client",
     "create_server",
     "default_url",
@@ -260,6 +263,48 @@ class SupportsPeerCredentials(Protocol):
         """The kernel-reported credentials of ``peer``; None for a peer no longer connected."""
 
 
+class BlockingClientTransport(Protocol):
+    """A client connection for blocking calls, used by one thread at a time.
+
+    What a :class:`~kvrpc.client.SyncClient` uses to let a calling thread do its own socket
+    I/O when it has the client to itself, with no event loop in between. The caller
+    serialises its use (a lock); it may pass between threads.
+    """
+
+    def send(self, frames: Sequence[Buffer]) -> bool:
+        """Send one message whole and return True, or send nothing and return False.
+
+        False means this connection cannot take it now (disconnected, full): nothing of the
+        message went out, so the caller may send it another way. Raises
+        :class:`~kvrpc.errors.TransportError` for a message it can never send.
+        """
+        ...
+
+    def recv(self, timeout: float | None) -> list[Buffer]:
+        """The next message, waiting up to ``timeout`` seconds (None: no limit).
+
+        Raises ``TimeoutError`` when none came in time (the connection stays usable), and
+        :class:`~kvrpc.errors.ConnectionLost` once the connection is gone (it is then
+        unusable). A message over ``max_message_size`` comes back as an :class:`Oversized`.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        ...
+
+
+@runtime_checkable
+class SupportsBlockingClient(Protocol):
+    """A plugin that can also open :class:`BlockingClientTransport` connections."""
+
+    def connect_blocking(
+        self, url: TransportURL, options: TransportOptions, timeout: float
+    ) -> BlockingClientTransport:
+        """Connect within ``timeout`` seconds; raises :class:`~kvrpc.errors.TransportError`."""
+        ...
+
+
 class TransportPlugin(Protocol):
     """What a transport distribution registers under the ``kvrpc.transports`` entry points."""
 
@@ -328,6 +373,17 @@ def connect_client(url: str, options: TransportOptions | None = None) -> ClientT
     """A client transport for ``url`` (call ``connect()`` on it), from its scheme's plugin."""
     parsed = parse_url(url)
     return get_plugin(parsed.scheme).create_client(parsed, options or TransportOptions())
+
+
+def connect_blocking(
+    url: str, options: TransportOptions, timeout: float
+) -> BlockingClientTransport | None:
+    """A connected blocking client for ``url``, or None where its plugin offers none."""
+    parsed = parse_url(url)
+    plugin = get_plugin(parsed.scheme)
+    if not isinstance(plugin, SupportsBlockingClient):
+        return None
+    return plugin.connect_blocking(parsed, options, timeout)
 
 
 def claim_socket_path(path: str) -> None:

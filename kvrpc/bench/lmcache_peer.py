@@ -54,6 +54,10 @@ class LMCacheSyncPath:
         self._context = zmq.Context()
         self._client = MessageQueueClient(endpoint, self._context)
 
+    def call(self) -> None:
+        """One ``noop``, waited for (LMCache's client has no other way to call)."""
+        self._client.submit_request("noop", []).result()
+
     def send(self) -> Any:
         """Submit one ``noop``; the handle is LMCache's ``MessagingFuture``."""
         return self._client.submit_request("noop", [])

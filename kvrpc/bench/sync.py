@@ -5,7 +5,9 @@ the figure that decides whether kvrpc is faster than what it replaces. Each cont
 from a process of its own and is measured in turns with the others, in one run:
 
 * ``sync_``: kvrpc's :class:`~kvrpc.client.SyncClient` calling ``rpc.ping`` on a
-  ``kvrpc serve`` at the URL;
+  ``kvrpc serve`` at the URL (``call`` for the sequential figure, so the calling thread's
+  direct lane answers it where the transport has one; ``submit`` when pipelined), and
+  ``sync_loop_``, the same with ``direct=False``: every call through the client's loop thread;
 * ``raw_sync_``: the URL's socket library used plainly from the caller's thread, with no
   kvrpc (the ``kvrpc.baselines`` entry point's blocking client: a pyzmq DEALER, a blocking
   Unix socket), sending messages the size of a kvrpc ping;
@@ -48,6 +50,10 @@ __all__ = ["SyncOptions", "SyncPath", "run_sync_bench"]
 class SyncPath(Protocol):
     """One synchronous request/reply path: ``send`` returns a handle that ``wait`` blocks on."""
 
+    def call(self) -> None:
+        """One round trip, the way a caller that waits for each answer makes it."""
+        ...
+
     def send(self) -> Any:
         """Send one small request without waiting for the answer."""
         ...
@@ -81,6 +87,9 @@ class _KvrpcSync:
     def __init__(self, client: SyncClient) -> None:
         self.client = client
 
+    def call(self) -> None:
+        self.client.call(PING)
+
     def send(self) -> Any:
         return self.client.submit(PING)
 
@@ -97,6 +106,10 @@ class _RawSync:
     def __init__(self, client: SyncRawEchoClient) -> None:
         self.client = client
         self.message = bytes(codec.encode_request(1, PING.name, ())[0])
+
+    def call(self) -> None:
+        self.client.send(self.message)
+        self.client.recv()
 
     def send(self) -> Any:
         self.client.send(self.message)
@@ -141,7 +154,7 @@ def run_sync_bench(options: SyncOptions) -> dict[str, Any]:
         figures["sync_pipelined_p99_over_p50"] = (
             figures["sync_pipelined_p99_us"] / figures["sync_pipelined_p50_us"]
         )
-        for other in (p for p in paths if p != "sync_"):
+        for other in (p for p in paths if p not in ("sync_", "sync_loop_")):
             name = other.rstrip("_")
             figures[f"sync_ping_p50_ratio_to_{name}"] = (
                 figures["sync_ping_p50_us"] / figures[f"{other}ping_p50_us"]
@@ -162,7 +175,11 @@ def _contenders(
         raise KvrpcError("the synchronous figures need a server in another process: not inproc")
     server = stack.enter_context(kv_server_child(options.url, tmp))
     figures["sync_server"] = f"kvrpc serve, child process {server.pid}"
-    paths: dict[str, SyncPath] = {"sync_": _KvrpcSync(SyncClient(options.url, timeout=60.0))}
+    paths: dict[str, SyncPath] = {
+        "sync_": _KvrpcSync(SyncClient(options.url, timeout=60.0)),
+        # The same client with every call through its loop thread: what the lane saves.
+        "sync_loop_": _KvrpcSync(SyncClient(options.url, timeout=60.0, direct=False)),
+    }
     raws = [("raw_sync_", url.scheme)]
     if not url.scheme.startswith("zmq+"):
         raws.append(("raw_zmq_sync_", "zmq+ipc"))
@@ -196,9 +213,10 @@ def _contenders(
 def _sequential(path: SyncPath, calls: int) -> list[float]:
     out: list[float] = []
     clock = time.perf_counter
+    call = path.call
     for _ in range(calls):
         start = clock()
-        path.wait(path.send())
+        call()
         out.append(clock() - start)
     return out
 

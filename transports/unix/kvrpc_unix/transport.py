@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
@@ -31,7 +32,13 @@ from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
 
-__all__ = ["UnixClientTransport", "UnixPlugin", "UnixServerTransport", "socket_path"]
+__all__ = [
+    "UnixBlockingClient",
+    "UnixClientTransport",
+    "UnixPlugin",
+    "UnixServerTransport",
+    "socket_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -871,11 +878,97 @@ class UnixClientTransport:
         _wake(waiters)
 
 
+class UnixBlockingClient:
+    """A blocking Unix-socket connection for calls from one thread at a time (no event loop).
+
+    Framing is the same sans-IO :class:`FrameReader` the event-loop transport uses.
+    """
+
+    def __init__(self, path: str, options: TransportOptions, timeout: float) -> None:
+        self.path = path
+        self._reader = FrameReader(options.max_message_size)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._broken = False
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise TransportError(
+                f"cannot connect to unix://{path}: {exc.strerror or exc}; is the server running?"
+            ) from None
+
+    def send(self, frames: Sequence[Buffer]) -> bool:
+        """Write one message whole; False (nothing written) if the connection is gone."""
+        if self._broken:
+            return False
+        prefix, total = frame_prefix(frames)
+        buffers: list[Buffer] = [prefix, *frames]
+        sock = self._sock
+        sock.settimeout(None)
+        sent = 0
+        try:
+            while buffers:
+                done = sock.sendmsg(buffers[:_IOV_BATCH], (), _SEND_FLAGS)
+                sent += done
+                while buffers and done >= memoryview(buffers[0]).nbytes:
+                    done -= memoryview(buffers[0]).nbytes
+                    buffers.pop(0)
+                if done:
+                    buffers[0] = memoryview(buffers[0]).cast("B")[done:]
+        except OSError as exc:
+            self._broken = True
+            if sent == 0:
+                return False  # not a byte went out: the caller may send it another way
+            raise ConnectionLost(f"connection to unix://{self.path} broke: {exc}") from exc
+        assert sent == total
+        return True
+
+    def recv(self, timeout: float | None) -> list[Buffer]:
+        """The next message within ``timeout`` seconds; :class:`ConnectionLost` once lost."""
+        reader = self._reader
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not reader.messages:
+            if self._broken:
+                raise ConnectionLost(f"connection to unix://{self.path} is closed")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"no message from unix://{self.path} within {timeout}s")
+            self._sock.settimeout(left)
+            try:
+                size = self._sock.recv_into(reader.get_buffer())
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                self._broken = True
+                raise ConnectionLost(f"connection to unix://{self.path} broke: {exc}") from exc
+            if size == 0:
+                self._broken = True
+                raise ConnectionLost(f"unix://{self.path} closed the connection")
+            try:
+                reader.buffer_updated(size)
+            except FramingError as exc:
+                self._broken = True
+                raise ConnectionLost(f"unix://{self.path} broke the framing: {exc}") from exc
+        return reader.messages.popleft()
+
+    def close(self) -> None:
+        """Close the socket; idempotent."""
+        self._broken = True
+        self._sock.close()
+
+
 class UnixPlugin:
     """The ``unix://`` transport plugin, registered under the ``kvrpc.transports`` entry points.
 
     URLs are ``unix:///absolute/path/to/socket``.
     """
+
+    def connect_blocking(
+        self, url: TransportURL, options: TransportOptions, timeout: float
+    ) -> UnixBlockingClient:
+        """A connected blocking client for ``url`` (a SyncClient's calling threads)."""
+        return UnixBlockingClient(socket_path(url), options, timeout)
 
     def create_server(self, url: TransportURL, options: TransportOptions) -> UnixServerTransport:
         """A server for the socket path in ``url`` (not started yet)."""

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +45,13 @@ from kvrpc.transport import (
     claim_socket_path,
 )
 
-__all__ = ["ZmqClientTransport", "ZmqPlugin", "ZmqServerTransport", "endpoint_for"]
+__all__ = [
+    "ZmqBlockingClient",
+    "ZmqClientTransport",
+    "ZmqPlugin",
+    "ZmqServerTransport",
+    "endpoint_for",
+]
 
 logger = logging.getLogger("kvrpc.zmq")
 
@@ -686,6 +693,91 @@ class ZmqClientTransport:
         return driver
 
 
+class ZmqBlockingClient:
+    """A DEALER socket for blocking calls from one thread at a time (no event loop).
+
+    Its monitor reports a lost connection, so a server that dies fails a waiting call at
+    once with :class:`ConnectionLost` instead of at its deadline.
+    """
+
+    def __init__(self, url: TransportURL, options: TransportOptions, timeout: float) -> None:
+        self.url = url
+        sock = _context().socket(zmq.DEALER)
+        _configure(sock, options)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        self._sock = sock
+        self._monitor = _monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._connected = False
+        self._lost = False
+        try:
+            sock.connect(endpoint_for(url))
+            deadline = time.monotonic() + timeout
+            while not self._connected and not self._lost:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._monitor.poll(max(1, int(left * 1000))):
+                    raise TransportError(f"could not connect to {url.raw} within {timeout}s")
+                self._read_events()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._lost = True
+
+    def send(self, frames: Sequence[Buffer]) -> bool:
+        """Send one message now; False (nothing sent) when disconnected or full."""
+        self._read_events()
+        if self._lost or self._sock.closed:
+            return False
+        try:
+            _send_parts(self._sock, frames)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            raise TransportError(f"sending to {self.url.raw} failed: {exc}") from exc
+        return True
+
+    def recv(self, timeout: float | None) -> list[Buffer]:
+        """The next message within ``timeout`` seconds; :class:`ConnectionLost` once lost."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                parts: list[Buffer] = self._sock.recv_multipart(zmq.NOBLOCK)
+                return parts
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                raise ConnectionLost(f"receiving from {self.url.raw} failed: {exc}") from exc
+            self._read_events()
+            if self._lost:
+                raise ConnectionLost(f"{self.url.raw} closed the connection")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"no message from {self.url.raw} within {timeout}s")
+            self._poller.poll(None if left is None else max(1, int(left * 1000)))
+
+    def close(self) -> None:
+        """Close the socket and its monitor; idempotent."""
+        if not self._sock.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close(linger=0)
+
+
 class ZmqPlugin:
     """The ``zmq+tcp://host:port`` and ``zmq+ipc:///path`` transports."""
 
@@ -696,3 +788,9 @@ class ZmqPlugin:
     def create_client(self, url: TransportURL, options: TransportOptions) -> ClientTransport:
         """A DEALER client for ``url`` (connected by ``connect``)."""
         return ZmqClientTransport(url, options)
+
+    def connect_blocking(
+        self, url: TransportURL, options: TransportOptions, timeout: float
+    ) -> ZmqBlockingClient:
+        """A connected DEALER for blocking calls (a SyncClient's calling threads)."""
+        return ZmqBlockingClient(url, options, timeout)
