@@ -8,11 +8,11 @@ imports pydantic; the server and client import it only when they are constructed
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ClientConfig", "ServerConfig", "load"]
+__all__ = ["ClientConfig", "ServerConfig", "ServerSettings", "load"]
 
 MiB = 1024 * 1024
 
@@ -32,11 +32,29 @@ class ServerConfig(_Settings):
     max_message_size: int = Field(256 * MiB, ge=64)
     #: Requests one client may have running at once; more are answered ``ServerBusy``.
     max_in_flight_per_peer: int = Field(256, ge=1)
+    #: Requests all clients together may have running at once (None: no cap beyond the
+    #: per-client one); more are answered ``ServerBusy``.
+    max_in_flight: int | None = Field(None, ge=1)
     #: Seconds shutdown waits for running requests before cancelling them.
     shutdown_grace: float = Field(5.0, ge=0)
     #: Seconds a client may leave its replies unread, with more waiting to be sent, before
     #: the server gives up on it (drops its connection, or the replies queued for it).
     peer_stall_timeout: float = Field(10.0, gt=0)
+
+
+class ServerSettings(TypedDict, total=False):
+    """The keywords of :class:`~kvrpc.server.RPCServer` that set a :class:`ServerConfig` field.
+
+    Names and types only: a keyword left out takes the field's default, which is written in
+    :class:`ServerConfig` alone.
+    """
+
+    max_workers: int
+    max_message_size: int
+    max_in_flight_per_peer: int
+    max_in_flight: int | None
+    shutdown_grace: float
+    peer_stall_timeout: float
 
 
 class ClientConfig(_Settings):

@@ -1,0 +1,87 @@
+"""The server's replies: encode a result or an error, hand it to the transport, count it.
+
+:class:`Replies` is the one place where the server sends. It never waits: the transport seam
+promises that ``ServerTransport.send`` returns without waiting for a peer, so a reply is sent
+in the same call that produced it, from a task, the receive loop or a transport's read
+callback alike, and the order of replies is the order they were made in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from kvrpc import codec
+from kvrpc.codec import Buffer
+from kvrpc.dispatch import Dispatcher
+from kvrpc.errors import ConnectionLost, ProtocolError, TransportError, error_to_wire
+from kvrpc.transport import Peer, ServerTransport
+
+__all__ = ["Replies"]
+
+logger = logging.getLogger("kvrpc.server")
+
+
+class Replies:
+    """Sends replies over ``transport`` and reports what happened to ``dispatcher``'s counters.
+
+    ``transport`` is set by the server when it starts; not thread-safe (the loop's thread).
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.transport: ServerTransport | None = None
+        self._dispatcher = dispatcher
+
+    def result(self, peer: Peer, request_id: int, value: Any) -> None:
+        """Reply with ``value``; one that cannot be encoded or carried becomes an error reply."""
+        dispatcher = self._dispatcher
+        try:
+            frames = codec.encode_response(request_id, value)
+        except ProtocolError as exc:
+            dispatcher.handler_failed()
+            self.error(peer, request_id, exc)
+            return
+        try:
+            self._send(peer, frames)
+        except TransportError as exc:  # the transport cannot carry this reply (its frames)
+            dispatcher.handler_failed()
+            self.error(peer, request_id, exc)
+            return
+        dispatcher.response_sent()
+
+    def error(self, peer: Peer, request_id: int, exc: BaseException) -> None:
+        """Reply with ``exc`` as ``[code, name, message]``."""
+        logger.debug("request %d from %r failed", request_id, peer, exc_info=exc)
+        frames = codec.encode_error(request_id, *error_to_wire(exc))
+        try:
+            self._send(peer, frames)
+        except TransportError:
+            logger.exception("could not send an error reply to %r", peer)
+            return
+        self._dispatcher.error_reply_sent()
+
+    def _send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
+        transport = self.transport
+        assert transport is not None
+        with contextlib.suppress(ConnectionLost):  # a peer gone away takes no replies
+            sending: object = transport.send(peer, frames)
+            if not inspect.iscoroutine(sending):
+                return  # a plain send, as the seam will declare it
+            # The seam still declares send ``async def``, but promises it never waits, so its
+            # coroutine ends in its first step. Taking that step here, by the coroutine
+            # protocol alone (no event loop is involved), sends from a read callback or the
+            # receive loop without a task or an event-loop turn per reply.
+            try:
+                sending.send(None)
+            except StopIteration:
+                return
+            # It suspended: it is waiting on the event loop, and only an asyncio Task may
+            # resume a coroutine from there. Rather than drive it by hand, refuse loudly.
+            sending.close()
+            raise TransportError(
+                f"{type(transport).__name__}.send waited; a server transport's send must "
+                "return without waiting (queue what cannot be written now)"
+            )
