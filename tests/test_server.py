@@ -71,6 +71,42 @@ def install_calc(server: RPCServer) -> None:
     server.register(FAIL, fail)
 
 
+HELD = ProtocolDefinition("calc.held", (float,), str, HandlerType.BLOCKING)
+
+WAIT = 5.0  # seconds: only a failing test waits this long
+
+
+class Gate:
+    """A handler that runs until the test releases it, and says when it has started.
+
+    Tests wait on these events rather than on wall-clock sleeps: ``started`` (an asyncio
+    event, for :meth:`awaiting`) or :meth:`started_in_thread` (for :meth:`blocking`).
+    """
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self._started_in_thread = threading.Event()
+        self._released_in_thread = threading.Event()
+        self._released = asyncio.Event()
+
+    async def awaiting(self, _seconds: float) -> str:
+        self.started.set()
+        await self._released.wait()
+        return "awake"
+
+    def blocking(self, _seconds: float) -> str:
+        self._started_in_thread.set()
+        assert self._released_in_thread.wait(WAIT), "the test never released the handler"
+        return threading.current_thread().name
+
+    async def started_in_thread(self) -> None:
+        assert await asyncio.to_thread(self._started_in_thread.wait, WAIT)
+
+    def release(self) -> None:
+        self._released.set()
+        self._released_in_thread.set()
+
+
 async def raw_peer(url: str) -> ClientTransport:
     """A bare client transport, to send frames no well-behaved client would."""
     peer = connect_client(url)
@@ -153,16 +189,16 @@ async def test_an_error_with_a_status_code_crosses_the_wire_as_its_own_class(
 
 
 async def test_blocking_handler_does_not_delay_ping(server: RPCServer, url: str) -> None:
-    install_calc(server)
+    held = Gate()
+    server.register(SLEEP, held.blocking)
     async with AsyncClient(url, registry=server.registry) as client:
-        slow = await client.submit(SLEEP, 0.2)
-        await asyncio.sleep(0.01)  # the sleep is now running in the pool
-        start = time.perf_counter()
-        assert await client.call("rpc.ping") == "pong"
-        ping_seconds = time.perf_counter() - start
-        assert not slow.done(), "the ping must have been answered while the sleep ran"
-        await slow
-    assert ping_seconds < 0.1, f"ping took {ping_seconds * 1e3:.1f} ms behind a 200 ms sleep"
+        slow = await client.submit(SLEEP, 0.0)
+        await held.started_in_thread()  # the handler now holds a thread of the pool
+        # Answered while the blocking handler still runs: the loop was never waiting for it.
+        assert await client.call("rpc.ping", timeout=WAIT) == "pong"
+        assert not slow.done(), "the ping must have been answered while the handler ran"
+        held.release()
+        assert (await slow).startswith("kvrpc-blocking")
 
 
 async def test_blocking_pool_is_bounded_by_max_workers(url: str) -> None:
@@ -349,9 +385,14 @@ async def test_bad_input_does_not_disturb_calls_in_flight(server: RPCServer, url
 
 async def test_too_many_in_flight_from_one_peer_get_server_busy(url: str) -> None:
     async with RPCServer(url, max_in_flight_per_peer=2) as server:
-        install_calc(server)
+        held = Gate()
+        server.register(ASLEEP, held.awaiting)
         async with AsyncClient(url, registry=server.registry) as client:
-            futures = [await client.submit(ASLEEP, 0.1) for _ in range(5)]
+            futures = [await client.submit(ASLEEP, 0.0) for _ in range(5)]
+            # The first two hold their slots until released; the other three are refused.
+            refused = await asyncio.gather(*futures[2:], return_exceptions=True)
+            assert all(isinstance(r, ServerBusy) for r in refused), refused
+            held.release()
             results = await asyncio.gather(*futures, return_exceptions=True)
             # Another client has its own allowance.
             async with AsyncClient(url, registry=server.registry) as other:
@@ -369,14 +410,19 @@ async def test_too_many_in_flight_from_one_peer_get_server_busy(url: str) -> Non
 async def test_graceful_shutdown_finishes_running_requests(url: str) -> None:
     server = RPCServer(url, shutdown_grace=5.0)
     install_calc(server)
+    held = Gate()
+    server.register(HELD, held.blocking)
     async with server, AsyncClient(url, registry=server.registry, timeout=5) as client:
-        running = await client.submit(SLEEP, 0.2)
-        await asyncio.sleep(0.05)
+        running = await client.submit(HELD, 0.0)
+        await held.started_in_thread()
         shutdown = asyncio.create_task(server.__aexit__(None, None, None))
-        await asyncio.sleep(0.02)
+        while server.serving:  # noqa: ASYNC110 - the drain begins in the shutdown's first step
+            await asyncio.sleep(0)
         # While draining, new work is refused rather than started.
         with pytest.raises(ServerBusy, match="shutting down"):
             await client.call(ADD, 1, 1)
+        assert not shutdown.done(), "shutdown must wait for the running request"
+        held.release()
         assert (await running).startswith("kvrpc-blocking")
         await shutdown
         with pytest.raises(ConnectionLost):
@@ -385,15 +431,16 @@ async def test_graceful_shutdown_finishes_running_requests(url: str) -> None:
 
 async def test_shutdown_cancels_work_past_the_grace_period(url: str) -> None:
     server = RPCServer(url, shutdown_grace=0.1)
-    install_calc(server)
+    hung = Gate()
+    server.register(ASLEEP, hung.awaiting)
     async with server, AsyncClient(url, registry=server.registry, timeout=5) as client:
-        hung = await client.submit(ASLEEP, 30.0)
-        await asyncio.sleep(0.02)
+        never = await client.submit(ASLEEP, 30.0)
+        await hung.started.wait()  # running, and never released
         start = time.perf_counter()
         await server.__aexit__(None, None, None)
         assert time.perf_counter() - start < 2
         with pytest.raises(ConnectionLost):
-            await hung
+            await never
 
 
 async def test_serve_returns_after_stop(url: str) -> None:
