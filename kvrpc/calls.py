@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from kvrpc.codec import Message, MessageKind
-from kvrpc.errors import RequestTimeout, error_from_wire
+from kvrpc import codec
+from kvrpc.codec import Buffer, Message, MessageKind
+from kvrpc.errors import MessageTooLarge, ProtocolError, RequestTimeout, error_from_wire
 from kvrpc.protocol import ProtocolDefinition
+from kvrpc.transport import Oversized
 
 __all__ = ["Call", "CallTable", "ClientStats", "Sink", "outcome"]
 
@@ -192,6 +194,36 @@ class CallTable:
         # this one would only make it again.
 
     # ------------------------------------------------------------------ replies
+
+    def receive(self, frames: list[Buffer], max_message_size: int) -> None:
+        """Decode one message from the server and settle the call it answers.
+
+        An :class:`~kvrpc.transport.Oversized` (a reply the transport threw away for being
+        over ``max_message_size``) fails its call with :class:`MessageTooLarge`; an
+        unreadable reply whose id can be read fails that call with the
+        :class:`ProtocolError`. Both are counted as malformed.
+        """
+        if type(frames) is Oversized:
+            self.stats.malformed += 1
+            kind, request_id = codec.peek(frames)
+            if request_id is not None and kind is not MessageKind.REQUEST:
+                self.fail(
+                    request_id,
+                    MessageTooLarge(
+                        f"the reply of {frames.size} bytes exceeds this client's "
+                        f"max_message_size of {max_message_size}"
+                    ),
+                )
+            return
+        try:
+            message = codec.decode(frames)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
+                # The reply is unreadable, but we know whose it is: fail that call now.
+                self.fail(exc.request_id, exc)
+            return
+        self.settle(message)
 
     def settle(self, message: Message) -> None:
         """Resolve the call a decoded reply or error answers; a stray one is only counted.

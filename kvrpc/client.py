@@ -26,13 +26,12 @@ import anyio.abc
 from kvrpc import codec
 from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.calls import CallTable, ClientStats, Sink
-from kvrpc.codec import Buffer, MessageKind
+from kvrpc.codec import Buffer
 from kvrpc.errors import (
     ClientClosed,
     ConnectionLost,
     KvrpcError,
     MessageTooLarge,
-    ProtocolError,
     TransportError,
     WrongThread,
 )
@@ -41,14 +40,13 @@ from kvrpc.lane import NOT_TAKEN, DirectLane
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 from kvrpc.transport import (
     ClientTransport,
-    Oversized,
     SupportsClientReceiver,
     SupportsTrySend,
     TransportOptions,
     connect_client,
 )
 
-__all__ = ["DEFAULT", "AsyncClient", "ClientStats", "SyncClient"]
+__all__ = ["DEFAULT", "AsyncClient", "ClientStats", "RequestEncoder", "SyncClient"]
 
 logger = logging.getLogger("kvrpc.client")
 
@@ -66,6 +64,93 @@ ProtocolRef = str | ProtocolDefinition
 
 # A SyncClient's lane connects at once or not at all: a failed try must not stall a call.
 _LANE_CONNECT_TIMEOUT = 0.5
+
+
+class RequestEncoder:
+    """Turns a call into a request's frames: checks its payload, numbers it, encodes it.
+
+    No I/O and no event loop, so any thread may use it (a :class:`SyncClient`'s callers do).
+    """
+
+    def __init__(self, registry: ProtocolRegistry, validate: bool, max_message_size: int) -> None:
+        self.registry = registry
+        self.validate = validate
+        self.max_message_size = max_message_size
+        self._ids = itertools.count(1)
+
+    def prepare(
+        self, protocol: ProtocolRef, payload: Sequence[Any]
+    ) -> tuple[int, ProtocolDefinition | None, list[Buffer]]:
+        """``(request_id, definition, frames)`` for one request.
+
+        The definition is None for a name the registry does not know, which is then sent
+        unvalidated. Raises :class:`PayloadValidationError` for a payload its definition
+        refuses, :class:`MessageTooLarge` for a request over ``max_message_size``.
+        """
+        if isinstance(protocol, ProtocolDefinition):
+            definition: ProtocolDefinition | None = protocol
+            name = protocol.name
+        else:
+            name = protocol
+            definition = self.registry.get(name) if name in self.registry else None
+        if definition is not None and self.validate:
+            definition.validate_payload(payload)
+        request_id = next(self._ids)  # next() on a count is atomic under the GIL
+        frames = codec.encode_request(request_id, name, payload)
+        size = codec.message_size(frames)
+        if size > self.max_message_size:
+            raise MessageTooLarge(
+                f"request of {size} bytes exceeds max_message_size ({self.max_message_size})"
+            )
+        return request_id, definition, frames
+
+
+class _Deadlines:
+    """The loop side of a :class:`CallTable`'s deadlines: one timer, at the earliest one."""
+
+    def __init__(self, calls: CallTable, loop: asyncio.AbstractEventLoop) -> None:
+        self._calls = calls
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def add(
+        self,
+        request_id: int,
+        sink: Sink,
+        definition: ProtocolDefinition | None,
+        seconds: float | None,
+        on_done: Callable[[], None] | None,
+    ) -> None:
+        """Put a call in the table; with ``seconds``, it fails that long from now."""
+        # The clock is read only for a call that has a deadline.
+        now = self._loop.time() if seconds is not None else 0.0
+        self._calls.add(request_id, sink, definition, seconds, now, on_done)
+        if seconds is not None:
+            # The deadline belongs to the request, not to whoever awaits it: a submitted
+            # future times out even if nobody is waiting on it yet.
+            self._arm(now + seconds)
+
+    def cancel(self) -> None:
+        """Stop the timer (the client is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    def _arm(self, when: float) -> None:
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._passed)
+
+    def _passed(self) -> None:
+        self._timer = self._timer_at = None
+        self._calls.expire(self._loop.time())
+        upcoming = self._calls.next_deadline()
+        if upcoming is not None:
+            self._arm(upcoming)
 
 
 class AsyncClient:
@@ -110,9 +195,8 @@ class AsyncClient:
         self.max_in_flight = self.config.max_in_flight
         self._calls = CallTable(url, validate=validate)
         self.stats: ClientStats = self._calls.stats
-        self._ids = itertools.count(1)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._encoder = RequestEncoder(self.registry, validate, self.max_message_size)
+        self._deadlines: _Deadlines | None = None
         self._transport: ClientTransport | None = None
         self._try_send: Callable[[Sequence[Buffer]], bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,6 +252,7 @@ class AsyncClient:
             raise
         self._transport = transport
         self._loop = asyncio.get_running_loop()
+        self._deadlines = _Deadlines(self._calls, self._loop)
         if isinstance(transport, SupportsClientReceiver):
             transport.set_receiver(self._on_message)  # replies straight from the read callback
         self._try_send = transport.try_send if isinstance(transport, SupportsTrySend) else None
@@ -185,9 +270,8 @@ class AsyncClient:
             return
         self._exit_stack = None
         self._calls.fail_all(ClientClosed(f"client for {self.url} was closed"))
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._timer_at = None
+        if self._deadlines is not None:
+            self._deadlines.cancel()
         await stack.aclose()  # stops the receive loop, then closes the transport
         self._task_group = None
 
@@ -229,27 +313,8 @@ class AsyncClient:
     def prepare(
         self, protocol: ProtocolRef, payload: Sequence[Any]
     ) -> tuple[int, ProtocolDefinition | None, list[Buffer]]:
-        """Validate and encode a request; thread-safe, touches no socket.
-
-        Returns ``(request_id, definition, frames)``; the definition is None for a name the
-        local registry does not know, which is then sent unvalidated.
-        """
-        if isinstance(protocol, ProtocolDefinition):
-            definition: ProtocolDefinition | None = protocol
-            name = protocol.name
-        else:
-            name = protocol
-            definition = self.registry.get(name) if name in self.registry else None
-        if definition is not None and self.validate:
-            definition.validate_payload(payload)
-        request_id = next(self._ids)  # next() on a count is atomic under the GIL
-        frames = codec.encode_request(request_id, name, payload)
-        size = codec.message_size(frames)
-        if size > self.max_message_size:
-            raise MessageTooLarge(
-                f"request of {size} bytes exceeds max_message_size ({self.max_message_size})"
-            )
-        return request_id, definition, frames
+        """Validate and encode a request (see :meth:`RequestEncoder.prepare`); thread-safe."""
+        return self._encoder.prepare(protocol, payload)
 
     # ------------------------------------------------------------------ pending table
 
@@ -269,32 +334,8 @@ class AsyncClient:
         on_done: Callable[[], None] | None,
     ) -> None:
         seconds = self.timeout if isinstance(timeout, _Default) else timeout
-        assert self._loop is not None
-        # The clock is read only for a call that has a deadline, as before the table.
-        now = self._loop.time() if seconds is not None else 0.0
-        self._calls.add(request_id, sink, definition, seconds, now, on_done)
-        if seconds is not None:
-            # The deadline belongs to the request, not to whoever awaits it: a submitted
-            # future times out even if nobody is waiting on it yet.
-            self._arm(now + seconds)
-
-    def _arm(self, when: float) -> None:
-        """One loop timer, at the earliest deadline of the table."""
-        if self._timer_at is not None and self._timer_at <= when:
-            return
-        assert self._loop is not None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self._loop.call_at(when, self._deadline_passed)
-
-    def _deadline_passed(self) -> None:
-        assert self._loop is not None
-        self._timer = self._timer_at = None
-        self._calls.expire(self._loop.time())
-        upcoming = self._calls.next_deadline()
-        if upcoming is not None:
-            self._arm(upcoming)
+        assert self._deadlines is not None
+        self._deadlines.add(request_id, sink, definition, seconds, on_done)
 
     async def _send(self, request_id: int, frames: list[Buffer]) -> None:
         """Send one registered request; a failure fails that request, never the client."""
@@ -351,27 +392,7 @@ class AsyncClient:
         self._calls.fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
 
     def _on_message(self, frames: list[Buffer]) -> None:
-        if type(frames) is Oversized:  # the transport threw away a reply over our limit
-            self.stats.malformed += 1
-            kind, request_id = codec.peek(frames)
-            if request_id is not None and kind is not MessageKind.REQUEST:
-                self._calls.fail(
-                    request_id,
-                    MessageTooLarge(
-                        f"the reply of {frames.size} bytes exceeds this client's "
-                        f"max_message_size of {self.max_message_size}"
-                    ),
-                )
-            return
-        try:
-            message = codec.decode(frames)
-        except ProtocolError as exc:
-            self.stats.malformed += 1
-            if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
-                # The reply is unreadable, but we know whose it is: fail that call now.
-                self._calls.fail(exc.request_id, exc)
-            return
-        self._calls.settle(message)
+        self._calls.receive(frames, self.max_message_size)
 
     # ------------------------------------------------------------------ for other threads
 
