@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Unpack
 
 import anyio
 import anyio.abc
@@ -45,6 +45,9 @@ from kvrpc.transport import (
     TransportOptions,
     connect_client,
 )
+
+if TYPE_CHECKING:
+    from kvrpc.config import ClientSettings
 
 __all__ = ["DEFAULT", "AsyncClient", "ClientStats", "RequestEncoder", "SyncClient"]
 
@@ -156,10 +159,12 @@ class _Deadlines:
 class AsyncClient:
     """An asyncio client for one server URL; open it with ``async with``.
 
-    ``timeout`` is the default per-call deadline in seconds (None waits forever);
     ``validate`` checks payloads before sending and responses on arrival against the
-    protocol definitions of ``registry``; ``max_in_flight`` bounds pending calls (further
-    submits wait for a free slot). Use it from the event loop that opened it.
+    protocol definitions of ``registry``. The other keywords are :class:`ClientSettings`,
+    with the defaults of :class:`~kvrpc.config.ClientConfig`: ``timeout`` is the default
+    per-call deadline in seconds (None waits forever), ``max_in_flight`` bounds pending calls
+    (further submits wait for a free slot), and so on. Use it from the event loop that
+    opened it.
     """
 
     def __init__(
@@ -167,24 +172,13 @@ class AsyncClient:
         url: str,
         *,
         registry: ProtocolRegistry | None = None,
-        timeout: float | None = 30.0,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 2.0,
         validate: bool = True,
-        max_message_size: int = 256 * 1024 * 1024,
-        max_in_flight: int = 1024,
+        **settings: Unpack[ClientSettings],
     ) -> None:
         from kvrpc.config import ClientConfig, load
 
-        self.config = load(
-            ClientConfig,
-            "client",
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            reconnect_timeout=reconnect_timeout,
-            max_message_size=max_message_size,
-            max_in_flight=max_in_flight,
-        )
+        # Every setting's default is ClientConfig's: written there and nowhere else.
+        self.config = load(ClientConfig, "client", **settings)
         self.url = url
         self.registry = registry if registry is not None else ProtocolRegistry.with_builtins()
         self.timeout = self.config.timeout

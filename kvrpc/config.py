@@ -12,7 +12,7 @@ from typing import Any, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ClientConfig", "ServerConfig", "ServerSettings", "load"]
+__all__ = ["ClientConfig", "ClientSettings", "ServerConfig", "ServerSettings", "load"]
 
 MiB = 1024 * 1024
 
@@ -70,6 +70,20 @@ class ClientConfig(_Settings):
     max_message_size: int = Field(256 * MiB, ge=64)
     #: Calls pending at once; further submits wait for a free slot.
     max_in_flight: int = Field(1024, ge=1)
+
+
+class ClientSettings(TypedDict, total=False):
+    """The keywords of :class:`~kvrpc.client.AsyncClient` that set a :class:`ClientConfig` field.
+
+    Names and types only: a keyword left out takes the field's default, which is written in
+    :class:`ClientConfig` alone.
+    """
+
+    timeout: float | None
+    connect_timeout: float
+    reconnect_timeout: float
+    max_message_size: int
+    max_in_flight: int
 
 
 def load(settings: type[C], owner: str, **values: Any) -> C:
