@@ -321,6 +321,9 @@ def test_a_lookup_of_chunks_evicted_to_the_disk_tier_prefetches_them_and_they_re
     stored = workers.store("a", first, _blocks(0, 4))
     workers.store("b", second, _blocks(20, 4))  # evicts the first prompt from memory
     assert _stats(url)["evictions"] == 8
+    # The disk tier writes behind the eviction: a lookup made before its files are all
+    # written would find only the part already on disk.
+    assert _wait_for(lambda: _stats(url)["tier_files"] >= 8, 10)
 
     assert _lookup(scheduler, "c", first) == 4 * CHUNK_SIZE  # through a prefetch job
     stats = _stats(url)

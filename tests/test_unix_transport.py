@@ -248,7 +248,9 @@ async def test_many_bad_connections_leak_no_file_descriptors(
         async with asyncio.timeout(5):
             while server.stats()["disconnects"] < 50 * round_:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-    assert open_fds() == before
+    # At most as many as before: an earlier test's client that the collector closes meanwhile
+    # can only lower the count, and a leak here would raise it.
+    assert open_fds() <= before
     assert server.stats()["malformed"] == 250
 
 
