@@ -142,10 +142,10 @@ def test_missing_known_plugin_names_the_package_to_install(
     # The plugins are installed in this repo's environment: hide them as if they were not.
     import importlib.metadata
 
-    import kvrpc.transport
+    import kvrpc.transport.registry
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: ())
-    monkeypatch.setattr(kvrpc.transport, "_plugins", {})
+    monkeypatch.setattr(kvrpc.transport.registry, "_plugins", {})
     with pytest.raises(TransportNotFound) as info:
         get_plugin(scheme)
     assert f"pip install {package}" in str(info.value)
