@@ -524,7 +524,9 @@ class UnixServerTransport:
                     logger.exception("message receiver failed")
                     continue
             inbox.append((peer, message))
-        if self._waiters:
+        # Only when something was queued for recv: a message the receiver took needs no
+        # wake-up, and waking the receive task for nothing costs a loop turn per message.
+        if inbox and self._waiters:
             waiters = self._waiters
             self._waiters = []
             _wake(waiters)

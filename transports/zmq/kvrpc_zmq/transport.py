@@ -180,6 +180,7 @@ class _Driver:
         self._writable: list[asyncio.Future[None]] = []
         self.check_scheduled = False
         self.stopped_at_limit = False
+        self.draining = False
         self.loop.add_reader(self._fd, self._on_socket)
         self.loop.add_reader(self._monitor_fd, self._on_monitor)
         # Whatever arrived before the readers were added raised no edge we will see.
@@ -214,6 +215,7 @@ class _Driver:
             return
         sock = self.sock
         self.stopped_at_limit = False
+        self.draining = True
         try:
             for _ in range(READ_BATCH):
                 if self.inbox_full():
@@ -232,11 +234,18 @@ class _Driver:
         except zmq.ZMQError as exc:
             if not self.closed:
                 logger.debug("zmq receive failed: %s", exc)
+        finally:
+            self.draining = False
         self._wake_writers()
 
     def after_send(self) -> None:
-        """Look for a message whose descriptor edge a send may have swallowed, once per turn."""
-        if not self.check_scheduled:
+        """Look for a message whose descriptor edge a send may have swallowed, once per turn.
+
+        Not for a send made while :meth:`drain` reads (a reply sent by a handler that ran
+        inline): drain goes on receiving until zmq has nothing, which finds any such message,
+        and checking again next turn would cost a loop turn per message.
+        """
+        if not self.check_scheduled and not self.draining:
             self.check_scheduled = True
             self.loop.call_soon(self._check)
 
