@@ -104,6 +104,9 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.tables: dict[str, list[int]] = {}
         self.stats = KvrpcConnectorStats()
+        # vLLM stat loggers (a PrometheusStatLogger) that a test adds: every step's
+        # SchedulerStats go to them, as vLLM's engine core client hands them on.
+        self.stat_loggers: list[Any] = []
         self.load_errors: set[int] = set()
         self.scheduled: dict[str, int] = {}  # request -> tokens computed when first scheduled
         self.history: list[Step] = []
@@ -221,6 +224,8 @@ class Engine:
                 self.stats.aggregate(
                     KvrpcConnector.build_kv_connector_stats(stats.kv_connector_stats)
                 )
+            for logger in self.stat_loggers:
+                logger.record(scheduler_stats=stats, iteration_stats=None, engine_idx=0)
         return out.total_num_scheduled_tokens
 
     def run(self, done: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -583,3 +588,95 @@ def test_a_layerwise_load_from_a_killed_server_is_recomputed_in_the_next_step(
 
     during = run.serve("during", prompt(130, seed=16))  # lookups miss, stores are dropped
     assert during.num_output_tokens == 2
+
+
+# ---------------------------------------------------------------------- Prometheus metrics
+
+
+def kvrpc_samples(labels: dict[str, str]) -> dict[str, float]:
+    """Every ``vllm:kvrpc_*`` counter of one engine by stat key, read from the registry."""
+    from prometheus_client import REGISTRY
+
+    from kvrpc.integrations.vllm.prom import METRICS
+
+    values = {}
+    for key, (name, _) in METRICS.items():
+        value = REGISTRY.get_sample_value(f"{name}_total", labels)
+        assert value is not None, f"{name} has no series for {labels}"
+        values[key] = value
+    return values
+
+
+def test_vllms_prometheus_logger_counts_a_store_and_a_hit_in_the_connectors_metrics(
+    engine: Callable[..., Engine],
+) -> None:
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    run = engine()
+    # vLLM's own logger: it asks KvrpcConnector.build_prom_metrics (through vLLM's factory)
+    # for the connector's metrics and feeds them every SchedulerStats.kv_connector_stats.
+    prometheus = PrometheusStatLogger(run.config, engine_indexes=[0])
+    run.stat_loggers.append(prometheus)
+    labels = {"model_name": str(run.config.model_config.served_model_name), "engine": "0"}
+    assert prometheus.per_engine_labelvalues[0] == list(labels.values())
+    before = kvrpc_samples(labels)
+    assert set(before.values()) == {0.0}
+
+    shared = prompt(192, seed=17)
+    run.serve("first", shared + prompt(8, seed=18))
+    run.scheduler.reset_prefix_cache()  # vLLM's own cache forgets; kvrpc must supply it
+    run.serve("second", shared + prompt(40, seed=19))
+    assert run.scheduled["second"] == 192
+
+    after = kvrpc_samples(labels)
+    moved = {key: after[key] - before[key] for key in after}
+    # One rank's share of a chunk: K and V of every layer, this rank's heads, float32.
+    chunk_bytes = CHUNK * harness.LAYERS * 2 * (harness.KV_HEADS // TP) * harness.HEAD_SIZE * 4
+    assert moved["lookups"] == 2
+    assert moved["lookup_tokens"] == 200 + 232
+    assert moved["hit_tokens"] == 192
+    assert moved["retrieved_chunks"] == 3 * TP
+    assert moved["retrieved_bytes"] == 3 * TP * chunk_bytes
+    assert moved["stored_chunks"] == 3 * TP  # the second prompt's 4th chunk is not whole
+    assert moved["stored_bytes"] == 3 * TP * chunk_bytes
+    assert moved["lookup_failures"] == moved["dropped_stores"] == moved["failed_retrieves"] == 0
+    # Exactly what the connector reported through vLLM's SchedulerStats, nothing lost.
+    assert moved == {key: float(run.stats.data.get(key, 0)) for key in moved}
+
+
+def test_every_connector_stat_moves_its_own_engines_counter_and_only_with_vllms_labels(
+    model: str,
+) -> None:
+    from prometheus_client import REGISTRY
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics
+
+    from kvrpc.integrations.vllm.connector import STAT_KEYS
+    from kvrpc.integrations.vllm.prom import METRICS, KvrpcPromMetrics
+
+    assert set(METRICS) == set(STAT_KEYS)
+    config = harness.vllm_config(model, {"kvrpc.url": "unix:///nonexistent/kv.sock"})
+    unregister_vllm_metrics()  # another test's PrometheusStatLogger registered them
+    # vLLM's own wrapper: it finds the connector class through vLLM's factory and calls
+    # its build_prom_metrics with vLLM's metric classes and label names.
+    labelnames = ["model_name", "engine"]
+    prom = KVConnectorProm(config, labelnames, {0: ["m", "0"], 1: ["m", "1"]})
+    assert isinstance(prom.prom_metrics, KvrpcPromMetrics)
+
+    # A payload as the scheduler sends it: the connector's stats object, as a dict.
+    counts = {key: 10 * (index + 1) for index, key in enumerate(STAT_KEYS)}
+    payload = KvrpcConnector.build_kv_connector_stats(counts).to_dict()
+    prom.observe(payload, engine_idx=1)
+    prom.observe({**payload, "lookups": 0, "a_newer_workers_key": 3}, engine_idx=1)
+
+    expected = {key: float(2 * count) for key, count in counts.items()}
+    expected["lookups"] = counts["lookups"]  # the second payload's 0 added nothing
+    assert kvrpc_samples({"model_name": "m", "engine": "1"}) == expected
+    assert set(kvrpc_samples({"model_name": "m", "engine": "0"}).values()) == {0.0}
+    # Bounded cardinality: vLLM's two labels, one series per engine, nothing per request.
+    names = {f"{name}_total" for name, _ in METRICS.values()}
+    series = [
+        sample for family in REGISTRY.collect() for sample in family.samples if sample.name in names
+    ]
+    assert {frozenset(sample.labels) for sample in series} == {frozenset(labelnames)}
+    assert len(series) == 2 * len(METRICS)

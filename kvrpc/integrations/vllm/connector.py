@@ -47,6 +47,7 @@ from kvrpc.errors import KVConfigError
 from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
+from kvrpc.integrations.vllm.prom import KvrpcPromMetrics
 from kvrpc.integrations.vllm.settings import ConnectorSettings
 from kvrpc.kv.client import SchedulerAdapter, WorkerAdapter, server_for_rank
 from kvrpc.transport import default_url
@@ -511,6 +512,21 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
         """The stats object for a dict of counters (how vLLM rebuilds the workers' stats)."""
         return KvrpcConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvrpcPromMetrics:
+        """The stats as ``vllm:kvrpc_*`` counters on vLLM's ``/metrics`` (see :mod:`.prom`).
+
+        vLLM's Prometheus stat logger calls this once and feeds every stats payload it logs
+        to the result; the labels are vLLM's own (``model_name``, ``engine``).
+        """
+        return KvrpcPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         """Close the adapter (unregistering a worker's KV cache)."""
