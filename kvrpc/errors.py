@@ -16,6 +16,7 @@ from typing import Any, Final
 __all__ = [
     "FIRST_EXTENSION_STATUS",
     "LAST_EXTENSION_STATUS",
+    "AuthenticationFailed",
     "ClientClosed",
     "ConnectionLost",
     "CudaUnavailable",
@@ -144,6 +145,14 @@ class TransportError(KvrpcError):
     """A transport could not be created, bound, or connected, or a message could not be sent."""
 
 
+class AuthenticationFailed(TransportError):
+    """The handshake with the server (or a client) failed: no token, a wrong one, or refused.
+
+    The connection is unusable; nothing was sent on it. Give the client the server's token
+    file (``auth_token_file=``), or check that the file holds the same token as the server's.
+    """
+
+
 class TransportNotFound(TransportError):
     """No installed transport plugin handles the URL's scheme."""
 
@@ -212,6 +221,7 @@ class Status(enum.IntEnum):
     SERVER_BUSY = 8  #: ServerBusy: refused, nothing executed; may be retried
     TRANSPORT = 9  #: TransportError: the reply could not be sent as it was
     CUDA_UNAVAILABLE = 10  #: CudaUnavailable: the server has no CUDA for this request
+    AUTHENTICATION_FAILED = 11  #: AuthenticationFailed: the auth handshake failed
     KV = 100  #: KVError: a KV-cache operation was refused
     KV_CONFIG = 101  #: KVConfigError: sizes or layouts that cannot work together
     UNKNOWN_INSTANCE = 102  #: UnknownInstance
@@ -265,6 +275,7 @@ for _status, _cls in (
     (Status.SERVER_BUSY, ServerBusy),
     (Status.TRANSPORT, TransportError),
     (Status.CUDA_UNAVAILABLE, CudaUnavailable),
+    (Status.AUTHENTICATION_FAILED, AuthenticationFailed),
     (Status.KV, KVError),
     (Status.KV_CONFIG, KVConfigError),
     (Status.UNKNOWN_INSTANCE, UnknownInstance),

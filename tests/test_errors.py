@@ -6,6 +6,7 @@ import pytest
 
 from kvrpc import errors
 from kvrpc.errors import (
+    AuthenticationFailed,
     CudaUnavailable,
     DeadlinePassed,
     EncodeError,
@@ -41,6 +42,7 @@ CODES: dict[type[KvrpcError], int] = {
     ServerBusy: 8,
     TransportError: 9,
     CudaUnavailable: 10,
+    AuthenticationFailed: 11,
     KVError: 100,
     KVConfigError: 101,
     UnknownInstance: 102,
