@@ -14,10 +14,11 @@ import sys
 import time
 from typing import Any
 
-from kvrpc.bench.rpc import _child, _progress, _server_for, percentile
+from kvrpc.bench.rpc import _child, _server_for, percentile
 from kvrpc.client import AsyncClient
 from kvrpc.codec import encode_request
 from kvrpc.errors import KvrpcError
+from kvrpc.progress import Progress
 from kvrpc.protocol import ECHO, PING, STATS
 from kvrpc.transport import TransportOptions, connect_client
 
@@ -26,8 +27,19 @@ __all__ = ["run_slow_reader_bench"]
 _FLOOD_READY = b"flooding"
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench slow-reader")
+
+
 async def run_slow_reader_bench(url: str, seconds: float, rounds: int) -> dict[str, Any]:
     """Ping ``url`` for ``seconds`` idle, then as long beside a flooder, ``rounds`` times."""
+    try:
+        return await _measure(url, seconds, rounds)
+    finally:
+        _progress.close()
+
+
+async def _measure(url: str, seconds: float, rounds: int) -> dict[str, Any]:
     async with _server_for(url) as where, AsyncClient(url, timeout=10.0) as client:
         idle: list[float] = []
         flooded: list[float] = []

@@ -27,6 +27,7 @@ from kvrpc._memory import max_rss_bytes
 from kvrpc.bench.baselines import RawEchoClient, baseline_for
 from kvrpc.client import AsyncClient
 from kvrpc.errors import TransportError
+from kvrpc.progress import Progress
 from kvrpc.protocol import ECHO, PING, STATS
 from kvrpc.server import RPCServer
 from kvrpc.transport import TransportURL, parse_url
@@ -83,8 +84,8 @@ def measure_import(runs: int) -> dict[str, Any]:
     }
 
 
-def _progress(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench rpc")
 
 
 class EchoPath(Protocol):
@@ -204,6 +205,13 @@ async def run_rpc_bench(args: argparse.Namespace) -> dict[str, Any]:
     under ``kvrpc.baselines`` (plain pyzmq, plain sockets). The ratios kvrpc / raw are what
     to compare.
     """
+    try:
+        return await _measure(args)
+    finally:
+        _progress.close()
+
+
+async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     payload = os.urandom(args.payload_mib * 1024 * 1024)
     figures: dict[str, Any] = {"url": args.url}
     async with contextlib.AsyncExitStack() as stack:

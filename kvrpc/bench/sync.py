@@ -41,6 +41,7 @@ from kvrpc.bench.lmcache_peer import LMCacheSyncPath, lmcache_version, require_l
 from kvrpc.bench.rpc import percentile
 from kvrpc.client import SyncClient
 from kvrpc.errors import KvrpcError
+from kvrpc.progress import Progress
 from kvrpc.protocol import PING
 from kvrpc.transport import parse_url
 
@@ -122,6 +123,11 @@ class _RawSync:
         self.client.close()
 
 
+# On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
+_progress = Progress("bench rpc")
+
+
+@_progress.closing
 def run_sync_bench(options: SyncOptions) -> dict[str, Any]:
     """Every contender's sequential and pipelined figures, and kvrpc's ratios to the others."""
     if options.vs_lmcache:
@@ -240,5 +246,3 @@ def _pipelined(path: SyncPath, calls: int, window_size: int) -> tuple[float, lis
     return clock() - start, latencies
 
 
-def _progress(text: str) -> None:
-    print(f"[bench] {text}", file=sys.stderr, flush=True)
