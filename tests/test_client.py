@@ -108,8 +108,10 @@ async def test_submitted_future_times_out_even_if_nobody_awaits_it(
     install(server)
     async with AsyncClient(url, registry=server.registry) as client:
         future = await client.submit(NAP, 1.0, 1, timeout=0.05)
-        await asyncio.sleep(0.2)
-        assert future.done()
+        # Told when it is done, without awaiting it (which a deadline could hang on).
+        finished = asyncio.Event()
+        future.add_done_callback(lambda _: finished.set())
+        await asyncio.wait_for(finished.wait(), 5)  # long before NAP's 1 s reply
         assert isinstance(future.exception(), RequestTimeout)
 
 
@@ -136,7 +138,8 @@ async def test_cancelled_call_frees_its_slot(server: RPCServer, url: str) -> Non
     install(server)
     async with AsyncClient(url, registry=server.registry, max_in_flight=1) as client:
         task = asyncio.create_task(client.call(NAP, 1.0, 1))
-        await asyncio.sleep(0.02)
+        while server.stats.in_flight < 1:  # noqa: ASYNC110 - a counter, no event to wait on
+            await asyncio.sleep(0)  # until the call is running on the server
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
