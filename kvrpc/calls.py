@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from kvrpc import codec
+from kvrpc.auth import refusal_error
 from kvrpc.codec import Buffer, Message, MessageKind
 from kvrpc.errors import MessageTooLarge, ProtocolError, RequestTimeout, error_from_wire
 from kvrpc.protocol import ProtocolDefinition
@@ -219,6 +220,10 @@ class CallTable:
             message = codec.decode(frames)
         except ProtocolError as exc:
             self.stats.malformed += 1
+            refused = refusal_error(frames, self.peer)
+            if refused is not None:  # an auth server's answer to a client without a token
+                self.fail_all(refused)
+                return
             if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
                 # The reply is unreadable, but we know whose it is: fail that call now.
                 self.fail(exc.request_id, exc)

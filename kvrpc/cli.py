@@ -213,6 +213,21 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds any Redis operation may take before the tier is skipped and probed",
     )
+    auth = serve.add_argument_group(
+        "authentication", "a shared secret every client must prove it holds (docs/operating.md)"
+    )
+    auth.add_argument(
+        "--auth-token-file",
+        metavar="PATH",
+        help="require the token in PATH (mode 0600, this user's, at least 16 bytes) of every "
+        "client, on every URL, before any request is decoded",
+    )
+    auth.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve zmq+tcp:// without --auth-token-file: anyone who reaches the port can read, "
+        "write and clear the cache",
+    )
     metrics_command.add_serve_arguments(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -235,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("--count", type=_positive_int, default=3, help="pings to send")
     ping.add_argument(
         "--timeout", type=_positive_float, default=5.0, help="seconds to connect, and per ping"
+    )
+    ping.add_argument(
+        "--auth-token-file", metavar="PATH", help="the server's token file, if it requires one"
     )
     ping.set_defaults(run=_run_ping)
 
@@ -605,6 +623,32 @@ def _serve_warnings(args: argparse.Namespace, urls: Sequence[str]) -> list[str]:
     return warnings
 
 
+def _tcp_urls(urls: Sequence[str]) -> list[str]:
+    from kvrpc.transport import parse_url
+
+    return [url for url in urls if parse_url(url).scheme == "zmq+tcp"]
+
+
+def _check_auth(args: argparse.Namespace, urls: Sequence[str]) -> str | None:
+    """Why ``serve`` must not start as asked (a bad token file, TCP with no auth), or None."""
+    if args.auth_token_file is not None:
+        from kvrpc.token_file import TokenFileError, read_token_file
+
+        try:
+            read_token_file(args.auth_token_file)
+        except TokenFileError as exc:
+            return str(exc)
+        return None
+    tcp = _tcp_urls(urls)
+    if tcp and not args.insecure:
+        return (
+            f"{tcp[0]} would let anyone who reaches the port read, write and clear the cache: "
+            "give --auth-token-file PATH (see docs/operating.md, Authentication), or "
+            "--insecure to serve it unauthenticated anyway"
+        )
+    return None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from kvrpc.kv.server.serving import KVServerSettings, serve_kv
 
@@ -618,7 +662,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     from kvrpc.transport import parse_url
 
     url = _server_url(args)
-    for warning in _serve_warnings(args, [url, *args.also_url]):
+    urls = [url, *args.also_url]
+    problem = _check_auth(args, urls)
+    if problem is not None:
+        print(f"kvrpc serve: {problem}", file=sys.stderr)
+        return 2
+    if args.insecure and args.auth_token_file is None and _tcp_urls(urls):
+        print(
+            f"kvrpc serve: warning: --insecure: {', '.join(_tcp_urls(urls))} is "
+            "unauthenticated; anyone who reaches the port can read, write and clear the cache",
+            file=sys.stderr,
+            flush=True,
+        )
+    for warning in _serve_warnings(args, urls):
         print(f"kvrpc serve: warning: {warning}", file=sys.stderr, flush=True)
     if args.redis_url:
         _require_extra("redis", "redis", "kvrpc serve --redis-url")
@@ -645,6 +701,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_timeout=args.redis_timeout,
         loop_probe=args.loop_probe,
         cuda_group_mib=args.cuda_group_mib,
+        auth_token_file=args.auth_token_file,
         **metrics_command.serve_settings(args),
     )
     metrics_url: list[str] = []  # filled before ready() runs, if the endpoint is on
@@ -659,10 +716,11 @@ def _run_serve(args: argparse.Namespace) -> int:
             + (f" disk={args.disk_dir}:{args.disk_size:g}GiB" if args.disk_dir else "")
             + (f" redis={_redacted(args.redis_url)}" if args.redis_url else "")
             + (f" metrics={metrics_url[0]}" if metrics_url else "")
+            + (" auth=token" if args.auth_token_file else "")
             + (
                 " unauthenticated: any process that reaches this address can read, write and "
                 "clear the cache; shm and cuda_ipc workers are refused here"
-                if exposed
+                if exposed and not args.auth_token_file
                 else ""
             ),
             flush=True,
@@ -753,7 +811,12 @@ def _run_ping(args: argparse.Namespace) -> int:
     from kvrpc.client import SyncClient
 
     url = _server_url(args)
-    with SyncClient(url, timeout=args.timeout, connect_timeout=args.timeout) as client:
+    with SyncClient(
+        url,
+        timeout=args.timeout,
+        connect_timeout=args.timeout,
+        auth_token_file=args.auth_token_file,
+    ) as client:
         for _ in range(args.count):
             start = time.perf_counter()
             answer = client.call("rpc.ping")

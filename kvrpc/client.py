@@ -176,6 +176,7 @@ class AsyncClient:
         **settings: Unpack[ClientSettings],
     ) -> None:
         from kvrpc.config import ClientConfig, load
+        from kvrpc.token_file import load_authenticator
 
         # Every setting's default is ClientConfig's: written there and nowhere else.
         self.config = load(ClientConfig, "client", **settings)
@@ -187,6 +188,8 @@ class AsyncClient:
         self.validate = validate
         self.max_message_size = self.config.max_message_size
         self.max_in_flight = self.config.max_in_flight
+        #: The handshake's secret, read from ``auth_token_file`` (None: no handshake).
+        self.auth = load_authenticator(self.config.auth_token_file)
         self._calls = CallTable(url, validate=validate)
         self.stats: ClientStats = self._calls.stats
         self._encoder = RequestEncoder(self.registry, validate, self.max_message_size)
@@ -226,7 +229,8 @@ class AsyncClient:
         stack = AsyncExitStack()
         try:
             transport = connect_client(
-                self.url, TransportOptions(self.max_message_size, self.reconnect_timeout)
+                self.url,
+                TransportOptions(self.max_message_size, self.reconnect_timeout, auth=self.auth),
             )
             # Closed on every failure path too: a half-made connection holds sockets.
             stack.push_async_callback(transport.close)
@@ -477,7 +481,9 @@ class SyncClient:
         if direct:
             self._lane = DirectLane(
                 url,
-                TransportOptions(client.max_message_size, client.reconnect_timeout),
+                TransportOptions(
+                    client.max_message_size, client.reconnect_timeout, auth=client.auth
+                ),
                 connect_timeout=min(client.connect_timeout, _LANE_CONNECT_TIMEOUT),
                 retry_interval=client.reconnect_timeout,
                 validate=client.validate,

@@ -40,6 +40,10 @@ class ServerConfig(_Settings):
     #: Seconds a client may leave its replies unread, with more waiting to be sent, before
     #: the server gives up on it (drops its connection, or the replies queued for it).
     peer_stall_timeout: float = Field(10.0, gt=0)
+    #: A file holding the shared secret (mode 0600, this user's): every peer must pass the
+    #: handshake of :mod:`kvrpc.auth` with it before any request of its is decoded. None: no
+    #: handshake (local sockets are then guarded by their file modes alone).
+    auth_token_file: str | None = None
 
 
 class ServerSettings(TypedDict, total=False):
@@ -55,6 +59,7 @@ class ServerSettings(TypedDict, total=False):
     max_in_flight: int | None
     shutdown_grace: float
     peer_stall_timeout: float
+    auth_token_file: str | None
 
 
 class ClientConfig(_Settings):
@@ -70,6 +75,9 @@ class ClientConfig(_Settings):
     max_message_size: int = Field(256 * MiB, ge=64)
     #: Calls pending at once; further submits wait for a free slot.
     max_in_flight: int = Field(1024, ge=1)
+    #: The server's token file (mode 0600, this user's), for a server that requires the
+    #: handshake; None for one that does not.
+    auth_token_file: str | None = None
 
 
 class ClientSettings(TypedDict, total=False):
@@ -84,6 +92,7 @@ class ClientSettings(TypedDict, total=False):
     reconnect_timeout: float
     max_message_size: int
     max_in_flight: int
+    auth_token_file: str | None
 
 
 def load(settings: type[C], owner: str, **values: Any) -> C:

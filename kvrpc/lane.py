@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrpc import codec
+from kvrpc.auth import refusal_error
 from kvrpc.calls import ClientStats, outcome
 from kvrpc.codec import Buffer, MessageKind
 from kvrpc.errors import (
@@ -167,6 +168,10 @@ class DirectLane:
                 message = codec.decode(frames)
             except ProtocolError as exc:
                 stats.malformed += 1
+                refused = refusal_error(frames, self.url)
+                if refused is not None:  # an auth server's answer to a lane without a token
+                    self._drop()
+                    raise refused from None
                 if exc.request_id == request_id and exc.kind is not MessageKind.REQUEST:
                     raise
                 continue

@@ -129,6 +129,7 @@ class RPCServer:
         **settings: Unpack[ServerSettings],
     ) -> None:
         from kvrpc.config import ServerConfig, load
+        from kvrpc.token_file import load_authenticator
 
         values: dict[str, Any] = config.model_dump() if config is not None else {}
         values.update(settings)
@@ -139,6 +140,8 @@ class RPCServer:
         self.max_message_size = self.config.max_message_size
         self.max_in_flight_per_peer = self.config.max_in_flight_per_peer
         self.shutdown_grace = self.config.shutdown_grace
+        # Read now, so that a bad token file fails the construction, not the start.
+        self._auth = load_authenticator(self.config.auth_token_file)
         self._handlers = HandlerTable(self.registry)
         self._dispatcher = Dispatcher(self._handlers, self.config)
         self._replies = Replies(self._dispatcher)
@@ -221,7 +224,9 @@ class RPCServer:
         stack = AsyncExitStack()
         try:
             options = TransportOptions(
-                self.max_message_size, peer_stall_timeout=self.config.peer_stall_timeout
+                self.max_message_size,
+                peer_stall_timeout=self.config.peer_stall_timeout,
+                auth=self._auth,
             )
             transport = create_server(self.url, options)
             await transport.start()

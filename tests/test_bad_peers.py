@@ -104,7 +104,8 @@ def test_a_deeply_nested_request_gets_a_protocol_error_and_the_served_process_li
     header = nested_tuples_request(200)
     assert len(header) < 1000
     with subprocess.Popen(
-        [*KVRPC, "serve", "--url", url, "--cpu-buffer-size", "0.01"],
+        # --insecure: zmq+tcp without a token (a no-op on the local sockets)
+        [*KVRPC, "serve", "--url", url, "--cpu-buffer-size", "0.01", "--insecure"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -582,7 +583,17 @@ def _victim_layers() -> list[torch.Tensor]:
 @contextlib.contextmanager
 def _kv_server(url: str) -> Iterator[None]:
     child = subprocess.Popen(
-        [*KVRPC, "serve", "--url", url, "--chunk-size", "8", "--cpu-buffer-size", "0.01"],
+        [
+            *KVRPC,
+            "serve",
+            "--url",
+            url,
+            "--chunk-size",
+            "8",
+            "--cpu-buffer-size",
+            "0.01",
+            "--insecure",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -757,10 +768,22 @@ def test_kvrpc_serve_listens_on_a_private_unix_socket_by_default(tmp_path: Path)
     assert child.returncode == 0
 
 
-def test_kvrpc_serve_over_tcp_says_it_is_unauthenticated() -> None:
+def test_kvrpc_serve_over_tcp_without_a_token_needs_insecure() -> None:
+    url = socket_url("zmq+tcp", "")
+    done = subprocess.run(
+        [*KVRPC, "serve", "--url", url, "--cpu-buffer-size", "0.01"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--auth-token-file" in done.stderr and "--insecure" in done.stderr, done.stderr
+
+
+def test_kvrpc_serve_over_tcp_with_insecure_warns_and_says_it_is_unauthenticated() -> None:
     url = socket_url("zmq+tcp", "")
     child = subprocess.Popen(
-        [*KVRPC, "serve", "--url", url, "--cpu-buffer-size", "0.01"],
+        [*KVRPC, "serve", "--url", url, "--cpu-buffer-size", "0.01", "--insecure"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -770,9 +793,10 @@ def test_kvrpc_serve_over_tcp_says_it_is_unauthenticated() -> None:
         ready = child.stdout.readline()
     finally:
         child.send_signal(signal.SIGTERM)
-        child.communicate(timeout=30)
+        _, errors = child.communicate(timeout=30)
     assert ready.startswith(f"kvrpc ready {url} ")
     assert "unauthenticated" in ready
+    assert "warning: --insecure" in errors, errors
 
 
 # ------------------------------------------------------------------ helpers

@@ -121,7 +121,7 @@ _WITHOUT_PLUGINS = (
 @pytest.mark.parametrize(
     ("command", "package"),
     [
-        (("serve", "--url", "zmq+tcp://127.0.0.1:5555"), "kvrpc-zmq"),
+        (("serve", "--url", "zmq+tcp://127.0.0.1:5555", "--insecure"), "kvrpc-zmq"),
         (("ping", "unix:///tmp/kvrpc-cli-test.sock", "--timeout", "2"), "kvrpc-unix"),
     ],
     ids=["serve-zmq", "ping-unix"],

@@ -40,7 +40,7 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, subprocess.Pop
     url = make_url()
     child = subprocess.Popen(
         [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--chunk-size", "16",
-         "--cpu-buffer-size", "0.01", "--client-timeout", "2"],
+         "--cpu-buffer-size", "0.01", "--client-timeout", "2", "--insecure"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,6 +8,9 @@ process on a ``unix://`` socket. If the code and the page drift apart, these tes
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import shutil
 import signal
 import socket
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -34,6 +38,7 @@ STATUS_VERSION_MISMATCH = 4
 STATUS_INVALID_PAYLOAD = 6
 STATUS_UNKNOWN_PROTOCOL = 7
 
+SERVE = [sys.executable, "-m", "kvrpc", "serve"]
 WAIT = 30.0  # seconds a socket read may block before the test gives up, never a measurement
 
 
@@ -107,7 +112,7 @@ def socket_path() -> Iterator[str]:
     path = f"{directory}/kv.sock"
     url = f"unix://{path}"
     child = subprocess.Popen(
-        [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--cpu-buffer-size", "0.01"],
+        [*SERVE, "--url", url, "--cpu-buffer-size", "0.01"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -198,3 +203,76 @@ def test_an_unreferenced_buffer_frame_is_a_protocol_error(client: WireClient) ->
     client.send_header([WIRE_VERSION, REQUEST, 11, "rpc.echo", [b"x"]], [b"stray frame"])
     reply = client.recv()
     assert reply[1:3] == [ERROR, 11] and reply[4][0] == STATUS_PROTOCOL
+
+
+# ------------------------------------------------------------------ the auth handshake
+# What docs/wire.md, "The auth handshake", says, with hashlib and hmac and nothing of kvrpc.
+
+AUTH_MAGIC = b"KVA1"
+HELLO, CHALLENGE, ANSWER, ACCEPT, REFUSE = 1, 2, 3, 4, 5
+CLIENT_LABEL, SERVER_LABEL = b"kvrpc-auth/1 client", b"kvrpc-auth/1 server"
+TOKEN = b"a token of 32 bytes for the spec"
+
+
+def _mac(label: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return hmac.new(TOKEN, label + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
+@pytest.fixture(scope="module")
+def auth_socket_path() -> Iterator[str]:
+    """A ``kvrpc serve`` child started with a token file."""
+    directory = tempfile.mkdtemp(prefix="kvrpc-wire-", dir="/tmp")
+    path = f"{directory}/kv.sock"
+    token = Path(directory) / "token"
+    token.write_bytes(TOKEN + b"\n")  # the trailing newline is not part of the token
+    token.chmod(0o600)
+    url = f"unix://{path}"
+    child = subprocess.Popen(
+        [*SERVE, "--url", url, "--cpu-buffer-size", "0.01", "--auth-token-file", str(token)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        ready = child.stdout.readline()
+        assert ready.startswith(f"kvrpc ready {url}"), ready + child.stderr.read()[-2000:]
+        yield path
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+        shutil.rmtree(directory, ignore_errors=True)
+    assert child.returncode == 0, stderr[-2000:]
+
+
+def test_a_client_written_from_the_spec_authenticates_then_calls(auth_socket_path: str) -> None:
+    client = WireClient(auth_socket_path)
+    try:
+        client_nonce = os.urandom(32)
+        client.send_frames([AUTH_MAGIC + bytes((HELLO,)) + client_nonce])
+        (challenge,) = client.recv_frames()
+        assert challenge[:5] == AUTH_MAGIC + bytes((CHALLENGE,)) and len(challenge) == 37
+        server_nonce = challenge[5:]
+        answer = _mac(CLIENT_LABEL, server_nonce, client_nonce)
+        client.send_frames([AUTH_MAGIC + bytes((ANSWER,)) + answer])
+        (accept,) = client.recv_frames()
+        assert accept == AUTH_MAGIC + bytes((ACCEPT,)) + _mac(
+            SERVER_LABEL, server_nonce, client_nonce
+        )
+        assert client.call(41, "rpc.ping", []) == [WIRE_VERSION, RESPONSE, 41, "", "pong"]
+    finally:
+        client.close()
+
+
+def test_a_request_before_the_handshake_gets_a_refuse_and_a_hang_up(
+    auth_socket_path: str,
+) -> None:
+    client = WireClient(auth_socket_path)
+    try:
+        client.send_header([WIRE_VERSION, REQUEST, 1, "rpc.ping", []])
+        (refused,) = client.recv_frames()
+        assert refused[:5] == AUTH_MAGIC + bytes((REFUSE,))
+        assert b"authentication failed" in refused[5:]
+        assert client.sock.recv(1) == b""  # then the server hangs up
+    finally:
+        client.close()

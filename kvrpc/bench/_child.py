@@ -45,7 +45,8 @@ def kv_server_child(url: str, log_dir: str, *options: str) -> Iterator[ServerChi
     Waits for its ready line; raises :class:`KVError` with the log's end if none comes within
     a minute. The server's log goes to a file in ``log_dir``.
     """
-    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, *options]
+    # --insecure: a benchmark's zmq+tcp server listens on loopback, without a token.
+    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--insecure", *options]
     with ready_child(argv, "kvrpc ready", log_dir, f"the server at {url}") as started:
         yield started
 

@@ -160,7 +160,8 @@ async def _server_for(url: str) -> AsyncIterator[str]:
         async with RPCServer(url):
             yield "same event loop"
         return
-    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url]
+    # --insecure: a benchmark's zmq+tcp server listens on loopback, without a token.
+    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--insecure"]
     async with _child(argv, b"kvrpc ready", f"benchmark server for {url}") as pid:
         yield f"child process {pid}"
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from kvrpc.auth import Authenticator
 from kvrpc.codec import Buffer
 from kvrpc.transport.urls import TransportURL
 
@@ -43,11 +44,16 @@ class TransportOptions:
     connection to come back before it raises :class:`ConnectionLost`.
     ``peer_stall_timeout``: how long, in seconds, a server transport keeps messages queued for
     a peer that reads none of them before it drops them, or that peer's connection.
+    ``auth``: where set, a server transport decodes nothing from a peer until it has passed
+    the handshake of :mod:`kvrpc.auth` (and counts the failures), and a client transport
+    runs that handshake on every new connection before it sends a request; failing, it
+    raises :class:`~kvrpc.errors.AuthenticationFailed`. None (the default): no handshake.
     """
 
     max_message_size: int = 256 * 1024 * 1024
     reconnect_timeout: float = 2.0
     peer_stall_timeout: float = 10.0
+    auth: Authenticator | None = None
 
 
 @runtime_checkable

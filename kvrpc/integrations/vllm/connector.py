@@ -166,6 +166,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "timeout": settings.timeout,
             "connect_timeout": settings.connect_timeout,
             "keepalive_interval": settings.keepalive_interval,
+            "auth_token_file": settings.auth_token_file,
         }
         self.scheduler: SchedulerAdapter | None = None
         self.worker: WorkerAdapter | None = None

@@ -67,6 +67,13 @@ class ConnectorSettings(BaseModel):
     keepalive_interval: float = Field(
         default=2.0, gt=0, description="Seconds between keepalives to the server."
     )
+    auth_token_file: str | None = Field(
+        default=None,
+        description=(
+            "The server's token file (`kvrpc serve --auth-token-file`; mode 0600, this user's): "
+            "the scheduler and the workers prove they hold it before any request."
+        ),
+    )
     retrieve_deadline: float | None = Field(
         default=None,
         gt=0,

@@ -16,6 +16,7 @@ from typing import Any
 
 from kvrpc.client import SyncClient
 from kvrpc.errors import (
+    AuthenticationFailed,
     ConnectionLost,
     KVConfigError,
     KVError,
@@ -49,6 +50,7 @@ class ServerLink:
         timeout: float,
         connect_timeout: float,
         keepalive_interval: float,
+        auth_token_file: str | None = None,
     ) -> None:
         self.url = url
         hint = f"start one with: kvrpc serve --url {url}"
@@ -58,7 +60,10 @@ class ServerLink:
                 registry=protocols.kv_registry(),
                 timeout=timeout,
                 connect_timeout=connect_timeout,
+                auth_token_file=auth_token_file,
             )
+        except AuthenticationFailed as exc:
+            raise KVError(f"the KV server at {url} refused this client: {exc}") from exc
         except TransportError as exc:
             raise KVError(f"cannot reach a kvrpc KV server at {url}: {exc}; {hint}") from exc
         try:

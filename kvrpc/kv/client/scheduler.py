@@ -68,6 +68,7 @@ class SchedulerAdapter:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         keepalive_interval: float = 2.0,
+        auth_token_file: str | None = None,
         poll_grace: float = 50e-6,
     ) -> None:
         if not 0 <= poll_grace < 1:
@@ -89,6 +90,7 @@ class SchedulerAdapter:
                         timeout=timeout,
                         connect_timeout=connect_timeout,
                         keepalive_interval=keepalive_interval,
+                        auth_token_file=auth_token_file,
                     )
                 )
         except BaseException:

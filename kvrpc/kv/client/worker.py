@@ -88,6 +88,7 @@ class WorkerAdapter:
         timeout: float = 30.0,
         connect_timeout: float = 5.0,
         keepalive_interval: float = 2.0,
+        auth_token_file: str | None = None,
     ) -> None:
         if not 0 <= kv_rank < world_size:
             raise ValueError(f"kv_rank {kv_rank} is not in 0..{world_size - 1}")
@@ -104,6 +105,7 @@ class WorkerAdapter:
             timeout=timeout,
             connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval,
+            auth_token_file=auth_token_file,
         )
         self.chunk_size = self._link.chunk_size
         self._blocks_per_chunk = self._link.blocks_per_chunk

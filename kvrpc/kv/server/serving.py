@@ -37,7 +37,8 @@ class KVServerSettings:
     the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
     ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
     ``metrics_port`` turns on the metrics and health endpoint (:mod:`kvrpc.metrics`, the
-    ``kvrpc[metrics]`` extra) on ``metrics_host``.
+    ``kvrpc[metrics]`` extra) on ``metrics_host``. ``auth_token_file`` makes every URL
+    require the shared-secret handshake of :mod:`kvrpc.auth` (see ``docs/operating.md``).
     """
 
     url: str | None = None  #: None: :func:`kvrpc.transport.default_url`
@@ -60,6 +61,7 @@ class KVServerSettings:
     #: Serve /metrics, /livez and /readyz on this port (0: any free one); None: no endpoint.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    auth_token_file: str | None = None
     #: Tiers (``disk``, ``redis``) whose state /readyz does not depend on.
     readyz_ignore: tuple[str, ...] = ()
 
@@ -113,12 +115,22 @@ async def serve_kv(
     # process is the server's own, so it asks every 0.25 ms instead.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.00025))
     url = settings.url if settings.url is not None else default_url()
-    server = RPCServer(url, registry=kv_registry(), max_workers=settings.max_workers)
+    server = RPCServer(
+        url,
+        registry=kv_registry(),
+        max_workers=settings.max_workers,
+        auth_token_file=settings.auth_token_file,
+    )
     service.register(server)
     # One service behind every URL: a host's workers register on a local socket (the only
     # kind that may map their memory) while a scheduler on another host asks over TCP.
     also = [
-        RPCServer(extra, registry=kv_registry(), max_workers=settings.max_workers)
+        RPCServer(
+            extra,
+            registry=kv_registry(),
+            max_workers=settings.max_workers,
+            auth_token_file=settings.auth_token_file,
+        )
         for extra in settings.also_urls
     ]
     for extra_server in also:

@@ -27,8 +27,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
+from kvrpc.auth import (
+    MAX_MESSAGE_BYTES,
+    ClientHandshake,
+    ServerHandshake,
+    Verdict,
+    is_handshake,
+    refusal,
+)
 from kvrpc.codec import Buffer
-from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
+from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
 
@@ -65,6 +73,10 @@ _BACKLOG_RETRY: Final = 0.005
 _ACCEPT_PAUSE: Final = 0.1
 _SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Bytes a peer may send before its handshake is done: the HELLO and the ANSWER are 49 bytes
+# each with their framing, so anything near this is not a kvrpc client, and it is cut off
+# rather than buffered.
+_PRE_AUTH_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 
 
 def socket_path(url: TransportURL) -> str:
@@ -124,6 +136,7 @@ class _Connection:
     """One connected socket: a frame reader on its input and a write queue on its output."""
 
     __slots__ = (
+        "_auth_timer",
         "_drain_waiters",
         "_loop",
         "_owner",
@@ -135,9 +148,11 @@ class _Connection:
         "closed",
         "credentials",
         "fd",
+        "handshake",
         "out",
         "out_bytes",
         "peer",
+        "pre_auth_budget",
         "progress_at",
         "reader",
         "reading",
@@ -174,6 +189,25 @@ class _Connection:
         self.progress_at = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
         self.credentials: PeerCredentials | None = None
+        #: The server's side of this peer's handshake while it is under way (auth only): the
+        #: peer's messages go to it, never to the server, and its input is capped.
+        self.handshake: ServerHandshake | None = None
+        self.pre_auth_budget = _PRE_AUTH_BYTES
+        self._auth_timer: asyncio.TimerHandle | None = None
+
+    def expect_handshake(
+        self, handshake: ServerHandshake, timeout: float, on_expiry: Callable[[_Connection], None]
+    ) -> None:
+        """Hold this peer to ``handshake`` until it ends; ``on_expiry`` after ``timeout`` s."""
+        self.handshake = handshake
+        self._auth_timer = self._loop.call_later(timeout, on_expiry, self)
+
+    def end_handshake(self) -> None:
+        """The handshake is over (passed or failed): stop its deadline."""
+        self.handshake = None
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
 
     # -------------------------------------------------------------- reading
 
@@ -206,6 +240,12 @@ class _Connection:
                     )
                     break
                 reader.buffer_updated(received)
+                if self.handshake is not None:
+                    self.pre_auth_budget -= received
+                    if self.pre_auth_budget < 0:
+                        failure = f"sent over {_PRE_AUTH_BYTES} bytes before authenticating"
+                        malformed = True
+                        break
                 if received < len(target) or len(messages) >= _MESSAGES_PER_TURN:
                     # A short read emptied the socket, or this turn's share is taken; the
                     # loop polls level-triggered, so anything left or arriving later wakes us
@@ -352,6 +392,9 @@ class _Connection:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
         # Unregister before closing: the descriptor number may be reused at once.
         self.stop_reading()
         if self._writing:
@@ -423,6 +466,12 @@ class UnixServerTransport:
             "skipped": 0,
         }
         self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
+        self._auth = options.auth
+        self._limiter = options.auth.limiter() if options.auth is not None else None
+        self._authenticating = 0  # connections in the middle of their handshake
+        if options.auth is not None:
+            # Only with auth on, so that a server without it reports what it always did.
+            self._counts.update(auth_ok=0, auth_failed=0, auth_rate_limited=0, unauthenticated=0)
 
     async def start(self) -> None:
         """Bind ``path`` and begin accepting; raises :class:`TransportError` if it cannot.
@@ -500,8 +549,69 @@ class UnixServerTransport:
         connection.credentials = _peer_credentials(sock)
         self._connections[peer] = connection
         self._counts["connections"] += 1
+        if self._auth is not None and not self._admit(connection):
+            return
         if not self._paused:
             connection.start_reading()
+
+    # -------------------------------------------------------------- authentication
+
+    def _limit_key(self, connection: _Connection) -> str:
+        # All of one local user's processes share a bucket: a pid is cheap to change.
+        credentials = connection.credentials
+        return f"uid:{credentials.uid}" if credentials is not None else "unix"
+
+    def _admit(self, connection: _Connection) -> bool:
+        """Start a new connection's handshake, or refuse it at once; False if refused."""
+        auth, limiter = self._auth, self._limiter
+        assert auth is not None and limiter is not None and self._loop is not None
+        key = self._limit_key(connection)
+        now = self._loop.time()
+        if not limiter.allowed(key, now):
+            wait = limiter.retry_after(key, now)
+            reason = f"too many failed handshakes from {key}; retry in {wait:.1f}s"
+        elif self._authenticating >= auth.max_pending:
+            reason = f"more than {auth.max_pending} handshakes under way; retry shortly"
+        else:
+            self._authenticating += 1
+            connection.expect_handshake(
+                auth.server_handshake(), auth.handshake_timeout, self._handshake_expired
+            )
+            return True
+        self._counts["auth_rate_limited"] += 1
+        self._send_raw(connection, refusal(reason).reply)
+        self._lost(connection, reason, False)
+        return False
+
+    def _send_raw(self, connection: _Connection, frame: bytes) -> None:
+        prefix, total = frame_prefix([frame])
+        connection.write(prefix, [frame], total)
+
+    def _authenticate(self, connection: _Connection) -> None:
+        """Feed a peer's messages to its handshake until it ends; drop it if it fails."""
+        handshake = connection.handshake
+        messages = connection.reader.messages
+        while messages and handshake is not None:
+            frames = messages.popleft()
+            step = handshake.receive(frames)
+            self._send_raw(connection, step.reply)
+            if step.verdict is Verdict.ACCEPTED:
+                connection.end_handshake()
+                self._authenticating -= 1
+                self._counts["auth_ok"] += 1
+                return
+            if step.verdict is Verdict.REFUSED:
+                # Requests sent without a handshake are thrown away here, undecoded.
+                self._counts["unauthenticated"] += len(messages) + (not is_handshake(frames))
+                messages.clear()
+                self._lost(connection, f"authentication failed: {step.reason}", False)
+                return
+
+    def _handshake_expired(self, connection: _Connection) -> None:
+        if connection.handshake is not None and not connection.closed:
+            timeout = self._auth.handshake_timeout if self._auth is not None else 0
+            self._send_raw(connection, refusal(f"no handshake within {timeout}s").reply)
+            self._lost(connection, "the handshake timed out", False)
 
     # -------------------------------------------------------------- connection reports
 
@@ -510,6 +620,10 @@ class UnixServerTransport:
         self._receiver = receiver
 
     def _deliver(self, connection: _Connection) -> None:
+        if connection.handshake is not None:
+            self._authenticate(connection)
+            if connection.handshake is not None or connection.closed:
+                return
         inbox = self._inbox
         peer = connection.peer
         messages = connection.reader.messages
@@ -536,6 +650,16 @@ class UnixServerTransport:
                 each.stop_reading()
 
     def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
+        if connection.handshake is not None:
+            # Every way a handshake can end badly comes here once: a wrong or misshapen
+            # message, its deadline, too much input, or the peer hanging up.
+            connection.end_handshake()
+            self._authenticating -= 1
+            self._counts["auth_failed"] += 1
+            if self._limiter is not None and self._loop is not None:
+                self._limiter.failed(self._limit_key(connection), self._loop.time())
+            logger.info("unix://%s: handshake failed: %s", self.path, reason)
+            malformed = False  # counted as a failed handshake instead
         connection.close()
         if self._connections.pop(connection.peer, None) is not None:
             self._counts["disconnects"] += 1
@@ -655,6 +779,11 @@ class UnixServerTransport:
         ``connections``, ``disconnects``, ``malformed`` (connections closed for bad framing),
         ``dropped`` (peers closed for not reading), ``backlogged`` (reads paused for a peer
         with too much unsent), ``stalled`` and ``skipped`` (sends to a peer already gone).
+        With auth on, also ``auth_ok`` and ``auth_failed`` (handshakes passed and failed: a
+        wrong token, a request before the handshake, too much input, its deadline, a hang-up),
+        ``auth_rate_limited`` (connections refused at once, see :class:`FailureLimiter`) and
+        ``unauthenticated`` (messages thrown away undecoded because their peer had not
+        authenticated).
         """
         return dict(self._counts)
 
@@ -679,6 +808,9 @@ class UnixClientTransport:
         self._connect_lock = asyncio.Lock()
         self._failed_reconnects = 0
         self._receiver: Callable[[list[Buffer]], None] | None = None
+        # A new connection whose handshake is under way (auth only), and how it ends.
+        self._authenticating: tuple[_Connection, ClientHandshake, asyncio.Future[None]] | None
+        self._authenticating = None
 
     async def connect(self) -> None:
         """Connect to the server; raises :class:`TransportError` if it cannot be reached."""
@@ -698,7 +830,7 @@ class UnixClientTransport:
             if self._closed:
                 sock.close()
                 raise TransportError(f"client transport for unix://{self.path} was closed")
-            self._attach(loop, sock)
+            await self._attach(loop, sock)
 
     async def _open_socket(self, deadline: float) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -718,12 +850,61 @@ class UnixClientTransport:
             sock.close()
             raise
 
-    def _attach(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> _Connection:
+    async def _attach(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> _Connection:
         connection = _Connection(loop, sock, b"", self._options.max_message_size, self)
+        auth = self._options.auth
+        if auth is not None:
+            # Not this transport's connection until the handshake passes: nothing else is
+            # sent on it before, and what it receives meanwhile goes to the handshake.
+            await self._authenticate(loop, connection, auth.client_handshake(f"unix://{self.path}"))
         self._connection = connection
         if not self._paused:
             connection.start_reading()
         return connection
+
+    async def _authenticate(
+        self, loop: asyncio.AbstractEventLoop, connection: _Connection, handshake: ClientHandshake
+    ) -> None:
+        assert self._options.auth is not None
+        timeout = self._options.auth.handshake_timeout
+        done: asyncio.Future[None] = loop.create_future()
+        self._authenticating = (connection, handshake, done)
+        hello = handshake.hello()
+        prefix, total = frame_prefix([hello])
+        connection.write(prefix, [hello], total)
+        connection.start_reading()
+        try:
+            async with asyncio.timeout(timeout):
+                await done
+        except TimeoutError:
+            connection.close()
+            raise AuthenticationFailed(
+                f"unix://{self.path} sent no handshake reply within {timeout}s; is the server "
+                "started with --auth-token-file?"
+            ) from None
+        except BaseException:
+            connection.close()
+            raise
+        finally:
+            self._authenticating = None
+
+    def _handshake_step(self, connection: _Connection) -> None:
+        assert self._authenticating is not None
+        _, handshake, done = self._authenticating
+        messages = connection.reader.messages
+        while messages and not done.done():
+            try:
+                reply = handshake.receive(messages.popleft())
+            except AuthenticationFailed as exc:
+                done.set_exception(exc)
+                return
+            if reply is not None:
+                prefix, total = frame_prefix([reply])
+                connection.write(prefix, [reply], total)
+            elif handshake.done:
+                # Replies that came right behind the ACCEPT wait for the transport's reader.
+                connection.stop_reading()
+                done.set_result(None)
 
     async def _reconnect(self) -> _Connection:
         attempt = self._failed_reconnects
@@ -758,7 +939,7 @@ class UnixClientTransport:
                 if self._closed:
                     sock.close()
                     raise ConnectionLost(f"client transport for unix://{self.path} is closed")
-                return self._attach(loop, sock)
+                return await self._attach(loop, sock)
 
     # -------------------------------------------------------------- connection reports
 
@@ -767,6 +948,10 @@ class UnixClientTransport:
         self._receiver = receiver
 
     def _deliver(self, connection: _Connection) -> None:
+        authenticating = self._authenticating
+        if authenticating is not None and authenticating[0] is connection:
+            self._handshake_step(connection)
+            return
         messages = connection.reader.messages
         receiver = self._receiver
         if receiver is not None:
@@ -792,6 +977,15 @@ class UnixClientTransport:
 
     def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
         connection.close()
+        authenticating = self._authenticating
+        if authenticating is not None and authenticating[0] is connection:
+            if not authenticating[2].done():
+                authenticating[2].set_exception(
+                    AuthenticationFailed(
+                        f"unix://{self.path} closed the connection during the handshake ({reason})"
+                    )
+                )
+            return
         if connection is not self._connection:
             return
         self._connection = None
@@ -899,6 +1093,32 @@ class UnixBlockingClient:
             raise TransportError(
                 f"cannot connect to unix://{path}: {exc.strerror or exc}; is the server running?"
             ) from None
+        if options.auth is not None:
+            try:
+                self._authenticate(options.auth.client_handshake(f"unix://{path}"), timeout)
+            except BaseException:
+                self.close()
+                raise
+
+    def _authenticate(self, handshake: ClientHandshake, timeout: float) -> None:
+        """Run the handshake before anything else is sent; :class:`AuthenticationFailed`."""
+        deadline = time.monotonic() + timeout
+        frame: bytes | None = handshake.hello()
+        while frame is not None:
+            if not self.send([frame]):
+                raise AuthenticationFailed(f"unix://{self.path} hung up during the handshake")
+            try:
+                reply = self.recv(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AuthenticationFailed(
+                    f"unix://{self.path} sent no handshake reply within {timeout}s; is the "
+                    "server started with --auth-token-file?"
+                ) from None
+            except ConnectionLost as exc:
+                raise AuthenticationFailed(
+                    f"unix://{self.path} hung up during the handshake: {exc}"
+                ) from None
+            frame = handshake.receive([bytes(part) for part in reply])
 
     def send(self, frames: Sequence[Buffer]) -> bool:
         """Write one message whole; False (nothing written) if the connection is gone."""

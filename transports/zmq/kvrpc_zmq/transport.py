@@ -27,15 +27,24 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvrpc.auth import (
+    Authenticator,
+    ClientHandshake,
+    FailureLimiter,
+    ServerHandshake,
+    Verdict,
+    is_handshake,
+    refusal,
+)
 from kvrpc.codec import Buffer
-from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
+from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import (
     ClientTransport,
     Peer,
@@ -190,8 +199,12 @@ class _Driver:
     def take(self, parts: list[bytes]) -> None:
         raise NotImplementedError
 
-    def on_event(self, event: int) -> None:
+    def on_event(self, event: int, value: int) -> None:
         raise NotImplementedError
+
+    def receive_one(self) -> None:
+        """Read one waiting message (``zmq.Again`` if none) and hand it to :meth:`take`."""
+        self.take(self.sock.recv_multipart(zmq.NOBLOCK))
 
     def inbox_full(self) -> bool:
         return len(self.inbox) >= INBOX_LIMIT
@@ -213,7 +226,6 @@ class _Driver:
         self.check_scheduled = False
         if self.closed:
             return
-        sock = self.sock
         self.stopped_at_limit = False
         self.draining = True
         try:
@@ -223,7 +235,7 @@ class _Driver:
                     break
                 # Copying receive: a large frame costs the same copies either way (the codec
                 # turns a view into bytes), and small ones are cheaper as plain bytes.
-                self.take(sock.recv_multipart(zmq.NOBLOCK))
+                self.receive_one()
             else:
                 # More may be waiting, and the edge that announced them is spent: carry on
                 # next turn, after the loop's other callbacks (other sockets, timers) ran.
@@ -288,6 +300,7 @@ class _Driver:
         self.drain()
 
     def _on_monitor(self) -> None:
+        """Handle every monitor event that is waiting (also called before auth decisions)."""
         monitor = self._monitor
         while monitor is not None and not self.closed:
             try:
@@ -296,7 +309,7 @@ class _Driver:
                 return
             except zmq.ZMQError:
                 return
-            self.on_event(int(event["event"]))
+            self.on_event(int(event["event"]), int(event["value"]))
 
     def shutdown(self) -> None:
         """Remove the callbacks and close both sockets; idempotent."""
@@ -318,11 +331,100 @@ class _Driver:
 # --------------------------------------------------------------------------------- server
 
 
+class _Gate:
+    """Which routing identities have passed the handshake, and the handshakes under way.
+
+    A ROUTER reports no connections, only messages tagged with the sender's routing identity,
+    and a peer may choose its identity. So an identity counts as authenticated only together
+    with the descriptor of the connection that authenticated it (libzmq's ``ZMQ_SRCFD`` of
+    each message), and is forgotten when the monitor reports that descriptor disconnected:
+    another connection claiming the same identity later must authenticate for itself.
+    Handshakes under way are bounded (``max_pending``) and expire after
+    ``handshake_timeout``; a ROUTER cannot hang up on a peer, so one that fails only has its
+    messages dropped from then on.
+    """
+
+    def __init__(self, auth: Authenticator, counts: dict[str, int]) -> None:
+        self.auth = auth
+        self.counts = counts
+        self.limiter: FailureLimiter = auth.limiter()
+        self.authenticated: dict[bytes, int] = {}  # identity -> descriptor
+        self.identity_of: dict[int, bytes] = {}  # descriptor -> identity
+        # identity -> (handshake, descriptor, limiter key, started at), oldest first.
+        self.pending: OrderedDict[bytes, tuple[ServerHandshake, int, str, float]] = OrderedDict()
+        counts.update(auth_ok=0, auth_failed=0, auth_rate_limited=0, unauthenticated=0)
+
+    def disconnected(self, fd: int) -> None:
+        identity = self.identity_of.pop(fd, None)
+        if identity is not None and self.authenticated.get(identity) == fd:
+            del self.authenticated[identity]
+        for identity, entry in list(self.pending.items()):
+            if entry[1] == fd:
+                del self.pending[identity]
+                self._failed(entry[2], entry[3])
+
+    def _failed(self, key: str, now: float) -> None:
+        self.counts["auth_failed"] += 1
+        self.limiter.failed(key, now)
+
+    def _expire(self, now: float) -> None:
+        timeout = self.auth.handshake_timeout
+        while self.pending:
+            identity, entry = next(iter(self.pending.items()))
+            if now - entry[3] < timeout:
+                return
+            del self.pending[identity]
+            self._failed(entry[2], now)
+
+    def step(self, identity: bytes, fd: int, key: str, frames: list[Any], now: float) -> bytes:
+        """Take a message from a peer that has not authenticated; returns what to send back.
+
+        ``b""``: send nothing (a rate-limited peer's messages are dropped in silence).
+        """
+        self._expire(now)
+        entry = self.pending.get(identity)
+        if entry is None or entry[1] != fd:
+            if entry is not None:  # the same identity on a new connection starts over
+                del self.pending[identity]
+            if not self.limiter.allowed(key, now):
+                self.counts["auth_rate_limited"] += 1
+                if not is_handshake(frames):
+                    self.counts["unauthenticated"] += 1
+                return b""
+            if len(self.pending) >= self.auth.max_pending:
+                self.counts["auth_rate_limited"] += 1
+                return refusal(
+                    f"more than {self.auth.max_pending} handshakes under way; retry shortly"
+                ).reply
+            entry = (self.auth.server_handshake(), fd, key, now)
+            self.pending[identity] = entry
+        step = entry[0].receive(frames)
+        if step.verdict is Verdict.ACCEPTED:
+            del self.pending[identity]
+            stale = self.identity_of.pop(fd, None)
+            if stale is not None:
+                self.authenticated.pop(stale, None)
+            self.authenticated[identity] = fd
+            self.identity_of[fd] = identity
+            self.counts["auth_ok"] += 1
+        elif step.verdict is Verdict.REFUSED:
+            del self.pending[identity]
+            self._failed(key, now)
+            if not is_handshake(frames):
+                self.counts["unauthenticated"] += 1  # thrown away, undecoded
+            logger.info("zmq: handshake from %s failed: %s", key, step.reason)
+        return step.reply
+
+
 class _ServerDriver(_Driver):
-    def __init__(self, sock: zmq.Socket[Any], counts: dict[str, int]) -> None:
+    def __init__(
+        self, sock: zmq.Socket[Any], counts: dict[str, int], auth: Authenticator | None = None
+    ) -> None:
         self.inbox: deque[tuple[Peer, list[Buffer]]] = deque()
         self.counts = counts
         self.receiver: Callable[[Peer, list[Buffer]], bool] | None = None
+        self.gate = _Gate(auth, counts) if auth is not None else None
+        self.scheme = "zmq"  # the limiter's key where a peer has no address (ipc)
         super().__init__(
             sock,
             zmq.EVENT_ACCEPTED
@@ -343,11 +445,42 @@ class _ServerDriver(_Driver):
         self.inbox.append((parts[0], parts[1:]))  # type: ignore[arg-type]
         self.wake_reader()
 
-    def on_event(self, event: int) -> None:
+    def receive_one(self) -> None:
+        gate = self.gate
+        if gate is None:
+            self.take(self.sock.recv_multipart(zmq.NOBLOCK))
+            return
+        sock = self.sock
+        # The identity frame as a zmq.Frame: it tells which connection the message came on.
+        head = sock.recv(zmq.NOBLOCK, copy=False)
+        parts: list[Any] = [head.bytes]
+        while sock.get(zmq.RCVMORE):
+            parts.append(sock.recv(zmq.NOBLOCK))
+        identity, fd = parts[0], int(head.get(zmq.SRCFD))
+        if gate.authenticated.get(identity) == fd:
+            self.take(parts)
+            return
+        # A DISCONNECTED event for this descriptor, if any, is handled before the decision:
+        # libzmq posts it before the descriptor can be reused for a new connection.
+        self._on_monitor()
+        if gate.authenticated.get(identity) == fd:
+            self.take(parts)
+            return
+        address = str(head.get("Peer-Address") or "")
+        key = address or self.scheme
+        reply = gate.step(identity, fd, key, parts[1:], self.loop.time())
+        if reply:
+            with contextlib.suppress(zmq.ZMQError):  # full or gone: it learns by its timeout
+                _send_parts(sock, [identity, reply])
+            self.after_send()
+
+    def on_event(self, event: int, value: int = -1) -> None:
         if event == zmq.EVENT_ACCEPTED:
             self.counts["connections"] += 1
         elif event == zmq.EVENT_DISCONNECTED:
             self.counts["disconnects"] += 1
+            if self.gate is not None:
+                self.gate.disconnected(value)
         else:  # a peer that does not speak ZMTP, or broke off its greeting
             self.counts["malformed"] += 1
 
@@ -435,7 +568,7 @@ class ZmqServerTransport:
             with contextlib.suppress(OSError):
                 info = os.lstat(self.url.path)
                 self._socket_file = (info.st_dev, info.st_ino)
-        self._driver = _ServerDriver(sock, self._counts)
+        self._driver = _ServerDriver(sock, self._counts, self.options.auth)
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
         """The next message from any client."""
@@ -558,13 +691,47 @@ class ZmqServerTransport:
 
 
 class _ClientDriver(_Driver):
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], auth: Authenticator | None, where: str) -> None:
         self.inbox: deque[list[Buffer] | None] = deque()
+        #: Set while connected and (with auth) authenticated, or once authentication failed.
         self.connected = asyncio.Event()
+        #: Set once zmq's own handshake succeeded (ours may still be under way).
+        self.linked = asyncio.Event()
         self.receiver: Callable[[list[Buffer]], None] | None = None
+        self.auth = auth
+        self.where = where
+        self.handshake: ClientHandshake | None = None
+        #: Why the server refused this client; every later send raises it.
+        self.auth_error: AuthenticationFailed | None = None
         super().__init__(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
 
+    def _handshake_message(self, parts: list[bytes]) -> None:
+        handshake = self.handshake
+        assert handshake is not None
+        try:
+            reply = handshake.receive(parts)
+        except AuthenticationFailed as exc:
+            self.handshake = None
+            self.auth_error = exc
+            self.connected.set()  # wakes the waiters, who find auth_error
+            return
+        if reply is not None:
+            self._send_handshake(reply)
+        elif handshake.done:
+            self.handshake = None
+            self.connected.set()
+
+    def _send_handshake(self, frame: bytes) -> None:
+        try:
+            _send_parts(self.sock, [frame])
+        except zmq.ZMQError as exc:  # a fresh connection has room; this one broke already
+            logger.debug("zmq: sending a handshake message failed: %s", exc)
+        self.after_send()
+
     def take(self, parts: list[bytes]) -> None:
+        if self.handshake is not None:
+            self._handshake_message(parts)
+            return
         receiver = self.receiver
         if receiver is None:
             self.inbox.append(parts)  # type: ignore[arg-type]
@@ -575,10 +742,21 @@ class _ClientDriver(_Driver):
         except Exception:  # the receiver's bug must not stop this socket's reading
             logger.exception("message receiver failed")
 
-    def on_event(self, event: int) -> None:
+    def on_event(self, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.connected.set()
+            self.linked.set()
+            if self.auth is None:
+                self.connected.set()
+            elif self.auth_error is None:
+                # Each connection is a new routing identity at the server: authenticate it
+                # before any request goes out on it.
+                self.handshake = self.auth.client_handshake(self.where)
+                self._send_handshake(self.handshake.hello())
+        elif event == zmq.EVENT_DISCONNECTED and self.handshake is not None:
+            self.handshake = None  # the next connection starts its own
+            self.linked.clear()
         elif event == zmq.EVENT_DISCONNECTED and self.connected.is_set():
+            self.linked.clear()
             self.connected.clear()
             self.drain()  # replies that made it before the drop are still good
             self.inbox.append(_LOST)
@@ -624,13 +802,29 @@ class ZmqClientTransport:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        driver = self._driver = _ClientDriver(sock)
+        auth = self.options.auth
+        driver = self._driver = _ClientDriver(sock, auth, self.url.raw)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
             driver.shutdown()
             raise TransportError(f"cannot connect to {self.url.raw}: {exc}") from exc
+        if auth is not None:
+            await driver.linked.wait()
+            try:
+                async with asyncio.timeout(auth.handshake_timeout):
+                    await driver.connected.wait()
+            except TimeoutError:
+                raise AuthenticationFailed(
+                    f"{self.url.raw} sent no handshake reply within {auth.handshake_timeout}s; "
+                    "is the server started with --auth-token-file?"
+                ) from None
         await driver.connected.wait()
+        self._check_auth(driver)
+
+    def _check_auth(self, driver: _ClientDriver) -> None:
+        if driver.auth_error is not None:
+            raise driver.auth_error
 
     def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
         """Hand replies to ``receiver`` as they are read; :meth:`recv` then reports losses."""
@@ -643,6 +837,7 @@ class ZmqClientTransport:
             # Known to be disconnected: a message handed to zmq now could sit in a pipe that
             # is being torn down and vanish, so wait for the new connection first.
             await self._wait_for_room(driver)
+        self._check_auth(driver)
         while True:
             try:
                 _send_parts(driver.sock, frames)
@@ -658,7 +853,12 @@ class ZmqClientTransport:
     def try_send(self, frames: Sequence[Buffer]) -> bool:
         """Send one request now if connected and zmq has room; else send nothing, False."""
         driver = self._driver
-        if driver is None or driver.closed or not driver.connected.is_set():
+        if (
+            driver is None
+            or driver.closed
+            or not driver.connected.is_set()
+            or driver.auth_error is not None
+        ):
             return False
         try:
             _send_parts(driver.sock, frames)
@@ -731,9 +931,31 @@ class ZmqBlockingClient:
                 if left <= 0 or not self._monitor.poll(max(1, int(left * 1000))):
                     raise TransportError(f"could not connect to {url.raw} within {timeout}s")
                 self._read_events()
+            if options.auth is not None:
+                self._authenticate(options.auth.client_handshake(url.raw), timeout)
         except BaseException:
             self.close()
             raise
+
+    def _authenticate(self, handshake: ClientHandshake, timeout: float) -> None:
+        """Run the handshake before anything else is sent; :class:`AuthenticationFailed`."""
+        deadline = time.monotonic() + timeout
+        frame: bytes | None = handshake.hello()
+        while frame is not None:
+            if not self.send([frame]):
+                raise AuthenticationFailed(f"{self.url.raw} went away during the handshake")
+            try:
+                reply = self.recv(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AuthenticationFailed(
+                    f"{self.url.raw} sent no handshake reply within {timeout}s; is the server "
+                    "started with --auth-token-file?"
+                ) from None
+            except ConnectionLost as exc:
+                raise AuthenticationFailed(
+                    f"{self.url.raw} went away during the handshake: {exc}"
+                ) from None
+            frame = handshake.receive([bytes(part) for part in reply])
 
     def _read_events(self) -> None:
         while True:
