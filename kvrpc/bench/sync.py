@@ -244,5 +244,3 @@ def _pipelined(path: SyncPath, calls: int, window_size: int) -> tuple[float, lis
         path.wait(handle)
         latencies.append(clock() - sent)
     return clock() - start, latencies
-
-
