@@ -137,11 +137,16 @@ class CallObserver:
             except Exception as exc:
                 _record_error(record, clock() - started, exc)
                 raise
-            if inspect.isawaitable(result):
+            # inspect.isawaitable costs more than the rest of this wrapper together: the
+            # common plain results skip it.
+            if type(result) not in _PLAIN_RESULTS and inspect.isawaitable(result):
                 # A plain handler that returned work to await: the server runs it in a task,
                 # and the call ends when it does.
                 return _finish(result, record, started, clock)
-            _record_ok(record, clock() - started)
+            took = clock() - started
+            record.buckets[bisect_left(LATENCY_BOUNDS, took)] += 1
+            record.seconds += took
+            record.ok += 1
             return result
 
         return inline
@@ -153,6 +158,12 @@ class CallObserver:
             for record in list(self._records[name]):
                 total.add(record)
             yield name, total
+
+
+#: Result types no handler returns as work to await (checked before ``inspect.isawaitable``).
+_PLAIN_RESULTS: frozenset[type] = frozenset(
+    {type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict}
+)
 
 
 def _record_ok(record: ProtocolCalls, took: float) -> None:
