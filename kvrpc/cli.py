@@ -267,6 +267,9 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds to connect, and per call",
     )
+    stats.add_argument(
+        "--auth-token-file", metavar="PATH", help="the server's token file, if it requires one"
+    )
     metrics_command.add_stats_arguments(stats)
     stats.set_defaults(run=_run_stats)
 
@@ -825,7 +828,9 @@ def _run_ping(args: argparse.Namespace) -> int:
 
 
 def _run_stats(args: argparse.Namespace) -> int:
-    return metrics_command.run_stats(_server_url(args), args.timeout, args.watch, args.json)
+    return metrics_command.run_stats(
+        _server_url(args), args.timeout, args.watch, args.json, args.auth_token_file
+    )
 
 
 # ------------------------------------------------------------------------------ bench

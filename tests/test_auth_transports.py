@@ -7,6 +7,7 @@ a child where the behaviour lives in the command line (the token file's mode, --
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import shutil
 import socket
@@ -286,6 +287,14 @@ def test_kvrpc_serve_over_tcp_with_a_token_needs_no_insecure_and_ping_takes_the_
             [*KVRPC, "ping", url, "--count", "1"], capture_output=True, text=True, timeout=60
         )
         assert refused.returncode == 1 and "AuthenticationFailed" in refused.stderr
+        counted = subprocess.run(
+            [*KVRPC, "stats", url, "--json", "--auth-token-file", token],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert counted.returncode == 0, counted.stderr
+        assert json.loads(counted.stdout)["rpc"]["requests"] >= 1
     finally:
         child.terminate()
         child.communicate(timeout=30)

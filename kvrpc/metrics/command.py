@@ -131,12 +131,23 @@ def add_stats_arguments(stats: argparse.ArgumentParser) -> None:
     )
 
 
-def run_stats(url: str, timeout: float, watch: float | None, as_json: bool) -> int:
-    """Print ``url``'s counters once, or every ``watch`` seconds until Ctrl-C; returns 0."""
+def run_stats(
+    url: str,
+    timeout: float,
+    watch: float | None,
+    as_json: bool,
+    auth_token_file: str | None = None,
+) -> int:
+    """Print ``url``'s counters once, or every ``watch`` seconds until Ctrl-C; returns 0.
+
+    ``auth_token_file`` is the server's token file where it requires one.
+    """
     from kvrpc.client import SyncClient
     from kvrpc.metrics.table import render_stats
 
-    with SyncClient(url, timeout=timeout, connect_timeout=timeout) as client:
+    with SyncClient(
+        url, timeout=timeout, connect_timeout=timeout, auth_token_file=auth_token_file
+    ) as client:
         has_kv = "kv.stats" in client.call("rpc.list_protocols")
 
         def ask() -> dict[str, dict[str, int]]:
