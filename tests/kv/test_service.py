@@ -877,10 +877,18 @@ def test_a_worker_forgotten_after_silence_registers_again_without_waiting(
     kv_cache: Callable[..., list[torch.Tensor]],
     opened: Keep,
 ) -> None:
-    kv_server = start_server(client_timeout=0.5)
+    # The silence is the server's clock moved past the client timeout (on its own loop),
+    # not a real one: a short timeout could forget the worker again before its next store.
+    timeout = 60.0
+    kv_server = start_server(client_timeout=timeout)
     ((worker, layers),) = open_workers(
-        kv_server.url, kv_cache, opened, world_size=1, keepalive_interval=60.0
+        kv_server.url, kv_cache, opened, world_size=1, keepalive_interval=3600.0
     )
+
+    async def expire() -> int:
+        return kv_server.service.expire_clients(time.monotonic() + timeout + 1)
+
+    assert asyncio.run_coroutine_threadsafe(expire(), kv_server.loop).result(WAIT) == 1
     kv_server.wait_stats("the worker to be dropped", instances=0, clients_expired=1)
     first, second, third = (prompt(1, seed=s) for s in (94, 95, 96))
     store_all([(worker, layers)], "refused", LoadStoreOp(blocks(0, 1), token_ids=first))
@@ -890,10 +898,12 @@ def test_a_worker_forgotten_after_silence_registers_again_without_waiting(
     store_all([(worker, layers)], "dropped", LoadStoreOp(blocks(2, 1), token_ids=second))
     assert worker.stats.dropped_stores == 2
     kv_server.wait_stats("the worker to register again", instances=1)
+    kv_server.settle(worker)  # and the worker has seen the registration's reply
     store_all([(worker, layers)], "stored", LoadStoreOp(blocks(4, 1), token_ids=third))
     stats = kv_server.stats()
-    assert (stats["stores"], stats["instances"]) == (1, 1)
+    assert (stats["stores"], stats["instances"], stats["clients_expired"]) == (1, 1, 1)
     assert worker.stats.stored_chunks == 1
+    assert worker.stats.dropped_stores == 2
 
 
 # ------------------------------------------------------------------ inline transfers
