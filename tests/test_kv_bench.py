@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvrpc.bench.e2e import length_label, ttft_table
+from kvrpc.bench.e2e import _goals, length_label, ttft_table
 from kvrpc.bench.gpu import first_transfer_figures
 from kvrpc.bench.kv import QUICK_NOTE
+from kvrpc.cli import _cell
 from kvrpc.testing.redis_server import redis_available
 
 
@@ -93,8 +95,14 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
             assert row[name]["min"] <= row[name]["median"] <= row[name]["max"]
             assert row[name]["min"] > 0
         assert row["kv_bytes"] == length * 2 * 2 * 2 * 16 * 4  # layers, K and V, heads, dim, fp32
-    assert figures["decode_steps_during_stores"] > 0
+    # The decode figure, structurally: how many steps fell inside the stores' span is up to
+    # the host's scheduling (none at all on a loaded one), so only its presence is asserted;
+    # the stores themselves each moved the whole prefix.
+    assert isinstance(figures["decode_steps_during_stores"], int)
+    assert figures["decode_stores"] > 0
     assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
+    assert {"median", "min", "max"} <= set(figures["decode_during_store_step_ms"])
+    assert figures["goal_decode"].startswith(("met", "MISSED", "not measured"))
     assert figures["prompt_lengths"] == "256 512"  # what ran, named as it ran
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The rows print as a table, one line per length, not as dicts.
@@ -102,6 +110,18 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
     table = done.stdout[done.stdout.index("time to first token") :].splitlines()
     assert table[1].split()[:3] == ["prompt", "miss", "hit"]
     assert [line.split()[0] for line in table[2:4]] == ["256", "512"]
+
+
+def test_e2e_bench_without_a_decode_step_inside_the_stores_says_not_measured() -> None:
+    # A loaded host may run no decode step wholly inside the stores' span: the figure is then
+    # NaN, printed as a spread (not as a dict), and the goal is not judged on nothing.
+    during = dict.fromkeys(("median", "min", "max"), math.nan)
+    assert _cell(during) == "nan (min nan, max nan)"
+    goals = _goals({"tier": "l1", "decode_during_store_to_idle": math.nan})
+    assert goals["goal_decode"].startswith("not measured")
+    assert _goals({"tier": "l1", "decode_during_store_to_idle": 0.9})["goal_decode"].startswith(
+        "met"
+    )
 
 
 @pytest.mark.skipif(not redis_available(), reason="needs redis-server and redis-cli")
