@@ -186,6 +186,39 @@ async def test_a_raw_unix_peer_that_floods_before_the_handshake_is_cut_off(
         assert server.transport_stats()["auth_failed"] == 1
 
 
+@pytest.mark.parametrize("size", [(1 << 20) - 1, 1 << 20], ids=["bytearray", "mmap"])
+async def test_a_raw_unix_peer_announcing_a_large_frame_before_the_handshake_is_cut_off_at_once(
+    sock_dir: str, size: int
+) -> None:
+    # Only the frame's 12-byte prefix is sent: well within the pre-auth byte budget, so the
+    # server must refuse the announcement itself, before it makes the frame a buffer (up
+    # to 1 MiB otherwise). The handshake's deadline is put out of reach, so that the hang-up
+    # can come from nothing else: that one would send a refusal first.
+    url = _url("unix", sock_dir)
+    token = _token(sock_dir)
+    server = RPCServer(url, auth_token_file=token)
+    auth = server._auth
+    assert auth is not None
+    object.__setattr__(auth, "handshake_timeout", 3600.0)
+    async with server, AsyncClient(url, auth_token_file=token) as client:
+        assert await client.call("rpc.ping") == "pong"
+
+        def announce() -> bytes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(60)
+                sock.connect(url.removeprefix("unix://"))
+                sock.sendall(struct.pack(">IQ", 1, size))
+                return _read_frames(sock)  # until the server hangs up
+
+        assert await asyncio.to_thread(announce) == b""  # no refusal: cut off, not timed out
+        # The authenticated client is still served, messages over the pre-auth cap included.
+        payload = bytes(range(256)) * 256  # 64 KiB: a frame of its own on the wire
+        assert await client.call("rpc.echo", payload) == payload
+    counts = server.transport_stats()
+    assert (counts["auth_ok"], counts["auth_failed"], counts["malformed"]) == (1, 1, 0)
+    assert server.stats.requests == 2
+
+
 @pytest.mark.parametrize("scheme", ["zmq+ipc", "zmq+tcp"])
 async def test_a_raw_dealer_that_skips_the_handshake_has_nothing_decoded(
     scheme: str, sock_dir: str

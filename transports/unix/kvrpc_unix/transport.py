@@ -75,7 +75,9 @@ _SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Bytes a peer may send before its handshake is done: the HELLO and the ANSWER are 49 bytes
 # each with their framing, so anything near this is not a kvrpc client, and it is cut off
-# rather than buffered.
+# rather than buffered. It is also the largest message the frame reader takes meanwhile:
+# one announcing more breaks the framing as soon as its lengths arrive, before the reader
+# gives it a buffer (a large frame's own buffer would cost up to 1 MiB otherwise).
 _PRE_AUTH_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 
 
@@ -138,6 +140,7 @@ class _Connection:
     __slots__ = (
         "_auth_timer",
         "_drain_waiters",
+        "_full_limits",
         "_loop",
         "_owner",
         "_recv_into",
@@ -194,20 +197,37 @@ class _Connection:
         self.handshake: ServerHandshake | None = None
         self.pre_auth_budget = _PRE_AUTH_BYTES
         self._auth_timer: asyncio.TimerHandle | None = None
+        #: The reader's own limits while the handshake's cap replaces them.
+        self._full_limits: tuple[int, int] | None = None
 
     def expect_handshake(
         self, handshake: ServerHandshake, timeout: float, on_expiry: Callable[[_Connection], None]
     ) -> None:
-        """Hold this peer to ``handshake`` until it ends; ``on_expiry`` after ``timeout`` s."""
+        """Hold this peer to ``handshake`` until it ends; ``on_expiry`` after ``timeout`` s.
+
+        Meanwhile its reader takes no message over :data:`_PRE_AUTH_BYTES`: one announced
+        larger is a :class:`FramingError` before any buffer is made for it.
+        """
         self.handshake = handshake
         self._auth_timer = self._loop.call_later(timeout, on_expiry, self)
+        reader = self.reader
+        self._full_limits = (reader.max_message_size, reader.discard_limit)
+        reader.max_message_size = min(reader.max_message_size, _PRE_AUTH_BYTES)
+        reader.discard_limit = _PRE_AUTH_BYTES
 
     def end_handshake(self) -> None:
-        """The handshake is over (passed or failed): stop its deadline."""
+        """The handshake is over (passed or failed): stop its deadline, lift the input cap.
+
+        The reader is the same one, so bytes it holds past the handshake's last message stay
+        where they are, and are parsed under the full limits from here on.
+        """
         self.handshake = None
         if self._auth_timer is not None:
             self._auth_timer.cancel()
             self._auth_timer = None
+        if self._full_limits is not None:
+            self.reader.max_message_size, self.reader.discard_limit = self._full_limits
+            self._full_limits = None
 
     # -------------------------------------------------------------- reading
 
@@ -255,7 +275,7 @@ class _Connection:
         except (BlockingIOError, InterruptedError):
             pass
         except FramingError as exc:
-            failure = str(exc)
+            failure = str(exc) + (" before authenticating" if self.handshake is not None else "")
             malformed = True
         except OSError as exc:
             failure = f"receive failed: {exc}"
