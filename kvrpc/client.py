@@ -546,9 +546,16 @@ class SyncClient:
 
     def _call_left(self) -> None:
         # A call left the client's table (settled, expired, withdrawn): its slot comes back.
+        # It stops counting as unsettled only after this loop turn, once its future holds the
+        # result and has run its done-callbacks (the table hands the result over after this
+        # runs): until then a call must not take the lane and finish ahead of them.
+        self._slots.release()
+        assert self._loop is not None
+        self._loop.call_soon(self._settled)
+
+    def _settled(self) -> None:
         with self._handover_lock:
             self._unsettled -= 1
-        self._slots.release()
 
     def _refuse_loop_thread(self) -> None:
         # The loop thread runs the futures' done-callbacks. Blocking it (for a free in-flight

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,3 +227,24 @@ def test_a_closed_lane_takes_no_call(served: Served) -> None:
     lane.close()
     assert lane.call(1, None, [b""], 1.0) is NOT_TAKEN
     assert lane.stats.requests == 0
+
+
+def test_a_call_after_a_settled_submit_finishes_after_that_submits_done_callbacks(
+    served: Served,
+) -> None:
+    # A future's result is visible before its done-callbacks have run (they run on the loop
+    # thread right after). A call made in that gap must not take the lane and finish first.
+    with SyncClient(served.url, registry=served.registry) as client:
+        ran: list[int] = []
+
+        def slow_callback(_: object) -> None:
+            time.sleep(0.05)  # widens the gap; the order asserted below does not depend on it
+            ran.append(1)
+
+        for _ in range(5):
+            ran.clear()
+            submitted = client.submit(ECHO, "first")
+            submitted.add_done_callback(slow_callback)
+            assert submitted.result(10) == "first"
+            assert client.call(ECHO, "second") == "second"
+            assert ran == [1]
