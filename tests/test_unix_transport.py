@@ -308,9 +308,9 @@ async def test_a_server_that_is_not_read_stops_reading_until_recv_catches_up(
     count = 3000
     for index in range(count):
         await client.send([b"%d" % index, bytes(1000)])
-    await asyncio.sleep(0.2)
-    # White-box: the inbox stops near its bound of 1024, give or take what one 256 KiB read
-    # holds, while the rest waits in the socket and the client's write queue.
+    # White-box: reading stops once the inbox reaches its bound of 1024, give or take what
+    # one 256 KiB read holds, while the rest waits in the socket and the client's write queue.
+    await until(lambda: server._paused)
     assert 1024 <= len(server._inbox) <= 1024 + 256
     for index in range(count):
         assert (await server.recv())[1][0] == b"%d" % index
@@ -406,7 +406,8 @@ async def test_close_wakes_a_waiting_recv_and_refuses_later_calls(
 ) -> None:
     client = await connected(sock_path)
     waiting = asyncio.ensure_future(client.recv())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: the task runs until recv waits
+    assert not waiting.done()
     await client.close()
     with pytest.raises(ConnectionLost):
         await waiting

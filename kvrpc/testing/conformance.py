@@ -301,10 +301,12 @@ class TransportConformance:
         """Calls pending when the server closes fail with ConnectionLost, not a timeout."""
         url = transport_case.make_url()
         client = _client(url, timeout=60.0, reconnect_timeout=0.2)
-        async with serve_conformance(url):
+        async with serve_conformance(url) as server:
             await client.connect()
             pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
-            await asyncio.sleep(0.1)  # the requests reach the server
+            with anyio.fail_after(LOSS_DEADLINE):  # until all three run on the server
+                while server.stats.in_flight < 3:  # noqa: ASYNC110 (a counter, no event)
+                    await asyncio.sleep(0)
         try:
             await _all_fail_with_connection_lost(pending)
             with pytest.raises(ConnectionLost):  # nobody there: fails, does not hang
