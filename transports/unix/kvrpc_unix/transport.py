@@ -38,6 +38,7 @@ from kvrpc.auth import (
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
+from kvrpc.transport.handshake import authenticate_blocking
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
 
 __all__ = [
@@ -1115,30 +1116,12 @@ class UnixBlockingClient:
             ) from None
         if options.auth is not None:
             try:
-                self._authenticate(options.auth.client_handshake(f"unix://{path}"), timeout)
+                authenticate_blocking(
+                    self, options.auth.client_handshake(f"unix://{path}"), f"unix://{path}", timeout
+                )
             except BaseException:
                 self.close()
                 raise
-
-    def _authenticate(self, handshake: ClientHandshake, timeout: float) -> None:
-        """Run the handshake before anything else is sent; :class:`AuthenticationFailed`."""
-        deadline = time.monotonic() + timeout
-        frame: bytes | None = handshake.hello()
-        while frame is not None:
-            if not self.send([frame]):
-                raise AuthenticationFailed(f"unix://{self.path} hung up during the handshake")
-            try:
-                reply = self.recv(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise AuthenticationFailed(
-                    f"unix://{self.path} sent no handshake reply within {timeout}s; is the "
-                    "server started with --auth-token-file?"
-                ) from None
-            except ConnectionLost as exc:
-                raise AuthenticationFailed(
-                    f"unix://{self.path} hung up during the handshake: {exc}"
-                ) from None
-            frame = handshake.receive([bytes(part) for part in reply])
 
     def send(self, frames: Sequence[Buffer]) -> bool:
         """Write one message whole; False (nothing written) if the connection is gone."""

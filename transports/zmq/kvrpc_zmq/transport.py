@@ -53,6 +53,7 @@ from kvrpc.transport import (
     TransportURL,
     claim_socket_path,
 )
+from kvrpc.transport.handshake import authenticate_blocking
 
 __all__ = [
     "ZmqBlockingClient",
@@ -932,30 +933,12 @@ class ZmqBlockingClient:
                     raise TransportError(f"could not connect to {url.raw} within {timeout}s")
                 self._read_events()
             if options.auth is not None:
-                self._authenticate(options.auth.client_handshake(url.raw), timeout)
+                authenticate_blocking(
+                    self, options.auth.client_handshake(url.raw), url.raw, timeout
+                )
         except BaseException:
             self.close()
             raise
-
-    def _authenticate(self, handshake: ClientHandshake, timeout: float) -> None:
-        """Run the handshake before anything else is sent; :class:`AuthenticationFailed`."""
-        deadline = time.monotonic() + timeout
-        frame: bytes | None = handshake.hello()
-        while frame is not None:
-            if not self.send([frame]):
-                raise AuthenticationFailed(f"{self.url.raw} went away during the handshake")
-            try:
-                reply = self.recv(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise AuthenticationFailed(
-                    f"{self.url.raw} sent no handshake reply within {timeout}s; is the server "
-                    "started with --auth-token-file?"
-                ) from None
-            except ConnectionLost as exc:
-                raise AuthenticationFailed(
-                    f"{self.url.raw} went away during the handshake: {exc}"
-                ) from None
-            frame = handshake.receive([bytes(part) for part in reply])
 
     def _read_events(self) -> None:
         while True:
