@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -23,3 +25,11 @@ async def server(url: str) -> AsyncIterator[RPCServer]:
     """A running server with only the built-in protocols; tests register their own."""
     async with RPCServer(url, shutdown_grace=1.0) as running:
         yield running
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    """A fresh directory for socket files, under /tmp: AF_UNIX paths are capped near 108 bytes."""
+    path = tempfile.mkdtemp(prefix="kvrpc-test-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +26,6 @@ from kvrpc.errors import AuthenticationFailed
 SCHEMES = ["unix", "zmq+ipc", "zmq+tcp"]
 KVRPC = [sys.executable, "-m", "kvrpc"]
 PING = b"\x95\x02\x00\x07\xa8rpc.ping\x90"  # [2, 0, 7, "rpc.ping", []]
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="kvrpc-auth-", dir="/tmp")  # AF_UNIX paths are short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _url(scheme: str, directory: str) -> str:

@@ -10,13 +10,11 @@ import os
 import pwd
 import re
 import secrets
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -58,13 +56,6 @@ from kvrpc.transport import (
 
 KVRPC = [sys.executable, "-m", "kvrpc"]
 WAIT = 10.0  # seconds anything expected may take before a test gives up
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="kvrpc-bad-", dir="/tmp")  # short: AF_UNIX paths are capped
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def socket_url(scheme: str, directory: str) -> str:
