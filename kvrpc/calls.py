@@ -26,7 +26,7 @@ from kvrpc.errors import MessageTooLarge, ProtocolError, RequestTimeout, error_f
 from kvrpc.protocol import ProtocolDefinition
 from kvrpc.transport import Oversized
 
-__all__ = ["Call", "CallTable", "ClientStats", "Sink", "outcome"]
+__all__ = ["Call", "CallTable", "ClientStats", "Sink", "Unreadable", "outcome", "read_reply"]
 
 
 class Sink(Protocol):
@@ -204,31 +204,17 @@ class CallTable:
         unreadable reply whose id can be read fails that call with the
         :class:`ProtocolError`. Both are counted as malformed.
         """
-        if type(frames) is Oversized:
-            self.stats.malformed += 1
-            kind, request_id = codec.peek(frames)
-            if request_id is not None and kind is not MessageKind.REQUEST:
-                self.fail(
-                    request_id,
-                    MessageTooLarge(
-                        f"the reply of {frames.size} bytes exceeds this client's "
-                        f"max_message_size of {max_message_size}"
-                    ),
-                )
+        got = read_reply(frames, max_message_size, self.peer)
+        if isinstance(got, Message):
+            self.settle(got)
             return
-        try:
-            message = codec.decode(frames)
-        except ProtocolError as exc:
-            self.stats.malformed += 1
-            refused = refusal_error(frames, self.peer)
-            if refused is not None:  # an auth server's answer to a client without a token
-                self.fail_all(refused)
-                return
-            if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
-                # The reply is unreadable, but we know whose it is: fail that call now.
-                self.fail(exc.request_id, exc)
+        self.stats.malformed += 1
+        if got.error is None:
             return
-        self.settle(message)
+        if got.request_id is None:  # an auth server's answer to a client without a token
+            self.fail_all(got.error)
+        else:
+            self.fail(got.request_id, got.error)
 
     def settle(self, message: Message) -> None:
         """Resolve the call a decoded reply or error answers; a stray one is only counted.
@@ -254,6 +240,49 @@ class CallTable:
             sink.set_exception(exc)
             return
         sink.set_result(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A message from the server that settles no call as a reply (see :func:`read_reply`).
+
+    ``error`` fails the call ``request_id``, or every call where ``request_id`` is None;
+    with no ``error`` there is nothing to fail.
+    """
+
+    request_id: int | None
+    error: BaseException | None
+
+
+def read_reply(frames: list[Buffer], max_message_size: int, peer: str) -> Message | Unreadable:
+    """Decode one message from the server ``peer``, or say what its failure fails.
+
+    An :class:`~kvrpc.transport.Oversized` reply (thrown away by the transport for being over
+    ``max_message_size``) fails its call with :class:`MessageTooLarge`; an unreadable reply
+    whose id can be read fails that call with the :class:`ProtocolError`; an auth server's
+    refusal fails every call. Both clients' paths read replies through this.
+    """
+    if type(frames) is Oversized:
+        kind, request_id = codec.peek(frames)
+        if request_id is None or kind is MessageKind.REQUEST:
+            return Unreadable(None, None)
+        return Unreadable(
+            request_id,
+            MessageTooLarge(
+                f"the reply of {frames.size} bytes exceeds this client's "
+                f"max_message_size of {max_message_size}"
+            ),
+        )
+    try:
+        return codec.decode(frames)
+    except ProtocolError as exc:
+        refused = refusal_error(frames, peer)
+        if refused is not None:  # an auth server's answer to a client without a token
+            return Unreadable(None, refused)
+        if exc.request_id is not None and exc.kind is not MessageKind.REQUEST:
+            # The reply is unreadable, but we know whose it is: fail that call now.
+            return Unreadable(exc.request_id, exc)
+        return Unreadable(None, None)
 
 
 def outcome(message: Message, definition: ProtocolDefinition | None, validate: bool) -> Any:

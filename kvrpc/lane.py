@@ -21,19 +21,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvrpc import codec
-from kvrpc.auth import refusal_error
-from kvrpc.calls import ClientStats, outcome
-from kvrpc.codec import Buffer, MessageKind
-from kvrpc.errors import (
-    ConnectionLost,
-    MessageTooLarge,
-    ProtocolError,
-    RequestTimeout,
-    TransportError,
-)
+from kvrpc.calls import ClientStats, outcome, read_reply
+from kvrpc.codec import Buffer, Message, MessageKind
+from kvrpc.errors import ConnectionLost, RequestTimeout, TransportError
 from kvrpc.protocol import ProtocolDefinition
-from kvrpc.transport import BlockingClientTransport, Oversized, TransportOptions, connect_blocking
+from kvrpc.transport import BlockingClientTransport, TransportOptions, connect_blocking
 
 __all__ = ["NOT_TAKEN", "DirectLane"]
 
@@ -155,25 +147,14 @@ class DirectLane:
                 stats.disconnects += 1
                 self._drop()
                 raise ConnectionLost(f"connection to {self.url} lost: {exc}") from None
-            if type(frames) is Oversized:
+            message = read_reply(frames, self._options.max_message_size, self.url)
+            if not isinstance(message, Message):
                 stats.malformed += 1
-                kind, answered = codec.peek(frames)
-                if answered == request_id and kind is not MessageKind.REQUEST:
-                    raise MessageTooLarge(
-                        f"the reply of {frames.size} bytes exceeds this client's "
-                        f"max_message_size of {self._options.max_message_size}"
-                    )
-                continue
-            try:
-                message = codec.decode(frames)
-            except ProtocolError as exc:
-                stats.malformed += 1
-                refused = refusal_error(frames, self.url)
-                if refused is not None:  # an auth server's answer to a lane without a token
-                    self._drop()
-                    raise refused from None
-                if exc.request_id == request_id and exc.kind is not MessageKind.REQUEST:
-                    raise
+                if message.error is not None and message.request_id is None:
+                    self._drop()  # an auth server's answer to a lane without a token
+                    raise message.error
+                if message.error is not None and message.request_id == request_id:
+                    raise message.error
                 continue
             if message.kind is MessageKind.REQUEST:
                 stats.malformed += 1
