@@ -38,7 +38,7 @@ from kvrpc import codec
 from kvrpc.bench._child import kv_server_child, ready_child
 from kvrpc.bench.baselines import SyncRawBaseline, SyncRawEchoClient, baseline_for
 from kvrpc.bench.lmcache_peer import LMCacheSyncPath, lmcache_version, require_lmcache
-from kvrpc.bench.rpc import percentile
+from kvrpc.bench.rpc import _raw_url, percentile
 from kvrpc.client import SyncClient
 from kvrpc.errors import KvrpcError
 from kvrpc.progress import Progress
@@ -194,10 +194,10 @@ def _contenders(
         if not isinstance(baseline, SyncRawBaseline):
             _progress(f"no blocking raw baseline for {scheme}: {prefix.rstrip('_')} left out")
             continue
-        raw_url = parse_url(
-            f"{scheme}://{os.path.join(tmp, 'raw.sock')}"
-            if scheme != url.scheme or url.port is None
-            else url.raw.replace(f":{url.port}", f":{url.port + 1}", 1)
+        raw_url = (
+            _raw_url(url)  # the async figures' place for it: the next port
+            if scheme == url.scheme and url.port is not None
+            else parse_url(f"{scheme}://{os.path.join(tmp, 'raw.sock')}")
         )
         child = stack.enter_context(
             ready_child(baseline.server_argv(raw_url), "ready", tmp, f"raw echo at {raw_url.raw}")
