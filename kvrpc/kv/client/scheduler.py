@@ -230,20 +230,24 @@ class SchedulerAdapter:
         A lookup that failed (server gone, timeout) counts as 0 matched tokens, logged: the
         engine then computes the prompt. Raises :class:`KVError` for an id never submitted.
         """
+        return self._check(request_id, self.poll_grace)
+
+    def _check(self, request_id: str, grace: float) -> int | None:
+        """:meth:`check_lookup_result`, waiting up to ``grace`` seconds for a pending answer."""
         lookup = self._lookups.get(request_id)
         if lookup is None:
             raise KVError(f"no lookup was submitted for request {request_id!r}")
         if lookup.tokens is not None:
             return lookup.tokens
         if len(lookup.answers) > 1:
-            return self._check_everywhere(request_id, lookup)
-        chunks = self._poll(self._link, lookup.answers[0], request_id)
+            return self._check_everywhere(request_id, lookup, grace)
+        chunks = self._poll(self._link, lookup.answers[0], request_id, grace)
         if chunks is None:
             return None
         lookup.tokens = chunks * self.chunk_size
         return lookup.tokens
 
-    def _poll(self, link: ServerLink, answer: _Answer, request_id: str) -> int | None:
+    def _poll(self, link: ServerLink, answer: _Answer, request_id: str, grace: float) -> int | None:
         """Chunks ``link``'s server matched, None while pending; a failure counts as 0.
 
         A lookup that answers a prefetch job's id is followed by its status queries on the
@@ -256,7 +260,7 @@ class SchedulerAdapter:
         # A short wait, not a glance: it lets go of the GIL, which the client's loop thread
         # needs to read the answer. A caller polling in a tight loop would otherwise keep it,
         # and the answer would land only at the interpreter's switches, 5 ms apart.
-        if not future.done() and not future.wait(self.poll_grace):
+        if not future.done() and not future.wait(grace):
             return None
         try:
             result = future.result()
@@ -280,7 +284,7 @@ class SchedulerAdapter:
         answer.chunks = int(result)
         return answer.chunks
 
-    def _check_everywhere(self, request_id: str, lookup: _Lookup) -> int | None:
+    def _check_everywhere(self, request_id: str, lookup: _Lookup, grace: float) -> int | None:
         """The fewest chunks any server matched, once known; None while it may still change.
 
         Known once every server answered, or one matched 0 (the fewest cannot be fewer), or
@@ -289,7 +293,7 @@ class SchedulerAdapter:
         ended, so that whatever its late answer pins goes at once.
         """
         counts = [
-            self._poll(link, answer, request_id)
+            self._poll(link, answer, request_id, grace)
             for link, answer in zip(self._links, lookup.answers, strict=True)
         ]
         pending = counts.count(None)
@@ -422,7 +426,8 @@ class PollingSchedulerAdapter(SchedulerAdapter):
         """Tokens matched for ``request_id``, waiting up to ``lookup_timeout`` seconds."""
         deadline = time.monotonic() + self.lookup_timeout
         while True:
-            tokens = super().check_lookup_result(request_id)
+            # No grace: this loop waits on the answer itself, within its own deadline.
+            tokens = self._check(request_id, 0.0)
             if tokens is not None:
                 return tokens
             left = deadline - time.monotonic()
