@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 __all__ = [
     "ALREADY_STORED",
     "BEING_STORED",
+    "CHECKSUM_MISMATCH",
     "DEADLINE_PASSED",
     "NOT_IN_CACHE",
     "NO_FREE_SLOT",
@@ -46,6 +47,7 @@ class KeyStatus(enum.IntEnum):
     WRONG_NAMESPACE = 8  #: keys of another model or world size than the instance's
     WRONG_WORKER = 9  #: keys of another worker (rank) than the instance's
     BAD_BLOCK_ID = 10  #: a block id outside the KV cache
+    CHECKSUM_MISMATCH = 11  #: retrieve: the copied bytes failed the chunk's checksum
 
     @property
     def held(self) -> bool:
@@ -72,6 +74,11 @@ DEADLINE_PASSED = KeyFailure(
     KeyStatus.DEADLINE_PASSED, "the deadline passed before the copy started; no block was written"
 )
 WORKER_GONE = KeyFailure(KeyStatus.WORKER_GONE, "the worker unregistered; nothing was copied")
+CHECKSUM_MISMATCH = KeyFailure(
+    KeyStatus.CHECKSUM_MISMATCH,
+    "the chunk's bytes in the blocks do not match its checksum (--verify-retrieves): "
+    "recompute these tokens; the server's log says whether its own copy was bad",
+)
 
 
 def copy_failed(error: BaseException | str) -> KeyFailure:

@@ -42,7 +42,7 @@ _REFUSALS = ("oversized", "malformed", "unknown_protocol", "invalid_payload", "b
 # Transport counters with a metric of their own; the rest go to kvrpc_transport_events_total.
 _NAMED_TRANSPORT = ("connections", "disconnects", "malformed", "dropped")
 _TIER_ERRORS = {
-    "disk": ("errors", "refused"),
+    "disk": ("errors", "corrupt", "refused"),
     "redis": ("errors", "timeouts", "write_errors", "corrupt"),
 }
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvrpc.errors import KVConfigError, KVError
+from kvrpc.kv import integrity
 from kvrpc.kv.server.tiers import LowerTier, disk
 from kvrpc.kv.server.tiers.disk import DiskTier
 
@@ -33,7 +34,7 @@ def chunk(i: int, n: int = N) -> torch.Tensor:
 
 async def loaded(tier: DiskTier, k: bytes, n: int = N) -> torch.Tensor | None:
     out = torch.zeros(n, dtype=torch.uint8)
-    return out if await tier.load(k, out) else None
+    return out if await tier.load(k, out) is not None else None
 
 
 @pytest.fixture
@@ -56,10 +57,10 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, thr
     entered, release = threading.Event(), threading.Event()
     real = disk._write_file
 
-    def held(directory: str, path: str, data: torch.Tensor) -> None:
+    def held(directory: str, path: str, data: torch.Tensor, checksum: int | None) -> None:
         entered.set()
         release.wait(10)
-        real(directory, path, data)
+        real(directory, path, data, checksum)
 
     monkeypatch.setattr(disk, "_write_file", held)
     yield entered, release
@@ -86,6 +87,7 @@ async def test_saved_chunk_loads_back_byte_for_byte(tmp_path: Path, make_tier: M
         "load_bytes": N,
         "evictions": 0,
         "errors": 0,
+        "corrupt": 0,
         "refused": 0,
     }
 
@@ -97,7 +99,10 @@ async def test_each_chunk_is_one_file_named_by_its_key_in_hex(
     await tier.save(key(1), chunk(1))
     await tier.save(key(2), chunk(2))
     assert sorted(os.listdir(tmp_path)) == sorted([key(1).hex(), key(2).hex()])
-    assert (tmp_path / key(2).hex()).read_bytes() == bytes(chunk(2).tolist())
+    raw = (tmp_path / key(2).hex()).read_bytes()
+    assert raw[:N] == bytes(chunk(2).tolist())  # then the trailer with its checksum
+    assert raw[N : N + 4] == b"KVRS"
+    assert int.from_bytes(raw[-8:], "little") == integrity.checksum(chunk(2))
 
 
 async def test_load_of_an_absent_key_returns_false_and_leaves_out_alone(
@@ -106,7 +111,7 @@ async def test_load_of_an_absent_key_returns_false_and_leaves_out_alone(
     tier = make_tier(tmp_path)
     await tier.save(key(1), chunk(1))
     out = torch.full((N,), 7, dtype=torch.uint8)
-    assert await tier.load(key(2), out) is False
+    assert await tier.load(key(2), out) is None
     assert bool((out == 7).all())
     assert not tier.contains(key(2))
 
@@ -281,7 +286,7 @@ async def test_a_file_truncated_behind_the_tiers_back_is_not_loaded_and_is_dropp
     os.truncate(tmp_path / key(1).hex(), N // 2)
     assert await loaded(tier, key(1)) is None
     assert not tier.contains(key(1))
-    assert tier.stats()["errors"] == 1
+    assert tier.stats()["corrupt"] == 1
 
 
 async def test_a_file_deleted_behind_the_tiers_back_is_not_loaded_and_is_dropped(
@@ -337,3 +342,66 @@ async def test_after_aclose_saves_do_nothing_and_loads_return_false(
     await tier.save(key(2), chunk(2))
     assert not tier.contains(key(2))
     assert await loaded(tier, key(1)) is None
+
+
+# ---------------------------------------------------------------------- end-to-end checksums
+
+
+async def test_a_load_returns_the_checksum_saved_with_the_chunk(
+    tmp_path: Path, make_tier: MakeTier
+) -> None:
+    tier = make_tier(tmp_path)
+    await tier.save(key(1), chunk(1), integrity.checksum(chunk(1)))
+    await tier.save(key(2), chunk(2))  # none given: the tier computes it
+    for i in (1, 2):
+        out = torch.zeros(N, dtype=torch.uint8)
+        assert await tier.load(key(i), out) == integrity.checksum(chunk(i))
+        assert torch.equal(out, chunk(i))
+    size = (tmp_path / key(1).hex()).stat().st_size
+    assert size == N + disk.TRAILER_SIZE
+
+
+@pytest.mark.parametrize("offset", [0, 1, N // 2, N - 1, N + disk.TRAILER_SIZE - 1])
+async def test_every_corrupt_byte_planted_in_a_file_is_a_miss_counted_and_deleted(
+    tmp_path: Path, make_tier: MakeTier, offset: int
+) -> None:
+    tier = make_tier(tmp_path)
+    for i in (1, 2):
+        await tier.save(key(i), chunk(i), integrity.checksum(chunk(i)))
+    path = tmp_path / key(1).hex()
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10  # in the chunk's bytes, or in the checksum the trailer holds
+    path.write_bytes(bytes(raw))
+
+    assert await loaded(tier, key(1)) is None
+    assert not tier.contains(key(1))
+    assert not path.exists()
+    assert tier.stats()["corrupt"] == 1
+    assert tier.stats()["files"] == 1
+    out = await loaded(tier, key(2))  # the good one still loads
+    assert out is not None
+    assert torch.equal(out, chunk(2))
+
+
+async def test_a_file_with_a_checksum_of_other_bytes_is_a_miss(
+    tmp_path: Path, make_tier: MakeTier
+) -> None:
+    tier = make_tier(tmp_path)
+    await tier.save(key(1), chunk(1), integrity.checksum(chunk(2)))  # a wrong one
+    assert await loaded(tier, key(1)) is None
+    assert tier.stats()["corrupt"] == 1
+
+
+async def test_a_file_without_this_formats_trailer_is_a_miss_and_deleted(
+    tmp_path: Path, make_tier: MakeTier
+) -> None:
+    # An earlier format (the bytes alone) and a trailer whose magic is not this format's.
+    (tmp_path / key(1).hex()).write_bytes(bytes(chunk(1).tolist()))
+    wrong = bytes(chunk(2).tolist()) + b"XXXX" + bytes(disk.TRAILER_SIZE - 4)
+    (tmp_path / key(2).hex()).write_bytes(wrong)
+    tier = make_tier(tmp_path)
+    for i in (1, 2):
+        assert tier.contains(key(i))
+        assert await loaded(tier, key(i)) is None
+        assert not (tmp_path / key(i).hex()).exists()
+    assert tier.stats()["corrupt"] == 2

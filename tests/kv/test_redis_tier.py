@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrpc.kv import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
+from kvrpc.kv import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter, integrity
 from kvrpc.kv.layout import KVLayout, LayoutKind
 from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.records import Namespace
@@ -215,7 +215,7 @@ async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
         await until(lambda: len(t.released) == 2, "both writes")
         base1 = base_of(ns, 1)
         base2 = base_of(ns, 2)
-        # One byte of a part changed (same length): only the CRC can tell.
+        # One byte of a part changed (same length): only the checksum can tell.
         part = base1 + b":1"
         direct = store_client(redis)
         direct.setrange(part, 7, b"\x00" if chunk(1)[4096 + 7] else b"\x01")
@@ -224,6 +224,57 @@ async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
         assert await t.load(ns, 2) is None
         assert t.tier.stats()["corrupt"] == 2
         assert direct.exists(base1 + b":h", part, base2 + b":h") == 0
+
+
+@needs_redis
+async def test_the_header_carries_the_chunks_own_checksum(redis: RedisProcess) -> None:
+    ns = namespace()
+    async with Tier(redis.url) as t:
+        given = integrity.checksum(chunk(1))
+        assert t.tier.offer(ns, pool_key(ns, 1), chunk(1), lambda: None, given)
+        assert t.offer(ns, 2, chunk(2))  # stored without one: the writer computes it
+        await until(lambda: t.tier.stats()["writes"] == 2, "both writes")
+        headers = await t.tier.find(ns, [pool_key(ns, 1), pool_key(ns, 2)])
+        assert [h.checksum if h else None for h in headers] == [
+            given,
+            integrity.checksum(chunk(2)),
+        ]
+
+
+@needs_redis
+@READS
+@pytest.mark.parametrize("offset", [0, 4095, 4096, 8191, NBYTES - 1], ids=lambda o: f"byte{o}")
+async def test_every_corrupt_byte_planted_in_a_part_is_detected_as_a_miss_and_deleted(
+    redis: RedisProcess, direct: bool, offset: int
+) -> None:
+    ns = namespace()
+    async with Tier(redis.url, direct_reads=direct) as t:
+        for seed in (1, 2):
+            assert t.offer(ns, seed, chunk(seed))
+        await until(lambda: len(t.released) == 2, "both writes")
+        base = base_of(ns, 1)
+        part, at = divmod(offset, 4096)
+        store = store_client(redis)
+        old = store.getrange(base + b":%d" % part, at, at)
+        store.setrange(base + b":%d" % part, at, bytes([old[0] ^ 0x04]))
+        assert await t.load(ns, 1) is None
+        assert t.tier.stats()["corrupt"] == 1
+        assert store.exists(base + b":h", base + b":0", base + b":1", base + b":2") == 0
+        loaded = await t.load(ns, 2)
+        assert loaded is not None and torch.equal(loaded, chunk(2))
+
+
+@needs_redis
+async def test_a_value_whose_checksum_names_other_bytes_is_never_loaded(
+    redis: RedisProcess,
+) -> None:
+    ns = namespace()
+    async with Tier(redis.url) as t:
+        wrong = integrity.checksum(chunk(9))
+        assert t.tier.offer(ns, pool_key(ns, 1), chunk(1), lambda: None, wrong)
+        await until(lambda: t.tier.stats()["writes"] == 1, "the write")
+        assert await t.load(ns, 1) is None
+        assert t.tier.stats()["corrupt"] == 1
 
 
 @needs_redis

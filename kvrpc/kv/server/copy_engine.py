@@ -48,6 +48,7 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle, poll_event
 from kvrpc.errors import DeadlinePassed
+from kvrpc.kv import integrity
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.server.copy_plan import (
     GroupViews,
@@ -243,6 +244,10 @@ class CopyEngine:
             gather.wait_event(transfer.ready)
         started = _cuda.Event(enable_timing=True)
         started.record(gather)
+        lanes = None
+        if transfer.checksum:
+            with torch.cuda.stream(gather):
+                lanes = torch.empty((len(transfer.slots), 2), dtype=torch.int64, device=self.device)
         for first, count, ids in groups:
             b, views, free = self._next_views(lane, count, chunk_nbytes, layout)
             staging = views.rows
@@ -252,6 +257,11 @@ class CopyEngine:
                 self.graphs.run_group(transfer.layers, sources, views, layout, ids, b, count, False)
                 gathered = _cuda.Event()
                 gathered.record(gather)
+                if lanes is not None:
+                    # After the event the DMA waits for, so the fold of the staged rows runs
+                    # beside their copy to the host; the next gather into this buffer comes
+                    # after it on this stream.
+                    lanes[first : first + count] = integrity.fold(staging)
             copy.wait_event(gathered)
             with torch.cuda.stream(copy):
                 for view, row, rows in host_runs(transfer, first, count, chunk_nbytes):
@@ -260,7 +270,19 @@ class CopyEngine:
                 freed.record(copy)
             lane.free[b] = freed
             time.sleep(0)
+        if lanes is not None:
+            self._checksums_to_host(transfer, lanes, gather, copy)
         return self._finish(copy, started, chunk_nbytes * len(transfer.slots))
+
+    def _checksums_to_host(self, transfer: Transfer, lanes: Any, gather: Any, copy: Any) -> None:
+        """Copy the folded checksums into pinned ``transfer.checksums``, before the done event."""
+        folded = _cuda.Event()
+        folded.record(gather)
+        copy.wait_event(folded)
+        transfer.checksums = torch.empty(lanes.shape, dtype=torch.int64, pin_memory=True)
+        with torch.cuda.stream(copy):
+            transfer.checksums.copy_(lanes, non_blocking=True)
+        lanes.record_stream(copy)  # made on the gather stream, read on this one
 
     def _check_deadline(self, transfer: Transfer) -> None:
         if transfer.deadline is not None and time.monotonic() > transfer.deadline:

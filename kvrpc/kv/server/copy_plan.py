@@ -248,6 +248,11 @@ class Transfer:
     """The worker's event: its blocks are ready to read (store) or to write (retrieve)."""
     deadline: float | None = None
     """``time.monotonic()`` past which the copy must not start (retrieve)."""
+    checksum: bool = False
+    """Store: fold each chunk's checksum on the GPU beside the copy (:mod:`kvrpc.kv.integrity`)."""
+    checksums: torch.Tensor | None = None
+    """Store with ``checksum``: set by the engine, pinned int64 ``[n, 2]``, each chunk's
+    lanes; filled on the host once the batch's completion event has completed."""
 
 
 def host_runs(

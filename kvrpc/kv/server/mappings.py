@@ -97,6 +97,12 @@ class Mappings:
         assert isinstance(mapped, CudaCache)
         return mapped
 
+    def shared_layers(self, instance: Instance) -> list[torch.Tensor]:
+        """An shm instance's mapped layers."""
+        mapped = self._mapped[instance.id]
+        assert isinstance(mapped, list)
+        return [mapping.tensor for mapping in mapped]
+
     def transfer(
         self,
         cache: CudaCache,

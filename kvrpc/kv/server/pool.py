@@ -26,11 +26,12 @@ memory after use.
 
 Memory: the only Python object per stored chunk is its key. Everything else lives in flat
 arrays allocated once, at construction: slot -> key (a list), the LRU links, pin counts, states,
-the free stack, and key -> slot as an open-addressing hash table of slot numbers. That is about
-120 bytes of metadata per chunk with 42-byte keys (the key object takes 80 of them), the same
-at every pool size; a dict from key to slot would add a boxed int and a dict entry per chunk and
-reach 205 bytes at some sizes. Every operation except :meth:`~ChunkPool.clear` and
-:meth:`~ChunkPool.keys` is O(1) (expected, for the hash table, which is at most half full).
+the free stack, the chunks' checksums, and key -> slot as an open-addressing hash table of slot
+numbers. That is about 130 bytes of metadata per chunk with 42-byte keys (the key object takes
+80 of them), the same at every pool size; a dict from key to slot would add a boxed int and a
+dict entry per chunk and reach 205 bytes at some sizes. Every operation except
+:meth:`~ChunkPool.clear` and :meth:`~ChunkPool.keys` is O(1) (expected, for the hash table,
+which is at most half full).
 """
 
 from __future__ import annotations
@@ -137,6 +138,10 @@ class ChunkPool:
         self._home = array("I", [0]) * num_slots
         self._state = array("b", [_FREE]) * num_slots
         self._pins = array("i", [0]) * num_slots
+        # Each ready chunk's end-to-end checksum (kvrpc.kv.integrity), and whether it has one:
+        # 9 bytes a slot, beside the rest of the flat tables.
+        self._sums = array("Q", [0]) * num_slots
+        self._summed = array("b", [0]) * num_slots
         # Doubly linked LRU list of ready, unpinned slots through index `num_slots`, the
         # sentinel: _next[sentinel] is the least recently used slot, _prev[sentinel] the most.
         self._next = array("i", [num_slots]) * (num_slots + 1)
@@ -305,9 +310,18 @@ class ChunkPool:
         self._filling += 1
         return slot
 
-    def commit(self, slot: int) -> None:
-        """The fill of ``slot`` completed: its key becomes ready and the most recently used."""
+    def commit(self, slot: int, checksum: int | None = None) -> None:
+        """The fill of ``slot`` completed: its key becomes ready and the most recently used.
+
+        ``checksum`` is the chunk's end-to-end checksum (:mod:`kvrpc.kv.integrity`), kept
+        with it until the slot is freed; None when it was stored without one.
+        """
         self._check_state(slot, _FILLING, "commit")
+        if checksum is None:
+            self._summed[slot] = 0
+        else:
+            self._sums[slot] = checksum
+            self._summed[slot] = 1
         self._state[slot] = _READY
         self._filling -= 1
         self._link_mru(slot)
@@ -379,6 +393,11 @@ class ChunkPool:
                 nxt[slot] = num_slots
                 nxt[last] = slot
                 prev[num_slots] = slot
+
+    def checksum(self, slot: int) -> int | None:
+        """The checksum committed with a ready slot's chunk; None if it has none."""
+        self._check_state(slot, _READY, "checksum")
+        return self._sums[slot] if self._summed[slot] else None
 
     def pins(self, slot: int) -> int:
         """The pin count of ``slot`` (0 for free and filling slots)."""

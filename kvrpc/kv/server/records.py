@@ -123,17 +123,26 @@ class StorePlan:
     block_ids: torch.Tensor
     reserved: list[tuple[int, int]] = field(default_factory=list)
     waiting: list[int] = field(default_factory=list)
+    #: Set by the shell once the copies are done: the checksum of each reserved slot's
+    #: chunk, in ``reserved``'s order (None: stored without checksums).
+    checksums: list[int] | None = None
 
 
 @dataclass(eq=False)
 class RetrievePlan:
-    """An admitted retrieve: per key None or a :class:`KeyFailure`, and the slots it pinned."""
+    """An admitted retrieve: per key None or a :class:`KeyFailure`, and the slots it pinned.
+
+    ``checksums`` pairs with ``found``: the checksum each pinned chunk was committed with
+    (None if it has none), for ``--verify-retrieves``.
+    """
 
     instance: Instance
     request_ids: list[str]
     results: list[KeyFailure | None]
     block_ids: torch.Tensor
     found: list[tuple[int, int]] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    checksums: list[int | None] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +157,9 @@ class Counters:
     store_duplicates: int = 0
     retrieves: int = 0
     retrieve_misses: int = 0
+    #: Retrieved chunks whose bytes in the worker's blocks failed their checksum
+    #: (``--verify-retrieves``): failed, never handed over as good.
+    retrieve_corrupt: int = 0
     store_bytes: int = 0  #: bytes of the chunks stored into L1
     retrieve_bytes: int = 0  #: bytes of the chunks retrieved from L1
     prefetch_jobs: int = 0

@@ -6,6 +6,12 @@ loads are the I/O shell's (:mod:`~kvrpc.kv.server.cpu_copies`,
 :mod:`~kvrpc.kv.server.gpu_copies`, :mod:`~kvrpc.kv.server.tiering`); the worker's mapped
 memory is kept here by instance id, beside the state's record of it.
 
+Integrity: every stored chunk gets its checksum (:mod:`kvrpc.kv.integrity`) as it is stored,
+in the copy executor for ``shm`` and ``inline`` stores and on the GPU beside the copy for
+``cuda_ipc`` ones; L1 keeps it with the chunk and the tiers store and verify it. With
+``verify_retrieves`` every retrieve is read back out of the blocks and checked too
+(:mod:`~kvrpc.kv.server.verify`).
+
 Threading model: every handler runs on the server's event loop thread, the only thread that
 reads or changes the state, so nothing is locked. Copies run in the copy executor or a GPU's
 copy engine while the slots they touch are reserved (a store) or pinned (a retrieve).
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -27,20 +34,22 @@ import torch
 from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.cuda import CudaEventHandle
 from kvrpc.errors import KVConfigError, KVError
-from kvrpc.kv import protocols
+from kvrpc.kv import integrity, protocols
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import gather_chunks, scatter_chunks
-from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, outcome_fields
+from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, copy_failed, outcome_fields
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
 from kvrpc.kv.server.access import memory_owner
+from kvrpc.kv.server.copy_engine import Transfer
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
-from kvrpc.kv.server.gpu_copies import GpuCopies
+from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
 from kvrpc.kv.server.mappings import Mappings
 from kvrpc.kv.server.pool import ChunkPool
-from kvrpc.kv.server.records import Instance, StorePlan
+from kvrpc.kv.server.records import Instance, RetrievePlan, StorePlan
 from kvrpc.kv.server.state import KVState
 from kvrpc.kv.server.tiering import Tiering
 from kvrpc.kv.server.tiers import LowerTier, RemoteTier
+from kvrpc.kv.server.verify import blocks_checksums, judge, slot_checksums
 from kvrpc.loopwatch import LoopLagProbe
 from kvrpc.server import PeerInfo, RPCServer, current_peer
 
@@ -58,8 +67,11 @@ class KVService:
     owns. ``lower_tier`` is this host's disk tier, ``remote_tier`` a store shared by many
     servers (Redis), each optional. ``cuda_group_bytes`` sizes each of a GPU copy engine's
     two staging buffers. On a host with CUDA the pool is pinned, so that GPU copies run at
-    PCIe speed. Open it (``async with``) on the server's loop before serving: that starts
-    the task that drops silent clients (and a remote tier's writers and probe).
+    PCIe speed. ``checksums`` off stores chunks without their checksum (the tiers then
+    compute it when they write; for measuring its cost); ``verify_retrieves`` checks every
+    retrieve's bytes in the blocks (a debug mode, see :mod:`~kvrpc.kv.server.verify`).
+    Open it (``async with``) on the server's loop before serving: that starts the task
+    that drops silent clients (and a remote tier's writers and probe).
     """
 
     def __init__(
@@ -73,6 +85,8 @@ class KVService:
         remote_tier: RemoteTier | None = None,
         cuda_group_bytes: int = 256 << 20,
         loop_probe: bool = False,
+        checksums: bool = True,
+        verify_retrieves: bool = False,
     ) -> None:
         if cpu_buffer_bytes < 1:
             raise KVConfigError(f"the CPU buffer must be at least 1 byte, not {cpu_buffer_bytes}")
@@ -83,6 +97,8 @@ class KVService:
             remote=remote_tier,
         )
         self.cpu_buffer_bytes = cpu_buffer_bytes
+        self.checksums = checksums
+        self.verify_retrieves = verify_retrieves
         self.lower_tier = lower_tier
         self.remote_tier = remote_tier
         self.cpu = CpuCopies(copy_workers)
@@ -248,8 +264,30 @@ class KVService:
                     gather_chunks, instance, plan.reserved, block_ids, outs
                 )
             late = functools.partial(self.state.abandon_store, plan)
-            self._settle_store(plan, await self.cpu.run(works, on_late_finish=late))
+            error = await self.cpu.run(works, on_late_finish=late)
+            if error is None and self.checksums:
+                error = await self._checksum_slots(plan, outs, late)
+            self._settle_store(plan, error)
         return StoreReply(**outcome_fields(plan.results))
+
+    async def _checksum_slots(
+        self, plan: StorePlan, outs: list[torch.Tensor], late: Callable[[], None]
+    ) -> KeyFailure | None:
+        """Each filled slot's checksum, into ``plan.checksums``, spread over the copy threads."""
+        sums: list[int] = [0] * len(outs)
+        parts = max(1, min(self.cpu.workers, len(outs)))
+        bounds = [len(outs) * k // parts for k in range(parts + 1)]
+
+        def fold(first: int, end: int) -> None:
+            for n in range(first, end):
+                sums[n] = integrity.checksum(outs[n])
+
+        works: list[Callable[[], None]] = [
+            functools.partial(fold, a, b) for a, b in itertools.pairwise(bounds)
+        ]
+        error = await self.cpu.run(works, on_late_finish=late)
+        plan.checksums = sums
+        return error
 
     async def store_cuda(
         self,
@@ -273,13 +311,20 @@ class KVService:
         if not plan.reserved or instance.closed:
             return CudaCopyReply(**outcome_fields(plan.results))
         cache = self.mappings.cuda(instance)
-        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.reserved, None)
+        made: list[Transfer] = []
+
+        def transfer(ready: Any) -> Transfer:
+            job = self.mappings.transfer(cache, block_ids, plan.reserved, None, ready)
+            job.checksum = self.checksums  # the engine folds each chunk on the GPU
+            made.append(job)
+            return job
+
         late = functools.partial(self.state.abandon_store, plan)
         error, result = await self.gpu.copy(cache, cache.engine.submit_store, transfer, ready, late)
         if error is not None:
             self._settle_store(plan, error)
             return CudaCopyReply(**outcome_fields(plan.results))
-        settle = functools.partial(self._settle_store, plan)
+        settle = functools.partial(self._settle_cuda_store, plan, made[0])
         answered = self.gpu.settle_later(cache.engine, plan.results, settle, result, started)
         return CudaCopyReply(**outcome_fields(answered), cuda_event=result[1])
 
@@ -292,6 +337,14 @@ class KVService:
             await self.tiering.save_finished()
             self.state.reserve(plan)
         return plan
+
+    def _settle_cuda_store(
+        self, plan: StorePlan, transfer: Transfer, error: KeyFailure | None
+    ) -> None:
+        """Settle a completed GPU store: the engine's checksums are on the host by now."""
+        if error is None and transfer.checksums is not None:
+            plan.checksums = integrity.combine(transfer.checksums)
+        self._settle_store(plan, error)
 
     def _settle_store(self, plan: StorePlan, error: KeyFailure | None) -> None:
         saves = self.state.settle_store(plan, error)
@@ -318,7 +371,18 @@ class KVService:
         else:
             works = self.mappings.by_layers(scatter_chunks, instance, plan.found, block_ids, srcs)
         late = functools.partial(self.state.abandon_retrieve, plan)
-        self.state.settle_retrieve(plan, await self.cpu.run(works, on_late_finish=late))
+        error = await self.cpu.run(works, on_late_finish=late)
+        failed: list[int] = []
+        bad: list[int] = []
+        if error is None and self.verify_retrieves and plan.found:
+            verdict: list[tuple[list[int], list[int]]] = []
+            check = functools.partial(
+                self._verify_on_cpu, instance, plan, block_ids, srcs, copies, verdict
+            )
+            error = await self.cpu.run([check], on_late_finish=late)
+            if verdict:
+                failed, bad = verdict[0]
+        self.state.settle_retrieve(plan, error, failed, bad)
         if instance.mode != "inline":
             return RetrieveReply(**outcome_fields(plan.results))
         by_index = dict(zip((i for i, _ in plan.found), copies, strict=False))
@@ -326,6 +390,54 @@ class KVService:
         results = plan.results
         chunks = [by_index.get(i, empty) if results[i] is None else empty for i in range(len(keys))]
         return RetrieveReply(**outcome_fields(results), chunks=chunks)
+
+    def _verify_on_cpu(
+        self,
+        instance: Instance,
+        plan: RetrievePlan,
+        block_ids: torch.Tensor,
+        srcs: list[torch.Tensor],
+        copies: list[torch.Tensor],
+        verdict: list[tuple[list[int], list[int]]],
+    ) -> None:
+        """In a copy thread: the retrieve's failed and bad-in-L1 key indices, into ``verdict``."""
+        if instance.mode == "inline":
+            in_blocks: list[int | None] = [integrity.checksum(copy) for copy in copies]
+        else:
+            rows = block_ids[[i for i, _ in plan.found]]
+            layers = self.mappings.shared_layers(instance)
+            in_blocks = blocks_checksums(layers, instance.layout, rows)
+        verdict.append(self._verdict(plan, in_blocks, slot_checksums(srcs)))
+
+    def _verdict(
+        self, plan: RetrievePlan, in_blocks: list[int | None], in_slots: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """:func:`judge`'s positions as key indices; each failure logged."""
+        failed, bad = judge(plan.checksums, in_blocks, list(in_slots))
+        for n in failed:
+            logger.error(
+                "--verify-retrieves: a retrieved chunk's bytes do not match its checksum; %s",
+                "L1's copy is bad and is dropped"
+                if n in bad
+                else "L1's copy is good: the copy into the blocks went wrong",
+            )
+        return [plan.found[n][0] for n in failed], [plan.found[n][0] for n in bad]
+
+    async def _verify_cuda(
+        self, cache: CudaCache, plan: RetrievePlan, block_ids: torch.Tensor
+    ) -> tuple[list[int], list[int]]:
+        """Check a completed GPU retrieve's blocks: its failed and bad-in-L1 key indices."""
+        engine = cache.engine
+        rows = block_ids[[i for i, _ in plan.found]]
+
+        def in_engine() -> list[int | None]:
+            with torch.cuda.device(engine.device):
+                return blocks_checksums(cache.layers, cache.layout, rows)
+
+        srcs = self.mappings.slots(plan.found, plan.instance.chunk_nbytes)
+        in_blocks = await asyncio.wrap_future(engine.executor.submit(in_engine))
+        in_slots = await asyncio.to_thread(slot_checksums, srcs)
+        return self._verdict(plan, in_blocks, in_slots)
 
     async def retrieve_cuda(
         self,
@@ -405,8 +517,38 @@ class KVService:
         if error is not None:
             self.state.settle_retrieve(plan, error)
             return plan.results, None
+        if self.verify_retrieves:
+            return await self._verified_cuda_retrieve(cache, plan, block_ids, result), result
         settle = functools.partial(self.state.settle_retrieve, plan)
         return self.gpu.settle_later(cache.engine, plan.results, settle, result, started), result
+
+    async def _verified_cuda_retrieve(
+        self, cache: CudaCache, plan: RetrievePlan, block_ids: torch.Tensor, result: Any
+    ) -> list[KeyFailure | None]:
+        """``--verify-retrieves``: wait for the copy, check the blocks, then settle and answer.
+
+        The reply waits for the copy (its event has completed when the worker gets it), so
+        that a key whose blocks fail their checksum is answered as failed.
+        """
+        waited = cache.engine.wait(result[0], result[1])
+        try:
+            await asyncio.wrap_future(waited)
+            failed, bad = await self._verify_cuda(cache, plan, block_ids)
+        except asyncio.CancelledError:  # settle once the GPU no longer reads the slots
+            loop = asyncio.get_running_loop()
+            gone = copy_failed("the server shut down")
+
+            def late(_: object) -> None:
+                loop.call_soon_threadsafe(self.state.settle_retrieve, plan, gone)
+
+            waited.add_done_callback(late)
+            raise
+        except Exception as exc:
+            logger.error("verifying a GPU retrieve failed", exc_info=exc)
+            self.state.settle_retrieve(plan, copy_failed(exc))
+            return plan.results
+        self.state.settle_retrieve(plan, None, failed, bad)
+        return plan.results
 
     # ------------------------------------------------------------------ lookup / sessions
 

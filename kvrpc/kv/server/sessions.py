@@ -172,16 +172,19 @@ class SessionBook:
         slot = self._pool().reserve(key)
         return slot if isinstance(slot, int) else None  # present, or no room: counted later
 
-    def prefetched(self, job: Job, key: bytes, slot: int, ok: bool) -> None:
+    def prefetched(
+        self, job: Job, key: bytes, slot: int, ok: bool, checksum: int | None = None
+    ) -> None:
         """A load into ``slot`` ended: keep and pin it for the session at once, or free it.
 
-        Pinned at once, so that loading the next chunk cannot evict it.
+        Pinned at once, so that loading the next chunk cannot evict it. ``checksum`` is the
+        one the tier verified the bytes against, kept with the chunk in L1.
         """
         pool = self._pool()
         if not ok:
             pool.abort(slot)
             return
-        pool.commit(slot)
+        pool.commit(slot, checksum)
         self.counters.prefetched += 1
         session = None if job.dropped else self.sessions.get(job.session)
         if session is not None:

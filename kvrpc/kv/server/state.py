@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 from kvrpc.kv.outcomes import (
     ALREADY_STORED,
     BEING_STORED,
+    CHECKSUM_MISMATCH,
     NO_FREE_SLOT,
     NOT_IN_CACHE,
     KeyFailure,
@@ -317,9 +318,10 @@ class KVState:
         :meth:`saved` is called with them, so that the tier reads bytes nobody rewrites.
         """
         pool = self._require_pool()
-        for i, slot in plan.reserved:
+        sums = plan.checksums
+        for n, (i, slot) in enumerate(plan.reserved):
             if error is None:
-                pool.commit(slot)
+                pool.commit(slot, None if sums is None else sums[n])
             else:
                 pool.abort(slot)
                 plan.results[i] = error
@@ -378,7 +380,8 @@ class KVState:
         results = batch_problems(instance, keys, block_ids, retrieve=True)
         plan = RetrievePlan(instance, request_ids, results, block_ids)
         pool = self._require_pool()
-        for i, key in enumerate(poolkeys.pool_keys(keys.hashes, instance.suffix)):
+        plan.keys = poolkeys.pool_keys(keys.hashes, instance.suffix)
+        for i, key in enumerate(plan.keys):
             if results[i] is not None:
                 continue
             slot = pool.lookup(key)
@@ -389,10 +392,25 @@ class KVState:
             pool.pin(slot)
             pool.touch(slot)
             plan.found.append((i, slot))
+            plan.checksums.append(pool.checksum(slot))
         return plan
 
-    def settle_retrieve(self, plan: RetrievePlan, error: KeyFailure | None) -> None:
-        """Unpin the copied slots; release the sessions' pins on what reached the worker."""
+    def settle_retrieve(
+        self,
+        plan: RetrievePlan,
+        error: KeyFailure | None,
+        corrupt: Collection[int] = (),
+        bad_in_l1: Collection[int] = (),
+    ) -> None:
+        """Unpin the copied slots; release the sessions' pins on what reached the worker.
+
+        ``corrupt`` holds the key indices whose bytes in the blocks failed their checksum
+        (``--verify-retrieves``): they fail with ``CHECKSUM_MISMATCH``, counted, and their
+        sessions' pins go as well (the engine recomputes those tokens). Those in
+        ``bad_in_l1`` failed because L1's own copy is bad: it is dropped once nobody pins
+        it, so no later lookup finds it (a copy another session still pins stays until
+        evicted, and fails every verified retrieve meanwhile).
+        """
         pool = self._require_pool()
         ns_id = plan.instance.namespace.id
         for i, slot in plan.found:
@@ -400,10 +418,16 @@ class KVState:
             if error is not None:
                 plan.results[i] = error
                 continue
+            if i in corrupt:
+                plan.results[i] = CHECKSUM_MISMATCH
+                self.counters.retrieve_corrupt += 1
             self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
+            if i in bad_in_l1:
+                pool.remove(plan.keys[i])
         if error is None:
-            self.counters.retrieves += len(plan.found)
-            self.counters.retrieve_bytes += len(plan.found) * plan.instance.chunk_nbytes
+            copied = len(plan.found) - len(corrupt)
+            self.counters.retrieves += copied
+            self.counters.retrieve_bytes += copied * plan.instance.chunk_nbytes
 
     def abandon_retrieve(self, plan: RetrievePlan) -> None:
         """A cancelled retrieve's copies are over: unpin its slots, sessions keep theirs."""
@@ -449,6 +473,7 @@ class KVState:
             "store_duplicates": counters.store_duplicates,
             "retrieves": counters.retrieves,
             "retrieve_misses": counters.retrieve_misses,
+            "retrieve_corrupt": counters.retrieve_corrupt,
             "store_bytes": counters.store_bytes,
             "retrieve_bytes": counters.retrieve_bytes,
             "evictions": pool.evictions if pool is not None else 0,

@@ -10,6 +10,9 @@ to both: to the disk as a save the store may wait for (the disk's speed throttle
 to the remote tier as an offer it may drop (a store never waits for the network). A job
 loads the disk's chunks first, then asks the remote tier about the rest in one round
 trip and loads the leading run it holds.
+
+Each chunk's checksum goes down with it (the one L1 keeps for its slot) and comes back up
+with a load, verified by the tier against the bytes it read: a copy that fails is a miss.
 """
 
 from __future__ import annotations
@@ -63,15 +66,20 @@ class Tiering:
         ns = plan.instance.namespace
         for i, slot in plan.reserved:
             done = functools.partial(state.returned, slot)
-            if remote.offer(ns, plan.keys[i], pool.slot_view(slot)[:nbytes], done):
+            data = pool.slot_view(slot)[:nbytes]
+            if remote.offer(ns, plan.keys[i], data, done, pool.checksum(slot)):
                 state.lend(slot)  # before the writer runs: it starts on a later loop turn
 
     async def _save(self, saves: list[tuple[bytes, int]], nbytes: int) -> None:
         pool = self.state.pool
         assert pool is not None and self.disk is not None
         try:
-            views = [(key, pool.slot_view(slot)[:nbytes]) for key, slot in saves]
-            await asyncio.gather(*(self.disk.save(key, view) for key, view in views))
+            # The slots are pinned for the save: their keys and checksums hold still.
+            views = [
+                (key, pool.slot_view(slot)[:nbytes], pool.checksum(slot)) for key, slot in saves
+            ]
+            disk = self.disk
+            await asyncio.gather(*(disk.save(key, view, sum_) for key, view, sum_ in views))
         finally:
             self.state.saved(saves)
             self._save_finished.set()
@@ -108,11 +116,12 @@ class Tiering:
             if slot is None:
                 continue
             try:
-                ok = await self.disk.load(key, pool.slot_view(slot)[:nbytes])
+                checksum = await self.disk.load(key, pool.slot_view(slot)[:nbytes])
             except Exception:
                 logger.exception("prefetch of a chunk from the lower tier failed")
-                ok = False
-            sessions.prefetched(job, key, slot, ok)
+                checksum = None
+            ok = checksum is not None
+            sessions.prefetched(job, key, slot, ok, checksum)
             complete = complete and ok
         return complete
 
@@ -143,4 +152,4 @@ class Tiering:
         except Exception:
             logger.exception("prefetch of a chunk from the remote tier failed")
             ok = False
-        sessions.prefetched(job, key, slot, ok)
+        sessions.prefetched(job, key, slot, ok, header.checksum)

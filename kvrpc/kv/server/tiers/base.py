@@ -30,15 +30,21 @@ class LowerTier(Protocol):
         """True if the tier holds ``key``'s bytes now (cheap: an in-memory index)."""
         ...
 
-    async def save(self, key: bytes, data: torch.Tensor) -> None:
-        """Keep a copy of ``data`` (1-D uint8) under ``key``.
+    async def save(self, key: bytes, data: torch.Tensor, checksum: int | None = None) -> None:
+        """Keep a copy of ``data`` (1-D uint8) under ``key``, with its ``checksum``.
 
-        The caller keeps ``data`` unchanged until this returns; failures are the tier's to
-        log and count, a chunk it fails to keep is simply not in it.
+        ``checksum`` is the chunk's end-to-end one (:mod:`kvrpc.kv.integrity`); None: the
+        tier computes it from ``data``. The caller keeps ``data`` unchanged until this
+        returns; failures are the tier's to log and count, a chunk it fails to keep is
+        simply not in it.
         """
 
-    async def load(self, key: bytes, out: torch.Tensor) -> bool:
-        """Copy ``key``'s bytes into ``out`` (1-D uint8 of the same length); False if absent."""
+    async def load(self, key: bytes, out: torch.Tensor) -> int | None:
+        """Copy ``key``'s bytes into ``out`` (1-D uint8 of the same length); their checksum.
+
+        The bytes are verified against the checksum saved with them first: a copy that
+        fails is a miss (None), counted by the tier and deleted. None also when absent.
+        """
         ...
 
     def stats(self) -> dict[str, int]:
@@ -63,9 +69,17 @@ class RemoteTier(Protocol):
         ...
 
     def offer(
-        self, ns: Namespace, key: bytes, data: torch.Tensor, done: Callable[[], None]
+        self,
+        ns: Namespace,
+        key: bytes,
+        data: torch.Tensor,
+        done: Callable[[], None],
+        checksum: int | None = None,
     ) -> bool:
-        """Queue a write of ``data``; True if queued (then ``done()`` once ``data`` is free)."""
+        """Queue a write of ``data`` and its ``checksum`` (None: computed by the writer).
+
+        True if queued (then ``done()`` once ``data`` is free).
+        """
         ...
 
     async def find(self, ns: Namespace, keys: Sequence[bytes]) -> list[Header | None]:
@@ -73,7 +87,11 @@ class RemoteTier(Protocol):
         ...
 
     async def load(self, ns: Namespace, key: bytes, header: Header, out: torch.Tensor) -> bool:
-        """Copy a found chunk into ``out``; False if it is gone, corrupt, or the tier failed."""
+        """Copy a found chunk into ``out``; False if it is gone, corrupt, or the tier failed.
+
+        True only once the bytes matched ``header.checksum`` (recomputed); a chunk that
+        does not is counted and deleted.
+        """
         ...
 
     async def run(self) -> None:

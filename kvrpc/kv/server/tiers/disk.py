@@ -1,5 +1,10 @@
 """A lower tier on a local disk: one file per chunk, LRU eviction under a byte limit.
 
+A file holds the chunk's bytes, then a 16-byte trailer: ``KVRS``, a format version, and the
+chunk's end-to-end checksum (:mod:`kvrpc.kv.integrity`). A load recomputes the checksum of
+what it read and compares: a file that fails (or whose trailer is not this format, or whose
+size is wrong) is a miss, counted in ``corrupt``, and deleted, so wrong bytes never go up.
+
 Files are named by the key in hex and written atomically (a temporary file in the same
 directory, flushed to stable storage, then renamed over the real name), so a crash never
 leaves part of a chunk under a chunk's name. A new :class:`DiskTier` on the same directory
@@ -21,6 +26,7 @@ import functools
 import logging
 import os
 import re
+import struct
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,9 +37,10 @@ from typing import TypeVar
 import torch
 
 from kvrpc.errors import KVConfigError, KVError
+from kvrpc.kv import integrity
 from kvrpc.kv.server.tiers.memory import memory_of
 
-__all__ = ["DiskTier"]
+__all__ = ["TRAILER_SIZE", "DiskTier"]
 
 logger = logging.getLogger("kvrpc.kv")
 
@@ -44,11 +51,17 @@ _CHUNK_NAME = re.compile(r"(?:[0-9a-f]{2})+")
 _TEMP_PREFIX = ".kvrpc-"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(re.escape(_TEMP_PREFIX) + r".*" + re.escape(_TEMP_SUFFIX), re.DOTALL)
+# magic, format version, reserved, checksum: after the chunk's bytes.
+_TRAILER = struct.Struct("<4sHHQ")
+_TRAILER_MAGIC = b"KVRS"
+_TRAILER_VERSION = 1
+#: Bytes a chunk file holds beyond the chunk's own.
+TRAILER_SIZE = _TRAILER.size
 
 
 @dataclass(eq=False)
 class _File:
-    """One indexed chunk file.
+    """One indexed chunk file; ``size`` counts the chunk's bytes (the trailer's are extra).
 
     Compared by identity: a reader that finds the index holding another ``_File`` for its key
     knows that the file it read was evicted (and maybe written again) meanwhile.
@@ -61,6 +74,7 @@ class _Read(enum.Enum):
     OK = "ok"
     MISSING = "missing"
     WRONG_SIZE = "wrong size"
+    CORRUPT = "corrupt (its bytes do not match its checksum, or its trailer is not this format)"
 
 
 class DiskTier:
@@ -104,6 +118,7 @@ class DiskTier:
         self._load_bytes = 0
         self._evictions = 0
         self._errors = 0
+        self._corrupt = 0
         self._refused = 0
         self._closed = False
         self._scan()
@@ -118,8 +133,11 @@ class DiskTier:
         """
         return key in self._index
 
-    async def save(self, key: bytes, data: torch.Tensor) -> None:
+    async def save(self, key: bytes, data: torch.Tensor, checksum: int | None = None) -> None:
         """Write ``data`` (1-D ``uint8``, CPU) to ``key``'s file; never raises (but cancels).
+
+        ``checksum`` is the chunk's end-to-end checksum, written after the bytes; None has
+        the tier's thread compute it from ``data``.
 
         Does nothing if ``key`` is already kept (that counts as a use for LRU order) or being
         written, after :meth:`aclose`, or if ``data`` cannot fit in ``capacity_bytes`` next to
@@ -157,6 +175,7 @@ class DiskTier:
                     str(self.directory),
                     self._path(key),
                     data,
+                    checksum,
                 )
             )
         except Exception:
@@ -179,13 +198,16 @@ class DiskTier:
         self._saves += 1
         self._save_bytes += size
 
-    async def load(self, key: bytes, out: torch.Tensor) -> bool:
-        """Read ``key``'s file into ``out`` (1-D ``uint8``, CPU); False if it cannot.
+    async def load(self, key: bytes, out: torch.Tensor) -> int | None:
+        """Read ``key``'s file into ``out`` (1-D ``uint8``, CPU); its checksum, or None.
 
-        False when the tier does not hold ``key``, after :meth:`aclose`, or when the file's
-        size is not ``out.numel()``: such a file is dropped from the index and deleted (counted
-        as an error, like a file that vanished or could not be read). A successful load counts
-        as a use for LRU order. After False, ``out``'s contents are unspecified.
+        The checksum returned is the one the file's bytes were verified against (compare
+        with ``is None``: 0 is a checksum). None when the tier does not hold ``key``, after
+        :meth:`aclose`, when the file could not be read, or when it is bad: a size other
+        than ``out.numel()`` plus the trailer, a trailer not of this format, or bytes that do
+        not match its checksum; a bad file is dropped from the index, deleted and counted
+        as ``corrupt``. A successful load counts as a use for LRU order. After None,
+        ``out``'s contents are unspecified.
 
         Raises :class:`~kvrpc.errors.KVError` if ``out`` is not 1-D ``uint8`` on the CPU. The
         thread writes straight into ``out``'s memory: keep it alive and unread by others
@@ -199,37 +221,43 @@ class DiskTier:
             )
         entry = self._index.get(key)
         if self._closed or entry is None:
-            return False
+            return None
         if entry.size != out.numel():
             logger.warning(
                 "disk tier: a chunk file holds %d bytes but %d were asked for; deleting it",
                 entry.size,
                 out.numel(),
             )
-            await self._discard(key, entry, delete=True)
-            return False
+            await self._discard(key, entry, delete=True, counter="corrupt")
+            return None
         self._index.move_to_end(key)
         try:
-            result = await self._in_thread(functools.partial(_read_into, self._path(key), out))
+            result, checksum = await self._in_thread(
+                functools.partial(_read_into, self._path(key), out)
+            )
         except OSError as error:
             self._errors += 1
             logger.warning("disk tier: could not read a chunk file: %s", error)
-            return False
+            return None
         if result is _Read.OK:
             self._loads += 1
             self._load_bytes += out.numel()
-            return True
+            return checksum
         if self._index.get(key) is entry:
             logger.warning("disk tier: a chunk file was %s; dropping it", result.value)
-            await self._discard(key, entry, delete=result is _Read.WRONG_SIZE)
+            missing = result is _Read.MISSING
+            await self._discard(
+                key, entry, delete=not missing, counter="errors" if missing else "corrupt"
+            )
         # Otherwise the file was evicted (or evicted and written again) while we read it.
-        return False
+        return None
 
     def stats(self) -> dict[str, int]:
         """Counters: files and bytes kept now (of ``capacity``); saves, loads, errors so far.
 
         ``saves`` and ``loads`` count successful ones (``save_bytes`` and ``load_bytes``
-        their bytes); ``refused`` counts saves skipped
+        their bytes); ``corrupt`` counts files found bad on a load (deleted, a miss);
+        ``refused`` counts saves skipped
         because the chunk could not fit in ``capacity_bytes`` beside the writes in flight.
         """
         return {
@@ -242,6 +270,7 @@ class DiskTier:
             "load_bytes": self._load_bytes,
             "evictions": self._evictions,
             "errors": self._errors,
+            "corrupt": self._corrupt,
             "refused": self._refused,
         }
 
@@ -276,10 +305,13 @@ class DiskTier:
             victims.append(key)
         return victims
 
-    async def _discard(self, key: bytes, entry: _File, *, delete: bool) -> None:
+    async def _discard(self, key: bytes, entry: _File, *, delete: bool, counter: str) -> None:
         del self._index[key]
         self._bytes -= entry.size
-        self._errors += 1
+        if counter == "corrupt":
+            self._corrupt += 1
+        else:
+            self._errors += 1
         if not delete or self._closed:
             return
         self._busy.add(key)
@@ -319,7 +351,10 @@ class DiskTier:
                             os.unlink(item.path)
                     elif _CHUNK_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
                         info = item.stat(follow_symlinks=False)
-                        found.append((info.st_mtime_ns, bytes.fromhex(item.name), info.st_size))
+                        # A file too short for a trailer is indexed as empty: its first
+                        # load finds it the wrong size and deletes it.
+                        size = max(0, info.st_size - TRAILER_SIZE)
+                        found.append((info.st_mtime_ns, bytes.fromhex(item.name), size))
         except OSError as error:
             raise KVConfigError(
                 f"cannot use {str(self.directory)!r} as the disk tier's directory: {error}; "
@@ -372,22 +407,25 @@ def _unlink_all(paths: list[str]) -> list[OSError]:
 
 
 def _evict_then_write(
-    victims: list[str], directory: str, path: str, data: torch.Tensor
+    victims: list[str], directory: str, path: str, data: torch.Tensor, checksum: int | None
 ) -> tuple[list[OSError], OSError | None]:
-    """Delete ``victims``, then write ``data`` to ``path`` atomically.
+    """Delete ``victims``, then write ``data`` and its trailer to ``path`` atomically.
 
     Returns the deletion errors and the write's error, if any.
     """
     unlinked = _unlink_all(victims)
     try:
-        _write_file(directory, path, data)
+        _write_file(directory, path, data, checksum)
     except OSError as error:
         return unlinked, error
     return unlinked, None
 
 
-def _write_file(directory: str, path: str, data: torch.Tensor) -> None:
+def _write_file(directory: str, path: str, data: torch.Tensor, checksum: int | None) -> None:
     source = data if data.is_contiguous() else data.contiguous()
+    if checksum is None:
+        checksum = integrity.checksum(source)
+    trailer = _TRAILER.pack(_TRAILER_MAGIC, _TRAILER_VERSION, 0, checksum)
     fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
     try:
         with open(fd, "wb", buffering=0) as file:
@@ -395,6 +433,9 @@ def _write_file(directory: str, path: str, data: torch.Tensor) -> None:
             written = 0
             while written < len(view):
                 written += file.write(view[written:])
+            rest = memoryview(trailer)
+            while rest:
+                rest = rest[file.write(rest) :]
             # Without this a power loss could leave the new name on a file whose bytes never
             # reached the disk.
             os.fsync(fd)
@@ -405,25 +446,34 @@ def _write_file(directory: str, path: str, data: torch.Tensor) -> None:
         raise
 
 
-def _read_into(path: str, out: torch.Tensor) -> _Read:
+def _read_into(path: str, out: torch.Tensor) -> tuple[_Read, int]:
+    """Read a chunk file into ``out`` and check it: how it went, and its checksum."""
     size = out.numel()
     target = out if out.is_contiguous() else torch.empty(size, dtype=torch.uint8)
     try:
         with open(path, "rb", buffering=0) as file:
-            if os.fstat(file.fileno()).st_size != size:
-                return _Read.WRONG_SIZE
+            if os.fstat(file.fileno()).st_size != size + TRAILER_SIZE:
+                return _Read.WRONG_SIZE, 0
             view = memory_of(target)
             got = 0
             while got < size:
                 n = file.readinto(view[got:])
                 if not n:
-                    return _Read.WRONG_SIZE  # it shrank since the fstat
+                    return _Read.WRONG_SIZE, 0  # it shrank since the fstat
                 got += n
+            raw = file.read(TRAILER_SIZE)
     except FileNotFoundError:
-        return _Read.MISSING
+        return _Read.MISSING, 0
+    if len(raw) != TRAILER_SIZE:
+        return _Read.WRONG_SIZE, 0
+    magic, version, _, checksum = _TRAILER.unpack(raw)
+    if magic != _TRAILER_MAGIC or version != _TRAILER_VERSION:
+        return _Read.CORRUPT, 0
+    if integrity.checksum(target) != checksum:
+        return _Read.CORRUPT, 0
     if target is not out:
         out.copy_(target)
-    return _Read.OK
+    return _Read.OK, checksum
 
 
 async def _outlast(done: asyncio.Future[T]) -> None:

@@ -14,8 +14,9 @@ It never holds anything up:
   the store has, and what their bytes must be), then each chunk's parts, received straight
   into its slot (:mod:`~kvrpc.kv.server.tiers.direct`: the kernel writes the value into
   the slot, no client buffer in between; redis-py's copy for ``rediss://``, or with
-  ``direct_reads`` off) and checked against the header's lengths and CRC off the loop. A
-  header, a length or a CRC that does not match is a miss, counted, and deleted.
+  ``direct_reads`` off) and checked against the header's lengths and the chunk's checksum
+  (:mod:`kvrpc.kv.integrity`, recomputed) off the loop. A header, a length or a checksum
+  that does not match is a miss, counted in ``corrupt``, and deleted.
 - **Deadlines and a breaker.** Every operation has ``timeout`` seconds, the wait for one of
   the ``connections`` included. A connection error
   or a timeout opens the :class:`~kvrpc.kv.server.tiers.breaker.Breaker`: lookups stop
@@ -26,7 +27,7 @@ It never holds anything up:
   every few seconds, for ``kv.stats``.
 
 Used from the server's event loop only; redis-py's asyncio client does its socket work
-there without blocking, and the byte copies and CRCs run in a thread.
+there without blocking, and the byte copies and checksums run in a thread.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from kvrpc.errors import KVConfigError
+from kvrpc.kv import integrity
 from kvrpc.kv.server.records import Namespace
 from kvrpc.kv.server.tiers import values
 from kvrpc.kv.server.tiers.breaker import Breaker
@@ -65,9 +67,9 @@ _REDIRECTS = ("MOVED ", "ASK ")  # a cluster's replies for a key that another no
 class _Got(enum.Enum):
     """How reading a chunk's parts ended."""
 
-    OK = 1  # every part there, of the right length and type (the CRC comes next)
+    OK = 1  # every part there, of the right length and type (the checksum comes next)
     GONE = 2  # a part is missing (expired or evicted)
-    BAD = 3  # a part of another length or type, or a CRC that does not match
+    BAD = 3  # a part of another length or type, or a checksum that does not match
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class _Write:
     namespace_id: bytes
     data: torch.Tensor
     done: Callable[[], None]
+    checksum: int | None
 
 
 class RedisTier:
@@ -171,13 +174,20 @@ class RedisTier:
     # ------------------------------------------------------------------ writes
 
     def offer(
-        self, ns: Namespace, key: bytes, data: torch.Tensor, done: Callable[[], None]
+        self,
+        ns: Namespace,
+        key: bytes,
+        data: torch.Tensor,
+        done: Callable[[], None],
+        checksum: int | None = None,
     ) -> bool:
         """Queue ``data`` (the 1-D uint8 bytes of ``key``'s chunk) for writing; never waits.
 
-        True if queued: ``done`` is then called once the tier no longer reads ``data``. False
-        (``done`` not called) if the store is known to hold the chunk, the tier is skipped,
-        or the queue has no room in its byte budget; the last two are counted.
+        ``checksum`` is the chunk's (:mod:`kvrpc.kv.integrity`), written in its header; None
+        has the writer compute it from ``data``. True if queued: ``done`` is then called once
+        the tier no longer reads ``data``. False (``done`` not called) if the store is known
+        to hold the chunk, the tier is skipped, or the queue has no room in its byte budget;
+        the last two are counted.
         """
         if key in self._known:
             self._known.move_to_end(key)
@@ -190,7 +200,7 @@ class RedisTier:
             self._counts["write_dropped"] += 1
             return False
         base = self._base(ns, key)
-        self._queue.append(_Write(base, key, ns.id, data, done))
+        self._queue.append(_Write(base, key, ns.id, data, done, checksum))
         self._queued_bytes += nbytes
         self._wake.set()
         return True
@@ -213,8 +223,12 @@ class RedisTier:
     async def _write(self, write: _Write) -> None:
         view = memory_of(write.data)
         spans = values.part_spans(len(view), self.settings.part_bytes)
-        crc = await asyncio.to_thread(values.checksum, view)
-        header = values.pack_header(write.namespace_id, len(view), self.settings.part_bytes, crc)
+        checksum = write.checksum
+        if checksum is None:  # stored without one: the chunk's bytes are still in its slot
+            checksum = await asyncio.to_thread(integrity.checksum, write.data)
+        header = values.pack_header(
+            write.namespace_id, len(view), self.settings.part_bytes, checksum
+        )
         ttl = self._ttl_ms()
         parts = values.part_keys(write.base, len(spans))
         try:
@@ -286,7 +300,7 @@ class RedisTier:
         """Copy the chunk :meth:`find` gave ``header`` for into ``out``; False if it cannot.
 
         False when a part is gone (expired or evicted since), the bytes do not add up to
-        the header's lengths or CRC (counted as corrupt and deleted), or the store fails or
+        the header's lengths or checksum (counted as corrupt and deleted), or the store fails or
         is too slow. After False, ``out``'s contents are unspecified.
         """
         if not self.available():
@@ -312,12 +326,12 @@ class RedisTier:
             self._refused("a load", error)
             return False
         if got is _Got.OK:
-            # Checked outside the deadline and the connection limit: the copy and the CRC
-            # are this host's CPU work, never a sign that the store is slow.
+            # Checked outside the deadline and the connection limit: the copy and the
+            # checksum are this host's CPU work, never a sign that the store is slow.
             check = (
-                functools.partial(_crc_matches, view, header)
+                functools.partial(_checksum_matches, out, header)
                 if direct
-                else functools.partial(_fill, view, parts, header)
+                else functools.partial(_fill, out, view, parts, header)
             )
             if not await asyncio.to_thread(check):
                 got = _Got.BAD
@@ -339,7 +353,7 @@ class RedisTier:
     async def _read_direct(
         self, reader: DirectReader, names: list[bytes], header: Header, view: memoryview
     ) -> _Got | None:
-        """The parts, received into ``view`` (OK: their CRC is still to be checked).
+        """The parts, received into ``view`` (OK: their checksum is still to be checked).
 
         None: read them through redis-py instead.
         """
@@ -510,19 +524,19 @@ class RedisTier:
         self._known.pop(key, None)
 
 
-def _fill(view: memoryview, parts: list[bytes], header: Header) -> bool:
-    """Copy ``parts`` into their spans of ``view``; True if lengths and CRC match the header."""
+def _fill(out: torch.Tensor, view: memoryview, parts: list[bytes], header: Header) -> bool:
+    """Copy ``parts`` into their spans of ``view`` (``out``'s memory); True if they check."""
     spans = header.spans()
     if any(len(part) != end - start for part, (start, end) in zip(parts, spans, strict=True)):
         return False
     for part, (start, end) in zip(parts, spans, strict=True):
         view[start:end] = part
-    return _crc_matches(view, header)
+    return _checksum_matches(out, header)
 
 
-def _crc_matches(view: memoryview, header: Header) -> bool:
-    """True if the chunk's bytes have the CRC its header names."""
-    return values.checksum(view) == header.crc
+def _checksum_matches(out: torch.Tensor, header: Header) -> bool:
+    """True if the chunk's bytes in ``out`` have the checksum its header names."""
+    return integrity.checksum(out) == header.checksum
 
 
 def _replies(replies: list[Any]) -> list[Any]:

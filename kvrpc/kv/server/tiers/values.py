@@ -9,8 +9,10 @@ id (which names the layout), ``c<chunk tokens>`` and the chunk hash, in hex:
 
 The header says what the parts must add up to: a format version, the namespace id, the
 length, the number of parts, the size of each part but the last (so a reader knows where
-every part goes before it asks for any), and a CRC-32 of the bytes. A reader checks all of
-it, and treats any mismatch as a miss, so bytes written under another layout, cut short, or
+every part goes before it asks for any), and the chunk's end-to-end checksum
+(:mod:`kvrpc.kv.integrity`: computed when the chunk was stored, on the GPU for a ``cuda_ipc``
+store). A reader checks all of it, recomputing the checksum of the bytes it received, and
+treats any mismatch as a miss, so bytes written under another layout, cut short, or
 corrupted are never loaded. Parts are written first and the header last, so a header
 names parts that were all written.
 """
@@ -18,7 +20,6 @@ names parts that were all written.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,7 +30,6 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "Header",
-    "checksum",
     "header_key",
     "key_base",
     "pack_header",
@@ -38,11 +38,12 @@ __all__ = [
     "unpack_header",
 ]
 
-#: 2 added the part size; a header of another version is a miss (and deleted).
-FORMAT_VERSION: Final = 2
+#: 2 added the part size, 3 the 64-bit end-to-end checksum in place of a CRC-32 of the value;
+#: a header of another version is a miss (and deleted).
+FORMAT_VERSION: Final = 3
 _MAGIC: Final = b"KVRC"
-# magic, version, parts, namespace id, length, crc, part size
-_HEADER: Final = struct.Struct("<4sHH8sQII")
+# magic, version, parts, namespace id, length, checksum, part size
+_HEADER: Final = struct.Struct("<4sHH8sQQI")
 HEADER_SIZE: Final = _HEADER.size
 
 
@@ -53,7 +54,7 @@ class Header:
     namespace_id: bytes
     nbytes: int
     parts: int
-    crc: int
+    checksum: int  #: the chunk's end-to-end checksum (kvrpc.kv.integrity)
     part_bytes: int
 
     def spans(self) -> list[tuple[int, int]]:
@@ -91,24 +92,19 @@ def part_spans(nbytes: int, part_bytes: int) -> list[tuple[int, int]]:
     return [(start, min(start + part_bytes, nbytes)) for start in starts]
 
 
-def checksum(data: memoryview | bytes) -> int:
-    """The CRC-32 of ``data`` (zlib's, which releases the GIL on large buffers)."""
-    return zlib.crc32(data)
-
-
-def pack_header(namespace_id: bytes, nbytes: int, part_bytes: int, crc: int) -> bytes:
-    """The header of a chunk of ``nbytes`` bytes in parts of ``part_bytes``, CRC ``crc``."""
+def pack_header(namespace_id: bytes, nbytes: int, part_bytes: int, checksum: int) -> bytes:
+    """The header of a chunk of ``nbytes`` bytes in parts of ``part_bytes``, with ``checksum``."""
     parts = len(part_spans(nbytes, part_bytes))
-    return _HEADER.pack(_MAGIC, FORMAT_VERSION, parts, namespace_id, nbytes, crc, part_bytes)
+    return _HEADER.pack(_MAGIC, FORMAT_VERSION, parts, namespace_id, nbytes, checksum, part_bytes)
 
 
 def unpack_header(raw: bytes | None) -> Header | None:
     """The header in ``raw``, or None if it is missing, cut short, or not this format."""
     if raw is None or len(raw) != HEADER_SIZE:
         return None
-    magic, version, parts, ns_id, nbytes, crc, part_bytes = _HEADER.unpack(raw)
+    magic, version, parts, ns_id, nbytes, checksum, part_bytes = _HEADER.unpack(raw)
     if magic != _MAGIC or version != FORMAT_VERSION or part_bytes < 1:
         return None
     if parts != len(part_spans(nbytes, part_bytes)):
         return None
-    return Header(ns_id, nbytes, parts, crc, part_bytes)
+    return Header(ns_id, nbytes, parts, checksum, part_bytes)
