@@ -173,6 +173,26 @@ def _parser() -> argparse.ArgumentParser:
         help="MiB of each of a GPU copy engine's two staging buffers",
     )
     serve.add_argument(
+        "--verify-retrieves",
+        action="store_true",
+        help=(
+            "debug mode: after every retrieve, read the chunks back out of the worker's "
+            "blocks and check them against their checksums; a chunk that fails is answered "
+            "as CHECKSUM_MISMATCH (kv.stats retrieve_corrupt) instead of as retrieved. "
+            "Costs about a second copy of every retrieved byte; GPU retrieves are answered "
+            "once their copy completed"
+        ),
+    )
+    serve.add_argument(
+        "--no-checksums",
+        dest="checksums",
+        action="store_false",
+        help=(
+            "store chunks without computing their end-to-end checksum (the disk and Redis "
+            "tiers still compute one as they write); for measuring its cost"
+        ),
+    )
+    serve.add_argument(
         "--loop-probe",
         action="store_true",
         help="sample the event loop's lag every millisecond; kv.stats reports it (benchmarks)",
@@ -704,6 +724,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_timeout=args.redis_timeout,
         loop_probe=args.loop_probe,
         cuda_group_mib=args.cuda_group_mib,
+        verify_retrieves=args.verify_retrieves,
+        checksums=args.checksums,
         auth_token_file=args.auth_token_file,
         **metrics_command.serve_settings(args),
     )

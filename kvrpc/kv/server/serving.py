@@ -36,6 +36,9 @@ class KVServerSettings:
     see :class:`~kvrpc.kv.server.tiers.redistier.RedisSettings`. ``loop_probe`` samples
     the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
     ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
+    ``verify_retrieves`` checks every retrieve's bytes in the blocks against the chunk's
+    checksum (a debug mode); ``checksums`` off stores chunks without computing theirs
+    (the tiers then compute it as they write; for measuring what it costs).
     ``metrics_port`` turns on the metrics and health endpoint (:mod:`kvrpc.metrics`, the
     ``kvrpc[metrics]`` extra) on ``metrics_host``. ``auth_token_file`` makes every URL
     require the shared-secret handshake of :mod:`kvrpc.auth` (see ``docs/operating.md``).
@@ -58,6 +61,8 @@ class KVServerSettings:
     redis_timeout: float = 1.0
     loop_probe: bool = False
     cuda_group_mib: int = 256
+    verify_retrieves: bool = False
+    checksums: bool = True
     #: Serve /metrics, /livez and /readyz on this port (0: any free one); None: no endpoint.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -109,6 +114,8 @@ async def serve_kv(
         remote_tier=remote,
         loop_probe=settings.loop_probe,
         cuda_group_bytes=settings.cuda_group_mib << 20,
+        checksums=settings.checksums,
+        verify_retrieves=settings.verify_retrieves,
     )
     # A thread holding the GIL in Python (a copy engine enqueuing launches) keeps the event
     # loop waiting until the interpreter asks it to switch, every 5 ms by default. This
