@@ -44,8 +44,11 @@ def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path
     assert figures["retrieve_verified"] is True
     # --quick: 2 layers, chunks of 256 tokens x 2 heads x 64 dims, K and V, float16.
     assert figures["transfer_bytes"] == figures["transfer_chunks"] * 2 * 256 * 2 * 64 * 2 * 2
-    for name in ("store", "retrieve", "memcpy"):
+    for name in ("store", "retrieve", "memcpy", "unsummed_store", "verifying_retrieve"):
         assert figures[f"{name}_gb_per_s"] > 0, name
+    # The checksums' cost beside the calls without (a figure, not a goal: any sign).
+    assert isinstance(figures["store_checksum_overhead"], float)
+    assert isinstance(figures["retrieve_verify_overhead"], float)
     assert figures["store_to_memcpy_ratio"] > 0
     assert figures["retrieve_to_memcpy_ratio"] > 0
 

@@ -17,6 +17,10 @@
   H2D run at once on two streams.
 * **memory**: the server's peak GPU allocation (its copy engine's staging and temporaries)
   against one batch's bytes.
+* **checksums**: the store with checksums (the copy engine folds every chunk on the GPU
+  beside its copy) against the same store on a second ``kvrpc serve --no-checksums`` child
+  that the worker registered with too, rounds alternating between the two: the overhead of
+  the median store time and of the engine's GPU time (goal: below 3%).
 
 Default workload (the issue's): 32 layers of ``[2, 4000, 16, 8, 128]`` bfloat16, chunks of
 256 tokens (16 blocks), 64 chunks a batch (2 GiB), block ids drawn at random.
@@ -37,7 +41,7 @@ from typing import Any, TypeVar, cast
 import torch
 
 from kvrpc.bench._child import default_url, kv_server_child
-from kvrpc.bench.kv import goal, timed, wait_finished
+from kvrpc.bench.kv import figure_url, goal, timed, wait_finished
 from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
@@ -59,6 +63,7 @@ _STALL_GOAL_US = 1000
 _PING_GOAL = 2.0
 _MEMORY_GOAL = 2.0
 _DUPLEX_GOAL = 1.5
+_CHECKSUM_GOAL = 0.03  # store time with checksums / without, minus 1, at most
 
 
 @dataclass(frozen=True)
@@ -167,19 +172,24 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         serial = iter(range(1 << 62))
 
-        def store(check: bool = True) -> tuple[float, dict[str, Any]]:
-            request_id = f"store-{next(serial)}"
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            worker.submit_store_request(request_id, store_op)
-            wait_finished(worker, request_id, store=True, poll=0.0001)
-            elapsed = time.perf_counter() - start
-            stats: dict[str, Any] = {}
-            if check:  # not during the stall figure: kv.stats restarts the loop-lag sample
-                stats = client.call(protocols.STATS)
-                if stats["chunks"] != options.chunks:
-                    raise KVError(f"a store of {options.chunks} chunks left {stats['chunks']}")
-            return elapsed, stats
+        def storer(worker: WorkerAdapter, client: SyncClient) -> Callable[..., Any]:
+            def store(check: bool = True) -> tuple[float, dict[str, Any]]:
+                request_id = f"store-{next(serial)}"
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                worker.submit_store_request(request_id, store_op)
+                wait_finished(worker, request_id, store=True, poll=0.0001)
+                elapsed = time.perf_counter() - start
+                stats: dict[str, Any] = {}
+                if check:  # not during the stall figure: kv.stats restarts the lag sample
+                    stats = client.call(protocols.STATS)
+                    if stats["chunks"] != options.chunks:
+                        raise KVError(f"a store of {options.chunks} chunks left {stats['chunks']}")
+                return elapsed, stats
+
+            return store
+
+        store = storer(worker, client)
 
         def retrieve() -> tuple[float, dict[str, Any]]:
             request_id = f"retrieve-{next(serial)}"
@@ -259,6 +269,17 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             _duplex(options, worker, client, store_ids, retrieve_ids, tokens, nbytes, figures)
         )
         figures.update(_stall(options, url, client, store))
+        client.call(protocols.CLEAR)
+        off_url = figure_url(url, 1)
+        stack.enter_context(kv_server_child(off_url, tmp, *server_options, "--no-checksums"))
+        off_client = stack.enter_context(
+            SyncClient(off_url, registry=protocols.kv_registry(), timeout=300)
+        )
+        off_worker = stack.enter_context(WorkerAdapter(off_url, _MODEL, 1, 0, _BLOCK_SIZE))
+        off_worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+        figures.update(
+            _checksum_cost(options, (store, client), (storer(off_worker, off_client), off_client))
+        )
         stats = client.call(protocols.STATS)
         peak = int(stats.get("cuda_peak_allocated_bytes", 0))
         figures["engine_staging_bytes"] = int(stats.get("cuda_staging_bytes", 0))
@@ -311,6 +332,45 @@ def first_transfer_figures(
         f"longest loop stall during the first store and the first retrieve < {_STALL_GOAL_US} us",
     )
     return figures
+
+
+def _checksum_cost(
+    options: GPUBenchOptions,
+    with_sums: tuple[Callable[..., Any], SyncClient],
+    without: tuple[Callable[..., Any], SyncClient],
+) -> dict[str, Any]:
+    """The store with checksums against the store without, rounds alternating.
+
+    Each side is (its store, a client of its server); every store is cleared after, so the
+    next one stores the batch afresh. The first store of the server without checksums
+    (its warm-up) is not timed.
+    """
+    without[0]()
+    without[1].call(protocols.CLEAR)
+    taken: dict[str, list[float]] = {"on": [], "off": []}
+    engine: dict[str, list[float]] = {"on": [], "off": []}
+    for turn in range(options.rounds):
+        _progress(f"checksums: round {turn + 1}/{options.rounds}")
+        for name, (store, client) in (("on", with_sums), ("off", without)):
+            elapsed, stats = store()
+            client.call(protocols.CLEAR)
+            taken[name].append(elapsed)
+            engine[name].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+    on, off = statistics.median(taken["on"]), statistics.median(taken["off"])
+    on_gpu, off_gpu = statistics.median(engine["on"]), statistics.median(engine["off"])
+    overhead = on / off - 1
+    return {
+        "store_checksums_on_ms": round(on * 1e3, 2),
+        "store_checksums_off_ms": round(off * 1e3, 2),
+        "store_checksum_overhead": round(overhead, 4),
+        "store_engine_gpu_checksums_on_ms": round(on_gpu * 1e3, 2),
+        "store_engine_gpu_checksums_off_ms": round(off_gpu * 1e3, 2),
+        "store_engine_gpu_checksum_overhead": round(on_gpu / off_gpu - 1, 4),
+        "checksum_goal": goal(
+            overhead < _CHECKSUM_GOAL,
+            f"store with checksums < {1 + _CHECKSUM_GOAL:g}x the store without",
+        ),
+    }
 
 
 def _spread(pinned: list[float], taken: list[float]) -> list[float]:

@@ -17,7 +17,9 @@ its slot size from the first layout registered with it, and the figures use diff
 * **transfer**: a batched store of ``chunks`` chunks from a worker's shared-memory KV cache into
   the server, and a batched retrieve of them into other blocks, through
   :class:`~kvrpc.kv.WorkerAdapter`, against a single-threaded ``torch`` copy of the same number
-  of bytes in this process. Goal: each at least half the copy's GB/s.
+  of bytes in this process. Goal: each at least half the copy's GB/s. Beside them, in the
+  same rounds, the store on a ``--no-checksums`` server and the retrieve on a
+  ``--verify-retrieves`` one (``store_checksum_overhead``, ``retrieve_verify_overhead``).
 * **memory**: the server's resident memory beyond the pool's own pages per stored chunk, with
   many tiny (16-byte) chunks stored by raw ``kv.store`` calls into a pool of exactly that many
   slots. Resident memory is read from ``/proc/<pid>/status`` (``VmRSS``) before the cache is
@@ -75,6 +77,7 @@ __all__ = [
     "QUICK_NOTE",
     "TINY_CHUNK_TOKENS",
     "KVBenchOptions",
+    "figure_url",
     "goal",
     "interleaved",
     "lookup_scheduler",
@@ -204,7 +207,7 @@ def run_kv_bench(options: KVBenchOptions) -> dict[str, Any]:
         }
         for index, name in enumerate(FIGURES):
             if name in options.figures:
-                figures.update(takers[name](options, _figure_url(url, index), tmp))
+                figures.update(takers[name](options, figure_url(url, index), tmp))
     if options.quick:
         for key, value in figures.items():
             if key.endswith("_goal"):
@@ -215,7 +218,7 @@ def run_kv_bench(options: KVBenchOptions) -> dict[str, Any]:
 # ---------------------------------------------------------------------- servers
 
 
-def _figure_url(url: str, index: int) -> str:
+def figure_url(url: str, index: int) -> str:
     """Figure ``index``'s server address: never the address of another figure's server."""
     parsed = parse_url(url)
     if parsed.port is not None:
@@ -524,7 +527,7 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
             dst = torch.empty_like(src)
             serial = iter(range(1 << 62))
 
-            def store() -> float:
+            def store(worker: WorkerAdapter = worker, client: SyncClient = client) -> float:
                 request_id = f"store-{next(serial)}"
                 start = time.perf_counter()
                 worker.submit_store_request(request_id, store_op)
@@ -539,7 +542,7 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
                     )
                 return elapsed
 
-            def retrieve() -> float:
+            def retrieve(worker: WorkerAdapter = worker, client: SyncClient = client) -> float:
                 request_id = f"retrieve-{next(serial)}"
                 start = time.perf_counter()
                 worker.submit_retrieve_request(request_id, retrieve_op)
@@ -566,11 +569,36 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
                 layers, store_ids, retrieve_ids, retrieve, layout.block_dim
             )
             memcpy()
-            taken: dict[str, list[float]] = {"store": [], "retrieve": [], "memcpy": []}
+            # Beside it, the same store on a server that computes no checksums, and the same
+            # retrieve on one that verifies every retrieve, each registered with too.
+            others = {}
+            for name, flag, index in (
+                ("unsummed", "--no-checksums", 1),
+                ("verified", "--verify-retrieves", 2),
+            ):
+                other_url = figure_url(url, index)
+                stack.enter_context(_kv_server(other_url, tmp, *server_options, flag))
+                other_client = stack.enter_context(_client(other_url))
+                other = stack.enter_context(WorkerAdapter(other_url, _MODEL, 1, 0, _BLOCK_SIZE))
+                other.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+                others[name] = (other, other_client)
+                store(*others[name])  # the first round of each: not timed
+                retrieve(*others[name])
+            taken: dict[str, list[float]] = {
+                "store": [],
+                "unsummed_store": [],
+                "retrieve": [],
+                "verifying_retrieve": [],
+                "memcpy": [],
+            }
             for turn in range(options.rounds):
                 _progress(f"transfer round {turn + 1}/{options.rounds}: store, retrieve, copy")
                 taken["store"].append(store())
+                taken["unsummed_store"].append(store(*others["unsummed"]))
+                others["unsummed"][1].call(protocols.CLEAR)
                 taken["retrieve"].append(retrieve())
+                store(*others["verified"])
+                taken["verifying_retrieve"].append(retrieve(*others["verified"]))
                 taken["memcpy"].append(memcpy())
     finally:
         torch.set_num_threads(threads)
@@ -586,6 +614,12 @@ def _transfer_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, 
         median = statistics.median(seconds)
         figures[f"{name}_ms"] = median * 1e3
         figures[f"{name}_gb_per_s"] = nbytes / median / 1e9
+    # What the checksums cost a store (computed in the copy threads), and what
+    # --verify-retrieves costs a retrieve, each against the same call without, same run.
+    figures["store_checksum_overhead"] = figures["store_ms"] / figures["unsummed_store_ms"] - 1
+    figures["retrieve_verify_overhead"] = (
+        figures["verifying_retrieve_ms"] / figures["retrieve_ms"] - 1
+    )
     store_ratio = figures["store_gb_per_s"] / figures["memcpy_gb_per_s"]
     retrieve_ratio = figures["retrieve_gb_per_s"] / figures["memcpy_gb_per_s"]
     figures["store_to_memcpy_ratio"] = store_ratio
