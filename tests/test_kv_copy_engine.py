@@ -21,6 +21,7 @@ import torch
 
 from kvrpc.cuda import CudaEventHandle
 from kvrpc.errors import KVError
+from kvrpc.kv import integrity
 from kvrpc.kv.layout import KVLayout, LayoutKind, dtype_name, gather_chunks, scatter_chunks
 from kvrpc.kv.server import copy_engine, lanes
 from kvrpc.kv.server.copy_engine import CopyEngine
@@ -569,5 +570,38 @@ def test_warm_up_again_is_free_another_instance_gets_its_graphs_and_release_drop
         engine.release(first).result(timeout=60)
         assert set(engine.graphs.captured()) == theirs
         assert id(first) not in engine._warmed and id(second) in engine._warmed
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("spare", [0, 4096], ids=["exact-slots", "larger-slots"])
+@gpu_layouts
+@pytest.mark.cuda
+@needs_gpu
+def test_a_store_folds_each_chunks_checksum_on_the_gpu_as_the_cpu_folds_its_slot(
+    name: str, spare: int
+) -> None:
+    layout = gpu_layout(name)
+    layers = gpu_layers(layout, seed=41)
+    chunk_nbytes = layout.chunk_nbytes(GPU_BPC)
+    slot_nbytes = chunk_nbytes + spare
+    host = pinned_pool(16, slot_nbytes)
+    engine = engine_for(layout)
+    order = torch.randperm(GPU_BLOCKS, generator=torch.Generator().manual_seed(42)).tolist()
+    chunks = 5  # groups of 1, 3 and 1: the fold runs per group, on both staging buffers
+    slots = [9, 10, 11, 0, 2]
+    try:
+        engine.submit_warm(layers, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        rows = torch.tensor(order[: chunks * GPU_BPC], dtype=torch.int64).view(chunks, GPU_BPC)
+        transfer = Transfer(layers, layout, rows, host, slots, slot_nbytes, checksum=True)
+        run(engine, engine.submit_store, transfer)
+        assert transfer.checksums is not None and transfer.checksums.is_pinned()
+        on_gpu = integrity.combine(transfer.checksums)
+        on_cpu = [
+            integrity.checksum(host[slot * slot_nbytes : slot * slot_nbytes + chunk_nbytes])
+            for slot in slots
+        ]
+        assert on_gpu == on_cpu
+        assert len(set(on_gpu)) == chunks  # five different chunks, five different sums
     finally:
         engine.close()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from kvrpc.errors import KVError
+from kvrpc.kv import integrity
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.server.copy_plan import (
     gather_views,
@@ -125,6 +126,12 @@ def warm(
                     layers, sources, views, layout, ids[: count * bpc], b, count, False
                 )
                 step("graphs_store")
+    # The checksum fold's kernels (integer sums, a few small ops) and its weights, at the
+    # group sizes a store folds: loaded here, not by the first store. It reads staging only.
+    with torch.cuda.stream(store.kernels):
+        for count in counts:
+            integrity.fold(engine._views(store, 0, count, chunk_nbytes, layout).rows)
+    step("checksums")
     # The device-to-host path, into engine-owned pinned memory (the pool's slots may
     # hold chunks): the first copy_ of a kind sets up torch's and the driver's paths.
     if engine._sink is None:
