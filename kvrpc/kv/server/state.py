@@ -413,6 +413,7 @@ class KVState:
         """
         pool = self._require_pool()
         ns_id = plan.instance.namespace.id
+        corrupt, bad_in_l1 = set(corrupt), set(bad_in_l1)
         for i, slot in plan.found:
             pool.unpin(slot)
             if error is not None:
