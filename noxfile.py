@@ -113,3 +113,17 @@ def fuzz(session: nox.Session) -> None:
         "pytest", "-s", "-rs", "tests/test_fuzz.py", *session.posargs,
         env={"KVRPC_FUZZ_INPUTS": "333334"},
     )  # fmt: skip
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault campaigns (tests/faults) at length: every campaign repeated ten times over.
+
+    The tests session runs them once each; KVRPC_FAULTS_SCALE multiplies their rounds here.
+    """
+    session.run("bash", "tools/ensure-redis-server.sh", external=True)
+    session.install(*CONSTRAINTS, *PACKAGES)
+    session.run(
+        "pytest", "-rs", "-m", "faults", "tests/faults", *session.posargs,
+        env={"KVRPC_FAULTS_SCALE": "10"},
+    )  # fmt: skip

@@ -455,6 +455,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     metrics.set_defaults(run=_run_bench_metrics, check=_checks(metrics, _check_bench_metrics))
+    soak = benches.add_parser(
+        "soak",
+        help="a server under mixed load for minutes: RSS, descriptors, loop lag, p99 drift",
+    )
+    soak.add_argument(
+        "--minutes", type=_positive_float, default=10.0, help="how long (fractions too) [10]"
+    )
+    soak.add_argument(
+        "--clients", type=_positive_int, default=3, help="client processes connecting in turn"
+    )
+    soak.add_argument(
+        "--interval",
+        type=_positive_float,
+        help="seconds between samples [30, at most a fifth of the soak]",
+    )
+    soak.add_argument("--prompts", type=_positive_int, default=32, help="distinct prompts")
+    soak.add_argument(
+        "--session-calls", type=_positive_int, default=50, help="lookups per client session"
+    )
+    soak.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    _plot_option(soak, "RSS, descriptors, loop lag and call p99 per interval")
+    soak.set_defaults(run=_run_bench_soak, check=_checks(soak, _check_bench_soak))
     imports = benches.add_parser("import", help="time 'import kvrpc' in fresh interpreters")
     tier = benches.add_parser(
         "tier",
@@ -547,6 +569,19 @@ def _check_bench_metrics(parser: argparse.ArgumentParser, args: argparse.Namespa
             f"argument --pings: {args.pings} pings cannot be shared among --interleave "
             f"{args.interleave} turns; give --pings at least {args.interleave}"
         )
+
+
+def _check_bench_soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # Growth is the last interval against the first: a soak needs two of them.
+    interval = args.interval if args.interval is not None else min(30.0, args.minutes * 12)
+    if args.minutes * 60 < 2 * interval:
+        parser.error(
+            f"argument --interval: {interval:g} s leaves fewer than two samples in "
+            f"--minutes {args.minutes:g}; give an interval of at most {args.minutes * 30:g} s"
+        )
+    if not os.path.isdir("/proc/self/fd"):
+        raise _Failed("kvrpc bench soak reads the server's /proc entries, which this OS lacks")
+    _check_bench_plot(parser, args)
 
 
 def _check_bench_plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -923,6 +958,13 @@ def _run_bench_metrics(args: argparse.Namespace) -> int:
     from kvrpc.bench.metrics import MetricsBenchOptions, run_metrics_bench
 
     return _report(run_metrics_bench(MetricsBenchOptions.from_args(args)), args.json)
+
+
+def _run_bench_soak(args: argparse.Namespace) -> int:
+    from kvrpc.bench.soak import SoakOptions, run_soak_bench, soak_table
+
+    figures = run_soak_bench(SoakOptions.from_args(args))
+    return _report(figures, args.json, soak_table(figures), plot=_plotter("soak", args.plot))
 
 
 def _run_bench_import(args: argparse.Namespace) -> int:

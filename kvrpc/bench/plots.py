@@ -18,7 +18,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["RPC_CONTENDERS", "plot_gpu", "plot_kv", "plot_rpc", "plot_tier"]
+__all__ = ["RPC_CONTENDERS", "plot_gpu", "plot_kv", "plot_rpc", "plot_soak", "plot_tier"]
 
 #: ``bench rpc``'s contenders: each figure-name prefix and the label its bars get, in order.
 RPC_CONTENDERS: dict[str, str] = {
@@ -240,7 +240,65 @@ def plot_tier(figures: dict[str, Any], path: str) -> None:
     _draw(path, "kvrpc bench tier", panels)
 
 
+def plot_soak(figures: dict[str, Any], path: str) -> None:
+    """``bench soak``: four panels against the soak's time, a point per interval.
+
+    The server's RSS (MiB), its descriptors, its loop lag and the calls' p99 (us); the goals'
+    verdicts in the titles.
+    """
+    intervals = figures.get("intervals") or []
+    if not intervals:
+        raise ValueError(f"no figures to plot in {path}: the dict holds no soak intervals")
+    at = [row["at_s"] for row in intervals]
+
+    def column(name: str) -> list[float]:
+        return [row[name] for row in intervals]
+
+    panels: list[_Panel] = [
+        (
+            _titled("server RSS", figures, "rss_goal"),
+            _lines(at, {"MiB": column("rss_mib")}, "MiB"),
+        ),
+        (
+            _titled("server's open descriptors", figures, "fd_goal"),
+            _lines(at, {"descriptors": column("fds")}, "descriptors"),
+        ),
+        (
+            "server event-loop lag",
+            _lines(
+                at,
+                {"p99": column("loop_lag_p99_us"), "max": column("loop_lag_max_us")},
+                "microseconds",
+            ),
+        ),
+        (
+            _titled("call p99 (lookup; store or retrieve)", figures, "p99_goal"),
+            _lines(at, {"p99": column("call_p99_us")}, "microseconds"),
+        ),
+    ]
+    minutes = figures.get("minutes")
+    _draw(path, "kvrpc bench soak" + (f", {minutes:g} minutes" if minutes else ""), panels)
+
+
 # ---------------------------------------------------------------------- drawing
+
+
+def _lines(
+    xs: Sequence[float], series: Mapping[str, Sequence[float]], unit: str
+) -> Callable[[Any], None]:
+    """A drawer of one line per series against ``xs`` (seconds into a run)."""
+
+    def draw(axes: Any) -> None:
+        for name, values in series.items():
+            axes.plot(xs, values, marker="o", markersize=3, label=name)
+        axes.set_xlabel("seconds")
+        axes.set_ylabel(unit)
+        axes.set_ylim(bottom=0)
+        axes.grid(True, alpha=0.3)
+        if len(series) > 1:
+            axes.legend(fontsize=8)
+
+    return draw
 
 
 def _titled(title: str, figures: dict[str, Any], *goals: str) -> str:

@@ -11,7 +11,9 @@ normally, or until :func:`release_shared` is called for it. It is *not* removed 
 tensor is garbage collected, so a server that was given its name can still open it while the
 worker runs; the memory is given back to the system once the file is removed and every process
 has dropped its mapping. A worker killed by a signal leaves its files behind; their names,
-``kvrpc-<pid>-<hex>``, say which process made them.
+``kvrpc-<pid>-<hex>``, say which process made them, and a server that mapped them removes
+them (:func:`remove_if_orphaned`) once it drops that worker and finds the process gone,
+where it knew the worker's pid (over ``unix://``).
 
 Files are created with mode 0600: only processes of the same user (or root) can open them.
 A server maps a file only for the process that made it: given a :class:`MemoryOwner`,
@@ -49,6 +51,7 @@ __all__ = [
     "SharedTensorRef",
     "open_shared",
     "release_shared",
+    "remove_if_orphaned",
     "shared_empty",
     "shared_ref",
 ]
@@ -235,9 +238,20 @@ class SharedMapping:
     tensors still point into, and the next access would crash the process.
     """
 
-    def __init__(self, ref: SharedTensorRef, tensor: torch.Tensor) -> None:
+    def __init__(
+        self,
+        ref: SharedTensorRef,
+        tensor: torch.Tensor,
+        identity: tuple[int, int] | None = None,
+        maker: int | None = None,
+    ) -> None:
         self._ref = ref
         self._tensor: torch.Tensor | None = tensor
+        #: The mapped file's (device, inode), so that only that file is ever removed.
+        self.identity = identity
+        #: The pid of the process that made the file, where :func:`open_shared` checked it
+        #: against the registering peer's; None where no pid was known.
+        self.maker = maker
 
     @property
     def ref(self) -> SharedTensorRef:
@@ -316,7 +330,57 @@ def open_shared(ref: SharedTensorRef, owner: MemoryOwner | None = None) -> Share
     finally:
         os.close(fd)
     flat = torch.frombuffer(mapping, dtype=torch.uint8, offset=ref.offset - start, count=ref.nbytes)
-    return SharedMapping(ref, flat.view(dtype_from_name(ref.dtype)).view(ref.shape))
+    identity = (info.st_dev, info.st_ino)
+    maker = None if owner is None else owner.pid
+    tensor = flat.view(dtype_from_name(ref.dtype)).view(ref.shape)
+    return SharedMapping(ref, tensor, identity, maker)
+
+
+def remove_if_orphaned(mapping: SharedMapping) -> bool:
+    """Remove the file behind ``mapping`` if the process that made it is gone; True if removed.
+
+    For a server dropping a worker that will not come back to remove its own files (killed
+    by a signal). Only a mapping whose maker's pid was checked when it was opened (a peer
+    known by its credentials, as over ``unix://``) qualifies: a pid merely read from a name
+    might be another pid namespace's. The file is removed only while its name still names
+    the very file mapped (same device and inode, a plain file of this user), and only once
+    that process has exited: a live process keeps its files. Never raises; the memory
+    itself is freed once every mapping of it is dropped.
+    """
+    if mapping.identity is None or mapping.maker is None or _process_alive(mapping.maker):
+        return False
+    name = mapping.ref.name
+    path = os.path.join(_SHM_DIR, name)
+    try:
+        info = os.lstat(path)
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or (info.st_dev, info.st_ino) != mapping.identity
+            or info.st_uid != os.geteuid()
+        ):
+            return False
+        os.unlink(path)
+    except OSError:  # gone already (the worker's own exit, another server), or not ours
+        return False
+    return True
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: an exited process not yet reaped by its parent (a zombie) does not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as proc:
+            # "pid (comm) state ...": comm may hold spaces and parentheses; state follows the last.
+            return proc.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel the portable way
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def _check_owner(name: str, info: os.stat_result, owner: MemoryOwner | None) -> None:

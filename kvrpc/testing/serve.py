@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import tempfile
+from typing import Any
 
 from kvrpc.bench._child import ServerChild, kv_server_child
 from kvrpc.client import SyncClient
@@ -22,9 +23,18 @@ class ServeProcess:
     :meth:`stop`.
     """
 
-    def __init__(self, url: str, *options: str, log_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *options: str,
+        log_dir: str | None = None,
+        auth_token_file: str | None = None,
+    ) -> None:
         self.url = url
-        self.options = options
+        auth = () if auth_token_file is None else ("--auth-token-file", auth_token_file)
+        self.options = (*options, *auth)
+        #: The token file the server requires (given to :meth:`client_options` too), or None.
+        self.auth_token_file = auth_token_file
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="kvrpc-serve-")
         self.child: ServerChild | None = None
         self._running: contextlib.ExitStack | None = None
@@ -38,20 +48,41 @@ class ServeProcess:
             self.stop()
             raise RuntimeError(f"kvrpc serve is not ready at {self.url}: {self.child.ready_line!r}")
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id."""
+        assert self.child is not None, "the server is not running"
+        return self.child.pid
+
+    def client_options(self) -> dict[str, Any]:
+        """What a client needs beside the URL: the token file, where the server has one."""
+        return {} if self.auth_token_file is None else {"auth_token_file": self.auth_token_file}
+
     def kill(self) -> None:
         """SIGKILL: the server dies with whatever it was doing."""
-        assert self.child is not None
-        os.kill(self.child.pid, signal.SIGKILL)
+        os.kill(self.pid, signal.SIGKILL)
         self.stop()
 
+    def pause(self) -> None:
+        """SIGSTOP: the server answers nothing, its sockets stay open, until :meth:`resume`."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        os.kill(self.pid, signal.SIGCONT)
+
     def stop(self) -> None:
-        """SIGTERM, if it still runs, and wait for it to exit."""
+        """SIGTERM, if it still runs (resumed first, if paused), and wait for it to exit."""
         running, self._running = self._running, None
         if running is not None:
+            assert self.child is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child.pid, signal.SIGCONT)  # a stopped process never exits
             running.close()
 
     def stats(self) -> dict[str, int]:
         """The server's ``kv.stats``."""
-        with SyncClient(self.url, registry=protocols.kv_registry(), timeout=5) as client:
+        registry = protocols.kv_registry()
+        with SyncClient(self.url, registry=registry, timeout=5, **self.client_options()) as client:
             stats: dict[str, int] = client.call(protocols.STATS)
         return stats

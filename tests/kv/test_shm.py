@@ -16,9 +16,11 @@ import torch
 
 from kvrpc.errors import KVConfigError, KVError, NotSharedMemory
 from kvrpc.kv.shm import (
+    MemoryOwner,
     SharedTensorRef,
     open_shared,
     release_shared,
+    remove_if_orphaned,
     shared_empty,
     shared_ref,
 )
@@ -287,3 +289,61 @@ def test_malformed_ref_from_the_wire_is_refused(
 ) -> None:
     with pytest.raises(KVError, match=message):
         SharedTensorRef.from_wire({**shared_ref(shared).to_wire(), **change})
+
+
+def _sharing_child() -> tuple[subprocess.Popen[str], SharedTensorRef]:
+    """A process that shares a tensor and then waits, to be killed: it and its tensor's ref."""
+    code = """
+import json, sys, torch
+from kvrpc.kv.shm import shared_empty, shared_ref
+tensor = shared_empty((4, 64), torch.float16)
+print(json.dumps(shared_ref(tensor).to_wire()), flush=True)
+sys.stdin.readline()
+"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child, SharedTensorRef.from_wire(json.loads(child.stdout.readline()))
+
+
+def test_a_killed_makers_file_is_removed_by_whoever_mapped_it_and_a_live_makers_is_kept() -> None:
+    child, ref = _sharing_child()
+    path = os.path.join(SHM, ref.name)
+    try:
+        mapping = open_shared(ref, MemoryOwner(os.geteuid(), child.pid))
+        assert not remove_if_orphaned(mapping), "the maker runs: its file stays"
+        assert os.path.exists(path)
+        child.kill()  # SIGKILL: no exit handler removes the file
+        child.wait(timeout=60)
+        assert os.path.exists(path)
+        assert remove_if_orphaned(mapping)
+        assert not os.path.exists(path)
+        assert torch.equal(mapping.tensor, torch.zeros(4, 64, dtype=torch.float16)), "still mapped"
+        assert not remove_if_orphaned(mapping), "removed once"
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_a_file_whose_maker_was_not_identified_or_that_was_replaced_is_never_removed() -> None:
+    child, ref = _sharing_child()
+    path = os.path.join(SHM, ref.name)
+    try:
+        unidentified = open_shared(ref, MemoryOwner(os.geteuid(), None))  # as over zmq+ipc
+        identified = open_shared(ref, MemoryOwner(os.geteuid(), child.pid))
+        child.kill()
+        child.wait(timeout=60)
+        assert not remove_if_orphaned(unidentified)
+        os.unlink(path)
+        with open(path, "wb") as other:  # another file now holds the name
+            other.write(b"\0" * 512)
+        assert not remove_if_orphaned(identified)
+        assert os.path.exists(path)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        if os.path.exists(path):
+            os.unlink(path)

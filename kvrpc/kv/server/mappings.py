@@ -21,7 +21,7 @@ from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
 from kvrpc.kv.server.pool import ChunkPool
 from kvrpc.kv.server.records import Instance
 from kvrpc.kv.server.state import KVState
-from kvrpc.kv.shm import MemoryOwner, SharedMapping
+from kvrpc.kv.shm import MemoryOwner, SharedMapping, remove_if_orphaned
 
 __all__ = ["Mapped", "Mappings"]
 
@@ -40,6 +40,8 @@ class Mappings:
         self.gpu = gpu
         self.cpu_buffer_bytes = cpu_buffer_bytes
         self._mapped: dict[int, Mapped] = {}
+        #: Shared-memory files of dead workers removed when their instances were dropped.
+        self.orphans_removed = 0
         self._pool_ready: asyncio.Future[ChunkPool] | None = None
 
     async def open(
@@ -85,11 +87,19 @@ class Mappings:
                 mapping.close()
 
     def close(self, instances: list[Instance]) -> None:
-        """Release the memory the state's forgotten ``instances`` had mapped."""
+        """Release the memory the state's forgotten ``instances`` had mapped.
+
+        A killed worker cannot remove its shared-memory files: those whose process is gone
+        are removed here (see :func:`~kvrpc.kv.shm.remove_if_orphaned`), so that /dev/shm
+        does not fill up with dead workers' KV caches. A live worker's are left to it.
+        """
         for instance in instances:
             mapped = self._mapped.pop(instance.id, None)
-            if mapped is not None:
-                self.release(mapped)
+            if mapped is None:
+                continue
+            if not isinstance(mapped, CudaCache):
+                self.orphans_removed += sum(map(remove_if_orphaned, mapped))
+            self.release(mapped)
 
     def cuda(self, instance: Instance) -> CudaCache:
         """A cuda_ipc instance's mapped layers and engine."""

@@ -589,6 +589,7 @@ class KVService:
     def stats(self) -> dict[str, int]:
         """``kv.stats``: counters and the pool's occupancy."""
         report = self.state.stats(self.cpu_buffer_bytes)
+        report["shm_orphans_removed"] = self.mappings.orphans_removed
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
                 report[f"tier_{name}"] = value
