@@ -559,7 +559,8 @@ def test_an_instance_serves_only_its_own_client_until_it_unregisters() -> None:
         state.instance(OTHER, instance.id, 0.0, "inline")
     with pytest.raises(UnknownInstance):
         state.instance(ME, instance.id ^ 1, 0.0, "inline")
-    assert state.unregister(OTHER, instance.id, 0.0) is None
+    with pytest.raises(NotOwner, match="another client's KV cache"):
+        state.unregister(OTHER, instance.id, 0.0)
     assert not instance.closed
 
     assert state.unregister(ME, instance.id, 0.0) is instance

@@ -282,9 +282,20 @@ class KVState:
         return instance
 
     def unregister(self, client_id: bytes, instance_id: int, now: float) -> Instance | None:
-        """Forget the client's instance; returns it (to close), None if it had no such."""
+        """Forget the client's instance; returns it (to close), None if it had no such.
+
+        Another client's instance is left alone and the call refused
+        (:class:`~kvrpc.errors.NotOwner`): only the worker that registered it unregisters it.
+        """
         client = self.renew(client_id, now)
         if client is None or instance_id not in client.instances:
+            other = self.instances.get(instance_id)
+            if other is not None and other.owner != client_id:
+                self.counters.not_owner += 1
+                raise NotOwner(
+                    f"instance id {instance_id:x} is another client's KV cache: only the "
+                    "client that registered it may unregister it"
+                )
             return None
         return self._forget_instance(instance_id)
 
