@@ -248,6 +248,47 @@ def _parser() -> argparse.ArgumentParser:
         help="serve zmq+tcp:// without --auth-token-file: anyone who reaches the port can read, "
         "write and clear the cache",
     )
+    caps = serve.add_argument_group(
+        "per-client caps",
+        "what one client (one adapter) may hold; past a cap its call is refused with "
+        "CLIENT_LIMIT and nothing else changes (docs/operating.md)",
+    )
+    caps.add_argument(
+        "--max-registrations-per-client",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="KV caches one client may have registered (default: 16)",
+    )
+    caps.add_argument(
+        "--max-sessions-per-client",
+        type=_positive_int,
+        default=65536,
+        metavar="N",
+        help="requests one client may have looked up and not ended (default: 65536)",
+    )
+    caps.add_argument(
+        "--max-pins-per-client",
+        type=_positive_int,
+        default=1 << 20,
+        metavar="N",
+        help="chunk pins over one client's sessions (default: 1048576)",
+    )
+    caps.add_argument(
+        "--max-prefetch-jobs-per-client",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="prefetch jobs one client may have whose count it has not taken (default: 4096)",
+    )
+    caps.add_argument(
+        "--max-inflight-per-client",
+        type=_gib,
+        default=4.0,
+        metavar="SIZE",
+        help="bytes of one client's stores and retrieves being copied: GiB, or with a unit; "
+        "a larger call still runs alone (default: 4)",
+    )
     metrics_command.add_serve_arguments(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -762,6 +803,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         verify_retrieves=args.verify_retrieves,
         checksums=args.checksums,
         auth_token_file=args.auth_token_file,
+        max_registrations_per_client=args.max_registrations_per_client,
+        max_sessions_per_client=args.max_sessions_per_client,
+        max_pins_per_client=args.max_pins_per_client,
+        max_prefetch_jobs_per_client=args.max_prefetch_jobs_per_client,
+        max_inflight_per_client=args.max_inflight_per_client,
         **metrics_command.serve_settings(args),
     )
     metrics_url: list[str] = []  # filled before ready() runs, if the endpoint is on

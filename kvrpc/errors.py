@@ -19,6 +19,7 @@ __all__ = [
     "AuthenticationFailed",
     "ClientClosed",
     "ConnectionLost",
+    "ClientLimitReached",
     "CudaUnavailable",
     "DeadlinePassed",
     "DuplicateProtocol",
@@ -28,6 +29,7 @@ __all__ = [
     "KVError",
     "KvrpcError",
     "MessageTooLarge",
+    "NotOwner",
     "NotSharedMemory",
     "PayloadValidationError",
     "ProtocolError",
@@ -200,6 +202,25 @@ class DeadlinePassed(KVError):
     """A retrieve's deadline passed before its copy started: no byte was written."""
 
 
+class ClientLimitReached(KVError):
+    """A per-client cap of the server was reached; nothing of the call was done.
+
+    The caps bound registrations, sessions, pins, prefetch jobs and bytes of copies in
+    flight (``kvrpc serve --max-...-per-client``). Nothing the client already had was lost:
+    end sessions, take prefetch results or wait for copies to finish, then retry; or raise
+    the cap.
+    """
+
+
+class NotOwner(KVError):
+    """The call names state another client owns; nothing was changed.
+
+    A request id whose session another client holds open, or a client id the server has
+    bound to another process. Give each engine its own engine id, and each adapter its own
+    client id (the adapters make one each).
+    """
+
+
 # ------------------------------------------------------------------------- status codes
 
 
@@ -228,6 +249,8 @@ class Status(enum.IntEnum):
     NOT_SHARED_MEMORY = 103  #: NotSharedMemory
     UNKNOWN_JOB = 104  #: UnknownJob
     DEADLINE_PASSED = 105  #: DeadlinePassed
+    CLIENT_LIMIT = 106  #: ClientLimitReached: a per-client cap was reached, nothing done
+    NOT_OWNER = 107  #: NotOwner: the call names another client's state, nothing done
 
 
 #: The codes :func:`register_error` gives to extensions.
@@ -282,6 +305,8 @@ for _status, _cls in (
     (Status.NOT_SHARED_MEMORY, NotSharedMemory),
     (Status.UNKNOWN_JOB, UnknownJob),
     (Status.DEADLINE_PASSED, DeadlinePassed),
+    (Status.CLIENT_LIMIT, ClientLimitReached),
+    (Status.NOT_OWNER, NotOwner),
 ):
     _register(_status, _cls)
 

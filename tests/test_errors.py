@@ -7,6 +7,7 @@ import pytest
 from kvrpc import errors
 from kvrpc.errors import (
     AuthenticationFailed,
+    ClientLimitReached,
     CudaUnavailable,
     DeadlinePassed,
     EncodeError,
@@ -14,6 +15,7 @@ from kvrpc.errors import (
     KVError,
     KvrpcError,
     MessageTooLarge,
+    NotOwner,
     NotSharedMemory,
     PayloadValidationError,
     ProtocolError,
@@ -49,6 +51,8 @@ CODES: dict[type[KvrpcError], int] = {
     NotSharedMemory: 103,
     UnknownJob: 104,
     DeadlinePassed: 105,
+    ClientLimitReached: 106,
+    NotOwner: 107,
 }
 
 

@@ -178,6 +178,8 @@ class KVRPCCollector(Collector):
         out.add("kvrpc_kv_clients", kv["clients"])
         out.add("kvrpc_kv_instances", kv["instances"])
         out.add("kvrpc_kv_clients_expired_total", kv["clients_expired"])
+        out.add("kvrpc_kv_client_limits_total", kv["client_limits"])
+        out.add("kvrpc_kv_not_owner_total", kv["not_owner"])
         out.add("kvrpc_kv_prefetch_jobs_total", kv["prefetch_jobs"])
         out.add("kvrpc_kv_prefetch_jobs_open", kv["prefetch_jobs_open"])
         out.add("kvrpc_kv_prefetched_chunks_total", kv["prefetched"])

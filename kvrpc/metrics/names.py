@@ -103,6 +103,14 @@ METRICS: tuple[Metric, ...] = (
         "kvrpc_kv_clients_expired_total", "counter", "",
         "Clients dropped after --client-timeout of silence.",
     ),
+    _m(
+        "kvrpc_kv_client_limits_total", "counter", "",
+        "Calls refused for a per-client cap (--max-...-per-client).",
+    ),
+    _m(
+        "kvrpc_kv_not_owner_total", "counter", "",
+        "Calls refused for naming another client's session or client id.",
+    ),
     _m("kvrpc_kv_prefetch_jobs_total", "counter", "", "Prefetch jobs started by lookups."),
     _m("kvrpc_kv_prefetch_jobs_open", "gauge", "", "Prefetch jobs running or unanswered."),
     _m("kvrpc_kv_prefetched_chunks_total", "counter", "", "Chunks loaded into L1 by prefetches."),

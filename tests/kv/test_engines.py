@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kvrpc.errors import KVError, UnknownJob
+from kvrpc.errors import NotOwner, UnknownJob
 from kvrpc.kv import LoadStoreOp, SchedulerAdapter, WorkerAdapter
 from kvrpc.kv.client.ops import check_engine_id, scoped_request_id
 from kvrpc.kv.server.records import Job
@@ -191,14 +191,16 @@ def test_a_lookup_naming_another_clients_open_session_is_refused_and_leaves_its_
     assert lookup(state, "r", chunk_hashes) == 2
     assert pins_of(state, instance, chunk_hashes) == [1, 1]
 
-    with pytest.raises(KVError, match="another client's open session"):
+    with pytest.raises(NotOwner, match="another client's open session"):
         lookup(state, "r", chunk_hashes, client=OTHER)
-    with pytest.raises(KVError, match="another client's open session"):
+    with pytest.raises(NotOwner, match="another client's open session"):
         lookup(state, "r", hashes(1, 9), client=OTHER)  # whatever it asks for
     assert pins_of(state, instance, chunk_hashes) == [1, 1]
-    # Nor can the other client end the session or release its pins.
-    assert end(state, "r", client=OTHER) == 0
-    assert state.release_pins(OTHER, "r", lookup_keys(chunk_hashes), 0.0) == 0
+    # Nor can the other client end the session or release its pins: refused, clearly.
+    with pytest.raises(NotOwner, match="another client's open session"):
+        end(state, "r", client=OTHER)
+    with pytest.raises(NotOwner, match="another client's open session"):
+        state.release_pins(OTHER, "r", lookup_keys(chunk_hashes), 0.0)
     assert pins_of(state, instance, chunk_hashes) == [1, 1]
     assert state.stats(0)["sessions"] == 1
 
@@ -219,8 +221,9 @@ def test_a_client_can_never_name_another_clients_prefetch_job() -> None:
 
     with pytest.raises(UnknownJob):
         state.query_prefetch_status(OTHER, job.id, 0.0)
-    # The other client's end of the same request id drops nothing of the job's.
-    assert end(state, "r", client=OTHER) == 0
+    # The other client's end of the same request id is refused and drops nothing of the job's.
+    with pytest.raises(NotOwner):
+        end(state, "r", client=OTHER)
     assert not job.dropped and job.id in state.sessions.jobs
 
     # The job runs on; its count goes to its owner alone, once.

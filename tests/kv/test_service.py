@@ -31,6 +31,7 @@ from kvrpc.errors import (
     CudaUnavailable,
     KVConfigError,
     KVError,
+    NotOwner,
     NotSharedMemory,
     Status,
     UnknownInstance,
@@ -197,7 +198,8 @@ def test_end_session_release_pins_and_unregister_answer_over_the_wire_what_they_
     assert raw.call(kv.RELEASE_PINS, "again", keys) == 0
     assert raw.end_session("again") == 1
 
-    assert stranger.call(kv.UNREGISTER_KV_CACHE, worker.instance) is False
+    with pytest.raises(NotOwner, match="another client's KV cache"):
+        stranger.call(kv.UNREGISTER_KV_CACHE, worker.instance)
     assert raw.call(kv.UNREGISTER_KV_CACHE, worker.instance) is True
     assert raw.call(kv.UNREGISTER_KV_CACHE, worker.instance) is False
     assert kv_server.stats()["instances"] == 0

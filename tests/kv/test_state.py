@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvrpc.errors import KVConfigError, KVError, UnknownInstance, UnknownJob
+from kvrpc.errors import KVConfigError, KVError, NotOwner, UnknownInstance, UnknownJob
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind
@@ -559,7 +559,8 @@ def test_an_instance_serves_only_its_own_client_until_it_unregisters() -> None:
         state.instance(OTHER, instance.id, 0.0, "inline")
     with pytest.raises(UnknownInstance):
         state.instance(ME, instance.id ^ 1, 0.0, "inline")
-    assert state.unregister(OTHER, instance.id, 0.0) is None
+    with pytest.raises(NotOwner, match="another client's KV cache"):
+        state.unregister(OTHER, instance.id, 0.0)
     assert not instance.closed
 
     assert state.unregister(ME, instance.id, 0.0) is instance
@@ -1025,7 +1026,8 @@ def test_only_the_client_that_opened_a_session_can_end_it() -> None:
     assert store(state, instance, stored) == [None, None]
     assert count(state, "r", stored) == 2
 
-    assert end(state, "r", client=OTHER) == 0  # not its session: it releases nothing
+    with pytest.raises(NotOwner, match="another client's open session"):
+        end(state, "r", client=OTHER)  # not its session: refused, it releases nothing
 
     assert (pinned(state), state.stats(0)["sessions"]) == (2, 1)
     assert retrieve(state, instance, "r", stored[:1]) == [None]  # the session still works
@@ -1047,7 +1049,8 @@ def test_pins_are_released_exactly_once_by_retrieve_release_pins_and_end_session
     assert retrieve(state, rank0, "r", stored[:1]) == [None]
     assert pins() == [0, 1, 1, 1, 1, 1]
     release = lookup_keys(stored[:2], world_size=2)
-    assert state.release_pins(OTHER, "r", release, 0.0) == 0  # not its session
+    with pytest.raises(NotOwner):  # not its session
+        state.release_pins(OTHER, "r", release, 0.0)
     assert state.release_pins(ME, "r", release, 0.0) == 3  # rank 0's chunk 0 was released
     assert pins() == [0, 0, 1, 0, 0, 1]
     assert state.release_pins(ME, "r", release, 0.0) == 0

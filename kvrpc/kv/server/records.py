@@ -20,6 +20,7 @@ __all__ = [
     "Instance",
     "Job",
     "Namespace",
+    "Principal",
     "RetrievePlan",
     "Session",
     "SessionKey",
@@ -28,6 +29,10 @@ __all__ = [
 
 #: A session's key: (namespace id, request id).
 SessionKey = tuple[bytes, str]
+
+#: Who a client is beyond its id, where the transport can tell: the kernel's (uid, pid) of
+#: the process at the other end of a local socket (see :mod:`kvrpc.kv.server.access`).
+Principal = tuple[int, int]
 
 
 @dataclass(eq=False)
@@ -100,12 +105,21 @@ class Job:
 
 @dataclass(eq=False)
 class Client:
-    """What one adapter (by client id) owns on this server, and when it was last heard."""
+    """What one adapter (by client id) owns on this server, and when it was last heard.
+
+    ``principal`` is the process the client id is bound to (None until a call comes from a
+    peer the transport identifies); ``pins`` counts its sessions' pins and
+    ``inflight_bytes`` the bytes its stores and retrieves are copying, for the caps of
+    :class:`~kvrpc.kv.server.caps.ClientCaps`.
+    """
 
     last_seen: float
+    principal: Principal | None = None
     instances: set[int] = field(default_factory=set)
     sessions: set[SessionKey] = field(default_factory=set)
     jobs: set[str] = field(default_factory=set)
+    pins: int = 0
+    inflight_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -126,6 +140,8 @@ class StorePlan:
     #: Set by the shell once the copies are done: the checksum of each reserved slot's
     #: chunk, in ``reserved``'s order (None: stored without checksums).
     checksums: list[int] | None = None
+    #: Bytes of the reserved slots counted in the client's ``inflight_bytes`` until settled.
+    charged: int = 0
 
 
 @dataclass(eq=False)
@@ -143,6 +159,8 @@ class RetrievePlan:
     found: list[tuple[int, int]] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     checksums: list[int | None] = field(default_factory=list)
+    #: Bytes of the pinned slots counted in the client's ``inflight_bytes`` until settled.
+    charged: int = 0
 
 
 @dataclass
@@ -165,3 +183,5 @@ class Counters:
     prefetch_jobs: int = 0
     prefetched: int = 0
     clients_expired: int = 0
+    client_limits: int = 0  #: calls refused for a per-client cap
+    not_owner: int = 0  #: calls refused for naming another client's state

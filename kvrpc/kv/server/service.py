@@ -39,13 +39,14 @@ from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import gather_chunks, scatter_chunks
 from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, copy_failed, outcome_fields
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
-from kvrpc.kv.server.access import memory_owner
+from kvrpc.kv.server.access import caller_of, current_caller, memory_owner
+from kvrpc.kv.server.caps import ClientCaps
 from kvrpc.kv.server.copy_engine import Transfer
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
 from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
 from kvrpc.kv.server.mappings import Mappings
 from kvrpc.kv.server.pool import ChunkPool
-from kvrpc.kv.server.records import Instance, RetrievePlan, StorePlan
+from kvrpc.kv.server.records import Instance, Principal, RetrievePlan, StorePlan
 from kvrpc.kv.server.state import KVState
 from kvrpc.kv.server.tiering import Tiering
 from kvrpc.kv.server.tiers import LowerTier, RemoteTier
@@ -70,6 +71,7 @@ class KVService:
     PCIe speed. ``checksums`` off stores chunks without their checksum (the tiers then
     compute it when they write; for measuring its cost); ``verify_retrieves`` checks every
     retrieve's bytes in the blocks (a debug mode, see :mod:`~kvrpc.kv.server.verify`).
+    ``caps`` bounds what each client may hold (:class:`ClientCaps`' defaults if None).
     Open it (``async with``) on the server's loop before serving: that starts the task
     that drops silent clients (and a remote tier's writers and probe).
     """
@@ -87,6 +89,7 @@ class KVService:
         loop_probe: bool = False,
         checksums: bool = True,
         verify_retrieves: bool = False,
+        caps: ClientCaps | None = None,
     ) -> None:
         if cpu_buffer_bytes < 1:
             raise KVConfigError(f"the CPU buffer must be at least 1 byte, not {cpu_buffer_bytes}")
@@ -95,6 +98,7 @@ class KVService:
             client_timeout=client_timeout,
             tier=lower_tier,
             remote=remote_tier,
+            caps=caps,
         )
         self.cpu_buffer_bytes = cpu_buffer_bytes
         self.checksums = checksums
@@ -147,6 +151,8 @@ class KVService:
         }
         for definition in protocols.KV_PROTOCOLS:
             handler = handlers[definition.name]
+            if definition.name not in _NO_CLIENT_ID:
+                handler = _caller_checked(self.state.check_caller, handler)
             server.register(definition, _settling_first(self.gpu.settle_completed, handler))
 
     async def __aenter__(self) -> KVService:
@@ -199,7 +205,7 @@ class KVService:
 
     def keepalive(self, client_id: bytes) -> None:
         """``kv.keepalive``: the client is alive."""
-        self.state.client(client_id, time.monotonic())
+        self.state.client(client_id, time.monotonic(), current_caller())
 
     def goodbye(self, client_id: bytes) -> None:
         """``kv.goodbye``: the client closes; drop what it owns now, without a warning."""
@@ -215,10 +221,14 @@ class KVService:
         Memory is mapped only for a peer that owns it (see :mod:`kvrpc.kv.server.access`);
         ``peer`` is the requesting one, by default the peer of the request being handled.
         """
-        owner = memory_owner(spec.mode, current_peer() if peer is None else peer)
-        per_chunk, chunk_nbytes = self.state.check_registration(client_id, spec, time.monotonic())
+        peer = current_peer() if peer is None else peer
+        owner = memory_owner(spec.mode, peer)
+        caller = caller_of(peer)
+        per_chunk, chunk_nbytes = self.state.check_registration(
+            client_id, spec, time.monotonic(), caller
+        )
         now = time.monotonic()
-        recheck = functools.partial(self.state.check_registration, client_id, spec, now)
+        recheck = functools.partial(self.state.check_registration, client_id, spec, now, caller)
         mapped = await self.mappings.open(spec, owner, per_chunk, recheck)
         try:  # back on the loop: the state checks again that the layout still fits
             instance = self.state.add_instance(client_id, spec, per_chunk, chunk_nbytes)
@@ -332,10 +342,14 @@ class KVService:
         self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor
     ) -> StorePlan:
         plan = self.state.begin_store(instance, keys, block_ids)
-        while plan.waiting:
-            assert self.tiering is not None  # only disk saves make a key wait
-            await self.tiering.save_finished()
-            self.state.reserve(plan)
+        try:
+            while plan.waiting:
+                assert self.tiering is not None  # only disk saves make a key wait
+                await self.tiering.save_finished()
+                self.state.reserve(plan)
+        except BaseException:  # cancelled while waiting: its slots would stay reserved
+            self.state.abandon_store(plan)
+            raise
         return plan
 
     def _settle_cuda_store(
@@ -558,7 +572,7 @@ class KVService:
         Replaces the pins of an earlier lookup for the same request. Answers a prefetch job
         id instead when some of those chunks must first be loaded from the lower tier.
         """
-        found = self.state.lookup(client_id, request_id, keys, time.monotonic())
+        found = self.state.lookup(client_id, request_id, keys, time.monotonic(), current_caller())
         if isinstance(found, int):
             return found
         assert self.tiering is not None  # only a tier makes a job
@@ -617,6 +631,37 @@ def _log_registration(spec: KVCacheRegistration, chunk_nbytes: int, instance_id:
         chunk_nbytes,
         instance_id,
     )
+
+
+#: The ``kv.*`` protocols that name no client: they act on no client's state.
+_NO_CLIENT_ID = frozenset(
+    {protocols.GET_CHUNK_SIZE.name, protocols.STATS.name, protocols.CLEAR.name}
+)
+
+
+def _caller_checked(
+    check: Callable[[bytes, Principal | None], None], handler: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``handler``, refusing first a call whose client id is bound to another process.
+
+    Every ``kv.*`` call that names a client passes this one gate before it can renew, read
+    or change anything of that client (see :meth:`KVState.check_caller`).
+    """
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def checked_then(client_id: bytes, *args: Any) -> Any:
+            check(client_id, current_caller())
+            return await handler(client_id, *args)
+
+        return checked_then
+
+    @functools.wraps(handler)
+    def checked_first(client_id: bytes, *args: Any) -> Any:
+        check(client_id, current_caller())
+        return handler(client_id, *args)
+
+    return checked_first
 
 
 def _settling_first(settle: Callable[[], None], handler: Callable[..., Any]) -> Callable[..., Any]:

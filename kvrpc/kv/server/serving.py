@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvrpc.kv.protocols import kv_registry
+from kvrpc.kv.server.caps import ClientCaps
 from kvrpc.kv.server.service import KVService
 from kvrpc.server import RPCServer
 from kvrpc.transport import default_url
@@ -42,6 +43,8 @@ class KVServerSettings:
     ``metrics_port`` turns on the metrics and health endpoint (:mod:`kvrpc.metrics`, the
     ``kvrpc[metrics]`` extra) on ``metrics_host``. ``auth_token_file`` makes every URL
     require the shared-secret handshake of :mod:`kvrpc.auth` (see ``docs/operating.md``).
+    The ``max_*_per_client`` fields are the per-client caps of
+    :class:`~kvrpc.kv.server.caps.ClientCaps` (``max_inflight_per_client`` in GiB).
     """
 
     url: str | None = None  #: None: :func:`kvrpc.transport.default_url`
@@ -69,6 +72,22 @@ class KVServerSettings:
     auth_token_file: str | None = None
     #: Tiers (``disk``, ``redis``) whose state /readyz does not depend on.
     readyz_ignore: tuple[str, ...] = ()
+    max_registrations_per_client: int = ClientCaps.registrations
+    max_sessions_per_client: int = ClientCaps.sessions
+    max_pins_per_client: int = ClientCaps.pins
+    max_prefetch_jobs_per_client: int = ClientCaps.prefetch_jobs
+    max_inflight_per_client: float = ClientCaps.inflight_bytes / GB
+
+    @property
+    def client_caps(self) -> ClientCaps:
+        """What each client may hold; raises :class:`~kvrpc.errors.KVConfigError` if unusable."""
+        return ClientCaps(
+            registrations=self.max_registrations_per_client,
+            sessions=self.max_sessions_per_client,
+            pins=self.max_pins_per_client,
+            prefetch_jobs=self.max_prefetch_jobs_per_client,
+            inflight_bytes=max(1, int(self.max_inflight_per_client * GB)),
+        )
 
     @property
     def cpu_buffer_bytes(self) -> int:
@@ -116,6 +135,7 @@ async def serve_kv(
         cuda_group_bytes=settings.cuda_group_mib << 20,
         checksums=settings.checksums,
         verify_retrieves=settings.verify_retrieves,
+        caps=settings.client_caps,
     )
     # A thread holding the GIL in Python (a copy engine enqueuing launches) keeps the event
     # loop waiting until the interpreter asks it to switch, every 5 ms by default. This

@@ -1,7 +1,8 @@
 """Sessions, their pins and the prefetch jobs of lookups: the state core's session rules.
 
 A lookup opens a session for its request (replacing its own earlier one; another client's
-is refused), pins the leading chunks every rank holds, and may start a prefetch
+is refused, :class:`~kvrpc.errors.NotOwner`), within the client's caps
+(:mod:`~kvrpc.kv.server.caps`), pins the leading chunks every rank holds, and may start a prefetch
 :class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve releases
 the pins on what it copied; ending the session releases the rest, and drops its jobs so
 that they pin nothing. Every pin taken here is released exactly once. Part of
@@ -14,9 +15,10 @@ import itertools
 import secrets
 from typing import Protocol
 
-from kvrpc.errors import KVError, UnknownJob
+from kvrpc.errors import ClientLimitReached, KVError, NotOwner, UnknownJob
 from kvrpc.kv.keys import HASH_SIZE, KeyBatch
 from kvrpc.kv.server import poolkeys
+from kvrpc.kv.server.caps import ClientCaps, refuse
 from kvrpc.kv.server.pool import ChunkPool
 from kvrpc.kv.server.records import Client, Counters, Job, Namespace, Session, SessionKey
 
@@ -49,8 +51,10 @@ class SessionBook:
         counters: Counters,
         tier: TierIndex | None,
         remote: RemoteIndex | None = None,
+        caps: ClientCaps | None = None,
     ) -> None:
         self.clients = clients
+        self.caps = ClientCaps() if caps is None else caps
         self.namespaces = namespaces
         self.counters = counters
         self.tier = tier
@@ -69,8 +73,11 @@ class SessionBook:
         shell loads them (:meth:`prefetch_slot`, :meth:`prefetched`) and
         :meth:`finish_prefetch` counts and pins the result. The keys carry no worker id
         (:meth:`KVState.lookup <kvrpc.kv.server.state.KVState.lookup>` refuses them first).
-        Raises :class:`~kvrpc.errors.KVError` if another client has a session of this
-        request id open: a request id names one client's session, never another's.
+        Raises :class:`~kvrpc.errors.NotOwner` if another client has a session of this
+        request id open: a request id names one client's session, never another's; and
+        :class:`~kvrpc.errors.ClientLimitReached` if the session, its pins or its job would
+        take the client past a cap (:class:`~kvrpc.kv.server.caps.ClientCaps`). Either way
+        nothing changes, not even the client's earlier session of the request.
         """
         counters = self.counters
         counters.lookups += 1
@@ -81,8 +88,11 @@ class SessionBook:
             counters.misses += n
             return 0
         session_key = (ns.id, request_id)
-        session = self._open_session(client_id, session_key)
-        find, pins = pool.lookup, session.pins
+        earlier = self._check_open(client_id, session_key)
+        find = pool.lookup
+        # Decided into this lookup's own table first, and kept only once the client's caps
+        # allow it: a refused lookup changes nothing, not even the session it would replace.
+        pins: dict[int, int] = {}
         ranks = list(ns.ranks.items())
         hashes = poolkeys.chunk_hashes(keys.hashes)
         # The hot path of a scheduler's lookup: rank by rank, each scan stopping at the first
@@ -121,6 +131,12 @@ class SessionBook:
                 missing, held = self._split(chunk_hash, ranks)
                 remote.append(missing)
                 self._mark(pins, to_pin, held)
+        # What the job loads is pinned as it lands: counted now, so it fits the cap too.
+        loads = len(to_load) + sum(map(len, remote))
+        self._check_caps(client_id, earlier, len(pins) + loads, bool(to_load or remote))
+        session = self._open_session(client_id, session_key)
+        session.pins = pins
+        self.clients[client_id].pins += len(pins)
         pool.pin_many(to_pin)
         if not to_load and not remote:
             counters.hits += matched
@@ -207,8 +223,10 @@ class SessionBook:
                 present = [(slot, worker) for slot, worker in found if slot is not None]
                 if len(present) != len(found):
                     break
-                for slot, worker in present:
-                    self._pin(session, slot, worker)
+                # A chunk the owner's pin cap cannot hold is not counted, nor any after it:
+                # the engine retrieves only what stays pinned until its retrieve.
+                if not all(self._pin(session, slot, worker) for slot, worker in present):
+                    break
                 counted.update(slot for slot, _ in present)
                 matched += 1
             for slot in [slot for slot in session.pins if slot not in counted]:
@@ -239,8 +257,9 @@ class SessionBook:
     ) -> int:
         """End the client's session of the request; returns how many pins were released.
 
-        Like :meth:`release_pins`, a session another client opened is left alone (0): only the
-        scheduler that looked a request up decides when it is over.
+        0 if no session of the request is open. A session another client opened is left
+        alone and the call refused (:class:`~kvrpc.errors.NotOwner`): only the scheduler
+        that looked a request up decides when it is over.
         """
         ns = self.namespaces.get((model_name, world_size))
         if ns is None or self._owned(client_id, ns.id, request_id) is None:
@@ -251,6 +270,7 @@ class SessionBook:
         """Unpin these chunks of the request's session on every rank; the session stays.
 
         Chunks the session never pinned are ignored, so releasing twice releases once.
+        Another client's session is left alone and the call refused, as by :meth:`end_session`.
         """
         if keys.worker_id is not None:
             raise KVError("release_pins keys carry no worker id, as a lookup's do")
@@ -271,18 +291,51 @@ class SessionBook:
         return released
 
     def _owned(self, client_id: bytes, ns_id: bytes, request_id: str) -> Session | None:
-        """The request's session if ``client_id`` opened it; None if none, or another's."""
+        """The request's session, None if none is open; refuses another client's."""
         session = self.sessions.get((ns_id, request_id))
-        return session if session is not None and session.owner == client_id else None
+        if session is None:
+            return None
+        if session.owner != client_id:
+            self.counters.not_owner += 1
+            raise NotOwner(
+                f"request id {request_id!r} names another client's open session on this "
+                "server: only the client that looked it up may end it or release its pins"
+            )
+        return session
 
-    def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
+    def _check_open(self, client_id: bytes, key: SessionKey) -> Session | None:
+        """The client's own open session of ``key`` (None if none); refuses another's."""
         earlier = self.sessions.get(key)
         if earlier is not None and earlier.owner != client_id:
-            raise KVError(
+            self.counters.not_owner += 1
+            raise NotOwner(
                 f"request id {key[1]!r} names another client's open session on this server; "
                 "request ids are scoped by their engine (the adapters' engine_id): give "
                 "each engine its own"
             )
+        return earlier
+
+    def _check_caps(
+        self, client_id: bytes, earlier: Session | None, pins: int, makes_job: bool
+    ) -> None:
+        """Refuse a lookup that would take the client past a cap; ``earlier`` it replaces."""
+        client, caps = self.clients[client_id], self.caps
+        sessions = len(client.sessions) + (earlier is None)
+        if sessions > caps.sessions:
+            raise self._refuse("sessions", len(client.sessions), 1, caps.sessions)
+        held = client.pins - (0 if earlier is None else len(earlier.pins))
+        if held + pins > caps.pins:
+            raise self._refuse("pins", held, pins, caps.pins)
+        jobs = len(client.jobs) - (0 if earlier is None else len(earlier.jobs & client.jobs))
+        if makes_job and jobs + 1 > caps.prefetch_jobs:
+            raise self._refuse("prefetch_jobs", jobs, 1, caps.prefetch_jobs)
+
+    def _refuse(self, cap: str, held: int, wanted: int, limit: int) -> ClientLimitReached:
+        self.counters.client_limits += 1
+        return refuse(cap, held, wanted, limit)
+
+    def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
+        self._check_open(client_id, key)
         self.end(key)
         session = self.sessions[key] = Session(client_id)
         self.clients[client_id].sessions.add(key)
@@ -296,6 +349,7 @@ class SessionBook:
         owner = self.clients.get(session.owner)
         if owner is not None:
             owner.sessions.discard(key)
+            owner.pins -= len(session.pins)
         for job_id in session.jobs:  # nobody may ask for them once the request is over
             job = self.jobs.pop(job_id, None)
             if job is None:
@@ -310,16 +364,29 @@ class SessionBook:
         session.pins.clear()
         return released
 
-    def _pin(self, session: Session, slot: int, worker: int) -> None:
+    def _pin(self, session: Session, slot: int, worker: int) -> bool:
+        """Pin ``slot`` for the session (once); False if the owner's pin cap forbids it."""
         # No touch: a pinned slot is out of the LRU order, and its last unpin makes it the
         # most recently used.
-        if slot not in session.pins:
-            self._pool().pin(slot)
-            session.pins[slot] = worker
+        if slot in session.pins:
+            return True
+        owner = self.clients.get(session.owner)
+        if owner is not None:
+            if owner.pins >= self.caps.pins:
+                return False
+            owner.pins += 1
+        self._pool().pin(slot)
+        session.pins[slot] = worker
+        return True
 
     def release_pin(self, session: Session, slot: int) -> None:
         """Release the session's pin on ``slot``, if it holds one (so never twice)."""
-        if session.pins.pop(slot, None) is not None and self.pool is not None:
+        if session.pins.pop(slot, None) is None:
+            return
+        owner = self.clients.get(session.owner)
+        if owner is not None:
+            owner.pins -= 1
+        if self.pool is not None:
             self.pool.unpin(slot)
 
     def release_rank(self, ns_id: bytes, worker_id: int) -> None:

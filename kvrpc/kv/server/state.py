@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from kvrpc.errors import KVConfigError, KVError, UnknownInstance
+from kvrpc.errors import ClientLimitReached, KVConfigError, KVError, NotOwner, UnknownInstance
 from kvrpc.kv.keys import KeyBatch, blocks_per_chunk
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 from kvrpc.kv.outcomes import (
@@ -36,6 +36,7 @@ from kvrpc.kv.outcomes import (
 )
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.server import poolkeys
+from kvrpc.kv.server.caps import ClientCaps, refuse
 from kvrpc.kv.server.pool import ChunkPool, Reserve
 from kvrpc.kv.server.records import (
     Client,
@@ -43,6 +44,7 @@ from kvrpc.kv.server.records import (
     Instance,
     Job,
     Namespace,
+    Principal,
     RetrievePlan,
     StorePlan,
 )
@@ -60,7 +62,8 @@ class KVState:
 
     ``chunk_size`` is tokens per chunk; a client silent for ``client_timeout`` seconds is
     dropped by :meth:`expire`; ``tier`` is the lower tier's index, if there is one, and
-    ``remote`` a remote tier's breaker (lookups ask it what L1 and ``tier`` lack). The pool
+    ``remote`` a remote tier's breaker (lookups ask it what L1 and ``tier`` lack); ``caps``
+    bounds what each client may hold (the defaults of :class:`ClientCaps` if None). The pool
     is made by the shell (pinning gigabytes takes a while) and given with :meth:`set_pool`.
     """
 
@@ -71,11 +74,13 @@ class KVState:
         client_timeout: float,
         tier: TierIndex | None = None,
         remote: RemoteIndex | None = None,
+        caps: ClientCaps | None = None,
     ) -> None:
         if chunk_size < 1:
             raise KVConfigError(f"chunk size must be at least 1 token, not {chunk_size}")
         self.chunk_size = chunk_size
         self.client_timeout = client_timeout
+        self.caps = ClientCaps() if caps is None else caps
         self.tier = tier
         self.pool: ChunkPool | None = None
         self.counters = Counters()
@@ -85,22 +90,48 @@ class KVState:
         self.instances: dict[int, Instance] = {}
         self.clients: dict[bytes, Client] = {}
         #: The sessions' pins and the lookups' prefetch jobs (the session rules).
-        self.sessions = SessionBook(self.clients, self.namespaces, self.counters, tier, remote)
+        self.sessions = SessionBook(
+            self.clients, self.namespaces, self.counters, tier, remote, self.caps
+        )
 
     # ------------------------------------------------------------------ client leases
 
-    def client(self, client_id: bytes, now: float) -> Client:
-        """The client's record, made on first sight; renews its lease.
+    def client(self, client_id: bytes, now: float, principal: Principal | None = None) -> Client:
+        """The client's record, made on first sight (bound to ``principal``); renews its lease.
 
         Only the calls a client starts with make a record: a keepalive, a registration that
         passes its checks, a lookup. The others act on what a client owns and only renew a
         known client's lease (:meth:`renew`), so an expired client's refused call leaves no
         record behind that owns nothing and would expire again.
         """
+        self.check_caller(client_id, principal)
         client = self.renew(client_id, now)
         if client is None:
-            client = self.clients[client_id] = Client(now)
+            client = self.clients[client_id] = Client(now, principal)
         return client
+
+    def check_caller(self, client_id: bytes, principal: Principal | None) -> None:
+        """Refuse a call naming a client id that is bound to another process.
+
+        A client id is bound to the first process the transport identifies as using it
+        (``principal``: the kernel's uid and pid of a local socket's peer; see
+        :mod:`kvrpc.kv.server.access`), and from then on only that process may name it:
+        another process, or a peer the transport cannot identify, gets
+        :class:`~kvrpc.errors.NotOwner`. Where no peer is identified (TCP, zmq+ipc,
+        inproc), the 16 random bytes of the id are the proof, as a bearer secret. An
+        unknown id passes: the call that makes its record binds it.
+        """
+        client = self.clients.get(client_id)
+        if client is None or client.principal == principal:
+            return
+        if client.principal is None:  # first seen unidentified: the first identified peer
+            client.principal = principal
+            return
+        self.counters.not_owner += 1
+        raise NotOwner(
+            "this client id belongs to another process on this server; each adapter makes "
+            "its own (a client id must not be copied to, or inherited by, another process)"
+        )
 
     def renew(self, client_id: bytes, now: float) -> Client | None:
         """Renew a known client's lease and return its record; None (and no record) if unknown."""
@@ -139,13 +170,19 @@ class KVState:
     # ------------------------------------------------------------------ registration
 
     def check_registration(
-        self, client_id: bytes, spec: KVCacheRegistration, now: float
+        self,
+        client_id: bytes,
+        spec: KVCacheRegistration,
+        now: float,
+        principal: Principal | None = None,
     ) -> tuple[int, int]:
         """Refuse a registration that cannot work; else (blocks per chunk, chunk bytes).
 
         Checked again by :meth:`add_instance` once the shell has mapped the tensors, since
-        another worker may have registered meanwhile.
+        another worker may have registered meanwhile. Refused past the client's cap of
+        registrations too (:class:`~kvrpc.errors.ClientLimitReached`).
         """
+        self.check_caller(client_id, principal)
         self.renew(client_id, now)
         layout = spec.layout
         if spec.worker_id >= spec.world_size:
@@ -170,8 +207,18 @@ class KVState:
         per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
         chunk_nbytes = layout.chunk_nbytes(per_chunk)
         self._check_fits(spec, chunk_nbytes)
-        self.client(client_id, now)  # passed: add_instance will look for its record
+        self._check_registrations(self.clients.get(client_id))
+        self.client(client_id, now, principal)  # passed: add_instance will look for its record
         return per_chunk, chunk_nbytes
+
+    def _check_registrations(self, client: Client | None) -> None:
+        limit = self.caps.registrations
+        if client is not None and len(client.instances) >= limit:
+            raise self._refuse("registrations", len(client.instances), 1, limit)
+
+    def _refuse(self, cap: str, held: int, wanted: int, limit: int) -> ClientLimitReached:
+        self.counters.client_limits += 1
+        return refuse(cap, held, wanted, limit)
 
     def _check_fits(self, spec: KVCacheRegistration, chunk_nbytes: int) -> None:
         """Refuse a chunk form that differs from its model's, or chunks that outgrow slots."""
@@ -203,6 +250,7 @@ class KVState:
         client = self.clients.get(client_id)
         if client is None:  # it left while its tensors were mapped
             raise KVError("this client said goodbye or went silent while registering")
+        self._check_registrations(client)  # its other registrations may have landed meanwhile
         key = (spec.model_name, spec.world_size)
         ns = self.namespaces.get(key)
         if ns is None:
@@ -235,9 +283,20 @@ class KVState:
         return instance
 
     def unregister(self, client_id: bytes, instance_id: int, now: float) -> Instance | None:
-        """Forget the client's instance; returns it (to close), None if it had no such."""
+        """Forget the client's instance; returns it (to close), None if it had no such.
+
+        Another client's instance is left alone and the call refused
+        (:class:`~kvrpc.errors.NotOwner`): only the worker that registered it unregisters it.
+        """
         client = self.renew(client_id, now)
         if client is None or instance_id not in client.instances:
+            other = self.instances.get(instance_id)
+            if other is not None and other.owner != client_id:
+                self.counters.not_owner += 1
+                raise NotOwner(
+                    f"instance id {instance_id:x} is another client's KV cache: only the "
+                    "client that registered it may unregister it"
+                )
             return None
         return self._forget_instance(instance_id)
 
@@ -276,7 +335,13 @@ class KVState:
     # ------------------------------------------------------------------ store
 
     def begin_store(self, instance: Instance, keys: KeyBatch, block_ids: torch.Tensor) -> StorePlan:
-        """Check a store and reserve a slot per storable key (see :meth:`reserve`)."""
+        """Check a store and reserve a slot per storable key (see :meth:`reserve`).
+
+        Refused (:class:`~kvrpc.errors.ClientLimitReached`) if its chunks would take the
+        client's bytes in flight past the cap; the reserved slots count in them until the
+        plan is settled or abandoned.
+        """
+        self._check_inflight(instance, len(keys))
         results = batch_problems(instance, keys, block_ids, retrieve=False)
         plan = StorePlan(
             instance, results, poolkeys.pool_keys(keys.hashes, instance.suffix), block_ids
@@ -309,7 +374,35 @@ class KVState:
             else:
                 assert isinstance(slot, int)
                 plan.reserved.append((i, slot))
+        self._charge(plan, len(plan.reserved))
         return True
+
+    def _check_inflight(self, instance: Instance, chunks: int) -> None:
+        """Refuse a copy of ``chunks`` that would take its client past its bytes in flight.
+
+        A client with nothing in flight is always admitted, however large the call: the cap
+        bounds what one client adds to the copies running, and never stops it for good.
+        """
+        client = self.clients.get(instance.owner)
+        wanted = chunks * instance.chunk_nbytes
+        limit = self.caps.inflight_bytes
+        if client is not None and client.inflight_bytes and client.inflight_bytes + wanted > limit:
+            raise self._refuse("inflight_bytes", client.inflight_bytes, wanted, limit)
+
+    def _charge(self, plan: StorePlan | RetrievePlan, chunks: int) -> None:
+        """Count ``chunks`` of the plan (all it holds so far) in its client's bytes in flight."""
+        nbytes = chunks * plan.instance.chunk_nbytes
+        client = self.clients.get(plan.instance.owner)
+        if client is not None:
+            client.inflight_bytes += nbytes - plan.charged
+            plan.charged = nbytes
+
+    def _discharge(self, plan: StorePlan | RetrievePlan) -> None:
+        """The plan's copies are over: its bytes leave its client's count (once)."""
+        client = self.clients.get(plan.instance.owner)
+        if client is not None and plan.charged:
+            client.inflight_bytes = max(0, client.inflight_bytes - plan.charged)
+        plan.charged = 0
 
     def settle_store(self, plan: StorePlan, error: KeyFailure | None) -> list[tuple[bytes, int]]:
         """Commit the copied slots (or abort them all); returns the chunks to write through.
@@ -318,6 +411,7 @@ class KVState:
         :meth:`saved` is called with them, so that the tier reads bytes nobody rewrites.
         """
         pool = self._require_pool()
+        self._discharge(plan)
         sums = plan.checksums
         for n, (i, slot) in enumerate(plan.reserved):
             if error is None:
@@ -362,8 +456,10 @@ class KVState:
     def abandon_store(self, plan: StorePlan) -> None:
         """A cancelled store's copies are over: free its reserved slots unwritten."""
         pool = self._require_pool()
+        self._discharge(plan)
         for _, slot in plan.reserved:
             pool.abort(slot)
+        plan.reserved = []  # so that abandoning twice frees nothing twice
 
     # ------------------------------------------------------------------ retrieve
 
@@ -374,9 +470,13 @@ class KVState:
         keys: KeyBatch,
         block_ids: torch.Tensor,
     ) -> RetrievePlan:
-        """Check a retrieve and pin each key's slot for the copy, so it is not evicted."""
+        """Check a retrieve and pin each key's slot for the copy, so it is not evicted.
+
+        Refused past the client's bytes in flight, as :meth:`begin_store` is.
+        """
         if len(request_ids) != len(keys):
             raise KVError(f"{len(keys)} keys but {len(request_ids)} request ids; give one per key")
+        self._check_inflight(instance, len(keys))
         results = batch_problems(instance, keys, block_ids, retrieve=True)
         plan = RetrievePlan(instance, request_ids, results, block_ids)
         pool = self._require_pool()
@@ -393,6 +493,7 @@ class KVState:
             pool.touch(slot)
             plan.found.append((i, slot))
             plan.checksums.append(pool.checksum(slot))
+        self._charge(plan, len(plan.found))
         return plan
 
     def settle_retrieve(
@@ -412,6 +513,7 @@ class KVState:
         evicted, and fails every verified retrieve meanwhile).
         """
         pool = self._require_pool()
+        self._discharge(plan)
         ns_id = plan.instance.namespace.id
         corrupt, bad_in_l1 = set(corrupt), set(bad_in_l1)
         for i, slot in plan.found:
@@ -432,15 +534,23 @@ class KVState:
 
     def abandon_retrieve(self, plan: RetrievePlan) -> None:
         """A cancelled retrieve's copies are over: unpin its slots, sessions keep theirs."""
+        self._discharge(plan)
         self._require_pool().unpin_many(slot for _, slot in plan.found)
 
     # ------------------------------------------------------------------ lookups and sessions
 
-    def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch, now: float) -> int | Job:
+    def lookup(
+        self,
+        client_id: bytes,
+        request_id: str,
+        keys: KeyBatch,
+        now: float,
+        principal: Principal | None = None,
+    ) -> int | Job:
         """The client's lookup (see :meth:`SessionBook.lookup`); renews its lease."""
         if keys.worker_id is not None:  # refused before the client is recorded
             raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
-        self.client(client_id, now)
+        self.client(client_id, now, principal)
         return self.sessions.lookup(client_id, request_id, keys)
 
     def query_prefetch_status(self, client_id: bytes, job_id: str, now: float) -> int | None:
@@ -486,6 +596,8 @@ class KVState:
             "sessions": len(self.sessions.sessions),
             "clients": len(self.clients),
             "clients_expired": counters.clients_expired,
+            "client_limits": counters.client_limits,
+            "not_owner": counters.not_owner,
             "instances": len(self.instances),
             "prefetch_jobs": counters.prefetch_jobs,
             "prefetch_jobs_open": len(self.sessions.jobs),
