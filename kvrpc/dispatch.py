@@ -76,6 +76,7 @@ class ServerStats:
     busy: int = 0  #: requests refused with ServerBusy
     unexpected: int = 0  #: responses or errors sent to the server, which takes only requests
     dropped: int = 0  #: messages dropped without any reply (no request id could be read)
+    abandoned: int = 0  #: results left unsent because their client had disconnected
     in_flight: int = 0  #: requests running in tasks or threads right now
 
     def as_dict(self) -> dict[str, int]:
@@ -276,6 +277,8 @@ class Dispatcher:
         if not account.count and not account.forgotten:
             del self._accounts[run.peer]
         idle = not self._accepting and not stats.in_flight
+        if account.forgotten:
+            stats.abandoned += 1
         return _FINISHED[not account.forgotten, idle]
 
     def forget(self, peer: Peer) -> int:

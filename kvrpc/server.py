@@ -55,6 +55,7 @@ from kvrpc.transport import (
     PeerCredentials,
     ServerTransport,
     SupportsPeerCredentials,
+    SupportsPeerLoss,
     SupportsServerReceiver,
     TransportOptions,
     create_server,
@@ -245,6 +246,8 @@ class RPCServer:
         self._stop.arm()
         self._dispatcher.accept()
         tasks.spawn(self._receive_loop, transport)
+        if isinstance(transport, SupportsPeerLoss):
+            transport.set_peer_lost(self._peer_lost)
         if isinstance(transport, SupportsServerReceiver):
             self._offers_open = True
             transport.set_receiver(self._offer)  # requests straight from the read callback
@@ -320,6 +323,10 @@ class RPCServer:
             return False
         self._on_frames(peer, frames)
         return True
+
+    def _peer_lost(self, peer: Peer) -> None:
+        # Its slots free now; the results of its runs still going will be dropped unsent.
+        self._dispatcher.forget(peer)
 
     def _on_frames(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         try:

@@ -491,3 +491,33 @@ def test_a_refused_registration_leaves_the_registry_unchanged() -> None:
     assert "calc.slow" not in server.registry
     server.register(blocking, lambda: None)  # the name is still free for a valid handler
     assert "calc.slow" in server.registry
+
+
+# ----------------------------------------------------------------------------- peers leaving
+
+
+@pytest.mark.parametrize("scheme", ["inproc", "unix"])
+async def test_a_client_that_hangs_up_has_its_running_results_dropped_unsent(
+    scheme: str, url: str, sock_dir: str
+) -> None:
+    if scheme == "unix":
+        url = f"unix://{sock_dir}/s.sock"
+    server = RPCServer(url, shutdown_grace=1.0)
+    held = Gate()
+    server.register(ASLEEP, held.awaiting)
+    async with server:
+        async with AsyncClient(url, registry=server.registry, timeout=WAIT) as client:
+            await client.submit(ASLEEP, 0.0)
+            await held.started.wait()
+        async with asyncio.timeout(WAIT):  # the transport reports the hang-up
+            while server.transport_stats()["disconnects"] < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        responses = server.stats.responses
+        assert server.stats.in_flight == 1  # the run goes on: it still holds the loop
+        held.release()
+        async with asyncio.timeout(WAIT):
+            while server.stats.in_flight:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        assert server.stats.abandoned == 1
+        assert server.stats.responses == responses  # nothing was encoded for a gone peer
+        await still_serving(url)

@@ -33,7 +33,15 @@ from kvrpc.codec import decode, encode_request
 from kvrpc.errors import ConnectionLost, MessageTooLarge
 from kvrpc.protocol import ECHO, PING, HandlerType, ProtocolDefinition
 from kvrpc.server import RPCServer
-from kvrpc.transport import SupportsTrySend, TransportOptions, connect_client, parse_url
+from kvrpc.transport import (
+    Peer,
+    SupportsPeerLoss,
+    SupportsTrySend,
+    TransportOptions,
+    connect_client,
+    create_server,
+    parse_url,
+)
 
 __all__ = [
     "BLOCK",
@@ -234,6 +242,48 @@ class TransportConformance:
             assert [(r.request_id, r.payload) for r in replies] == [(2, "a"), (3, "b"), (4, "c")]
             await transport.close()
             assert transport.try_send(encode_request(5, PING.name, ())) is False
+
+    @pytest.mark.asyncio
+    async def test_peer_loss_is_reported_once_per_connection(
+        self, transport_case: TransportCase
+    ) -> None:
+        """A hang-up is reported once, naming the peer whose messages came, never at close.
+
+        For a server transport that declares ``SupportsPeerLoss``.
+        """
+        url = transport_case.make_url()
+        server = create_server(url, TransportOptions())
+        if not isinstance(server, SupportsPeerLoss):
+            pytest.skip(f"{transport_case.name} does not declare SupportsPeerLoss")
+        lost: list[Peer] = []
+        reported = asyncio.Event()
+
+        def on_lost(peer: Peer) -> None:
+            lost.append(peer)
+            reported.set()
+
+        await server.start()
+        try:
+            server.set_peer_lost(on_lost)
+            first, second = (connect_client(url, TransportOptions()) for _ in range(2))
+            peers = []
+            for client in (first, second):
+                await client.connect()
+                await client.send(encode_request(1, PING.name, ()))
+                async with asyncio.timeout(CALL_TIMEOUT):
+                    peers.append((await server.recv())[0])
+            await first.close()
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await reported.wait()
+            assert lost == [peers[0]]
+            # The other connection still works, and closing the server reports nothing.
+            await second.send(encode_request(2, PING.name, ()))
+            async with asyncio.timeout(CALL_TIMEOUT):
+                assert (await server.recv())[0] == peers[1]
+        finally:
+            await server.close()
+        await second.close()
+        assert lost == [peers[0]]
 
     @pytest.mark.asyncio
     async def test_handlers_of_every_type_answer(self, transport_case: TransportCase) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvrpc.codec import Buffer
 from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
@@ -81,6 +81,7 @@ class _InprocServer:
         self.name = name
         self._inbox: _Endpoint | None = None
         self._clients: dict[Peer, _InprocClient] = {}
+        self._peer_lost: Callable[[Peer], None] | None = None
         self._closed = False
         self._counts = {"connections": 0, "disconnects": 0, "malformed": 0, "dropped": 0}
 
@@ -102,6 +103,28 @@ class _InprocServer:
     def detach(self, peer: Peer) -> None:
         if self._clients.pop(peer, None) is not None:
             self._counts["disconnects"] += 1
+            if self._peer_lost is not None:
+                self._peer_lost(peer)
+
+    def set_peer_lost(self, callback: Callable[[Peer], None] | None) -> None:
+        # A client may close from another thread or loop; the callback belongs to ours.
+        loop = self._inbox.loop if self._inbox is not None else None
+        if callback is None or loop is None:
+            self._peer_lost = callback
+            return
+
+        def report(peer: Peer) -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:
+                callback(peer)
+            elif not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(callback, peer)
+
+        self._peer_lost = report
 
     def stats(self) -> dict[str, int]:
         return dict(self._counts)

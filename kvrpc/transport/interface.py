@@ -24,6 +24,7 @@ __all__ = [
     "SupportsBlockingClient",
     "SupportsClientReceiver",
     "SupportsPeerCredentials",
+    "SupportsPeerLoss",
     "SupportsServerReceiver",
     "SupportsTrySend",
     "TransportOptions",
@@ -169,6 +170,25 @@ class SupportsServerReceiver(Protocol):
 
     def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
         """Offer each message to ``receiver`` as it is read."""
+
+
+@runtime_checkable
+class SupportsPeerLoss(Protocol):
+    """A server transport that reports the end of each peer's connection.
+
+    The server frees a lost peer's per-peer slots at once (its running requests go on, and
+    their results are dropped unsent) instead of when each run ends. A transport that cannot
+    see hang-ups (a ZeroMQ ROUTER cannot) does not declare it.
+    """
+
+    def set_peer_lost(self, callback: Callable[[Peer], None] | None) -> None:
+        """Call ``callback(peer)`` on the loop's thread once ``peer``'s connection has ended.
+
+        Once per connection, whatever ended it (a hang-up, bad framing, a stall, a failed
+        handshake); not for the connections that :meth:`ServerTransport.close` ends. A
+        message of that connection still queued for ``recv`` may come after the callback;
+        its reply goes nowhere. ``None`` turns it off.
+        """
 
 
 @runtime_checkable

@@ -487,6 +487,7 @@ class UnixServerTransport:
             "skipped": 0,
         }
         self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
+        self._peer_lost: Callable[[bytes], None] | None = None
         self._auth = options.auth
         self._limiter = options.auth.limiter() if options.auth is not None else None
         self._authenticating = 0  # connections in the middle of their handshake
@@ -640,6 +641,10 @@ class UnixServerTransport:
         """Offer each message to ``receiver`` as it is read (see ``ServerTransport``)."""
         self._receiver = receiver
 
+    def set_peer_lost(self, callback: Callable[[bytes], None] | None) -> None:
+        """Call ``callback(peer)`` once each connection ends (see ``SupportsPeerLoss``)."""
+        self._peer_lost = callback
+
     def _deliver(self, connection: _Connection) -> None:
         if connection.handshake is not None:
             self._authenticate(connection)
@@ -684,6 +689,11 @@ class UnixServerTransport:
         connection.close()
         if self._connections.pop(connection.peer, None) is not None:
             self._counts["disconnects"] += 1
+            if self._peer_lost is not None:
+                try:
+                    self._peer_lost(connection.peer)
+                except Exception:  # the server's bug must not stop this transport
+                    logger.exception("peer-lost callback failed")
         if malformed:
             self._counts["malformed"] += 1
             logger.debug("unix://%s: dropped peer %s: %s", self.path, connection.peer.hex(), reason)
