@@ -68,6 +68,8 @@ logger = logging.getLogger("kvrpc.zmq")
 #: Messages read ahead into a transport's queue; reading stops (zmq's own HWM and then the
 #: kernel take over the back-pressure) until ``recv`` has taken them.
 INBOX_LIMIT = 1024
+#: Unread messages libzmq may hold per client connection on the server's side.
+SERVER_RCVHWM = 64
 #: Messages read (and, with a receiver, handled) in one event-loop turn: a peer sending
 #: without pause must not keep the loop from everything else, other peers' sends included.
 READ_BATCH = 16
@@ -552,6 +554,11 @@ class ZmqServerTransport:
         # so a full client queue is waited on and a departed client is known to be gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.BACKLOG, 1024)  # many workers (re)connect at once
+        # libzmq holds up to RCVHWM unread messages per connection, and keeps those of a
+        # client that hung up until they are read: under a sustained flood from peers that
+        # reconnect, that is what the server's memory grows by. A small per-peer read-ahead
+        # bounds it; beyond it, the kernel's socket buffer and then the sender wait.
+        sock.setsockopt(zmq.RCVHWM, SERVER_RCVHWM)
         # A ZAP domain makes libzmq refuse peers that fall back to the 2010 ZMTP/1.0 framing,
         # which is what arbitrary bytes look like to it; libzmq 4.3.5 leaked about 7 KB for
         # each such connection (measured). No ZAP handler is needed: NULL security still
