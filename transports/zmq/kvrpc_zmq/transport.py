@@ -418,6 +418,18 @@ class _Gate:
 
 
 class _ServerDriver(_Driver):
+    """The ROUTER's reader: messages go to the receiver (or the inbox) in arrival order.
+
+    zmq's ROUTER takes one message from each peer with one waiting in turn, so no peer waits
+    behind another's queue; what a flooding peer can still take from the others is the
+    server's time. So a peer is *muted* while replies wait in its backlog (it reads none of
+    what it asked for, and zmq holds SNDHWM of them already): its requests are thrown away
+    as they arrive, before any decoding, and counted as ``refused`` (the caller's timeout
+    reports each). A ROUTER cannot stop reading one peer, or hang up on it, as
+    the unix transport does; this is the nearest it comes. The peer is heard again once its
+    backlog has drained (or was dropped after ``peer_stall_timeout``).
+    """
+
     def __init__(
         self, sock: zmq.Socket[Any], counts: dict[str, int], auth: Authenticator | None = None
     ) -> None:
@@ -425,6 +437,9 @@ class _ServerDriver(_Driver):
         self.counts = counts
         self.receiver: Callable[[Peer, list[Buffer]], bool] | None = None
         self.gate = _Gate(auth, counts) if auth is not None else None
+        #: The peers whose requests are thrown away unread (the transport's backlogs).
+        self.muted: dict[bytes, Any] = {}
+        counts["refused"] = 0
         self.scheme = "zmq"  # the limiter's key where a peer has no address (ipc)
         super().__init__(
             sock,
@@ -446,18 +461,35 @@ class _ServerDriver(_Driver):
         self.inbox.append((parts[0], parts[1:]))  # type: ignore[arg-type]
         self.wake_reader()
 
+    def _refuse_rest(self) -> None:
+        """Throw away the rest of a muted peer's message, uncopied, and count it."""
+        sock = self.sock
+        while sock.get(zmq.RCVMORE):
+            sock.recv(zmq.NOBLOCK, copy=False)  # a view: 64 KiB is not copied to be dropped
+        self.counts["refused"] += 1
+
     def receive_one(self) -> None:
+        sock = self.sock
         gate = self.gate
         if gate is None:
-            self.take(self.sock.recv_multipart(zmq.NOBLOCK))
+            identity = sock.recv(zmq.NOBLOCK)
+            if identity in self.muted:
+                self._refuse_rest()
+                return
+            parts: list[Any] = [identity]
+            while sock.get(zmq.RCVMORE):
+                parts.append(sock.recv(zmq.NOBLOCK))
+            self.take(parts)
             return
-        sock = self.sock
         # The identity frame as a zmq.Frame: it tells which connection the message came on.
         head = sock.recv(zmq.NOBLOCK, copy=False)
-        parts: list[Any] = [head.bytes]
+        identity, fd = head.bytes, int(head.get(zmq.SRCFD))
+        if identity in self.muted and gate.authenticated.get(identity) == fd:
+            self._refuse_rest()
+            return
+        parts = [identity]
         while sock.get(zmq.RCVMORE):
             parts.append(sock.recv(zmq.NOBLOCK))
-        identity, fd = parts[0], int(head.get(zmq.SRCFD))
         if gate.authenticated.get(identity) == fd:
             self.take(parts)
             return
@@ -570,6 +602,7 @@ class ZmqServerTransport:
                 info = os.lstat(self.url.path)
                 self._socket_file = (info.st_dev, info.st_ino)
         self._driver = _ServerDriver(sock, self._counts, self.options.auth)
+        self._driver.muted = self._backlogs  # a peer with replies waiting is muted
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
         """The next message from any client."""
@@ -679,7 +712,10 @@ class ZmqServerTransport:
                 os.unlink(self.url.path)
 
     def stats(self) -> dict[str, int]:
-        """Connections accepted, disconnects, failed handshakes, replies dropped or backlogged."""
+        """Counters: connections, disconnects, failed handshakes, replies dropped, backlogs.
+
+        ``refused``: requests from muted peers thrown away unread (see ``_ServerDriver``).
+        """
         return dict(self._counts)
 
     def _require(self) -> _ServerDriver:
