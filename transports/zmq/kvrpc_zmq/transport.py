@@ -138,6 +138,26 @@ def _configure(sock: zmq.Socket[Any], options: TransportOptions) -> None:
     sock.copy_threshold = ZERO_COPY_THRESHOLD
 
 
+def _set_curve(sock: zmq.Socket[Any], url: TransportURL, options: TransportOptions) -> None:
+    """Make ``sock`` a CURVE server or client where ``options`` carry keys; zmq+tcp only.
+
+    Raises :class:`TransportError` for keys on any other URL: an ipc socket is guarded by
+    its file mode, and silently ignoring the keys there would hide a mistake.
+    """
+    keys = options.curve
+    if keys is None:
+        return
+    if url.scheme != "zmq+tcp":
+        raise TransportError(f"{url.raw}: CURVE encryption is for zmq+tcp:// URLs only")
+    if keys.server_key is None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    else:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
 def _send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> None:
     """Send one multipart message without blocking; raises ``zmq.Again`` if there is no room.
 
@@ -580,6 +600,11 @@ class ZmqServerTransport:
             claim_socket_path(self.url.path)
         sock = _context().socket(zmq.ROUTER)
         _configure(sock, self.options)
+        try:
+            _set_curve(sock, self.url, self.options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # Refuse (EHOSTUNREACH, or EAGAIN when its queue is full) instead of dropping silently,
         # so a full client queue is waited on and a departed client is known to be gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -836,6 +861,11 @@ class ZmqClientTransport:
             await _resolve(self.url)
         sock = _context().socket(zmq.DEALER)
         _configure(sock, self.options)
+        try:
+            _set_curve(sock, self.url, self.options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -950,6 +980,11 @@ class ZmqBlockingClient:
         self.url = url
         sock = _context().socket(zmq.DEALER)
         _configure(sock, options)
+        try:
+            _set_curve(sock, url, options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
