@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,33 @@ async def test_a_raw_dealer_without_curve_gets_nothing_served(keys: tuple[Path, 
         finally:
             dealer.close(linger=0)
         assert server.stats.requests == 1  # the good client's ping only
+
+
+def test_a_sync_client_and_its_direct_lane_call_over_curve(keys: tuple[Path, Path]) -> None:
+    from kvrpc.client import SyncClient
+
+    public, secret = keys
+    url = f"zmq+tcp://127.0.0.1:{_free_port()}"
+    started = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        async with RPCServer(url, curve_secret_file=str(secret)):
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10.0)
+        with SyncClient(url, timeout=10.0, curve_server_key_file=str(public)) as client:
+            assert client.call("rpc.ping") == "pong"
+            assert client.call("rpc.echo", b"y" * 1000) == b"y" * 1000
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10.0)
+        loop.close()
 
 
 def test_serve_refuses_curve_without_a_zmq_tcp_url_or_with_an_open_key_file(
