@@ -870,6 +870,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             + (
                 " unauthenticated: any process that reaches this address can read, write and "
                 "clear the cache; shm and cuda_ipc workers are refused here"
+                if exposed and not args.auth_token_file and not args.curve_secret_file
+                else " no token: any client given the CURVE public key can read, write and "
+                "clear the cache; shm and cuda_ipc workers are refused here"
                 if exposed and not args.auth_token_file
                 else ""
             ),
