@@ -243,10 +243,17 @@ def _parser() -> argparse.ArgumentParser:
         "client, on every URL, before any request is decoded",
     )
     auth.add_argument(
+        "--curve-secret-file",
+        metavar="PATH",
+        help="encrypt the zmq+tcp:// URLs with ZMQ CURVE, with the secret key in PATH (mode "
+        "0600; make a keypair with 'kvrpc keygen-curve DIR'): only clients given the public key "
+        "connect",
+    )
+    auth.add_argument(
         "--insecure",
         action="store_true",
-        help="serve zmq+tcp:// without --auth-token-file: anyone who reaches the port can read, "
-        "write and clear the cache",
+        help="serve zmq+tcp:// without --auth-token-file or --curve-secret-file: anyone who "
+        "reaches the port can read, write and clear the cache",
     )
     caps = serve.add_argument_group(
         "per-client caps",
@@ -315,7 +322,24 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument(
         "--auth-token-file", metavar="PATH", help="the server's token file, if it requires one"
     )
+    ping.add_argument(
+        "--curve-server-key-file",
+        metavar="PATH",
+        help="the server's CURVE public key file, for a zmq+tcp server with --curve-secret-file",
+    )
     ping.set_defaults(run=_run_ping)
+
+    keygen = commands.add_parser(
+        "keygen-curve",
+        help="write a ZMQ CURVE keypair for 'kvrpc serve --curve-secret-file'",
+        description="Writes DIR/NAME.key (the public key, for clients) and DIR/NAME.key_secret "
+        "(the server's), both mode 0600, in zmq's Z85 text form; never replaces a file.",
+    )
+    keygen.add_argument("directory", metavar="DIR", help="where to write the two files")
+    keygen.add_argument(
+        "--name", type=_key_name, default="server", help="the files' name (default: server)"
+    )
+    keygen.set_defaults(run=_run_keygen_curve)
 
     stats = commands.add_parser(
         "stats", help="print a server's counters as a table (--json for scripts)"
@@ -730,6 +754,20 @@ def _tcp_urls(urls: Sequence[str]) -> list[str]:
 
 def _check_auth(args: argparse.Namespace, urls: Sequence[str]) -> str | None:
     """Why ``serve`` must not start as asked (a bad token file, TCP with no auth), or None."""
+    tcp = _tcp_urls(urls)
+    if args.curve_secret_file is not None:
+        from kvrpc.curve import server_curve_keys
+        from kvrpc.token_file import TokenFileError
+
+        if not tcp:
+            return (
+                "--curve-secret-file encrypts zmq+tcp:// URLs only, and none is served "
+                f"({', '.join(urls)}); local sockets are guarded by their file modes"
+            )
+        try:
+            server_curve_keys(args.curve_secret_file)
+        except TokenFileError as exc:
+            return str(exc)
     if args.auth_token_file is not None:
         from kvrpc.token_file import TokenFileError, read_token_file
 
@@ -738,8 +776,7 @@ def _check_auth(args: argparse.Namespace, urls: Sequence[str]) -> str | None:
         except TokenFileError as exc:
             return str(exc)
         return None
-    tcp = _tcp_urls(urls)
-    if tcp and not args.insecure:
+    if tcp and not args.insecure and args.curve_secret_file is None:
         return (
             f"{tcp[0]} would let anyone who reaches the port read, write and clear the cache: "
             "give --auth-token-file PATH (see docs/operating.md, Authentication), or "
@@ -766,7 +803,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"kvrpc serve: {problem}", file=sys.stderr)
         return 2
-    if args.insecure and args.auth_token_file is None and _tcp_urls(urls):
+    if (
+        args.insecure
+        and args.auth_token_file is None
+        and args.curve_secret_file is None
+        and _tcp_urls(urls)
+    ):
         print(
             f"kvrpc serve: warning: --insecure: {', '.join(_tcp_urls(urls))} is "
             "unauthenticated; anyone who reaches the port can read, write and clear the cache",
@@ -803,6 +845,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         verify_retrieves=args.verify_retrieves,
         checksums=args.checksums,
         auth_token_file=args.auth_token_file,
+        curve_secret_file=args.curve_secret_file,
         max_registrations_per_client=args.max_registrations_per_client,
         max_sessions_per_client=args.max_sessions_per_client,
         max_pins_per_client=args.max_pins_per_client,
@@ -823,8 +866,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             + (f" redis={_redacted(args.redis_url)}" if args.redis_url else "")
             + (f" metrics={metrics_url[0]}" if metrics_url else "")
             + (" auth=token" if args.auth_token_file else "")
+            + (" curve=zmq+tcp" if args.curve_secret_file else "")
             + (
                 " unauthenticated: any process that reaches this address can read, write and "
+                "clear the cache; shm and cuda_ipc workers are refused here"
+                if exposed and not args.auth_token_file and not args.curve_secret_file
+                else " no token: any client given the CURVE public key can read, write and "
                 "clear the cache; shm and cuda_ipc workers are refused here"
                 if exposed and not args.auth_token_file
                 else ""
@@ -922,11 +969,26 @@ def _run_ping(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         connect_timeout=args.timeout,
         auth_token_file=args.auth_token_file,
+        curve_server_key_file=args.curve_server_key_file,
     ) as client:
         for _ in range(args.count):
             start = time.perf_counter()
             answer = client.call("rpc.ping")
             print(f"{answer} from {url} in {(time.perf_counter() - start) * 1e6:.0f} us")
+    return 0
+
+
+def _run_keygen_curve(args: argparse.Namespace) -> int:
+    from kvrpc.curve import write_keypair
+
+    try:
+        public, secret = write_keypair(args.directory, args.name)
+    except FileExistsError as exc:
+        raise _Failed(f"{exc.filename} exists already; keygen-curve never replaces a key") from None
+    except OSError as exc:
+        raise _Failed(f"cannot write the keys in {args.directory}: {exc.strerror}") from None
+    print(f"public key (give it to clients): {public}")
+    print(f"secret key (kvrpc serve --curve-secret-file): {secret}")
     return 0
 
 
@@ -1044,6 +1106,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _key_name(text: str) -> str:
+    """A key file's base name: not empty, no directory part."""
+    if not text or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (no '/', not empty)")
+    return text
 
 
 def _positive_float(text: str) -> float:

@@ -176,6 +176,7 @@ class AsyncClient:
         **settings: Unpack[ClientSettings],
     ) -> None:
         from kvrpc.config import ClientConfig, load
+        from kvrpc.curve import check_curve_url, client_curve_keys
         from kvrpc.token_file import load_authenticator
 
         # Every setting's default is ClientConfig's: written there and nowhere else.
@@ -190,6 +191,10 @@ class AsyncClient:
         self.max_in_flight = self.config.max_in_flight
         #: The handshake's secret, read from ``auth_token_file`` (None: no handshake).
         self.auth = load_authenticator(self.config.auth_token_file)
+        if self.config.curve_server_key_file is not None:
+            check_curve_url(url)
+        #: CURVE keys (a fresh keypair and the server's public key), or None.
+        self.curve = client_curve_keys(self.config.curve_server_key_file)
         self._calls = CallTable(url, validate=validate)
         self.stats: ClientStats = self._calls.stats
         self._encoder = RequestEncoder(self.registry, validate, self.max_message_size)
@@ -230,7 +235,12 @@ class AsyncClient:
         try:
             transport = connect_client(
                 self.url,
-                TransportOptions(self.max_message_size, self.reconnect_timeout, auth=self.auth),
+                TransportOptions(
+                    self.max_message_size,
+                    self.reconnect_timeout,
+                    auth=self.auth,
+                    curve=self.curve,
+                ),
             )
             # Closed on every failure path too: a half-made connection holds sockets.
             stack.push_async_callback(transport.close)
@@ -238,9 +248,17 @@ class AsyncClient:
                 with anyio.fail_after(self.connect_timeout):
                     await transport.connect()
             except TimeoutError:
+                hint = (
+                    " (a CURVE server whose public key is not the one in "
+                    f"{self.config.curve_server_key_file} completes no handshake)"
+                    if self.curve is not None
+                    else " (a CURVE server completes no handshake without its public key)"
+                    if self.url.startswith("zmq+tcp://")
+                    else ""
+                )
                 raise TransportError(
                     f"could not connect to {self.url} within {self.connect_timeout}s; "
-                    "is the server running?"
+                    f"is the server running?{hint}"
                 ) from None
             tasks = OwnedTaskGroup(f"kvrpc-client {self.url}")
             self._task_group = await tasks.open()
@@ -482,7 +500,10 @@ class SyncClient:
             self._lane = DirectLane(
                 url,
                 TransportOptions(
-                    client.max_message_size, client.reconnect_timeout, auth=client.auth
+                    client.max_message_size,
+                    client.reconnect_timeout,
+                    auth=client.auth,
+                    curve=client.curve,
                 ),
                 connect_timeout=min(client.connect_timeout, _LANE_CONNECT_TIMEOUT),
                 retry_interval=client.reconnect_timeout,

@@ -44,6 +44,9 @@ class ServerConfig(_Settings):
     #: handshake of :mod:`kvrpc.auth` with it before any request of its is decoded. None: no
     #: handshake (local sockets are then guarded by their file modes alone).
     auth_token_file: str | None = None
+    #: The server's CURVE secret key file (mode 0600, see :mod:`kvrpc.curve`): a zmq+tcp
+    #: listener then encrypts and admits only clients that know its public key. None: none.
+    curve_secret_file: str | None = None
 
 
 class ServerSettings(TypedDict, total=False):
@@ -60,6 +63,7 @@ class ServerSettings(TypedDict, total=False):
     shutdown_grace: float
     peer_stall_timeout: float
     auth_token_file: str | None
+    curve_secret_file: str | None
 
 
 class ClientConfig(_Settings):
@@ -78,6 +82,9 @@ class ClientConfig(_Settings):
     #: The server's token file (mode 0600, this user's), for a server that requires the
     #: handshake; None for one that does not.
     auth_token_file: str | None = None
+    #: The server's CURVE public key file (``kvrpc keygen-curve``), for a zmq+tcp server
+    #: started with a CURVE secret key; None for one without.
+    curve_server_key_file: str | None = None
 
 
 class ClientSettings(TypedDict, total=False):
@@ -93,6 +100,7 @@ class ClientSettings(TypedDict, total=False):
     max_message_size: int
     max_in_flight: int
     auth_token_file: str | None
+    curve_server_key_file: str | None
 
 
 def load(settings: type[C], owner: str, **values: Any) -> C:

@@ -130,6 +130,7 @@ class RPCServer:
         **settings: Unpack[ServerSettings],
     ) -> None:
         from kvrpc.config import ServerConfig, load
+        from kvrpc.curve import check_curve_url, server_curve_keys
         from kvrpc.token_file import load_authenticator
 
         values: dict[str, Any] = config.model_dump() if config is not None else {}
@@ -143,6 +144,9 @@ class RPCServer:
         self.shutdown_grace = self.config.shutdown_grace
         # Read now, so that a bad token file fails the construction, not the start.
         self._auth = load_authenticator(self.config.auth_token_file)
+        if self.config.curve_secret_file is not None:
+            check_curve_url(url)
+        self._curve = server_curve_keys(self.config.curve_secret_file)
         self._handlers = HandlerTable(self.registry)
         self._dispatcher = Dispatcher(self._handlers, self.config)
         self._replies = Replies(self._dispatcher)
@@ -228,6 +232,7 @@ class RPCServer:
                 self.max_message_size,
                 peer_stall_timeout=self.config.peer_stall_timeout,
                 auth=self._auth,
+                curve=self._curve,
             )
             transport = create_server(self.url, options)
             await transport.start()

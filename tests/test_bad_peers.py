@@ -278,6 +278,69 @@ async def test_a_zmq_client_that_stops_reading_loses_its_replies_counted(sock_di
             flood.close()
 
 
+@pytest.mark.parametrize("scheme", ["zmq+ipc", "zmq+tcp"])
+async def test_a_zmq_client_that_reads_nothing_has_its_requests_refused_unread_until_it_reads(
+    scheme: str, sock_dir: str
+) -> None:
+    """A flooding zmq peer's excess is thrown away before decoding, counted, never answered.
+
+    Each request it sent is either answered (once it reads) or counted as refused, never
+    both; meanwhile another client is served, and once the flooder has read its backlog its
+    next request is served again.
+    """
+    url = socket_url(scheme, sock_dir)
+    async with RPCServer(url, peer_stall_timeout=60) as server:
+        transport = server._transport
+        assert transport is not None
+        dealer: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.RCVHWM, 1)
+        dealer.setsockopt(zmq.RCVBUF, 4096)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(url.replace("zmq+", "", 1))
+        body = b"x" * (64 * 1024)
+        sent = 0
+        try:
+            async with asyncio.timeout(2 * WAIT):
+                while transport.stats()["refused"] < 1:
+                    try:
+                        dealer.send_multipart(
+                            encode_request(sent, "rpc.echo", (body,)), zmq.NOBLOCK
+                        )
+                        sent += 1
+                    except zmq.Again:
+                        await asyncio.sleep(0.001)
+            async with AsyncClient(url, timeout=WAIT) as good:
+                assert await good.call("rpc.ping") == "pong"
+            answered: set[int] = set()
+            pong = None
+            async with asyncio.timeout(2 * WAIT):
+                while pong is None:
+                    try:
+                        frames = dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        # Once every reply is in and none waits at the server, it hears us.
+                        if (
+                            len(answered) + transport.stats()["refused"] == sent
+                            and not transport._backlogs  # type: ignore[attr-defined]
+                        ):
+                            dealer.send_multipart(encode_request(sent, "rpc.ping", ()))
+                            sent += 1
+                        await asyncio.sleep(0.01)
+                        continue
+                    _, request_id = peek(frames)
+                    assert request_id is not None and request_id not in answered
+                    if request_id == sent - 1 and decode(frames).payload == "pong":
+                        pong = request_id
+                    else:
+                        answered.add(request_id)
+        finally:
+            dealer.close(linger=0)
+        stats = transport.stats()
+    assert stats["dropped"] == 0
+    # Every echo was answered or refused, never both (the last request is the ping).
+    assert len(answered) + stats["refused"] == sent - 1, (len(answered), stats, sent)
+
+
 # ------------------------------------------------------------------ 5, 6. failed sends
 
 

@@ -23,6 +23,7 @@ _BAD_VALUES = {
     cli._token_count: ["0", "300", "x"],
     cli._redis_url: ["localhost:6379", "http://x"],
     cli._plot_path: ["/no/such/directory/plot.png", "", "/tmp"],
+    cli._key_name: ["", "a/b", "..", "."],
 }
 
 

@@ -4,7 +4,7 @@ A ``kvrpc serve`` child process; this process pings it for a while with nothing 
 (the baseline, in the same run), then again while a second child process floods it with 64 KiB
 ``rpc.echo`` requests and reads none of the replies. The figures are the pings' percentiles
 in both phases and their ratio, and what the server's transport counted (replies dropped,
-peers backlogged or dropped for stalling).
+peers backlogged or dropped for stalling, requests refused unread), and each round's ratio.
 """
 
 from __future__ import annotations
@@ -44,15 +44,21 @@ async def _measure(url: str, seconds: float, rounds: int) -> dict[str, Any]:
         idle: list[float] = []
         flooded: list[float] = []
         failures = 0
+        ratios: list[float] = []  # each round's flooded p99 / idle p99: the spread
         for round_ in range(rounds):
             _progress(f"round {round_ + 1}/{rounds}: idle")
-            idle += await _pings(client, seconds)
+            idle_times = await _pings(client, seconds)
+            idle += idle_times
             _progress(f"round {round_ + 1}/{rounds}: beside a client that reads nothing")
             argv = [sys.executable, "-m", "kvrpc.bench.peers", "flood", url, str(seconds + 5)]
             async with _child(argv, _FLOOD_READY, "flooding client"):
                 times = await _pings(client, seconds)
             failures += sum(1 for t in times if t < 0)
             flooded += [t for t in times if t >= 0]
+            ratios.append(
+                percentile([t for t in times if t >= 0], 0.99)
+                / max(percentile(idle_times, 0.99), 1e-9)
+            )
         stats = await client.call(STATS)
     figures: dict[str, Any] = {"server": where, "url": url, "rounds": rounds}
     for name, samples in (("idle", idle), ("flooded", flooded)):
@@ -63,8 +69,14 @@ async def _measure(url: str, seconds: float, rounds: int) -> dict[str, Any]:
     figures["ping_p99_flooded_over_idle"] = figures["ping_flooded_p99_us"] / max(
         figures["ping_idle_p99_us"], 1e-9
     )
+    figures["ping_p99_flooded_over_idle_rounds"] = " ".join(f"{r:.2f}" for r in ratios)
     figures["ping_failures"] = failures
-    for key in ("transport_dropped", "transport_backlogged", "transport_stalled"):
+    for key in (
+        "transport_dropped",
+        "transport_backlogged",
+        "transport_stalled",
+        "transport_refused",
+    ):
         figures[key] = stats.get(key, 0)
     return figures
 

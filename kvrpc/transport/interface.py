@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvrpc.auth import Authenticator
 from kvrpc.codec import Buffer
 from kvrpc.transport.urls import TransportURL
+
+if TYPE_CHECKING:
+    from kvrpc.curve import CurveKeys
 
 __all__ = [
     "BlockingClientTransport",
@@ -49,12 +52,16 @@ class TransportOptions:
     the handshake of :mod:`kvrpc.auth` (and counts the failures), and a client transport
     runs that handshake on every new connection before it sends a request; failing, it
     raises :class:`~kvrpc.errors.AuthenticationFailed`. None (the default): no handshake.
+    ``curve``: ZMQ CURVE keys (:mod:`kvrpc.curve`), for ``zmq+tcp`` only: a server's keys make
+    it a CURVE server, a client's (with the server's public key) a CURVE client; any other
+    transport refuses them. None (the default): no encryption.
     """
 
     max_message_size: int = 256 * 1024 * 1024
     reconnect_timeout: float = 2.0
     peer_stall_timeout: float = 10.0
     auth: Authenticator | None = None
+    curve: CurveKeys | None = None
 
 
 @runtime_checkable

@@ -43,6 +43,8 @@ class KVServerSettings:
     ``metrics_port`` turns on the metrics and health endpoint (:mod:`kvrpc.metrics`, the
     ``kvrpc[metrics]`` extra) on ``metrics_host``. ``auth_token_file`` makes every URL
     require the shared-secret handshake of :mod:`kvrpc.auth` (see ``docs/operating.md``).
+    ``curve_secret_file`` makes every ``zmq+tcp`` URL a CURVE server (:mod:`kvrpc.curve`);
+    the other URLs are guarded as before.
     The ``max_*_per_client`` fields are the per-client caps of
     :class:`~kvrpc.kv.server.caps.ClientCaps` (``max_inflight_per_client`` in GiB).
     """
@@ -70,6 +72,7 @@ class KVServerSettings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     auth_token_file: str | None = None
+    curve_secret_file: str | None = None
     #: Tiers (``disk``, ``redis``) whose state /readyz does not depend on.
     readyz_ignore: tuple[str, ...] = ()
     max_registrations_per_client: int = ClientCaps.registrations
@@ -142,11 +145,17 @@ async def serve_kv(
     # process is the server's own, so it asks every 0.25 ms instead.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.00025))
     url = settings.url if settings.url is not None else default_url()
+
+    def curve_for(where: str) -> str | None:
+        # CURVE is a zmq+tcp option; a unix socket beside it keeps its file-mode guard.
+        return settings.curve_secret_file if where.startswith("zmq+tcp://") else None
+
     server = RPCServer(
         url,
         registry=kv_registry(),
         max_workers=settings.max_workers,
         auth_token_file=settings.auth_token_file,
+        curve_secret_file=curve_for(url),
     )
     service.register(server)
     # One service behind every URL: a host's workers register on a local socket (the only
@@ -157,6 +166,7 @@ async def serve_kv(
             registry=kv_registry(),
             max_workers=settings.max_workers,
             auth_token_file=settings.auth_token_file,
+            curve_secret_file=curve_for(extra),
         )
         for extra in settings.also_urls
     ]

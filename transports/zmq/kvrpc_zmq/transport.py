@@ -81,6 +81,12 @@ ZERO_COPY_THRESHOLD = 64 * 1024
 #: waits for such a client: its replies wait in this backlog, retried from a timer, and are
 #: dropped if it takes none of them for ``TransportOptions.peer_stall_timeout`` seconds.
 PEER_BACKLOG_BYTES = 64 * 1024 * 1024
+#: Requests from muted peers (see ``_ServerDriver``) the server reads and throws away per
+#: second, and at most in a burst, before it pauses reading while nothing else waits.
+REFUSE_RATE = 2000.0
+REFUSE_BURST = 32.0
+#: The longest such pause: a message from any other peer ends it anyway (see paused_for).
+REFUSE_PAUSE_MAX = 0.005
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.05
 #: A TCP peer that vanished without closing (power loss, dropped route) is noticed by the
@@ -140,6 +146,26 @@ def _configure(sock: zmq.Socket[Any], options: TransportOptions) -> None:
     sock.copy_threshold = ZERO_COPY_THRESHOLD
 
 
+def _set_curve(sock: zmq.Socket[Any], url: TransportURL, options: TransportOptions) -> None:
+    """Make ``sock`` a CURVE server or client where ``options`` carry keys; zmq+tcp only.
+
+    Raises :class:`TransportError` for keys on any other URL: an ipc socket is guarded by
+    its file mode, and silently ignoring the keys there would hide a mistake.
+    """
+    keys = options.curve
+    if keys is None:
+        return
+    if url.scheme != "zmq+tcp":
+        raise TransportError(f"{url.raw}: CURVE encryption is for zmq+tcp:// URLs only")
+    if keys.server_key is None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    else:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+
+
 def _send_parts(sock: zmq.Socket[Any], parts: Sequence[Any]) -> None:
     """Send one multipart message without blocking; raises ``zmq.Again`` if there is no room.
 
@@ -193,6 +219,7 @@ class _Driver:
         self.check_scheduled = False
         self.stopped_at_limit = False
         self.draining = False
+        self._pause_timer: asyncio.TimerHandle | None = None
         self.loop.add_reader(self._fd, self._on_socket)
         self.loop.add_reader(self._monitor_fd, self._on_monitor)
         # Whatever arrived before the readers were added raised no edge we will see.
@@ -208,6 +235,10 @@ class _Driver:
     def receive_one(self) -> None:
         """Read one waiting message (``zmq.Again`` if none) and hand it to :meth:`take`."""
         self.take(self.sock.recv_multipart(zmq.NOBLOCK))
+
+    def paused_for(self) -> float:
+        """Seconds to stop reading for after the message just read (0: read on)."""
+        return 0.0
 
     def inbox_full(self) -> bool:
         return len(self.inbox) >= INBOX_LIMIT
@@ -239,6 +270,11 @@ class _Driver:
                 # Copying receive: a large frame costs the same copies either way (the codec
                 # turns a view into bytes), and small ones are cheaper as plain bytes.
                 self.receive_one()
+                pause = self.paused_for()
+                if pause:
+                    if self._pause_timer is None:
+                        self._pause_timer = self.loop.call_later(pause, self._resume)
+                    break
             else:
                 # More may be waiting, and the edge that announced them is spent: carry on
                 # next turn, after the loop's other callbacks (other sockets, timers) ran.
@@ -252,6 +288,10 @@ class _Driver:
         finally:
             self.draining = False
         self._wake_writers()
+
+    def _resume(self) -> None:
+        self._pause_timer = None
+        self.drain()
 
     def after_send(self) -> None:
         """Look for a message whose descriptor edge a send may have swallowed, once per turn.
@@ -319,6 +359,9 @@ class _Driver:
         if self.closed:
             return
         self.closed = True
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
         self.loop.remove_reader(self._fd)
         self.loop.remove_reader(self._monitor_fd)
         with contextlib.suppress(zmq.ZMQError):
@@ -420,6 +463,24 @@ class _Gate:
 
 
 class _ServerDriver(_Driver):
+    """The ROUTER's reader: messages go to the receiver (or the inbox) in arrival order.
+
+    zmq's ROUTER takes one message from each peer with one waiting in turn, so no peer waits
+    behind another's queue; what a flooding peer can still take from the others is the
+    server's time. So a peer is *muted* while replies wait in its backlog (it reads none of
+    what it asked for, and zmq holds SNDHWM of them already): its requests are thrown away
+    as they arrive, before any decoding, and counted as ``refused`` (the caller's timeout
+    reports each). A ROUTER cannot stop reading one peer, or hang up on it, as the unix
+    transport does, so a muted peer would go on flooding at the rate the server can throw its
+    requests away, taking CPU time from the rest. So past ``REFUSE_RATE`` a second (a burst
+    of ``REFUSE_BURST``), reading pauses (up to ``REFUSE_PAUSE_MAX``) once zmq's round-robin
+    has offered only muted peers' messages both before and after zmq's pending commands were
+    processed (a peer whose queue just filled joins the round-robin only then): zmq's queues
+    fill and the flooder's sends block, while a message from anyone else wakes the reader.
+    The peer is heard again once its backlog has drained (or was dropped after
+    ``peer_stall_timeout``).
+    """
+
     def __init__(
         self, sock: zmq.Socket[Any], counts: dict[str, int], auth: Authenticator | None = None
     ) -> None:
@@ -427,6 +488,15 @@ class _ServerDriver(_Driver):
         self.counts = counts
         self.receiver: Callable[[Peer, list[Buffer]], bool] | None = None
         self.gate = _Gate(auth, counts) if auth is not None else None
+        #: The peers whose requests are thrown away unread (the transport's backlogs).
+        self.muted: dict[bytes, Any] = {}
+        counts["refused"] = 0
+        #: Muted peers' messages read one after the other: more than there are muted peers
+        #: means zmq's round-robin found nobody else waiting.
+        self.refused_in_a_row = 0
+        self.commands_processed = False  # since refused_in_a_row was last reset
+        self.tokens = REFUSE_BURST  # what REFUSE_RATE allows still, refilled with time
+        self.tokens_at = 0.0
         self.scheme = "zmq"  # the limiter's key where a peer has no address (ipc)
         super().__init__(
             sock,
@@ -436,7 +506,23 @@ class _ServerDriver(_Driver):
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
         )
 
+    def paused_for(self) -> float:
+        """Pause once refusals outran ``REFUSE_RATE`` and only muted peers are waiting."""
+        if self.tokens >= 0 or self.refused_in_a_row <= len(self.muted):
+            return 0.0
+        self.refused_in_a_row = 0
+        if not self.commands_processed:
+            # libzmq activates a pipe that received a message only when it processes its
+            # commands (every 100 messages read, or here): go round once more after that.
+            self.commands_processed = True
+            self.sock.get(zmq.EVENTS)
+            return 0.0
+        self.commands_processed = False
+        return min(REFUSE_PAUSE_MAX, -self.tokens / REFUSE_RATE)
+
     def take(self, parts: list[bytes]) -> None:
+        self.refused_in_a_row = 0
+        self.commands_processed = False
         receiver = self.receiver
         if receiver is not None and not self.inbox:
             try:
@@ -448,18 +534,40 @@ class _ServerDriver(_Driver):
         self.inbox.append((parts[0], parts[1:]))  # type: ignore[arg-type]
         self.wake_reader()
 
+    def _refuse_rest(self) -> None:
+        """Throw away the rest of a muted peer's message, uncopied, and count it."""
+        sock = self.sock
+        while sock.get(zmq.RCVMORE):
+            sock.recv(zmq.NOBLOCK, copy=False)  # a view: 64 KiB is not copied to be dropped
+        self.counts["refused"] += 1
+        self.refused_in_a_row += 1
+        now = self.loop.time()
+        tokens = min(REFUSE_BURST, self.tokens + (now - self.tokens_at) * REFUSE_RATE) - 1
+        self.tokens = max(tokens, -REFUSE_RATE * REFUSE_PAUSE_MAX)
+        self.tokens_at = now
+
     def receive_one(self) -> None:
+        sock = self.sock
         gate = self.gate
         if gate is None:
-            self.take(self.sock.recv_multipart(zmq.NOBLOCK))
+            identity = sock.recv(zmq.NOBLOCK)
+            if identity in self.muted:
+                self._refuse_rest()
+                return
+            parts: list[Any] = [identity]
+            while sock.get(zmq.RCVMORE):
+                parts.append(sock.recv(zmq.NOBLOCK))
+            self.take(parts)
             return
-        sock = self.sock
         # The identity frame as a zmq.Frame: it tells which connection the message came on.
         head = sock.recv(zmq.NOBLOCK, copy=False)
-        parts: list[Any] = [head.bytes]
+        identity, fd = head.bytes, int(head.get(zmq.SRCFD))
+        if identity in self.muted and gate.authenticated.get(identity) == fd:
+            self._refuse_rest()
+            return
+        parts = [identity]
         while sock.get(zmq.RCVMORE):
             parts.append(sock.recv(zmq.NOBLOCK))
-        identity, fd = parts[0], int(head.get(zmq.SRCFD))
         if gate.authenticated.get(identity) == fd:
             self.take(parts)
             return
@@ -469,6 +577,8 @@ class _ServerDriver(_Driver):
         if gate.authenticated.get(identity) == fd:
             self.take(parts)
             return
+        self.refused_in_a_row = 0
+        self.commands_processed = False
         address = str(head.get("Peer-Address") or "")
         key = address or self.scheme
         reply = gate.step(identity, fd, key, parts[1:], self.loop.time())
@@ -550,6 +660,11 @@ class ZmqServerTransport:
             claim_socket_path(self.url.path)
         sock = _context().socket(zmq.ROUTER)
         _configure(sock, self.options)
+        try:
+            _set_curve(sock, self.url, self.options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # Refuse (EHOSTUNREACH, or EAGAIN when its queue is full) instead of dropping silently,
         # so a full client queue is waited on and a departed client is known to be gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -577,6 +692,7 @@ class ZmqServerTransport:
                 info = os.lstat(self.url.path)
                 self._socket_file = (info.st_dev, info.st_ino)
         self._driver = _ServerDriver(sock, self._counts, self.options.auth)
+        self._driver.muted = self._backlogs  # a peer with replies waiting is muted
 
     async def recv(self) -> tuple[Peer, list[Buffer]]:
         """The next message from any client."""
@@ -686,7 +802,10 @@ class ZmqServerTransport:
                 os.unlink(self.url.path)
 
     def stats(self) -> dict[str, int]:
-        """Connections accepted, disconnects, failed handshakes, replies dropped or backlogged."""
+        """Counters: connections, disconnects, failed handshakes, replies dropped, backlogs.
+
+        ``refused``: requests from muted peers thrown away unread (see ``_ServerDriver``).
+        """
         return dict(self._counts)
 
     def _require(self) -> _ServerDriver:
@@ -807,6 +926,11 @@ class ZmqClientTransport:
             await _resolve(self.url)
         sock = _context().socket(zmq.DEALER)
         _configure(sock, self.options)
+        try:
+            _set_curve(sock, self.url, self.options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -921,6 +1045,11 @@ class ZmqBlockingClient:
         self.url = url
         sock = _context().socket(zmq.DEALER)
         _configure(sock, options)
+        try:
+            _set_curve(sock, url, options)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
