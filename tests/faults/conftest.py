@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from kv.conftest import wait_until as kv_wait_until
 
 from kvrpc.testing.serve import ServeProcess
 
@@ -83,19 +83,8 @@ def server_for(transport: str, directory: str, *options: str) -> ServeProcess:
 
 
 def wait_until(read: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
-    """Call ``read`` until ``done`` holds for what it returns; fail naming ``what`` after WAIT.
-
-    For state only observable by asking (a server's counters): the deadline bounds a hang, it
-    never decides the outcome of a campaign.
-    """
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = read()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {WAIT} s; last seen {value!r}")
-        time.sleep(0.02)
+    """:func:`kv.conftest.wait_until` with the campaigns' longer ``WAIT``."""
+    return kv_wait_until(read, done, what, WAIT)
 
 
 @pytest.fixture(params=TRANSPORTS)

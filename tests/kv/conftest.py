@@ -261,9 +261,15 @@ def kv_cache() -> Iterator[Callable[..., list[torch.Tensor]]]:
 # ------------------------------------------------------------------ helpers
 
 
-def wait_until(get: Callable[[], T], ok: Callable[[T], bool], what: str) -> T:
-    """Poll ``get()`` until ``ok`` holds for its value; fail naming ``what`` after WAIT s."""
-    deadline = time.monotonic() + WAIT
+def wait_until(
+    get: Callable[[], T], ok: Callable[[T], bool], what: str, timeout: float = WAIT
+) -> T:
+    """Poll ``get()`` until ``ok`` holds for its value; fail naming ``what`` after ``timeout``.
+
+    For state only observable by asking (a server's counters): the deadline bounds a hang,
+    it never decides a test's outcome.
+    """
+    deadline = time.monotonic() + timeout
     while True:
         value = get()
         if ok(value):
