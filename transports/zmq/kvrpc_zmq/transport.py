@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -130,6 +130,18 @@ def _context() -> zmq.Context[Any]:
     # One context (and so one zmq I/O thread) per process; instance() makes a new one after
     # a fork, where the parent's may not be used.
     return zmq.Context.instance()
+
+
+def _socket(kind: int, url: TransportURL, options: TransportOptions) -> zmq.Socket[Any]:
+    """A new socket of ``kind`` with every transport option set (CURVE keys included)."""
+    sock: zmq.Socket[Any] = _context().socket(kind)
+    try:
+        _configure(sock, options)
+        _set_curve(sock, url, options)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
 
 
 def _configure(sock: zmq.Socket[Any], options: TransportOptions) -> None:
@@ -658,13 +670,7 @@ class ZmqServerTransport:
         if self.url.scheme == "zmq+ipc":
             # zmq would silently unlink a live server's socket file and take its address.
             claim_socket_path(self.url.path)
-        sock = _context().socket(zmq.ROUTER)
-        _configure(sock, self.options)
-        try:
-            _set_curve(sock, self.url, self.options)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+        sock = _socket(zmq.ROUTER, self.url, self.options)
         # Refuse (EHOSTUNREACH, or EAGAIN when its queue is full) instead of dropping silently,
         # so a full client queue is waited on and a departed client is known to be gone.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -924,13 +930,7 @@ class ZmqClientTransport:
         """
         if self.url.scheme == "zmq+tcp":
             await _resolve(self.url)
-        sock = _context().socket(zmq.DEALER)
-        _configure(sock, self.options)
-        try:
-            _set_curve(sock, self.url, self.options)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+        sock = _socket(zmq.DEALER, self.url, self.options)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -1043,13 +1043,7 @@ class ZmqBlockingClient:
 
     def __init__(self, url: TransportURL, options: TransportOptions, timeout: float) -> None:
         self.url = url
-        sock = _context().socket(zmq.DEALER)
-        _configure(sock, options)
-        try:
-            _set_curve(sock, url, options)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+        sock = _socket(zmq.DEALER, url, options)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a peer that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -1105,8 +1099,8 @@ class ZmqBlockingClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                parts: list[Buffer] = self._sock.recv_multipart(zmq.NOBLOCK)
-                return parts
+                # bytes frames: a list of them is a list of Buffer (list is invariant).
+                return cast("list[Buffer]", self._sock.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
