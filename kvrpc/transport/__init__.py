@@ -1,24 +1,24 @@
 """The transport seam, found by URL scheme: its interfaces, URLs, plugins and local sockets.
 
 One module each: :mod:`.interface` (what servers and clients need of a transport, and the
-optional capabilities), :mod:`.urls` (parsing ``scheme://...``), :mod:`.registry` (plugins by
+optional capabilities), :mod:`.inbox` (the core's one bounded inbox), :mod:`.urls` (parsing ``scheme://...``), :mod:`.registry` (plugins by
 scheme, from entry points), :mod:`.paths` (the user's private socket directory) and
 :mod:`.inproc` (the built-in ``inproc://`` transport). This package only re-exports them.
 """
 
+from kvrpc.transport.inbox import ClientInbox, Inbox, ReadControl
 from kvrpc.transport.inproc import InprocPlugin
 from kvrpc.transport.interface import (
     BlockingClientTransport,
+    ClientSink,
     ClientTransport,
     Oversized,
     Peer,
     PeerCredentials,
+    ServerSink,
     ServerTransport,
     SupportsBlockingClient,
-    SupportsClientReceiver,
     SupportsPeerCredentials,
-    SupportsPeerLoss,
-    SupportsServerReceiver,
     SupportsTrySend,
     TransportOptions,
     TransportPlugin,
@@ -37,17 +37,19 @@ from kvrpc.transport.urls import TransportURL, parse_url
 __all__ = [
     "ENTRY_POINT_GROUP",
     "BlockingClientTransport",
+    "ClientInbox",
+    "ClientSink",
     "ClientTransport",
+    "Inbox",
     "InprocPlugin",
     "Oversized",
     "Peer",
     "PeerCredentials",
+    "ReadControl",
+    "ServerSink",
     "ServerTransport",
     "SupportsBlockingClient",
-    "SupportsClientReceiver",
     "SupportsPeerCredentials",
-    "SupportsPeerLoss",
-    "SupportsServerReceiver",
     "SupportsTrySend",
     "TransportOptions",
     "TransportPlugin",

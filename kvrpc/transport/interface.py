@@ -6,7 +6,7 @@ Optional capabilities are protocols of their own, checked with ``isinstance``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -19,16 +19,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlockingClientTransport",
+    "ClientSink",
     "ClientTransport",
     "Oversized",
     "Peer",
     "PeerCredentials",
+    "ServerSink",
     "ServerTransport",
     "SupportsBlockingClient",
-    "SupportsClientReceiver",
     "SupportsPeerCredentials",
-    "SupportsPeerLoss",
-    "SupportsServerReceiver",
     "SupportsTrySend",
     "TransportOptions",
     "TransportPlugin",
@@ -65,38 +64,75 @@ class TransportOptions:
 
 
 @runtime_checkable
-class ServerTransport(Protocol):
-    """The server side: receive ``(peer, frames)`` from any client, send frames to one.
+class ServerSink(Protocol):
+    """What a server transport delivers into: the core gives it one at :meth:`ServerTransport.start`.
 
-    ``recv`` hands out messages from every connection in arrival order per connection; a
-    transport reads whatever is ready in one wake-up and serves it from a bounded queue, and
-    stops reading (back-pressure) while that queue is full. Input the framing cannot parse
-    (bad length prefixes, oversized messages, garbage) closes that one connection and is
-    counted in :meth:`stats`; it never reaches ``recv`` and never disturbs other peers.
-
-    :meth:`send` never waits for one peer to read: each peer's unsent messages wait in a
-    bounded queue of their own, and a peer that stops reading loses its own replies or its
-    connection (counted in :meth:`stats`), never delaying another peer's.
-
-    Optional capabilities are declared by the protocols :class:`SupportsServerReceiver` and
-    :class:`SupportsPeerCredentials`; the server uses them where ``isinstance`` finds them.
+    The transport calls these on the event loop's thread, from its read callbacks, and never
+    awaits them; they never raise into the transport (the core catches its own errors).
+    :class:`kvrpc.transport.inbox.Inbox` is the core's implementation.
     """
 
-    async def start(self) -> None:
-        """Bind and begin accepting; raises :class:`TransportError` if it cannot."""
+    def deliver(self, peer: Peer, frames: list[Buffer]) -> None:
+        """One message from ``peer``; the frames belong to the sink from now on."""
 
-    async def recv(self) -> tuple[Peer, list[Buffer]]:
-        """The next message from any peer; raises :class:`ConnectionLost` once closed."""
+    def read_done(self) -> None:
+        """The read callback that delivered the last messages has delivered all it read.
 
-    async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
-        """Send or queue one message for ``peer`` and return without waiting for it to read.
-
-        A peer that has gone away is silently skipped; one whose queue is over its bound
-        loses this message (counted as ``dropped``) or its connection.
+        A transport calls it once at the end of every read callback that delivered anything
+        (the inbox lets each read handle a bounded burst straight away, and queues the rest).
         """
 
+    def peer_lost(self, peer: Peer) -> None:
+        """``peer``'s connection has ended, after its last message was delivered.
+
+        Once per connection, whatever ended it (a hang-up, bad framing, a stall, a failed
+        handshake that had admitted it); not for the connections that
+        :meth:`ServerTransport.close` ends. A transport that cannot see hang-ups (a ZeroMQ
+        ROUTER cannot) never calls it, and says so by ``reports_peer_loss = False``.
+        """
+
+
+@runtime_checkable
+class ServerTransport(Protocol):
+    """The server side: push ``(peer, frames)`` from any client into a sink, send to one peer.
+
+    Reading: from :meth:`start` on, every message read is handed to ``sink.deliver`` in
+    arrival order per connection, straight from the read callback. :meth:`pause_reading`
+    stops reading from every connection (what is already read may still be delivered within
+    the same callback) until :meth:`resume_reading`; the core's bounded inbox uses them for
+    back-pressure, so a transport keeps no inbox of its own. Input the framing cannot parse
+    (bad length prefixes, oversized messages, garbage) closes that one connection and is
+    counted in :meth:`stats`; it is never delivered and never disturbs other peers.
+
+    Writing: :meth:`send` never waits. Each peer's unsent messages wait in a bounded queue of
+    their own, and a peer that stops reading loses its own replies or its connection
+    (counted in :meth:`stats`), never delaying another peer's.
+
+    ``reports_peer_loss`` declares whether ``sink.peer_lost`` is ever called. Optional
+    capabilities are declared by :class:`SupportsPeerCredentials`.
+    """
+
+    reports_peer_loss: bool
+
+    async def start(self, sink: ServerSink) -> None:
+        """Bind, begin accepting, and deliver into ``sink``; raises :class:`TransportError`."""
+
+    def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
+        """Send or queue one message for ``peer`` and return at once.
+
+        A peer that has gone away is silently skipped (counted as ``skipped``); one whose
+        queue is over its bound loses this message (counted as ``dropped``) or its
+        connection. The frames may be written without a copy: leave them unchanged.
+        """
+
+    def pause_reading(self) -> None:
+        """Stop reading from every connection until :meth:`resume_reading`; idempotent."""
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`; idempotent."""
+
     async def close(self) -> None:
-        """Stop accepting and release every resource; idempotent."""
+        """Stop accepting and release every resource; idempotent. Nothing is delivered after."""
 
     def stats(self) -> dict[str, int]:
         """Counters since start: at least ``connections``, ``disconnects``, ``malformed``.
@@ -107,36 +143,47 @@ class ServerTransport(Protocol):
 
 
 @runtime_checkable
+class ClientSink(Protocol):
+    """What a client transport delivers into: the core gives it one at :meth:`ClientTransport.connect`.
+
+    Called on the event loop's thread from the transport's read callbacks; never raises.
+    """
+
+    def deliver(self, frames: list[Buffer]) -> None:
+        """One message from the server."""
+
+    def connection_lost(self, reason: str) -> None:
+        """The connection ended: replies still owed on it will never come.
+
+        Once per lost connection; not for the one :meth:`ClientTransport.close` ends.
+        """
+
+
+@runtime_checkable
 class ClientTransport(Protocol):
     """The client side: a connection to one server that comes back after a restart.
 
-    A lost connection shows up once, as :class:`ConnectionLost` from :meth:`recv` (replies
-    still owed on it will never come); the next :meth:`send` connects again, waiting up to
-    ``TransportOptions.reconnect_timeout`` for the server, and later ``recv`` calls return
-    messages from the new connection. Messages on one connection arrive in the order sent.
+    Every message read is handed to ``sink.deliver``, in the order the server sent them; a
+    lost connection is reported once, by ``sink.connection_lost``. The next :meth:`send`
+    connects again, waiting up to ``TransportOptions.reconnect_timeout`` for the server.
+    A client has at most its own calls' replies to read, so it needs no pause.
 
-    An optional capability is declared by :class:`SupportsClientReceiver`; the client uses it
-    where ``isinstance`` finds it.
+    An optional capability is declared by :class:`SupportsTrySend`.
     """
 
-    async def connect(self) -> None:
-        """Connect; raises :class:`TransportError` if the server cannot be reached."""
+    async def connect(self, sink: ClientSink) -> None:
+        """Connect and deliver into ``sink``; raises :class:`TransportError` if it cannot."""
 
     async def send(self, frames: Sequence[Buffer]) -> None:
         """Send one message, reconnecting first if the connection was lost.
 
-        Raises :class:`ConnectionLost` if the server stays unreachable for
-        ``reconnect_timeout`` seconds, or once the transport is closed.
-        """
-
-    async def recv(self) -> list[Buffer]:
-        """The next message; raises :class:`ConnectionLost` once per lost connection.
-
-        Waits across reconnections; after :meth:`close` it raises :class:`ConnectionLost`.
+        The only wait is for a connection, or for room in the socket's queue. Raises
+        :class:`ConnectionLost` if the server stays unreachable for ``reconnect_timeout``
+        seconds, or once the transport is closed.
         """
 
     async def close(self) -> None:
-        """Close the connection; idempotent."""
+        """Close the connection; idempotent. Nothing is delivered after."""
 
 
 class Oversized(list[Buffer]):
@@ -163,51 +210,6 @@ class PeerCredentials:
     pid: int
     uid: int
     gid: int
-
-
-@runtime_checkable
-class SupportsServerReceiver(Protocol):
-    """A server transport that can hand messages over straight from its read callback.
-
-    ``receiver(peer, frames) -> bool`` is offered each message while nothing waits for
-    ``recv``: True means handled; False declines it, and the transport queues that message
-    and every later one for ``recv`` (bounded) until the queue is empty again, so the order
-    of messages never changes. ``None`` turns it off.
-    """
-
-    def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
-        """Offer each message to ``receiver`` as it is read."""
-
-
-@runtime_checkable
-class SupportsPeerLoss(Protocol):
-    """A server transport that reports the end of each peer's connection.
-
-    The server frees a lost peer's per-peer slots at once (its running requests go on, and
-    their results are dropped unsent) instead of when each run ends. A transport that cannot
-    see hang-ups (a ZeroMQ ROUTER cannot) does not declare it.
-    """
-
-    def set_peer_lost(self, callback: Callable[[Peer], None] | None) -> None:
-        """Call ``callback(peer)`` on the loop's thread once ``peer``'s connection has ended.
-
-        Once per connection, whatever ended it (a hang-up, bad framing, a stall, a failed
-        handshake); not for the connections that :meth:`ServerTransport.close` ends. A
-        message of that connection still queued for ``recv`` may come after the callback;
-        its reply goes nowhere. ``None`` turns it off.
-        """
-
-
-@runtime_checkable
-class SupportsClientReceiver(Protocol):
-    """A client transport that can hand replies straight from its read callback.
-
-    Once a receiver is set, every message goes to it (one event-loop turn sooner than through
-    a task awaiting ``recv``), and ``recv`` only reports lost connections.
-    """
-
-    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
-        """Hand each message to ``receiver`` as it is read."""
 
 
 @runtime_checkable
