@@ -40,7 +40,6 @@ from kvrpc.lane import NOT_TAKEN, DirectLane
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 from kvrpc.transport import (
     ClientTransport,
-    SupportsClientReceiver,
     SupportsTrySend,
     TransportOptions,
     connect_client,
@@ -156,6 +155,17 @@ class _Deadlines:
             self._arm(upcoming)
 
 
+class _ReplySink:
+    """The client's :class:`~kvrpc.transport.ClientSink`: replies go straight to the call table."""
+
+    __slots__ = ("connection_lost", "deliver")
+
+    def __init__(self, client: AsyncClient) -> None:
+        # Bound once, so a reply costs the transport one call and no attribute lookups.
+        self.deliver = client._on_message
+        self.connection_lost = client._connection_lost
+
+
 class AsyncClient:
     """An asyncio client for one server URL; open it with ``async with``.
 
@@ -209,7 +219,6 @@ class AsyncClient:
         # Requests submitted from other threads, waiting for the outbox task to send them.
         self._outbox: deque[tuple[int, list[Buffer]]] = deque()
         self._outbox_ready = asyncio.Event()
-        self._sent_since_loss = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -246,7 +255,7 @@ class AsyncClient:
             stack.push_async_callback(transport.close)
             try:
                 with anyio.fail_after(self.connect_timeout):
-                    await transport.connect()
+                    await transport.connect(_ReplySink(self))
             except TimeoutError:
                 hint = (
                     " (a CURVE server whose public key is not the one in "
@@ -269,13 +278,10 @@ class AsyncClient:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._deadlines = _Deadlines(self._calls, self._loop)
-        if isinstance(transport, SupportsClientReceiver):
-            transport.set_receiver(self._on_message)  # replies straight from the read callback
         self._try_send = transport.try_send if isinstance(transport, SupportsTrySend) else None
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._broken = None
         self._exit_stack = stack
-        self._task_group.start_soon(self._receive_loop, transport)
         self._task_group.start_soon(self._outbox_loop)
         return self
 
@@ -368,8 +374,6 @@ class AsyncClient:
             logger.exception("sending to %s failed", self.url)
             self._broken = self._send_failure(request_id, exc)
             self._calls.fail_all(self._broken)
-        else:
-            self._sent_since_loss.set()
 
     def _send_failure(self, request_id: int, exc: Exception) -> TransportError:
         call = self._calls.get(request_id)
@@ -380,32 +384,13 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _receive_loop(self, transport: ClientTransport) -> None:
-        while True:
-            try:
-                frames = await transport.recv()
-            except ConnectionLost as exc:
-                # Replies owed on that connection will never come. The transport reconnects
-                # on the next send, so wait for one before reading again: a transport that
-                # keeps raising then cannot spin this loop.
-                self._connection_lost(exc)
-                self._sent_since_loss.clear()
-                await self._sent_since_loss.wait()
-                continue
-            except Exception as exc:  # a broken transport must not leave calls hanging
-                logger.exception("receive loop for %s failed", self.url)
-                self._broken = ConnectionLost(f"receiving from {self.url} failed: {exc}")
-                self._calls.fail_all(self._broken)
-                return
-            self._on_message(frames)
-            del frames  # not held while waiting for the next message
-
-    def _connection_lost(self, exc: ConnectionLost) -> None:
+    def _connection_lost(self, reason: str) -> None:
+        # Replies owed on that connection will never come; the next send reconnects.
         pending = len(self._calls)
         self.stats.disconnects += 1
         if pending:
             logger.warning("connection to %s lost with %d calls pending", self.url, pending)
-        self._calls.fail_all(ConnectionLost(f"connection to {self.url} lost: {exc}"))
+        self._calls.fail_all(ConnectionLost(f"connection to {self.url} lost: {reason}"))
 
     def _on_message(self, frames: list[Buffer]) -> None:
         self._calls.receive(frames, self.max_message_size)
@@ -438,7 +423,6 @@ class AsyncClient:
         # Sent in this loop turn when nothing queued is still owed (order is kept: the outbox
         # task holds a request in the queue until its send is done).
         if not self._outbox and self._try_send is not None and self._try_send(frames):
-            self._sent_since_loss.set()
             return
         self._outbox.append((request_id, frames))
         self._outbox_ready.set()

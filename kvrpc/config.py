@@ -40,6 +40,13 @@ class ServerConfig(_Settings):
     #: Seconds a client may leave its replies unread, with more waiting to be sent, before
     #: the server gives up on it (drops its connection, or the replies queued for it).
     peer_stall_timeout: float = Field(10.0, gt=0)
+    #: Requests read but not yet handled, over all clients, past which the server stops
+    #: reading (the senders then wait); it reads again at half of it. See
+    #: :class:`~kvrpc.transport.Inbox`.
+    inbox_limit: int = Field(1024, ge=2)
+    #: Requests of one read handled at once, straight from the read callback; the rest are
+    #: queued and taken one per client in turn, this many per event-loop turn.
+    inbox_burst: int = Field(64, ge=1)
     #: A file holding the shared secret (mode 0600, this user's): every peer must pass the
     #: handshake of :mod:`kvrpc.auth` with it before any request of its is decoded. None: no
     #: handshake (local sockets are then guarded by their file modes alone).
@@ -62,6 +69,8 @@ class ServerSettings(TypedDict, total=False):
     max_in_flight: int | None
     shutdown_grace: float
     peer_stall_timeout: float
+    inbox_limit: int
+    inbox_burst: int
     auth_token_file: str | None
     curve_secret_file: str | None
 

@@ -1,15 +1,14 @@
 """The server's replies: encode a result or an error, hand it to the transport, count it.
 
 :class:`Replies` is the one place where the server sends. It never waits: the transport seam
-promises that ``ServerTransport.send`` returns without waiting for a peer, so a reply is sent
-in the same call that produced it, from a task, the receive loop or a transport's read
-callback alike, and the order of replies is the order they were made in.
+declares ``ServerTransport.send`` a plain method that never waits for a peer, so a reply is
+sent in the same call that produced it, from a task or a transport's read callback alike,
+and the order of replies is the order they were made in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -67,21 +66,4 @@ class Replies:
         transport = self.transport
         assert transport is not None
         with contextlib.suppress(ConnectionLost):  # a peer gone away takes no replies
-            sending: object = transport.send(peer, frames)
-            if not inspect.iscoroutine(sending):
-                return  # a plain send, as the seam will declare it
-            # The seam still declares send ``async def``, but promises it never waits, so its
-            # coroutine ends in its first step. Taking that step here, by the coroutine
-            # protocol alone (no event loop is involved), sends from a read callback or the
-            # receive loop without a task or an event-loop turn per reply.
-            try:
-                sending.send(None)
-            except StopIteration:
-                return
-            # It suspended: it is waiting on the event loop, and only an asyncio Task may
-            # resume a coroutine from there. Rather than drive it by hand, refuse loudly.
-            sending.close()
-            raise TransportError(
-                f"{type(transport).__name__}.send waited; a server transport's send must "
-                "return without waiting (queue what cannot be written now)"
-            )
+            transport.send(peer, frames)

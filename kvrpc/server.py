@@ -38,7 +38,6 @@ from kvrpc.dispatch import (
     RunInPool,
     ServerStats,
 )
-from kvrpc.errors import ConnectionLost
 from kvrpc.handlers import HandlerTable, HandlerWrapper
 from kvrpc.protocol import (
     ECHO,
@@ -51,12 +50,11 @@ from kvrpc.protocol import (
 from kvrpc.replies import Replies
 from kvrpc.stop_signal import StopSignal
 from kvrpc.transport import (
+    Inbox,
     Peer,
     PeerCredentials,
     ServerTransport,
     SupportsPeerCredentials,
-    SupportsPeerLoss,
-    SupportsServerReceiver,
     TransportOptions,
     create_server,
     parse_url,
@@ -150,8 +148,7 @@ class RPCServer:
         self._handlers = HandlerTable(self.registry)
         self._dispatcher = Dispatcher(self._handlers, self.config)
         self._replies = Replies(self._dispatcher)
-        # The read callback takes messages only while the task group can still start tasks.
-        self._offers_open = False
+        self._inbox: Inbox | None = None
         self._transport: ServerTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: OwnedTaskGroup | None = None
@@ -235,27 +232,36 @@ class RPCServer:
                 curve=self._curve,
             )
             transport = create_server(self.url, options)
-            await transport.start()
-            stack.push_async_callback(transport.close)
+            # Requests are handled straight from the transport's read callbacks, through the
+            # inbox's bounds; the pool and the task group exist before the first one can come.
             self._executor = ThreadPoolExecutor(self.max_workers, "kvrpc-blocking")
             stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
             tasks = OwnedTaskGroup(f"kvrpc-server {self.url}")
             await tasks.open()
             stack.push_async_callback(tasks.close)
+            self._tasks = tasks
+            self._transport = self._replies.transport = transport
+            inbox = Inbox(
+                self._on_frames,
+                self._peer_lost,
+                limit=self.config.inbox_limit,
+                burst=self.config.inbox_burst,
+            )
+            inbox.bind(transport)
+            self._dispatcher.accept()
+            await transport.start(inbox)
+            # Closed before the tasks (the stack unwinds in reverse): no request is delivered
+            # into a task group that is closing.
+            stack.push_async_callback(transport.close)
+            stack.callback(inbox.close)
         except BaseException:
+            self._transport = self._replies.transport = None
+            self._tasks = None
             await stack.aclose()
             raise
-        self._transport = self._replies.transport = transport
-        self._tasks = tasks
+        self._inbox = inbox
         self._exit_stack = stack
         self._stop.arm()
-        self._dispatcher.accept()
-        tasks.spawn(self._receive_loop, transport)
-        if isinstance(transport, SupportsPeerLoss):
-            transport.set_peer_lost(self._peer_lost)
-        if isinstance(transport, SupportsServerReceiver):
-            self._offers_open = True
-            transport.set_receiver(self._offer)  # requests straight from the read callback
         logger.info("kvrpc server listening on %s", self.url)
         return self
 
@@ -272,9 +278,9 @@ class RPCServer:
             await self._drain()
         finally:
             self._exit_stack = None
-            self._offers_open = False  # a read callback may still fire until the transport closes
-            await stack.aclose()  # cancels the tasks, then the pool, then the transport
+            await stack.aclose()  # the inbox and the transport, then the tasks, then the pool
             self._tasks = None
+            self._inbox = None
         logger.info("kvrpc server on %s stopped", self.url)
 
     async def serve(self) -> None:
@@ -305,29 +311,6 @@ class RPCServer:
             )
 
     # ------------------------------------------------------------------ the receive path
-
-    async def _receive_loop(self, transport: ServerTransport) -> None:
-        while True:
-            try:
-                peer, frames = await transport.recv()
-            except ConnectionLost:
-                return
-            self._on_frames(peer, frames)
-            # Waiting for the next message can take a while: do not hold this one's buffers
-            # (possibly many MiB) meanwhile.
-            del frames
-
-    def _offer(self, peer: Peer, frames: list[Buffer]) -> bool:
-        """Handle a message from the transport's read callback; False leaves it to recv().
-
-        Handling never waits (an inline handler runs here, a reply is sent at once, anything
-        longer goes to a task), so a ping finishes within the callback, with no task and no
-        further event-loop turn.
-        """
-        if not self._offers_open:
-            return False
-        self._on_frames(peer, frames)
-        return True
 
     def _peer_lost(self, peer: Peer) -> None:
         # Its slots free now; the results of its runs still going will be dropped unsent.

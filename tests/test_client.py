@@ -25,7 +25,7 @@ from kvrpc import (
 )
 from kvrpc.codec import MessageKind
 from kvrpc.errors import VersionMismatch
-from kvrpc.transport import create_server
+from kvrpc.testing.raw import RawServer
 
 ADD = ProtocolDefinition("calc.add", (int, int), int)
 NAP = ProtocolDefinition("calc.nap", (float, int), int)  # sleeps, then returns its tag
@@ -185,15 +185,14 @@ async def test_unreachable_server_is_a_transport_error(url: str) -> None:
 
 async def test_malformed_and_unknown_replies_are_counted_and_ignored(url: str) -> None:
     """A misbehaving server: junk and unsolicited replies before the real answer."""
-    fake = create_server(url)
-    await fake.start()
+    fake = await RawServer(url).start()
 
     async def misbehave() -> None:
         peer, frames = await fake.recv()
         request = codec.decode(frames)
-        await fake.send(peer, [b"\xff\x00garbage"])
-        await fake.send(peer, codec.encode_response(request.request_id + 1000, "stray"))
-        await fake.send(peer, codec.encode_response(request.request_id, "pong"))
+        fake.send(peer, [b"\xff\x00garbage"])
+        fake.send(peer, codec.encode_response(request.request_id + 1000, "stray"))
+        fake.send(peer, codec.encode_response(request.request_id, "pong"))
 
     async with AsyncClient(url, timeout=5) as client:
         task = asyncio.create_task(misbehave())
@@ -205,15 +204,14 @@ async def test_malformed_and_unknown_replies_are_counted_and_ignored(url: str) -
 
 
 async def test_reply_from_another_wire_version_fails_that_call_at_once(url: str) -> None:
-    fake = create_server(url)
-    await fake.start()
+    fake = await RawServer(url).start()
 
     async def answer_in_another_version() -> None:
         import msgpack
 
         peer, frames = await fake.recv()
         request = codec.decode(frames)
-        await fake.send(
+        fake.send(
             peer, [msgpack.packb([9, int(MessageKind.RESPONSE), request.request_id, "", "pong"])]
         )
 

@@ -36,7 +36,7 @@ from kvrpc.errors import (
     VersionMismatch,
     register_error,
 )
-from kvrpc.transport import ClientTransport, connect_client
+from kvrpc.testing.raw import RawClient
 
 ADD = ProtocolDefinition("calc.add", (int, int), int)
 SLEEP = ProtocolDefinition("calc.sleep", (float,), str, HandlerType.BLOCKING)
@@ -107,16 +107,14 @@ class Gate:
         self._released_in_thread.set()
 
 
-async def raw_peer(url: str) -> ClientTransport:
+async def raw_peer(url: str) -> RawClient:
     """A bare client transport, to send frames no well-behaved client would."""
-    peer = connect_client(url)
-    await peer.connect()
-    return peer
+    return await RawClient(url).connect()
 
 
-async def ask(peer: ClientTransport, frames: list[bytes]) -> codec.Message:
+async def ask(peer: RawClient, frames: list[bytes]) -> codec.Message:
     await peer.send(frames)
-    return codec.decode(await asyncio.wait_for(peer.recv(), 5))
+    return codec.decode(await peer.recv(5))
 
 
 async def still_serving(url: str) -> None:

@@ -33,9 +33,13 @@ from kvrpc.codec import decode, encode_request
 from kvrpc.errors import ConnectionLost, MessageTooLarge
 from kvrpc.protocol import ECHO, PING, HandlerType, ProtocolDefinition
 from kvrpc.server import RPCServer
+from kvrpc.testing.raw import RawClient, RawServer
 from kvrpc.transport import (
+    ClientInbox,
+    ClientTransport,
+    Inbox,
     Peer,
-    SupportsPeerLoss,
+    ServerTransport,
     SupportsTrySend,
     TransportOptions,
     connect_client,
@@ -175,8 +179,7 @@ class TransportConformance:
                     tasks.start_soon(run, index)
             assert results == {i: [[i, n] for n in range(5)] for i in range(100)}
             assert server.stats.requests == 500
-            assert server._transport is not None
-            assert server._transport.stats()["connections"] >= 100
+            assert server.transport_stats()["connections"] >= 100
 
     @pytest.mark.asyncio
     async def test_messages_on_one_connection_arrive_in_order(
@@ -234,11 +237,12 @@ class TransportConformance:
             pytest.skip(f"{transport_case.name} does not declare SupportsTrySend")
         async with serve_conformance(url):
             assert transport.try_send(encode_request(1, PING.name, ())) is False
-            await transport.connect()
+            inbox = ClientInbox()
+            await transport.connect(inbox)
             assert transport.try_send(encode_request(2, ECHO.name, ("a",)))
             await transport.send(encode_request(3, ECHO.name, ("b",)))
             assert transport.try_send(encode_request(4, ECHO.name, ("c",)))
-            replies = [decode(await transport.recv()) for _ in range(3)]
+            replies = [decode(await inbox.recv(CALL_TIMEOUT)) for _ in range(3)]
             assert [(r.request_id, r.payload) for r in replies] == [(2, "a"), (3, "b"), (4, "c")]
             await transport.close()
             assert transport.try_send(encode_request(5, PING.name, ())) is False
@@ -247,43 +251,135 @@ class TransportConformance:
     async def test_peer_loss_is_reported_once_per_connection(
         self, transport_case: TransportCase
     ) -> None:
-        """A hang-up is reported once, naming the peer whose messages came, never at close.
+        """A hang-up is reported once, after the peer's messages, never at close.
 
-        For a server transport that declares ``SupportsPeerLoss``.
+        For a server transport that declares ``reports_peer_loss``.
         """
         url = transport_case.make_url()
-        server = create_server(url, TransportOptions())
-        if not isinstance(server, SupportsPeerLoss):
-            pytest.skip(f"{transport_case.name} does not declare SupportsPeerLoss")
-        lost: list[Peer] = []
-        reported = asyncio.Event()
-
-        def on_lost(peer: Peer) -> None:
-            lost.append(peer)
-            reported.set()
-
+        server = RawServer(url)
+        if not server.transport.reports_peer_loss:
+            pytest.skip(f"{transport_case.name} does not report peer loss")
         await server.start()
         try:
-            server.set_peer_lost(on_lost)
-            first, second = (connect_client(url, TransportOptions()) for _ in range(2))
+            first, second = (RawClient(url) for _ in range(2))
             peers = []
             for client in (first, second):
                 await client.connect()
                 await client.send(encode_request(1, PING.name, ()))
-                async with asyncio.timeout(CALL_TIMEOUT):
-                    peers.append((await server.recv())[0])
+                peers.append((await server.recv(CALL_TIMEOUT))[0])
+            await first.send(encode_request(2, PING.name, ()))
             await first.close()
-            async with asyncio.timeout(CALL_TIMEOUT):
-                await reported.wait()
-            assert lost == [peers[0]]
+            # Its last message comes first, then the loss (the inbox keeps their order).
+            assert await server.recv(CALL_TIMEOUT) == (peers[0], encode_request(2, PING.name, ()))
+            with anyio.fail_after(CALL_TIMEOUT):
+                while not server.lost:  # noqa: ASYNC110 (a list the sink appends to)
+                    await asyncio.sleep(0.005)
+            assert server.lost == [peers[0]]
             # The other connection still works, and closing the server reports nothing.
-            await second.send(encode_request(2, PING.name, ()))
-            async with asyncio.timeout(CALL_TIMEOUT):
-                assert (await server.recv())[0] == peers[1]
+            await second.send(encode_request(3, PING.name, ()))
+            assert (await server.recv(CALL_TIMEOUT))[0] == peers[1]
         finally:
             await server.close()
         await second.close()
-        assert lost == [peers[0]]
+        assert server.lost == [peers[0]]
+
+    # ------------------------------------------------------------------ the seam
+
+    @pytest.mark.asyncio
+    async def test_the_transport_declares_the_seam(self, transport_case: TransportCase) -> None:
+        """Both sides satisfy the interface: a plain ``send``, pause and resume, a declaration."""
+        url = transport_case.make_url()
+        server = create_server(url, TransportOptions())
+        client = connect_client(url, TransportOptions())
+        try:
+            assert isinstance(server, ServerTransport)
+            assert isinstance(client, ClientTransport)
+            assert isinstance(server.reports_peer_loss, bool)
+            assert not asyncio.iscoroutinefunction(server.send)
+            assert not asyncio.iscoroutinefunction(server.pause_reading)
+            assert not asyncio.iscoroutinefunction(server.resume_reading)
+        finally:
+            await client.close()
+            await server.close()
+
+    @pytest.mark.asyncio
+    async def test_a_full_inbox_pauses_reading_and_nothing_is_lost(
+        self, transport_case: TransportCase
+    ) -> None:
+        """Past the inbox's limit the transport is paused; read again, every message comes.
+
+        Sent by two clients, 300 messages of 16 KiB each against a limit of 8: the inbox
+        pauses the transport, resumes it as ``recv`` catches up, and each client's messages
+        arrive whole and in order.
+        """
+        url = transport_case.make_url()
+        pad = b"p" * (16 * 1024)
+        async with RawServer(url, limit=8) as server, RawClient(url) as one, RawClient(url) as two:
+            clients = {b"1": one, b"2": two}
+
+            async def send_all(tag: bytes, client: RawClient) -> None:
+                for seq in range(150):
+                    await client.send([tag, b"%d" % seq, pad])
+
+            sending = [asyncio.create_task(send_all(t, c)) for t, c in clients.items()]
+            # Nothing is read until the inbox has filled and paused the transport.
+            with anyio.fail_after(CALL_TIMEOUT):
+                while not server.inbox.paused:  # noqa: ASYNC110 (a flag the inbox sets)
+                    await asyncio.sleep(0.005)
+            got: dict[bytes, list[int]] = {b"1": [], b"2": []}
+            for _ in range(300):
+                _, frames = await server.recv(CALL_TIMEOUT)
+                tag, seq, body = (bytes(f) for f in frames)
+                assert body == pad
+                got[tag].append(int(seq))
+            await asyncio.gather(*sending)
+            assert got == {b"1": list(range(150)), b"2": list(range(150))}
+            assert server.inbox.pauses >= 1
+            assert not server.inbox.paused
+
+    @pytest.mark.asyncio
+    async def test_each_read_ends_with_read_done_before_the_loop_moves_on(
+        self, transport_case: TransportCase
+    ) -> None:
+        """After delivering, a transport calls ``read_done`` within the same callback."""
+        url = transport_case.make_url()
+        loop = asyncio.get_running_loop()
+        inbox = Inbox()
+        unfinished: list[int] = []  # deliveries whose read had not ended by the next turn
+        pending = [0]
+
+        class Watch:
+            def deliver(self, peer: Peer, frames: list[Any]) -> None:
+                if not pending[0]:
+                    loop.call_soon(check)
+                pending[0] += 1
+                inbox.deliver(peer, frames)
+
+            def read_done(self) -> None:
+                pending[0] = 0
+                inbox.read_done()
+
+            def peer_lost(self, peer: Peer) -> None:
+                inbox.peer_lost(peer)
+
+        def check() -> None:
+            if pending[0]:
+                unfinished.append(pending[0])
+
+        server = create_server(url, TransportOptions())
+        inbox.bind(server)
+        await server.start(Watch())
+        try:
+            async with RawClient(url) as client:
+                for seq in range(200):
+                    await client.send([b"%d" % seq])
+                got = [bytes((await asyncio.wait_for(inbox.recv(), CALL_TIMEOUT))[1][0])]
+                got += [bytes((await inbox.recv())[1][0]) for _ in range(199)]
+            assert got == [b"%d" % seq for seq in range(200)]
+            assert unfinished == []
+        finally:
+            inbox.close()
+            await server.close()
 
     @pytest.mark.asyncio
     async def test_handlers_of_every_type_answer(self, transport_case: TransportCase) -> None:
@@ -411,8 +507,7 @@ class TransportConformance:
             [good_header[:-3]],
         ]
         async with serve_conformance(url) as server, _client(url) as good:
-            raw = connect_client(url, TransportOptions())
-            await raw.connect()
+            raw = await RawClient(url).connect()
             try:
                 for frames in bad_messages:
                     await raw.send(frames)
@@ -435,8 +530,7 @@ class TransportConformance:
         """The server's send never waits for one peer: another's pings stay prompt."""
         url = transport_case.make_url()
         async with serve_conformance(url, peer_stall_timeout=60.0), _client(url) as good:
-            flood = connect_client(url, TransportOptions())
-            await flood.connect()
+            flood = await RawClient(url).connect()
             echo = encode_request(1, ECHO.name, (b"x" * (64 * 1024),))
 
             async def send_without_reading() -> None:
@@ -494,7 +588,6 @@ class TransportConformance:
         assert inputs, "a socket transport should name its malformed inputs"
         connect = transport_case.raw_connect
         async with serve_conformance(url, max_message_size=cap) as server, _client(url) as good:
-            assert server._transport is not None
             for name, data in inputs.items():
                 for then_hang in (True, False):
                     sock = await anyio.to_thread.run_sync(connect, url)
@@ -506,7 +599,7 @@ class TransportConformance:
                         sock.close()
             assert await good.call(ECHO, "after") == "after"
             with anyio.fail_after(CALL_TIMEOUT):
-                while server._transport.stats()["malformed"] + server.stats.dropped < 1:  # noqa: ASYNC110
+                while server.transport_stats()["malformed"] + server.stats.dropped < 1:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
 
     @pytest.mark.asyncio
@@ -533,7 +626,6 @@ class TransportConformance:
                     sock.close()
 
         async with serve_conformance(url, max_message_size=cap) as server, _client(url) as good:
-            assert server._transport is not None
             await anyio.to_thread.run_sync(storm, 1_000)  # warm caches and pools
             await _settle(server)
             gc.collect()
@@ -543,7 +635,7 @@ class TransportConformance:
             await _settle(server)
             gc.collect()
             fds_after, rss_after = open_fds(), _rss_bytes()
-            stats = server._transport.stats()
+            stats = server.transport_stats()
         assert fds_after - fds_before <= 2, (fds_before, fds_after)
         assert rss_after - rss_before < 16 * MiB, (rss_before, rss_after)
         assert stats["connections"] >= 10_000 or stats["malformed"] >= 1, stats
@@ -566,10 +658,9 @@ def codec_reply_id(frames: list[Any]) -> int | None:
 
 async def _settle(server: RPCServer) -> None:
     """Wait until the server has seen every raw connection close."""
-    assert server._transport is not None
     with anyio.move_on_after(10):
         while True:
-            stats = server._transport.stats()
+            stats = server.transport_stats()
             if stats["connections"] <= stats["disconnects"] + 1:  # +1: the good client
                 return
             await asyncio.sleep(0.02)

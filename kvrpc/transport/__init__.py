@@ -1,9 +1,10 @@
 """The transport seam, found by URL scheme: its interfaces, URLs, plugins and local sockets.
 
 One module each: :mod:`.interface` (what servers and clients need of a transport, and the
-optional capabilities), :mod:`.inbox` (the core's one bounded inbox), :mod:`.urls` (parsing ``scheme://...``), :mod:`.registry` (plugins by
-scheme, from entry points), :mod:`.paths` (the user's private socket directory) and
-:mod:`.inproc` (the built-in ``inproc://`` transport). This package only re-exports them.
+optional capabilities), :mod:`.inbox` (the core's one bounded inbox), :mod:`.urls` (parsing
+``scheme://...``), :mod:`.registry` (plugins by scheme, from entry points), :mod:`.paths`
+(the user's private socket directory) and :mod:`.inproc` (the built-in ``inproc://``
+transport). This package only re-exports them.
 """
 
 from kvrpc.transport.inbox import ClientInbox, Inbox, ReadControl

@@ -58,8 +58,9 @@ class Inbox:
     ``handler(peer, frames)`` handles one message and must not block; ``on_peer_lost(peer)``
     is told of a lost peer after that peer's queued messages. Both run on the loop's thread,
     and an exception from either is logged, never raised into the transport. Call
-    :meth:`bind` with the transport before it starts delivering. See the module docstring
-    for the rules.
+    :meth:`bind` with the transport before it starts delivering. ``schedule(fn)`` runs ``fn``
+    in a later loop turn (the running loop's ``call_soon`` by default). See the module
+    docstring for the rules.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Inbox:
         *,
         limit: int = 1024,
         burst: int = 64,
+        schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         if limit < 2 or burst < 1:
             raise ValueError(f"need limit >= 2 and burst >= 1, not {limit} and {burst}")
@@ -85,7 +87,8 @@ class Inbox:
         self._pump_scheduled = False
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Runs the pump in the next loop turn; injectable so the rules test without a loop.
+        self._schedule = schedule
         #: Times reading was paused because the inbox was full.
         self.pauses = 0
 
@@ -122,8 +125,8 @@ class Inbox:
             return
         if peer in self._queues:
             self._enqueue(peer, _LOST)
-        elif self._on_peer_lost is not None:
-            self._call(self._on_peer_lost, peer)
+        else:
+            self._report_lost(peer)
 
     def read_done(self) -> None:
         """The transport's read callback has delivered all it read: a new read may burst."""
@@ -154,11 +157,24 @@ class Inbox:
                     self._waiter = None
             peer, item = self._next()
             if item is _LOST:
-                if self._on_peer_lost is not None:
-                    self._call(self._on_peer_lost, peer)
+                self._report_lost(peer)
                 continue
+            self._loss_is_next(peer)
             assert isinstance(item, list)
             return peer, item
+
+    def _loss_is_next(self, peer: Peer) -> None:
+        """Report ``peer``'s loss now if only the loss is left of it, not in a later turn."""
+        queue = self._queues.get(peer)
+        if queue is not None and len(queue) == 1 and queue[0] is _LOST:
+            del self._queues[peer]
+            self._turns.remove(peer)
+            self._queued -= 1
+            self._report_lost(peer)
+
+    def _report_lost(self, peer: Peer) -> None:
+        if self._on_peer_lost is not None:
+            self._call(self._on_peer_lost, peer)
 
     # -------------------------------------------------------------- the queue
 
@@ -177,9 +193,9 @@ class Inbox:
             self._wake()
         elif not self._pump_scheduled:
             self._pump_scheduled = True
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._pump)
+            if self._schedule is None:
+                self._schedule = asyncio.get_running_loop().call_soon
+            self._schedule(self._pump)
 
     def _next(self) -> tuple[Peer, object]:
         """Take one item from the peer whose turn it is; the peer goes to the back."""
@@ -206,15 +222,15 @@ class Inbox:
                 return
             peer, item = self._next()
             if item is _LOST:
-                if self._on_peer_lost is not None:
-                    self._call(self._on_peer_lost, peer)
+                self._report_lost(peer)
             else:
                 assert isinstance(item, list)
                 self._call(handler, peer, item)
+                self._loss_is_next(peer)
         if self._queued and not self._closed:
             self._pump_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._pump)
+            assert self._schedule is not None
+            self._schedule(self._pump)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -3,65 +3,47 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Sequence
 
 from kvrpc.codec import Buffer
 from kvrpc.errors import ConnectionLost, InvalidURL, TransportError
-from kvrpc.transport.interface import ClientTransport, Peer, ServerTransport, TransportOptions
+from kvrpc.transport.interface import (
+    ClientSink,
+    ClientTransport,
+    Peer,
+    ServerSink,
+    ServerTransport,
+    TransportOptions,
+)
 from kvrpc.transport.urls import TransportURL
 
 __all__ = ["InprocPlugin"]
 
-_INPROC_QUEUE = 1024
-_CLOSED = None  # queue sentinel: the other side went away
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
-class _Endpoint:
-    """An asyncio queue bound to the loop that reads it, writable from any thread.
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> bool:
+    """Run ``fn(*args)`` on ``loop``: now if this is its thread, else soon; False if closed.
 
-    ``maxsize`` 0 is unbounded: a client's endpoint, whose replies are bounded by its own
-    limit on calls in flight, so that the server never has to wait for a client to read.
+    Calls made from one thread keep their order either way: ``call_soon_threadsafe`` is FIFO.
     """
-
-    def __init__(self, maxsize: int = _INPROC_QUEUE) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[Peer, list[Buffer]] | None] = asyncio.Queue(maxsize)
-
-    async def put(self, item: tuple[Peer, list[Buffer]] | None) -> None:
-        """Deliver ``item``, waiting while the queue is full (back-pressure)."""
-        if asyncio.get_running_loop() is self.loop:
-            await self.queue.put(item)
-        else:
-            await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
-            )
-
-    def put_nowait_threadsafe(self, item: tuple[Peer, list[Buffer]] | None) -> bool:
-        """Deliver an item without waiting; False if it had to be dropped (queue full)."""
-
-        def deliver() -> None:
-            # A full queue means the reader is far behind; it sees the closed flag instead.
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(item)
-
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            try:
-                self.queue.put_nowait(item)
-            except asyncio.QueueFull:
-                return False
-            return True
-        if self.loop.is_closed():
-            return False
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            self.loop.call_soon_threadsafe(deliver)
+    if _on_loop(loop):
+        fn(*args)
         return True
+    if loop.is_closed():
+        return False
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop closed meanwhile
+        return False
+    return True
 
 
 def _copy_frames(frames: Sequence[Buffer]) -> list[Buffer]:
@@ -77,16 +59,29 @@ _peer_ids = itertools.count(1)
 
 
 class _InprocServer:
+    reports_peer_loss = True
+
     def __init__(self, name: str) -> None:
         self.name = name
-        self._inbox: _Endpoint | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: ServerSink | None = None
         self._clients: dict[Peer, _InprocClient] = {}
-        self._peer_lost: Callable[[Peer], None] | None = None
         self._closed = False
-        self._counts = {"connections": 0, "disconnects": 0, "malformed": 0, "dropped": 0}
+        # Paused by the core's inbox: senders wait for a resume (on their own loops).
+        self._paused = False
+        self._resumers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._lock = threading.Lock()  # the pause state is read by senders on other threads
+        self._counts = {
+            "connections": 0,
+            "disconnects": 0,
+            "malformed": 0,
+            "dropped": 0,
+            "skipped": 0,
+        }
 
-    async def start(self) -> None:
-        self._inbox = _Endpoint()
+    async def start(self, sink: ServerSink) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
         with _inproc_lock:
             if self.name in _inproc_servers:
                 raise TransportError(f"inproc://{self.name} is already bound in this process")
@@ -103,48 +98,53 @@ class _InprocServer:
     def detach(self, peer: Peer) -> None:
         if self._clients.pop(peer, None) is not None:
             self._counts["disconnects"] += 1
-            if self._peer_lost is not None:
-                self._peer_lost(peer)
+            if self._loop is not None:
+                _call_on(self._loop, self._report_lost, peer)
 
-    def set_peer_lost(self, callback: Callable[[Peer], None] | None) -> None:
-        # A client may close from another thread or loop; the callback belongs to ours.
-        loop = self._inbox.loop if self._inbox is not None else None
-        if callback is None or loop is None:
-            self._peer_lost = callback
-            return
-
-        def report(peer: Peer) -> None:
-            try:
-                on_loop = asyncio.get_running_loop() is loop
-            except RuntimeError:
-                on_loop = False
-            if on_loop:
-                callback(peer)
-            elif not loop.is_closed():
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(callback, peer)
-
-        self._peer_lost = report
+    def _report_lost(self, peer: Peer) -> None:
+        if not self._closed and self._sink is not None:
+            self._sink.peer_lost(peer)
 
     def stats(self) -> dict[str, int]:
         return dict(self._counts)
 
     async def deliver(self, peer: Peer, frames: Sequence[Buffer]) -> None:
-        if self._closed or self._inbox is None:
+        """From a client, on any loop: wait while paused, then hand over one message."""
+        while True:
+            if self._closed or self._loop is None:
+                raise ConnectionLost(f"inproc://{self.name} is closed")
+            with self._lock:
+                if not self._paused:
+                    break
+                waiter = asyncio.get_running_loop().create_future()
+                self._resumers.append((asyncio.get_running_loop(), waiter))
+            await waiter
+        if not _call_on(self._loop, self._take, peer, _copy_frames(frames)):
             raise ConnectionLost(f"inproc://{self.name} is closed")
-        await self._inbox.put((peer, _copy_frames(frames)))
 
-    async def recv(self) -> tuple[Peer, list[Buffer]]:
-        if self._inbox is None:
-            raise TransportError("server transport is not started")
-        item = await self._inbox.queue.get()
-        if item is None:
-            raise ConnectionLost(f"inproc://{self.name} is closed")
-        return item
+    def _take(self, peer: Peer, frames: list[Buffer]) -> None:
+        sink = self._sink
+        if self._closed or sink is None:
+            return
+        sink.deliver(peer, frames)
+        sink.read_done()
 
-    async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
+    def pause_reading(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume_reading(self) -> None:
+        with self._lock:
+            self._paused = False
+            resumers, self._resumers = self._resumers, []
+        for loop, waiter in resumers:
+            _call_on(loop, _settle, waiter)
+
+    def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         client = self._clients.get(peer)
-        if client is not None and not client.deliver(_copy_frames(frames)):
+        if client is None:
+            self._counts["skipped"] += 1
+        elif not client.deliver(_copy_frames(frames)):
             self._counts["dropped"] += 1
 
     async def close(self) -> None:
@@ -158,8 +158,13 @@ class _InprocServer:
             client.server_closed()
         self._counts["disconnects"] += len(self._clients)
         self._clients.clear()
-        if self._inbox is not None:
-            self._inbox.put_nowait_threadsafe(_CLOSED)
+        self._sink = None
+        self.resume_reading()  # senders still waiting see the closed flag
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _InprocClient:
@@ -168,10 +173,13 @@ class _InprocClient:
         self._options = options
         self._server: _InprocServer | None = None
         self._peer = b""
-        self._inbox: _Endpoint | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: ClientSink | None = None
         self._closed = False
 
-    async def connect(self) -> None:
+    async def connect(self, sink: ClientSink) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sink = sink
         if not self._attach():
             raise TransportError(f"no server is bound at inproc://{self.name} in this process")
 
@@ -180,22 +188,28 @@ class _InprocClient:
             server = _inproc_servers.get(self.name)
         if server is None or server._closed:
             return False
-        if self._inbox is None:
-            self._inbox = _Endpoint(maxsize=0)
         self._peer = server.attach(self)
         self._server = server
         return True
 
     def deliver(self, frames: list[Buffer]) -> bool:
-        """Queue a reply without waiting (the inbox is unbounded); False if it was dropped."""
-        if self._inbox is None or self._closed:
+        """A reply from the server, on any loop: handed to the sink on ours; never waits."""
+        if self._closed or self._loop is None:
             return False
-        return self._inbox.put_nowait_threadsafe((b"", frames))
+        return _call_on(self._loop, self._take, frames)
+
+    def _take(self, frames: list[Buffer]) -> None:
+        if not self._closed and self._sink is not None:
+            self._sink.deliver(frames)
 
     def server_closed(self) -> None:
         self._server = None
-        if self._inbox is not None:
-            self._inbox.put_nowait_threadsafe(_CLOSED)
+        if self._loop is not None:
+            _call_on(self._loop, self._report_lost)
+
+    def _report_lost(self) -> None:
+        if not self._closed and self._sink is not None:
+            self._sink.connection_lost(f"inproc://{self.name} closed the connection")
 
     async def send(self, frames: Sequence[Buffer]) -> None:
         if self._closed:
@@ -217,14 +231,6 @@ class _InprocClient:
         assert self._server is not None
         return self._server
 
-    async def recv(self) -> list[Buffer]:
-        if self._inbox is None or self._closed:
-            raise ConnectionLost(f"connection to inproc://{self.name} is closed")
-        item = await self._inbox.queue.get()
-        if item is None:
-            raise ConnectionLost(f"inproc://{self.name} closed the connection")
-        return item[1]
-
     async def close(self) -> None:
         if self._closed:
             return
@@ -232,15 +238,14 @@ class _InprocClient:
         if self._server is not None:
             self._server.detach(self._peer)
             self._server = None
-        if self._inbox is not None:
-            self._inbox.put_nowait_threadsafe(_CLOSED)
 
 
 class InprocPlugin:
     """The built-in ``inproc://name`` transport: server and clients in one process.
 
-    Works across event loops and threads of the process; frames are copied on delivery as a
-    socket would, and each side's queue is bounded, so a slow reader slows the writer down.
+    Works across event loops and threads of the process: each side's sink is called on its
+    own loop. Frames are copied on delivery as a socket would; while the server's inbox has
+    paused reading, clients' sends wait.
     """
 
     def create_server(self, url: TransportURL, options: TransportOptions) -> ServerTransport:

@@ -65,7 +65,7 @@ class TransportOptions:
 
 @runtime_checkable
 class ServerSink(Protocol):
-    """What a server transport delivers into: the core gives it one at :meth:`ServerTransport.start`.
+    """What a server transport delivers into; the core hands one to ``start``.
 
     The transport calls these on the event loop's thread, from its read callbacks, and never
     awaits them; they never raise into the transport (the core catches its own errors).
@@ -144,7 +144,7 @@ class ServerTransport(Protocol):
 
 @runtime_checkable
 class ClientSink(Protocol):
-    """What a client transport delivers into: the core gives it one at :meth:`ClientTransport.connect`.
+    """What a client transport delivers into; the core hands one to ``connect``.
 
     Called on the event loop's thread from the transport's read callbacks; never raises.
     """
