@@ -16,10 +16,16 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from kvrpc_unix import UnixClientTransport, UnixPlugin, UnixServerTransport, frame_prefix
+from kvrpc_unix import (
+    FrameReader,
+    UnixClientTransport,
+    UnixPlugin,
+    UnixServerTransport,
+    frame_prefix,
+)
 
 from kvrpc import AsyncClient, RPCServer
-from kvrpc.auth import Authenticator
+from kvrpc.auth import Authenticator, ServerHandshake, Verdict
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import (
@@ -755,6 +761,46 @@ async def test_a_client_reports_each_lost_connection_once_and_not_the_one_close_
     assert sink.events[1] == ("deliver", (b"reply",))
     assert "unix://" in sink.events[0][1]
     await third.close()
+
+
+async def test_a_message_right_behind_the_servers_accept_is_delivered_at_once(
+    sock_path: str,
+) -> None:
+    # A hand-made server answers the handshake and writes a message in the same write as its
+    # ACCEPT, so that the client's last handshake read holds both.
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.setblocking(False)
+    listener.bind(sock_path)
+    listener.listen()
+
+    async def serve() -> socket.socket:
+        sock, _ = await loop.sock_accept(listener)
+        reader = FrameReader(1 << 20)
+        handshake = ServerHandshake(TOKEN)
+        while True:
+            while not reader.messages:
+                reader.buffer_updated(await loop.sock_recv_into(sock, reader.get_buffer()))
+            step = handshake.receive(reader.messages.popleft())
+            if step.verdict is Verdict.ACCEPTED:
+                await loop.sock_sendall(sock, wire(step.reply) + wire(b"pushed"))
+                return sock
+            await loop.sock_sendall(sock, wire(step.reply))
+
+    serving = asyncio.ensure_future(serve())
+    client = UnixClientTransport(sock_path, TransportOptions(auth=Authenticator(TOKEN)))
+    sink = ClientRecorder()
+    try:
+        await client.connect(sink)
+        accepted = await serving
+        await sink.wait(lambda: bool(sink.events))
+        assert sink.events == [("deliver", (b"pushed",))]
+        accepted.close()
+        await sink.wait(lambda: sink.losses() == 1)
+    finally:
+        serving.cancel()
+        await client.close()
+        listener.close()
 
 
 async def test_close_fails_a_waiting_send_refuses_later_ones_and_reports_no_loss(
