@@ -8,8 +8,9 @@ each side. Here a message goes out as one vectored ``sendmsg`` of ``[prefix, *fr
 large incoming frame is received straight into a buffer of its own (see
 :mod:`kvrpc_unix.framing`).
 
-Reader callbacks parse what arrived and set results on waiting futures directly; nothing on
-the per-message path creates a task.
+Reader callbacks parse what arrived and hand each message to the core's sink
+(:class:`~kvrpc.transport.ServerSink` / :class:`~kvrpc.transport.ClientSink`) directly;
+nothing on the per-message path creates a task, and the transport keeps no inbox of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from kvrpc.auth import (
 )
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
-from kvrpc.transport import PeerCredentials, TransportOptions, TransportURL, claim_socket_path
+from kvrpc.transport import (
+    ClientSink,
+    PeerCredentials,
+    ServerSink,
+    TransportOptions,
+    TransportURL,
+    claim_socket_path,
+)
 from kvrpc.transport.handshake import authenticate_blocking
 from kvrpc_unix.framing import FrameReader, FramingError, frame_prefix
 
@@ -60,9 +68,6 @@ _IOV_BATCH: Final = 1000
 # reading a peer that leaves this much of its replies unread, until it is down to _LOW_WATER.
 _HIGH_WATER: Final = 4 * 1024 * 1024
 _LOW_WATER: Final = 1024 * 1024
-# Reading stops while this many received messages wait for recv(), and resumes at half.
-_INBOX_LIMIT: Final = 1024
-_INBOX_RESUME: Final = _INBOX_LIMIT // 2
 # What one read callback takes from one connection before the loop moves on.
 _READS_PER_TURN: Final = 16
 _MESSAGES_PER_TURN: Final = 64
@@ -148,6 +153,7 @@ class _Connection:
         "_sendmsg",
         "_stall_timer",
         "_writing",
+        "admitted",
         "backlogged",
         "closed",
         "credentials",
@@ -196,6 +202,9 @@ class _Connection:
         #: The server's side of this peer's handshake while it is under way (auth only): the
         #: peer's messages go to it, never to the server, and its input is capped.
         self.handshake: ServerHandshake | None = None
+        #: Whether the server's sink has been told of this peer (it passed the handshake, or
+        #: there is none): only then is its loss reported.
+        self.admitted = False
         self.pre_auth_budget = _PRE_AUTH_BYTES
         self._auth_timer: asyncio.TimerHandle | None = None
         #: The reader's own limits while the handshake's cap replaces them.
@@ -284,7 +293,9 @@ class _Connection:
         # Messages that arrived whole before a failure are good and are handed on.
         if messages:
             self._owner._deliver(self)
-        if failure is not None:
+        # Unless the owner closed this connection meanwhile (a send that failed, its close):
+        # it has then reported the loss already, or must not.
+        if failure is not None and not self.closed:
             self._owner._lost(self, failure, malformed)
 
     # -------------------------------------------------------------- writing
@@ -427,34 +438,22 @@ class _Connection:
         self._wake_drain_waiters(False)
 
 
-async def _wait_for_wake(waiters: list[asyncio.Future[None]]) -> None:
-    """Wait until a read callback wakes ``waiters``; a cancelled wait leaves no stale waiter."""
-    waiter = asyncio.get_running_loop().create_future()
-    waiters.append(waiter)
-    try:
-        await waiter
-    except asyncio.CancelledError:
-        with contextlib.suppress(ValueError):
-            waiters.remove(waiter)
-        raise
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
-
-
 class UnixServerTransport:
     """Accepts Unix-domain connections at ``path`` and exchanges framed messages with them.
 
     The socket file is created with mode 0600 (only its owner may connect) and removed by
     :meth:`close` if it is still the one this server bound. Each connection is a peer with an
     8-byte id, and the kernel's credentials of the process that connected
-    (:meth:`peer_credentials`). Messages from every peer wait in one bounded inbox; while it is
-    full, no connection is read. A connection whose input breaks the framing or ends in the
-    middle of a message is closed and counted as ``malformed``; a message over
-    ``max_message_size`` is read and thrown away, and delivered as an
+    (:meth:`peer_credentials`).
+
+    Every message read goes straight to the sink given to :meth:`start`, in arrival order per
+    connection, from the read callback that read it; ``sink.read_done()`` follows each read
+    callback that delivered anything, and ``sink.peer_lost(peer)`` follows a connection's last
+    message once it ends (not for the connections :meth:`close` ends, nor, with auth on, for
+    one that never passed its handshake: the sink never heard of it). While the sink has
+    called :meth:`pause_reading`, no connection is read. A connection whose input breaks the
+    framing or ends in the middle of a message is closed and counted as ``malformed``; a
+    message over ``max_message_size`` is read and thrown away, and delivered as an
     :class:`~kvrpc.transport.Oversized` so that it can be answered (one far over it closes the
     connection instead).
 
@@ -464,6 +463,9 @@ class UnixServerTransport:
     ``stalled``. Use from one event loop.
     """
 
+    #: It sees every hang-up, so the sink is told of each lost peer.
+    reports_peer_loss: bool = True
+
     def __init__(self, path: str, options: TransportOptions) -> None:
         self.path = path
         self._options = options
@@ -472,9 +474,8 @@ class UnixServerTransport:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._accept_retry: asyncio.TimerHandle | None = None
         self._connections: dict[bytes, _Connection] = {}
-        self._inbox: deque[tuple[bytes, list[Buffer]]] = deque()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._paused = False
+        self._sink: ServerSink | None = None
+        self._paused = False  # by the sink: no connection is read meanwhile
         self._closed = False
         self._ids = itertools.count(1)
         self._counts = {
@@ -486,8 +487,6 @@ class UnixServerTransport:
             "stalled": 0,
             "skipped": 0,
         }
-        self._receiver: Callable[[bytes, list[Buffer]], bool] | None = None
-        self._peer_lost: Callable[[bytes], None] | None = None
         self._auth = options.auth
         self._limiter = options.auth.limiter() if options.auth is not None else None
         self._authenticating = 0  # connections in the middle of their handshake
@@ -495,10 +494,11 @@ class UnixServerTransport:
             # Only with auth on, so that a server without it reports what it always did.
             self._counts.update(auth_ok=0, auth_failed=0, auth_rate_limited=0, unauthenticated=0)
 
-    async def start(self) -> None:
-        """Bind ``path`` and begin accepting; raises :class:`TransportError` if it cannot.
+    async def start(self, sink: ServerSink) -> None:
+        """Bind ``path``, begin accepting, and deliver into ``sink``.
 
-        A socket file left by a server that died is replaced; a live server's is not.
+        Raises :class:`TransportError` if it cannot bind. A socket file left by a server that
+        died is replaced; a live server's is not.
         """
         if self._closed:
             raise TransportError(f"server transport for unix://{self.path} is closed")
@@ -527,6 +527,7 @@ class UnixServerTransport:
             raise TransportError(f"cannot listen on unix://{self.path}: {exc}") from exc
         self._loop = loop
         self._sock = sock
+        self._sink = sink
 
     # -------------------------------------------------------------- accepting
 
@@ -571,7 +572,9 @@ class UnixServerTransport:
         connection.credentials = _peer_credentials(sock)
         self._connections[peer] = connection
         self._counts["connections"] += 1
-        if self._auth is not None and not self._admit(connection):
+        if self._auth is None:
+            connection.admitted = True
+        elif not self._admit(connection):
             return
         if not self._paused:
             connection.start_reading()
@@ -619,6 +622,7 @@ class UnixServerTransport:
             self._send_raw(connection, step.reply)
             if step.verdict is Verdict.ACCEPTED:
                 connection.end_handshake()
+                connection.admitted = True
                 self._authenticating -= 1
                 self._counts["auth_ok"] += 1
                 return
@@ -637,43 +641,25 @@ class UnixServerTransport:
 
     # -------------------------------------------------------------- connection reports
 
-    def set_receiver(self, receiver: Callable[[bytes, list[Buffer]], bool] | None) -> None:
-        """Offer each message to ``receiver`` as it is read (see ``ServerTransport``)."""
-        self._receiver = receiver
-
-    def set_peer_lost(self, callback: Callable[[bytes], None] | None) -> None:
-        """Call ``callback(peer)`` once each connection ends (see ``SupportsPeerLoss``)."""
-        self._peer_lost = callback
-
     def _deliver(self, connection: _Connection) -> None:
         if connection.handshake is not None:
             self._authenticate(connection)
             if connection.handshake is not None or connection.closed:
                 return
-        inbox = self._inbox
-        peer = connection.peer
         messages = connection.reader.messages
-        receiver = self._receiver
-        while messages:
-            message = messages.popleft()
-            if receiver is not None and not inbox:
-                try:
-                    if receiver(peer, message):
-                        continue
-                except Exception:  # the receiver's bug must not stop this connection
-                    logger.exception("message receiver failed")
-                    continue
-            inbox.append((peer, message))
-        # Only when something was queued for recv: a message the receiver took needs no
-        # wake-up, and waking the receive task for nothing costs a loop turn per message.
-        if inbox and self._waiters:
-            waiters = self._waiters
-            self._waiters = []
-            _wake(waiters)
-        if len(inbox) >= _INBOX_LIMIT and not self._paused:
-            self._paused = True
-            for each in self._connections.values():
-                each.stop_reading()
+        sink = self._sink
+        assert sink is not None  # nothing is read before start()
+        peer = connection.peer
+        deliver = sink.deliver
+        delivered = False
+        # The sink may close this connection while it handles a message (a reply whose send
+        # fails) or close the transport: nothing is delivered after the loss it was told of.
+        while messages and not connection.closed:
+            deliver(peer, messages.popleft())
+            delivered = True
+        if delivered:
+            sink.read_done()
+        messages.clear()
 
     def _lost(self, connection: _Connection, reason: str, malformed: bool) -> None:
         if connection.handshake is not None:
@@ -689,11 +675,8 @@ class UnixServerTransport:
         connection.close()
         if self._connections.pop(connection.peer, None) is not None:
             self._counts["disconnects"] += 1
-            if self._peer_lost is not None:
-                try:
-                    self._peer_lost(connection.peer)
-                except Exception:  # the server's bug must not stop this transport
-                    logger.exception("peer-lost callback failed")
+            if connection.admitted and self._sink is not None:
+                self._sink.peer_lost(connection.peer)
         if malformed:
             self._counts["malformed"] += 1
             logger.debug("unix://%s: dropped peer %s: %s", self.path, connection.peer.hex(), reason)
@@ -725,28 +708,8 @@ class UnixServerTransport:
 
     # -------------------------------------------------------------- the transport API
 
-    async def recv(self) -> tuple[bytes, list[Buffer]]:
-        """The next message from any peer, in arrival order per peer.
-
-        Returns at once while messages are waiting; raises :class:`ConnectionLost` once the
-        transport is closed (a ``recv`` waiting then is woken with it).
-        """
-        inbox = self._inbox
-        while not inbox:
-            if self._closed:
-                raise ConnectionLost(f"server transport for unix://{self.path} is closed")
-            if self._loop is None:
-                raise TransportError(f"server transport for unix://{self.path} is not started")
-            await _wait_for_wake(self._waiters)
-        message = inbox.popleft()
-        if self._paused and len(inbox) < _INBOX_RESUME:
-            self._paused = False
-            for connection in self._connections.values():
-                connection.start_reading()
-        return message
-
-    async def send(self, peer: bytes, frames: Sequence[Buffer]) -> None:
-        """Send or queue one message for ``peer``, never waiting; a departed peer is skipped.
+    def send(self, peer: bytes, frames: Sequence[Buffer]) -> None:
+        """Send or queue one message for ``peer`` and return at once; a departed peer is skipped.
 
         The frames are written without being copied, so they must stay unchanged until the
         write completes. A peer left with more than the high-water mark of unsent data is not
@@ -768,8 +731,31 @@ class UnixServerTransport:
             self._counts["backlogged"] += 1
             connection.watch_for_stall(self._options.peer_stall_timeout, self._stalled)
 
+    def pause_reading(self) -> None:
+        """Stop reading from every connection until :meth:`resume_reading`; idempotent.
+
+        What the current read callback has already read is still delivered. Bytes that arrive
+        meanwhile wait in the kernel's socket buffers, and then their senders wait.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        for connection in self._connections.values():
+            connection.stop_reading()
+
+    def resume_reading(self) -> None:
+        """Read again from every connection but those backlogged by their unread replies."""
+        if not self._paused:
+            return
+        self._paused = False
+        for connection in self._connections.values():
+            connection.start_reading()
+
     async def close(self) -> None:
-        """Stop accepting, close every connection, remove the socket file if ours; idempotent."""
+        """Stop accepting, close every connection, remove the socket file if ours; idempotent.
+
+        Nothing is delivered after, and the connections it closes are not reported lost.
+        """
         if self._closed:
             return
         self._closed = True
@@ -788,10 +774,7 @@ class UnixServerTransport:
         for connection in connections:
             connection.close()
         self._counts["disconnects"] += len(connections)
-        self._inbox.clear()
-        waiters = self._waiters
-        self._waiters = []
-        _wake(waiters)
+        self._sink = None
 
     def _unlink_if_ours(self) -> None:
         # Another server may have replaced the file since (after deciding ours was stale);
@@ -822,7 +805,10 @@ class UnixServerTransport:
 class UnixClientTransport:
     """A connection to the server at ``path`` that is re-established after a restart.
 
-    A lost connection is reported once, as :class:`ConnectionLost` from :meth:`recv`; the
+    Every message read goes straight to the sink given to :meth:`connect`, in the order the
+    server sent them, from the read callback that read it. A lost connection is reported
+    once, by ``sink.connection_lost(reason)`` (not the one :meth:`close` ends, nor one whose
+    handshake failed: that failure is raised from :meth:`connect` or :meth:`send`); the
     next :meth:`send` reconnects, retrying for up to ``reconnect_timeout`` seconds (one
     attempt at a time however many tasks send). Use from one event loop.
     """
@@ -831,22 +817,23 @@ class UnixClientTransport:
         self.path = path
         self._options = options
         self._connection: _Connection | None = None
-        # Received messages, and a ConnectionLost where a connection ended.
-        self._inbox: deque[list[Buffer] | ConnectionLost] = deque()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._paused = False
+        self._sink: ClientSink | None = None
         self._closed = False
         self._connect_lock = asyncio.Lock()
         self._failed_reconnects = 0
-        self._receiver: Callable[[list[Buffer]], None] | None = None
         # A new connection whose handshake is under way (auth only), and how it ends.
         self._authenticating: tuple[_Connection, ClientHandshake, asyncio.Future[None]] | None
         self._authenticating = None
 
-    async def connect(self) -> None:
-        """Connect to the server; raises :class:`TransportError` if it cannot be reached."""
+    async def connect(self, sink: ClientSink) -> None:
+        """Connect to the server and deliver into ``sink`` from now on.
+
+        Raises :class:`TransportError` if the server cannot be reached, and
+        :class:`~kvrpc.errors.AuthenticationFailed` if the handshake fails (auth on).
+        """
         if self._closed:
             raise TransportError(f"client transport for unix://{self.path} is closed")
+        self._sink = sink
         async with self._connect_lock:
             if self._connection is not None:
                 return
@@ -888,9 +875,14 @@ class UnixClientTransport:
             # Not this transport's connection until the handshake passes: nothing else is
             # sent on it before, and what it receives meanwhile goes to the handshake.
             await self._authenticate(loop, connection, auth.client_handshake(f"unix://{self.path}"))
+            if connection.closed:
+                # The server hung up right behind its ACCEPT: there is nothing to report (no
+                # request went out on it), and a sender's write finds it closed and reconnects.
+                return connection
         self._connection = connection
-        if not self._paused:
-            connection.start_reading()
+        connection.start_reading()
+        if connection.reader.messages:
+            self._deliver(connection)  # what the handshake's last read held behind its ACCEPT
         return connection
 
     async def _authenticate(
@@ -974,34 +966,19 @@ class UnixClientTransport:
 
     # -------------------------------------------------------------- connection reports
 
-    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
-        """Hand messages to ``receiver`` as they are read; :meth:`recv` then reports losses."""
-        self._receiver = receiver
-
     def _deliver(self, connection: _Connection) -> None:
         authenticating = self._authenticating
         if authenticating is not None and authenticating[0] is connection:
             self._handshake_step(connection)
             return
         messages = connection.reader.messages
-        receiver = self._receiver
-        if receiver is not None:
-            while messages:
-                try:
-                    receiver(messages.popleft())
-                except Exception:  # the receiver's bug must not stop this connection
-                    logger.exception("message receiver failed")
-            return
-        inbox = self._inbox
-        inbox.extend(messages)
+        sink = self._sink
+        if sink is not None and connection is self._connection:
+            deliver = sink.deliver
+            # The sink may close the transport while it handles a message: nothing after.
+            while messages and not connection.closed:
+                deliver(messages.popleft())
         messages.clear()
-        if self._waiters:
-            waiters = self._waiters
-            self._waiters = []
-            _wake(waiters)
-        if len(inbox) >= _INBOX_LIMIT and not self._paused:
-            self._paused = True
-            connection.stop_reading()
 
     def _drained(self, connection: _Connection) -> None:
         pass  # a client's senders wait in drain() instead
@@ -1021,11 +998,8 @@ class UnixClientTransport:
             return
         self._connection = None
         logger.debug("unix://%s: connection lost: %s", self.path, reason)
-        self._inbox.append(ConnectionLost(f"connection to unix://{self.path} lost: {reason}"))
-        if self._waiters:
-            waiters = self._waiters
-            self._waiters = []
-            _wake(waiters)
+        if self._sink is not None:
+            self._sink.connection_lost(f"unix://{self.path}: {reason}")
 
     # -------------------------------------------------------------- the transport API
 
@@ -1040,13 +1014,17 @@ class UnixClientTransport:
         """
         if self._closed:
             raise ConnectionLost(f"client transport for unix://{self.path} is closed")
+        if self._sink is None:
+            raise TransportError(
+                f"client transport for unix://{self.path} is not connected; call connect() first"
+            )
         prefix, total = frame_prefix(frames)
         connection = self._connection
         if connection is None:
             connection = await self._reconnect()
         if not connection.write(prefix, frames, total):
             # The connection had died unnoticed and nothing of this message went out: it
-            # is reported lost (recv will say so), and this message goes on a new one.
+            # is reported lost (the sink is told), and this message goes on a new one.
             connection = await self._reconnect()
             if not connection.write(prefix, frames, total):
                 raise ConnectionLost(f"connection to unix://{self.path} broke at once")
@@ -1070,39 +1048,18 @@ class UnixClientTransport:
         # False: the connection had died unnoticed and nothing was written; send() reconnects.
         return connection.write(prefix, frames, total)
 
-    async def recv(self) -> list[Buffer]:
-        """The next message; raises :class:`ConnectionLost` once per lost connection.
-
-        Waits across reconnections; after :meth:`close` (also for a ``recv`` waiting then)
-        it raises :class:`ConnectionLost`.
-        """
-        inbox = self._inbox
-        while not inbox:
-            if self._closed:
-                raise ConnectionLost(f"client transport for unix://{self.path} is closed")
-            await _wait_for_wake(self._waiters)
-        item = inbox.popleft()
-        if self._paused and len(inbox) < _INBOX_RESUME:
-            self._paused = False
-            if self._connection is not None:
-                self._connection.start_reading()
-        if type(item) is list:
-            return item
-        assert isinstance(item, ConnectionLost)
-        raise item
-
     async def close(self) -> None:
-        """Close the connection; pending and later calls raise ConnectionLost. Idempotent."""
+        """Close the connection; waiting and later sends raise ConnectionLost. Idempotent.
+
+        The sink is not told of this connection's end, and is given nothing more.
+        """
         if self._closed:
             return
         self._closed = True
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-        self._inbox.clear()
-        waiters = self._waiters
-        self._waiters = []
-        _wake(waiters)
+        self._sink = None
 
 
 class UnixBlockingClient:
