@@ -2,18 +2,23 @@
 
 The server is a ROUTER socket, each client a DEALER; a message is one zmq multipart message.
 Sockets are plain (synchronous) pyzmq sockets whose notification descriptor is watched with
-``loop.add_reader``: one wake-up reads every message that is ready into a bounded deque, and
-``recv`` hands them out without suspending while any are left. zmq.asyncio instead costs an
-await, a future and a poller round per message.
+``loop.add_reader``: one wake-up reads what is ready, a batch per loop turn, and hands each
+message to the sink the core gave the transport, from that same callback. zmq.asyncio instead
+costs an await, a future and a poller round per message.
 
 ZeroMQ's descriptor is edge-triggered: it only says that the socket's state *may* have changed,
-and a send can consume that edge while a message is waiting. So after every send, and before
-every wait, the socket is asked directly (``EVENTS``) and drained without waiting.
+and a send can consume that edge while a message is waiting. So after every send, and when
+reading resumes after a pause, the socket is asked directly (``EVENTS``) and read without
+waiting for an edge.
+
+Back-pressure on the server: while the core's inbox has asked it to pause, the ROUTER is not
+read at all; libzmq holds ``SERVER_RCVHWM`` unread messages per connection, then the kernel's
+socket buffers fill and the senders wait.
 
 Connection state comes from zmq's socket monitor: the client learns of a lost server from a
-``DISCONNECTED`` event (fails its pending calls through ``ConnectionLost``) and of its return
-from ``HANDSHAKE_SUCCEEDED``; with ``IMMEDIATE`` set, zmq queues nothing while disconnected, so
-a request is never delivered late to a restarted server after its caller was told it failed.
+``DISCONNECTED`` event (reported to its sink as ``connection_lost``) and of its return from
+``HANDSHAKE_SUCCEEDED``; with ``IMMEDIATE`` set, zmq queues nothing while disconnected, so a
+request is never delivered late to a restarted server after its caller was told it failed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import zmq
@@ -42,12 +47,15 @@ from kvrpc.auth import (
     Verdict,
     is_handshake,
     refusal,
+    refusal_error,
 )
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
 from kvrpc.transport import (
+    ClientSink,
     ClientTransport,
     Peer,
+    ServerSink,
     ServerTransport,
     TransportOptions,
     TransportURL,
@@ -65,13 +73,12 @@ __all__ = [
 
 logger = logging.getLogger("kvrpc.zmq")
 
-#: Messages read ahead into a transport's queue; reading stops (zmq's own HWM and then the
-#: kernel take over the back-pressure) until ``recv`` has taken them.
-INBOX_LIMIT = 1024
+#: Messages libzmq queues per connection, each way, unless a socket sets its own bound.
+QUEUE_HWM = 1024
 #: Unread messages libzmq may hold per client connection on the server's side.
 SERVER_RCVHWM = 64
-#: Messages read (and, with a receiver, handled) in one event-loop turn: a peer sending
-#: without pause must not keep the loop from everything else, other peers' sends included.
+#: Messages read (and delivered) in one event-loop turn: a peer sending without pause must
+#: not keep the loop from everything else, other peers' sends included.
 READ_BATCH = 16
 #: Frames at least this large are received without a copy (as a view of zmq's buffer) and
 #: sent without one; smaller ones are cheaper to copy than to track.
@@ -85,7 +92,7 @@ PEER_BACKLOG_BYTES = 64 * 1024 * 1024
 #: second, and at most in a burst, before it pauses reading while nothing else waits.
 REFUSE_RATE = 2000.0
 REFUSE_BURST = 32.0
-#: The longest such pause: a message from any other peer ends it anyway (see paused_for).
+#: The longest such pause: a message from any other peer ends it anyway (see refuse_pause).
 REFUSE_PAUSE_MAX = 0.005
 _RETRY_FIRST = 0.0005
 _RETRY_MAX = 0.05
@@ -102,8 +109,6 @@ TCP_KEEPALIVE_CNT = 4
 TCP_MAXRT_MS = 5000
 RECONNECT_IVL_MS = 20
 RECONNECT_IVL_MAX_MS = 500
-
-_LOST = None  # inbox marker: the connection dropped here
 
 
 def endpoint_for(url: TransportURL) -> str:
@@ -153,8 +158,8 @@ def _configure(sock: zmq.Socket[Any], options: TransportOptions) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
     sock.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)
-    sock.setsockopt(zmq.SNDHWM, INBOX_LIMIT)
-    sock.setsockopt(zmq.RCVHWM, INBOX_LIMIT)
+    sock.setsockopt(zmq.SNDHWM, QUEUE_HWM)
+    sock.setsockopt(zmq.RCVHWM, QUEUE_HWM)
     sock.copy_threshold = ZERO_COPY_THRESHOLD
 
 
@@ -214,30 +219,32 @@ def _monitor(sock: zmq.Socket[Any], events: int) -> zmq.Socket[Any]:
 
 
 class _Driver:
-    """One zmq socket (and its monitor) driven by the running loop's reader callbacks."""
+    """One zmq socket (and its monitor) driven by the running loop's reader callbacks.
 
-    #: What the read callback queued for ``recv`` (each subclass says what an item is).
-    inbox: deque[Any]
+    :meth:`drain` is the read callback: it reads up to ``READ_BATCH`` messages, hands each to
+    :meth:`take`, and carries on next loop turn while more wait. It reads nothing while
+    :attr:`paused` (the server's back-pressure) or once closed. Subclasses say what a message
+    and a monitor event mean, and what happens at the end of each read (:meth:`read_finished`).
+    """
 
     def __init__(self, sock: zmq.Socket[Any], monitor_events: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.closed = False
+        #: Set while the socket must not be read at all (see ZmqServerTransport.pause_reading).
+        self.paused = False
         self._fd = sock.FD
         self._monitor: zmq.Socket[Any] | None = _monitor(sock, monitor_events)
         self._monitor_fd = self._monitor.FD
-        self._readable: asyncio.Future[None] | None = None
-        self._writable: list[asyncio.Future[None]] = []
         self.check_scheduled = False
-        self.stopped_at_limit = False
         self.draining = False
         self._pause_timer: asyncio.TimerHandle | None = None
-        self.loop.add_reader(self._fd, self._on_socket)
-        self.loop.add_reader(self._monitor_fd, self._on_monitor)
+        self.loop.add_reader(self._fd, self.drain)
+        self.loop.add_reader(self._monitor_fd, self.catch_up)
         # Whatever arrived before the readers were added raised no edge we will see.
-        self.loop.call_soon(self._on_monitor)
+        self.loop.call_soon(self.catch_up)
 
-    # Subclasses fill the inbox from received multipart messages and react to monitor events.
+    # Subclasses handle received multipart messages and react to monitor events.
     def take(self, parts: list[bytes]) -> None:
         raise NotImplementedError
 
@@ -248,44 +255,30 @@ class _Driver:
         """Read one waiting message (``zmq.Again`` if none) and hand it to :meth:`take`."""
         self.take(self.sock.recv_multipart(zmq.NOBLOCK))
 
-    def paused_for(self) -> float:
+    def refuse_pause(self) -> float:
         """Seconds to stop reading for after the message just read (0: read on)."""
         return 0.0
 
-    def inbox_full(self) -> bool:
-        return len(self.inbox) >= INBOX_LIMIT
-
-    async def next_item(self, closed: str) -> Any:
-        """The oldest queued item, waiting for one; :class:`ConnectionLost` once closed."""
-        inbox = self.inbox
-        while not inbox:
-            if self.closed:
-                raise ConnectionLost(closed)
-            await self.wait_readable()
-        item = inbox.popleft()
-        if self.stopped_at_limit and len(inbox) < INBOX_LIMIT // 2:
-            self.drain()  # reading stopped at the limit; zmq holds the rest
-        return item
+    def read_finished(self) -> None:
+        """Called at the end of every :meth:`drain`, whatever it read."""
 
     def drain(self) -> None:
-        """Read what is ready (up to the inbox limit, a batch a turn), then wake waiters."""
+        """Read what is ready, a batch a turn, unless paused or closed."""
         self.check_scheduled = False
-        if self.closed:
+        if self.closed or self.paused:
             return
-        self.stopped_at_limit = False
         self.draining = True
         try:
             for _ in range(READ_BATCH):
-                if self.inbox_full():
-                    self.stopped_at_limit = True
-                    break
                 # Copying receive: a large frame costs the same copies either way (the codec
                 # turns a view into bytes), and small ones are cheaper as plain bytes.
                 self.receive_one()
-                pause = self.paused_for()
+                if self.closed or self.paused:  # the sink paused reading, or closed us
+                    break
+                pause = self.refuse_pause()
                 if pause:
                     if self._pause_timer is None:
-                        self._pause_timer = self.loop.call_later(pause, self._resume)
+                        self._pause_timer = self.loop.call_later(pause, self._end_refuse_pause)
                     break
             else:
                 # More may be waiting, and the edge that announced them is spent: carry on
@@ -299,9 +292,9 @@ class _Driver:
                 logger.debug("zmq receive failed: %s", exc)
         finally:
             self.draining = False
-        self._wake_writers()
+            self.read_finished()
 
-    def _resume(self) -> None:
+    def _end_refuse_pause(self) -> None:
         self._pause_timer = None
         self.drain()
 
@@ -316,6 +309,12 @@ class _Driver:
             self.check_scheduled = True
             self.loop.call_soon(self._check)
 
+    def check_soon(self) -> None:
+        """Read, next loop turn, whatever is already waiting (the edge may be spent)."""
+        if not self.check_scheduled:
+            self.check_scheduled = True
+            self.loop.call_soon(self._check)
+
     def _check(self) -> None:
         if self.check_scheduled and not self.closed:
             if int(self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
@@ -323,46 +322,16 @@ class _Driver:
             else:
                 self.check_scheduled = False
 
-    def wake_reader(self) -> None:
-        waiter = self._readable
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def catch_up(self) -> None:
+        """Handle every monitor event that is waiting.
 
-    async def wait_readable(self) -> None:
-        waiter = self._readable = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self._readable = None
-
-    async def wait_writable(self) -> None:
-        waiter = self.loop.create_future()
-        self._writable.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._writable:
-                self._writable.remove(waiter)
-
-    def _wake_writers(self) -> None:
-        if self._writable and (self.closed or int(self.sock.get(zmq.EVENTS)) & zmq.POLLOUT):
-            for waiter in self._writable:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._writable.clear()
-
-    def _on_socket(self) -> None:
-        self.drain()
-
-    def _on_monitor(self) -> None:
-        """Handle every monitor event that is waiting (also called before auth decisions)."""
+        Also called before decisions that depend on the connection's state.
+        """
         monitor = self._monitor
         while monitor is not None and not self.closed:
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # Again: none left; anything else: the monitor is gone
                 return
             self.on_event(int(event["event"]), int(event["value"]))
 
@@ -382,8 +351,6 @@ class _Driver:
             self._monitor.close(linger=0)
             self._monitor = None
         self.sock.close(linger=0)
-        self.wake_reader()
-        self._wake_writers()
 
 
 # --------------------------------------------------------------------------------- server
@@ -475,7 +442,7 @@ class _Gate:
 
 
 class _ServerDriver(_Driver):
-    """The ROUTER's reader: messages go to the receiver (or the inbox) in arrival order.
+    """The ROUTER's reader: each message goes to the sink, in arrival order.
 
     zmq's ROUTER takes one message from each peer with one waiting in turn, so no peer waits
     behind another's queue; what a flooding peer can still take from the others is the
@@ -491,18 +458,27 @@ class _ServerDriver(_Driver):
     fill and the flooder's sends block, while a message from anyone else wakes the reader.
     The peer is heard again once its backlog has drained (or was dropped after
     ``peer_stall_timeout``).
+
+    That pause is the driver's own and ends at the next edge; :attr:`paused` (the sink's
+    back-pressure) stops all reading until the transport resumes it.
     """
 
     def __init__(
-        self, sock: zmq.Socket[Any], counts: dict[str, int], auth: Authenticator | None = None
+        self,
+        sock: zmq.Socket[Any],
+        sink: ServerSink,
+        counts: dict[str, int],
+        auth: Authenticator | None,
+        muted: dict[bytes, Any],
     ) -> None:
-        self.inbox: deque[tuple[Peer, list[Buffer]]] = deque()
+        self.sink = sink
         self.counts = counts
-        self.receiver: Callable[[Peer, list[Buffer]], bool] | None = None
         self.gate = _Gate(auth, counts) if auth is not None else None
         #: The peers whose requests are thrown away unread (the transport's backlogs).
-        self.muted: dict[bytes, Any] = {}
+        self.muted = muted
         counts["refused"] = 0
+        #: Messages handed to the sink since the last ``read_done``.
+        self.delivered = 0
         #: Muted peers' messages read one after the other: more than there are muted peers
         #: means zmq's round-robin found nobody else waiting.
         self.refused_in_a_row = 0
@@ -518,7 +494,7 @@ class _ServerDriver(_Driver):
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
         )
 
-    def paused_for(self) -> float:
+    def refuse_pause(self) -> float:
         """Pause once refusals outran ``REFUSE_RATE`` and only muted peers are waiting."""
         if self.tokens >= 0 or self.refused_in_a_row <= len(self.muted):
             return 0.0
@@ -535,16 +511,20 @@ class _ServerDriver(_Driver):
     def take(self, parts: list[bytes]) -> None:
         self.refused_in_a_row = 0
         self.commands_processed = False
-        receiver = self.receiver
-        if receiver is not None and not self.inbox:
+        self.delivered += 1
+        try:
+            # bytes frames: a list of them is a list of Buffer (list is invariant).
+            self.sink.deliver(parts[0], cast("list[Buffer]", parts[1:]))
+        except Exception:  # the sink's bug must not stop this socket's reading
+            logger.exception("the server sink failed")
+
+    def read_finished(self) -> None:
+        if self.delivered:
+            self.delivered = 0
             try:
-                if receiver(parts[0], parts[1:]):  # type: ignore[arg-type]
-                    return
-            except Exception:  # the receiver's bug must not stop this socket's reading
-                logger.exception("message receiver failed")
-                return
-        self.inbox.append((parts[0], parts[1:]))  # type: ignore[arg-type]
-        self.wake_reader()
+                self.sink.read_done()
+            except Exception:
+                logger.exception("the server sink failed")
 
     def _refuse_rest(self) -> None:
         """Throw away the rest of a muted peer's message, uncopied, and count it."""
@@ -585,7 +565,7 @@ class _ServerDriver(_Driver):
             return
         # A DISCONNECTED event for this descriptor, if any, is handled before the decision:
         # libzmq posts it before the descriptor can be reused for a new connection.
-        self._on_monitor()
+        self.catch_up()
         if gate.authenticated.get(identity) == fd:
             self.take(parts)
             return
@@ -647,13 +627,20 @@ def _message_bytes(message: Sequence[Any]) -> int:
 
 
 class ZmqServerTransport:
-    """A ROUTER socket bound to the URL; each connected DEALER is one peer."""
+    """A ROUTER socket bound to the URL; each connected DEALER is one peer.
+
+    A ROUTER sees messages, not connections: it cannot report a peer's hang-up
+    (``reports_peer_loss`` is False), close one peer's connection or stop reading one peer.
+    """
+
+    reports_peer_loss = False
 
     def __init__(self, url: TransportURL, options: TransportOptions) -> None:
         self.url = url
         self.endpoint = endpoint_for(url)
         self.options = options
         self._driver: _ServerDriver | None = None
+        self._paused = False
         self._backlogs: dict[Peer, _Backlog] = {}
         # (st_dev, st_ino) of the ipc socket file this server bound, removed on close.
         self._socket_file: tuple[int, int] | None = None
@@ -662,11 +649,12 @@ class ZmqServerTransport:
             "disconnects": 0,
             "malformed": 0,
             "dropped": 0,
+            "skipped": 0,
             "backlogged": 0,
         }
 
-    async def start(self) -> None:
-        """Bind the ROUTER socket; raises :class:`TransportError` if the address is taken."""
+    async def start(self, sink: ServerSink) -> None:
+        """Bind the ROUTER socket and deliver into ``sink``; :class:`TransportError` if taken."""
         if self.url.scheme == "zmq+ipc":
             # zmq would silently unlink a live server's socket file and take its address.
             claim_socket_path(self.url.path)
@@ -678,7 +666,8 @@ class ZmqServerTransport:
         # libzmq holds up to RCVHWM unread messages per connection, and keeps those of a
         # client that hung up until they are read: under a sustained flood from peers that
         # reconnect, that is what the server's memory grows by. A small per-peer read-ahead
-        # bounds it; beyond it, the kernel's socket buffer and then the sender wait.
+        # bounds it; beyond it, the kernel's socket buffer and then the sender wait (also
+        # while the sink has paused reading).
         sock.setsockopt(zmq.RCVHWM, SERVER_RCVHWM)
         # A ZAP domain makes libzmq refuse peers that fall back to the 2010 ZMTP/1.0 framing,
         # which is what arbitrary bytes look like to it; libzmq 4.3.5 leaked about 7 KB for
@@ -697,21 +686,34 @@ class ZmqServerTransport:
             with contextlib.suppress(OSError):
                 info = os.lstat(self.url.path)
                 self._socket_file = (info.st_dev, info.st_ino)
-        self._driver = _ServerDriver(sock, self._counts, self.options.auth)
-        self._driver.muted = self._backlogs  # a peer with replies waiting is muted
+        # A peer with replies waiting in its backlog is muted.
+        driver = _ServerDriver(sock, sink, self._counts, self.options.auth, self._backlogs)
+        driver.paused = self._paused
+        self._driver = driver
 
-    async def recv(self) -> tuple[Peer, list[Buffer]]:
-        """The next message from any client."""
-        item: tuple[Peer, list[Buffer]] = await self._require().next_item(
-            f"server transport {self.url.raw} is closed"
-        )
-        return item
+    def pause_reading(self) -> None:
+        """Read nothing from the ROUTER until :meth:`resume_reading`; idempotent.
 
-    def set_receiver(self, receiver: Callable[[Peer, list[Buffer]], bool] | None) -> None:
-        """Offer each message to ``receiver`` as it is read (see ``ServerTransport``)."""
-        self._require().receiver = receiver
+        libzmq then holds up to ``SERVER_RCVHWM`` messages per connection, and the kernel
+        and the senders hold the rest. The current read callback stops after the message
+        it is delivering.
+        """
+        self._paused = True
+        if self._driver is not None:
+            self._driver.paused = True
 
-    async def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
+    def resume_reading(self) -> None:
+        """Read again; what is waiting already is read next loop turn. Idempotent."""
+        if not self._paused:
+            return
+        self._paused = False
+        driver = self._driver
+        if driver is not None and not driver.closed:
+            driver.paused = False
+            # The descriptor's edges went by while paused: ask the socket itself.
+            driver.check_soon()
+
+    def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         """Send or queue a reply to ``peer`` without waiting; a departed client is skipped."""
         driver = self._driver
         if driver is None or driver.closed:
@@ -734,7 +736,7 @@ class ZmqServerTransport:
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise TransportError(f"sending on {self.url.raw} failed: {exc}") from exc
-            # that client disconnected: nobody is left to take the reply
+            self._counts["skipped"] += 1  # that client disconnected: nobody takes the reply
 
     def _queue(self, backlog: _Backlog, message: list[Any]) -> None:
         size = _message_bytes(message)
@@ -784,7 +786,11 @@ class ZmqServerTransport:
         backlog.timer = driver.loop.call_later(backlog.pause, self._retry, peer)
 
     async def close(self) -> None:
-        """Unbind and close; the socket file of an ipc URL goes with it."""
+        """Unbind and close; the socket file of an ipc URL goes with it. Idempotent.
+
+        Nothing is delivered after: a read callback that closes the transport stops after
+        the message it is delivering.
+        """
         for backlog in self._backlogs.values():
             if backlog.timer is not None:
                 backlog.timer.cancel()
@@ -810,48 +816,156 @@ class ZmqServerTransport:
     def stats(self) -> dict[str, int]:
         """Counters: connections, disconnects, failed handshakes, replies dropped, backlogs.
 
-        ``refused``: requests from muted peers thrown away unread (see ``_ServerDriver``).
+        ``skipped``: replies to clients that had gone; ``refused``: requests from muted peers
+        thrown away unread (see ``_ServerDriver``); with auth, the handshake's counters.
         """
         return dict(self._counts)
-
-    def _require(self) -> _ServerDriver:
-        if self._driver is None:
-            raise TransportError("server transport is not started")
-        return self._driver
 
 
 # --------------------------------------------------------------------------------- client
 
 
 class _ClientDriver(_Driver):
-    def __init__(self, sock: zmq.Socket[Any], auth: Authenticator | None, where: str) -> None:
-        self.inbox: deque[list[Buffer] | None] = deque()
+    """The DEALER's reader: replies go to the sink; the monitor tells of the connection.
+
+    With auth, each new connection runs the handshake before any request goes out on it
+    (``connected`` is clear until it succeeds). One rule covers a server that restarted: zmq
+    may attach the new connection before the loop has read the monitor's ``DISCONNECTED``
+    for the old one, so a request can reach the new server before the handshake. The server
+    refuses it (a REFUSE, before its reply to our HELLO, since it answers in order). A client
+    that has authenticated before treats such a refusal as the lost connection it is: it is
+    never delivered to the sink nor raised as :class:`AuthenticationFailed`; the loss is
+    reported once and the handshake runs again. Only a refusal of the handshake itself (of
+    its ANSWER: a wrong token) fails the client. A refusal before the server's CHALLENGE
+    may also be of our HELLO (too many handshakes under way, or rate-limited silence): such a
+    handshake is started afresh after ``handshake_timeout``.
+    """
+
+    def __init__(
+        self, sock: zmq.Socket[Any], sink: ClientSink, auth: Authenticator | None, where: str
+    ) -> None:
+        self.sink = sink
         #: Set while connected and (with auth) authenticated, or once authentication failed.
         self.connected = asyncio.Event()
         #: Set once zmq's own handshake succeeded (ours may still be under way).
         self.linked = asyncio.Event()
-        self.receiver: Callable[[list[Buffer]], None] | None = None
         self.auth = auth
         self.where = where
         self.handshake: ClientHandshake | None = None
+        #: Whether the server has answered the current handshake's HELLO yet.
+        self.heard = False
+        #: Whether a handshake of this client ever succeeded (see the class docstring).
+        self.authenticated_once = False
         #: Why the server refused this client; every later send raises it.
         self.auth_error: AuthenticationFailed | None = None
+        #: Refusals of requests sent before a new connection's handshake (see above).
+        self.stray_refusals = 0
+        self._refusal_check_scheduled = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._writable: list[asyncio.Future[None]] = []
         super().__init__(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+
+    # ------------------------------------------------------------ reading
+
+    def take(self, parts: list[bytes]) -> None:
+        if self.handshake is not None:
+            self._handshake_message(parts)
+            return
+        if self.auth is not None and is_handshake(parts):
+            # Never a reply. A REFUSE says the server does not know this connection.
+            if refusal_error(parts, self.where) is not None:
+                self.stray_refusals += 1
+                if not self._refusal_check_scheduled:
+                    self._refusal_check_scheduled = True
+                    self.loop.call_soon(self._refused)
+            return
+        try:
+            # bytes frames: a list of them is a list of Buffer (list is invariant).
+            self.sink.deliver(cast("list[Buffer]", parts))
+        except Exception:  # the sink's bug must not stop this socket's reading
+            logger.exception("the client sink failed")
+
+    def read_finished(self) -> None:
+        self._wake_writers()
+
+    def _read_waiting(self) -> None:
+        """Deliver every message zmq holds now (bounded by RCVHWM), all at once."""
+        if self.draining:
+            return  # the running drain goes on reading them
+        self.draining = True
+        try:
+            while not self.closed:
+                self.receive_one()
+        except zmq.ZMQError:  # Again: all read; anything else: nothing more to read
+            pass
+        finally:
+            self.draining = False
+
+    def _refused(self) -> None:
+        """A request was refused outside a handshake: this is not the connection we authenticated.
+
+        Runs after the read callback that read the refusal, and after the monitor's news.
+        """
+        self._refusal_check_scheduled = False
+        if self.closed:
+            return
+        self.catch_up()  # a new connection's events may be waiting: they start its handshake
+        if self.handshake is None and self.connected.is_set():
+            # No event came, yet the server does not know this connection (it forgot us):
+            # the same as a lost connection, and this socket authenticates again.
+            self._lose(f"{self.where} no longer knows this connection (restarted?)")
+            if self.auth_error is None:
+                self._start_handshake()
+
+    # ------------------------------------------------------------ the handshake
+
+    def _start_handshake(self) -> None:
+        assert self.auth is not None
+        handshake = self.handshake = self.auth.client_handshake(self.where)
+        self.heard = False
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self.authenticated_once:  # connect() bounds the first one itself
+            self._handshake_timer = self.loop.call_later(
+                self.auth.handshake_timeout, self._handshake_expired, handshake
+            )
+        self._send_handshake(handshake.hello())
+
+    def _handshake_expired(self, handshake: ClientHandshake) -> None:
+        self._handshake_timer = None
+        if self.closed or self.handshake is not handshake or self.heard:
+            return  # done, or the server answered (it then answers the rest in order)
+        logger.info("zmq: %s did not answer the handshake; starting it again", self.where)
+        self._start_handshake()
+
+    def _end_handshake(self) -> None:
+        self.handshake = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _handshake_message(self, parts: list[bytes]) -> None:
         handshake = self.handshake
         assert handshake is not None
+        if not self.heard and self.authenticated_once and refusal_error(parts, self.where):
+            # The refusal of a request that went out on this connection before our HELLO
+            # (see the class docstring): the server's CHALLENGE to our HELLO follows.
+            self.stray_refusals += 1
+            return
+        self.heard = True
         try:
             reply = handshake.receive(parts)
         except AuthenticationFailed as exc:
-            self.handshake = None
+            self._end_handshake()
             self.auth_error = exc
             self.connected.set()  # wakes the waiters, who find auth_error
             return
         if reply is not None:
             self._send_handshake(reply)
         elif handshake.done:
-            self.handshake = None
+            self._end_handshake()
+            self.authenticated_once = True
             self.connected.set()
 
     def _send_handshake(self, frame: bytes) -> None:
@@ -861,19 +975,7 @@ class _ClientDriver(_Driver):
             logger.debug("zmq: sending a handshake message failed: %s", exc)
         self.after_send()
 
-    def take(self, parts: list[bytes]) -> None:
-        if self.handshake is not None:
-            self._handshake_message(parts)
-            return
-        receiver = self.receiver
-        if receiver is None:
-            self.inbox.append(parts)  # type: ignore[arg-type]
-            self.wake_reader()
-            return
-        try:
-            receiver(parts)  # type: ignore[arg-type]
-        except Exception:  # the receiver's bug must not stop this socket's reading
-            logger.exception("message receiver failed")
+    # ------------------------------------------------------------ the connection
 
     def on_event(self, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -883,17 +985,53 @@ class _ClientDriver(_Driver):
             elif self.auth_error is None:
                 # Each connection is a new routing identity at the server: authenticate it
                 # before any request goes out on it.
-                self.handshake = self.auth.client_handshake(self.where)
-                self._send_handshake(self.handshake.hello())
-        elif event == zmq.EVENT_DISCONNECTED and self.handshake is not None:
-            self.handshake = None  # the next connection starts its own
+                self._start_handshake()
+        elif event == zmq.EVENT_DISCONNECTED:
             self.linked.clear()
-        elif event == zmq.EVENT_DISCONNECTED and self.connected.is_set():
-            self.linked.clear()
-            self.connected.clear()
-            self.drain()  # replies that made it before the drop are still good
-            self.inbox.append(_LOST)
-            self.wake_reader()
+            if self.handshake is not None:
+                self._end_handshake()  # the next connection starts its own
+            elif self.connected.is_set():
+                self._read_waiting()  # replies that made it before the drop are still good
+                self._lose(f"{self.where} closed the connection")
+            self._wake_writers(force=True)  # senders waiting for room wait for a connection
+
+    def _lose(self, reason: str) -> None:
+        """Report the connection lost (once: ``connected`` is set only while it is up)."""
+        if self.closed or not self.connected.is_set():
+            return
+        self.connected.clear()
+        try:
+            self.sink.connection_lost(reason)
+        except Exception:
+            logger.exception("the client sink failed")
+
+    # ------------------------------------------------------------ writing
+
+    async def wait_writable(self) -> None:
+        """Until zmq has room, the connection drops, or the driver closes."""
+        waiter = self.loop.create_future()
+        self._writable.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._writable:
+                self._writable.remove(waiter)
+
+    def _wake_writers(self, force: bool = False) -> None:
+        if self._writable and (
+            force or self.closed or int(self.sock.get(zmq.EVENTS)) & zmq.POLLOUT
+        ):
+            for waiter in self._writable:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._writable.clear()
+
+    def shutdown(self) -> None:
+        if self.closed:
+            return
+        self._end_handshake()
+        super().shutdown()
+        self._wake_writers()
 
 
 async def _resolve(url: TransportURL) -> None:
@@ -914,7 +1052,12 @@ async def _resolve(url: TransportURL) -> None:
 
 
 class ZmqClientTransport:
-    """A DEALER socket connected to the server; zmq reconnects it in the background."""
+    """A DEALER socket connected to the server; zmq reconnects it in the background.
+
+    Replies go to the sink from the read callback; a lost connection is reported to it once
+    (from the monitor's ``DISCONNECTED``, or, with auth, when the server refuses a request on
+    a connection it does not know: see ``_ClientDriver``).
+    """
 
     def __init__(self, url: TransportURL, options: TransportOptions) -> None:
         self.url = url
@@ -922,11 +1065,13 @@ class ZmqClientTransport:
         self.options = options
         self._driver: _ClientDriver | None = None
 
-    async def connect(self) -> None:
-        """Connect and wait for the handshake (the caller bounds the wait).
+    async def connect(self, sink: ClientSink) -> None:
+        """Connect, deliver into ``sink``, and wait for the handshake (the caller bounds it).
 
         A ``zmq+tcp`` host name is resolved first: zmq would retry a name that does not
         resolve in silence until the caller gave up, so :class:`TransportError` says so now.
+        With auth, raises :class:`AuthenticationFailed` if the server refuses this client or
+        does not answer within ``handshake_timeout``.
         """
         if self.url.scheme == "zmq+tcp":
             await _resolve(self.url)
@@ -935,7 +1080,7 @@ class ZmqClientTransport:
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         auth = self.options.auth
-        driver = self._driver = _ClientDriver(sock, auth, self.url.raw)
+        driver = self._driver = _ClientDriver(sock, sink, auth, self.url.raw)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -958,24 +1103,29 @@ class ZmqClientTransport:
         if driver.auth_error is not None:
             raise driver.auth_error
 
-    def set_receiver(self, receiver: Callable[[list[Buffer]], None]) -> None:
-        """Hand replies to ``receiver`` as they are read; :meth:`recv` then reports losses."""
-        self._require().receiver = receiver
-
     async def send(self, frames: Sequence[Buffer]) -> None:
-        """Send one request, waiting up to ``reconnect_timeout`` if the server is away."""
+        """Send one request, waiting for room, or up to ``reconnect_timeout`` for the server.
+
+        A request goes out only while connected and (with auth) authenticated: after every
+        wait the monitor's news is read first, since the room may be a new connection's.
+        """
         driver = self._require()
-        if not driver.connected.is_set():
-            # Known to be disconnected: a message handed to zmq now could sit in a pipe that
-            # is being torn down and vanish, so wait for the new connection first.
-            await self._wait_for_room(driver)
-        self._check_auth(driver)
         while True:
+            if not driver.connected.is_set():
+                # Known to be disconnected: a message handed to zmq now could sit in a pipe
+                # that is being torn down and vanish, so wait for the new connection first.
+                await self._wait_connected(driver)
+            self._check_auth(driver)
             try:
                 _send_parts(driver.sock, frames)
                 break
-            except zmq.Again:
-                await self._wait_for_room(driver)
+            except zmq.Again:  # the server's queue is full, or no connection (IMMEDIATE)
+                driver.catch_up()
+                if driver.connected.is_set():
+                    await driver.wait_writable()  # back-pressure
+                    driver.catch_up()
+                if driver.closed:
+                    raise ConnectionLost(f"connection to {self.url.raw} is closed") from None
             except zmq.ZMQError as exc:
                 if driver.closed:
                     raise ConnectionLost(f"connection to {self.url.raw} is closed") from exc
@@ -999,12 +1149,9 @@ class ZmqClientTransport:
         driver.after_send()
         return True
 
-    async def _wait_for_room(self, driver: _ClientDriver) -> None:
+    async def _wait_connected(self, driver: _ClientDriver) -> None:
         if driver.closed:
             raise ConnectionLost(f"connection to {self.url.raw} is closed")
-        if driver.connected.is_set():
-            await driver.wait_writable()  # the server's queue is full: back-pressure
-            return
         timeout = self.options.reconnect_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -1013,17 +1160,11 @@ class ZmqClientTransport:
             raise ConnectionLost(
                 f"{self.url.raw} is unreachable and did not come back within {timeout}s"
             ) from None
-
-    async def recv(self) -> list[Buffer]:
-        """The next reply; :class:`ConnectionLost` once each time the server drops away."""
-        item = await self._require().next_item(f"connection to {self.url.raw} is closed")
-        if item is _LOST:
-            raise ConnectionLost(f"{self.url.raw} closed the connection")
-        frames: list[Buffer] = item
-        return frames
+        if driver.closed:
+            raise ConnectionLost(f"connection to {self.url.raw} is closed")
 
     async def close(self) -> None:
-        """Close the socket; idempotent."""
+        """Close the socket; idempotent. Nothing is delivered after, no loss reported."""
         if self._driver is not None:
             self._driver.shutdown()
 
