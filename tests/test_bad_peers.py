@@ -45,10 +45,10 @@ from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.server.access import memory_owner
 from kvrpc.kv.shm import shared_ref
 from kvrpc.server import PeerInfo, current_peer
+from kvrpc.testing.raw import RawClient, RawServer
 from kvrpc.transport import (
     PeerCredentials,
     TransportOptions,
-    connect_client,
     parse_url,
     register_plugin,
     runtime_dir,
@@ -106,12 +106,10 @@ def test_a_deeply_nested_request_gets_a_protocol_error_and_the_served_process_li
             assert child.stdout.readline().startswith(f"kvrpc ready {url}")
 
             async def attack() -> list[Any]:
-                raw = connect_client(url, TransportOptions())
-                await raw.connect()
+                raw = await RawClient(url).connect()
                 try:
                     await raw.send([header])
-                    async with asyncio.timeout(WAIT):
-                        reply = decode(await raw.recv())
+                    reply = decode(await raw.recv(WAIT))
                 finally:
                     await raw.close()
                 async with AsyncClient(url, timeout=WAIT) as good:
@@ -131,11 +129,8 @@ def test_a_deeply_nested_request_gets_a_protocol_error_and_the_served_process_li
 
 async def test_a_client_survives_a_server_whose_reply_nests_deeply(sock_dir: str) -> None:
     """A hostile server cannot crash its clients either: that call fails, nothing else."""
-    from kvrpc.transport import create_server
-
     url = f"unix://{sock_dir}/hostile.sock"
-    hostile = create_server(url, TransportOptions())
-    await hostile.start()
+    hostile = await RawServer(url).start()
 
     async def answer_with_nesting() -> None:
         while True:
@@ -143,7 +138,7 @@ async def test_a_client_survives_a_server_whose_reply_nests_deeply(sock_dir: str
             _, request_id = peek(frames)
             assert request_id is not None
             reply = msgpack.packb([WIRE_VERSION, 1, request_id, "", [nested_tuples(300)]])
-            await hostile.send(peer, [reply])
+            hostile.send(peer, [reply])
 
     serving = asyncio.create_task(answer_with_nesting())
     try:

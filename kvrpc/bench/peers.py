@@ -20,7 +20,7 @@ from kvrpc.codec import encode_request
 from kvrpc.errors import KvrpcError
 from kvrpc.progress import Progress
 from kvrpc.protocol import ECHO, PING, STATS
-from kvrpc.transport import TransportOptions, connect_client
+from kvrpc.transport import ClientInbox, TransportOptions, connect_client
 
 __all__ = ["run_slow_reader_bench"]
 
@@ -100,7 +100,10 @@ async def _pings(client: AsyncClient, seconds: float) -> list[float]:
 async def _flood(url: str, seconds: float) -> None:
     """Send 64 KiB echo requests for ``seconds`` and read no reply."""
     transport = connect_client(url, TransportOptions())
-    await transport.connect()
+    # Never read: past 16 replies the inbox pauses the transport, which then reads nothing.
+    unread = ClientInbox(limit=16)
+    unread.bind(transport)
+    await transport.connect(unread)
     request = encode_request(1, ECHO.name, (b"x" * (64 * 1024),))
     print(_FLOOD_READY.decode(), flush=True)
     deadline = time.monotonic() + seconds

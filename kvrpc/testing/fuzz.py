@@ -43,7 +43,7 @@ from kvrpc.client import SyncClient
 from kvrpc.codec import WIRE_VERSION, encode_request
 from kvrpc.errors import KvrpcError
 from kvrpc.progress import Progress
-from kvrpc.transport import TransportOptions, connect_client
+from kvrpc.transport import ClientInbox, TransportOptions, connect_client
 
 __all__ = ["FuzzReport", "fuzz_server", "junk_bytes", "junk_message", "process_usage"]
 
@@ -356,13 +356,16 @@ async def _peer_main(
     while done < share:
         # One connection: some read their replies, some never do; all end without a goodbye.
         transport = connect_client(plan.url, TransportOptions(reconnect_timeout=plan.send_timeout))
+        # Not read from, the inbox pauses the transport: the server sees a peer that reads nothing.
+        inbox = ClientInbox(limit=64)
+        inbox.bind(transport)
         reading: asyncio.Task[None] | None = None
         messages = wire = stuck = 0
         try:
             async with asyncio.timeout(10):
-                await transport.connect()
+                await transport.connect(inbox)
             if rng.random() < 0.5:
-                reading = asyncio.create_task(_read_all(transport))
+                reading = asyncio.create_task(_read_all(inbox))
             # Up to a few thousand messages, enough to fill this peer's queue in a server that
             # lags (zmq's RCVHWM), then a hang-up with them unread.
             for _ in range(min(share - done, rng.choice((20, 200, 500, 3000)))):
@@ -394,10 +397,10 @@ async def _peer_main(
         count(consumed, messages, wire, stuck)
 
 
-async def _read_all(transport: Any) -> None:
+async def _read_all(inbox: ClientInbox) -> None:
     with contextlib.suppress(KvrpcError):
         while True:
-            await transport.recv()
+            await inbox.recv()
 
 
 def _send_raw(raw_connect: Callable[[str], socket.socket], url: str, data: bytes) -> None:

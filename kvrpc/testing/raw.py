@@ -72,11 +72,19 @@ class RawServer:
 
 
 class RawClient:
-    """A client transport to ``url`` whose messages wait in a :class:`ClientInbox`."""
+    """A client transport to ``url`` whose messages wait in a :class:`ClientInbox`.
 
-    def __init__(self, url: str, options: TransportOptions | None = None) -> None:
+    ``limit``: past that many unread messages the transport stops reading (a client that
+    never calls :meth:`recv` is then a peer that reads nothing, as the server sees it);
+    None reads and keeps every message.
+    """
+
+    def __init__(
+        self, url: str, options: TransportOptions | None = None, *, limit: int | None = 256
+    ) -> None:
         self.transport: ClientTransport = connect_client(url, options or TransportOptions())
-        self.inbox = ClientInbox()
+        self.inbox = ClientInbox(limit)
+        self.inbox.bind(self.transport)
 
     async def connect(self) -> RawClient:
         """Connect; raises :class:`~kvrpc.errors.TransportError` if it cannot."""

@@ -249,19 +249,39 @@ class ClientInbox:
     """A :class:`~kvrpc.transport.ClientSink` that queues messages for :meth:`recv`.
 
     For tests and tools that drive a client transport by hand: a lost connection comes out
-    of :meth:`recv` as :class:`ConnectionLost`, once, in its place among the messages. It is
-    unbounded; what such a reader receives is bounded by what it asked for.
+    of :meth:`recv` as :class:`ConnectionLost`, once, in its place among the messages. With
+    a ``limit`` (and :meth:`bind`), the transport is paused while that many messages wait
+    and resumed at half of it, so a reader that stops reading is one, as the server sees it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        if limit is not None and limit < 2:
+            raise ValueError(f"need limit >= 2, not {limit}")
+        self.limit = limit
         self._items: deque[list[Buffer] | ConnectionLost] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._control: ReadControl | None = None
+        self._paused = False
         #: Connections reported lost so far.
         self.losses = 0
+
+    def bind(self, control: ReadControl) -> None:
+        """Drive ``control``'s reading (the transport this inbox is the sink of)."""
+        self._control = control
+
+    @property
+    def paused(self) -> bool:
+        """Whether the inbox has asked its transport to stop reading."""
+        return self._paused
 
     def deliver(self, frames: list[Buffer]) -> None:
         """Queue one message."""
         self._items.append(frames)
+        limit = self.limit
+        control = self._control
+        if limit is not None and len(self._items) >= limit and not self._paused and control:
+            self._paused = True
+            control.pause_reading()
         self._wake()
 
     def connection_lost(self, reason: str) -> None:
@@ -279,6 +299,11 @@ class ClientInbox:
             finally:
                 self._waiter = None
         item = self._items.popleft()
+        limit = self.limit
+        if self._paused and limit is not None and len(self._items) <= limit // 2:
+            self._paused = False
+            assert self._control is not None
+            self._control.resume_reading()
         if isinstance(item, ConnectionLost):
             raise item
         return item

@@ -231,6 +231,12 @@ class _InprocClient:
         assert self._server is not None
         return self._server
 
+    def pause_reading(self) -> None:
+        pass  # replies are handed over without waiting, however slowly they are read
+
+    def resume_reading(self) -> None:
+        pass
+
     async def close(self) -> None:
         if self._closed:
             return

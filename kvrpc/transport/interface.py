@@ -166,7 +166,9 @@ class ClientTransport(Protocol):
     Every message read is handed to ``sink.deliver``, in the order the server sent them; a
     lost connection is reported once, by ``sink.connection_lost``. The next :meth:`send`
     connects again, waiting up to ``TransportOptions.reconnect_timeout`` for the server.
-    A client has at most its own calls' replies to read, so it needs no pause.
+    :meth:`pause_reading` stops reading the connection (the server then holds the replies,
+    and gives up on a client that stays paused past its ``peer_stall_timeout``) until
+    :meth:`resume_reading`; a sink that queues replies for a slow reader uses them.
 
     An optional capability is declared by :class:`SupportsTrySend`.
     """
@@ -181,6 +183,12 @@ class ClientTransport(Protocol):
         :class:`ConnectionLost` if the server stays unreachable for ``reconnect_timeout``
         seconds, or once the transport is closed.
         """
+
+    def pause_reading(self) -> None:
+        """Stop reading replies (a handshake still reads its own) until resumed; idempotent."""
+
+    def resume_reading(self) -> None:
+        """Read again after :meth:`pause_reading`; idempotent."""
 
     async def close(self) -> None:
         """Close the connection; idempotent. Nothing is delivered after."""

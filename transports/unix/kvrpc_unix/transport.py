@@ -821,6 +821,7 @@ class UnixClientTransport:
         self._closed = False
         self._connect_lock = asyncio.Lock()
         self._failed_reconnects = 0
+        self._paused = False  # by the sink: replies are not read until it resumes
         # A new connection whose handshake is under way (auth only), and how it ends.
         self._authenticating: tuple[_Connection, ClientHandshake, asyncio.Future[None]] | None
         self._authenticating = None
@@ -880,7 +881,8 @@ class UnixClientTransport:
                 # request went out on it), and a sender's write finds it closed and reconnects.
                 return connection
         self._connection = connection
-        connection.start_reading()
+        if not self._paused:
+            connection.start_reading()
         if connection.reader.messages:
             self._deliver(connection)  # what the handshake's last read held behind its ACCEPT
         return connection
@@ -963,6 +965,23 @@ class UnixClientTransport:
                     sock.close()
                     raise ConnectionLost(f"client transport for unix://{self.path} is closed")
                 return await self._attach(loop, sock)
+
+    def pause_reading(self) -> None:
+        """Read no replies until :meth:`resume_reading`; idempotent.
+
+        The kernel's buffers, then the server, hold them (a server drops a client that
+        leaves them unread past its ``peer_stall_timeout``). A handshake still reads its own.
+        """
+        self._paused = True
+        if self._connection is not None:
+            self._connection.stop_reading()
+
+    def resume_reading(self) -> None:
+        """Read again; idempotent."""
+        self._paused = False
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            connection.start_reading()
 
     # -------------------------------------------------------------- connection reports
 

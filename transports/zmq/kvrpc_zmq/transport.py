@@ -1064,6 +1064,7 @@ class ZmqClientTransport:
         self.endpoint = endpoint_for(url)
         self.options = options
         self._driver: _ClientDriver | None = None
+        self._paused = False
 
     async def connect(self, sink: ClientSink) -> None:
         """Connect, deliver into ``sink``, and wait for the handshake (the caller bounds it).
@@ -1081,6 +1082,7 @@ class ZmqClientTransport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         auth = self.options.auth
         driver = self._driver = _ClientDriver(sock, sink, auth, self.url.raw)
+        driver.paused = self._paused
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -1098,6 +1100,26 @@ class ZmqClientTransport:
                 ) from None
         await driver.connected.wait()
         self._check_auth(driver)
+
+    def pause_reading(self) -> None:
+        """Read no replies until :meth:`resume_reading`; idempotent.
+
+        libzmq holds up to its receive high-water mark, then the server holds the rest.
+        A handshake on a new connection is not read either, so it waits for the resume.
+        """
+        self._paused = True
+        if self._driver is not None:
+            self._driver.paused = True
+
+    def resume_reading(self) -> None:
+        """Read again; what is waiting already is read next loop turn. Idempotent."""
+        if not self._paused:
+            return
+        self._paused = False
+        driver = self._driver
+        if driver is not None and not driver.closed:
+            driver.paused = False
+            driver.check_soon()  # the descriptor's edges went by while paused
 
     def _check_auth(self, driver: _ClientDriver) -> None:
         if driver.auth_error is not None:
