@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any
 
 import pytest
 
 from kvrpc.errors import InvalidURL, TransportError, TransportNotFound
+from kvrpc.testing.raw import RawClient, RawServer
 from kvrpc.transport import (
     ENTRY_POINT_GROUP,
     ClientTransport,
@@ -223,24 +223,21 @@ def test_inproc_url_without_a_name_raises_invalid_url(raw: str) -> None:
 
 async def test_inproc_names_are_case_sensitive() -> None:
     name = f"CaseSensitive{next(_unique)}"
-    server = create_server(f"inproc://{name}")
-    await server.start()
+    server = await RawServer(f"inproc://{name}").start()
     try:
         with pytest.raises(TransportError, match=name.lower()):
-            await connect_client(f"inproc://{name.lower()}").connect()
-        client = connect_client(f"inproc://{name}")
-        await client.connect()
+            await RawClient(f"inproc://{name.lower()}").connect()
+        client = await RawClient(f"inproc://{name}").connect()
         try:
             await client.send([b"hello"])
-            async with asyncio.timeout(10):
-                _, frames = await server.recv()
+            _, frames = await server.recv(10)
             assert frames == [b"hello"]
         finally:
             await client.close()
     finally:
         await server.close()
     with pytest.raises(TransportError):  # and a closed server's name is free of it
-        await connect_client(f"inproc://{name}").connect()
+        await RawClient(f"inproc://{name}").connect()
 
 
 @pytest.mark.parametrize(

@@ -85,8 +85,9 @@ class ServerSink(Protocol):
     def peer_lost(self, peer: Peer) -> None:
         """``peer``'s connection has ended, after its last message was delivered.
 
-        Once per connection, whatever ended it (a hang-up, bad framing, a stall, a failed
-        handshake that had admitted it); not for the connections that
+        Once per connection whose messages could be delivered (with auth: one that passed
+        its handshake), whatever ended it (a hang-up, bad framing, a stall); not for a
+        connection refused or failed in its handshake, nor for those that
         :meth:`ServerTransport.close` ends. A transport that cannot see hang-ups (a ZeroMQ
         ROUTER cannot) never calls it, and says so by ``reports_peer_loss = False``.
         """
@@ -120,7 +121,8 @@ class ServerTransport(Protocol):
     def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         """Send or queue one message for ``peer`` and return at once.
 
-        A peer that has gone away is silently skipped (counted as ``skipped``); one whose
+        A peer that has gone away is silently skipped (counted as ``skipped`` where the
+        transport counts it); one whose
         queue is over its bound loses this message (counted as ``dropped``) or its
         connection. The frames may be written without a copy: leave them unchanged.
         """

@@ -51,7 +51,7 @@ from kvrpc.kv.layout import KVLayout, LayoutKind
 from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.server import PeerInfo
-from kvrpc.transport import TransportOptions, connect_client
+from kvrpc.testing import raw
 
 from .conftest import (
     BLOCK,
@@ -630,8 +630,7 @@ def test_a_malformed_layout_is_refused_at_the_servers_door_and_the_server_stays_
     payload: bytes, says: str, baseline: Baseline
 ) -> None:
     async def exchange() -> list[Any]:
-        peer = connect_client(baseline.server.url, TransportOptions())
-        await peer.connect()
+        peer = await raw.RawClient(baseline.server.url).connect()
         try:
             replies = []
             requests = (
@@ -641,8 +640,7 @@ def test_a_malformed_layout_is_refused_at_the_servers_door_and_the_server_stays_
             )
             for frames in requests:
                 await peer.send(frames)
-                async with asyncio.timeout(WAIT):
-                    replies.append(decode(await peer.recv()))
+                replies.append(decode(await peer.recv(WAIT)))
             return replies
         finally:
             await peer.close()
