@@ -160,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-workers", type=_positive_int, default=4, help="copy threads and BLOCKING threads"
     )
     serve.add_argument(
+        "--inbox-burst",
+        type=_positive_int,
+        default=64,
+        help="requests of one read handled at once; the rest are queued and taken one client "
+        "at a time, this many per loop turn (default: 64)",
+    )
+    serve.add_argument(
         "--client-timeout",
         type=_positive_float,
         default=8.0,
@@ -495,6 +502,9 @@ def _parser() -> argparse.ArgumentParser:
     slow.add_argument("--url", required=True, help="where the server listens (a socket URL)")
     slow.add_argument("--seconds", type=_positive_float, default=3.0, help="per phase")
     slow.add_argument("--rounds", type=_positive_int, default=3, help="idle/flooded pairs")
+    slow.add_argument(
+        "--inbox-burst", type=_positive_int, help="the server's --inbox-burst (default: its own)"
+    )
     slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     slow.set_defaults(run=_run_bench_slow_reader)
     metrics = benches.add_parser(
@@ -831,6 +841,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         cpu_buffer_size=args.cpu_buffer_size,
         chunk_size=args.chunk_size,
         max_workers=args.max_workers,
+        inbox_burst=args.inbox_burst,
         client_timeout=args.client_timeout,
         disk_dir=args.disk_dir,
         disk_size=args.disk_size,
@@ -1051,7 +1062,9 @@ def _run_bench_e2e(args: argparse.Namespace) -> int:
 def _run_bench_slow_reader(args: argparse.Namespace) -> int:
     from kvrpc.bench.peers import run_slow_reader_bench
 
-    figures = asyncio.run(run_slow_reader_bench(args.url, args.seconds, args.rounds))
+    figures = asyncio.run(
+        run_slow_reader_bench(args.url, args.seconds, args.rounds, args.inbox_burst)
+    )
     return _report(figures, args.json)
 
 

@@ -31,16 +31,24 @@ _FLOOD_READY = b"flooding"
 _progress = Progress("bench slow-reader")
 
 
-async def run_slow_reader_bench(url: str, seconds: float, rounds: int) -> dict[str, Any]:
-    """Ping ``url`` for ``seconds`` idle, then as long beside a flooder, ``rounds`` times."""
+async def run_slow_reader_bench(
+    url: str, seconds: float, rounds: int, inbox_burst: int | None = None
+) -> dict[str, Any]:
+    """Ping ``url`` for ``seconds`` idle, then as long beside a flooder, ``rounds`` times.
+
+    ``inbox_burst``: the server's ``--inbox-burst`` (None: its default).
+    """
     try:
-        return await _measure(url, seconds, rounds)
+        return await _measure(url, seconds, rounds, inbox_burst)
     finally:
         _progress.close()
 
 
-async def _measure(url: str, seconds: float, rounds: int) -> dict[str, Any]:
-    async with _server_for(url) as where, AsyncClient(url, timeout=10.0) as client:
+async def _measure(
+    url: str, seconds: float, rounds: int, inbox_burst: int | None
+) -> dict[str, Any]:
+    options = () if inbox_burst is None else ("--inbox-burst", str(inbox_burst))
+    async with _server_for(url, *options) as where, AsyncClient(url, timeout=10.0) as client:
         idle: list[float] = []
         flooded: list[float] = []
         failures = 0

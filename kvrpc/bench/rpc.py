@@ -154,14 +154,17 @@ async def _child(argv: list[str], ready: bytes, what: str) -> AsyncIterator[int]
 
 
 @contextlib.asynccontextmanager
-async def _server_for(url: str) -> AsyncIterator[str]:
-    """A server at ``url``: in this loop for inproc, else a ``kvrpc serve`` child process."""
+async def _server_for(url: str, *serve_options: str) -> AsyncIterator[str]:
+    """A server at ``url``: in this loop for inproc, else a ``kvrpc serve`` child process.
+
+    ``serve_options`` are more ``kvrpc serve`` flags for the child.
+    """
     if parse_url(url).scheme == "inproc":
         async with RPCServer(url):
             yield "same event loop"
         return
     # --insecure: a benchmark's zmq+tcp server listens on loopback, without a token.
-    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--insecure"]
+    argv = [sys.executable, "-m", "kvrpc", "serve", "--url", url, "--insecure", *serve_options]
     async with _child(argv, b"kvrpc ready", f"benchmark server for {url}") as pid:
         yield f"child process {pid}"
 

@@ -55,6 +55,8 @@ class KVServerSettings:
     cpu_buffer_size: float = 1.0
     chunk_size: int = 256
     max_workers: int = 4
+    #: Requests of one read the RPC server handles at once (see ``ServerConfig.inbox_burst``).
+    inbox_burst: int = 64
     client_timeout: float = 8.0
     disk_dir: str | None = None
     disk_size: float = 16.0
@@ -154,6 +156,7 @@ async def serve_kv(
         url,
         registry=kv_registry(),
         max_workers=settings.max_workers,
+        inbox_burst=settings.inbox_burst,
         auth_token_file=settings.auth_token_file,
         curve_secret_file=curve_for(url),
     )
@@ -165,6 +168,7 @@ async def serve_kv(
             extra,
             registry=kv_registry(),
             max_workers=settings.max_workers,
+            inbox_burst=settings.inbox_burst,
             auth_token_file=settings.auth_token_file,
             curve_secret_file=curve_for(extra),
         )
