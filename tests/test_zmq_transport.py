@@ -354,6 +354,24 @@ async def _authenticated(url: str) -> tuple[ZmqServerTransport, Inbox]:
     return server, inbox
 
 
+async def _lose_the_server_unseen(
+    client: ZmqClientTransport, sink: ClientInbox, server: ZmqServerTransport, echo: Echo
+) -> Any:
+    """Connect and make one round trip, then close the server with the client's monitor
+    unread (the loop "has not got round to" it) until zmq has dropped the pipe; returns the
+    client's driver."""
+    await client.connect(sink)
+    await client.send([b"first"])
+    assert await sink.recv(WAIT) == [b"first"]
+    driver = client._driver
+    assert driver is not None
+    asyncio.get_running_loop().remove_reader(driver._monitor_fd)
+    await server.close()
+    while int(driver.sock.get(zmq.EVENTS)) & zmq.POLLOUT:  # until zmq dropped the pipe
+        await echo.round_trip()
+    return driver
+
+
 @pytest.mark.parametrize("events_first", [False, True], ids=["refusal-first", "events-first"])
 async def test_a_request_that_beats_the_new_handshake_after_a_restart_is_a_lost_connection(
     new_url: Callable[[], str], echo: Echo, events_first: bool
@@ -372,15 +390,7 @@ async def test_a_request_that_beats_the_new_handshake_after_a_restart_is_a_lost_
     loop = asyncio.get_running_loop()
     again = None
     try:
-        await client.connect(sink)
-        await client.send([b"first"])
-        assert await sink.recv(WAIT) == [b"first"]
-        driver = client._driver
-        assert driver is not None
-        loop.remove_reader(driver._monitor_fd)  # the loop "has not got round to" the monitor
-        await server.close()
-        while int(driver.sock.get(zmq.EVENTS)) & zmq.POLLOUT:  # until zmq dropped the pipe
-            await echo.round_trip()
+        driver = await _lose_the_server_unseen(client, sink, server, echo)
 
         again, _ = await _authenticated(url)
         # IMMEDIATE: nothing can be sent until zmq has attached the new connection, which
@@ -433,15 +443,7 @@ async def test_a_send_that_found_no_connection_waits_for_the_new_handshake(
     loop = asyncio.get_running_loop()
     again = None
     try:
-        await client.connect(sink)
-        await client.send([b"first"])
-        assert await sink.recv(WAIT) == [b"first"]
-        driver = client._driver
-        assert driver is not None
-        loop.remove_reader(driver._monitor_fd)  # the loop "has not got round to" the monitor
-        await server.close()
-        while int(driver.sock.get(zmq.EVENTS)) & zmq.POLLOUT:  # until zmq dropped the pipe
-            await echo.round_trip()
+        driver = await _lose_the_server_unseen(client, sink, server, echo)
         assert driver.connected.is_set()  # the client does not know yet
 
         blocked = asyncio.create_task(client.send([b"blocked"]))
