@@ -626,7 +626,32 @@ def _message_bytes(message: Sequence[Any]) -> int:
     return sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in message)
 
 
-class ZmqServerTransport:
+class _ReadSwitch:
+    """Pausing a transport whose socket a :class:`_Driver` reads.
+
+    The pause outlives the driver: a driver made later (on start, or a client's connect)
+    starts paused if the transport is.
+    """
+
+    _driver: _Driver | None
+    _paused: bool
+
+    def _pause_driver(self) -> None:
+        self._paused = True
+        if self._driver is not None:
+            self._driver.paused = True
+
+    def _resume_driver(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        driver = self._driver
+        if driver is not None and not driver.closed:
+            driver.paused = False
+            driver.check_soon()  # the descriptor's edges went by while paused
+
+
+class ZmqServerTransport(_ReadSwitch):
     """A ROUTER socket bound to the URL; each connected DEALER is one peer.
 
     A ROUTER sees messages, not connections: it cannot report a peer's hang-up
@@ -698,20 +723,11 @@ class ZmqServerTransport:
         and the senders hold the rest. The current read callback stops after the message
         it is delivering.
         """
-        self._paused = True
-        if self._driver is not None:
-            self._driver.paused = True
+        self._pause_driver()
 
     def resume_reading(self) -> None:
         """Read again; what is waiting already is read next loop turn. Idempotent."""
-        if not self._paused:
-            return
-        self._paused = False
-        driver = self._driver
-        if driver is not None and not driver.closed:
-            driver.paused = False
-            # The descriptor's edges went by while paused: ask the socket itself.
-            driver.check_soon()
+        self._resume_driver()
 
     def send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         """Send or queue a reply to ``peer`` without waiting; a departed client is skipped."""
@@ -1051,7 +1067,7 @@ async def _resolve(url: TransportURL) -> None:
         ) from None
 
 
-class ZmqClientTransport:
+class ZmqClientTransport(_ReadSwitch):
     """A DEALER socket connected to the server; zmq reconnects it in the background.
 
     Replies go to the sink from the read callback; a lost connection is reported to it once
@@ -1107,19 +1123,11 @@ class ZmqClientTransport:
         libzmq holds up to its receive high-water mark, then the server holds the rest.
         A handshake on a new connection is not read either, so it waits for the resume.
         """
-        self._paused = True
-        if self._driver is not None:
-            self._driver.paused = True
+        self._pause_driver()
 
     def resume_reading(self) -> None:
         """Read again; what is waiting already is read next loop turn. Idempotent."""
-        if not self._paused:
-            return
-        self._paused = False
-        driver = self._driver
-        if driver is not None and not driver.closed:
-            driver.paused = False
-            driver.check_soon()  # the descriptor's edges went by while paused
+        self._resume_driver()
 
     def _check_auth(self, driver: _ClientDriver) -> None:
         if driver.auth_error is not None:
