@@ -26,7 +26,16 @@ from kvrpc.errors import MessageTooLarge, ProtocolError, RequestTimeout, error_f
 from kvrpc.protocol import ProtocolDefinition
 from kvrpc.transport import Oversized
 
-__all__ = ["Call", "CallTable", "ClientStats", "Sink", "Unreadable", "outcome", "read_reply"]
+__all__ = [
+    "Call",
+    "CallTable",
+    "ClientStats",
+    "Sink",
+    "StreamSink",
+    "Unreadable",
+    "outcome",
+    "read_reply",
+]
 
 
 class Sink(Protocol):
@@ -45,6 +54,14 @@ class Sink(Protocol):
         ...
 
 
+class StreamSink(Sink, Protocol):
+    """What a streamed call resolves: its items as they come, then its end."""
+
+    def push(self, items: list[Any], /) -> bool:
+        """A batch of items arrived (checked already); False if beyond the credit granted."""
+        ...
+
+
 @dataclass
 class ClientStats:
     """Counters of one client's traffic."""
@@ -56,6 +73,7 @@ class ClientStats:
     malformed: int = 0  #: messages from the server that could not be decoded
     disconnects: int = 0  #: connections lost (each failed the calls pending on it)
     direct_calls: int = 0  #: calls a SyncClient's caller answered on its own connection
+    items: int = 0  #: stream items received for an open stream
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -65,7 +83,7 @@ class ClientStats:
 class Call:
     """One pending call: what it resolves, what checks its reply, and its deadline."""
 
-    __slots__ = ("definition", "on_done", "sink", "timeout")
+    __slots__ = ("definition", "on_done", "sink", "stream", "timeout")
 
     def __init__(
         self,
@@ -73,11 +91,14 @@ class Call:
         definition: ProtocolDefinition | None,
         timeout: float | None,
         on_done: Callable[[], None] | None,
+        stream: StreamSink | None = None,
     ) -> None:
         self.sink = sink
         self.definition = definition
         self.timeout = timeout
         self.on_done = on_done
+        #: The same object as ``sink`` for a streamed call, which takes items; else None.
+        self.stream = stream
 
     @property
     def name(self) -> str:
@@ -132,6 +153,23 @@ class CallTable:
             if fifo is None:
                 fifo = self._fifos[timeout] = deque()
             fifo.append((now + timeout, request_id))
+        self.stats.requests += 1
+
+    def add_stream(
+        self,
+        request_id: int,
+        sink: StreamSink,
+        definition: ProtocolDefinition | None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """A stream was opened: it takes ITEMS until its end settles it like a call.
+
+        A stream has no deadline here: how long its consumer waits for each item is the
+        consumer's own timeout.
+        """
+        if request_id in self._calls:
+            raise ValueError(f"request {request_id} is already pending")
+        self._calls[request_id] = Call(sink, definition, None, on_done, sink)
         self.stats.requests += 1
 
     def pop(self, request_id: int) -> Call | None:
@@ -223,8 +261,12 @@ class CallTable:
         cancelled, never sent) is late. A response that fails its protocol's check fails
         the call with :class:`PayloadValidationError`.
         """
-        if message.kind is MessageKind.REQUEST:
-            self.stats.malformed += 1
+        kind = message.kind
+        if kind is MessageKind.ITEMS:
+            self._items(message.request_id, message.payload)
+            return
+        if kind is not MessageKind.RESPONSE and kind is not MessageKind.ERROR:
+            self.stats.malformed += 1  # a client-side kind sent by the server
             return
         call = self.pop(message.request_id)
         if call is None:
@@ -240,6 +282,32 @@ class CallTable:
             sink.set_exception(exc)
             return
         sink.set_result(value)
+
+    def _items(self, request_id: int, items: list[Any]) -> None:
+        call = self._calls.get(request_id)
+        if call is None:
+            self.stats.late_replies += 1  # a stream this client stopped or gave up on
+            return
+        stream = call.stream
+        if stream is None:
+            self.stats.malformed += 1
+            self.fail(request_id, ProtocolError(f"{call.name} got stream items from {self.peer}"))
+            return
+        definition = call.definition
+        try:
+            if definition is not None and self.validate:
+                items = definition.validate_items(items)
+        except Exception as exc:
+            self.fail(request_id, exc)
+            return
+        if not stream.push(items):
+            self.stats.malformed += 1
+            self.fail(
+                request_id,
+                ProtocolError(f"{self.peer} sent {call.name} more items than were granted"),
+            )
+            return
+        self.stats.items += len(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +363,7 @@ def outcome(message: Message, definition: ProtocolDefinition | None, validate: b
     if message.kind is MessageKind.ERROR:
         raise error_from_wire(*message.payload)
     value = message.payload
-    if definition is not None and validate:
+    # A stream's end carries no value: its items were checked as they came.
+    if definition is not None and validate and not definition.stream:
         value = definition.validate_response(value)
     return value

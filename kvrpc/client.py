@@ -25,19 +25,22 @@ import anyio.abc
 
 from kvrpc import codec
 from kvrpc._lifetime import OwnedTaskGroup
-from kvrpc.calls import CallTable, ClientStats, Sink
+from kvrpc.calls import CallTable, ClientStats, Sink, StreamSink
+from kvrpc.client_streams import Stream, SyncStream
 from kvrpc.codec import Buffer
 from kvrpc.errors import (
     ClientClosed,
     ConnectionLost,
     KvrpcError,
     MessageTooLarge,
+    ProtocolError,
     TransportError,
     WrongThread,
 )
 from kvrpc.futures import MessagingFuture
 from kvrpc.lane import NOT_TAKEN, DirectLane
 from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
+from kvrpc.streams import DEFAULT_WINDOW
 from kvrpc.transport import (
     ClientTransport,
     SupportsTrySend,
@@ -48,7 +51,15 @@ from kvrpc.transport import (
 if TYPE_CHECKING:
     from kvrpc.config import ClientSettings
 
-__all__ = ["DEFAULT", "AsyncClient", "ClientStats", "RequestEncoder", "SyncClient"]
+__all__ = [
+    "DEFAULT",
+    "AsyncClient",
+    "ClientStats",
+    "RequestEncoder",
+    "Stream",
+    "SyncClient",
+    "SyncStream",
+]
 
 logger = logging.getLogger("kvrpc.client")
 
@@ -81,13 +92,14 @@ class RequestEncoder:
         self._ids = itertools.count(1)
 
     def prepare(
-        self, protocol: ProtocolRef, payload: Sequence[Any]
+        self, protocol: ProtocolRef, payload: Sequence[Any], window: int | None = None
     ) -> tuple[int, ProtocolDefinition | None, list[Buffer]]:
-        """``(request_id, definition, frames)`` for one request.
+        """``(request_id, definition, frames)`` for one request, or with ``window`` a stream.
 
         The definition is None for a name the registry does not know, which is then sent
         unvalidated. Raises :class:`PayloadValidationError` for a payload its definition
-        refuses, :class:`MessageTooLarge` for a request over ``max_message_size``.
+        refuses, :class:`MessageTooLarge` for a request over ``max_message_size``, and
+        :class:`ProtocolError` for a call of a stream or a stream of a call.
         """
         if isinstance(protocol, ProtocolDefinition):
             definition: ProtocolDefinition | None = protocol
@@ -95,10 +107,18 @@ class RequestEncoder:
         else:
             name = protocol
             definition = self.registry.get(name) if name in self.registry else None
-        if definition is not None and self.validate:
-            definition.validate_payload(payload)
+        if definition is not None:
+            if definition.stream is (window is None):
+                how = "read it with stream()" if definition.stream else "use call()"
+                kind = "a stream" if definition.stream else "one value"
+                raise ProtocolError(f"{name} answers with {kind}: {how}")
+            if self.validate:
+                definition.validate_payload(payload)
         request_id = next(self._ids)  # next() on a count is atomic under the GIL
-        frames = codec.encode_request(request_id, name, payload)
+        if window is None:
+            frames = codec.encode_request(request_id, name, payload)
+        else:
+            frames = codec.encode_open(request_id, name, window, payload)
         size = codec.message_size(frames)
         if size > self.max_message_size:
             raise MessageTooLarge(
@@ -333,10 +353,86 @@ class AsyncClient:
         return future
 
     def prepare(
-        self, protocol: ProtocolRef, payload: Sequence[Any]
+        self, protocol: ProtocolRef, payload: Sequence[Any], window: int | None = None
     ) -> tuple[int, ProtocolDefinition | None, list[Buffer]]:
         """Validate and encode a request (see :meth:`RequestEncoder.prepare`); thread-safe."""
-        return self._encoder.prepare(protocol, payload)
+        return self._encoder.prepare(protocol, payload, window)
+
+    # ------------------------------------------------------------------ streams
+
+    def stream(
+        self,
+        protocol: ProtocolRef,
+        *payload: Any,
+        window: int = DEFAULT_WINDOW,
+        timeout: Timeout = DEFAULT,
+    ) -> Stream:
+        """The items of a streamed protocol, for ``async for`` (or ``async with ... as s``).
+
+        ``window`` is the most items the stream may hold unread (the credit it opens with,
+        see docs/core.md, "Streams"); ``timeout`` the most seconds to wait for each next item
+        (the client's default; None waits forever, as a subscription should). The request
+        goes out when iteration begins; it fails as :meth:`call` does, and the iterator
+        raises the server's error or :class:`ConnectionLost` where the stream breaks.
+        """
+        seconds = self.timeout if isinstance(timeout, _Default) else timeout
+        return Stream(self, protocol, payload, window, seconds)
+
+    async def open_stream(
+        self, sink: StreamSink, protocol: ProtocolRef, payload: Sequence[Any], window: int
+    ) -> int:
+        """Send the OPEN of a stream whose items go to ``sink``; returns its request id.
+
+        For stream shells (:class:`Stream` uses it); waits, like :meth:`submit`, for an
+        in-flight slot, which the stream holds until it ends.
+        """
+        request_id, definition, frames = self.prepare(protocol, payload, window)
+        slots = self._require_open()
+        await slots.acquire()
+        self._calls.add_stream(request_id, sink, definition, slots.release)
+        await self._send(request_id, frames)
+        return request_id
+
+    def open_stream_prepared(
+        self,
+        request_id: int,
+        definition: ProtocolDefinition | None,
+        frames: list[Buffer],
+        sink: StreamSink,
+        on_done: Callable[[], None],
+    ) -> None:
+        """Register and send a stream made by :meth:`prepare`; call it on the client's loop.
+
+        The stream twin of :meth:`submit_prepared`, for :class:`SyncClient`.
+        """
+        try:
+            self._require_open()
+        except KvrpcError as exc:
+            on_done()
+            sink.set_exception(exc)
+            return
+        self._calls.add_stream(request_id, sink, definition, on_done)
+        self._send_soon(request_id, frames)
+
+    def grant(self, request_id: int, credits: int) -> None:
+        """Let stream ``request_id`` send ``credits`` more items; call it on the client's loop."""
+        if request_id in self._calls and self._transport is not None:
+            self._send_soon(request_id, codec.encode_credit(request_id, credits))
+
+    def cancel_stream(self, request_id: int) -> None:
+        """Stop stream ``request_id`` here and on the server; call it on the client's loop.
+
+        Items still on their way are dropped as late.
+        """
+        if self._calls.pop(request_id) is not None and self._transport is not None:
+            self._send_soon(request_id, codec.encode_cancel(request_id))
+
+    def _send_soon(self, request_id: int, frames: list[Buffer]) -> None:
+        # In this loop turn when nothing queued is still owed, else after what is (in order).
+        if not self._outbox and self._try_send is not None and self._try_send(frames):
+            return
+        self._outbox.append((request_id, frames))
+        self._outbox_ready.set()
 
     # ------------------------------------------------------------------ pending table
 
@@ -420,12 +516,8 @@ class AsyncClient:
             sink.set_exception(exc)
             return
         self._register(request_id, sink, definition, timeout, on_done)
-        # Sent in this loop turn when nothing queued is still owed (order is kept: the outbox
-        # task holds a request in the queue until its send is done).
-        if not self._outbox and self._try_send is not None and self._try_send(frames):
-            return
-        self._outbox.append((request_id, frames))
-        self._outbox_ready.set()
+        # Order is kept: the outbox task holds a request in the queue until its send is done.
+        self._send_soon(request_id, frames)
 
     def withdraw(self, request_id: int) -> None:
         """Forget a request whose future finished or whose caller gave up on it.
@@ -623,6 +715,38 @@ class SyncClient:
                 raise ClientClosed(f"client for {self.url} is closed") from None
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, request_id))
         return future
+
+    def stream(
+        self,
+        protocol: ProtocolRef,
+        *payload: Any,
+        window: int = DEFAULT_WINDOW,
+        timeout: Timeout = DEFAULT,
+    ) -> SyncStream:
+        """The items of a streamed protocol, for ``for`` (see :meth:`AsyncClient.stream`).
+
+        The request is sent here. A stream goes through the loop thread, never the direct
+        lane, and is not ordered against direct calls made while it is open.
+        """
+        if self._closed or self._loop is None:
+            raise ClientClosed(f"client for {self.url} is closed")
+        self._refuse_loop_thread()
+        client = self._client
+        request_id, definition, frames = client.prepare(protocol, payload, window)
+        seconds = client.timeout if isinstance(timeout, _Default) else timeout
+        name = protocol if isinstance(protocol, str) else protocol.name
+        self._slots.acquire()
+        stream = SyncStream(
+            client, self._loop, request_id, name, window, seconds, self._slots.release
+        )
+        try:
+            self._loop.call_soon_threadsafe(
+                client.open_stream_prepared, request_id, definition, frames, stream, stream.on_done
+            )
+        except RuntimeError:
+            self._slots.release()
+            raise ClientClosed(f"client for {self.url} is closed") from None
+        return stream
 
     def close(self) -> None:
         """Fail pending calls with :class:`ClientClosed`, stop the loop thread; idempotent."""

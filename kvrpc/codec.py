@@ -6,6 +6,11 @@ buffer that the payload refers to by index through an ext type, so large ``bytes
 ``memoryview`` and CPU tensors are handed to the transport as they are instead of being copied
 into the header.
 
+A streamed call is a conversation on one request id (docs/core.md, "Streams"): the client
+OPENs it with its first credits, the server answers with ITEMS messages (each a batch) and
+ends it with a RESPONSE or an ERROR, the client grants more with CREDIT or stops it with
+CANCEL.
+
 Custom types travel as msgpack ext types registered in one table (:func:`register_ext`):
 codes 0-63 belong to kvrpc, 64-127 to extensions.
 """
@@ -35,7 +40,11 @@ __all__ = [
     "MessageKind",
     "decode",
     "encode",
+    "encode_cancel",
+    "encode_credit",
     "encode_error",
+    "encode_items",
+    "encode_open",
     "encode_request",
     "encode_response",
     "message_size",
@@ -44,7 +53,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the frame layout changes; peers of another version are refused.
-WIRE_VERSION: Final = 2
+WIRE_VERSION: Final = 3
 
 #: ``bytes``/``bytearray`` of at least this many bytes travel as their own frame.
 OOB_THRESHOLD: Final = 1024
@@ -80,14 +89,19 @@ _SCALARS: Final[frozenset[type]] = frozenset({int, float, str, bool, type(None)}
 
 
 class MessageKind(enum.IntEnum):
-    """What a message is: a request, a successful response, or an error response."""
+    """What a message is: a request, a response, an error, or a step of a stream."""
 
-    REQUEST = 0
-    RESPONSE = 1
-    ERROR = 2
+    REQUEST = 0  #: client to server: payload is the argument list
+    RESPONSE = 1  #: server to client: the call's value (a stream's end: None)
+    ERROR = 2  #: server to client: ``[code, type_name, message]``
+    OPEN = 3  #: client to server: open a stream, ``[credits, [args...]]``
+    ITEMS = 4  #: server to client: a batch of a stream's items, ``[item, ...]``
+    CREDIT = 5  #: client to server: the stream may send this many more items, ``[n]``
+    CANCEL = 6  #: client to server: stop the stream, ``[]``
 
 
 _KINDS: Final = tuple(MessageKind)
+_LAST_KIND: Final = len(_KINDS) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +109,9 @@ class Message:
     """A decoded message.
 
     ``payload`` is the tuple of arguments for a request, the return value for a response,
-    and ``(status_code, error_type_name, error_message)`` for an error.
+    ``(status_code, error_type_name, error_message)`` for an error, ``(credits, args)`` for
+    an OPEN (``args`` a tuple), the list of items for ITEMS, ``(n,)`` for a CREDIT and
+    ``()`` for a CANCEL.
     """
 
     kind: MessageKind
@@ -168,10 +184,33 @@ def encode_error(request_id: int, status: int, type_name: str, message: str) -> 
     return _encode(MessageKind.ERROR, request_id, "", [int(status), type_name, message])
 
 
+def encode_open(request_id: int, name: str, credits: int, args: Sequence[Any]) -> list[Buffer]:
+    """Frames opening stream ``request_id`` of protocol ``name``, granting ``credits`` items."""
+    return _encode(MessageKind.OPEN, request_id, name, [credits, list(args)])
+
+
+def encode_items(request_id: int, items: list[Any]) -> list[Buffer]:
+    """Frames of one batch of stream ``request_id``'s items."""
+    return _encode(MessageKind.ITEMS, request_id, "", items)
+
+
+def encode_credit(request_id: int, credits: int) -> list[Buffer]:
+    """Frames granting stream ``request_id`` ``credits`` more items."""
+    return _encode(MessageKind.CREDIT, request_id, "", [credits])
+
+
+def encode_cancel(request_id: int) -> list[Buffer]:
+    """Frames cancelling stream ``request_id``."""
+    return _encode(MessageKind.CANCEL, request_id, "", [])
+
+
 def encode(message: Message) -> list[Buffer]:
     """Frames of any :class:`Message` (the inverse of :func:`decode`)."""
     payload = message.payload
-    if message.kind is not MessageKind.RESPONSE:
+    if message.kind is MessageKind.OPEN:
+        credits, args = payload
+        payload = [credits, list(args)]
+    elif message.kind is not MessageKind.RESPONSE:
         payload = list(payload)
     return _encode(message.kind, message.request_id, message.name, payload)
 
@@ -360,7 +399,7 @@ def decode(frames: Sequence[Buffer]) -> Message:
         and type(header[0]) is int
         and header[0] == WIRE_VERSION
         and type(header[1]) is int
-        and 0 <= header[1] <= 2
+        and 0 <= header[1] <= _LAST_KIND
         and type(header[2]) is int
         and header[2] >= 0
         and type(header[3]) is str
@@ -370,9 +409,35 @@ def decode(frames: Sequence[Buffer]) -> Message:
         kind = _KINDS[raw_kind]
         if kind is MessageKind.RESPONSE:
             return Message(kind, request_id, name, payload)
-        if type(payload) is list and (kind is MessageKind.REQUEST or _is_error_payload(payload)):
+        if type(payload) is list and kind is MessageKind.REQUEST:
             return Message(kind, request_id, name, tuple(payload))
+        shaped = _shaped(kind, payload)
+        if shaped is not None:
+            return Message(kind, request_id, name, shaped)
     return _decode_carefully(frames)
+
+
+def _shaped(kind: MessageKind, payload: Any) -> Any:
+    """The decoded payload of ``kind``, or None when its shape is wrong."""
+    if type(payload) is not list:
+        return None
+    if kind is MessageKind.REQUEST:
+        return tuple(payload)
+    if kind is MessageKind.ERROR:
+        return tuple(payload) if _is_error_payload(payload) else None
+    if kind is MessageKind.ITEMS:
+        return payload
+    if kind is MessageKind.OPEN:
+        if len(payload) == 2 and _is_count(payload[0]) and type(payload[1]) is list:
+            return payload[0], tuple(payload[1])
+        return None
+    if kind is MessageKind.CREDIT:
+        return (payload[0],) if len(payload) == 1 and _is_count(payload[0]) else None
+    return () if not payload else None  # CANCEL
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**32
 
 
 def _decode_carefully(frames: Sequence[Buffer]) -> Message:
@@ -393,7 +458,7 @@ def _decode_carefully(frames: Sequence[Buffer]) -> Message:
         # number of fields after them may differ between versions.
         version = unpacker.unpack() if length >= 1 else None
         raw_kind = unpacker.unpack() if length >= 2 else None
-        kind = _KINDS[raw_kind] if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+        kind = _KINDS[raw_kind] if type(raw_kind) is int and 0 <= raw_kind <= _LAST_KIND else None
         raw_id = unpacker.unpack() if length >= 3 else None
         if type(raw_id) is int and raw_id >= 0:
             request_id = raw_id
@@ -431,11 +496,12 @@ def _decode_carefully(frames: Sequence[Buffer]) -> Message:
         )
     if kind is MessageKind.RESPONSE:
         return Message(kind, request_id, name, payload)
-    if type(payload) is not list or (kind is MessageKind.ERROR and not _is_error_payload(payload)):
+    shaped = _shaped(kind, payload)
+    if shaped is None:
         raise ProtocolError(
             f"{kind.name.lower()} payload has the wrong shape", request_id=request_id, kind=kind
         )
-    return Message(kind, request_id, name, tuple(payload))
+    return Message(kind, request_id, name, shaped)
 
 
 def _is_error_payload(payload: list[Any]) -> bool:
@@ -536,7 +602,7 @@ def peek(frames: Sequence[Buffer]) -> tuple[MessageKind | None, int | None]:
         raw_kind, raw_id = unpacker.unpack(), unpacker.unpack()
     except Exception:  # truncated or corrupt: nothing to answer
         return None, None
-    kind = MessageKind(raw_kind) if type(raw_kind) is int and 0 <= raw_kind <= 2 else None
+    kind = _KINDS[raw_kind] if type(raw_kind) is int and 0 <= raw_kind <= _LAST_KIND else None
     request_id = raw_id if type(raw_id) is int and raw_id >= 0 else None
     return kind, request_id
 

@@ -47,6 +47,9 @@ class ServerConfig(_Settings):
     #: Requests of one read handled at once, straight from the read callback; the rest are
     #: queued and taken one per client in turn, this many per event-loop turn.
     inbox_burst: int = Field(64, ge=1)
+    #: Seconds a stream's producer waits for credit from a consumer that reads nothing
+    #: before the stream ends with ``StreamIdle``.
+    stream_idle_timeout: float = Field(60.0, gt=0)
     #: A file holding the shared secret (mode 0600, this user's): every peer must pass the
     #: handshake of :mod:`kvrpc.auth` with it before any request of its is decoded. None: no
     #: handshake (local sockets are then guarded by their file modes alone).
@@ -71,6 +74,7 @@ class ServerSettings(TypedDict, total=False):
     peer_stall_timeout: float
     inbox_limit: int
     inbox_burst: int
+    stream_idle_timeout: float
     auth_token_file: str | None
     curve_secret_file: str | None
 

@@ -24,6 +24,12 @@ The decisions, in the order the rules are tried:
 
 A plain inline function that returns an awaitable has started work that still has to run:
 :meth:`Dispatcher.awaitable_returned` takes a slot for it, or refuses it, as for ``async def``.
+
+Streams (:mod:`kvrpc.streams`): an OPEN of a streamed protocol passes the same checks and
+becomes a :class:`RunStream` / :class:`RunStreamInPool`, holding a slot until it ends; the
+Dispatcher keeps each open stream's :class:`~kvrpc.streams.ServerStream` by peer and id. A
+CREDIT grants it more (:class:`WakeStream` when its producer was out of credit), a CANCEL
+stops it (:class:`StopStream`); either, for no open stream, is only counted.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from kvrpc.errors import (
     ServerBusy,
     UnknownProtocol,
 )
-from kvrpc.handlers import HandlerTable
+from kvrpc.handlers import Handler, HandlerTable
+from kvrpc.streams import ServerStream
 from kvrpc.transport import Oversized, Peer
 
 if TYPE_CHECKING:
@@ -57,7 +64,11 @@ __all__ = [
     "Run",
     "RunInPool",
     "RunOnLoop",
+    "RunStream",
+    "RunStreamInPool",
     "ServerStats",
+    "StopStream",
+    "WakeStream",
 ]
 
 
@@ -78,6 +89,9 @@ class ServerStats:
     dropped: int = 0  #: messages dropped without any reply (no request id could be read)
     abandoned: int = 0  #: results left unsent because their client had disconnected
     in_flight: int = 0  #: requests running in tasks or threads right now
+    streams_opened: int = 0  #: streams started
+    streams_cancelled: int = 0  #: streams stopped by their client, its loss, or shutdown
+    stream_strays: int = 0  #: credits or cancels for no open stream (one that had ended)
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -145,7 +159,53 @@ class RunInPool(Run):
     """Call ``fn(*args)`` in a thread of the pool (a BLOCKING handler)."""
 
 
-Decision = Drop | ReplyError | CallInline | RunOnLoop | RunInPool
+@dataclass(frozen=True, slots=True, eq=False)
+class RunStream(Run):
+    """Drive the async generator ``fn(*args)`` in a task, sending its items against credit."""
+
+    stream: ServerStream
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RunStreamInPool(Run):
+    """Drive the generator ``fn(*args)`` in a thread of the pool, against credit."""
+
+    stream: ServerStream
+
+
+@dataclass(frozen=True, slots=True)
+class WakeStream:
+    """Credit arrived for a producer that had none: call ``stream.wake()``."""
+
+    stream: ServerStream
+
+
+@dataclass(frozen=True, slots=True)
+class StopStream:
+    """The client cancelled: call ``stream.stop()`` (its producer's ``finally`` runs)."""
+
+    stream: ServerStream
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """Nothing to do: a credit for a producer that still had some."""
+
+
+_NOTED: Final = Noted()
+
+Decision = (
+    Drop
+    | ReplyError
+    | CallInline
+    | RunOnLoop
+    | RunInPool
+    | RunStream
+    | RunStreamInPool
+    | WakeStream
+    | StopStream
+    | Noted
+)
 """Everything :meth:`Dispatcher.on_message` may decide."""
 
 
@@ -164,6 +224,12 @@ _FINISHED: Final = {
 
 def _given(awaitable: Any) -> Any:
     return awaitable
+
+
+def _wrong_call(name: str, handler: Handler) -> ProtocolError:
+    if handler.definition.stream:
+        return ProtocolError(f"{name} answers with a stream: read it with client.stream()")
+    return ProtocolError(f"{name} answers with one value, not a stream: use client.call()")
 
 
 # ------------------------------------------------------------------ the dispatcher
@@ -185,6 +251,7 @@ class Dispatcher:
         self.max_in_flight = config.max_in_flight
         self.stats = ServerStats()
         self._accounts: dict[Peer, _Account] = {}
+        self._streams: dict[Peer, dict[int, ServerStream]] = {}
         self._accepting = True
 
     # -------------------------------------------------------------- what arrives
@@ -217,27 +284,55 @@ class Dispatcher:
 
     def on_message(self, peer: Peer, message: Message) -> Decision:
         """Decide about a decoded message from ``peer``; a run's slot is taken before return."""
+        kind = message.kind
+        if kind is MessageKind.REQUEST:
+            return self._on_request(peer, message.request_id, message.name, message.payload)
+        if kind is MessageKind.CREDIT:
+            stream = self._stream(peer, message.request_id)
+            if stream is None:
+                return _NOTED
+            return WakeStream(stream) if stream.grant(message.payload[0]) else _NOTED
+        if kind is MessageKind.CANCEL:
+            stream = self._stream(peer, message.request_id)
+            if stream is None or not stream.cancel():
+                return _NOTED
+            self.stats.streams_cancelled += 1
+            return StopStream(stream)
+        if kind is MessageKind.OPEN:
+            credits, args = message.payload
+            return self._on_request(peer, message.request_id, message.name, args, credits)
+        self.stats.unexpected += 1
+        self.stats.dropped += 1
+        return Drop(f"a {kind.name.lower()} sent to the server")
+
+    def _on_request(
+        self,
+        peer: Peer,
+        request_id: int,
+        name: str,
+        payload: tuple[Any, ...],
+        credits: int | None = None,
+    ) -> Decision:
+        """A REQUEST (``credits`` None) or an OPEN: the checks, then how it runs."""
         stats = self.stats
-        if message.kind is not MessageKind.REQUEST:
-            stats.unexpected += 1
-            stats.dropped += 1
-            return Drop(f"a {message.kind.name.lower()} sent to the server")
         stats.requests += 1
-        request_id = message.request_id
-        handler = self.handlers.get(message.name)
+        handler = self.handlers.get(name)
         if handler is None:
             stats.unknown_protocol += 1
-            return ReplyError(
-                request_id, UnknownProtocol(f"server has no protocol {message.name!r}")
-            )
+            return ReplyError(request_id, UnknownProtocol(f"server has no protocol {name!r}"))
+        if handler.definition.stream is (credits is None):
+            stats.invalid_payload += 1
+            return ReplyError(request_id, _wrong_call(name, handler))
         if not self._accepting:
             stats.busy += 1
             return ReplyError(request_id, ServerBusy("server is shutting down"))
         try:
-            args = handler.definition.validate_payload(message.payload)
+            args = handler.definition.validate_payload(payload)
         except PayloadValidationError as exc:
             stats.invalid_payload += 1
             return ReplyError(request_id, exc)
+        if credits is not None:
+            return self._open(peer, request_id, handler, args, credits)
         if handler.inline:
             return CallInline(request_id, handler.fn, args)
         refusal = self._refusal(peer, request_id)
@@ -247,6 +342,43 @@ class Dispatcher:
         if handler.is_async:
             return RunOnLoop(peer, request_id, handler.fn, args, account)
         return RunInPool(peer, request_id, handler.fn, args, account)
+
+    def _open(
+        self, peer: Peer, request_id: int, handler: Handler, args: tuple[Any, ...], credits: int
+    ) -> Decision:
+        streams = self._streams.get(peer)
+        if streams is not None and request_id in streams:
+            return ReplyError(
+                request_id, ProtocolError(f"stream {request_id} of this client is already open")
+            )
+        refusal = self._refusal(peer, request_id)
+        if refusal is not None:
+            return refusal
+        stream = ServerStream(peer, request_id, credits)
+        if streams is None:
+            streams = self._streams[peer] = {}
+        streams[request_id] = stream
+        self.stats.streams_opened += 1
+        account = self._take_slot(peer)
+        if handler.is_async:
+            return RunStream(peer, request_id, handler.fn, args, account, stream)
+        return RunStreamInPool(peer, request_id, handler.fn, args, account, stream)
+
+    def _stream(self, peer: Peer, request_id: int) -> ServerStream | None:
+        streams = self._streams.get(peer)
+        stream = streams.get(request_id) if streams is not None else None
+        if stream is None:
+            self.stats.stream_strays += 1
+        return stream
+
+    def streams_of(self, peer: Peer) -> list[ServerStream]:
+        """``peer``'s open streams (the shell stops them when it is lost)."""
+        streams = self._streams.get(peer)
+        return list(streams.values()) if streams is not None else []
+
+    def open_streams(self) -> list[ServerStream]:
+        """Every open stream (the shell ends them at shutdown)."""
+        return [s for streams in self._streams.values() for s in streams.values()]
 
     def awaitable_returned(
         self, peer: Peer, request_id: int, awaitable: Any
@@ -272,6 +404,8 @@ class Dispatcher:
         if failed:
             stats.handler_errors += 1
         stats.in_flight -= 1
+        if type(run) is RunStream or type(run) is RunStreamInPool:
+            self._close_stream(run.peer, run.request_id)
         account = run.account
         account.count -= 1
         if not account.count and not account.forgotten:
@@ -281,6 +415,13 @@ class Dispatcher:
             stats.abandoned += 1
         return _FINISHED[not account.forgotten, idle]
 
+    def _close_stream(self, peer: Peer, request_id: int) -> None:
+        streams = self._streams.get(peer)
+        if streams is not None:
+            streams.pop(request_id, None)
+            if not streams:
+                del self._streams[peer]
+
     def forget(self, peer: Peer) -> int:
         """``peer`` disconnected: free its slots now; returns how many of its runs go on.
 
@@ -288,6 +429,9 @@ class Dispatcher:
         thread) until they end, and their results are then dropped. A new connection that
         reuses the identity starts with an empty account.
         """
+        for stream in self.streams_of(peer):
+            if stream.cancel():
+                self.stats.streams_cancelled += 1
         account = self._accounts.pop(peer, None)
         if account is None:
             return 0

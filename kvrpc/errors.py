@@ -37,6 +37,7 @@ __all__ = [
     "RequestTimeout",
     "ServerBusy",
     "Status",
+    "StreamIdle",
     "TransportError",
     "TransportNotFound",
     "UnknownInstance",
@@ -100,6 +101,15 @@ class ServerBusy(KvrpcError):
     """The server refused the request: too many requests in flight, or it is shutting down.
 
     Nothing was executed; the call may be retried later.
+    """
+
+
+class StreamIdle(KvrpcError):
+    """A stream ended because its consumer granted no credit within the idle timeout.
+
+    The server holds a stream's producer while its consumer reads nothing, but not forever:
+    ``stream_idle_timeout`` (a server setting) bounds it. Read streams steadily, or close
+    the ones no longer read.
     """
 
 
@@ -243,6 +253,7 @@ class Status(enum.IntEnum):
     TRANSPORT = 9  #: TransportError: the reply could not be sent as it was
     CUDA_UNAVAILABLE = 10  #: CudaUnavailable: the server has no CUDA for this request
     AUTHENTICATION_FAILED = 11  #: AuthenticationFailed: the auth handshake failed
+    STREAM_IDLE = 12  #: StreamIdle: a stream's consumer granted no credit in time
     KV = 100  #: KVError: a KV-cache operation was refused
     KV_CONFIG = 101  #: KVConfigError: sizes or layouts that cannot work together
     UNKNOWN_INSTANCE = 102  #: UnknownInstance
@@ -299,6 +310,7 @@ for _status, _cls in (
     (Status.TRANSPORT, TransportError),
     (Status.CUDA_UNAVAILABLE, CudaUnavailable),
     (Status.AUTHENTICATION_FAILED, AuthenticationFailed),
+    (Status.STREAM_IDLE, StreamIdle),
     (Status.KV, KVError),
     (Status.KV_CONFIG, KVConfigError),
     (Status.UNKNOWN_INSTANCE, UnknownInstance),

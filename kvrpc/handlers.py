@@ -39,7 +39,12 @@ class Handler:
     @property
     def inline(self) -> bool:
         """True for a plain NONBLOCKING function: called on the loop, with no task."""
-        return not self.is_async and self.definition.handler_type is HandlerType.NONBLOCKING
+        definition = self.definition
+        return (
+            not self.is_async
+            and definition.handler_type is HandlerType.NONBLOCKING
+            and not definition.stream
+        )
 
 
 class HandlerTable:
@@ -82,8 +87,17 @@ class HandlerTable:
         definition.check_types()  # a bad type fails here, at start-up, not on a request
         if definition.name in self._handlers:
             raise DuplicateProtocol(f"{definition.name!r} already has a handler")
-        is_async = inspect.iscoroutinefunction(fn)
-        if is_async and definition.handler_type is HandlerType.BLOCKING:
+        if definition.stream:
+            _check_stream_handler(definition, fn)
+            is_async = definition.handler_type is HandlerType.NONBLOCKING
+        else:
+            if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+                raise TypeError(
+                    f"{definition.name} answers with one value, but its handler is a generator: "
+                    "declare the protocol with stream=True to stream its items"
+                )
+            is_async = inspect.iscoroutinefunction(fn)
+        if is_async and not definition.stream and definition.handler_type is HandlerType.BLOCKING:
             raise TypeError(
                 f"{definition.name} is BLOCKING, so its handler runs in a thread: give a plain "
                 "function, or declare the protocol NONBLOCKING to use 'async def'"
@@ -91,7 +105,7 @@ class HandlerTable:
         # Only a registration that succeeds adds its definition to the registry.
         if known is None:
             self.registry.add(definition)
-        if self._wrap is not None:
+        if self._wrap is not None and not definition.stream:
             fn = self._wrap(definition, fn)
         self._handlers[definition.name] = Handler(definition, fn, is_async)
 
@@ -101,5 +115,20 @@ class HandlerTable:
             raise RuntimeError("this RPCServer is already instrumented")
         self._wrap = wrap
         for name, handler in self._handlers.items():
+            if handler.definition.stream:
+                continue  # a stream is no call to time: the wrapper sees calls only
             wrapped = wrap(handler.definition, handler.fn)
             self._handlers[name] = Handler(handler.definition, wrapped, handler.is_async)
+
+
+def _check_stream_handler(definition: ProtocolDefinition, fn: Callable[..., Any]) -> None:
+    if definition.handler_type is HandlerType.NONBLOCKING and not inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            f"{definition.name} is a NONBLOCKING stream: its handler must be an async generator "
+            "('async def' with 'yield')"
+        )
+    if definition.handler_type is HandlerType.BLOCKING and not inspect.isgeneratorfunction(fn):
+        raise TypeError(
+            f"{definition.name} is a BLOCKING stream: its handler must be a generator function "
+            "('def' with 'yield'), run in a thread of the pool"
+        )

@@ -57,6 +57,10 @@ class ProtocolDefinition:
     response: Any = None
     handler_type: HandlerType = HandlerType.NONBLOCKING
     doc: str = field(default="", compare=False)
+    #: True: the response is a stream of ``response`` items, not one value. Its handler is
+    #: an async generator (NONBLOCKING) or a generator (BLOCKING, run in one pool thread),
+    #: and clients read it with ``client.stream`` (docs/core.md, "Streams").
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or _NAME.fullmatch(self.name) is None:
@@ -67,6 +71,8 @@ class ProtocolDefinition:
             raise TypeError(f"{self.name}: payload must be a tuple of types")
         if not isinstance(self.handler_type, HandlerType):
             raise TypeError(f"{self.name}: handler_type must be a HandlerType")
+        if type(self.stream) is not bool:
+            raise TypeError(f"{self.name}: stream must be a bool")
 
     @property
     def group(self) -> str:
@@ -85,6 +91,12 @@ class ProtocolDefinition:
         response = type(None) if self.response is None else self.response
         return _adapter(self.name, "response", tuple[response])  # type: ignore[valid-type]
 
+    @cached_property
+    def _items_adapter(self) -> TypeAdapter[Any]:
+        # A whole batch is checked in one call: per-item calls cost more than the items.
+        item = type(None) if self.response is None else self.response
+        return _adapter(self.name, "item", list[item])  # type: ignore[valid-type]
+
     def check_types(self) -> None:
         """Build the payload and response validators now.
 
@@ -93,6 +105,8 @@ class ProtocolDefinition:
         definition fails at start-up rather than on its first request.
         """
         _ = self._payload_adapter, self._response_adapter
+        if self.stream:
+            _ = self._items_adapter
 
     def validate_payload(self, args: Iterable[Any]) -> tuple[Any, ...]:
         """Check positional ``args`` against the payload types and return the validated tuple.
@@ -118,6 +132,15 @@ class ProtocolDefinition:
             return adapter.validate_python((value,), strict=True)[0]
         except _validation_error() as exc:
             raise PayloadValidationError(f"{self.name} response: {_describe(exc)}") from None
+
+    def validate_items(self, items: list[Any]) -> list[Any]:
+        """Check a batch of a stream's items against the item type (``response``)."""
+        adapter = self._items_adapter
+        try:
+            result: list[Any] = adapter.validate_python(items, strict=True)
+        except _validation_error() as exc:
+            raise PayloadValidationError(f"{self.name} item: {_describe(exc)}") from None
+        return result
 
 
 def _adapter(name: str, what: str, annotation: Any) -> TypeAdapter[Any]:

@@ -51,6 +51,14 @@ class Replies:
             return
         dispatcher.response_sent()
 
+    def items(self, peer: Peer, request_id: int, items: list[Any]) -> None:
+        """Send one batch of stream ``request_id``'s items.
+
+        Raises what stops the stream: :class:`ProtocolError` for an item with no wire form,
+        :class:`TransportError` for a batch the transport cannot carry.
+        """
+        self._send(peer, codec.encode_items(request_id, items))
+
     def error(self, peer: Peer, request_id: int, exc: BaseException) -> None:
         """Reply with ``exc`` as ``[code, name, message]``."""
         logger.debug("request %d from %r failed", request_id, peer, exc_info=exc)

@@ -33,10 +33,16 @@ from kvrpc.dispatch import (
     Decision,
     Dispatcher,
     Drop,
+    Finished,
+    Noted,
     ReplyError,
     Run,
     RunInPool,
+    RunStream,
+    RunStreamInPool,
     ServerStats,
+    StopStream,
+    WakeStream,
 )
 from kvrpc.handlers import HandlerTable, HandlerWrapper
 from kvrpc.protocol import (
@@ -49,6 +55,7 @@ from kvrpc.protocol import (
 )
 from kvrpc.replies import Replies
 from kvrpc.stop_signal import StopSignal
+from kvrpc.stream_runner import StreamRunner
 from kvrpc.transport import (
     Inbox,
     Peer,
@@ -148,6 +155,9 @@ class RPCServer:
         self._handlers = HandlerTable(self.registry)
         self._dispatcher = Dispatcher(self._handlers, self.config)
         self._replies = Replies(self._dispatcher)
+        self._streams = StreamRunner(
+            self._dispatcher, self._replies, self.config.stream_idle_timeout, self._run_ended
+        )
         self._inbox: Inbox | None = None
         self._transport: ServerTransport | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -298,7 +308,10 @@ class RPCServer:
 
     async def _drain(self) -> None:
         """Refuse new requests, then give running ones up to ``shutdown_grace`` to finish."""
-        if self._dispatcher.drain():
+        drained = self._dispatcher.drain()
+        # A stream may never end by itself (a subscription): each is ended now, told why.
+        self._streams.end_all()
+        if drained:
             return
         # The Dispatcher reports the last run's end, so the hot path keeps no event per run.
         self._idle = idle = asyncio.Event()
@@ -313,8 +326,12 @@ class RPCServer:
     # ------------------------------------------------------------------ the receive path
 
     def _peer_lost(self, peer: Peer) -> None:
-        # Its slots free now; the results of its runs still going will be dropped unsent.
+        # Its slots free now; the results of its runs still going will be dropped unsent,
+        # and its streams stop (their producers' finally blocks run).
+        streams = self._dispatcher.streams_of(peer)
         self._dispatcher.forget(peer)
+        for stream in streams:
+            stream.stop()
 
     def _on_frames(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         try:
@@ -328,8 +345,18 @@ class RPCServer:
             self._call_inline(peer, decision)
         elif type(decision) is ReplyError:
             self._replies.error(peer, decision.request_id, decision.error)
+        elif type(decision) is Noted:
+            pass
+        elif type(decision) is WakeStream:
+            decision.stream.wake()
+        elif type(decision) is StopStream:
+            decision.stream.stop()
         elif type(decision) is Drop:
             logger.debug("dropped a message from %r: %s", peer, decision.reason)
+        elif type(decision) is RunStream:
+            self._require_tasks().spawn(self._run_stream, decision)
+        elif type(decision) is RunStreamInPool:
+            self._require_tasks().spawn(self._run_stream_in_pool, decision)
         else:
             assert isinstance(decision, Run)
             self._require_tasks().spawn(self._run, decision)
@@ -379,6 +406,19 @@ class RPCServer:
             outcome = self._dispatcher.finished(run)
             if outcome.deliver:
                 self._replies.result(run.peer, run.request_id, result)
+        if outcome.idle and self._idle is not None:
+            self._idle.set()
+
+    async def _run_stream(self, run: RunStream) -> None:
+        _current.set((self, run.peer))  # see _run
+        await self._streams.run(run)
+
+    async def _run_stream_in_pool(self, run: RunStreamInPool) -> None:
+        _current.set((self, run.peer))
+        assert self._executor is not None
+        await self._streams.run_in_pool(run, self._executor)
+
+    def _run_ended(self, outcome: Finished) -> None:
         if outcome.idle and self._idle is not None:
             self._idle.set()
 

@@ -27,7 +27,7 @@ import pytest
 
 # --------------------------------------------------------------- what docs/wire.md says
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 REQUEST, RESPONSE, ERROR = 0, 1, 2
 EXT_BUFFER, EXT_TUPLE = 0, 2
 BUFFER_REF = struct.Struct("<IB")  # frame index, then 0 for a byte string
@@ -144,8 +144,8 @@ def test_a_ping_written_from_the_spec_gets_pong_under_its_request_id(client: Wir
 
 
 def test_the_byte_by_byte_ping_of_the_spec_is_what_the_server_sends(client: WireClient) -> None:
-    client.sock.sendall(bytes.fromhex("00000001 000000000000000e 9502 0001 a8 7270632e70696e67 90"))
-    reply = bytes.fromhex("00000001 000000000000000a 95 0201 01 a0 a4 706f6e67")
+    client.sock.sendall(bytes.fromhex("00000001 000000000000000e 9503 0001 a8 7270632e70696e67 90"))
+    reply = bytes.fromhex("00000001 000000000000000a 95 0301 01 a0 a4 706f6e67")
     assert client.read_exactly(len(reply)) == reply
 
 
@@ -190,12 +190,12 @@ def test_arguments_of_the_wrong_type_get_status_6(client: WireClient) -> None:
     assert reply[1] == ERROR and reply[4][0] == STATUS_INVALID_PAYLOAD
 
 
-def test_another_wire_version_is_refused_with_status_4_in_version_2(client: WireClient) -> None:
+def test_another_wire_version_is_refused_with_status_4_in_version_3(client: WireClient) -> None:
     client.send_header([1, REQUEST, 3, "rpc.ping", []])
     version, kind, request_id, _, (status, type_name, message) = client.recv()
     assert (version, kind, request_id) == (WIRE_VERSION, ERROR, 3)
     assert (status, type_name) == (STATUS_VERSION_MISMATCH, "VersionMismatch")
-    assert "1" in message and "2" in message
+    assert "1" in message and "3" in message
     assert client.call(4, "rpc.ping", [])[4] == "pong"  # the connection is still good
 
 
