@@ -110,7 +110,7 @@ class Event:
     prefix-chained, so a consumer that hashes a prompt
     (:func:`~kvrpc.kv.keys.hashes_from_tokens`) finds hash ``i`` to cover tokens
     ``[i * chunk_tokens, (i + 1) * chunk_tokens)``. ``first`` and ``last`` are set only on
-    a gap.
+    a gap, whose ``seq`` is its ``last``: the next event is numbered above it.
     """
 
     kind: EventKind
