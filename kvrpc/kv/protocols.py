@@ -23,7 +23,7 @@ seconds).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +38,8 @@ from kvrpc.protocol import ProtocolDefinition, ProtocolRegistry
 
 __all__ = [
     "CLEAR",
+    "EVENTS_DEFAULT_BUFFER",
+    "EVENTS_MAX_BUFFER",
     "END_SESSION",
     "GET_CHUNK_SIZE",
     "GOODBYE",
@@ -55,6 +57,9 @@ __all__ = [
     "STORE_CUDA",
     "UNREGISTER_KV_CACHE",
     "CudaCopyReply",
+    "EventKindName",
+    "EventsRequest",
+    "KVEvent",
     "LayerCopyReply",
     "KVCacheRegistration",
     "RetrieveReply",
@@ -126,6 +131,65 @@ class LayerCopyReply(KeyOutcomes):
     """
 
     layer_events: list[CudaEventHandle] = Field(default_factory=list)
+
+
+#: What a :class:`KVEvent` tells (see :class:`kvrpc.kv.server.events.EventKind`).
+EventKindName = Literal["stored", "removed", "moved", "cleared", "snapshot", "snapshot_end", "gap"]
+
+#: Live events a ``kv.events`` subscription buffers by default, and at most.
+EVENTS_DEFAULT_BUFFER: Final = 1024
+EVENTS_MAX_BUFFER: Final = 1 << 16
+
+
+class KVEvent(BaseModel):
+    """One item of ``kv.events``: a numbered fact about what the server's cache holds.
+
+    ``kind`` says what (stored, removed, moved, cleared; snapshot and snapshot_end for a
+    snapshot; gap for lost events); ``seq`` increases along the stream (every snapshot
+    item, and its end, carries the number it was taken at). Chunk events carry ``tier``
+    (``l1``, ``disk``, ``redis``), the 8-byte ``namespace`` id, the model and world size
+    that registered it (None if unknown to the server since it started), the rank
+    (``worker_id``), the 32-byte chunk ``hashes`` and ``chunk_tokens``, the tokens of each
+    chunk. The server knows no chunk's position in its prompt: hash ``i`` of a prompt
+    hashed by :func:`~kvrpc.kv.keys.hashes_from_tokens` covers its tokens
+    ``[i * chunk_tokens, (i + 1) * chunk_tokens)``. ``source`` is the tier a move copied
+    from, ``reason`` why chunks were removed (``evicted``, ``deleted``, ``cleared``), and a
+    gap names the lost range ``first`` to ``last``: the subscriber may subscribe again
+    with a snapshot.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: EventKindName
+    seq: int = Field(ge=0)
+    tier: str = ""
+    namespace: bytes = b""
+    model_name: str | None = None
+    world_size: int | None = None
+    worker_id: int | None = None
+    hashes: list[bytes] = Field(default_factory=list)
+    chunk_tokens: int = Field(default=0, ge=0)
+    source: str | None = None
+    reason: str | None = None
+    first: int | None = None
+    last: int | None = None
+
+
+class EventsRequest(BaseModel):
+    """What a ``kv.events`` subscriber asks for.
+
+    ``snapshot``: first every chunk held now, then the live events, with no gap and no
+    duplicate between the two. ``buffer``: the live events the server keeps for this
+    subscriber while it does not read; past it the oldest are dropped and a gap event
+    says which. ``namespace``: only that namespace id's chunk events (events of no
+    namespace, such as cleared and gap, always come).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    snapshot: bool = False
+    buffer: int = Field(default=EVENTS_DEFAULT_BUFFER, ge=1, le=EVENTS_MAX_BUFFER)
+    namespace: bytes | None = Field(default=None, min_length=8, max_length=8)
 
 
 REGISTER_KV_CACHE = ProtocolDefinition(

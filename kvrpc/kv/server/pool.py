@@ -415,14 +415,22 @@ class ChunkPool:
         self._free_slot(slot)
         return True
 
-    def clear(self) -> int:
-        """Free every ready, unpinned slot and return how many; pinned and filling ones stay."""
+    def clear(self, freed_keys: list[bytes] | None = None) -> int:
+        """Free every ready, unpinned slot and return how many; pinned and filling ones stay.
+
+        The keys of the freed chunks are appended to ``freed_keys`` if given (for the
+        server's events), in least recently used order.
+        """
         sentinel = self._num_slots
         nxt = self._next
         freed = 0
         slot = nxt[sentinel]
         while slot != sentinel:
             following = nxt[slot]
+            if freed_keys is not None:
+                key = self._keys[slot]
+                assert key is not None  # a slot in the LRU list is ready
+                freed_keys.append(key)
             self._free_slot(slot)
             slot = following
             freed += 1

@@ -27,6 +27,7 @@ __all__ = [
     "chunk_hashes",
     "chunk_form",
     "namespace_id",
+    "parse_suffix",
     "pool_keys",
     "worker_of",
     "worker_suffix",
@@ -78,3 +79,9 @@ def worker_of(key: bytes) -> int:
     """The worker id a pool key names."""
     worker: int = _WORKER.unpack_from(key, HASH_SIZE + NAMESPACE_ID_SIZE)[0]
     return worker
+
+
+def parse_suffix(suffix: bytes) -> tuple[bytes, int]:
+    """The namespace id and the worker id a :func:`worker_suffix` names."""
+    worker: int = _WORKER.unpack_from(suffix, NAMESPACE_ID_SIZE)[0]
+    return suffix[:NAMESPACE_ID_SIZE], worker

@@ -41,10 +41,13 @@ from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, copy_failed, 
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
 from kvrpc.kv.server.access import caller_of, current_caller, memory_owner
 from kvrpc.kv.server.caps import ClientCaps
+from kvrpc.kv.server.chunk_events import ChunkEvents
 from kvrpc.kv.server.copy_engine import Transfer
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
+from kvrpc.kv.server.events import EventHub
 from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
 from kvrpc.kv.server.mappings import Mappings
+from kvrpc.kv.server.observer import Enumerable, Observable
 from kvrpc.kv.server.pool import ChunkPool
 from kvrpc.kv.server.records import Instance, Principal, RetrievePlan, StorePlan
 from kvrpc.kv.server.state import KVState
@@ -72,6 +75,7 @@ class KVService:
     compute it when they write; for measuring its cost); ``verify_retrieves`` checks every
     retrieve's bytes in the blocks (a debug mode, see :mod:`~kvrpc.kv.server.verify`).
     ``caps`` bounds what each client may hold (:class:`ClientCaps`' defaults if None).
+    :attr:`events` is the hub of ``kv.events``: what L1 and the tiers hold, as it changes.
     Open it (``async with``) on the server's loop before serving: that starts the task
     that drops silent clients (and a remote tier's writers and probe).
     """
@@ -107,10 +111,20 @@ class KVService:
         self.remote_tier = remote_tier
         self.cpu = CpuCopies(copy_workers)
         self.gpu = GpuCopies(cuda_group_bytes, client_timeout, self._start)
+        listed = lower_tier if isinstance(lower_tier, Enumerable) else None
+        chunk_events = ChunkEvents(self.state, disk=listed)
+        self.events: EventHub = chunk_events.hub
+        """The event hub: subscribe to it for what the cache holds (see ``kv.events``)."""
+        self.state.observer = chunk_events
+        for tier in (lower_tier, remote_tier):
+            if isinstance(tier, Observable):
+                tier.observe(chunk_events)
         self.tiering = (
             None
             if lower_tier is None and remote_tier is None
-            else Tiering(self.state, self._start, disk=lower_tier, remote=remote_tier)
+            else Tiering(
+                self.state, self._start, disk=lower_tier, remote=remote_tier, observer=chunk_events
+            )
         )
         self.mappings = Mappings(self.state, self.cpu, self.gpu, cpu_buffer_bytes)
         self._loop_probe = loop_probe
@@ -169,7 +183,11 @@ class KVService:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop background work, drop every client, release mappings and the tier."""
+        """Stop background work, drop every client, release mappings and the tier.
+
+        Every event subscription is closed first (its stream ends).
+        """
+        self.events.close()
         tasks, self._tasks = self._tasks, None
         probe, self._probe = self._probe, None
         if probe is not None:

@@ -37,6 +37,7 @@ from kvrpc.kv.outcomes import (
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.server import poolkeys
 from kvrpc.kv.server.caps import ClientCaps, refuse
+from kvrpc.kv.server.observer import CLEARED, DELETED, EVICTED, L1, ChunkObserver
 from kvrpc.kv.server.pool import ChunkPool, Reserve
 from kvrpc.kv.server.records import (
     Client,
@@ -83,6 +84,8 @@ class KVState:
         self.caps = ClientCaps() if caps is None else caps
         self.tier = tier
         self.pool: ChunkPool | None = None
+        #: Told of every change to what L1 holds (stores, evictions, drops, clears), if set.
+        self.observer: ChunkObserver | None = None
         self.counters = Counters()
         #: Write-through saves in flight, each holding a pin on its slot.
         self.saving = 0
@@ -241,6 +244,14 @@ class KVState:
         if self.pool is not None:
             raise KVError("the pool is made once")
         self.pool = self.sessions.pool = pool
+        if pool.on_evict is None:  # a pool made with a hook of its own keeps it
+            pool.on_evict = self._evicted
+
+    def _evicted(self, key: bytes, slot: int) -> None:
+        """The pool's eviction hook: the chunk is no longer in L1 (for the observer)."""
+        observer = self.observer
+        if observer is not None and observer.watching:
+            observer.removed(L1, (key,), EVICTED)
 
     def add_instance(
         self, client_id: bytes, spec: KVCacheRegistration, per_chunk: int, chunk_nbytes: int
@@ -423,6 +434,9 @@ class KVState:
             return []
         self.counters.stores += len(plan.reserved)
         self.counters.store_bytes += len(plan.reserved) * plan.instance.chunk_nbytes
+        observer = self.observer
+        if observer is not None and observer.watching and plan.reserved:
+            observer.stored(L1, [plan.keys[i] for i, _ in plan.reserved])
         tier = self.tier
         if tier is None:
             return []
@@ -525,8 +539,10 @@ class KVState:
                 plan.results[i] = CHECKSUM_MISMATCH
                 self.counters.retrieve_corrupt += 1
             self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
-            if i in bad_in_l1:
-                pool.remove(plan.keys[i])
+            if i in bad_in_l1 and pool.remove(plan.keys[i]):
+                observer = self.observer
+                if observer is not None and observer.watching:
+                    observer.removed(L1, (plan.keys[i],), DELETED)
         if error is None:
             copied = len(plan.found) - len(corrupt)
             self.counters.retrieves += copied
@@ -606,8 +622,23 @@ class KVState:
         }
 
     def clear(self) -> int:
-        """Drop every unpinned stored chunk from L1; returns how many were dropped."""
-        return self.pool.clear() if self.pool is not None else 0
+        """Drop every unpinned stored chunk from L1; returns how many were dropped.
+
+        The observer hears :meth:`~ChunkObserver.cleared` if L1 holds nothing after, else
+        the dropped keys (pinned chunks stay).
+        """
+        pool, observer = self.pool, self.observer
+        if pool is None:
+            return 0
+        if observer is None or not observer.watching:
+            return pool.clear()
+        freed: list[bytes] = []
+        count = pool.clear(freed)
+        if pool.ready_slots == 0:
+            observer.cleared(L1)
+        elif freed:
+            observer.removed(L1, freed, CLEARED)
+        return count
 
     def _require_pool(self) -> ChunkPool:
         if self.pool is None:  # unreachable with a registered instance; kept for clarity

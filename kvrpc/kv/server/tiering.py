@@ -22,6 +22,7 @@ import functools
 import logging
 from collections.abc import Callable
 
+from kvrpc.kv.server.observer import DISK, L1, REDIS, ChunkObserver
 from kvrpc.kv.server.records import Job, StorePlan
 from kvrpc.kv.server.state import KVState
 from kvrpc.kv.server.tiers import LowerTier, RemoteTier
@@ -36,7 +37,11 @@ Spawn = Callable[..., None]
 
 
 class Tiering:
-    """Saves to and loads from the tiers for ``state``; tasks start through ``spawn``."""
+    """Saves to and loads from the tiers for ``state``; tasks start through ``spawn``.
+
+    ``observer`` hears of each chunk a prefetch loaded up into L1 (the tiers report their
+    own saves and evictions).
+    """
 
     def __init__(
         self,
@@ -45,10 +50,12 @@ class Tiering:
         *,
         disk: LowerTier | None = None,
         remote: RemoteTier | None = None,
+        observer: ChunkObserver | None = None,
     ) -> None:
         self.state = state
         self.disk = disk
         self.remote = remote
+        self.observer = observer
         self._spawn = spawn
         self._save_finished = asyncio.Event()
 
@@ -122,6 +129,8 @@ class Tiering:
                 checksum = None
             ok = checksum is not None
             sessions.prefetched(job, key, slot, ok, checksum)
+            if ok:
+                self._loaded(key, DISK)
             complete = complete and ok
         return complete
 
@@ -153,3 +162,11 @@ class Tiering:
             logger.exception("prefetch of a chunk from the remote tier failed")
             ok = False
         sessions.prefetched(job, key, slot, ok, header.checksum)
+        if ok:
+            self._loaded(key, REDIS)
+
+    def _loaded(self, key: bytes, source: str) -> None:
+        """A load committed ``key`` into L1 (just now, in ``prefetched``): tell the observer."""
+        observer = self.observer
+        if observer is not None and observer.watching:
+            observer.stored(L1, (key,), source=source)

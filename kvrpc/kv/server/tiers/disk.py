@@ -38,6 +38,7 @@ import torch
 
 from kvrpc.errors import KVConfigError, KVError
 from kvrpc.kv import integrity
+from kvrpc.kv.server.observer import DELETED, DISK, EVICTED, L1, ChunkObserver
 from kvrpc.kv.server.tiers.memory import memory_of
 
 __all__ = ["TRAILER_SIZE", "DiskTier"]
@@ -121,8 +122,28 @@ class DiskTier:
         self._corrupt = 0
         self._refused = 0
         self._closed = False
+        self._observer: ChunkObserver | None = None
         self._scan()
         self._executor = concurrent.futures.ThreadPoolExecutor(io_workers, "kvrpc-kv-disk")
+
+    # ------------------------------------------------------------------ events
+
+    def observe(self, observer: ChunkObserver) -> None:
+        """Report every later save, eviction and bad file dropped to ``observer``.
+
+        A save is reported as a move from L1: a lower tier sits behind the pool and saves
+        what a store committed there (:mod:`~kvrpc.kv.server.tiering`).
+        """
+        self._observer = observer
+
+    def held_keys(self) -> list[bytes]:
+        """The keys of the chunk files kept now (a copy), least recently used first."""
+        return list(self._index)
+
+    def _listener(self) -> ChunkObserver | None:
+        """The observer, while it has someone listening (else nothing is gathered)."""
+        observer = self._observer
+        return observer if observer is not None and observer.watching else None
 
     # ------------------------------------------------------------------ LowerTier
 
@@ -197,6 +218,9 @@ class DiskTier:
         self._bytes += size
         self._saves += 1
         self._save_bytes += size
+        observer = self._listener()
+        if observer is not None:
+            observer.stored(DISK, (key,), source=L1)
 
     async def load(self, key: bytes, out: torch.Tensor) -> int | None:
         """Read ``key``'s file into ``out`` (1-D ``uint8``, CPU); its checksum, or None.
@@ -303,11 +327,17 @@ class DiskTier:
             self._bytes -= entry.size
             self._evictions += 1
             victims.append(key)
+        observer = self._listener()
+        if victims and observer is not None:  # out of the index now: no load finds them
+            observer.removed(DISK, victims, EVICTED)
         return victims
 
     async def _discard(self, key: bytes, entry: _File, *, delete: bool, counter: str) -> None:
         del self._index[key]
         self._bytes -= entry.size
+        observer = self._listener()
+        if observer is not None:
+            observer.removed(DISK, (key,), DELETED)
         if counter == "corrupt":
             self._corrupt += 1
         else:

@@ -47,6 +47,7 @@ import torch
 
 from kvrpc.errors import KVConfigError
 from kvrpc.kv import integrity
+from kvrpc.kv.server.observer import L1, REDIS, ChunkObserver
 from kvrpc.kv.server.records import Namespace
 from kvrpc.kv.server.tiers import values
 from kvrpc.kv.server.tiers.breaker import Breaker
@@ -131,6 +132,7 @@ class RedisTier:
         self._limit = asyncio.Semaphore(settings.connections)
         self._known: OrderedDict[bytes, None] = OrderedDict()
         self._closed = False
+        self._observer: ChunkObserver | None = None
         self._logged_refusals: set[str] = set()
         self._usage = {"used_bytes": 0, "capacity": 0}
         self._usage_at = -_USAGE_EVERY
@@ -170,6 +172,16 @@ class RedisTier:
         if kind not in self._logged_refusals:
             self._logged_refusals.add(kind)
             logger.warning("redis tier: %s was refused: %s", what, _describe(error))
+
+    # ------------------------------------------------------------------ events
+
+    def observe(self, observer: ChunkObserver) -> None:
+        """Report every later write this server made to ``observer``, as a move from L1.
+
+        Only writes: the store drops chunks on its own (a TTL, its memory limit) and other
+        servers write and delete in it, unseen here.
+        """
+        self._observer = observer
 
     # ------------------------------------------------------------------ writes
 
@@ -250,6 +262,9 @@ class RedisTier:
         self._counts["writes"] += 1
         self._counts["write_bytes"] += len(view)
         self._remember(write.key)
+        observer = self._observer
+        if observer is not None and observer.watching:
+            observer.stored(REDIS, (write.key,), source=L1)
 
     # ------------------------------------------------------------------ reads
 
