@@ -306,6 +306,17 @@ GOODBYE = ProtocolDefinition(
     doc="The client is closing: release what it registered, pinned and started, now.",
 )
 
+EVENTS = ProtocolDefinition(
+    "kv.events",
+    (EventsRequest,),
+    KVEvent,
+    stream=True,
+    doc=(
+        "A stream of what the cache holds: stored, removed, moved, cleared (a snapshot of "
+        "every chunk held first, if asked), with sequence numbers and gap events."
+    ),
+)
+
 #: Every ``kv.*`` protocol, in the order the docs list them.
 KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     REGISTER_KV_CACHE,
@@ -324,6 +335,7 @@ KV_PROTOCOLS: tuple[ProtocolDefinition, ...] = (
     CLEAR,
     KEEPALIVE,
     GOODBYE,
+    EVENTS,
 )
 
 

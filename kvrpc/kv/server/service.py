@@ -25,7 +25,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -38,12 +38,20 @@ from kvrpc.kv import integrity, protocols
 from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import gather_chunks, scatter_chunks
 from kvrpc.kv.outcomes import WORKER_GONE, KeyFailure, StoreReply, copy_failed, outcome_fields
-from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration, LayerCopyReply, RetrieveReply
+from kvrpc.kv.protocols import (
+    CudaCopyReply,
+    EventsRequest,
+    KVCacheRegistration,
+    KVEvent,
+    LayerCopyReply,
+    RetrieveReply,
+)
 from kvrpc.kv.server.access import caller_of, current_caller, memory_owner
 from kvrpc.kv.server.caps import ClientCaps
 from kvrpc.kv.server.chunk_events import ChunkEvents
 from kvrpc.kv.server.copy_engine import Transfer
 from kvrpc.kv.server.cpu_copies import CpuCopies, check_inline_chunks, clone_into, copy_all
+from kvrpc.kv.server.event_stream import kv_events
 from kvrpc.kv.server.events import EventHub
 from kvrpc.kv.server.gpu_copies import CudaCache, GpuCopies
 from kvrpc.kv.server.mappings import Mappings
@@ -163,11 +171,19 @@ class KVService:
             protocols.KEEPALIVE.name: self.keepalive,
             protocols.GOODBYE.name: self.goodbye,
         }
+        server.register(protocols.EVENTS, self.subscribe_events)
         for definition in protocols.KV_PROTOCOLS:
+            if definition.stream:
+                continue
             handler = handlers[definition.name]
             if definition.name not in _NO_CLIENT_ID:
                 handler = _caller_checked(self.state.check_caller, handler)
             server.register(definition, _settling_first(self.gpu.settle_completed, handler))
+
+    async def subscribe_events(self, request: EventsRequest) -> AsyncIterator[KVEvent]:
+        """``kv.events``: what the cache holds, as it changes (see :mod:`.event_stream`)."""
+        async for event in kv_events(self.events, request):
+            yield event
 
     async def __aenter__(self) -> KVService:
         self._tasks = OwnedTaskGroup("kvrpc-kv-service")
