@@ -172,6 +172,10 @@ class CallTable:
         self._calls[request_id] = Call(sink, definition, None, on_done, sink)
         self.stats.requests += 1
 
+    def open_streams(self) -> list[int]:
+        """The request ids of the streams still open."""
+        return [rid for rid, call in self._calls.items() if call.stream is not None]
+
     def pop(self, request_id: int) -> Call | None:
         """Remove a call without resolving it (its future finished, or was cancelled)."""
         call = self._calls.pop(request_id, None)

@@ -26,7 +26,7 @@ import anyio.abc
 from kvrpc import codec
 from kvrpc._lifetime import OwnedTaskGroup
 from kvrpc.calls import CallTable, ClientStats, Sink, StreamSink
-from kvrpc.client_streams import Stream, SyncStream
+from kvrpc.client_streams import Stream, SyncSink, SyncStream
 from kvrpc.codec import Buffer
 from kvrpc.errors import (
     ClientClosed,
@@ -311,11 +311,24 @@ class AsyncClient:
         if stack is None:
             return
         self._exit_stack = None
+        await self._cancel_open_streams()
         self._calls.fail_all(ClientClosed(f"client for {self.url} was closed"))
         if self._deadlines is not None:
             self._deadlines.cancel()
         await stack.aclose()  # stops the receive loop, then closes the transport
         self._task_group = None
+
+    async def _cancel_open_streams(self) -> None:
+        # Told, not left to the server to notice: a transport that reports no peer loss
+        # (zmq's) would otherwise keep the producers until their idle timeout.
+        transport = self._transport
+        if transport is None:
+            return
+        closed = ClientClosed(f"client for {self.url} was closed")
+        for request_id in self._calls.open_streams():
+            self._calls.fail(request_id, closed)
+            with suppress(Exception), anyio.move_on_after(self.reconnect_timeout):
+                await transport.send(codec.encode_cancel(request_id))
 
     # ------------------------------------------------------------------ calling
 
@@ -736,17 +749,20 @@ class SyncClient:
         seconds = client.timeout if isinstance(timeout, _Default) else timeout
         name = protocol if isinstance(protocol, str) else protocol.name
         self._slots.acquire()
-        stream = SyncStream(
-            client, self._loop, request_id, name, window, seconds, self._slots.release
-        )
+        sink = SyncSink(window)
         try:
             self._loop.call_soon_threadsafe(
-                client.open_stream_prepared, request_id, definition, frames, stream, stream.on_done
+                client.open_stream_prepared,
+                request_id,
+                definition,
+                frames,
+                sink,
+                self._slots.release,
             )
         except RuntimeError:
             self._slots.release()
             raise ClientClosed(f"client for {self.url} is closed") from None
-        return stream
+        return SyncStream(client, self._loop, request_id, name, sink, seconds)
 
     def close(self) -> None:
         """Fail pending calls with :class:`ClientClosed`, stop the loop thread; idempotent."""

@@ -24,11 +24,50 @@ from kvrpc.streams import EMPTY, ConsumerBuffer
 if TYPE_CHECKING:
     from kvrpc.client import AsyncClient, ProtocolRef
 
-__all__ = ["Stream", "SyncStream"]
+__all__ = ["Stream", "SyncSink", "SyncStream"]
 
 
 def _timed_out(name: str, url: str, timeout: float) -> RequestTimeout:
     return RequestTimeout(f"{name} sent no item from {url} within {timeout}s")
+
+
+class _AsyncSink:
+    """The call table's side of a :class:`Stream`: the buffer and its waiter, on the loop.
+
+    Apart from the :class:`Stream` so that the table does not keep a dropped stream alive:
+    dropping it unread is how a ``break`` out of ``async for`` cancels it.
+    """
+
+    __slots__ = ("buffer", "waiter")
+
+    def __init__(self, window: int) -> None:
+        self.buffer = ConsumerBuffer(window)
+        self.waiter: asyncio.Future[None] | None = None
+
+    def done(self) -> bool:
+        """True once the stream ended (here or on the server)."""
+        return self.buffer.ended
+
+    def push(self, items: list[Any]) -> bool:
+        """Items arrived (see :class:`~kvrpc.calls.StreamSink`)."""
+        accepted = self.buffer.push(items)
+        self._wake()
+        return accepted
+
+    def set_result(self, value: Any) -> None:
+        """The server ended the stream."""
+        self.buffer.finish()
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        """The stream failed: the server's error, a lost connection, a bad item."""
+        self.buffer.finish(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class Stream:
@@ -50,9 +89,8 @@ class Stream:
         self._protocol = protocol
         self._payload = payload
         self._timeout = timeout
-        self._buffer = ConsumerBuffer(window)
+        self._sink = _AsyncSink(window)
         self._request_id: int | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -61,40 +99,11 @@ class Stream:
         protocol = self._protocol
         return protocol if isinstance(protocol, str) else protocol.name
 
-    # -------------------------------------------------------------- the call table's sink
-
-    def done(self) -> bool:
-        """True once the stream ended (here or on the server)."""
-        return self._buffer.ended
-
-    def push(self, items: list[Any]) -> bool:
-        """Items arrived (see :class:`~kvrpc.calls.StreamSink`)."""
-        accepted = self._buffer.push(items)
-        self._wake()
-        return accepted
-
-    def set_result(self, value: Any) -> None:
-        """The server ended the stream."""
-        self._buffer.finish()
-        self._wake()
-
-    def set_exception(self, exc: BaseException) -> None:
-        """The stream failed: the server's error, a lost connection, a bad item."""
-        self._buffer.finish(exc)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # -------------------------------------------------------------- the consumer's side
-
     async def _open(self) -> int:
         if self._request_id is None:
             self._loop = asyncio.get_running_loop()
             self._request_id = await self._client.open_stream(
-                self, self._protocol, self._payload, self._buffer.window
+                self._sink, self._protocol, self._payload, self._sink.buffer.window
             )
         return self._request_id
 
@@ -103,7 +112,8 @@ class Stream:
 
     async def __anext__(self) -> Any:
         request_id = await self._open()
-        buffer = self._buffer
+        sink = self._sink
+        buffer = sink.buffer
         while True:
             try:
                 item = buffer.take()
@@ -115,7 +125,7 @@ class Stream:
                     self._client.grant(request_id, due)
                 return item
             assert self._loop is not None
-            waiter = self._waiter = self._loop.create_future()
+            waiter = sink.waiter = self._loop.create_future()
             if self._timeout is None:
                 await waiter
                 continue
@@ -133,7 +143,9 @@ class Stream:
         self._stop(None)
 
     def _stop(self, error: BaseException | None) -> None:
-        if self._buffer.finish(error) and self._request_id is not None:
+        buffer = self._sink.buffer
+        ended = buffer.finish(error) if error is not None else buffer.close()
+        if ended and self._request_id is not None:
             self._client.cancel_stream(self._request_id)
 
     async def __aenter__(self) -> Stream:
@@ -151,9 +163,47 @@ class Stream:
     def __del__(self) -> None:
         # Dropped unread (a ``break`` out of ``async for``): the server must stop producing.
         loop, request_id = self._loop, self._request_id
-        if loop is not None and request_id is not None and self._buffer.finish():
+        if loop is not None and request_id is not None and self._sink.buffer.close():
             with suppress(RuntimeError):  # the loop is closed: so is the connection
                 loop.call_soon_threadsafe(self._client.cancel_stream, request_id)
+
+
+class SyncSink:
+    """The call table's side of a :class:`SyncStream`: its buffer under a condition.
+
+    Written on the client's loop thread, read by the consumer's; apart from the stream for
+    the reason given at :class:`_AsyncSink`.
+    """
+
+    __slots__ = ("buffer", "cond")
+
+    def __init__(self, window: int) -> None:
+        self.buffer = ConsumerBuffer(window)
+        self.cond = threading.Condition()
+
+    def done(self) -> bool:
+        """True once the stream ended (here or on the server)."""
+        with self.cond:
+            return self.buffer.ended
+
+    def push(self, items: list[Any]) -> bool:
+        """Items arrived (on the loop thread)."""
+        with self.cond:
+            accepted = self.buffer.push(items)
+            self.cond.notify()
+        return accepted
+
+    def set_result(self, value: Any) -> None:
+        """The server ended the stream."""
+        with self.cond:
+            self.buffer.finish()
+            self.cond.notify()
+
+    def set_exception(self, exc: BaseException) -> None:
+        """The stream failed."""
+        with self.cond:
+            self.buffer.finish(exc)
+            self.cond.notify()
 
 
 class SyncStream:
@@ -168,57 +218,29 @@ class SyncStream:
         loop: asyncio.AbstractEventLoop,
         request_id: int,
         name: str,
-        window: int,
+        sink: SyncSink,
         timeout: float | None,
-        on_done: Callable[[], None],
     ) -> None:
         self._client = client
         self._loop = loop
         self._request_id = request_id
         self._name = name
         self._timeout = timeout
-        self._buffer = ConsumerBuffer(window)
-        self._cond = threading.Condition()
-        self.on_done = on_done
-
-    # -------------------------------------------------------------- the call table's sink
-
-    def done(self) -> bool:
-        """True once the stream ended (here or on the server)."""
-        with self._cond:
-            return self._buffer.ended
-
-    def push(self, items: list[Any]) -> bool:
-        """Items arrived (on the loop thread)."""
-        with self._cond:
-            accepted = self._buffer.push(items)
-            self._cond.notify()
-        return accepted
-
-    def set_result(self, value: Any) -> None:
-        """The server ended the stream."""
-        self.set_exception(None)
-
-    def set_exception(self, exc: BaseException | None) -> None:
-        """The stream failed (or, with None, ended)."""
-        with self._cond:
-            self._buffer.finish(exc)
-            self._cond.notify()
-
-    # -------------------------------------------------------------- the consumer's side
+        self._sink = sink
 
     def __iter__(self) -> SyncStream:
         return self
 
     def __next__(self) -> Any:
-        buffer = self._buffer
-        with self._cond:
+        sink = self._sink
+        buffer = sink.buffer
+        with sink.cond:
             while True:
                 item = buffer.take()  # StopIteration, or the stream's error, at the end
                 if item is not EMPTY:
                     due = buffer.credit_due()
                     break
-                if not self._cond.wait(self._timeout) and buffer.take_would_wait():
+                if not sink.cond.wait(self._timeout) and buffer.take_would_wait():
                     assert self._timeout is not None
                     error = _timed_out(self._name, self._client.url, self._timeout)
                     self._stop(error)
@@ -229,12 +251,13 @@ class SyncStream:
 
     def close(self) -> None:
         """Stop reading: the server stops the stream and runs its producer's ``finally``."""
-        with self._cond:
+        with self._sink.cond:
             self._stop(None)
 
     def _stop(self, error: BaseException | None) -> None:
         # Holding the condition.
-        if self._buffer.finish(error):
+        buffer = self._sink.buffer
+        if buffer.finish(error) if error is not None else buffer.close():
             self._call_on_loop(self._client.cancel_stream, self._request_id)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -253,5 +276,4 @@ class SyncStream:
         self.close()
 
     def __del__(self) -> None:
-        if self._buffer.finish():
-            self._call_on_loop(self._client.cancel_stream, self._request_id)
+        self.close()

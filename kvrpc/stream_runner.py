@@ -19,6 +19,7 @@ client cancels or is lost, at shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -109,6 +110,9 @@ class StreamRunner:
                     status = _ENDED
                 except Exception as exc:
                     error = exc
+                    # The items made before the error go out before it does.
+                    with contextlib.suppress(Exception):
+                        batch.flush()
         except BaseException:  # the whole server is cancelled: the slot still goes back
             stream.cancel()
             raise

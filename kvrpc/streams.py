@@ -141,6 +141,14 @@ class ConsumerBuffer:
         self._end = error
         return True
 
+    def close(self) -> bool:
+        """The consumer stops reading: the items buffered are dropped, and it ends cleanly.
+
+        False if it had ended already (its end then stays, but its items still go).
+        """
+        self._items.clear()
+        return self.finish()
+
     def take(self) -> Any:
         """The next item, or :data:`EMPTY` while none is there and the stream goes on.
 

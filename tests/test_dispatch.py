@@ -18,10 +18,15 @@ from kvrpc.dispatch import (
     CallInline,
     Dispatcher,
     Drop,
+    Noted,
     ReplyError,
     Run,
     RunInPool,
     RunOnLoop,
+    RunStream,
+    RunStreamInPool,
+    StopStream,
+    WakeStream,
 )
 from kvrpc.errors import (
     MessageTooLarge,
@@ -128,10 +133,10 @@ def test_a_bad_payload_is_answered_with_payload_validation_error_and_runs_nothin
     assert (d.stats.invalid_payload, d.in_flight) == (1, 0)
 
 
-@pytest.mark.parametrize("kind", [MessageKind.RESPONSE, MessageKind.ERROR])
+@pytest.mark.parametrize("kind", [MessageKind.RESPONSE, MessageKind.ERROR, MessageKind.ITEMS])
 def test_responses_and_errors_sent_to_a_server_are_dropped_and_counted(kind: MessageKind) -> None:
     d = dispatcher()
-    payload = (1, "RemoteError", "x") if kind is MessageKind.ERROR else 5
+    payload = (1, "RemoteError", "x") if kind is MessageKind.ERROR else [5]
     decision = d.on_message(A, Message(kind, 1, "", payload))
     assert isinstance(decision, Drop)
     assert (d.stats.unexpected, d.stats.dropped, d.stats.requests) == (1, 1, 0)
@@ -306,3 +311,120 @@ def test_a_handler_registered_after_the_dispatcher_was_made_is_dispatched() -> N
     late = ProtocolDefinition("t.late", (), str)
     d.handlers.register(late, lambda: "here")
     assert isinstance(d.on_message(A, request(1, "t.late")), CallInline)
+
+
+# ------------------------------------------------------------------ streams
+
+COUNT = ProtocolDefinition("t.count", (int,), int, stream=True)
+BCOUNT = ProtocolDefinition("t.bcount", (int,), int, HandlerType.BLOCKING, stream=True)
+
+
+async def count(n: int) -> Any:
+    for i in range(n):
+        yield i
+
+
+def bcount(n: int) -> Any:
+    yield from range(n)
+
+
+def streaming(**limits: Any) -> Dispatcher:
+    d = dispatcher(**limits)
+    d.handlers.register(COUNT, count)
+    d.handlers.register(BCOUNT, bcount)
+    return d
+
+
+def open_(request_id: int, name: str, credits: int, *args: Any) -> Message:
+    return Message(MessageKind.OPEN, request_id, name, (credits, args))
+
+
+def control(kind: MessageKind, request_id: int, *payload: int) -> Message:
+    return Message(kind, request_id, "", payload)
+
+
+def test_an_open_runs_the_generator_holding_a_slot_with_the_credit_granted() -> None:
+    d = streaming()
+    decision = d.on_message(A, open_(3, "t.count", 16, 100))
+    assert isinstance(decision, RunStream)
+    assert (decision.args, decision.stream.available, decision.stream.request_id) == ((100,), 16, 3)
+    assert d.in_flight_of(A) == 1 and d.stats.streams_opened == 1
+    assert d.streams_of(A) == [decision.stream]
+
+
+def test_a_blocking_generator_runs_in_the_pool() -> None:
+    d = streaming()
+    assert isinstance(d.on_message(A, open_(3, "t.bcount", 4, 10)), RunStreamInPool)
+
+
+def test_a_stream_called_as_a_call_and_a_call_opened_as_a_stream_are_refused() -> None:
+    d = streaming()
+    assert "client.stream()" in str(refusal(d.on_message(A, request(1, "t.count", 5))))
+    assert "client.call()" in str(refusal(d.on_message(A, open_(2, "t.add", 4, 1, 2))))
+    assert d.in_flight == 0
+
+
+def test_a_stream_open_twice_under_one_id_is_refused() -> None:
+    d = streaming()
+    d.on_message(A, open_(3, "t.count", 4, 10))
+    assert isinstance(refusal(d.on_message(A, open_(3, "t.count", 4, 10))), ProtocolError)
+    assert isinstance(d.on_message(B, open_(3, "t.count", 4, 10)), RunStream)  # another peer's
+
+
+def test_streams_count_against_the_peers_cap() -> None:
+    d = streaming(max_in_flight_per_peer=1)
+    d.on_message(A, open_(1, "t.count", 4, 10))
+    assert isinstance(refusal(d.on_message(A, open_(2, "t.count", 4, 10))), ServerBusy)
+
+
+def test_credit_wakes_a_producer_that_had_none_and_is_only_noted_otherwise() -> None:
+    d = streaming()
+    decision = d.on_message(A, open_(3, "t.count", 2, 100))
+    assert isinstance(decision, RunStream)
+    assert isinstance(d.on_message(A, control(MessageKind.CREDIT, 3, 1)), Noted)
+    decision.stream.took(3)
+    woke = d.on_message(A, control(MessageKind.CREDIT, 3, 2))
+    assert isinstance(woke, WakeStream) and woke.stream is decision.stream
+
+
+def test_credit_and_cancels_for_no_open_stream_are_counted_strays() -> None:
+    d = streaming()
+    d.on_message(A, open_(3, "t.count", 2, 100))
+    assert isinstance(d.on_message(B, control(MessageKind.CREDIT, 3, 1)), Noted)  # not B's
+    assert isinstance(d.on_message(A, control(MessageKind.CANCEL, 4)), Noted)
+    assert d.stats.stream_strays == 2
+
+
+def test_a_cancel_stops_the_stream_once() -> None:
+    d = streaming()
+    decision = d.on_message(A, open_(3, "t.count", 2, 100))
+    assert isinstance(decision, RunStream)
+    stop = d.on_message(A, control(MessageKind.CANCEL, 3))
+    assert isinstance(stop, StopStream) and stop.stream.cancelled
+    assert isinstance(d.on_message(A, control(MessageKind.CANCEL, 3)), Noted)
+    assert d.stats.streams_cancelled == 1
+
+
+def test_a_finished_stream_is_forgotten_and_its_slot_comes_back() -> None:
+    d = streaming()
+    decision = d.on_message(A, open_(3, "t.count", 2, 100))
+    assert isinstance(decision, RunStream)
+    d.finished(decision)
+    assert d.streams_of(A) == [] and d.in_flight == 0
+    assert isinstance(d.on_message(A, control(MessageKind.CREDIT, 3, 1)), Noted)
+    assert d.stats.stream_strays == 1
+
+
+def test_a_lost_peer_has_its_streams_cancelled() -> None:
+    d = streaming()
+    first = d.on_message(A, open_(1, "t.count", 2, 100))
+    second = d.on_message(A, open_(2, "t.bcount", 2, 100))
+    other = d.on_message(B, open_(1, "t.count", 2, 100))
+    assert isinstance(first, RunStream) and isinstance(second, RunStreamInPool)
+    assert isinstance(other, RunStream)
+    d.forget(A)
+    assert first.stream.cancelled and second.stream.cancelled
+    assert not other.stream.cancelled
+    assert d.stats.streams_cancelled == 2
+    assert d.finished(first).deliver is False  # nobody takes its end
+    assert d.open_streams() == [second.stream, other.stream]

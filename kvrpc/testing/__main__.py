@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from kvrpc.testing.conformance import serve_conformance
+from kvrpc.testing.suite_server import serve_conformance
 
 
 async def _serve(url: str) -> None:

@@ -18,22 +18,31 @@ import gc
 import os
 import random
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import pytest
 
-from kvrpc.client import AsyncClient, SyncClient
+from kvrpc.client import SyncClient
 from kvrpc.codec import decode, encode_request
 from kvrpc.errors import ConnectionLost, MessageTooLarge
-from kvrpc.protocol import ECHO, PING, HandlerType, ProtocolDefinition
+from kvrpc.protocol import ECHO, PING
 from kvrpc.server import RPCServer
 from kvrpc.testing.raw import RawClient, RawServer
+from kvrpc.testing.stream_conformance import StreamConformance
+from kvrpc.testing.suite_server import (
+    BLOCK,
+    CALL_TIMEOUT,
+    LOSS_DEADLINE,
+    RECORD,
+    SLEEP,
+    TransportCase,
+    client,
+    open_fds,
+    serve_conformance,
+)
 from kvrpc.transport import (
     ClientInbox,
     ClientTransport,
@@ -57,79 +66,16 @@ __all__ = [
     "serve_conformance",
 ]
 
-#: Protocols the suite's servers offer besides the built-ins.
-SLEEP = ProtocolDefinition("conformance.sleep", (float,), str, HandlerType.NONBLOCKING)
-RECORD = ProtocolDefinition("conformance.record", (int, int), int, HandlerType.NONBLOCKING)
-BLOCK = ProtocolDefinition("conformance.block", (float,), str, HandlerType.BLOCKING)
-
-#: Generous bounds: reached only when the transport under test is broken.
-CALL_TIMEOUT = 20.0
-LOSS_DEADLINE = 10.0
-
 MiB = 1024 * 1024
 
+_client = client
 
-@dataclass
-class TransportCase:
-    """How the suite reaches one transport.
 
-    ``make_url`` returns a fresh, unused address on every call. ``raw_connect`` (for
-    socket transports) opens a plain blocking socket to a server's URL, so the suite can
-    send bytes no kvrpc client would; ``raw_inputs`` names byte strings that are malformed
-    for this wire format (random bytes, half a frame, a length prefix over the cap...), built
-    for a server whose ``max_message_size`` is the argument.
+class TransportConformance(StreamConformance):
+    """Subclass with a ``transport_case`` fixture to run the suite against a transport.
+
+    Its stream tests are :class:`~kvrpc.testing.stream_conformance.StreamConformance`'s.
     """
-
-    name: str
-    make_url: Callable[[], str]
-    raw_connect: Callable[[str], socket.socket] | None = None
-    raw_inputs: Callable[[int], Mapping[str, bytes]] = field(default=lambda cap: {})
-
-
-def open_fds() -> int:
-    """Open file descriptors of this process (Linux and macOS)."""
-    for where in ("/proc/self/fd", "/dev/fd"):
-        with contextlib.suppress(OSError):
-            return len(os.listdir(where))
-    raise RuntimeError("cannot count open file descriptors on this system")
-
-
-def _install(server: RPCServer, record: list[tuple[int, int]]) -> None:
-    async def sleep(seconds: float) -> str:
-        await asyncio.sleep(seconds)
-        return "slept"
-
-    def append(client: int, seq: int) -> int:
-        record.append((client, seq))
-        return seq
-
-    def block(seconds: float) -> str:
-        time.sleep(seconds)
-        return "blocked"
-
-    server.register(SLEEP, sleep)
-    server.register(RECORD, append)
-    server.register(BLOCK, block)
-
-
-@contextlib.asynccontextmanager
-async def serve_conformance(
-    url: str, record: list[tuple[int, int]] | None = None, **options: Any
-) -> AsyncIterator[RPCServer]:
-    """A running server at ``url`` with the suite's protocols; ``record`` gets RECORD calls."""
-    server = RPCServer(url, shutdown_grace=0.5, **options)
-    _install(server, record if record is not None else [])
-    async with server:
-        yield server
-
-
-def _client(url: str, **options: Any) -> AsyncClient:
-    options.setdefault("timeout", CALL_TIMEOUT)
-    return AsyncClient(url, **options)
-
-
-class TransportConformance:
-    """Subclass with a ``transport_case`` fixture to run the suite against a transport."""
 
     # ------------------------------------------------------------------ basic traffic
 
@@ -194,8 +140,8 @@ class TransportConformance:
                 futures.append(await one.submit(RECORD, 1, seq))
                 futures.append(await two.submit(RECORD, 2, seq))
             assert await asyncio.gather(*futures) == [seq for seq in range(500) for _ in "12"]
-        for client in (1, 2):
-            assert [seq for who, seq in record if who == client] == list(range(500))
+        for sender in (1, 2):
+            assert [seq for who, seq in record if who == sender] == list(range(500))
 
     @pytest.mark.asyncio
     async def test_a_sync_clients_requests_from_one_thread_arrive_in_order(
