@@ -507,6 +507,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     slow.set_defaults(run=_run_bench_slow_reader)
+    stream = benches.add_parser(
+        "stream",
+        help="streamed items/s against pipelined calls/s; kv.events latency, losses, memory",
+    )
+    stream.add_argument(
+        "--url", required=True, help="where the servers listen (a socket URL; more use it +1...)"
+    )
+    stream.add_argument(
+        "--items", type=_positive_int, default=200_000, help="items of each streamed round"
+    )
+    stream.add_argument(
+        "--calls", type=_positive_int, default=40_000, help="pipelined pings of each round"
+    )
+    stream.add_argument("--window", type=_positive_int, default=1024, help="the stream's window")
+    stream.add_argument("--rounds", type=_positive_int, default=5, help="turns each takes")
+    stream.add_argument(
+        "--stores", type=_positive_int, default=5000, help="stores timed to their events"
+    )
+    stream.add_argument(
+        "--events", type=_positive_int, default=100_000, help="events the memory figure makes"
+    )
+    stream.add_argument(
+        "--buffer", type=_positive_int, default=1024, help="the stalled subscriber's buffer"
+    )
+    stream.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    stream.set_defaults(run=_run_bench_stream)
     metrics = benches.add_parser(
         "metrics",
         help="the metrics endpoint: /metrics scrape time, and its cost on the ping p50 "
@@ -1066,6 +1092,12 @@ def _run_bench_slow_reader(args: argparse.Namespace) -> int:
         run_slow_reader_bench(args.url, args.seconds, args.rounds, args.inbox_burst)
     )
     return _report(figures, args.json)
+
+
+def _run_bench_stream(args: argparse.Namespace) -> int:
+    from kvrpc.bench.stream import StreamBenchOptions, run_stream_bench
+
+    return _report(run_stream_bench(StreamBenchOptions.from_args(args)), args.json)
 
 
 def _run_bench_tier(args: argparse.Namespace) -> int:

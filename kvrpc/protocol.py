@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_PROTOCOLS",
+    "COUNT",
     "PING",
     "ECHO",
     "LIST_PROTOCOLS",
@@ -236,5 +237,13 @@ STATS = ProtocolDefinition(
     "rpc.stats", (), dict[str, int], doc="The server's counters (requests, errors, drops...)."
 )
 
+COUNT = ProtocolDefinition(
+    "rpc.count",
+    (int,),
+    int,
+    stream=True,
+    doc="Streams the integers 0 to n-1: a stream's liveness check and its benchmark.",
+)
+
 #: The protocols every :class:`~kvrpc.server.RPCServer` answers.
-BUILTIN_PROTOCOLS: tuple[ProtocolDefinition, ...] = (PING, ECHO, LIST_PROTOCOLS, STATS)
+BUILTIN_PROTOCOLS: tuple[ProtocolDefinition, ...] = (PING, ECHO, LIST_PROTOCOLS, STATS, COUNT)

@@ -16,7 +16,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -46,6 +46,7 @@ from kvrpc.dispatch import (
 )
 from kvrpc.handlers import HandlerTable, HandlerWrapper
 from kvrpc.protocol import (
+    COUNT,
     ECHO,
     LIST_PROTOCOLS,
     PING,
@@ -441,9 +442,15 @@ def _register_builtins(server: RPCServer) -> None:
         (ECHO, lambda value: value),
         (LIST_PROTOCOLS, server._handlers.names),
         (STATS, functools.partial(_stats_report, server)),
+        (COUNT, _count),
     ):
         if definition.name in server.registry:
             server.register(definition.name, fn)
+
+
+async def _count(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
 
 
 def _stats_report(server: RPCServer) -> dict[str, int]:

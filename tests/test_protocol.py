@@ -150,7 +150,13 @@ def test_names_are_sorted() -> None:
 
 def test_with_builtins_holds_the_rpc_protocols() -> None:
     registry = ProtocolRegistry.with_builtins()
-    assert registry.names() == ["rpc.echo", "rpc.list_protocols", "rpc.ping", "rpc.stats"]
+    assert registry.names() == [
+        "rpc.count",
+        "rpc.echo",
+        "rpc.list_protocols",
+        "rpc.ping",
+        "rpc.stats",
+    ]
     assert registry.get("rpc.ping") is PING
     assert registry.get("rpc.echo") is ECHO
     assert registry.get("rpc.list_protocols") is LIST_PROTOCOLS

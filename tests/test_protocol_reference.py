@@ -69,8 +69,10 @@ def test_each_row_gives_payload_response_handler_and_streaming() -> None:
         "`NONBLOCKING`",
         "no",
     ]
+    assert rows["kv.events"] == ["`EventsRequest`", "`KVEvent`", "`NONBLOCKING`", "yes"]
     for name, definition in defined_protocols().items():
         assert rows[name][2] == f"`{definition.handler_type.name}`"
+        assert rows[name][3] == ("yes" if definition.stream else "no")
 
 
 def test_a_protocol_of_another_group_shows_up_with_its_handler_type() -> None:

@@ -90,8 +90,9 @@ def render(definitions: Iterable[ProtocolDefinition]) -> str:
         "`rpc.*` protocols and every `kv.*` one) by `tools/gen_protocol_reference.py` at each",
         "build of this site: do not edit it by hand. A request's payload is the positional",
         "arguments in the order given; how each type travels is in",
-        "[the wire protocol](../wire.md#values). Streamed replies do not exist yet: every",
-        "protocol answers one request with one reply.",
+        "[the wire protocol](../wire.md#values). A streamed protocol answers with a stream of",
+        "its response type's items, read with `client.stream` (the core's",
+        "[streams](../core.md#streams)); every other one answers one request with one reply.",
         "",
         "| protocol | payload | response | handler | streamed |",
         "| --- | --- | --- | --- | --- |",
@@ -100,7 +101,7 @@ def render(definitions: Iterable[ProtocolDefinition]) -> str:
         payload = ", ".join(f"`{_cell(type_name(t))}`" for t in d.payload) or "none"
         lines.append(
             f"| [`{d.name}`](#{_anchor(d.name)}) | {payload} | `{_cell(type_name(d.response))}` "
-            f"| `{d.handler_type.name}` | no |"
+            f"| `{d.handler_type.name}` | {'yes' if d.stream else 'no'} |"
         )
     lines.append("")
     for d in definitions:
@@ -110,7 +111,8 @@ def render(definitions: Iterable[ProtocolDefinition]) -> str:
         args = [f"{i}. `{type_name(t)}`" for i, t in enumerate(d.payload)]
         lines += ["Payload:", ""] + (args or ["none: call it with no arguments."]) + [""]
         lines += [
-            f"Response: `{type_name(d.response)}`. Handler: `{d.handler_type.name}`. Streamed: no.",
+            f"{'Items' if d.stream else 'Response'}: `{type_name(d.response)}`. "
+            f"Handler: `{d.handler_type.name}`. Streamed: {'yes' if d.stream else 'no'}.",
             "",
         ]
     seen: dict[str, type] = {}
