@@ -29,6 +29,7 @@ import pytest
 
 WIRE_VERSION = 3
 REQUEST, RESPONSE, ERROR = 0, 1, 2
+OPEN, ITEMS, CREDIT, CANCEL = 3, 4, 5, 6
 EXT_BUFFER, EXT_TUPLE = 0, 2
 BUFFER_REF = struct.Struct("<IB")  # frame index, then 0 for a byte string
 COUNT = struct.Struct(">I")
@@ -197,6 +198,44 @@ def test_another_wire_version_is_refused_with_status_4_in_version_3(client: Wire
     assert (status, type_name) == (STATUS_VERSION_MISMATCH, "VersionMismatch")
     assert "1" in message and "3" in message
     assert client.call(4, "rpc.ping", [])[4] == "pong"  # the connection is still good
+
+
+def test_a_stream_written_from_the_spec_is_credited_item_by_item_then_ends(
+    client: WireClient,
+) -> None:
+    client.send_header([WIRE_VERSION, OPEN, 9, "rpc.count", [2, [5]]])
+    received: list[int] = []
+    while len(received) < 2:  # exactly the credit: two items, in one message or two
+        version, kind, request_id, _, items = client.recv()
+        assert (version, kind, request_id) == (WIRE_VERSION, ITEMS, 9)
+        received += items
+    assert received == [0, 1]
+    client.send_header([WIRE_VERSION, CREDIT, 9, "", [10]])
+    while True:
+        version, kind, request_id, _, payload = client.recv()
+        if kind == RESPONSE:
+            assert payload is None
+            break
+        assert kind == ITEMS
+        received += payload
+    assert received == [0, 1, 2, 3, 4]
+    assert client.call(10, "rpc.ping", [])[4] == "pong"
+
+
+def test_a_cancelled_stream_sends_nothing_more(client: WireClient) -> None:
+    client.send_header([WIRE_VERSION, OPEN, 9, "rpc.count", [1, [10**9]]])
+    assert client.recv()[1:3] == [ITEMS, 9]
+    client.send_header([WIRE_VERSION, CANCEL, 9, "", []])
+    client.send_header([WIRE_VERSION, CREDIT, 9, "", [5]])  # too late: ignored
+    assert client.call(10, "rpc.ping", []) == [WIRE_VERSION, RESPONSE, 10, "", "pong"]
+
+
+def test_a_plain_request_of_a_streamed_protocol_is_refused_with_status_2(
+    client: WireClient,
+) -> None:
+    client.send_header([WIRE_VERSION, REQUEST, 4, "rpc.count", [3]])
+    reply = client.recv()
+    assert reply[1:3] == [ERROR, 4] and reply[4][0] == STATUS_PROTOCOL
 
 
 def test_an_unreferenced_buffer_frame_is_a_protocol_error(client: WireClient) -> None:
