@@ -167,7 +167,9 @@ class StreamConformance:
                 assert await stream.__anext__() == 0
             # Its client closed with the stream open: the server stops it.
             await log.until(lambda: tag in log.finished)
-            await log.until(lambda: server.stats.in_flight == 0)
+            with anyio.fail_after(LOSS_DEADLINE):  # the slot comes back after the finally
+                while server.stats.in_flight:  # noqa: ASYNC110 (a counter, no event)
+                    await asyncio.sleep(0)
             assert server.stats.streams_cancelled >= 5
 
     @pytest.mark.asyncio
