@@ -748,8 +748,8 @@ class SyncClient:
         request_id, definition, frames = client.prepare(protocol, payload, window)
         seconds = client.timeout if isinstance(timeout, _Default) else timeout
         name = protocol if isinstance(protocol, str) else protocol.name
+        sink = SyncSink(window)  # a window out of range raises here, before a slot is taken
         self._slots.acquire()
-        sink = SyncSink(window)
         try:
             self._loop.call_soon_threadsafe(
                 client.open_stream_prepared,

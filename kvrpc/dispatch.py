@@ -405,7 +405,7 @@ class Dispatcher:
             stats.handler_errors += 1
         stats.in_flight -= 1
         if type(run) is RunStream or type(run) is RunStreamInPool:
-            self._close_stream(run.peer, run.request_id)
+            self._close_stream(run.peer, run.stream)
         account = run.account
         account.count -= 1
         if not account.count and not account.forgotten:
@@ -415,10 +415,11 @@ class Dispatcher:
             stats.abandoned += 1
         return _FINISHED[not account.forgotten, idle]
 
-    def _close_stream(self, peer: Peer, request_id: int) -> None:
+    def _close_stream(self, peer: Peer, stream: ServerStream) -> None:
         streams = self._streams.get(peer)
-        if streams is not None:
-            streams.pop(request_id, None)
+        # Only this very stream: a forgotten peer's identity may be back with a new one.
+        if streams is not None and streams.get(stream.request_id) is stream:
+            del streams[stream.request_id]
             if not streams:
                 del self._streams[peer]
 
@@ -429,7 +430,7 @@ class Dispatcher:
         thread) until they end, and their results are then dropped. A new connection that
         reuses the identity starts with an empty account.
         """
-        for stream in self.streams_of(peer):
+        for stream in self._streams.pop(peer, {}).values():
             if stream.cancel():
                 self.stats.streams_cancelled += 1
         account = self._accounts.pop(peer, None)

@@ -426,5 +426,10 @@ def test_a_lost_peer_has_its_streams_cancelled() -> None:
     assert first.stream.cancelled and second.stream.cancelled
     assert not other.stream.cancelled
     assert d.stats.streams_cancelled == 2
+    assert d.open_streams() == [other.stream]
     assert d.finished(first).deliver is False  # nobody takes its end
-    assert d.open_streams() == [second.stream, other.stream]
+    # The identity is back with a new connection: its stream 1 is a new one.
+    again = d.on_message(A, open_(1, "t.count", 2, 100))
+    assert isinstance(again, RunStream)
+    d.finished(second)  # the old run's end leaves the new stream alone
+    assert d.streams_of(A) == [again.stream]
