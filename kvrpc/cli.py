@@ -1,4 +1,4 @@
-"""The ``kvrpc`` command: ``serve``, ``demo``, ``ping``, ``stats`` and ``bench``.
+"""The ``kvrpc`` command: ``serve``, ``demo``, ``ping``, ``stats``, ``events`` and ``bench``.
 
 Exit status: 0 done, 1 a failure (the server unreachable, a benchmark that could not take a
 figure, an extra not installed), 2 bad usage (a flag's value, or two flags that disagree),
@@ -32,7 +32,8 @@ GIB = 1 << 30
 _DESCRIPTION = (
     "kvrpc: typed RPC over pluggable transports, and a KV-cache service for LLM inference "
     "engines. 'kvrpc serve' runs the cache, 'kvrpc demo' shows it at work, 'kvrpc ping' and "
-    "'kvrpc stats' ask a running server, 'kvrpc bench' measures."
+    "'kvrpc stats' ask a running server, 'kvrpc events' watches its cache, 'kvrpc bench' "
+    "measures."
 )
 _SIZES_EPILOG = (
     "A default in [brackets] is the full run's; --quick picks a smaller one where the flag is "
@@ -364,6 +365,55 @@ def _parser() -> argparse.ArgumentParser:
     )
     metrics_command.add_stats_arguments(stats)
     stats.set_defaults(run=_run_stats)
+
+    events = commands.add_parser(
+        "events",
+        help="print a KV server's kv.events: what its cache stores, evicts and moves "
+        "(--json for scripts)",
+        description="Subscribes to the server's kv.events stream and prints a line per event "
+        "until Ctrl-C (exit status 0), --count events, or the server going away (status 1).",
+    )
+    events.add_argument("url", nargs="?", help="the server (default: where 'kvrpc serve' listens)")
+    _url_option(events)
+    events.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON object per line (namespace and hashes as hex), for scripts",
+    )
+    events.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first every chunk held now (kind snapshot, then one snapshot_end), then the live "
+        "events, with no gap between the two",
+    )
+    events.add_argument(
+        "--buffer",
+        type=_event_buffer,
+        metavar="N",
+        help="live events the server keeps for this subscriber while it does not read; past it "
+        "the oldest are dropped and a gap event says which (default: the server's, 1024)",
+    )
+    events.add_argument(
+        "--namespace",
+        type=_namespace_hex,
+        metavar="HEX",
+        help="only the chunk events of this namespace id (16 hex digits, as --json prints it)",
+    )
+    events.add_argument(
+        "--count", type=_positive_int, metavar="N", help="exit after printing N events"
+    )
+    events.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds to connect and subscribe"
+    )
+    events.add_argument(
+        "--auth-token-file", metavar="PATH", help="the server's token file, if it requires one"
+    )
+    events.add_argument(
+        "--curve-server-key-file",
+        metavar="PATH",
+        help="the server's CURVE public key file, for a zmq+tcp server with --curve-secret-file",
+    )
+    events.set_defaults(run=_run_events)
 
     bench = commands.add_parser(
         "bench",
@@ -1035,6 +1085,22 @@ def _run_stats(args: argparse.Namespace) -> int:
     )
 
 
+def _run_events(args: argparse.Namespace) -> int:
+    from kvrpc.kv.events_command import run_events
+
+    return run_events(
+        _server_url(args),
+        snapshot=args.snapshot,
+        buffer=args.buffer,
+        namespace=args.namespace,
+        count=args.count,
+        json_lines=args.json,
+        timeout=args.timeout,
+        auth_token_file=args.auth_token_file,
+        curve_server_key_file=args.curve_server_key_file,
+    )
+
+
 # ------------------------------------------------------------------------------ bench
 
 
@@ -1150,6 +1216,29 @@ def _positive_int(text: str) -> int:
         ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _event_buffer(text: str) -> int:
+    """A ``kv.events`` buffer: 1 to the most a server keeps for one subscriber."""
+    from kvrpc.kv.protocols import EVENTS_MAX_BUFFER  # only when given: it imports torch
+
+    value = _positive_int(text)
+    if value > EVENTS_MAX_BUFFER:
+        raise argparse.ArgumentTypeError(f"must be at most {EVENTS_MAX_BUFFER}, not {value}")
+    return value
+
+
+def _namespace_hex(text: str) -> bytes:
+    """A namespace id: 8 bytes written as 16 hex digits (what ``kvrpc events --json`` prints)."""
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 8:
+        raise argparse.ArgumentTypeError(
+            f"expected a namespace id of 16 hex digits (8 bytes), not {text!r}"
+        )
     return value
 
 

@@ -24,6 +24,8 @@ _BAD_VALUES = {
     cli._redis_url: ["localhost:6379", "http://x"],
     cli._plot_path: ["/no/such/directory/plot.png", "", "/tmp"],
     cli._key_name: ["", "a/b", "..", "."],
+    cli._event_buffer: ["0", "65537", "x"],
+    cli._namespace_hex: ["", "0011", "zz" * 8, "00" * 9],
 }
 
 
@@ -97,6 +99,7 @@ def test_a_bad_value_exits_2_naming_the_flag(
         (["bench", "rpc", "--pipelined", "2", "--interleave", "3"], "--pipelined", "at least 3"),
         (["ping", "unix:///a.sock", "--url", "unix:///b.sock"], "--url", "give the server once"),
         (["stats", "unix:///a.sock", "--url", "unix:///b.sock"], "--url", "give the server once"),
+        (["events", "unix:///a.sock", "--url", "unix:///b.sock"], "--url", "give the server once"),
     ],
 )
 def test_flags_that_disagree_exit_2_before_anything_runs(
@@ -170,6 +173,7 @@ def test_a_buffer_beyond_the_machines_memory_warns_and_inproc_warns() -> None:
         ["serve", "--cpu-buffer-size", "inf"],
         ["ping", "--count", "0"],
         ["stats", "--timeout", "0"],
+        ["events", "--namespace", "not-hex"],
         ["bench", "rpc", "--payload-mib", "0"],
         ["demo", "nope"],
     ],

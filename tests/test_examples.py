@@ -36,6 +36,20 @@ EXPECTED = {
         "'timeouts': 0",
         "server thread stopped",
     ],
+    "examples/prefix_router.py": [
+        "following 3 servers' kv.events",
+        "route('system prompt + question', 69 tokens) -> server 1, 64 tokens cached; "
+        "kv.lookup on each: [16, 64, 0]; agrees: True",
+        "route('first chunk only', 36 tokens) -> server 0, 16 tokens cached; "
+        "kv.lookup on each: [16, 16, 0]; agrees: True",
+        "route('the other prompt', 48 tokens) -> server 2, 48 tokens cached; "
+        "kv.lookup on each: [0, 0, 48]; agrees: True",
+        "route('nothing cached', 32 tokens) -> any server, 0 tokens cached",
+        "server 1 cleared (4 chunks)",
+        "route('system prompt + question', 69 tokens) -> server 0, 16 tokens cached; "
+        "kv.lookup on each: [16, 0, 0]; agrees: True",
+        "router and servers closed",
+    ],
     "examples/extension/run.py": [
         "calc protocols served: calc.add, calc.norm, calc.scale, calc.stats",
         "calc.add(1.5, 2.25) -> 3.75",
