@@ -1,8 +1,8 @@
 """The KV server's events from a real served service: stores, evictions, tiers, clear.
 
 A KVService served over ``inproc://`` (the transport does not matter here: events are taken
-from the service object, on its loop, since ``kv.events`` has no RPC stream yet), with a
-real disk tier in a temporary directory and a real ``redis-server`` where one is
+from the service object, on its loop; the RPC stream is tested by the events CLI's and the
+router's tests, and by the last test here, on every transport), with a real disk tier in a temporary directory and a real ``redis-server`` where one is
 installed. The disk tier's own reports are checked on a DiskTier alone, with real files.
 """
 
@@ -17,6 +17,7 @@ from typing import TypeVar
 import pytest
 import torch
 
+from kvrpc.client import SyncClient
 from kvrpc.kv import KVService
 from kvrpc.kv import protocols as kv
 from kvrpc.kv.server.events import Event, EventKind, Subscription
@@ -258,3 +259,18 @@ async def test_the_disk_tier_reports_saves_evictions_and_bad_files(tmp_path: Pat
         assert len(reports.calls) == 5  # nobody listening: nothing gathered
     finally:
         await tier.aclose()
+
+
+def test_kv_stats_counts_the_subscribers_over_rpc(kv_server: KVServer) -> None:
+    """A subscription over RPC shows in ``kv.stats``, and leaves it when the stream closes."""
+    with SyncClient(kv_server.url, registry=kv.kv_registry(), timeout=WAIT) as client:
+        assert kv_server.stats()["event_subscribers"] == 0
+        first = client.stream(kv.EVENTS, kv.EventsRequest(snapshot=True), timeout=WAIT)
+        second = client.stream(kv.EVENTS, kv.EventsRequest(snapshot=True), timeout=WAIT)
+        # The snapshot's end proves each subscription is taken.
+        assert next(first).kind == "snapshot_end" and next(second).kind == "snapshot_end"
+        assert kv_server.stats()["event_subscribers"] == 2
+        first.close()
+        wait_until(lambda: kv_server.stats()["event_subscribers"], lambda n: n == 1, "a close")
+        second.close()
+        wait_until(lambda: kv_server.stats()["event_subscribers"], lambda n: n == 0, "a close")

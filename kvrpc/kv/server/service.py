@@ -638,6 +638,8 @@ class KVService:
         """``kv.stats``: counters and the pool's occupancy."""
         report = self.state.stats(self.cpu_buffer_bytes)
         report["shm_orphans_removed"] = self.mappings.orphans_removed
+        report["event_subscribers"] = self.events.subscriptions
+        report["events_published"] = self.events.seq
         if self.lower_tier is not None:
             for name, value in self.lower_tier.stats().items():
                 report[f"tier_{name}"] = value
