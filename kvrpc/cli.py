@@ -168,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
         "at a time, this many per loop turn (default: 64)",
     )
     serve.add_argument(
+        "--stream-idle-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a stream (kv.events) waits for a consumer that reads nothing before it "
+        "ends with StreamIdle (default: 60)",
+    )
+    serve.add_argument(
         "--client-timeout",
         type=_positive_float,
         default=8.0,
@@ -918,6 +925,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         max_workers=args.max_workers,
         inbox_burst=args.inbox_burst,
+        stream_idle_timeout=args.stream_idle_timeout,
         client_timeout=args.client_timeout,
         disk_dir=args.disk_dir,
         disk_size=args.disk_size,

@@ -57,6 +57,8 @@ class KVServerSettings:
     max_workers: int = 4
     #: Requests of one read the RPC server handles at once (see ``ServerConfig.inbox_burst``).
     inbox_burst: int = 64
+    #: Seconds a stream (``kv.events``) waits for credit from a consumer that reads nothing.
+    stream_idle_timeout: float = 60.0
     client_timeout: float = 8.0
     disk_dir: str | None = None
     disk_size: float = 16.0
@@ -157,6 +159,7 @@ async def serve_kv(
         registry=kv_registry(),
         max_workers=settings.max_workers,
         inbox_burst=settings.inbox_burst,
+        stream_idle_timeout=settings.stream_idle_timeout,
         auth_token_file=settings.auth_token_file,
         curve_secret_file=curve_for(url),
     )
@@ -169,6 +172,7 @@ async def serve_kv(
             registry=kv_registry(),
             max_workers=settings.max_workers,
             inbox_burst=settings.inbox_burst,
+            stream_idle_timeout=settings.stream_idle_timeout,
             auth_token_file=settings.auth_token_file,
             curve_secret_file=curve_for(extra),
         )
