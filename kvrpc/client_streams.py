@@ -250,9 +250,13 @@ class SyncStream:
         return item
 
     def close(self) -> None:
-        """Stop reading: the server stops the stream and runs its producer's ``finally``."""
+        """Stop reading: the server stops the stream and runs its producer's ``finally``.
+
+        A thread blocked in ``next`` on this stream wakes and sees it end.
+        """
         with self._sink.cond:
             self._stop(None)
+            self._sink.cond.notify_all()
 
     def _stop(self, error: BaseException | None) -> None:
         # Holding the condition.
