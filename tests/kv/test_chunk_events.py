@@ -90,7 +90,7 @@ def test_nothing_is_published_while_nobody_subscribes() -> None:
     assert events.hub.seq == 0
 
 
-def test_evictions_are_told_before_the_store_that_made_room() -> None:
+def test_a_stores_evictions_are_told_as_one_event_before_the_store_that_made_room() -> None:
     state, events = observed(slots=4)
     instance = register(state)
     old = hashes(4, 1)
@@ -99,8 +99,7 @@ def test_evictions_are_told_before_the_store_that_made_room() -> None:
     new = hashes(2, 2)
     store(state, instance, new)
     assert told(drain(sub)) == [
-        (K.REMOVED, "l1", "evicted", [old[0]]),
-        (K.REMOVED, "l1", "evicted", [old[1]]),
+        (K.REMOVED, "l1", "evicted", [old[0], old[1]]),
         (K.STORED, "l1", None, new),
     ]
 

@@ -242,27 +242,27 @@ def test_a_subscriber_stopped_past_its_buffer_prints_a_gap_naming_the_lost_range
 ) -> None:
     server = serve(slots=8)
     worker = writer(server.url)
-    # A buffer above the 9 events one store publishes at once, or each store would
-    # overflow it before any subscriber, however fast, could take them.
+    # A buffer above the 2 events one store publishes at once (its evictions, then the
+    # store), or each store would overflow it before any subscriber could take them.
     watcher = events(server.url, "--snapshot", "--buffer", "16")
     assert is_end(watcher.line())
     watcher.process.send_signal(signal.SIGSTOP)  # it reads nothing now
     try:
-        # The first store fills the pool of 8; each later one is 8 evictions and a store:
-        # 9 events. 352 in all: more than the client's window (256), the handler's batch
-        # (32) and the buffer (16) can hold.
-        for i in range(40):
+        # The first store fills the pool of 8; each later one is 8 evictions (one event)
+        # and a store: 2 events. 399 in all: more than the client's window (256), the
+        # handler's batch (32) and the buffer (16) can hold.
+        for i in range(200):
             assert worker.store(chunk_hashes(8, 200 + i), 0) == [OK] * 8
     finally:
         watcher.process.send_signal(signal.SIGCONT)
     gap = watcher.lines_until(lambda line: line.split()[1] == "gap")[-1]
     words = gap.split()
     first, last = int(words[3]), int(words[5])
-    assert 1 < first <= last == int(words[0]) < 352
+    assert 1 < first <= last == int(words[0]) < 399
     assert "--snapshot" in gap
     # After the gap: the newest events, numbered on from it, up to the last one.
-    after = watcher.lines_until(lambda line: line.split()[0] == "352")
-    assert [int(line.split()[0]) for line in after] == list(range(last + 1, 353))
+    after = watcher.lines_until(lambda line: line.split()[0] == "399")
+    assert [int(line.split()[0]) for line in after] == list(range(last + 1, 400))
 
 
 def test_ctrl_c_exits_0_and_a_server_that_goes_away_exits_1_saying_so(

@@ -94,12 +94,11 @@ def test_stores_evictions_and_clear_of_a_served_pool_are_told_in_order(
     events = take(server, sub)
     assert told(events) == [
         (K.STORED, L1, None, a),
-        (K.REMOVED, L1, EVICTED, [a[0]]),
-        (K.REMOVED, L1, EVICTED, [a[1]]),
+        (K.REMOVED, L1, EVICTED, [a[0], a[1]]),  # one event for the store's evictions
         (K.STORED, L1, None, b),
         (K.CLEARED, L1, None, []),
     ]
-    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [e.seq for e in events] == [1, 2, 3, 4]
     first = events[0]
     assert (first.model_name, first.world_size, first.worker_id, first.chunk_tokens) == (
         MODEL,
@@ -133,15 +132,14 @@ def test_write_downs_to_disk_and_prefetch_loads_are_moves_between_tiers(
     assert events[0] == (K.STORED, L1, None, a)
     # A store's saves run side by side: they land on the disk in either order.
     assert sorted(events[1:3]) == sorted([(K.MOVED, DISK, L1, [h]) for h in a])
-    assert events[3:6] == [
-        (K.REMOVED, L1, EVICTED, [a[0]]),
-        (K.REMOVED, L1, EVICTED, [a[1]]),
+    assert events[3:5] == [
+        (K.REMOVED, L1, EVICTED, [a[0], a[1]]),  # the store's evictions, as one event
         (K.STORED, L1, None, b),
     ]
-    assert sorted(e[3][0] for e in events[6:10]) == sorted(b)
-    assert all(e[:3] == (K.MOVED, DISK, L1) for e in events[6:10])
+    assert sorted(e[3][0] for e in events[5:9]) == sorted(b)
+    assert all(e[:3] == (K.MOVED, DISK, L1) for e in events[5:9])
     # The prefetch: each load makes room in L1 first, then lands there from the disk.
-    assert events[10:] == [
+    assert events[9:] == [
         (K.REMOVED, L1, EVICTED, [b[0]]),
         (K.MOVED, L1, DISK, [a[0]]),
         (K.REMOVED, L1, EVICTED, [b[1]]),

@@ -259,19 +259,20 @@ async def test_a_router_that_falls_behind_gets_a_gap_and_resnapshots_the_servers
         await caught_up(router, server)
         # The stores run here, on the router's own loop thread, which therefore reads
         # nothing meanwhile: a subscriber that falls behind. The first store fills the
-        # pool of 8 chunks; each later one evicts 8 and stores 8: 9 events, 352 in all,
-        # past the stream's window (256), the server's batch (32) and the buffer (16).
-        for i in range(40):
+        # pool of 8 chunks; each later one evicts 8 (one event) and stores 8 (another):
+        # 399 events in all, past the stream's window (256), the server's batch (32) and
+        # the buffer (16).
+        for i in range(200):
             assert worker.store(chunk_hashes(8, seed=100 + i), 0) == [OK] * 8
         await caught_up(router, server)
         assert router.resyncs(server.url) == 1
-        assert router.seq(server.url) == 352
+        assert router.seq(server.url) == 399
         # What it holds now is what the server holds: the last store, and nothing before.
-        last, before = prompt(8, seed=139), prompt(8, seed=138)
+        last, before = prompt(8, seed=299), prompt(8, seed=298)
         assert router.cached_tokens(last) == {server.url: 8 * CHUNK}
         assert router.cached_tokens(before) == {server.url: 0}
-        assert raw.probe(chunk_hashes(8, seed=139)) == 8
-        assert raw.probe(chunk_hashes(8, seed=138)) == 0
+        assert raw.probe(chunk_hashes(8, seed=299)) == 8
+        assert raw.probe(chunk_hashes(8, seed=298)) == 0
 
 
 @unix

@@ -86,6 +86,7 @@ class KVState:
         self.pool: ChunkPool | None = None
         #: Told of every change to what L1 holds (stores, evictions, drops, clears), if set.
         self.observer: ChunkObserver | None = None
+        self._evictions: list[bytes] | None = None  # evicted while reserve() runs
         self.counters = Counters()
         #: Write-through saves in flight, each holding a pin on its slot.
         self.saving = 0
@@ -251,7 +252,10 @@ class KVState:
         """The pool's eviction hook: the chunk is no longer in L1 (for the observer)."""
         observer = self.observer
         if observer is not None and observer.watching:
-            observer.removed(L1, (key,), EVICTED)
+            if self._evictions is not None:  # within reserve(): told once it is done
+                self._evictions.append(key)
+            else:
+                observer.removed(L1, (key,), EVICTED)
 
     def add_instance(
         self, client_id: bytes, spec: KVCacheRegistration, per_chunk: int, chunk_nbytes: int
@@ -371,20 +375,28 @@ class KVState:
         pool = self._require_pool()
         counters = self.counters
         waiting, plan.waiting = plan.waiting, []
-        for n, i in enumerate(waiting):
-            slot = pool.reserve(plan.keys[i])
-            if slot is Reserve.FULL and self.saving:
-                plan.waiting = waiting[n:]
-                return False
-            if slot is Reserve.EXISTS or slot is Reserve.FILLING:
-                counters.store_duplicates += 1
-                plan.results[i] = ALREADY_STORED if slot is Reserve.EXISTS else BEING_STORED
-            elif slot is Reserve.FULL:
-                counters.store_refused += 1
-                plan.results[i] = NO_FREE_SLOT
-            else:
-                assert isinstance(slot, int)
-                plan.reserved.append((i, slot))
+        # The chunks a batch evicts are told as one event, not one each: a store of many
+        # chunks into a full pool would otherwise be a burst past a small event buffer.
+        self._evictions = []
+        try:
+            for n, i in enumerate(waiting):
+                slot = pool.reserve(plan.keys[i])
+                if slot is Reserve.FULL and self.saving:
+                    plan.waiting = waiting[n:]
+                    return False
+                if slot is Reserve.EXISTS or slot is Reserve.FILLING:
+                    counters.store_duplicates += 1
+                    plan.results[i] = ALREADY_STORED if slot is Reserve.EXISTS else BEING_STORED
+                elif slot is Reserve.FULL:
+                    counters.store_refused += 1
+                    plan.results[i] = NO_FREE_SLOT
+                else:
+                    assert isinstance(slot, int)
+                    plan.reserved.append((i, slot))
+        finally:
+            evicted, self._evictions = self._evictions, None
+            if evicted and self.observer is not None:
+                self.observer.removed(L1, evicted, EVICTED)
         self._charge(plan, len(plan.reserved))
         return True
 
