@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import subprocess
+import sys
 from array import array
 
 import pytest
@@ -383,3 +385,12 @@ def test_kv_events_follow_vllm_by_default_and_their_keys_are_checked() -> None:
     assert (on.kv_events, on.kv_events_chunks) == (True, 8)
     with pytest.raises(ValueError, match=r"kvrpc\.kv_events_chunks = 0"):
         ConnectorSettings.from_extra_config({"kvrpc.kv_events_chunks": 0})
+
+
+def test_the_events_modules_do_not_import_vllm() -> None:
+    code = (
+        "import sys, kvrpc.integrations.vllm.block_events, kvrpc.integrations.vllm.event_feed; "
+        "assert 'vllm' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -84,6 +84,7 @@ class Watcher:
 
     def close(self) -> None:
         self.feed.close()
+        assert self.feed.alive() == 0, "a feed thread outlived close()"
 
 
 def watch(url: str, opened: Keep, world_size: int = 1, **options: int) -> Watcher:

@@ -17,7 +17,10 @@ steps and report the request through ``get_finished``. With ``kvrpc.layerwise`` 
 synchronous instead: vLLM schedules the request at once, the workers submit its retrieve
 before the forward and each attention layer waits for its own layer
 (``wait_for_layer_load``, see :mod:`.layer_loads`). Every finished request's blocks are held
-until the workers report its stores done.
+until the workers report its stores done. With ``kvrpc.kv_events`` (on by default when vLLM
+publishes KV events) it also subscribes to the servers' ``kv.events`` (:mod:`.event_feed`,
+threads of its own) and ``take_events`` hands vLLM its own ``BlockStored`` and
+``BlockRemoved`` for what they hold (:mod:`.block_events` has the rules).
 
 Worker role: one :class:`~kvrpc.kv.client.worker.WorkerAdapter` per worker process. Submits
 never wait for the GPU: with CUDA KV caches the adapter records an interprocess event on the

@@ -21,9 +21,9 @@ fresh snapshot once the queue drains. An engine that stops stepping (idle, with 
 schedule) therefore costs at most the queue and the server's buffer, and resynchronises when
 it steps again.
 
-**Shutdown.** :meth:`EventFeed.close` closes the clients, which ends every stream (a
-blocked read raises ``ClientClosed``), wakes a thread waiting on the full queue, and joins
-the threads.
+**Shutdown.** :meth:`EventFeed.close` stops every stream (the server runs its producer's
+``finally`` at once, whether or not the transport reports the hang-up) and wakes its reader,
+closes the clients, wakes a thread waiting on the full queue, and joins the threads.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from kvrpc.client import SyncClient
+from kvrpc.client_streams import SyncStream
 from kvrpc.errors import ClientClosed, KvrpcError, StreamIdle, UnknownProtocol
 from kvrpc.kv import protocols
 from kvrpc.kv.protocols import EventsRequest, KVEvent
@@ -82,6 +83,7 @@ class EventFeed:
         self._closing = threading.Event()
         self._lock = threading.Lock()  # guards _clients against close()
         self._clients: list[SyncClient | None] = [None] * len(self.urls)
+        self._streams: list[SyncStream | None] = [None] * len(self.urls)
         self._threads = [
             threading.Thread(
                 target=self._run, args=(index,), daemon=True, name=f"kvrpc-vllm-events-{index}"
@@ -135,6 +137,16 @@ class EventFeed:
             self._cond.notify_all()
         with self._lock:
             clients, self._clients = self._clients, [None] * len(self.urls)
+            streams, self._streams = self._streams, [None] * len(self.urls)
+        for stream in streams:
+            if stream is not None:
+                # The cancel goes out before the client closes: a transport that does not
+                # report a peer's hang-up (zmq) would leave the server's producer waiting.
+                stream.close()
+                # close() from another thread does not wake the reader, and the cancelled
+                # stream is no longer the client's to fail; the sink's end call wakes it
+                # (the stream has ended already, so its reader sees a clean end).
+                stream.set_exception(None)
         for client in clients:
             if client is not None:
                 client.close()
@@ -187,7 +199,13 @@ class EventFeed:
                     return
                 with self._lock:
                     self.subscriptions += 1
-                with client.stream(protocols.EVENTS, self.request, timeout=None) as stream:
+                stream = client.stream(protocols.EVENTS, self.request, timeout=None)
+                with self._lock:
+                    if self._closing.is_set():
+                        stream.close()
+                        return
+                    self._streams[index] = stream
+                with stream:
                     for event in stream:
                         if failing:
                             logger.info("kv.events from %s flow again", url)
