@@ -1,9 +1,10 @@
 """The KV server's events from a real served service: stores, evictions, tiers, clear.
 
-A KVService served over ``inproc://`` (the transport does not matter here: events are taken
-from the service object, on its loop; the RPC stream is tested by the events CLI's and the
-router's tests, and by the last test here, on every transport), with a real disk tier in a temporary directory and a real ``redis-server`` where one is
-installed. The disk tier's own reports are checked on a DiskTier alone, with real files.
+A KVService served over ``inproc://`` (the transport does not matter here: events are
+taken from the service object, on its loop; the RPC stream is tested by the events CLI's
+and the router's tests, and by the last test here, on every transport), with a real disk
+tier in a temporary directory and a real ``redis-server`` where one is installed. The disk
+tier's own reports are checked on a DiskTier alone, with real files.
 """
 
 from __future__ import annotations

@@ -50,10 +50,11 @@ init_none_hash(sha256)
 class Server(ServeProcess):
     """A ``kvrpc serve`` child on a local socket, which a test may kill and restart."""
 
-    def __init__(self, path: Path, scheme: str = "unix") -> None:
+    def __init__(self, path: Path, scheme: str = "unix", cpu_buffer_size: str = "0.05") -> None:
         super().__init__(
             f"{scheme}://{path}",
-            *("--chunk-size", str(CHUNK), "--cpu-buffer-size", "0.05", "--client-timeout", "5"),
+            *("--chunk-size", str(CHUNK), "--cpu-buffer-size", cpu_buffer_size),
+            *("--client-timeout", "5"),
         )
 
 
@@ -74,8 +75,8 @@ class Step:
 class Engine:
     """vLLM's Scheduler with KvrpcConnector, and two worker processes, stepped by hand."""
 
-    def __init__(self, model: str, extra: dict[str, Any]) -> None:
-        self.config = harness.vllm_config(model, extra, TP)
+    def __init__(self, model: str, extra: dict[str, Any], kv_events: Any = None) -> None:
+        self.config = harness.vllm_config(model, extra, TP, kv_events=kv_events)
         self.scheduler = Scheduler(
             vllm_config=self.config,
             kv_cache_config=harness.kv_cache_config(TP),
@@ -265,7 +266,7 @@ class Engine:
             if pipe.poll(30):
                 pipe.recv()
             worker.join(10)
-        self.connector.shutdown()
+        self.scheduler.shutdown()  # as vLLM's engine core does: its publisher, the connector
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -288,10 +289,16 @@ def scheme(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def server(scheme: str) -> Iterator[Server]:
+def cpu_buffer_size(request: pytest.FixtureRequest) -> str:
+    """The server's L1 in GiB; a test that needs evictions parametrizes it indirectly."""
+    return str(getattr(request, "param", "0.05"))
+
+
+@pytest.fixture
+def server(scheme: str, cpu_buffer_size: str) -> Iterator[Server]:
     # In the temp dir, not pytest's tmp_path: a unix socket path must fit in 108 bytes.
     path = Path(tempfile.gettempdir()) / f"kv-{os.getpid()}-{time.monotonic_ns()}.sock"
-    server = Server(path, scheme)
+    server = Server(path, scheme, cpu_buffer_size)
     server.start()
     yield server
     server.stop()
@@ -301,10 +308,10 @@ def server(scheme: str) -> Iterator[Server]:
 def engine(model: str, server: Server) -> Iterator[Callable[..., Engine]]:
     engines: list[Engine] = []
 
-    def make(**extra: Any) -> Engine:
+    def make(kv_events: Any = None, **extra: Any) -> Engine:
         settings = {"kvrpc.url": server.url, "kvrpc.lookup_timeout": 2.0,
                     "kvrpc.timeout": 3.0, **extra}  # fmt: skip
-        engines.append(Engine(model, settings))
+        engines.append(Engine(model, settings, kv_events))
         return engines[-1]
 
     yield make
@@ -680,3 +687,233 @@ def test_every_connector_stat_moves_its_own_engines_counter_and_only_with_vllms_
     ]
     assert {frozenset(sample.labels) for sample in series} == {frozenset(labelnames)}
     assert len(series) == 2 * len(METRICS)
+
+
+# ---------------------------------------------------------------------- KV events
+
+
+def external(hashes: Any) -> list[Any]:
+    """Block hashes as vLLM's publisher sends them (64-bit ints unless told otherwise)."""
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    return [maybe_convert_block_hash(h) for h in hashes]
+
+
+class Router:
+    """What a router watching vLLM's KV-events publisher reads: every batch, in order.
+
+    It asks the publisher's replay endpoint (vLLM's ``ZmqEventPublisher``) for every batch
+    from the next sequence number on, so that it misses none (a PUB subscriber that joins
+    late would), and decodes them with vLLM's own ``KVEventBatch`` type.
+    """
+
+    def __init__(self, replay_endpoint: str) -> None:
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch, ZmqEventPublisher
+
+        self._socket = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket.connect(replay_endpoint)
+        self._decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        self._end = ZmqEventPublisher.END_SEQ
+        self.next_seq = 0
+        self.events: list[Any] = []
+
+    def poll(self) -> None:
+        """Read every batch published since the last poll."""
+        self._socket.send_multipart([b"", self.next_seq.to_bytes(8, "big")])
+        while True:
+            assert self._socket.poll(10_000), "vLLM's publisher did not answer a replay"
+            _, _, seq, payload = self._socket.recv_multipart()
+            if seq == self._end:
+                return
+            self.next_seq = int.from_bytes(seq, "big") + 1
+            self.events.extend(self._decoder.decode(payload).events)
+
+    def kvrpc(self, kind: type | None = None) -> list[Any]:
+        """The events the connector told (ownership ``kvrpc:<tier>``), of ``kind`` if given."""
+        return [
+            e for e in self.events
+            if (getattr(e, "ownership", None) or "").startswith("kvrpc:")
+            and (kind is None or isinstance(e, kind))
+        ]  # fmt: skip
+
+    def view(self) -> set[Any]:
+        """The block hashes the router believes kvrpc holds: told stored, not removed since."""
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        held: set[Any] = set()
+        for event in self.kvrpc():
+            if isinstance(event, BlockStored):
+                held.update(event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                held.difference_update(event.block_hashes)
+        return held
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+@pytest.fixture
+def publishing() -> Iterator[Callable[[], tuple[Any, Router]]]:
+    """vLLM's KVEventsConfig with a ZMQ publisher on fresh ipc paths, and its Router."""
+    from vllm.config import KVEventsConfig
+
+    routers: list[Router] = []
+    where = tempfile.mkdtemp(prefix="kvrpc-events-", dir="/tmp")
+
+    def make() -> tuple[Any, Router]:
+        base = f"ipc://{where}/{len(routers)}"
+        config = KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=f"{base}-pub",
+            replay_endpoint=f"{base}-replay",
+            topic="kv",
+        )
+        routers.append(Router(f"{base}-replay"))
+        return config, routers[-1]
+
+    yield make
+    for router in routers:
+        router.close()
+
+
+def until_told(run: Engine, router: Router, done: Callable[[], bool], what: str) -> None:
+    """Step the engine (idle steps too: vLLM takes events in every step) until ``done()``."""
+    deadline = time.monotonic() + 30
+    while True:
+        router.poll()
+        if done():
+            return
+        assert time.monotonic() < deadline, f"vLLM's publisher never told {what}"
+        if run.step() == 0:
+            time.sleep(0.005)
+
+
+def test_kvrpcs_stores_reach_vllms_publisher_in_vllms_own_block_hashes(
+    engine: Callable[..., Engine], publishing: Callable[[], tuple[Any, Router]]
+) -> None:
+    from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_GPU, BlockStored
+
+    config, router = publishing()
+    run = engine(kv_events=config)  # kvrpc.kv_events unset: on, since vLLM publishes
+    assert run.connector.event_feed is not None
+    first = run.serve("first", prompt(200, seed=20))
+    until_told(run, router, lambda: len(router.view()) == 12, "3 stored chunks (12 blocks)")
+
+    stored = router.kvrpc(BlockStored)
+    assert all(type(e) is BlockStored for e in stored)  # vLLM's own type, through its codec
+    # One event for the three chunks (each continues the previous one's chain), in the
+    # block hashes vLLM itself gave those blocks, with their tokens.
+    (told,) = stored
+    assert told.block_hashes == external(first.block_hashes[:12])
+    assert told.parent_block_hash is None
+    assert told.token_ids == first.all_token_ids[:192]
+    assert (told.block_size, told.group_idx) == (harness.BLOCK_SIZE, 0)
+    assert (told.medium, told.ownership) == (MEDIUM_CPU, "kvrpc:l1")
+    # vLLM's GPU events for the same blocks carry the same hashes: a router finds both.
+    gpu = {h for e in router.events if isinstance(e, BlockStored) and e.medium == MEDIUM_GPU
+           for h in e.block_hashes}  # fmt: skip
+    assert set(told.block_hashes) <= gpu
+
+
+def test_clearing_the_server_tells_vllm_the_blocks_kvrpc_let_go_of(
+    engine: Callable[..., Engine],
+    publishing: Callable[[], tuple[Any, Router]],
+    server: Server,
+) -> None:
+    from vllm.distributed.kv_events import MEDIUM_CPU, AllBlocksCleared, BlockRemoved
+
+    config, router = publishing()
+    run = engine(kv_events=config)
+    first = run.serve("first", prompt(140, seed=21))
+    until_told(run, router, lambda: len(router.view()) == 8, "2 stored chunks")
+    assert run.scheduler.reset_prefix_cache(reset_connector=True)  # vLLM's and kvrpc's
+    until_told(run, router, lambda: not router.view(), "the chunks kv.clear dropped")
+    (removed,) = router.kvrpc(BlockRemoved)
+    assert removed.block_hashes == external(first.block_hashes[:8])
+    assert (removed.medium, removed.ownership) == (MEDIUM_CPU, "kvrpc:l1")
+    # vLLM's own reset said AllBlocksCleared (of its GPU cache); the connector never does,
+    # since that event has no medium and would wipe a router's view of the GPU blocks.
+    assert sum(isinstance(e, AllBlocksCleared) for e in router.events) == 1
+    assert server.stats()["chunks"] == 0
+
+
+@pytest.mark.parametrize("cpu_buffer_size", ["0.0001"], indirect=True)  # 6 rank-chunks
+def test_chunks_the_server_evicts_are_told_removed_and_the_routers_view_is_the_servers(
+    engine: Callable[..., Engine],
+    publishing: Callable[[], tuple[Any, Router]],
+    server: Server,
+) -> None:
+    from vllm.distributed.kv_events import BlockRemoved
+
+    config, router = publishing()
+    run = engine(kv_events=config)
+    first = run.serve("first", prompt(200, seed=22))
+    until_told(run, router, lambda: len(router.view()) == 12, "the first prompt's chunks")
+    second = run.serve("second", prompt(200, seed=23))  # 3 more chunks: the first's go
+    stored = set(external(second.block_hashes[:12]))
+    until_told(run, router, lambda: router.view() == stored, "the second's stored, first's gone")
+    assert server.stats()["evictions"] >= 3 * TP
+    removed = {h for e in router.kvrpc(BlockRemoved) for h in e.block_hashes}
+    assert removed == set(external(first.block_hashes[:12]))
+    # What the router believes kvrpc holds is what it holds: 3 chunks on each rank.
+    assert server.stats()["chunks"] == TP * len(router.view()) // (CHUNK // harness.BLOCK_SIZE)
+
+
+def test_chunks_held_before_the_engine_started_are_told_by_kvrpc_hash_then_renamed(
+    engine: Callable[..., Engine], publishing: Callable[[], tuple[Any, Router]]
+) -> None:
+    from vllm.distributed.kv_events import MEDIUM_CPU, BlockRemoved, BlockStored
+
+    from kvrpc.kv.keys import hashes_from_tokens
+
+    shared = prompt(192, seed=24)
+    engine().serve("elsewhere", [*shared, 1])  # another engine, before this one started
+    config, router = publishing()
+    run = engine(kv_events=config)
+    chunk_hashes = external(hashes_from_tokens(shared, CHUNK))
+    until_told(run, router, lambda: router.view() == set(chunk_hashes), "the snapshot")
+    unnamed = router.kvrpc(BlockStored)
+    assert {(e.block_size, tuple(e.token_ids), e.medium) for e in unnamed} == {(0, (), MEDIUM_CPU)}
+
+    run.scheduler.reset_prefix_cache()
+    here = run.serve("here", [*shared, 2])  # its lookup hits them: now they have names
+    assert run.scheduled["here"] == 192
+    named = set(external(here.block_hashes[:12]))
+    until_told(run, router, lambda: router.view() == named, "the chunks under vLLM's names")
+    withdrawn = {h for e in router.kvrpc(BlockRemoved) for h in e.block_hashes}
+    assert withdrawn == set(chunk_hashes)
+
+
+def test_kv_events_follow_vllms_config_can_be_turned_off_and_end_with_the_connector(
+    model: str, server: Server, publishing: Callable[[], tuple[Any, Router]]
+) -> None:
+    def scheduler(kv_events: Any = None, **extra: Any) -> Scheduler:
+        # vLLM's Scheduler alone: it makes the scheduler-side connector; no workers needed.
+        config = harness.vllm_config(model, {"kvrpc.url": server.url, **extra}, TP,
+                                     kv_events=kv_events)  # fmt: skip
+        return Scheduler(
+            vllm_config=config,
+            kv_cache_config=harness.kv_cache_config(TP),
+            log_stats=False,
+            structured_output_manager=StructuredOutputManager(config),
+            block_size=harness.BLOCK_SIZE,
+        )
+
+    made = [
+        scheduler(),  # vLLM publishes nothing: no subscription
+        scheduler(publishing()[0], **{"kvrpc.kv_events": False}),
+        scheduler(**{"kvrpc.kv_events": True}),  # on although vLLM publishes nothing
+        scheduler(publishing()[0]),
+    ]
+    feeds = [s.connector.event_feed for s in made]  # type: ignore[union-attr]
+    assert feeds[0] is None and feeds[1] is None
+    for feed in feeds[2:]:
+        assert feed is not None
+        wait_for(lambda f=feed: f.subscriptions == 1 and f.alive() == 1, "a subscription")
+    for each in made:
+        each.shutdown()  # as vLLM's engine core does: the publisher, then the connector
+    for feed in feeds[2:]:
+        assert feed is not None and feed.closed and feed.alive() == 0

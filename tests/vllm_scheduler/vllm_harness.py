@@ -63,11 +63,13 @@ def vllm_config(
     tp: int = 2,
     rank: int = 0,
     engine_id: str | None = None,
+    kv_events: Any = None,
 ) -> Any:
     """vLLM's own VllmConfig for the tiny model, with KvrpcConnector and ``extra``.
 
     ``engine_id`` is the scheduler's, for a worker's config: vLLM hands its workers the
     engine's own config, engine id included, where this harness builds one per process.
+    ``kv_events`` is vLLM's ``KVEventsConfig`` (None: vLLM publishes no KV events).
     """
     from vllm.config import (
         CacheConfig,
@@ -98,6 +100,7 @@ def vllm_config(
         ),
         device_config=DeviceConfig("cpu"),
         parallel_config=ParallelConfig(tensor_parallel_size=tp),
+        kv_events_config=kv_events,
     )
     config.parallel_config.rank = rank
     config.cache_config.num_gpu_blocks = NUM_BLOCKS

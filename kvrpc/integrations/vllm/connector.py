@@ -17,7 +17,10 @@ steps and report the request through ``get_finished``. With ``kvrpc.layerwise`` 
 synchronous instead: vLLM schedules the request at once, the workers submit its retrieve
 before the forward and each attention layer waits for its own layer
 (``wait_for_layer_load``, see :mod:`.layer_loads`). Every finished request's blocks are held
-until the workers report its stores done.
+until the workers report its stores done. With ``kvrpc.kv_events`` (on by default when vLLM
+publishes KV events) it also subscribes to the servers' ``kv.events`` (:mod:`.event_feed`,
+threads of its own) and ``take_events`` hands vLLM its own ``BlockStored`` and
+``BlockRemoved`` for what they hold (:mod:`.block_events` has the rules).
 
 Worker role: one :class:`~kvrpc.kv.client.worker.WorkerAdapter` per worker process. Submits
 never wait for the GPU: with CUDA KV caches the adapter records an interprocess event on the
@@ -32,18 +35,29 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvrpc.errors import KVConfigError
+from kvrpc.integrations.vllm.block_events import (
+    BlockEvents,
+    RemovedBlocks,
+    StoredBlocks,
+    chunk_names,
+    expected_ranks,
+)
+from kvrpc.integrations.vllm.event_feed import EventFeed
 from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
 from kvrpc.integrations.vllm.plan import Phase, SchedulerPlan, Transfer, kv_ranks
@@ -64,6 +78,10 @@ if TYPE_CHECKING:
 __all__ = ["KvrpcConnector", "KvrpcConnectorMetadata", "KvrpcConnectorStats"]
 
 logger = logging.getLogger("kvrpc.vllm")
+
+#: The most chunk hashes of ``kv.events`` one ``take_events`` turns into vLLM's events: the
+#: bound on the time it takes from vLLM's scheduler step (the rest waits for the next).
+EVENT_HASHES_PER_STEP: Final = 4096
 
 #: The counters both roles report, summed over workers and intervals.
 STAT_KEYS = (
@@ -170,6 +188,11 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         }
         self.scheduler: SchedulerAdapter | None = None
         self.worker: WorkerAdapter | None = None
+        self.events: BlockEvents | None = None
+        self.event_feed: EventFeed | None = None
+        # The requests the plan knows, for their vLLM block hashes (only with KV events).
+        self._requests: dict[str, Request] = {}
+        self._hashes_per_block = 0  # vLLM's block hashes per block; 0: it names none
         if role == KVConnectorRole.SCHEDULER:
             if getattr(transfer_config, "kv_load_failure_policy", "recompute") == "fail":
                 # vLLM reads the policy right after making this connector. kvrpc is a
@@ -195,6 +218,7 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             )
             self._asked: dict[str, float] = {}
             self._matched: dict[str, int] = {}
+            self._start_events(vllm_config, kv_cache_config, urls, tp)
         else:
             # Picked by vLLM's own rank, which says where the process runs; the kv rank
             # does not (with MLA a whole stage shares one).
@@ -264,6 +288,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 request.num_prompt_tokens,
                 getattr(request, "cache_salt", None),
             )
+            if self.events is not None:
+                self._requests[request_id] = request
+                self._name_chunks(request, hashes, 0)
             if not hashes:  # shorter than a chunk and a token: nothing to ask
                 self._matched[request_id] = 0
             else:
@@ -322,7 +349,14 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 replace_blocks=request_id in cached.resumed_req_ids,
             )
         preempted = frozenset(getattr(scheduler_output, "preempted_req_ids", None) or ())
-        return KvrpcConnectorMetadata(self.plan.take_transfers(), preempted)
+        transfers = self.plan.take_transfers()
+        if self.events is not None:
+            for transfer in transfers:
+                request = self._requests.get(transfer.request_id)
+                op = transfer.op
+                if not transfer.retrieve and request is not None and op.chunk_hashes:
+                    self._name_chunks(request, op.chunk_hashes, op.start // self.plan.chunk_size)
+        return KvrpcConnectorMetadata(transfers, preempted)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Nothing to learn: a request's end is ``request_finished``."""
@@ -334,12 +368,37 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """End the request's server session; hold its blocks until the workers report."""
         request_id = request.request_id
         self.plan.finish(request_id)
+        self._requests.pop(request_id, None)
         self._asked.pop(request_id, None)
         self._matched.pop(request_id, None)
         self._scheduler().end_session(request_id)
         # Always held: every worker reports every finished request (at once when it stored
         # nothing), and vLLM frees only held requests when they are reported.
         return True, None
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """The vLLM events for what the kvrpc servers stored and let go of since the last call.
+
+        ``BlockStored`` and ``BlockRemoved`` with ``medium`` ``CPU`` (kvrpc's L1) or
+        ``STORAGE`` (its lower tiers) and ``ownership`` ``kvrpc:<tier>``, in vLLM's block
+        hashes where the connector saw the chunk's request, else by kvrpc's chunk hash (see
+        :mod:`.block_events`). Never waits and never raises: the events were read by the
+        feed's threads, and each call turns at most :data:`EVENT_HASHES_PER_STEP` of them.
+        Empty unless ``kvrpc.kv_events`` is on (by default, when vLLM publishes KV events).
+        """
+        events, feed = self.events, self.event_feed
+        if events is None or feed is None:
+            return ()
+        try:
+            for server, item in feed.take(EVENT_HASHES_PER_STEP):
+                if item is None:
+                    events.resubscribed(server)
+                else:
+                    events.feed(server, item)
+            return [_vllm_event(event) for event in events.take()]
+        except Exception:  # an event lost is a router's miss; vLLM's step must go on
+            logger.exception("turning kvrpc's events into vLLM's failed")
+            return ()
 
     def reset_cache(self) -> bool | None:
         """Drop the server's unpinned chunks along with vLLM's own prefix cache."""
@@ -350,6 +409,68 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return False
         logger.info("reset the kvrpc cache: %d chunks dropped", cleared)
         return True
+
+    def _start_events(
+        self,
+        vllm_config: VllmConfig,
+        kv_cache_config: KVCacheConfig | None,
+        urls: list[str],
+        tensor_parallel: int,
+    ) -> None:
+        """Subscribe to the servers' ``kv.events`` if ``kvrpc.kv_events`` says so."""
+        settings = self.settings
+        enabled = settings.kv_events
+        if enabled is None:  # vLLM publishes connector events only when it publishes its own
+            config = getattr(vllm_config, "kv_events_config", None)
+            enabled = bool(config is not None and config.enable_kv_cache_events)
+        if not enabled:
+            return
+        hash_block_size = getattr(kv_cache_config, "hash_block_size", None) or self.block_size
+        if self.block_size % hash_block_size:
+            logger.warning(
+                "vLLM hashes blocks of %d tokens in blocks of %d: kvrpc's KV events name "
+                "chunks by their kvrpc hashes only",
+                hash_block_size,
+                self.block_size,
+            )
+            self._hashes_per_block = 0
+        else:
+            self._hashes_per_block = self.block_size // hash_block_size
+        parallel = vllm_config.parallel_config
+        self.events = BlockEvents(
+            self.model_name,
+            self.kv_world_size,
+            expected_ranks(int(parallel.world_size), tensor_parallel, self.use_mla, len(urls)),
+            max_chunks=settings.kv_events_chunks,
+            unnamed=settings.kv_events_unnamed,
+        )
+        self.event_feed = EventFeed(
+            urls,
+            connect_timeout=settings.connect_timeout,
+            auth_token_file=settings.auth_token_file,
+        )
+        self.event_feed.start()
+        logger.info("telling vLLM's KV-events publisher what %s holds", ", ".join(urls))
+
+    def _name_chunks(self, request: Request, hashes: Sequence[bytes], first: int) -> None:
+        """Tell the events table vLLM's names for the request's chunks ``first`` onwards."""
+        events = self.events
+        if events is None or not self._hashes_per_block or first >= len(hashes):
+            return
+        lora = getattr(request, "lora_request", None)
+        names = chunk_names(
+            request.block_hashes,
+            request.all_token_ids,
+            first,
+            len(hashes),
+            chunk_size=self.plan.chunk_size,
+            block_size=self.block_size,
+            hashes_per_block=self._hashes_per_block,
+            lora_id=None if lora is None else lora.adapter_id,
+            lora_name=None if lora is None else lora.name,
+        )
+        for chunk_hash, named in zip(hashes[first:], names, strict=False):
+            events.name(chunk_hash, named)
 
     # ================================================================ worker role
 
@@ -530,7 +651,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return KvrpcPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        """Close the adapter (unregistering a worker's KV cache)."""
+        """Close the adapter (unregistering a worker's KV cache) and the event feed."""
+        if self.event_feed is not None:
+            self.event_feed.close()
         if self.worker is not None:
             self.worker.shutdown()
         if self.scheduler is not None:
@@ -554,6 +677,31 @@ def _engine_id(transfer_config: Any) -> str:
         engine_id = uuid.uuid4().hex
         logger.info("vLLM gave no engine id; kvrpc scopes this engine's requests by %s", engine_id)
     return str(engine_id).replace("/", "_")
+
+
+def _vllm_event(event: StoredBlocks | RemovedBlocks) -> KVCacheEvent:
+    """``event`` as vLLM's own type, its hashes as vLLM's publisher sends its own.
+
+    ``maybe_convert_block_hash`` makes them 64-bit ints where vLLM is told to
+    (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``), as it does for its GPU blocks.
+    """
+    hashes = [maybe_convert_block_hash(h) for h in event.block_hashes]
+    if isinstance(event, RemovedBlocks):
+        return BlockRemoved(
+            block_hashes=hashes, medium=event.medium, group_idx=0, ownership=event.ownership
+        )
+    parent = event.parent_block_hash
+    return BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=None if parent is None else maybe_convert_block_hash(parent),
+        token_ids=list(event.token_ids),
+        block_size=event.block_size,
+        lora_id=event.lora_id,
+        medium=event.medium,
+        lora_name=event.lora_name,
+        group_idx=0,
+        ownership=event.ownership,
+    )
 
 
 def _one_group(block_ids: tuple[list[int], ...] | None) -> list[int]:

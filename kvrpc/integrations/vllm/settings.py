@@ -98,6 +98,30 @@ class ConnectorSettings(BaseModel):
         ),
     )
 
+    kv_events: bool | None = Field(
+        default=None,
+        description=(
+            "Tell vLLM's KV-events publisher what the kvrpc servers hold (BlockStored and "
+            "BlockRemoved, medium CPU or STORAGE, ownership kvrpc:<tier>); unset: on when vLLM "
+            "publishes KV events (--kv-events-config enable_kv_cache_events)."
+        ),
+    )
+    kv_events_chunks: int = Field(
+        default=16384,
+        ge=1,
+        description=(
+            "Chunks the scheduler remembers for KV events (their vLLM block hashes, tokens "
+            "and where they are held), least recently told of forgotten first."
+        ),
+    )
+    kv_events_unnamed: bool = Field(
+        default=True,
+        description=(
+            "Also tell of chunks this engine never saw (stored by another engine, or before "
+            "it started), by their kvrpc chunk hash with block_size 0; false: skip them."
+        ),
+    )
+
     @field_validator("url", "worker_url")
     @classmethod
     def _urls_are_urls(cls, url: str | list[str] | None) -> str | list[str] | None:
