@@ -464,6 +464,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also measure this peer system in the same run (lmcache: LMCache's MP RPC, "
         "which must be importable)",
     )
+    rpc.add_argument(
+        "--inbox-burst",
+        type=_positive_int,
+        help="the server's --inbox-burst, for the servers this bench starts (default: its own)",
+    )
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _plot_option(rpc, "bars of kvrpc and each baseline: ping p50/p99, pipelined calls/s")
     rpc.set_defaults(run=_run_bench_rpc, check=_checks(rpc, _check_bench_rpc))
@@ -1114,7 +1119,7 @@ def _run_events(args: argparse.Namespace) -> int:
 
 def _run_bench_rpc(args: argparse.Namespace) -> int:
     from kvrpc.bench.lmcache_peer import require_lmcache
-    from kvrpc.bench.rpc import run_rpc_bench
+    from kvrpc.bench.rpc import run_rpc_bench, serve_options
     from kvrpc.bench.sync import SyncOptions, run_sync_bench
     from kvrpc.transport import parse_url
 
@@ -1131,6 +1136,7 @@ def _run_bench_rpc(args: argparse.Namespace) -> int:
                 window=args.window,
                 rounds=args.interleave,
                 vs_lmcache=args.vs == "lmcache",
+                serve_options=serve_options(args),
             )
         )
     return _report(figures, args.json, plot=_plotter("rpc", args.plot))  # --plot hook

@@ -37,6 +37,7 @@ __all__ = [
     "measure_import",
     "percentile",
     "run_rpc_bench",
+    "serve_options",
 ]
 
 # Run in a fresh interpreter: prints the import time of kvrpc in seconds and which heavy
@@ -169,6 +170,12 @@ async def _server_for(url: str, *serve_options: str) -> AsyncIterator[str]:
         yield f"child process {pid}"
 
 
+def serve_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``kvrpc serve`` flags ``bench rpc``'s options ask for (its ``--inbox-burst``)."""
+    burst: int | None = args.inbox_burst
+    return ("--inbox-burst", str(burst)) if burst is not None else ()
+
+
 def _raw_url(url: TransportURL) -> TransportURL:
     """Where the raw baseline listens: beside the kvrpc server, never on its address."""
     if url.port is not None:
@@ -219,7 +226,9 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
     payload = os.urandom(args.payload_mib * 1024 * 1024)
     figures: dict[str, Any] = {"url": args.url}
     async with contextlib.AsyncExitStack() as stack:
-        figures["server"] = await stack.enter_async_context(_server_for(args.url))
+        figures["server"] = await stack.enter_async_context(
+            _server_for(args.url, *serve_options(args))
+        )
         client = await stack.enter_async_context(AsyncClient(args.url, timeout=300.0))
         paths: dict[str, EchoPath] = {"": _KvrpcPath(client)}
         raw = await stack.enter_async_context(_baseline_for(args.url))

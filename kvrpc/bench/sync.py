@@ -82,6 +82,8 @@ class SyncOptions:
     window: int = 64
     rounds: int = 5
     vs_lmcache: bool = False
+    #: More ``kvrpc serve`` flags for the server (``--inbox-burst 4``, say).
+    serve_options: tuple[str, ...] = ()
 
 
 class _KvrpcSync:
@@ -179,7 +181,7 @@ def _contenders(
     url = parse_url(options.url)
     if url.scheme == "inproc":
         raise KvrpcError("the synchronous figures need a server in another process: not inproc")
-    server = stack.enter_context(kv_server_child(options.url, tmp))
+    server = stack.enter_context(kv_server_child(options.url, tmp, *options.serve_options))
     figures["sync_server"] = f"kvrpc serve, child process {server.pid}"
     paths: dict[str, SyncPath] = {
         "sync_": _KvrpcSync(SyncClient(options.url, timeout=60.0)),
