@@ -18,7 +18,6 @@ import gc
 import os
 import random
 import signal
-import sys
 import time
 from typing import Any
 
@@ -42,6 +41,7 @@ from kvrpc.testing.suite_server import (
     client,
     open_fds,
     serve_conformance,
+    serving_child,
 )
 from kvrpc.transport import (
     ClientInbox,
@@ -53,7 +53,6 @@ from kvrpc.transport import (
     TransportOptions,
     connect_client,
     create_server,
-    parse_url,
 )
 
 __all__ = [
@@ -412,28 +411,14 @@ class TransportConformance(StreamConformance):
     ) -> None:
         """Calls pending when the server process is SIGKILLed fail with ConnectionLost."""
         url = transport_case.make_url()
-        if parse_url(url).scheme == "inproc":
-            pytest.skip("inproc:// cannot reach another process")
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kvrpc.testing",
-            url,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert child.stdout is not None
-            with anyio.fail_after(60):
-                assert (await child.stdout.readline()).startswith(b"ready")
-            async with _client(url, timeout=60.0, reconnect_timeout=0.2) as client:
-                pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
-                assert await client.call(PING) == "pong"  # the sleeps are running
-                os.kill(child.pid, signal.SIGKILL)
-                await _all_fail_with_connection_lost(pending)
-        finally:
-            if child.returncode is None:
-                child.kill()
-            await child.wait()
+        async with (
+            serving_child(url) as pid,
+            _client(url, timeout=60.0, reconnect_timeout=0.2) as client,
+        ):
+            pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
+            assert await client.call(PING) == "pong"  # the sleeps are running
+            os.kill(pid, signal.SIGKILL)
+            await _all_fail_with_connection_lost(pending)
 
     # ------------------------------------------------------------------ bad input
 

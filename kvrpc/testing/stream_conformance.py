@@ -14,7 +14,6 @@ import gc
 import itertools
 import os
 import signal
-import sys
 
 import anyio
 import pytest
@@ -33,8 +32,8 @@ from kvrpc.testing.suite_server import (
     TransportCase,
     client,
     serve_conformance,
+    serving_child,
 )
-from kvrpc.transport import parse_url
 
 __all__ = ["StreamConformance"]
 
@@ -234,22 +233,9 @@ class StreamConformance:
     ) -> None:
         """A SIGKILLed server's stream raises ConnectionLost promptly, not at a timeout."""
         url = transport_case.make_url()
-        if parse_url(url).scheme == "inproc":
-            pytest.skip("inproc:// cannot reach another process")
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kvrpc.testing", url, stdout=asyncio.subprocess.PIPE
-        )
-        try:
-            assert child.stdout is not None
-            with anyio.fail_after(60):
-                assert (await child.stdout.readline()).startswith(b"ready")
-            async with client(url, reconnect_timeout=0.2) as c:
-                stream = c.stream(TRICKLE, 1, timeout=None)  # only the server's loss ends it
-                assert await stream.__anext__() == 0
-                os.kill(child.pid, signal.SIGKILL)
-                with anyio.fail_after(LOSS_DEADLINE), pytest.raises(ConnectionLost):
-                    await stream.__anext__()
-        finally:
-            if child.returncode is None:
-                child.kill()
-            await child.wait()
+        async with serving_child(url) as pid, client(url, reconnect_timeout=0.2) as c:
+            stream = c.stream(TRICKLE, 1, timeout=None)  # only the server's loss ends it
+            assert await stream.__anext__() == 0
+            os.kill(pid, signal.SIGKILL)
+            with anyio.fail_after(LOSS_DEADLINE), pytest.raises(ConnectionLost):
+                await stream.__anext__()

@@ -11,15 +11,20 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+import pytest
+
 from kvrpc.client import AsyncClient
 from kvrpc.protocol import HandlerType, ProtocolDefinition
 from kvrpc.server import RPCServer
+from kvrpc.transport import parse_url
 
 __all__ = [
     "BCOUNT",
@@ -37,6 +42,7 @@ __all__ = [
     "client",
     "open_fds",
     "serve_conformance",
+    "serving_child",
 ]
 
 #: Protocols the suite's servers offer besides the built-ins.
@@ -217,3 +223,26 @@ def client(url: str, **options: Any) -> AsyncClient:
     """A client of the suite's server, with the suite's call timeout unless told otherwise."""
     options.setdefault("timeout", CALL_TIMEOUT)
     return AsyncClient(url, **options)
+
+
+@contextlib.asynccontextmanager
+async def serving_child(url: str) -> AsyncIterator[int]:
+    """``python -m kvrpc.testing URL`` in a process of its own, ready; yields its pid.
+
+    For tests that kill the server: skips on ``inproc://``, which no other process reaches.
+    The child is killed and reaped at the end, whatever the test did to it.
+    """
+    if parse_url(url).scheme == "inproc":
+        pytest.skip("inproc:// cannot reach another process")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvrpc.testing", url, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        with anyio.fail_after(60):
+            assert (await child.stdout.readline()).startswith(b"ready")
+        yield child.pid
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
