@@ -31,6 +31,8 @@ from kvrpc.kv.keys import KeyBatch
 from kvrpc.kv.layout import KVLayout, LayoutKind
 from kvrpc.kv.outcomes import KeyStatus
 from kvrpc.kv.protocols import CudaCopyReply, KVCacheRegistration
+from kvrpc.kv.shm import SharedTensorRef
+from kvrpc.kv.stamps import StampedEvent
 
 UUID = "GPU-5f1c2a9e-0b7d-4e3a-9c61-2d8f0e4b7a13"
 HANDLE = bytes(range(64))
@@ -324,6 +326,8 @@ def test_a_layer_copy_reply_with_its_events_survives_the_wire() -> None:
         statuses=[KeyStatus.OK, KeyStatus.NOT_IN_CACHE],
         detail="not in the cache",
         layer_events=handles,
+        stamps=SharedTensorRef("kvrpc-1-00ff", 0, (512,), "int64"),
+        first_turn=1 << 40,
     )
     frames = encode_response(5, reply.model_dump())
     decoded = decode(frames)
@@ -338,7 +342,8 @@ def test_a_layer_copy_reply_with_its_events_survives_the_wire() -> None:
 def test_a_layerwise_retrieve_with_a_refused_key_has_no_complete_layer() -> None:
     # The refused chunk's blocks stay unwritten, so no layer is whole, whatever its event.
     progress = RetrieveProgress(2)
-    progress._answer([CudaEventHandle("GPU-0000", bytes(64))] * 2, whole=False)
+    gate = StampedEvent(CudaEventHandle("GPU-0000", bytes(64)).open)
+    progress._answer([gate, gate], whole=False)
     assert not progress.wait_layer(0, timeout=0.05)
     assert not progress.wait_layer(1, timeout=0.05)
     progress._finish(False)

@@ -13,6 +13,7 @@ nothing to capture or allocate.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from kvrpc.kv.server.copy_plan import (
     warm_group_sizes,
 )
 from kvrpc.kv.server.lanes import IpcEventRing
+from kvrpc.kv.stamps import StampedEvent, open_stamps
 
 NUM_LAYERS = 3
 NUM_BLOCKS = 12
@@ -603,5 +605,90 @@ def test_a_store_folds_each_chunks_checksum_on_the_gpu_as_the_cpu_folds_its_slot
         ]
         assert on_gpu == on_cpu
         assert len(set(on_gpu)) == chunks  # five different chunks, five different sums
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------ announced layer-wise retrieves
+
+
+def _stamped_gates(engine: CopyEngine, announced: Any) -> list[StampedEvent]:
+    """What a worker polls for each layer of an announced retrieve (see kvrpc.kv.stamps)."""
+    assert engine.stamps.ref is not None
+    stamps = open_stamps(engine.stamps.ref)  # mapped as a worker maps it
+    return [
+        StampedEvent(handle.open, stamps, announced.first_turn + layer)
+        for layer, handle in enumerate(announced.handles)
+    ]
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_an_announced_layerwise_retrieve_stays_pending_until_the_engine_records_each_layer() -> (
+    None
+):
+    layout = gpu_layout("paged-bf16")
+    layers = gpu_layers(layout, seed=41)
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+    host = pinned_pool(8, slot_nbytes)
+    slots = [1, 2, 5]
+    engine = engine_for(layout)
+
+    def transfer(ids: list[int]) -> Transfer:
+        rows = torch.tensor(ids, dtype=torch.int64).view(len(slots), GPU_BPC)
+        return Transfer(layers, layout, rows, host, slots, slot_nbytes)
+
+    a, b = list(range(12)), list(range(20, 32))
+    try:
+        engine.submit_warm(layers, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        run(engine, engine.submit_store, transfer(a))
+        # The engine thread is busy (another batch's enqueue, say) when the retrieve is
+        # answered: the worker holds the layers' events, none recorded for this batch.
+        blocker = threading.Event()
+        engine.executor.submit(blocker.wait, 60)
+        announced = engine.announce_layers(layout.num_layers)
+        gates = _stamped_gates(engine, announced)
+        job = transfer(b)
+        job.announced = announced
+        future = engine.submit_retrieve_layers(job)
+        assert [gate.query() for gate in gates] == [False] * layout.num_layers
+        blocker.set()
+        done, handle, handles = future.result(timeout=60)
+        assert handles == announced.handles
+        engine.wait(done, handle).result(timeout=60)
+        assert all(gate.query() for gate in gates)
+        for got, want in zip(
+            blocks_of(layers, layout, b), blocks_of(layers, layout, a), strict=True
+        ):
+            assert torch.equal(got, want)
+    finally:
+        engine.close()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_an_announced_retrieve_past_its_deadline_fails_every_layer_and_writes_nothing() -> None:
+    layout = gpu_layout("paged-bf16")
+    layers = gpu_layers(layout, seed=42)
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+    host = pinned_pool(4, slot_nbytes)
+    engine = engine_for(layout)
+    b = list(range(40, 48))
+    before = [t.clone() for t in blocks_of(layers, layout, b)]
+    try:
+        announced = engine.announce_layers(layout.num_layers)
+        gates = _stamped_gates(engine, announced)
+        rows = torch.tensor(b, dtype=torch.int64).view(2, GPU_BPC)
+        job = Transfer(layers, layout, rows, host, [0, 3], slot_nbytes)
+        job.deadline = time.monotonic() - 1.0
+        job.announced = announced
+        with pytest.raises(copy_engine.DeadlinePassed):
+            engine.submit_retrieve_layers(job).result(timeout=60)
+        for gate in gates:
+            with pytest.raises(KVError, match="failed"):
+                gate.query()
+        torch.cuda.synchronize()
+        for got, want in zip(blocks_of(layers, layout, b), before, strict=True):
+            assert torch.equal(got, want)
     finally:
         engine.close()

@@ -124,13 +124,18 @@ class CudaCopyReply(KeyOutcomes):
 class LayerCopyReply(KeyOutcomes):
     """Per-key outcome of a layer-wise ``cuda_ipc`` retrieve, and one event per layer.
 
-    Sent once the copy is enqueued, not once it completed: ``layer_events[l]`` (recorded on
-    the server's copy stream) completes when layer ``l`` of every copied chunk is in its
-    blocks, and the last one when the whole batch is. A worker polls them (never makes a
-    stream wait on them: see :mod:`kvrpc.cuda`). Empty when nothing was copied.
+    Sent before the copy is enqueued: ``layer_events[l]`` (recorded on the server's copy
+    stream) completes when layer ``l`` of every copied chunk is in its blocks, and the last
+    one when the whole batch is, but only once the stamp of turn ``first_turn + l`` in
+    ``stamps`` says it was recorded (:mod:`kvrpc.kv.stamps`); a failed stamp means that layer
+    and the ones after it were never written. ``stamps`` is None when the events were all
+    recorded before the reply. A worker polls (never makes a stream wait on them: see
+    :mod:`kvrpc.cuda`). Empty when nothing was copied.
     """
 
     layer_events: list[CudaEventHandle] = Field(default_factory=list)
+    stamps: SharedTensorRef | None = None
+    first_turn: int = 0
 
 
 #: What a :class:`KVEvent` tells (see :class:`kvrpc.kv.server.events.EventKind`).

@@ -31,6 +31,7 @@ from kvrpc.kv.client.watcher import EventWatcher
 from kvrpc.kv.layout import KVLayout, scatter_chunks
 from kvrpc.kv.outcomes import KeyOutcomes, KeyStatus
 from kvrpc.kv.protocols import CudaCopyReply, LayerCopyReply, RetrieveReply
+from kvrpc.kv.stamps import StampedEvent, open_stamps
 
 __all__ = ["Completions", "InlineTarget"]
 
@@ -181,18 +182,23 @@ class Completions:
         progress: RetrieveProgress,
         reply: LayerCopyReply,
     ) -> None:
-        """Hand a layer-wise reply's events to the progress; settle once the last completed."""
+        """Hand a layer-wise reply's events to the progress; settle once the last completed.
+
+        The reply may come before the server has recorded its events: each layer is polled
+        through its stamp first (:class:`~kvrpc.kv.stamps.StampedEvent`).
+        """
         handles = reply.layer_events
+        gates = _layer_gates(reply)
         # A key that failed at the door (evicted since the lookup, say) leaves its blocks
         # unwritten: no layer of this retrieve is complete, whatever the events say.
-        progress._answer(handles, not reply.failed())
+        progress._answer(gates, not reply.failed())
         if not handles:
             self.retrieve_settled(request_ids, owners, rows, future, progress)
             return
         settle = functools.partial(
             self._retrieve_copied, request_ids, owners, rows, future, progress
         )
-        self._events.watch(handles[-1], self._timeout, settle)
+        self._events.watch_event(gates[-1], self._timeout, settle)
 
     def _retrieve_copied(
         self,
@@ -279,3 +285,36 @@ class Completions:
         if threads is not None:
             threads.shutdown(wait=True)
         self._events.close(min(self._timeout, _SHUTDOWN_WAIT))
+
+
+class _Unreadable:
+    """The gate of a reply whose stamps cannot be mapped: never known to be recorded."""
+
+    def query(self) -> bool:
+        return False
+
+
+def _layer_gates(reply: LayerCopyReply) -> list[Any]:
+    """What to poll for each layer of a layer-wise reply (see :mod:`kvrpc.kv.stamps`).
+
+    Stamps that cannot be mapped (a server of another user, a ``/dev/shm`` not shared with
+    it) leave no way to tell a recorded event from an old one: every layer then stays
+    pending, so the layer waits fail and the retrieve settles as failed only after the
+    client timeout, by when any copy the server still made is long over.
+    """
+    handles = reply.layer_events
+    if reply.stamps is None:
+        return [StampedEvent(handle.open) for handle in handles]
+    try:
+        stamps = open_stamps(reply.stamps)
+    except Exception as exc:
+        logger.warning(
+            "cannot map the server's layer stamps (%s): layer-wise retrieves will fail and be "
+            "recomputed; run the server as the workers' user, sharing their /dev/shm",
+            exc,
+        )
+        return [_Unreadable() for _ in handles]
+    first = reply.first_turn
+    return [
+        StampedEvent(handle.open, stamps, first + layer) for layer, handle in enumerate(handles)
+    ]

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from kvrpc.cuda import CudaEventHandle
+from kvrpc.kv.client.watcher import Pollable
 
 __all__ = ["RetrieveProgress"]
 
@@ -33,7 +33,7 @@ class RetrieveProgress:
         self._finished = threading.Event()
         self._ok = False
         self._answered = threading.Event()
-        self._layer_events: list[CudaEventHandle] = []
+        self._layer_events: list[Pollable] = []
         self._partial = False
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
@@ -52,12 +52,14 @@ class RetrieveProgress:
         if self._finished.is_set() or not self._layer_events:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             return self._finished.wait(left) and self._ok
-        try:  # opened on first use: a handle seen before is open already (kvrpc.cuda)
-            event = self._layer_events[layer].open()
-        except Exception as exc:
-            logger.warning("cannot open the server's event for layer %d: %s", layer, exc)
-            return False
-        while not event.query():
+        gate = self._layer_events[layer]
+        while True:
+            try:  # the event is opened on first use (one seen before is open already)
+                if gate.query():
+                    return True
+            except Exception as exc:
+                logger.warning("cannot poll the server's event for layer %d: %s", layer, exc)
+                return False
             if self._finished.is_set():  # failed meanwhile (the completion timed out)
                 return self._ok
             if deadline is not None and time.monotonic() >= deadline:
@@ -65,7 +67,6 @@ class RetrieveProgress:
             # No back-off: a layer arrives every millisecond or so, and the caller has
             # nothing to do until it does.
             time.sleep(_LAYER_POLL_S)
-        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the whole retrieve is settled; True if it filled every block."""
@@ -75,7 +76,7 @@ class RetrieveProgress:
         """True once the retrieve is settled (filled or failed); never blocks."""
         return self._finished.is_set()
 
-    def _answer(self, layer_events: list[CudaEventHandle], whole: bool) -> None:
+    def _answer(self, layer_events: list[Pollable], whole: bool) -> None:
         self._layer_events = layer_events
         self._partial = not whole
         self._answered.set()

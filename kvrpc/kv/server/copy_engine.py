@@ -61,12 +61,13 @@ from kvrpc.kv.server.copy_plan import (
     scatter_views,
     yield_gil,
 )
-from kvrpc.kv.server.dma import copy_rows_to_device
+from kvrpc.kv.server.dma import copy_runs_to_device, pitched_runs
 from kvrpc.kv.server.graphs import GraphCache
-from kvrpc.kv.server.lanes import IpcEventRing, Lane
+from kvrpc.kv.server.lanes import IpcEventRing, Lane, LayerAnnouncement
 from kvrpc.kv.server.warmup import warm
+from kvrpc.kv.stamps import LayerStamps
 
-__all__ = ["CopyEngine", "DeadlinePassed", "Transfer"]
+__all__ = ["CopyEngine", "DeadlinePassed", "LayerAnnouncement", "Transfer"]
 
 #: Completion events each engine cycles through (see :class:`_IpcEventRing`).
 _DONE_EVENTS = 256
@@ -111,6 +112,8 @@ class CopyEngine:
         # handles a worker sees repeat soon, so it opens each once (opening an IPC event
         # costs far more than polling it).
         self._layer_events = IpcEventRing(device, _LAYER_EVENTS)
+        #: Which layer events are recorded, in shared memory for the workers to read.
+        self.stamps = LayerStamps.shared(_LAYER_EVENTS)
         self._timings: dict[CudaEventHandle, tuple[Any, Any]] = {}
         self.graphs = GraphCache()
         # The layer lists warmed up (see submit_warm), by id: held so that no other list
@@ -340,11 +343,29 @@ class CopyEngine:
 
         Layer ``l``'s part of a chunk is bytes ``[l * L, (l + 1) * L)`` of its slot (``L``
         one layer's share), so each layer is one pitched DMA per run of consecutive slots
-        (:func:`kvrpc.kv.server.dma.copy_rows_to_device`) into a staging buffer laid out as a
-        one-layer slot, then one scatter into that layer's blocks. Runs eagerly
-        (two launches a layer and group): a graph per layer would buy little here, since the
-        copies of later layers, not these launches, are what an engine waits for.
+        (:func:`kvrpc.kv.server.dma.copy_rows_to_device`, the runs found once for every
+        layer) into a staging buffer laid out as a one-layer slot, then one scatter into
+        that layer's blocks. Runs eagerly (two launches a layer and group): a graph per
+        layer would buy little here, since the copies of later layers, not these launches,
+        are what an engine waits for.
+
+        The layers' events are the transfer's :class:`LayerAnnouncement` (taken when the
+        retrieve was answered, see :meth:`announce_layers`), or taken here. Each is stamped
+        once recorded; if the batch fails part way, the rest are stamped failed.
         """
+        announced = transfer.announced
+        if announced is None:
+            announced = self.announce_layers(transfer.layout.num_layers)
+        try:
+            done, handle = self._enqueue_layers(transfer, announced)
+        except BaseException:
+            announced.fail_rest()
+            raise
+        return done, handle, announced.handles
+
+    def _enqueue_layers(
+        self, transfer: Transfer, announced: LayerAnnouncement
+    ) -> tuple[Any, CudaEventHandle]:
         self._check_deadline(transfer)
         lane = self._retrieve_lane
         layer_bytes, groups = self._groups(transfer, lane, layerwise=True)
@@ -356,33 +377,56 @@ class CopyEngine:
         started = self._start_retrieve(transfer, lane)
         with torch.cuda.stream(scatter):  # the scatters read them on this stream
             keeps = [keep_rows(transfer, first, count, self.device) for first, count, _ in groups]
-        bases = [[slot * size for slot in transfer.slots[f : f + c]] for f, c, _ in groups]
+        # Each group's runs of consecutive slots, found once: every layer moves the same
+        # rows, at its own offset into the slots.
+        plans = []
+        for first, count, _ in groups:
+            offsets = [slot * size for slot in transfer.slots[first : first + count]]
+            runs = pitched_runs(offsets, size)
+            plans.append((runs, [offsets[row] for row, _ in runs]))
         loaded, freed = lane.loaded, lane.freed
-        handles: list[CudaEventHandle] = []
+        last = len(targets) - 1
+        done: Any = None
+        handle: Any = None
         for layer, target in enumerate(targets):
             offset = layer * layer_bytes
-            for (_, count, ids), keep, base in zip(groups, keeps, bases, strict=True):
+            for (_, count, ids), keep, (runs, starts) in zip(groups, keeps, plans, strict=True):
                 b, views, free = self._next_views(lane, count, layer_bytes, one_layer)
                 if free is not None:
                     copy.wait_event(free)
-                offsets = [start + offset for start in base]
-                copy_rows_to_device(views.rows, transfer.host, offsets, size, copy)
+                copy_runs_to_device(views.rows, transfer.host, runs, starts, offset, size, copy)
                 loaded[b].record(copy)
                 scatter.wait_event(loaded[b])
                 with torch.cuda.stream(scatter):
                     scatter_views([target], views, layout.block_dim, ids, keep)
                 freed[b].record(scatter)
                 lane.free[b] = freed[b]
-            if layer == len(targets) - 1:
-                break  # the batch's own completion event stands for the last layer
-            event, handle = self._layer_events.next()
-            event.record(scatter)
-            handles.append(handle)
-            yield_gil(layer)
-        nbytes = layer_bytes * layout.num_layers * len(transfer.slots)
-        done, handle = self._finish(scatter, started, nbytes)
-        handles.append(handle)
-        return done, handle, handles
+            if layer == last:
+                # The batch's own completion event (what the server settles on) before the
+                # last layer's stamp: a worker told "all done" finds it recorded.
+                nbytes = layer_bytes * layout.num_layers * len(transfer.slots)
+                done, handle = self._finish(scatter, started, nbytes)
+            announced.record(scatter)
+            # The first layers are what a waiting engine needs soonest: let the loop's
+            # thread (sending the reply, reading the next request) in after each of them.
+            if layer < 4:
+                time.sleep(0)
+            else:
+                yield_gil(layer)
+        return done, handle
+
+    def announce_layers(self, count: int) -> LayerAnnouncement:
+        """Take the ``count`` events of a layer-wise retrieve now, before it is enqueued.
+
+        Any thread may call it (the server's loop does, to answer the retrieve at once);
+        hand the result to the engine as :attr:`Transfer.announced`. Until the engine
+        records a layer's event its turn stays pending in :attr:`stamps`, which the reply
+        names so that a worker can tell.
+        """
+        first, taken = self._layer_events.take(count)
+        return LayerAnnouncement(
+            first, [event for event, _ in taken], [h for _, h in taken], self.stamps
+        )
 
     def submit_store(
         self, transfer: Transfer
@@ -492,6 +536,7 @@ class CopyEngine:
         self.executor.shutdown(wait=True)
         self.waiters.shutdown(wait=True)
         self.pollers.shutdown(wait=True)
+        self.stamps.release()
 
 
 def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:

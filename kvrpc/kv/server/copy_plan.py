@@ -12,12 +12,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 from kvrpc.kv.server.dma import pitched_runs
+
+if TYPE_CHECKING:  # lanes builds on this module's views
+    from kvrpc.kv.server.lanes import LayerAnnouncement
 
 __all__ = [
     "GroupViews",
@@ -253,6 +256,9 @@ class Transfer:
     checksums: torch.Tensor | None = None
     """Store with ``checksum``: set by the engine, pinned int64 ``[n, 2]``, each chunk's
     lanes; filled on the host once the batch's completion event has completed."""
+    announced: LayerAnnouncement | None = None
+    """Layer-wise retrieve: the :class:`~kvrpc.kv.server.lanes.LayerAnnouncement` its reply
+    named (None: the engine takes the layers' events itself)."""
 
 
 def host_runs(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["copy_rows_to_device", "pitched_runs"]
+__all__ = ["copy_rows_to_device", "copy_runs_to_device", "pitched_runs"]
 
 logger = logging.getLogger("kvrpc.kv")
 
@@ -85,26 +85,44 @@ def copy_rows_to_device(
     tensor; rows whose offsets step by ``pitch`` go in one 2-D copy. Asynchronous: ``host``
     must stay alive and unchanged until ``stream`` has run the copies.
     """
+    runs = pitched_runs(offsets, pitch)
+    copy_runs_to_device(rows, host, runs, [offsets[first] for first, _ in runs], 0, pitch, stream)
+
+
+def copy_runs_to_device(
+    rows: torch.Tensor,
+    host: torch.Tensor,
+    runs: Sequence[tuple[int, int]],
+    starts: Sequence[int],
+    offset: int,
+    pitch: int,
+    stream: Any,
+) -> None:
+    """Like :func:`copy_rows_to_device`, for runs found already: one 2-D copy each.
+
+    ``runs`` are :func:`pitched_runs` of the rows' offsets, ``starts[i]`` the host offset of
+    run ``i``'s first row; every offset is moved by ``offset``. A layer-wise retrieve finds
+    its runs once and copies each layer at its own ``offset``, so a layer costs a driver
+    call per run and no Python per row.
+    """
     width = rows.shape[1]
     memcpy = _memcpy_2d()
     if memcpy is None:
         with torch.cuda.stream(stream):
-            for row, offset in enumerate(offsets):
-                rows[row].copy_(host[offset : offset + width], non_blocking=True)
+            for (first, count), start in zip(runs, starts, strict=True):
+                for row in range(count):
+                    begin = start + offset + row * pitch
+                    rows[first + row].copy_(host[begin : begin + width], non_blocking=True)
         return
-    base, target = host.data_ptr(), rows.data_ptr()
+    base, target = host.data_ptr() + offset, rows.data_ptr()
     handle = ctypes.c_void_p(stream.cuda_stream)
-    for first, count in pitched_runs(offsets, pitch):
-        spec = _Memcpy2D(
-            srcMemoryType=_HOST,
-            srcHost=base + offsets[first],
-            srcPitch=pitch if count > 1 else width,
-            dstMemoryType=_DEVICE,
-            dstDevice=target + first * width,
-            dstPitch=width,
-            WidthInBytes=width,
-            Height=count,
-        )
-        status = memcpy(ctypes.byref(spec), handle)
+    spec = _Memcpy2D(srcMemoryType=_HOST, dstMemoryType=_DEVICE, dstPitch=width, WidthInBytes=width)
+    pointer = ctypes.byref(spec)
+    for (first, count), start in zip(runs, starts, strict=True):
+        spec.srcHost = base + start
+        spec.srcPitch = pitch if count > 1 else width
+        spec.dstDevice = target + first * width
+        spec.Height = count
+        status = memcpy(pointer, handle)
         if status != 0:
             raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {status}")

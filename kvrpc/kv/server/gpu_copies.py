@@ -32,7 +32,7 @@ from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.outcomes import DEADLINE_PASSED, WORKER_GONE, KeyFailure, KeyStatus, copy_failed
-from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, Transfer
+from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, LayerAnnouncement, Transfer
 from kvrpc.kv.server.pool import ChunkPool
 
 __all__ = ["CudaCache", "GpuCopies"]
@@ -178,6 +178,66 @@ class GpuCopies:
             logger.error("a GPU copy failed", exc_info=exc)
             return copy_failed(exc), None
         return None, result
+
+    async def copy_announced(
+        self,
+        cache: CudaCache,
+        transfer: Callable[[Any], Transfer],
+        ready_handle: CudaEventHandle,
+        on_late_finish: Callable[[], None],
+        settle: Callable[[KeyFailure | None], None],
+        started: float,
+        deadline: float | None = None,
+    ) -> tuple[KeyFailure | None, LayerAnnouncement | None]:
+        """A layer-wise retrieve, answerable before it is enqueued: (None, its announcement).
+
+        Waits for the worker's event as :meth:`copy` does, then takes the layers' events
+        and hands the job to the engine thread *without waiting for it*: the caller answers
+        with the announcement at once, and a worker polls each layer's stamp and event
+        (:mod:`kvrpc.kv.stamps`) while the engine still enqueues the later layers.
+        ``settle`` runs on the loop once the copy completed, or failed (the engine then
+        stamped the layers it never recorded as failed). ``(why not, None)`` when nothing
+        will be copied.
+        """
+        error, ready = await self._worker_ready(cache, ready_handle, deadline, on_late_finish)
+        if error is None and deadline is not None and time.monotonic() > deadline:
+            error = DEADLINE_PASSED
+        if error is not None:
+            return error, None
+        engine = cache.engine
+        job = transfer(ready)
+        job.announced = announced = engine.announce_layers(cache.layout.num_layers)
+        enqueued = engine.submit_retrieve_layers(job)
+        loop = asyncio.get_running_loop()
+
+        def on_enqueued(future: concurrent.futures.Future[Any]) -> None:  # engine thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to settle
+                loop.call_soon_threadsafe(self._enqueued, engine, future, settle)
+
+        enqueued.add_done_callback(on_enqueued)
+        self.last_handler_seconds = time.perf_counter() - started
+        return None, announced
+
+    def _enqueued(
+        self,
+        engine: CopyEngine,
+        future: concurrent.futures.Future[Any],
+        settle: Callable[[KeyFailure | None], None],
+    ) -> None:
+        """An announced copy is enqueued (or failed to be): settle it once it completed."""
+        exc = future.exception() if not future.cancelled() else None
+        if future.cancelled():
+            settle(copy_failed("the server shut down"))
+        elif isinstance(exc, DeadlinePassed):
+            settle(DEADLINE_PASSED)
+        elif exc is not None:
+            logger.error("a GPU copy failed", exc_info=exc)
+            settle(copy_failed(exc))
+        else:
+            done, handle, _ = future.result()
+            answered = _Answered(done, settle)
+            self._answered.append(answered)
+            self._spawn(self._settle_after, engine, handle, answered)
 
     def settle_later(
         self,

@@ -521,16 +521,45 @@ class KVService:
         ready: CudaEventHandle,
         deadline: float | None,
     ) -> LayerCopyReply:
-        """``kv.retrieve_cuda_layers``: a retrieve in layer order, answered once enqueued.
+        """``kv.retrieve_cuda_layers``: a retrieve in layer order, answered before it is enqueued.
 
-        The reply carries one event per layer; the slots stay pinned, and the sessions'
-        pins held, until the whole copy has completed (settled in the background).
+        The reply carries one event per layer and the stamps that say which of them are
+        recorded yet (:mod:`kvrpc.kv.stamps`), so that the worker waits for layer 0 while
+        the engine still enqueues the rest. The slots stay pinned, and the sessions' pins
+        held, until the whole copy has completed (settled in the background). With
+        ``--verify-retrieves`` the reply waits for the copy and its check, as for
+        ``kv.retrieve_cuda``.
         """
-        answered, result = await self._cuda_retrieve(
-            client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=True
+        if self.verify_retrieves:
+            answered, result = await self._cuda_retrieve(
+                client_id, instance_id, request_ids, keys, block_ids, ready, deadline, layers=True
+            )
+            events = [] if result is None else result[2]
+            return LayerCopyReply(**outcome_fields(answered), layer_events=events)
+        started = time.perf_counter()
+        now = time.monotonic()
+        instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
+        plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
+        cache = self.mappings.cuda(instance)
+        if not plan.found:
+            return LayerCopyReply(**outcome_fields(plan.results))
+        expires = None if deadline is None else now + deadline
+        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
+        late = functools.partial(self.state.abandon_retrieve, plan)
+        settle = functools.partial(self.state.settle_retrieve, plan)
+        error, announced = await self.gpu.copy_announced(
+            cache, transfer, ready, late, settle, started, expires
         )
-        events = [] if result is None else result[2]
-        return LayerCopyReply(**outcome_fields(answered), layer_events=events)
+        if error is not None or announced is None:
+            self.state.settle_retrieve(plan, error)
+            return LayerCopyReply(**outcome_fields(plan.results))
+        # Copied: the settle that follows (in the background) must not change the answer.
+        return LayerCopyReply(
+            **outcome_fields(list(plan.results)),
+            layer_events=announced.handles,
+            stamps=announced.stamps.ref,
+            first_turn=announced.first_turn,
+        )
 
     async def _cuda_retrieve(
         self,
