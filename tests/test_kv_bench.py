@@ -196,10 +196,10 @@ def test_gpu_bench_reports_the_first_transfer_against_the_warm_pinned_copies() -
     assert figures["first_retrieve_loop_lag_samples"] == 49
     assert figures["first_store_gc_pause_max_us"] == 3900
     assert figures["first_retrieve_gc_pause_max_us"] == 0  # no collection during it
-    assert figures["first_transfer_goal"].startswith("MISSED")  # 0.4 < 0.8
+    assert figures["first_transfer_goal"].startswith("MISSED")  # 0.4 < 0.9
     assert figures["first_stall_goal"].startswith("MISSED")  # 4.2 ms >= 1 ms
 
-    quick = (0.045, {**store[1], "loop_lag_max_us": 800})
+    quick = (0.042, {**store[1], "loop_lag_max_us": 800})  # 0.95 of the pinned copy
     figures = first_transfer_figures(quick, retrieve, d2h_seconds=0.040, h2d_seconds=0.045)
     assert figures["first_transfer_goal"].startswith("met")
     assert figures["first_stall_goal"].startswith("met")

@@ -15,6 +15,10 @@
 * **duplex**: a store and a retrieve of a batch each, submitted together (PCIe is full
   duplex: the copy engine runs them on two lanes at once), against a pinned D2H and a pinned
   H2D run at once on two streams.
+* **first layer**: a layer-wise retrieve of the batch (its chunk hashes given, as a
+  scheduler hands them over), timed on the worker's host from the submit to the server's
+  stamp saying layer 0's copy is enqueued (``first_layer_enqueued_ms``; goal under 1 ms),
+  to layer 0 in its blocks, and to the whole retrieve.
 * **memory**: the server's peak GPU allocation (its copy engine's staging and temporaries)
   against one batch's bytes.
 * **checksums**: the store with checksums (the copy engine folds every chunk on the GPU
@@ -46,6 +50,7 @@ from kvrpc.client import SyncClient
 from kvrpc.errors import KVError
 from kvrpc.kv import protocols
 from kvrpc.kv.client import LoadStoreOp, WorkerAdapter
+from kvrpc.kv.keys import hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.progress import Progress
 from kvrpc.protocol import PING
@@ -57,12 +62,13 @@ _T = TypeVar("_T")
 _MODEL = "kvrpc-bench-gpu"
 _BLOCK_SIZE = 16
 _CHUNK_SIZE = 256
-_TRANSFER_GOAL = 0.9
-_FIRST_GOAL = 0.8
+_TRANSFER_GOAL = 0.95
+_FIRST_GOAL = 0.9
 _STALL_GOAL_US = 1000
 _PING_GOAL = 2.0
 _MEMORY_GOAL = 2.0
-_DUPLEX_GOAL = 1.5
+_DUPLEX_GOAL = 0.95  # a store and a retrieve at once / a pinned D2H and H2D at once
+_FIRST_LAYER_GOAL_MS = 1.0
 _CHECKSUM_GOAL = 0.03  # store time with checksums / without, minus 1, at most
 
 
@@ -269,6 +275,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             _duplex(options, worker, client, store_ids, retrieve_ids, tokens, nbytes, figures)
         )
         figures.update(_stall(options, url, client, store))
+        figures.update(_first_layer(options, worker, client, store, retrieve_ids, tokens))
         client.call(protocols.CLEAR)
         off_url = figure_url(url, 1)
         stack.enter_context(kv_server_child(off_url, tmp, *server_options, "--no-checksums"))
@@ -448,8 +455,69 @@ def _duplex(
         "duplex_to_one_way": round(ratio, 3),
         "duplex_to_pinned_both_ways": round(both / duplex, 3),
         "duplex_goal": goal(
-            ratio >= _DUPLEX_GOAL,
-            f"a store and a retrieve at once >= {_DUPLEX_GOAL:g}x the one-direction pinned rate",
+            both / duplex >= _DUPLEX_GOAL,
+            f"a store and a retrieve at once >= {_DUPLEX_GOAL:g}x a pinned D2H and H2D at once",
+        ),
+    }
+
+
+def _first_layer(
+    options: GPUBenchOptions,
+    worker: WorkerAdapter,
+    client: SyncClient,
+    store: Callable[..., tuple[float, dict[str, Any]]],
+    retrieve_ids: list[int],
+    tokens: list[int],
+) -> dict[str, Any]:
+    """A layer-wise retrieve's host time to its first layer, round by round.
+
+    Each round stores the batch, then retrieves it layer-wise with the chunk hashes given
+    (hashed once, as an engine's scheduler has them) and times, from the submit: the
+    server's stamp that layer 0's copy is enqueued, layer 0 in its blocks, and the whole
+    retrieve settled. The stamp is polled without sleeping, so it is seen within a
+    microsecond or two of being written.
+    """
+    hashes = hashes_from_tokens(tokens, _CHUNK_SIZE)
+    op = LoadStoreOp(retrieve_ids, chunk_hashes=hashes)
+    enqueued, first, whole = [], [], []
+    for turn in range(options.rounds + 1):  # the first round is a warm-up
+        _progress(f"first layer: round {turn + 1}/{options.rounds + 1}")
+        client.call(protocols.CLEAR)
+        store()
+        request_id = f"layers-{turn}"
+        start = time.perf_counter()
+        progress = worker.submit_retrieve_request(request_id, op, layerwise=True)
+        while not progress.layer_enqueued(0):
+            pass
+        at_enqueued = time.perf_counter()
+        if not progress.wait_layer(0, timeout=60):
+            raise KVError("a layer-wise retrieve's first layer did not arrive")
+        at_first = time.perf_counter()
+        if not progress.wait(60):
+            raise KVError("a layer-wise retrieve could not fill every block")
+        at_whole = time.perf_counter()
+        wait_finished(worker, request_id, store=False, poll=0.0001)
+        if turn:
+            enqueued.append(at_enqueued - start)
+            first.append(at_first - start)
+            whole.append(at_whole - start)
+    client.call(protocols.CLEAR)
+
+    def ms(seconds: list[float]) -> dict[str, Any]:
+        return {
+            "p50": round(statistics.median(seconds) * 1e3, 3),
+            "spread": [round(min(seconds) * 1e3, 3), round(max(seconds) * 1e3, 3)],
+        }
+
+    median = statistics.median(enqueued) * 1e3
+    return {
+        "first_layer_enqueued_ms": ms(enqueued),
+        "first_layer_in_blocks_ms": ms(first),
+        "layerwise_retrieve_ms": ms(whole),
+        "first_layer_goal": goal(
+            median < _FIRST_LAYER_GOAL_MS,
+            f"host time from a layer-wise retrieve's submit to layer 0's copy enqueued "
+            f"< {_FIRST_LAYER_GOAL_MS:g} ms",
         ),
     }
 

@@ -133,6 +133,13 @@ class StampedEvent:
         self._turn = turn
         self._event: Any = None
 
+    def recorded(self) -> bool:
+        """True once the event is recorded (the layer's copies enqueued) or never will be.
+
+        Never blocks.
+        """
+        return self._stamps is None or self._stamps.state(self._turn) is not StampState.PENDING
+
     def query(self) -> bool:
         """True once the layer's copies completed; False while pending; never blocks."""
         if self._stamps is not None:

@@ -7,6 +7,7 @@ import threading
 import time
 
 from kvrpc.kv.client.watcher import Pollable
+from kvrpc.kv.stamps import StampedEvent
 
 __all__ = ["RetrieveProgress"]
 
@@ -67,6 +68,20 @@ class RetrieveProgress:
             # No back-off: a layer arrives every millisecond or so, and the caller has
             # nothing to do until it does.
             time.sleep(_LAYER_POLL_S)
+
+    def layer_enqueued(self, layer: int) -> bool:
+        """True once the server has enqueued layer ``layer``'s copy (or given up on it).
+
+        Never blocks. A layer-wise retrieve is answered before its layers are enqueued;
+        this says how far the server's engine has got, which is what an engine's first
+        layer waits for beyond the copy itself. Any other retrieve: True once answered.
+        """
+        if not self._answered.is_set():
+            return False
+        if not self._layer_events or self._finished.is_set():
+            return True
+        gate = self._layer_events[layer]
+        return not isinstance(gate, StampedEvent) or gate.recorded()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the whole retrieve is settled; True if it filled every block."""
