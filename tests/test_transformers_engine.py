@@ -34,6 +34,8 @@ from kvrpc.integrations.transformers import (
     PagedLlama,
     slot_indices,
 )
+from kvrpc.integrations.transformers import engine as engine_module
+from kvrpc.kv.client import ops as ops_module
 from kvrpc.testing.serve import ServeProcess
 from kvrpc.transport import local_url
 
@@ -261,3 +263,47 @@ def test_a_retrieve_that_fails_is_recomputed_with_the_same_logits(
     assert engine.worker.stats.failed_retrieves == 3
     full = engine.prefill(rid(), tokens, cached_tokens=0, logits_for=12, store=False)
     assert torch.equal(served.logits, full.logits)
+
+
+def test_a_prefill_hashes_its_prompt_once_for_the_lookup_retrieve_and_store(
+    engine: CachingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine's hashing counted where it calls it, and the adapters' own (the one
+    # prompt_hashes calls for token ids) counted too: it must not run at all.
+    calls: dict[str, list[int]] = {"engine": [], "adapters": []}
+
+    def counting(name: str, real: Any) -> Any:
+        def hashes(token_ids: Any, chunk_size: int, cache_salt: str | None = None) -> Any:
+            calls[name].append(len(token_ids))
+            return real(token_ids, chunk_size, cache_salt)
+
+        return hashes
+
+    monkeypatch.setattr(
+        engine_module, "hashes_from_tokens", counting("engine", engine_module.hashes_from_tokens)
+    )
+    monkeypatch.setattr(
+        ops_module, "hashes_from_tokens", counting("adapters", ops_module.hashes_from_tokens)
+    )
+    prefix = prompt(3 * CHUNK, seed=10)
+    first = engine.prefill(rid(), [*prefix, 4, 5])  # a miss: lookup and store
+    engine.wait_for_stores([first.request_id])
+    assert first.cached_tokens == 0
+    assert calls == {"engine": [3 * CHUNK + 2], "adapters": []}
+    assert len(first.chunk_hashes) == 3
+
+    tokens = prefix + prompt(7, seed=11)
+    hit = engine.prefill(rid(), tokens, logits_for=7)  # lookup, retrieve and store
+    engine.wait_for_stores([hit.request_id])
+
+    assert hit.cached_tokens == 3 * CHUNK and not hit.recomputed
+    assert calls == {"engine": [3 * CHUNK + 2, 3 * CHUNK + 7], "adapters": []}
+    assert hit.chunk_hashes == first.chunk_hashes  # the same prefix, the same keys
+    assert torch.equal(hit.logits, own_kv_suffix(engine, tokens, 3 * CHUNK, 7))
+    assert engine.worker.stats.retrieved_chunks == 3
+    # A prefill that neither looks up nor stores hashes nothing; the public lookup, given
+    # only tokens, hashes them itself and still finds the prefix.
+    engine.prefill(rid(), tokens, cached_tokens=0, store=False)
+    assert len(calls["engine"]) == 2
+    assert engine.lookup(rid(), tokens) == 3 * CHUNK
+    assert len(calls["engine"]) == 3 and calls["adapters"] == []
