@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvrpc.errors import KVError
+from kvrpc.integrations.transformers.decode import Decoder
 from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
 from kvrpc.kv.client import (
     LoadStoreOp,
@@ -67,7 +68,8 @@ class CachingEngine:
     ``layerwise`` makes a hit's retrieve move layer by layer, each layer's attention waiting
     only for its own layer (``cuda_ipc``; on the CPU every layer arrives at once). ``model``
     and the cache live on ``device``; on the CPU the KV tensors are in shared memory, which
-    the server reads and writes in place.
+    the server reads and writes in place. ``cuda_graphs`` makes :meth:`decode` replay a
+    CUDA graph per step (see :mod:`.decode`; CUDA only) unless told otherwise per call.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class CachingEngine:
         layerwise: bool = True,
         timeout: float = 30.0,
         lookup_timeout: float = 5.0,
+        cuda_graphs: bool = False,
     ) -> None:
         config = model.config
         parameter = next(model.parameters())
@@ -102,6 +105,10 @@ class CachingEngine:
         self.device = device
         self.layerwise = layerwise
         self.timeout = timeout
+        self.cuda_graphs = cuda_graphs
+        self._decoders: dict[bool, Decoder] = {}
+        if cuda_graphs:
+            self.decoder(True)  # refuses a CPU model now, not at the first decode
         self.scheduler = PollingSchedulerAdapter(
             url, model_name, 1, 0, block_size, lookup_timeout=lookup_timeout, timeout=timeout
         )
@@ -244,21 +251,36 @@ class CachingEngine:
         if not self.worker.wait_for_stores(request_ids, timeout):
             raise KVError(f"stores of {list(request_ids)} not done within {timeout:g} s")
 
-    def decode(self, prefill: Prefill, steps: int) -> list[int]:
+    def decoder(self, cuda_graphs: bool | None = None) -> Decoder:
+        """The engine's decoder: ``eager``, or ``graphed`` with ``cuda_graphs``.
+
+        ``cuda_graphs=None`` is the engine's choice. Each is made once and keeps its buffers
+        and graphs for the next request; one request decodes at a time.
+        """
+        graphed = self.cuda_graphs if cuda_graphs is None else cuda_graphs
+        decoder = self._decoders.get(graphed)
+        if decoder is None:
+            decoder = Decoder(self.runner, mode="graphed" if graphed else "eager")
+            self._decoders[graphed] = decoder
+        return decoder
+
+    def decode(self, prefill: Prefill, steps: int, *, cuda_graphs: bool | None = None) -> list[int]:
         """Greedy tokens after the prompt: the first, then ``steps - 1`` more, one at a time.
 
         Extends the request's block table as it grows (its blocks stay the caller's to
-        :meth:`release`).
+        :meth:`release`). Each step appends one slot to the context's slots on the device
+        (:class:`~.decode.Decoder`); with ``cuda_graphs`` (the engine's choice when None) it
+        replays a CUDA graph.
         """
         tokens = [prefill.first_token]
-        position = len(prefill.token_ids)
+        if steps <= 1:
+            return tokens
+        decoder = self.decoder(cuda_graphs)
         table = prefill.block_table
+        decoder.start(table, len(prefill.token_ids), reserve=steps)
         for _ in range(steps - 1):
-            if position >= len(table) * self.cache.block_size:
-                table.extend(self.cache.allocate(1))
-            logits = self.runner.forward([tokens[-1]], position, table)
+            logits = decoder.step(tokens[-1], table)
             tokens.append(int(logits[-1].argmax()))
-            position += 1
         return tokens
 
     def release(self, prefill: Prefill) -> None:
