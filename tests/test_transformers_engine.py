@@ -291,8 +291,8 @@ def test_a_decode_replayed_from_cuda_graphs_gives_the_eager_tokens() -> None:
     first = int(runner.forward(tokens, 0, eager_table)[-1].argmax())
     runner.forward(tokens, 0, graph_table)
     eager = decoded(Decoder(runner), eager_table, 40, first, 16)
-    graphed_decoder = Decoder(runner, mode="graphed", bucket=32)
-    # A bucket of 32 tokens: the request outgrows its first graph's capacity mid-way.
+    graphed_decoder = Decoder(runner, mode="graphed", bucket=16)
+    # A bucket of 16 tokens: the request (40 + 16) outgrows its first graph's 48 mid-way.
     graphed = decoded(graphed_decoder, graph_table, 40, first, 16, reserve=1)
     assert graphed_decoder.graphs == 2 and graphed_decoder.capacity == 64
     assert [int(a.argmax()) for a in graphed] == [int(b.argmax()) for b in eager]

@@ -227,9 +227,9 @@ class PagedLlama:
                 k = kv[0].index_select(0, context).transpose(0, 1).unsqueeze(0)
                 v = kv[1].index_select(0, context).transpose(0, 1).unsqueeze(0)
             groups = self.heads // self.kv_heads
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
+            if groups > 1:  # each KV head repeated for its query heads, as repeat_kv does
+                k = self._repeat(k, groups)
+                v = self._repeat(v, groups)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=context is None, scale=attention.scaling
             )
@@ -239,3 +239,14 @@ class PagedLlama:
         hidden = inner.norm(hidden[:, -logits_for:])
         logits: torch.Tensor = self.model.lm_head(hidden)[0].float()
         return logits
+
+    @staticmethod
+    def _repeat(kv: torch.Tensor, groups: int) -> torch.Tensor:
+        """``kv`` ``[1, kv_heads, n, d]`` with each head repeated ``groups`` times in a row.
+
+        transformers' ``repeat_kv``: an expand and a copy, whatever the values (a graph
+        captures it as one copy kernel).
+        """
+        one, heads, count, dim = kv.shape
+        wide = kv[:, :, None].expand(one, heads, groups, count, dim)
+        return wide.reshape(one, heads * groups, count, dim)
