@@ -273,7 +273,17 @@ def test_a_padded_static_shape_step_is_the_plain_step_even_over_nan_blocks() -> 
         assert int(a.argmax()) == int(b.argmax()), step
 
 
-def test_cuda_graphs_refuse_a_model_on_the_cpu() -> None:
+def test_cuda_graphs_refuse_a_model_on_the_cpu(tmp_path: Any) -> None:
+    # The engine refuses before it connects: no server listens at this URL.
+    nowhere = local_url(str(tmp_path), "none.sock")
+    with pytest.raises(KVConfigError, match="cuda_graphs needs the model on a CUDA device"):
+        CachingEngine(
+            tiny_llama("cpu", torch.float32),
+            nowhere,
+            model_name="m",
+            num_blocks=4,
+            cuda_graphs=True,
+        )
     runner = tiny_runner("cpu", torch.float32, num_blocks=4)
     with pytest.raises(KVConfigError, match="CUDA graphs need the model and its KV cache"):
         Decoder(runner, mode="graphed")

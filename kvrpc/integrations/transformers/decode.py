@@ -177,8 +177,10 @@ class Decoder:
         ``length + reserve`` tokens rounded up to the bucket, so that the request does not
         outgrow it. Ends the previous request's steps.
         """
-        static = self._static(self._round(length + max(1, reserve)))
-        static.context.reset(block_table, length)
+        # The buffers are made, and always written, under inference mode, as the steps are.
+        with torch.inference_mode():
+            static = self._static(self._round(length + max(1, reserve)))
+            static.context.reset(block_table, length)
         self._current = static
 
     def step(self, token: int, block_table: list[int]) -> torch.Tensor:
@@ -192,20 +194,20 @@ class Decoder:
         if static is None:
             raise KVError("start() a request before stepping it")
         position = static.context.length
-        if position >= static.context.capacity:
-            larger = self._static(self._round(position + 1))
-            larger.context.take(static.context)
-            static = self._current = larger
         cache = self.runner.cache
         if position >= len(block_table) * cache.block_size:
             block_table.extend(cache.allocate(1))
-        position, slot = static.context.append(block_table)
-        # One small host-to-device copy a step, into the static inputs. From pageable
-        # memory, an asynchronous copy has read its source when it returns: the temporary
-        # may go at once, and the host does not wait for the GPU.
-        inputs = torch.tensor([token, position, slot], dtype=torch.int64)
-        static.step.copy_(inputs, non_blocking=True)
         with torch.inference_mode():
+            if position >= static.context.capacity:
+                larger = self._static(self._round(position + 1))
+                larger.context.take(static.context)
+                static = self._current = larger
+            position, slot = static.context.append(block_table)
+            # One small host-to-device copy a step, into the static inputs. From pageable
+            # memory, an asynchronous copy has read its source when it returns: the
+            # temporary may go at once, and the host does not wait for the GPU.
+            inputs = torch.tensor([token, position, slot], dtype=torch.int64)
+            static.step.copy_(inputs, non_blocking=True)
             if self.mode != "graphed":
                 return self._layers(static)
             if static.graph is None:

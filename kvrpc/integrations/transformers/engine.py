@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kvrpc.errors import KVError
+from kvrpc.errors import KVConfigError, KVError
 from kvrpc.integrations.transformers.decode import Decoder
 from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
 from kvrpc.kv.client import (
@@ -88,6 +88,8 @@ class CachingEngine:
         config = model.config
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
+        if cuda_graphs and device.type != "cuda":  # before any connection is made
+            raise KVConfigError(f"cuda_graphs needs the model on a CUDA device, not {device}")
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         cache = PagedKVCache.empty(
@@ -107,8 +109,6 @@ class CachingEngine:
         self.timeout = timeout
         self.cuda_graphs = cuda_graphs
         self._decoders: dict[bool, Decoder] = {}
-        if cuda_graphs:
-            self.decoder(True)  # refuses a CPU model now, not at the first decode
         self.scheduler = PollingSchedulerAdapter(
             url, model_name, 1, 0, block_size, lookup_timeout=lookup_timeout, timeout=timeout
         )
