@@ -554,6 +554,11 @@ def _parser() -> argparse.ArgumentParser:
         default="l1",
         help="serve hits from L1, or from a local redis-server (L1 emptied before each) [l1]",
     )
+    e2e.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="the decode figure's steps replay a CUDA graph (idle and beside stores alike)",
+    )
     _plot_option(e2e, "draw TTFT against prompt length")
     e2e.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     e2e.set_defaults(run=_run_bench_e2e, check=_checks(e2e, _check_bench_e2e))
@@ -717,6 +722,8 @@ def _check_bench_rpc(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def _check_bench_e2e(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # Checked here, not after minutes of prefills; the imports are needed anyway.
     _require_extra("transformers", "transformers", "kvrpc bench e2e")
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs --device cuda: CUDA graphs are captured on a GPU")
     _check_bench_plot(parser, args)
 
 

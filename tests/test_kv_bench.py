@@ -106,6 +106,10 @@ def test_e2e_bench_on_the_cpu_times_misses_and_hits_and_draws_the_plot(tmp_path:
     assert figures["decode_store_bytes_each"] == figures["ttft_512"]["kv_bytes"]
     assert {"median", "min", "max"} <= set(figures["decode_during_store_step_ms"])
     assert figures["goal_decode"].startswith(("met", "MISSED", "not measured"))
+    # Eager steps (no --cuda-graphs), over a 1k prompt's context buffer with room for 1k
+    # steps more: no step of the figure outgrew it.
+    assert figures["decode_cuda_graphs"] is False
+    assert figures["decode_context_capacity_tokens"] == 2048
     assert figures["prompt_lengths"] == "256 512"  # what ran, named as it ran
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The rows print as a table, one line per length, not as dicts.
@@ -125,6 +129,26 @@ def test_e2e_bench_without_a_decode_step_inside_the_stores_says_not_measured() -
     assert _goals({"tier": "l1", "decode_during_store_to_idle": 0.9})["goal_decode"].startswith(
         "met"
     )
+
+
+def test_e2e_bench_judges_a_decode_with_cuda_graphs_by_the_tighter_goal() -> None:
+    eager = _goals({"tier": "l1", "decode_during_store_to_idle": 1.04})["goal_decode"]
+    assert eager.startswith("met") and "<= 1.05" in eager
+    graphed = {"tier": "l1", "decode_during_store_to_idle": 1.04, "decode_cuda_graphs": True}
+    verdict = _goals(graphed)["goal_decode"]
+    assert verdict.startswith("MISSED") and "with CUDA graphs" in verdict and "<= 1.02" in verdict
+
+
+def test_e2e_bench_refuses_cuda_graphs_on_the_cpu_before_it_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvrpc", "bench", "e2e", "--device", "cpu", "--cuda-graphs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--cuda-graphs needs --device cuda" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(not redis_available(), reason="needs redis-server and redis-cli")

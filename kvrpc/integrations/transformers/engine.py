@@ -4,21 +4,24 @@
 vLLM connector uses: as the scheduler it asks the server how many prefix tokens are cached
 (:class:`~kvrpc.kv.PollingSchedulerAdapter`); as the worker it registers its paged KV cache,
 retrieves the hit into fresh blocks, computes only the rest of the prompt, and stores the
-prompt's whole chunks afterwards (:class:`~kvrpc.kv.WorkerAdapter`). A retrieve that fails
-(the server went away, a chunk was evicted) is recomputed: the answer never depends on the
-cache being there.
+prompt's whole chunks afterwards (:class:`~kvrpc.kv.WorkerAdapter`). A prefill hashes its
+prompt once and gives the chunk hashes to all three (the lookup, the retrieve and the
+store): hashing a 16k-token prompt is most of a millisecond, paid once. A retrieve that
+fails (the server went away, a chunk was evicted) is recomputed: the answer never depends
+on the cache being there.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvrpc.errors import KVError
+from kvrpc.errors import KVConfigError, KVError
+from kvrpc.integrations.transformers.decode import Decoder
 from kvrpc.integrations.transformers.model import PagedKVCache, PagedLlama
 from kvrpc.kv.client import (
     LoadStoreOp,
@@ -26,6 +29,7 @@ from kvrpc.kv.client import (
     RetrieveProgress,
     WorkerAdapter,
 )
+from kvrpc.kv.keys import hashes_from_tokens
 from kvrpc.kv.layout import LayoutKind
 from kvrpc.kv.shm import shared_empty
 
@@ -53,6 +57,9 @@ class Prefill:
     """True when a retrieve failed and the whole prompt was computed instead."""
     seconds: float
     """From the lookup to the first token on the host: the time to first token."""
+    chunk_hashes: list[bytes] = field(default_factory=list)
+    """The prompt's whole chunks' hashes as the lookup, the retrieve and the store used them
+    (empty after a prefill that used none: ``cached_tokens=0, store=False``)."""
 
 
 class CachingEngine:
@@ -61,7 +68,8 @@ class CachingEngine:
     ``layerwise`` makes a hit's retrieve move layer by layer, each layer's attention waiting
     only for its own layer (``cuda_ipc``; on the CPU every layer arrives at once). ``model``
     and the cache live on ``device``; on the CPU the KV tensors are in shared memory, which
-    the server reads and writes in place.
+    the server reads and writes in place. ``cuda_graphs`` makes :meth:`decode` replay a
+    CUDA graph per step (see :mod:`.decode`; CUDA only) unless told otherwise per call.
     """
 
     def __init__(
@@ -75,10 +83,13 @@ class CachingEngine:
         layerwise: bool = True,
         timeout: float = 30.0,
         lookup_timeout: float = 5.0,
+        cuda_graphs: bool = False,
     ) -> None:
         config = model.config
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
+        if cuda_graphs and device.type != "cuda":  # before any connection is made
+            raise KVConfigError(f"cuda_graphs needs the model on a CUDA device, not {device}")
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         cache = PagedKVCache.empty(
@@ -96,6 +107,8 @@ class CachingEngine:
         self.device = device
         self.layerwise = layerwise
         self.timeout = timeout
+        self.cuda_graphs = cuda_graphs
+        self._decoders: dict[bool, Decoder] = {}
         self.scheduler = PollingSchedulerAdapter(
             url, model_name, 1, 0, block_size, lookup_timeout=lookup_timeout, timeout=timeout
         )
@@ -106,9 +119,25 @@ class CachingEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def lookup(self, request_id: str, token_ids: Sequence[int]) -> int:
-        """Prompt tokens the server can give (whole chunks), leaving at least one to compute."""
-        self.scheduler.maybe_submit_lookup_request(request_id, token_ids=list(token_ids))
+    def chunk_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """The hashes of the prompt's whole chunks, as the server keys them."""
+        return hashes_from_tokens(token_ids, self.chunk_size)
+
+    def lookup(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        *,
+        chunk_hashes: Sequence[bytes] | None = None,
+    ) -> int:
+        """Prompt tokens the server can give (whole chunks), leaving at least one to compute.
+
+        ``chunk_hashes`` are the prompt's (:meth:`chunk_hashes`), when the caller has them
+        already; without, the tokens are hashed here.
+        """
+        if chunk_hashes is None:
+            chunk_hashes = self.chunk_hashes(token_ids)
+        self.scheduler.maybe_submit_lookup_request(request_id, chunk_hashes=chunk_hashes)
         matched = self.scheduler.check_lookup_result(request_id)
         usable = (len(token_ids) - 1) // self.chunk_size * self.chunk_size
         return min(matched, usable)
@@ -127,11 +156,17 @@ class CachingEngine:
 
         ``cached_tokens`` is a :meth:`lookup`'s answer (looked up here when None; 0 computes
         everything). With ``store`` the prompt's whole chunks are stored afterwards (in the
-        background: the server skips the ones it has).
+        background: the server skips the ones it has). The prompt is hashed once, here, for
+        the lookup, the retrieve and the store alike.
         """
         started = time.perf_counter()
         tokens = list(token_ids)
-        hit = self.lookup(request_id, tokens) if cached_tokens is None else cached_tokens
+        # Not for a prefill that neither looks up, retrieves nor stores: it would not use them.
+        hashes = self.chunk_hashes(tokens) if cached_tokens != 0 or store else []
+        if cached_tokens is None:
+            hit = self.lookup(request_id, tokens, chunk_hashes=hashes)
+        else:
+            hit = cached_tokens
         table = self.cache.allocate(self.cache.blocks_for(len(tokens)))
         layerwise = self.layerwise if layerwise is None else layerwise
         recomputed = False
@@ -139,7 +174,9 @@ class CachingEngine:
             logits = None
             if hit:
                 progress = self.worker.submit_retrieve_request(
-                    request_id, LoadStoreOp(table, tokens, end=hit), layerwise=layerwise
+                    request_id,
+                    LoadStoreOp(table, chunk_hashes=hashes, end=hit),
+                    layerwise=layerwise,
                 )
                 logits = self._suffix(tokens, hit, table, progress, layerwise, logits_for)
             if logits is None:
@@ -154,8 +191,8 @@ class CachingEngine:
         first = int(logits[-1].argmax())  # waits for the GPU: the token exists only now
         seconds = time.perf_counter() - started
         if store:
-            self.store(request_id, tokens, table)
-        return Prefill(request_id, tokens, table, logits, first, hit, recomputed, seconds)
+            self.store(request_id, tokens, table, chunk_hashes=hashes)
+        return Prefill(request_id, tokens, table, logits, first, hit, recomputed, seconds, hashes)
 
     def _suffix(
         self,
@@ -188,13 +225,25 @@ class CachingEngine:
         # (its last event already completed, so this returns at once).
         return logits if progress.wait(timeout) else None
 
-    def store(self, request_id: str, token_ids: Sequence[int], table: Sequence[int]) -> None:
+    def store(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        table: Sequence[int],
+        *,
+        chunk_hashes: Sequence[bytes] | None = None,
+    ) -> None:
         """Store the prompt's whole chunks from its blocks, after the work queued so far.
 
-        No event of its own: on a GPU the adapter records its interprocess event on this
-        thread's current stream, after the forward that wrote the blocks.
+        ``chunk_hashes`` are the prompt's when the caller has them (a :class:`Prefill`'s);
+        without, the tokens are hashed here. No event of its own: on a GPU the adapter
+        records its interprocess event on this thread's current stream, after the forward
+        that wrote the blocks.
         """
-        self.worker.submit_store_request(request_id, LoadStoreOp(list(table), token_ids))
+        if chunk_hashes is None:
+            chunk_hashes = self.chunk_hashes(token_ids)
+        op = LoadStoreOp(list(table), chunk_hashes=chunk_hashes)
+        self.worker.submit_store_request(request_id, op)
 
     def wait_for_stores(self, request_ids: Sequence[str], timeout: float = 60.0) -> None:
         """Wait until these requests' stores are done; ``KVError`` on timeout."""
@@ -202,21 +251,36 @@ class CachingEngine:
         if not self.worker.wait_for_stores(request_ids, timeout):
             raise KVError(f"stores of {list(request_ids)} not done within {timeout:g} s")
 
-    def decode(self, prefill: Prefill, steps: int) -> list[int]:
+    def decoder(self, cuda_graphs: bool | None = None) -> Decoder:
+        """The engine's decoder: ``eager``, or ``graphed`` with ``cuda_graphs``.
+
+        ``cuda_graphs=None`` is the engine's choice. Each is made once and keeps its buffers
+        and graphs for the next request; one request decodes at a time.
+        """
+        graphed = self.cuda_graphs if cuda_graphs is None else cuda_graphs
+        decoder = self._decoders.get(graphed)
+        if decoder is None:
+            decoder = Decoder(self.runner, mode="graphed" if graphed else "eager")
+            self._decoders[graphed] = decoder
+        return decoder
+
+    def decode(self, prefill: Prefill, steps: int, *, cuda_graphs: bool | None = None) -> list[int]:
         """Greedy tokens after the prompt: the first, then ``steps - 1`` more, one at a time.
 
         Extends the request's block table as it grows (its blocks stay the caller's to
-        :meth:`release`).
+        :meth:`release`). Each step appends one slot to the context's slots on the device
+        (:class:`~.decode.Decoder`); with ``cuda_graphs`` (the engine's choice when None) it
+        replays a CUDA graph.
         """
         tokens = [prefill.first_token]
-        position = len(prefill.token_ids)
+        if steps <= 1:
+            return tokens
+        decoder = self.decoder(cuda_graphs)
         table = prefill.block_table
+        decoder.start(table, len(prefill.token_ids), reserve=steps)
         for _ in range(steps - 1):
-            if position >= len(table) * self.cache.block_size:
-                table.extend(self.cache.allocate(1))
-            logits = self.runner.forward([tokens[-1]], position, table)
+            logits = decoder.step(tokens[-1], table)
             tokens.append(int(logits[-1].argmax()))
-            position += 1
         return tokens
 
     def release(self, prefill: Prefill) -> None:

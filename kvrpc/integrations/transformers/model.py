@@ -161,7 +161,6 @@ class PagedLlama:
         wait_layer: Callable[[int], None] | None,
         logits_for: int,
     ) -> torch.Tensor:
-        inner = self.model.model
         device = self.cache.layers[0].device
         ids = torch.as_tensor(token_ids, dtype=torch.int64).to(device).view(1, -1)
         count = ids.shape[1]
@@ -175,6 +174,41 @@ class PagedLlama:
             keys = torch.arange(end, device=device)
             mask = keys.view(1, -1) <= torch.arange(start, end, device=device).view(-1, 1)
         positions = torch.arange(start, end, device=device).view(1, -1)
+        return self.run_layers(
+            ids,
+            positions,
+            slots,
+            context=context,
+            mask=mask,
+            wait_layer=wait_layer,
+            logits_for=logits_for,
+        )
+
+    def run_layers(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        wait_layer: Callable[[int], None] | None = None,
+        logits_for: int = 1,
+    ) -> torch.Tensor:
+        """The layer loop over tensors already on the cache's device: no host work at all.
+
+        ``ids`` and ``positions`` are int64 ``[1, n]``, ``slots`` the n new tokens' flat
+        cache slots (their KV is written there). ``context`` (int64 slots) are the keys
+        attention reads from the cache, the new tokens' included; None attends causally to
+        the new tokens alone (a prefill from position 0). ``mask`` (bool, broadcast to
+        ``[1, heads, n, len(context)]``, True where a query sees a key) hides keys; a
+        context padded past the request's length must hide the padding with it, and its
+        padded slots must still hold finite numbers (a hidden key's product is still taken).
+        Called by :meth:`forward`, and by :mod:`.decode`'s steps, which a CUDA graph can
+        capture. Run it under ``torch.inference_mode()``.
+        """
+        inner = self.model.model
+        count = ids.shape[1]
         hidden = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(hidden, positions)
         for index, layer in enumerate(inner.layers):
@@ -193,11 +227,11 @@ class PagedLlama:
                 k = kv[0].index_select(0, context).transpose(0, 1).unsqueeze(0)
                 v = kv[1].index_select(0, context).transpose(0, 1).unsqueeze(0)
             groups = self.heads // self.kv_heads
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
+            if groups > 1:  # each KV head repeated for its query heads, as repeat_kv does
+                k = self._repeat(k, groups)
+                v = self._repeat(v, groups)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=not start, scale=attention.scaling
+                q, k, v, attn_mask=mask, is_causal=context is None, scale=attention.scaling
             )
             out = attention.o_proj(out.transpose(1, 2).reshape(1, count, -1))
             hidden = hidden + out
@@ -205,3 +239,14 @@ class PagedLlama:
         hidden = inner.norm(hidden[:, -logits_for:])
         logits: torch.Tensor = self.model.lm_head(hidden)[0].float()
         return logits
+
+    @staticmethod
+    def _repeat(kv: torch.Tensor, groups: int) -> torch.Tensor:
+        """``kv`` ``[1, kv_heads, n, d]`` with each head repeated ``groups`` times in a row.
+
+        transformers' ``repeat_kv``: an expand and a copy, whatever the values (a graph
+        captures it as one copy kernel).
+        """
+        one, heads, count, dim = kv.shape
+        wide = kv[:, :, None].expand(one, heads, groups, count, dim)
+        return wide.reshape(one, heads * groups, count, dim)
