@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -15,8 +16,11 @@ import torch
 from kvrpc.errors import KVConfigError
 from kvrpc.integrations.vllm.layer_loads import LayerLoads
 from kvrpc.integrations.vllm.layouts import vllm_layout
-from kvrpc.integrations.vllm.plan import KVRanks, Phase, SchedulerPlan, kv_ranks
+from kvrpc.integrations.vllm.plan import KVRanks, Phase, SchedulerPlan, Transfer, kv_ranks
 from kvrpc.integrations.vllm.settings import ConnectorSettings
+from kvrpc.kv.client.completions import Completions
+from kvrpc.kv.client.ledger import RequestLedger
+from kvrpc.kv.client.progress import RetrieveProgress
 from kvrpc.kv.keys import hashes_from_tokens
 from kvrpc.kv.layout import LayoutKind
 
@@ -169,8 +173,8 @@ class FakeProgress:
         self.waits.append(("whole", None, timeout))
         return self.finished and self.ok
 
-    def done(self) -> bool:
-        return self.finished
+    def give_up(self) -> bool:
+        return not self.finished
 
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
@@ -233,6 +237,80 @@ def test_a_load_the_forward_did_not_wait_for_on_every_layer_is_a_load_error_at_t
     assert len(skipped) == len(waited) == 0
 
 
+# The adapter's own settling (its Completions and RequestLedger, no server): a failed
+# block is a load error once per load, whichever of the wait and the settle comes first.
+
+
+def settling_adapter() -> tuple[Completions, RequestLedger]:
+    ledger = RequestLedger()
+    return Completions(ledger, timeout=1.0, forgotten=lambda: None), ledger
+
+
+def settle_failed(done: Completions, progress: RetrieveProgress, rows: list[list[int]]) -> None:
+    """The adapter settles a retrieve that filled none of its chunks (no usable reply)."""
+    done.retrieve_settled(["r"], ["r"] * len(rows), torch.tensor(rows), None, progress)
+
+
+def test_a_load_a_wait_gave_up_on_is_not_reported_again_when_the_adapter_settles_it() -> None:
+    done, ledger = settling_adapter()
+    progress = RetrieveProgress(len(LAYERS))
+    ledger.retrieves_sent(["r"])
+    loads = LayerLoads(LAYERS, timeout=0.0)  # the wait times out: no reply has come
+    loads.add(progress, [4, 5, 6, 7])
+    assert loads.wait_for_layer(LAYERS[0]) == {4, 5, 6, 7}  # the forward goes on without it
+    settle_failed(done, progress, [[4, 5], [6, 7]])  # then the adapter settles it, failed
+    assert ledger.take_load_errors() == set()  # already reported by the wait
+    assert loads.settle() == set()
+    assert ledger.finished(set())[1] == {"r"}  # settled all the same
+
+
+def test_a_load_the_adapter_settled_before_the_wait_is_reported_by_the_adapter_alone() -> None:
+    done, ledger = settling_adapter()
+    progress = RetrieveProgress(len(LAYERS))
+    ledger.retrieves_sent(["r"])
+    loads = LayerLoads(LAYERS, timeout=0.0)
+    loads.add(progress, [4, 5, 6, 7])
+    settle_failed(done, progress, [[6, 7]])  # one chunk failed; [4, 5] is vLLM's, say
+    assert loads.wait_for_layer(LAYERS[0]) == set()
+    assert loads.settle() == set()
+    assert ledger.take_load_errors() == {6, 7}
+
+
+def test_a_wait_timing_out_as_the_adapter_settles_reports_each_block_once() -> None:
+    # Both orders, and the one in between (the adapter recording its errors as the wait
+    # gives up): over many rounds each failed block is reported by exactly one side.
+    done, ledger = settling_adapter()
+    for round_ in range(300):
+        progress = RetrieveProgress(len(LAYERS))
+        ledger.retrieves_sent(["r"])
+        loads = LayerLoads(LAYERS, timeout=0.0)
+        loads.add(progress, [4, 5, 6, 7])
+        start = threading.Barrier(2)
+
+        def settle(progress: RetrieveProgress = progress, start: threading.Barrier = start) -> None:
+            start.wait()
+            settle_failed(done, progress, [[4, 5], [6, 7]])
+
+        settler = threading.Thread(target=settle)
+        settler.start()
+        start.wait()
+        by_wait = loads.wait_for_layer(LAYERS[0])
+        settler.join()
+        by_wait |= loads.settle()
+        by_adapter = ledger.take_load_errors()
+        assert by_wait.isdisjoint(by_adapter), f"round {round_}: {by_wait} and {by_adapter}"
+        assert by_wait | by_adapter == {4, 5, 6, 7}
+
+
+def test_a_load_that_failed_after_the_forward_skipped_a_layer_is_a_load_error_whole() -> None:
+    loads = LayerLoads(LAYERS)
+    progress = FakeProgress(layers_in=2)
+    loads.add(progress, [7, 8, 9])
+    loads.wait_for_layer(LAYERS[0])  # layer 1 reads without waiting
+    progress.finished, progress.ok = True, False  # the adapter reports its failed chunk's
+    assert loads.settle() == {7, 8, 9}  # the filled blocks may have been read too early
+
+
 def test_settling_waits_for_a_load_still_running_and_abandoning_never_waits() -> None:
     loads = LayerLoads(LAYERS, timeout=0.2)
     loads.add(FakeProgress(layers_in=2), [1, 2])
@@ -289,6 +367,58 @@ def test_decode_chunks_are_stored_only_when_asked() -> None:
         assert list(transfers[-1].op.chunk_hashes or ()) == hashes_from_tokens(
             grown[:stored_to], CHUNK
         )
+
+
+def stored_ranges(transfers: list[Transfer]) -> list[tuple[int, int]]:
+    return [(t.op.start, t.op.end) for t in transfers if not t.retrieve]
+
+
+@pytest.mark.parametrize("budgets", [[300], [100, 300], [150, 200, 300]])
+def test_chunks_recomputed_after_a_failed_load_are_stored_again_once(budgets: list[int]) -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, sync_loads=True)
+    p.begin("r", tokens(300), 300)
+    p.answer("r", 192, 0)
+    blocks = list(range(100, 119))
+    p.on_alloc("r", blocks, 192)
+    p.on_scheduled("r", blocks, 300, replace_blocks=True)  # the load's step
+    assert stored_ranges(p.take_transfers()) == [(192, 256)]
+    # Block 105 (tokens 80..95, in chunk 1) failed to load: vLLM computes the request again
+    # from token 80, in steps of up to ``budgets``; chunk 0 stays as loaded.
+    p.on_load_errors({105, 110})
+    stored: list[tuple[int, int]] = []
+    for computed_after in [*budgets, 300, 301, 302]:  # then it decodes
+        p.on_scheduled("r", [], computed_after)
+        stored += stored_ranges(p.take_transfers())
+    chunks = [c for start, end in stored for c in range(start // CHUNK, end // CHUNK)]
+    assert chunks == [1, 2, 3]  # from the failed block's chunk on, each once, in order
+    assert stored[0][0] == 64
+
+
+def test_an_asynchronous_load_that_partly_failed_stores_what_vllm_computes_instead() -> None:
+    p = plan()
+    p.begin("r", tokens(300), 300)
+    assert p.answer("r", 192, 0) == (192, True)
+    p.on_alloc("r", list(range(100, 119)), 192)
+    p.take_transfers()
+    p.on_load_errors({108})  # chunk 2's first block: vLLM keeps the first 128 tokens
+    # The load is reported finished; vLLM schedules it as new from token 128.
+    p.on_scheduled("r", list(range(100, 119)), 300, replace_blocks=True)
+    assert stored_ranges(p.take_transfers()) == [(128, 256)]
+
+
+def test_load_errors_in_no_stored_chunk_of_a_request_change_nothing() -> None:
+    p = plan()
+    p.begin("r", tokens(300), 300)
+    p.on_lookup("r", 128, 0)
+    p.on_alloc("r", list(range(100, 119)), 128)
+    p.take_transfers()
+    p.begin("looking", tokens(300), 300)  # no blocks yet
+    p.on_load_errors({112, 999})  # chunk 2 (not on the server yet) and someone else's
+    p.on_scheduled("r", list(range(100, 119)), 300, replace_blocks=True)
+    assert stored_ranges(p.take_transfers()) == [(128, 256)]
+    p.on_load_errors(set())
+    p.on_scheduled("r", [], 301)
+    assert p.take_transfers() == []
 
 
 def test_a_finished_request_is_forgotten_with_its_unsent_transfers() -> None:

@@ -597,6 +597,61 @@ def test_a_layerwise_load_from_a_killed_server_is_recomputed_in_the_next_step(
     assert during.num_output_tokens == 2
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["async", "layerwise"])
+def test_chunks_recomputed_after_a_failed_load_are_stored_again_once(
+    engine: Callable[..., Engine], server: Server, layerwise: bool
+) -> None:
+    run = engine(**{"kvrpc.layerwise": layerwise})
+    shared = prompt(192, seed=17)
+    run.serve("before", [*shared, 1])  # chunks 0..2 on the server
+    run.scheduler.reset_prefix_cache()
+    tokens = shared + prompt(100, seed=18)  # 292 tokens: chunks 0..3 are whole
+    run.add("loading", tokens)
+    stores: list[tuple[int, int]] = []  # (step, chunk) of every store planned for it
+    failed: list[int] = []  # the step whose load failed
+
+    def record(out: Any) -> None:
+        step = len(run.history) - 1
+        for transfer in out.kv_connector_metadata.transfers:
+            op = transfer.op
+            if transfer.request_id == "loading" and not transfer.retrieve:
+                stores.extend((step, c) for c in range(op.start // CHUNK, op.end // CHUNK))
+        if not failed and any(t.retrieve for t in out.kv_connector_metadata.transfers):
+            # The chunks leave the server between the lookup and the load, as an evicted
+            # chunk would: the retrieve fails at the door, with the server up.
+            run.connector.scheduler.end_session("loading")
+            wait_for(lambda: server.stats()["pinned_chunks"] == 0, "the lookup's pins to go")
+            assert run.connector.reset_cache()
+            assert server.stats()["chunks"] == 0
+            failed.append(step)
+
+    deadline = time.monotonic() + 30
+    while not run.finished("loading"):
+        assert time.monotonic() < deadline, "the engine did not finish the request in time"
+        if run.step(record) == 0:
+            time.sleep(0.005)
+    (at,) = failed
+    loaded = set(run.tables["loading"][:12])
+    for rank in range(TP):
+        assert run.load_errors >= loaded
+        if layerwise:  # in the step whose forward read them
+            assert run.history[at].load_errors[rank] >= loaded
+    # vLLM computed the prompt again; its chunks were stored from then on, each once, and
+    # each worker stored each chunk once ("before"'s 3, then these 4: none of the step that
+    # read the failed load, which the layer-wise forward computed chunk 3 in).
+    assert sorted(chunk for step, chunk in stores if step > at) == [0, 1, 2, 3]
+    wait_for(lambda: server.stats()["chunks"] == 4 * TP, "the recomputed chunks to be stored")
+    assert run.stats.data["stored_chunks"] == (3 + 4) * TP
+    expected = rank_bytes(run, run.tables["loading"][:16])
+
+    run.scheduler.reset_prefix_cache()
+    probe = run.serve("probe", tokens[:256] + prompt(8, seed=19))
+    assert run.scheduled[probe.request_id] == 256  # all four chunks hit
+    assert same(rank_bytes(run, run.tables["probe"][:16]), expected)
+    probed = [s.wrong_reads for s in run.history if probe.request_id in s.scheduled]
+    assert probed and not any(any(wrong) for wrong in probed)
+
+
 # ---------------------------------------------------------------------- Prometheus metrics
 
 

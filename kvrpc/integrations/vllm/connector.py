@@ -236,6 +236,9 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._seen_worker_stats = _worker_counters(self.worker)
             self._failed_blocks: set[int] = set()
             self._failed_requests: set[str] = set()
+            # With kvrpc.layerwise: the load errors of this step's loads, reported or not,
+            # which spoil the stores of what their forward computed (see wait_for_save).
+            self._step_errors: set[int] = set()
             # Synchronous (layer-wise) retrieves of the current step; names come with
             # register_kv_caches.
             self._loads = LayerLoads((), settings.timeout)
@@ -359,8 +362,14 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return KvrpcConnectorMetadata(transfers, preempted)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Nothing to learn: a request's end is ``request_finished``."""
-        return
+        """Learn the workers' load errors: the chunks vLLM computes again are stored again.
+
+        vLLM has already set the requests holding those blocks back to the first of them
+        (a request's end is ``request_finished``, nothing to learn here).
+        """
+        invalid = getattr(connector_output, "invalid_block_ids", None)
+        if invalid:
+            self.plan.on_load_errors(invalid)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -502,7 +511,8 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         layerwise = self.settings.layerwise
         if layerwise:
             # Left over only if vLLM skipped the end of a step; never carried into this one.
-            self._failed_blocks |= self._loads.settle()
+            self._settle_loads()
+            self._step_errors = set()
         transfers = [t for t in self._metadata().transfers if t.retrieve]
         if not transfers:
             return
@@ -518,6 +528,8 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 self._failed_requests.update(request_ids)
             # Not the blocks it skips: those are vLLM's own, valid, and maybe shared.
             self._failed_blocks.update(written)
+            if layerwise:
+                self._step_errors.update(written)
             return
         if layerwise:
             self._loads.add(progress, written)
@@ -533,12 +545,14 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not len(self._loads):
             return
         try:
-            self._failed_blocks |= self._loads.wait_for_layer(layer_name)
+            failed = self._loads.wait_for_layer(layer_name)
         except Exception as exc:
             # An exception here would stop vLLM's forward; a load nobody can vouch for is a
             # load error instead.
             logger.error("waiting for layer %r of a KV load failed: %s", layer_name, exc)
-            self._failed_blocks |= self._loads.abandon()
+            failed = self._loads.abandon()
+        self._failed_blocks |= failed
+        self._step_errors |= failed
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -550,12 +564,26 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
         """Submit this step's stores (after the forward wrote their blocks); never waits.
 
         With ``kvrpc.layerwise`` it first settles the step's loads: what the forward did not
-        wait for is waited for now, so that its errors are reported in this step.
+        wait for is waited for now, so that its errors are reported in this step. A request
+        whose load failed in this step is not stored: its forward read the failed blocks,
+        and vLLM computes it again from the first of them, whose chunks the scheduler then
+        stores (see :meth:`update_connector_output`).
         """
         self._settle_loads()
         if not self.is_kv_writer:
             return
-        transfers = [t for t in self._metadata().transfers if not t.retrieve]
+        metadata = self._metadata()
+        transfers = [t for t in metadata.transfers if not t.retrieve]
+        if transfers and self._step_errors:
+            spoiled = {
+                t.request_id
+                for t in metadata.transfers
+                if t.retrieve
+                and not self._step_errors.isdisjoint(t.written_block_ids(self.block_size))
+            }
+            if spoiled:
+                logger.debug("not storing %d requests whose load failed", len(spoiled))
+                transfers = [t for t in transfers if t.request_id not in spoiled]
         if not transfers:
             return
         try:
@@ -607,10 +635,16 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
         vLLM calls wait_for_save, get_finished and get_block_ids_with_load_errors after the
         forward, wait_for_save last when a draft model runs after the target model; the
-        first of them settles, so the errors are in before vLLM asks for them.
+        first of them settles, so the errors are in before vLLM asks for them. The
+        adapter's own errors are taken here too (each load has settled or was given up on,
+        so they are all in): ``wait_for_save`` needs the step's errors, whenever it runs.
         """
-        if len(self._loads):
-            self._failed_blocks |= self._loads.settle()
+        if not self.settings.layerwise:
+            return
+        failed = self._loads.settle() if len(self._loads) else set()
+        failed |= self._worker().get_block_ids_with_load_errors()
+        self._failed_blocks |= failed
+        self._step_errors |= failed
 
     def _metadata(self) -> KvrpcConnectorMetadata:
         metadata = self._get_connector_metadata()

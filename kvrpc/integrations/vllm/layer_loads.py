@@ -14,7 +14,9 @@ The rules:
   retrieve is in its blocks.
 - A retrieve that failed is dropped; the adapter has recorded the blocks it did not fill.
   One still running when the wait times out is dropped too, and all the blocks it writes
-  are load errors: the forward goes on without them.
+  are load errors: the forward goes on without them. The wait gives up on it
+  (``give_up``), so that the adapter, settling it later, reports none of them again: each
+  failed block is reported once per load, by whichever of the two comes first.
 - A retrieve that has completed whole is dropped at once: no later layer waits for it.
 - A layer name that was not registered (it maps to no layer index) waits for the whole of
   every pending retrieve, which is safe whatever that layer reads.
@@ -48,8 +50,8 @@ class LayerProgress(Protocol):
         """True once the whole retrieve settled and filled every block."""
         ...
 
-    def done(self) -> bool:
-        """True once the retrieve settled (filled or failed); never blocks."""
+    def give_up(self) -> bool:
+        """True if it had not settled: the caller reports all its blocks, the adapter none."""
         ...
 
 
@@ -124,9 +126,11 @@ class LayerLoads:
         deadline = time.monotonic() + self.timeout
         failed: set[int] = set()
         for pending in self._pending:
-            if not pending.progress.wait(_left(deadline)):
-                failed |= _not_reported(pending)
+            if not pending.progress.wait(_left(deadline)) and pending.progress.give_up():
+                failed |= pending.blocks  # still running: the adapter reports none of it
             elif len(pending.waited) < self.num_layers:
+                # Filled or failed: either way a layer may have read its blocks too early
+                # (the adapter's own errors for it are reported in this step too).
                 self._warn_once(
                     "unwaited",
                     "the forward did not wait for every KV layer of a load (layers %s only); "
@@ -138,10 +142,13 @@ class LayerLoads:
         return failed
 
     def abandon(self) -> set[int]:
-        """Forget every pending retrieve without waiting; all their blocks are load errors."""
+        """Forget every pending retrieve without waiting; all their blocks are load errors.
+
+        Except those of a retrieve that has settled: the adapter reports its own errors.
+        """
         failed: set[int] = set()
         for pending in self._pending:
-            failed |= pending.blocks
+            failed |= _not_reported(pending)
         self._pending = []
         return failed
 
@@ -165,10 +172,12 @@ def _left(deadline: float) -> float:
 
 
 def _not_reported(pending: _Pending) -> set[int]:
-    """A failed retrieve's blocks that the adapter will not report itself.
+    """The blocks of a retrieve given up on that the adapter will not report itself.
 
     A settled retrieve's failed blocks are the adapter's to report (exactly those it did not
-    fill); one still running (the wait timed out) is not settled there yet, and the forward
-    has gone on without it, so all of its blocks are.
+    fill); one still running (the wait timed out) is given up on: the forward goes on
+    without it, so all of its blocks are the caller's to report, and the adapter, settling
+    it later, reports none of them. ``give_up`` decides which, under the lock the adapter
+    settles under, so a retrieve settling just as the wait times out is reported once.
     """
-    return set() if pending.progress.done() else set(pending.blocks)
+    return set(pending.blocks) if pending.progress.give_up() else set()

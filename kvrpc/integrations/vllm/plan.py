@@ -17,6 +17,12 @@ The rules, in chunk units (``chunk_size`` tokens, ``blocks_per_chunk`` blocks):
 - The first ``H`` tokens' chunks are on the server already; every later chunk is stored in
   the step whose forward completes it, once per chunk, prompts only unless
   ``save_decode_cache``.
+- A load that fails leaves some of its blocks as load errors; vLLM computes the request
+  again from the first of them (``kv_load_failure_policy`` ``"recompute"``). The chunks from
+  the one holding that block on are then stored again, once each, as the new forwards
+  complete them: a failed one may not be on the server (evicted, say), and one that a
+  synchronous load's own step computed read the blocks that failed (the workers do not
+  store what that step computed for the request; see the connector's ``wait_for_save``).
 - A request the engine preempts starts over: its next lookup may hit the chunks it stored.
 - A load is asynchronous (vLLM holds the request until the workers report it loaded) unless
   the plan makes synchronous loads (``kvrpc.layerwise``): then vLLM schedules the request in
@@ -27,7 +33,7 @@ The rules, in chunk units (``chunk_size`` tokens, ``blocks_per_chunk`` blocks):
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from kvrpc.kv.client import LoadStoreOp
@@ -273,6 +279,25 @@ class SchedulerPlan:
             request.hashes = hashes_from_tokens(tokens, self.chunk_size, request.cache_salt)
         request.stored_chunks = ready
         self._add_transfer(request, False, first, ready)
+
+    def on_load_errors(self, block_ids: Collection[int]) -> None:
+        """Learn that loads left ``block_ids`` unfilled (vLLM's ``invalid_block_ids``).
+
+        vLLM computes each request holding one again from its first such block, so the
+        request's chunks from the one holding it on are stored again as they complete. A
+        block past the chunks stored so far changes nothing: those are stored as they
+        complete anyway.
+        """
+        if not block_ids:
+            return
+        per_chunk = self.blocks_per_chunk
+        for request in self._requests.values():
+            if request.phase is not Phase.PLANNED:
+                continue
+            held = request.blocks[: request.stored_chunks * per_chunk]
+            first = next((i for i, block in enumerate(held) if block in block_ids), None)
+            if first is not None:
+                request.stored_chunks = first // per_chunk
 
     def take_transfers(self) -> list[Transfer]:
         """The transfers planned since the last call, retrieves and stores in plan order."""

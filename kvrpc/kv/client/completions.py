@@ -249,8 +249,11 @@ class Completions:
             failed = list(range(len(owners)))
         if owners:
             self._ledger.count(retrieves=len(owners) - len(failed), failed=len(failed))
-        self._ledger.retrieves_settled(request_ids, (rows[i].tolist() for i in failed))
-        progress._finish(not failed)
+        with progress._settling() as records:
+            # Given up on (see RetrieveProgress.give_up): its caller reported every block.
+            failed_rows = (rows[i].tolist() for i in failed) if records else ()
+            self._ledger.retrieves_settled(request_ids, failed_rows)
+            progress._finish(not failed)
 
     def _note_outcome(self, what: str, future: MessagingFuture[Any]) -> Any:
         try:

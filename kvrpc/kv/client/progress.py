@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 from kvrpc.kv.client.watcher import Pollable
 from kvrpc.kv.stamps import StampedEvent
@@ -36,6 +38,10 @@ class RetrieveProgress:
         self._answered = threading.Event()
         self._layer_events: list[Pollable] = []
         self._partial = False
+        # Who reports a failed retrieve's blocks: the adapter as it settles, or a caller that
+        # gave up on it first (give_up). Held across the settling, so it is one or the other.
+        self._report_lock = threading.Lock()
+        self._given_up = False
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         """Block until layer ``layer`` is written (True) or the retrieve failed (False).
@@ -90,6 +96,25 @@ class RetrieveProgress:
     def done(self) -> bool:
         """True once the retrieve is settled (filled or failed); never blocks."""
         return self._finished.is_set()
+
+    def give_up(self) -> bool:
+        """Stop waiting for it: True if the caller must report all its blocks as load errors.
+
+        True while it has not settled: it then settles without the adapter reporting any of
+        its blocks, so the caller reports them all, once. False once it has settled: the
+        adapter has recorded exactly the blocks it did not fill, if any.
+        """
+        with self._report_lock:
+            if self._finished.is_set():
+                return False
+            self._given_up = True
+            return True
+
+    @contextlib.contextmanager
+    def _settling(self) -> Iterator[bool]:
+        """Held while the adapter settles it; yields whether the adapter records its errors."""
+        with self._report_lock:
+            yield not self._given_up
 
     def _answer(self, layer_events: list[Pollable], whole: bool) -> None:
         self._layer_events = layer_events
