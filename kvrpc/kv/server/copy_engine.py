@@ -38,6 +38,7 @@ each have a module of their own.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -359,6 +360,11 @@ class CopyEngine:
         try:
             done, handle = self._enqueue_layers(transfer, announced)
         except BaseException:
+            # The layers enqueued already are let finish before anyone hears of the
+            # failure: the retrieve then settles as failed, its slots may be reused and the
+            # worker recomputes the blocks, none of which a copy still in flight may see.
+            with contextlib.suppress(Exception):
+                self._drain(self._retrieve_lane)
             announced.fail_rest()
             raise
         return done, handle, announced.handles
