@@ -565,6 +565,7 @@ class KVState:
         another engine's session is copied all the same (the chunks are the cache's), its
         pins left alone and the key counted in ``retrieve_other_engine``
         (:meth:`SessionBook.release_copied`).
+
         ``corrupt`` holds the key indices whose bytes in the blocks failed their checksum
         (``--verify-retrieves``): they fail with ``CHECKSUM_MISMATCH``, counted, and their
         sessions' pins go as well (the engine recomputes those tokens). Those in
