@@ -64,7 +64,7 @@ def test_each_row_gives_payload_response_handler_and_streaming() -> None:
     assert rows["rpc.ping"] == ["none", "`str`", "`NONBLOCKING`", "no"]
     assert rows["rpc.echo"] == ["`Any`", "`Any`", "`NONBLOCKING`", "no"]
     assert rows["kv.lookup"] == [
-        "`bytes`, `str`, `KeyBatch`",
+        "`bytes`, `str`, `KeyBatch`, `str \\| None`",
         "`int \\| str`",
         "`NONBLOCKING`",
         "no",

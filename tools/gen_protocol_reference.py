@@ -48,6 +48,8 @@ def type_name(annotation: Any) -> str:
     args = typing.get_args(annotation)
     if origin is typing.Literal:
         return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is typing.Annotated:  # the constraints are checked at decode; the doc says them
+        return type_name(args[0])
     if origin is typing.Union or origin is types.UnionType:
         return " | ".join(type_name(a) for a in args)
     if origin is not None:

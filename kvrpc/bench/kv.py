@@ -373,7 +373,7 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         def raw_lookup() -> float:
             request_id = f"raw-{next(serial)}"
             start = time.perf_counter()
-            matched = client.call(protocols.LOOKUP, me, request_id, keys)
+            matched = client.call(protocols.LOOKUP, me, request_id, keys, None)
             elapsed = time.perf_counter() - start
             client.call(protocols.END_SESSION, me, _MODEL, _LOOKUP_WORLD_SIZE, request_id)
             end_sessions.append(time.perf_counter() - start - elapsed)
@@ -450,7 +450,7 @@ def polled_lookup(
 def _check_pins(client: SyncClient, keys: KeyBatch) -> dict[str, int]:
     """One raw lookup: it matches the whole prompt, pins every rank's chunks, and lets go."""
     me = secrets.token_bytes(16)
-    matched = client.call(protocols.LOOKUP, me, "pin-check", keys)
+    matched = client.call(protocols.LOOKUP, me, "pin-check", keys, None)
     pinned = client.call(protocols.STATS)["pinned_chunks"]
     released = client.call(protocols.END_SESSION, me, _MODEL, _LOOKUP_WORLD_SIZE, "pin-check")
     left = client.call(protocols.STATS)["pinned_chunks"]

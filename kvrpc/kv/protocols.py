@@ -23,7 +23,7 @@ seconds).
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +57,7 @@ __all__ = [
     "STORE_CUDA",
     "UNREGISTER_KV_CACHE",
     "CudaCopyReply",
+    "EngineId",
     "EventKindName",
     "EventsRequest",
     "KVEvent",
@@ -71,6 +72,11 @@ __all__ = [
 #: memory, or inside the messages.
 TransferMode = Literal["cuda_ipc", "shm", "inline"]
 
+#: An engine id on the wire: non-empty, without ``/`` (the separator the adapters put
+#: between it and a request id, :func:`~kvrpc.kv.client.ops.scoped_request_id`). Checked
+#: while the payload decodes, so a handler never sees another.
+EngineId = Annotated[str, Field(min_length=1, pattern=r"^[^/]+$")]
+
 
 class KVCacheRegistration(BaseModel):
     """One worker's KV cache as it registers it: who it is, its layout, where its bytes are.
@@ -81,6 +87,10 @@ class KVCacheRegistration(BaseModel):
     for the server to wait on (``cuda_ipc`` only; ignored otherwise), which the server opens
     while it registers rather than in the first copies. The layout and the refs are wire
     types of their own, checked while the payload decodes, so a handler never parses them.
+
+    ``engine_id`` is the worker's engine (its scheduler's, None for none): the server binds
+    the worker's client to it, and the worker's retrieves release only the pins of
+    sessions that engine's scheduler opened.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -94,6 +104,7 @@ class KVCacheRegistration(BaseModel):
     tensors: list[SharedTensorRef] = []
     cuda_tensors: list[CudaIPCWrapper] = []
     ready_events: list[CudaEventHandle] = []
+    engine_id: EngineId | None = None
 
 
 class RetrieveReply(KeyOutcomes):
@@ -224,7 +235,8 @@ RETRIEVE = ProtocolDefinition(
     RetrieveReply,
     doc=(
         "Retrieve chunks into the given block ids: (client, instance, request id per key, "
-        "keys, block ids); releases the sessions' pins on what it copied."
+        "keys, block ids); releases the sessions' pins on what it copied (only sessions of "
+        "the worker's engine)."
     ),
 )
 STORE_CUDA = ProtocolDefinition(
@@ -260,11 +272,13 @@ RETRIEVE_CUDA_LAYERS = ProtocolDefinition(
 )
 LOOKUP = ProtocolDefinition(
     "kv.lookup",
-    (bytes, str, KeyBatch),
+    (bytes, str, KeyBatch, EngineId | None),
     int | str,
     doc=(
-        "Count the leading chunks present for every rank and pin them for the request; "
-        "a str answer is a prefetch job id for kv.query_prefetch_status."
+        "(client, request id, keys without worker id, the client's engine id or None: "
+        "non-empty, without '/'): count the leading chunks present for every rank and pin "
+        "them for the request; a str answer is a prefetch job id for "
+        "kv.query_prefetch_status."
     ),
 )
 QUERY_PREFETCH_STATUS = ProtocolDefinition(

@@ -316,8 +316,9 @@ def registration(
     *,
     model: str = MODEL,
     world_size: int = WORLD,
+    engine_id: str | None = None,
 ) -> KVCacheRegistration:
-    """What a worker of ``rank`` sends to register ``layers`` (shared memory)."""
+    """What a worker of ``rank`` (of engine ``engine_id``) sends to register ``layers`` (shm)."""
     return KVCacheRegistration(
         model_name=model,
         world_size=world_size,
@@ -326,6 +327,7 @@ def registration(
         mode="shm",
         layout=KVLayout.from_tensors(layers),
         tensors=[shared_ref(t) for t in layers],
+        engine_id=engine_id,
     )
 
 
@@ -337,25 +339,36 @@ def rows(first: int, chunks: int) -> torch.Tensor:
 class RawClient:
     """``kv.*`` spoken directly with a client id of its own, to see what adapters only log.
 
-    It sends no keepalives: it is alive only while it makes calls.
+    It sends no keepalives: it is alive only while it makes calls. Its registrations and
+    lookups declare ``engine_id`` (None: no engine id), as an engine's adapters do.
     """
 
-    def __init__(self, url: str, *, model: str = MODEL, world_size: int = WORLD) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str = MODEL,
+        world_size: int = WORLD,
+        engine_id: str | None = None,
+    ) -> None:
         self.sync = SyncClient(url, registry=kv_registry(), timeout=WAIT)
         self.client_id = secrets.token_bytes(16)
         self.model = model
         self.world_size = world_size
+        self.engine_id = engine_id
 
     def call(self, protocol: Any, *args: Any) -> Any:
         return self.sync.call(protocol, self.client_id, *args)
 
     def register(self, rank: int, layers: list[torch.Tensor]) -> RawWorker:
-        spec = registration(rank, layers, model=self.model, world_size=self.world_size)
+        spec = registration(
+            rank, layers, model=self.model, world_size=self.world_size, engine_id=self.engine_id
+        )
         return RawWorker(self, rank, self.call(kv.REGISTER_KV_CACHE, spec), layers)
 
     def lookup(self, request_id: str, hashes: list[bytes]) -> int | str:
         keys = KeyBatch.from_hashes(self.model, self.world_size, None, hashes)
-        answer: int | str = self.call(kv.LOOKUP, request_id, keys)
+        answer: int | str = self.call(kv.LOOKUP, request_id, keys, self.engine_id)
         return answer
 
     def lookup_count(self, request_id: str, hashes: list[bytes]) -> int:

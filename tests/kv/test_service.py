@@ -820,7 +820,7 @@ def test_a_chunk_size_that_is_not_a_multiple_of_the_block_size_is_refused_at_con
 def test_a_lookup_with_a_worker_id_is_refused(baseline: Baseline) -> None:
     raw, worker = baseline.raw, baseline.worker
     with pytest.raises(KVError, match="no worker id"):
-        raw.call(kv.LOOKUP, "r", worker.keys(chunk_hashes(1, seed=88)))
+        raw.call(kv.LOOKUP, "r", worker.keys(chunk_hashes(1, seed=88)), None)
     assert baseline.still_healthy()
 
 
@@ -951,14 +951,14 @@ async def test_lookups_during_a_store_see_none_or_all_of_its_chunks_never_more(
     async with AsyncClient(kv_server.url, registry=kv_registry(), timeout=WAIT) as client:
         spec = registration(0, layers, world_size=1)
         instance = await client.call(kv.REGISTER_KV_CACHE, client_id, spec)
-        before = await client.call(kv.LOOKUP, client_id, "r", lookup_keys)
+        before = await client.call(kv.LOOKUP, client_id, "r", lookup_keys, None)
         store = await client.submit(kv.STORE, client_id, instance, keys, rows(0, chunks), [])
         lookups: list[asyncio.Future[Any]] = []
         # Retrieves of the last chunk, each into blocks of its own (those after the stored
         # ones): one that finds the chunk must copy exactly the stored bytes.
         retrieves: list[tuple[int, asyncio.Future[Any]]] = []
         while not store.done() or len(lookups) < 20:
-            lookups.append(await client.submit(kv.LOOKUP, client_id, "r", lookup_keys))
+            lookups.append(await client.submit(kv.LOOKUP, client_id, "r", lookup_keys, None))
             if len(retrieves) < chunks:
                 into = (chunks + len(retrieves)) * BPC
                 retrieve = kv.RETRIEVE, client_id, instance, ["r"], last_key, rows(into, 1)
@@ -967,7 +967,7 @@ async def test_lookups_during_a_store_see_none_or_all_of_its_chunks_never_more(
         assert (await store).statuses == [OK] * chunks
         answers = [await lookup for lookup in lookups]
         found = [(into, (await reply).statuses == [OK]) for into, reply in retrieves]
-        after = await client.call(kv.LOOKUP, client_id, "r", lookup_keys)
+        after = await client.call(kv.LOOKUP, client_id, "r", lookup_keys, None)
 
     assert before == 0 and after == chunks
     assert set(answers) <= {0, chunks}

@@ -48,7 +48,9 @@ class SchedulerAdapter:
     the submit, counts as 0 (with one server, a pending lookup stays pending: the caller
     decides how long to wait). ``engine_id`` (made once per engine, given to its scheduler
     and all its workers) scopes the request ids this adapter sends, so that engines sharing
-    a server never touch each other's sessions; None sends them as they are.
+    a server never touch each other's sessions; None sends them as they are. Each lookup
+    also declares it, and the server binds the sessions it opens to it: only workers
+    registered with the same engine id release their pins by retrieving.
 
     While an answer is pending, ``check_lookup_result`` waits up to ``poll_grace`` seconds
     (default 50 us) for it before returning None, with the GIL released: a scheduler that
@@ -152,7 +154,7 @@ class SchedulerAdapter:
             self._lookups[request_id] = self._submit_everywhere(request_id, wire_id, keys, hashes)
             return
         try:
-            future = self._link.submit(protocols.LOOKUP, wire_id, keys)
+            future = self._link.submit(protocols.LOOKUP, wire_id, keys, self.engine_id)
         except KvrpcError as exc:
             logger.warning("lookup for request %r not sent, computing it: %s", request_id, exc)
             self._lookups[request_id] = _Lookup([], tokens=0)
@@ -166,7 +168,9 @@ class SchedulerAdapter:
         answers: list[_Answer] = []
         for link in self._links:
             try:
-                answers.append(_Answer(link.submit(protocols.LOOKUP, wire_id, keys)))
+                answers.append(
+                    _Answer(link.submit(protocols.LOOKUP, wire_id, keys, self.engine_id))
+                )
             except KvrpcError as exc:
                 logger.warning(
                     "lookup for request %r not sent to %s, counting 0: %s",

@@ -71,7 +71,8 @@ class WorkerAdapter:
     :mod:`~kvrpc.kv.client.hosts`: ranks in contiguous blocks per host); an engine that
     places ranks otherwise picks the URL itself. ``engine_id`` must be its scheduler's
     (see :class:`~kvrpc.kv.client.scheduler.SchedulerAdapter`): a retrieve names its
-    requests' sessions by it, and releases their pins as it copies.
+    requests' sessions by it, and releases their pins as it copies. The registration
+    carries it too, so that the server releases only the pins of this engine's sessions.
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class WorkerAdapter:
             tensors=tensors,
             cuda_tensors=wrappers,
             ready_events=[] if events is None else events.handles(),
+            engine_id=self.engine_id,
         )
         instance_id = self._link.call(protocols.REGISTER_KV_CACHE, registration)
         with self._lock:

@@ -69,15 +69,23 @@ class Instance:
     blocks_per_chunk: int
     chunk_nbytes: int
     suffix: bytes
+    #: The engine its worker belongs to (its client's, bound at registration; None: no
+    #: engine id). Its retrieves release only pins of that engine's sessions.
+    engine_id: str | None = None
     #: Set once unregistered or its client left: copies not yet started must not start.
     closed: bool = False
 
 
 @dataclass(eq=False)
 class Session:
-    """A request's pins: slot -> worker id of the chunk pinned there, and its prefetch jobs."""
+    """A request's pins: slot -> worker id of the chunk pinned there, and its prefetch jobs.
+
+    ``engine_id`` is the engine of the scheduler client that opened it (None: no engine
+    id): only that engine's workers release its pins by retrieving.
+    """
 
     owner: bytes
+    engine_id: str | None = None
     pins: dict[int, int] = field(default_factory=dict)
     jobs: set[str] = field(default_factory=set)
 
@@ -110,11 +118,15 @@ class Client:
     ``principal`` is the process the client id is bound to (None until a call comes from a
     peer the transport identifies); ``pins`` counts its sessions' pins and
     ``inflight_bytes`` the bytes its stores and retrieves are copying, for the caps of
-    :class:`~kvrpc.kv.server.caps.ClientCaps`.
+    :class:`~kvrpc.kv.server.caps.ClientCaps`. ``engine_id`` is the engine the client
+    declared in its first registration or lookup (``engine_bound`` from then on): every
+    later one must declare the same.
     """
 
     last_seen: float
     principal: Principal | None = None
+    engine_id: str | None = None
+    engine_bound: bool = False
     instances: set[int] = field(default_factory=set)
     sessions: set[SessionKey] = field(default_factory=set)
     jobs: set[str] = field(default_factory=set)
@@ -185,3 +197,6 @@ class Counters:
     clients_expired: int = 0
     client_limits: int = 0  #: calls refused for a per-client cap
     not_owner: int = 0  #: calls refused for naming another client's state
+    #: Retrieved keys whose request id named another engine's session: copied, that
+    #: session's pins left alone.
+    retrieve_other_engine: int = 0

@@ -629,13 +629,17 @@ class KVService:
 
     # ------------------------------------------------------------------ lookup / sessions
 
-    def lookup(self, client_id: bytes, request_id: str, keys: KeyBatch) -> int | str:
+    def lookup(
+        self, client_id: bytes, request_id: str, keys: KeyBatch, engine_id: str | None
+    ) -> int | str:
         """``kv.lookup``: leading chunks present on every rank, pinned for ``request_id``.
 
         Replaces the pins of an earlier lookup for the same request. Answers a prefetch job
-        id instead when some of those chunks must first be loaded from the lower tier.
+        id instead when some of those chunks must first be loaded from the lower tier. The
+        session belongs to ``engine_id``, the client's engine (the server binds it).
         """
-        found = self.state.lookup(client_id, request_id, keys, time.monotonic(), current_caller())
+        now, caller = time.monotonic(), current_caller()
+        found = self.state.lookup(client_id, request_id, keys, now, caller, engine_id)
         if isinstance(found, int):
             return found
         assert self.tiering is not None  # only a tier makes a job

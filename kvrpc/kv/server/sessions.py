@@ -3,10 +3,11 @@
 A lookup opens a session for its request (replacing its own earlier one; another client's
 is refused, :class:`~kvrpc.errors.NotOwner`), within the client's caps
 (:mod:`~kvrpc.kv.server.caps`), pins the leading chunks every rank holds, and may start a prefetch
-:class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve releases
-the pins on what it copied; ending the session releases the rest, and drops its jobs so
-that they pin nothing. Every pin taken here is released exactly once. Part of
-:class:`~kvrpc.kv.server.state.KVState`, which owns the client leases; no I/O, no asyncio.
+:class:`~kvrpc.kv.server.records.Job` for what the lower tiers add; a retrieve by a worker
+of the session's engine releases the pins on what it copied; ending the session releases
+the rest, and drops its jobs so that they pin nothing. Every pin taken here is released
+exactly once. Part of :class:`~kvrpc.kv.server.state.KVState`, which owns the client
+leases; no I/O, no asyncio.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ class SessionBook:
         request id open: a request id names one client's session, never another's; and
         :class:`~kvrpc.errors.ClientLimitReached` if the session, its pins or its job would
         take the client past a cap (:class:`~kvrpc.kv.server.caps.ClientCaps`). Either way
-        nothing changes, not even the client's earlier session of the request.
+        nothing changes, not even the client's earlier session of the request. The session
+        belongs to the client's engine (bound first, by
+        :meth:`KVState.bind_engine <kvrpc.kv.server.state.KVState.bind_engine>`).
         """
         counters = self.counters
         counters.lookups += 1
@@ -337,7 +340,8 @@ class SessionBook:
     def _open_session(self, client_id: bytes, key: SessionKey) -> Session:
         self._check_open(client_id, key)
         self.end(key)
-        session = self.sessions[key] = Session(client_id)
+        # The session is its opener's engine's: only that engine's workers release its pins.
+        session = self.sessions[key] = Session(client_id, self.clients[client_id].engine_id)
         self.clients[client_id].sessions.add(key)
         return session
 
@@ -398,10 +402,25 @@ class SessionBook:
                 if worker == worker_id:
                     self.release_pin(session, slot)
 
-    def release_copied(self, ns_id: bytes, request_id: str, slot: int) -> None:
-        """A retrieve copied ``slot`` to its worker: the request's pin on it is done."""
+    def release_copied(
+        self, ns_id: bytes, request_id: str, slot: int, engine_id: str | None
+    ) -> None:
+        """A retrieve copied ``slot`` to a worker of ``engine_id``: the request's pin is done.
+
+        Only a session of the worker's own engine is released: one that another engine's
+        scheduler opened (the request id is that engine's, named by mistake or on purpose)
+        keeps its pin, since that engine's own workers have yet to retrieve it. The copy
+        was not refused: the chunk is the cache's, and the worker may read it under any
+        request id. The key is counted in ``retrieve_other_engine``. With no engine ids
+        (None on both sides: one engine per server) every session is the worker's engine's.
+        """
         session = self.sessions.get((ns_id, request_id))
-        if session is not None and slot in session.pins:
+        if session is None:
+            return
+        if session.engine_id != engine_id:
+            self.counters.retrieve_other_engine += 1
+            return
+        if slot in session.pins:
             self.release_pin(session, slot)
 
     def drop_jobs(self, job_ids: set[str]) -> None:

@@ -137,6 +137,29 @@ class KVState:
             "its own (a client id must not be copied to, or inherited by, another process)"
         )
 
+    def bind_engine(self, client: Client, engine_id: str | None) -> None:
+        """Bind the client to the engine it declares; refuse another than it is bound to.
+
+        A client's first registration or lookup declares its engine id (None: no engine
+        id), and the server keeps it: its instances and sessions belong to that engine, so
+        that a worker's retrieve releases only the pins of its own engine's sessions (see
+        :meth:`SessionBook.release_copied`). Every later declaration must be the same;
+        another is :class:`~kvrpc.errors.NotOwner`, counted, and changes nothing. A
+        keepalive declares nothing.
+        """
+        self._check_engine(client, engine_id)
+        if not client.engine_bound:
+            client.engine_id, client.engine_bound = engine_id, True
+
+    def _check_engine(self, client: Client | None, engine_id: str | None) -> None:
+        """Refuse a declaration of another engine than the one the client is bound to."""
+        if client is not None and client.engine_bound and client.engine_id != engine_id:
+            self.counters.not_owner += 1
+            raise NotOwner(
+                f"this client id speaks for engine {client.engine_id!r} on this server, not "
+                f"{engine_id!r}: a client serves one engine (make an adapter per engine)"
+            )
+
     def renew(self, client_id: bytes, now: float) -> Client | None:
         """Renew a known client's lease and return its record; None (and no record) if unknown."""
         if len(client_id) < 8:
@@ -211,8 +234,11 @@ class KVState:
         per_chunk = blocks_per_chunk(self.chunk_size, spec.block_size)
         chunk_nbytes = layout.chunk_nbytes(per_chunk)
         self._check_fits(spec, chunk_nbytes)
-        self._check_registrations(self.clients.get(client_id))
-        self.client(client_id, now, principal)  # passed: add_instance will look for its record
+        known = self.clients.get(client_id)
+        self._check_engine(known, spec.engine_id)
+        self._check_registrations(known)
+        # Passed: add_instance will look for its record, bound to the registration's engine.
+        self.bind_engine(self.client(client_id, now, principal), spec.engine_id)
         return per_chunk, chunk_nbytes
 
     def _check_registrations(self, client: Client | None) -> None:
@@ -266,6 +292,9 @@ class KVState:
         if client is None:  # it left while its tensors were mapped
             raise KVError("this client said goodbye or went silent while registering")
         self._check_registrations(client)  # its other registrations may have landed meanwhile
+        # Bound by the check already, unless the record was made again meanwhile (a goodbye,
+        # then a keepalive): then it binds now.
+        self.bind_engine(client, spec.engine_id)
         key = (spec.model_name, spec.world_size)
         ns = self.namespaces.get(key)
         if ns is None:
@@ -292,6 +321,7 @@ class KVState:
             per_chunk,
             chunk_nbytes,
             ns.suffixes[spec.worker_id],
+            client.engine_id,
         )
         self.instances[instance_id] = instance
         client.instances.add(instance_id)
@@ -531,6 +561,11 @@ class KVState:
     ) -> None:
         """Unpin the copied slots; release the sessions' pins on what reached the worker.
 
+        Only the sessions of the worker's own engine release theirs: a request id naming
+        another engine's session is copied all the same (the chunks are the cache's), its
+        pins left alone and the key counted in ``retrieve_other_engine``
+        (:meth:`SessionBook.release_copied`).
+
         ``corrupt`` holds the key indices whose bytes in the blocks failed their checksum
         (``--verify-retrieves``): they fail with ``CHECKSUM_MISMATCH``, counted, and their
         sessions' pins go as well (the engine recomputes those tokens). Those in
@@ -540,7 +575,7 @@ class KVState:
         """
         pool = self._require_pool()
         self._discharge(plan)
-        ns_id = plan.instance.namespace.id
+        ns_id, engine_id = plan.instance.namespace.id, plan.instance.engine_id
         corrupt, bad_in_l1 = set(corrupt), set(bad_in_l1)
         for i, slot in plan.found:
             pool.unpin(slot)
@@ -550,7 +585,7 @@ class KVState:
             if i in corrupt:
                 plan.results[i] = CHECKSUM_MISMATCH
                 self.counters.retrieve_corrupt += 1
-            self.sessions.release_copied(ns_id, plan.request_ids[i], slot)
+            self.sessions.release_copied(ns_id, plan.request_ids[i], slot, engine_id)
             if i in bad_in_l1 and pool.remove(plan.keys[i]):
                 observer = self.observer
                 if observer is not None and observer.watching:
@@ -574,11 +609,16 @@ class KVState:
         keys: KeyBatch,
         now: float,
         principal: Principal | None = None,
+        engine_id: str | None = None,
     ) -> int | Job:
-        """The client's lookup (see :meth:`SessionBook.lookup`); renews its lease."""
+        """The client's lookup (see :meth:`SessionBook.lookup`); renews its lease.
+
+        ``engine_id`` is the engine the client declares (:meth:`bind_engine`): the session
+        the lookup opens belongs to it.
+        """
         if keys.worker_id is not None:  # refused before the client is recorded
             raise KVError("lookup keys carry no worker id: use CacheKey.no_worker_id_version()")
-        self.client(client_id, now, principal)
+        self.bind_engine(self.client(client_id, now, principal), engine_id)
         return self.sessions.lookup(client_id, request_id, keys)
 
     def query_prefetch_status(self, client_id: bytes, job_id: str, now: float) -> int | None:
@@ -626,6 +666,7 @@ class KVState:
             "clients_expired": counters.clients_expired,
             "client_limits": counters.client_limits,
             "not_owner": counters.not_owner,
+            "retrieve_other_engine": counters.retrieve_other_engine,
             "instances": len(self.instances),
             "prefetch_jobs": counters.prefetch_jobs,
             "prefetch_jobs_open": len(self.sessions.jobs),
