@@ -22,12 +22,14 @@ T = TypeVar("T")
 
 #: Seconds a wait gives up after: long enough for a loaded machine, short enough for a hang.
 WAIT = 10.0
-#: Seconds between two checks of the condition.
+#: Seconds between two checks of the condition, unless told otherwise.
 INTERVAL = 0.005
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Return once ``condition()`` is true; checked now, then every :data:`INTERVAL` seconds.
+async def until(
+    condition: Callable[[], bool], what: str, timeout: float = WAIT, interval: float = INTERVAL
+) -> None:
+    """Return once ``condition()`` is true; checked now, then every ``interval`` seconds.
 
     Call it on the event loop that changes the state (the condition runs on it, between the
     loop's other callbacks). Raises ``AssertionError`` naming ``what`` once ``timeout``
@@ -38,17 +40,22 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT)
     while not condition():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(INTERVAL)
+        await asyncio.sleep(interval)
 
 
 def wait_until(
-    read: Callable[[], T], done: Callable[[T], bool], what: str, timeout: float = WAIT
+    read: Callable[[], T],
+    done: Callable[[T], bool],
+    what: str,
+    timeout: float = WAIT,
+    interval: float = INTERVAL,
 ) -> T:
     """Return ``read()``'s first value for which ``done`` holds, blocking the calling thread.
 
     For a state another thread or process changes (a served process's counters, a worker's
-    finished requests). Raises ``AssertionError`` naming ``what``, and the last value read,
-    once ``timeout`` seconds have passed without it.
+    finished requests); ``interval`` is the pause between two reads (longer where a read
+    costs the other side work, as an HTTP request does). Raises ``AssertionError`` naming
+    ``what``, and the last value read, once ``timeout`` seconds have passed without it.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -59,4 +66,4 @@ def wait_until(
             raise AssertionError(
                 f"timed out after {timeout} s waiting for {what}; last value {value!r}"
             )
-        time.sleep(INTERVAL)
+        time.sleep(interval)

@@ -73,9 +73,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def poll(get_value: Callable[[], tuple[bool, str]], what: str) -> str:
     """Call ``get_value`` until it reports True; its last text is returned or shown.
 
-    A child's HTTP endpoint has no event to wait on: it is asked again until it answers so.
+    A child's HTTP endpoint has no event to wait on: it is asked again, every 50 ms (each
+    request costs the child a scrape), until it answers so.
     """
-    return wait_until(get_value, lambda got: got[0], what, DEADLINE)[1]
+    return wait_until(get_value, lambda got: got[0], what, DEADLINE, interval=0.05)[1]
 
 
 @contextlib.contextmanager
