@@ -29,7 +29,6 @@ from kvrpc.testing.raw import RawServer
 from kvrpc.testing.waiting import until
 
 ADD = ProtocolDefinition("calc.add", (int, int), int)
-NAP = ProtocolDefinition("calc.nap", (float, int), int)  # sleeps, then returns its tag
 LIAR = ProtocolDefinition("calc.liar", (), int)  # declares int, returns a str
 HELD = ProtocolDefinition("calc.held", (int,), int)  # returns its tag once released: Gates
 
@@ -81,13 +80,7 @@ def gates(server: RPCServer) -> Gates:
 
 def install(server: RPCServer) -> Gates:
     """Register the test protocols; call it on the server's loop."""
-
-    async def nap(seconds: float, tag: int) -> int:
-        await asyncio.sleep(seconds)
-        return tag
-
     server.register(ADD, lambda a, b: a + b)
-    server.register(NAP, nap)
     server.register(LIAR, lambda: "not an int")
     held = _gates[server] = Gates(asyncio.get_running_loop())
     server.register(HELD, held.held)
@@ -100,11 +93,14 @@ def install(server: RPCServer) -> Gates:
 async def test_submit_keeps_many_calls_in_flight_and_matches_replies(
     server: RPCServer, url: str
 ) -> None:
-    install(server)
+    held = install(server)
     async with AsyncClient(url, registry=server.registry) as client:
-        # Later submits finish first: replies must still reach their own futures.
-        futures = [await client.submit(NAP, 0.05 - i * 0.001, i) for i in range(40)]
-        assert await asyncio.gather(*futures) == list(range(40))
+        futures = [await client.submit(HELD, i) for i in range(40)]
+        # Later submits are answered first: replies must still reach their own futures.
+        for tag in reversed(range(40)):
+            held.release(tag)
+            assert await futures[tag] == tag
+            assert not any(future.done() for future in futures[:tag])
 
 
 async def test_invalid_payload_is_refused_before_sending(server: RPCServer, url: str) -> None:
@@ -329,7 +325,7 @@ def threaded_server(url: str):  # type: ignore[no-untyped-def]
 def test_sync_call_and_submit(threaded_server: RPCServer, url: str) -> None:
     with SyncClient(url, registry=threaded_server.registry) as client:
         assert client.call(ADD, 20, 22) == 42
-        future = client.submit(NAP, 0.01, 7)
+        future = client.submit(ADD, 3, 4)
         assert isinstance(future, MessagingFuture)
         assert future.result(timeout=5) == 7
 
