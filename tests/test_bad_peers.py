@@ -46,6 +46,7 @@ from kvrpc.kv.server.access import memory_owner
 from kvrpc.kv.shm import shared_ref
 from kvrpc.server import PeerInfo, current_peer
 from kvrpc.testing.raw import RawClient, RawServer
+from kvrpc.testing.waiting import until
 from kvrpc.transport import (
     PeerCredentials,
     TransportOptions,
@@ -212,36 +213,39 @@ class Flood:
 
 
 async def counted(server: RPCServer, counter: str) -> dict[str, int]:
-    """The server transport's counters, once ``counter`` is above 0 (within 2 x WAIT)."""
-    assert server._transport is not None
-    async with asyncio.timeout(2 * WAIT):
-        while server._transport.stats()[counter] < 1:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    return server._transport.stats()
+    """The server transport's counters, once ``counter`` is above 0 (within 2 x WAIT).
+
+    A transport's counters have no event to wait on: this polls them (the deadline bounds a
+    hang only).
+    """
+    await until(lambda: server.transport_stats()[counter] >= 1, f"{counter} >= 1", 2 * WAIT)
+    return server.transport_stats()
 
 
 @pytest.mark.parametrize("scheme", SOCKET_SCHEMES)
 async def test_a_client_that_never_reads_delays_no_other_client(scheme: str, sock_dir: str) -> None:
     url = socket_url(scheme, sock_dir)
-    async with RPCServer(url, peer_stall_timeout=60) as server:
-        assert server._transport is not None
-        async with AsyncClient(url, timeout=WAIT) as good:
-            await good.call("rpc.ping")
-            flood = Flood(url, 4000)  # 256 MiB of replies asked for, none read
-            try:
-                slowest = 0.0
-                async with asyncio.timeout(2 * WAIT):
-                    while server._transport.stats()["backlogged"] < 1:
-                        started = time.perf_counter()
-                        assert await good.call("rpc.ping", timeout=2.0) == "pong"
-                        slowest = max(slowest, time.perf_counter() - started)
-                        await asyncio.sleep(0.005)
-                for _ in range(100):  # and while the flooding client's replies wait
+    async with (
+        RPCServer(url, peer_stall_timeout=60) as server,
+        AsyncClient(url, timeout=WAIT) as good,
+    ):
+        await good.call("rpc.ping")
+        flood = Flood(url, 4000)  # 256 MiB of replies asked for, none read
+        try:
+            slowest = 0.0
+            # Pinging until the flooding client's replies wait in the server: each reply is
+            # the next look at the counter.
+            async with asyncio.timeout(2 * WAIT):
+                while server.transport_stats()["backlogged"] < 1:
                     started = time.perf_counter()
                     assert await good.call("rpc.ping", timeout=2.0) == "pong"
                     slowest = max(slowest, time.perf_counter() - started)
-            finally:
-                flood.close()
+            for _ in range(100):  # and while the flooding client's replies wait
+                started = time.perf_counter()
+                assert await good.call("rpc.ping", timeout=2.0) == "pong"
+                slowest = max(slowest, time.perf_counter() - started)
+        finally:
+            flood.close()
     # The server never waited for the flooding client (it used to, for up to 10 s a reply).
     assert slowest < 0.5, slowest
 
@@ -251,7 +255,6 @@ async def test_a_unix_client_that_stops_reading_is_dropped_after_the_stall_timeo
 ) -> None:
     url = f"unix://{sock_dir}/s.sock"
     async with RPCServer(url, peer_stall_timeout=0.5) as server:
-        assert server._transport is not None
         flood = Flood(url, 2000)
         try:
             stats = await counted(server, "stalled")
@@ -265,7 +268,6 @@ async def test_a_unix_client_that_stops_reading_is_dropped_after_the_stall_timeo
 async def test_a_zmq_client_that_stops_reading_loses_its_replies_counted(sock_dir: str) -> None:
     url = f"zmq+ipc://{sock_dir}/s.sock"
     async with RPCServer(url, peer_stall_timeout=0.5) as server:
-        assert server._transport is not None
         flood = Flood(url, 4000)
         try:
             await counted(server, "dropped")
@@ -287,8 +289,6 @@ async def test_a_zmq_client_that_reads_nothing_has_its_requests_refused_unread_u
     """
     url = socket_url(scheme, sock_dir)
     async with RPCServer(url, peer_stall_timeout=60) as server:
-        transport = server._transport
-        assert transport is not None
         dealer: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
         dealer.setsockopt(zmq.RCVHWM, 1)
         dealer.setsockopt(zmq.RCVBUF, 4096)
@@ -296,43 +296,47 @@ async def test_a_zmq_client_that_reads_nothing_has_its_requests_refused_unread_u
         dealer.connect(url.replace("zmq+", "", 1))
         body = b"x" * (64 * 1024)
         sent = 0
+        answered: set[int] = set()
+
+        def refused() -> int:
+            return server.transport_stats()["refused"]
+
+        async def ready(event: int) -> None:
+            # zmq's own poll, in a thread while the loop serves: returns as the socket is.
+            assert await asyncio.to_thread(dealer.poll, 2 * WAIT * 1000, event), "never ready"
+
+        def all_accounted_for() -> bool:
+            """Read every reply there is; True once each echo is answered or refused."""
+            while True:
+                try:
+                    frames = dealer.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return len(answered) + refused() == sent
+                _, request_id = peek(frames)
+                assert request_id is not None and request_id not in answered
+                answered.add(request_id)
+
         try:
-            async with asyncio.timeout(2 * WAIT):
-                while transport.stats()["refused"] < 1:
-                    try:
-                        dealer.send_multipart(
-                            encode_request(sent, "rpc.echo", (body,)), zmq.NOBLOCK
-                        )
-                        sent += 1
-                    except zmq.Again:
-                        await asyncio.sleep(0.001)
+            while refused() < 1:
+                try:
+                    dealer.send_multipart(encode_request(sent, "rpc.echo", (body,)), zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:  # full: wait for the server to read on
+                    await ready(zmq.POLLOUT)
             async with AsyncClient(url, timeout=WAIT) as good:
                 assert await good.call("rpc.ping") == "pong"
-            answered: set[int] = set()
-            pong = None
-            async with asyncio.timeout(2 * WAIT):
-                while pong is None:
-                    try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        # Once every reply is in and none waits at the server, it hears us.
-                        if (
-                            len(answered) + transport.stats()["refused"] == sent
-                            and not transport._backlogs  # type: ignore[attr-defined]
-                        ):
-                            dealer.send_multipart(encode_request(sent, "rpc.ping", ()))
-                            sent += 1
-                        await asyncio.sleep(0.01)
-                        continue
-                    _, request_id = peek(frames)
-                    assert request_id is not None and request_id not in answered
-                    if request_id == sent - 1 and decode(frames).payload == "pong":
-                        pong = request_id
-                    else:
-                        answered.add(request_id)
+            # The refusals are counted as the server reads them, with nothing sent back: a
+            # counter to poll, read beside the replies.
+            await until(all_accounted_for, "every echo answered or refused", 2 * WAIT)
+            # Every reply is read, so none waits at the server: the peer is heard again.
+            dealer.send_multipart(encode_request(sent, "rpc.ping", ()))
+            sent += 1
+            await ready(zmq.POLLIN)
+            pong = decode(dealer.recv_multipart(zmq.NOBLOCK))
         finally:
             dealer.close(linger=0)
-        stats = transport.stats()
+        stats = server.transport_stats()
+    assert (pong.request_id, pong.payload) == (sent - 1, "pong")
     assert stats["dropped"] == 0
     # Every echo was answered or refused, never both (the last request is the ping).
     assert len(answered) + stats["refused"] == sent - 1, (len(answered), stats, sent)
@@ -407,7 +411,10 @@ async def test_calls_cancelled_while_their_send_waits_give_back_their_slots(sock
         await server.aclose()
         for _ in range(4):  # twice max_in_flight: leaked slots would wedge the client
             submitting = asyncio.create_task(client.submit("rpc.ping"))
-            await asyncio.sleep(0.05)  # now waiting in the send, for the server to return
+            # Registered, and not done: past its slot, a submit waits only in the send (for
+            # the server to return). White-box: the client's table of calls.
+            await until(lambda: len(client._calls) == 1, "the call waiting in its send")
+            assert not submitting.done()
             submitting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await submitting
@@ -434,8 +441,8 @@ def test_a_sync_client_called_from_its_own_done_callback_raises_wrong_thread(
 ) -> None:
     url = f"unix://{sock_dir}/s.sock"
     seen: list[BaseException] = []
-    with _server_thread(url), SyncClient(url, timeout=WAIT) as client:
-        pending = client.submit(PAUSE, 0.2)
+    with _server_thread(url) as gates, SyncClient(url, timeout=WAIT) as client:
+        pending = client.submit(PAUSE, 1)
 
         def chain(_: Any) -> None:  # runs on the client's loop thread when the reply lands
             try:
@@ -443,7 +450,8 @@ def test_a_sync_client_called_from_its_own_done_callback_raises_wrong_thread(
             except WrongThread as exc:
                 seen.append(exc)
 
-        pending.add_done_callback(chain)
+        pending.add_done_callback(chain)  # before the reply: the handler waits for this
+        gates.release(1)
         assert pending.result(WAIT) == "paused"
         # The loop thread never blocked: this thread's calls are still answered.
         assert client.call("rpc.ping", timeout=WAIT) == "pong"
@@ -455,16 +463,22 @@ def test_waiting_on_a_future_from_the_thread_that_resolves_it_raises_wrong_threa
 ) -> None:
     url = f"unix://{sock_dir}/s.sock"
     seen: list[BaseException] = []
-    with _server_thread(url), SyncClient(url, timeout=WAIT) as client:
-        slow = client.submit(PAUSE, 0.5)
+    called = threading.Event()
+    with _server_thread(url) as gates, SyncClient(url, timeout=WAIT) as client:
+        slow = client.submit(PAUSE, 1)
 
         def wait_for_slow(_: Any) -> None:
             try:
                 slow.result()
             except WrongThread as exc:
                 seen.append(exc)
+            finally:
+                called.set()
 
-        client.submit("rpc.ping").add_done_callback(wait_for_slow)
+        client.submit(PAUSE, 2).add_done_callback(wait_for_slow)
+        gates.release(2)  # that one's reply lands, on the loop thread, while slow's waits
+        assert called.wait(WAIT)
+        gates.release(1)
         assert slow.result(WAIT) == "paused"
         assert client.call("rpc.ping", timeout=WAIT) == "pong"
     assert len(seen) == 1 and "the thread that resolves it" in str(seen[0])
@@ -473,7 +487,7 @@ def test_waiting_on_a_future_from_the_thread_that_resolves_it_raises_wrong_threa
 # ------------------------------------------------------------------ 8. awaitables count
 
 
-PAUSE = ProtocolDefinition("bad.pause", (float,), str, HandlerType.NONBLOCKING)
+PAUSE = ProtocolDefinition("bad.pause", (int,), str, HandlerType.NONBLOCKING)  # see Gates
 LATER = ProtocolDefinition("bad.later", (), str, HandlerType.NONBLOCKING)
 BIG = ProtocolDefinition("bad.big", (int,), bytes, HandlerType.NONBLOCKING)
 
@@ -481,11 +495,21 @@ BIG = ProtocolDefinition("bad.big", (int,), bytes, HandlerType.NONBLOCKING)
 async def test_a_plain_handler_returning_an_awaitable_counts_against_the_peer_limit(
     url: str,
 ) -> None:
+    released = asyncio.Event()
+
+    async def later() -> str:
+        await released.wait()
+        return "later"
+
     async with RPCServer(url, max_in_flight_per_peer=4) as server:
-        server.register(LATER, lambda: asyncio.sleep(0.2, "later"))
+        server.register(LATER, lambda: later())  # a plain function, returning a coroutine
         async with AsyncClient(url, registry=server.registry, timeout=WAIT) as client:
             futures = [await client.submit(LATER) for _ in range(50)]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            # The first four hold the peer's slots until released; the rest are refused.
+            refused = await asyncio.gather(*futures[4:], return_exceptions=True)
+            assert not any(future.done() for future in futures[:4])
+            released.set()
+            results = [*await asyncio.gather(*futures[:4]), *refused]
     assert results.count("later") == 4
     assert sum(isinstance(r, ServerBusy) for r in results) == 46
     assert server.stats.busy == 46
@@ -853,18 +877,36 @@ def test_kvrpc_serve_over_tcp_with_insecure_warns_and_says_it_is_unauthenticated
 # ------------------------------------------------------------------ helpers
 
 
-@contextlib.contextmanager
-def _server_thread(url: str) -> Iterator[RPCServer]:
-    """A server with the PAUSE protocol on a loop thread of its own, for sync clients."""
-    server = RPCServer(url)
+class Gates:
+    """The PAUSE handlers of a server on a loop thread: ``PAUSE(n)`` waits for ``release(n)``.
 
-    async def pause(seconds: float) -> str:
-        await asyncio.sleep(seconds)
+    So a test decides when each reply may land, instead of guessing how long to pause.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._gates: dict[int, asyncio.Event] = {}  # touched on the loop's thread only
+
+    async def pause(self, gate: int) -> str:
+        await self._gate(gate).wait()
         return "paused"
 
-    server.register(PAUSE, pause)
+    def release(self, gate: int) -> None:
+        """Let every ``PAUSE(gate)``, running or still to come, return; from any thread."""
+        self._loop.call_soon_threadsafe(lambda: self._gate(gate).set())
+
+    def _gate(self, gate: int) -> asyncio.Event:
+        return self._gates.setdefault(gate, asyncio.Event())
+
+
+@contextlib.contextmanager
+def _server_thread(url: str) -> Iterator[Gates]:
+    """A server with the PAUSE protocol on a loop thread of its own, for sync clients."""
+    server = RPCServer(url)
     ready = threading.Event()
     loop = asyncio.new_event_loop()
+    gates = Gates(loop)
+    server.register(PAUSE, gates.pause)
 
     async def run() -> None:
         async with server:
@@ -875,7 +917,7 @@ def _server_thread(url: str) -> Iterator[RPCServer]:
     thread.start()
     assert ready.wait(WAIT)
     try:
-        yield server
+        yield gates
     finally:
         server.stop()
         thread.join(WAIT)
@@ -885,13 +927,17 @@ def _server_thread(url: str) -> Iterator[RPCServer]:
 # ------------------------------------------------------------------ 2. the libzmq abort
 
 _STALLING_SERVER = """
-import asyncio, signal, sys, time
+import asyncio, signal, sys
 from kvrpc import HandlerType, ProtocolDefinition, RPCServer
-STALL = ProtocolDefinition("bad.stall", (float,), str, HandlerType.NONBLOCKING)
+STALL = ProtocolDefinition("bad.stall", (), str, HandlerType.NONBLOCKING)
+def stall():
+    # Blocks the loop until the test writes a line: the server reads nothing meanwhile.
+    print("stalled", flush=True)
+    sys.stdin.readline()
+    return "done"
 async def main():
     server = RPCServer(sys.argv[1])
-    # A handler that blocks the loop: the server reads nothing meanwhile.
-    server.register(STALL, lambda seconds: time.sleep(seconds) or "done")
+    server.register(STALL, stall)
     async with server:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.stop)
         print("ready", flush=True)
@@ -899,35 +945,49 @@ async def main():
 asyncio.run(main())
 """
 
+#: Milliseconds without room in the socket after which the server's queue counts as full.
+QUIET_MS = 500
+#: Seconds the server is watched after it wakes, for libzmq's timers to fire if they would.
+WATCH = 4.0
+
 
 @pytest.mark.parametrize("scheme", ["zmq+ipc", "zmq+tcp"])
 def test_a_peer_hanging_up_on_a_full_queue_cannot_abort_the_zmq_server(
     scheme: str, sock_dir: str
 ) -> None:
     """libzmq 4.3.5 aborted (``!_io_error``) on a heartbeat after a peer hung up while its
-    queue in the server was full; kvrpc's zmq sockets use no zmq heartbeats."""
+    queue in the server was full; kvrpc's zmq sockets use no zmq heartbeats.
+
+    Only the last wait is on the clock: the abort would come from a timer, after the
+    server woke, so the test watches the server for ``WATCH`` seconds.
+    """
     url = socket_url(scheme, sock_dir)
     with subprocess.Popen(
         [sys.executable, "-c", _STALLING_SERVER, url],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     ) as child:
         try:
-            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            assert child.stdin is not None and child.stdout is not None
+            assert child.stdout.readline() == "ready\n"
             dealer: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
             dealer.connect(url.replace("zmq+", "", 1))
-            dealer.send_multipart(encode_request(1, "bad.stall", (1.5,)))
-            time.sleep(0.2)  # the server is stuck in the handler: it reads nothing
-            for request_id in range(2, 20_000):  # far past the server's queue for this peer
-                try:
+            dealer.send_multipart(encode_request(1, "bad.stall", ()))
+            assert child.stdout.readline() == "stalled\n"  # stuck in the handler: reads nothing
+            # Far past the server's queue for this peer: sent while zmq's threads still move
+            # messages on, until no room has come for QUIET_MS (the queues are full).
+            request_id = 2
+            while request_id < 20_000 and dealer.poll(QUIET_MS, zmq.POLLOUT):
+                with contextlib.suppress(zmq.Again):
                     dealer.send_multipart(encode_request(request_id, "rpc.ping", ()), zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            time.sleep(0.5)
+                    request_id += 1
             dealer.close(linger=0)  # hang up on the full queue
-            time.sleep(4.0)  # the server wakes, reads the dead peer's queue; timers tick
+            child.stdin.write("\n")  # the server wakes and reads the dead peer's queue
+            child.stdin.flush()
+            time.sleep(WATCH)  # the one wait on the clock (see the docstring)
             assert child.poll() is None, child.communicate()[1][-2000:]
             pinged = subprocess.run(
                 [*KVRPC, "ping", url, "--count", "1"], capture_output=True, text=True, timeout=60

@@ -12,8 +12,7 @@ event needs CUDA. The real events are exercised by the ``cuda``-marked tests in
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -29,23 +28,63 @@ from kvrpc.kv.protocols import CudaCopyReply
 
 UUID = "GPU-5f1c2a9e-0b7d-4e3a-9c61-2d8f0e4b7a13"
 HANG = 10.0  # only reached when the code under test is broken
-SETTLE = 0.05  # long enough for a watcher polling every 100 us to have noticed
+SETTLE = 0.05  # seconds a wait that must time out is given
 
 
 class StandInEvent:
-    """An event that completes when the test says so (or whose query fails, if told)."""
+    """An event that completes when the test says so (or whose query fails, if told).
 
-    def __init__(self, fail: bool = False) -> None:
+    It counts the watcher's queries, for a test to wait on (:meth:`wait_queried`); with
+    ``done_when``, it completes at its first query after that flag is set.
+    """
+
+    def __init__(self, fail: bool = False, done_when: threading.Event | None = None) -> None:
         self._done = threading.Event()
         self._fail = fail
+        self._done_when = done_when
+        self._queried = threading.Condition()
+        self.queries = 0
 
     def complete(self) -> None:
         self._done.set()
 
     def query(self) -> bool:
+        with self._queried:
+            self.queries += 1
+            self._queried.notify_all()
         if self._fail:
             raise RuntimeError("the event's process is gone")
+        if self._done_when is not None and self._done_when.is_set():
+            self._done.set()
         return self._done.is_set()
+
+    def wait_queried(self, count: int) -> bool:
+        """Wait until the watcher has queried this event ``count`` times in all."""
+        with self._queried:
+            return self._queried.wait_for(lambda: self.queries >= count, HANG)
+
+
+class Called:
+    """What the watcher called back, in order: ``(name, ok)`` pairs, with a wait for them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self._changed = threading.Condition()
+
+    def back(self, name: str) -> Callable[[bool], None]:
+        """A callback noting ``(name, ok)``; the watcher calls it on its own thread."""
+
+        def then(ok: bool) -> None:
+            with self._changed:
+                self.calls.append((name, ok))
+                self._changed.notify_all()
+
+        return then
+
+    def wait(self, *expected: tuple[str, bool]) -> bool:
+        """Wait until the calls so far are ``expected``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.calls == list(expected), HANG)
 
 
 class Events:
@@ -81,87 +120,82 @@ def answered(reply: CudaCopyReply) -> MessagingFuture[CudaCopyReply]:
     return future
 
 
-def wait_until(condition: object, timeout: float = HANG) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.001)
-    return False
-
-
 # ------------------------------------------------------------------ the watcher
 
 
 def test_an_event_is_called_back_only_once_it_has_completed(watcher: EventWatcher) -> None:
     event = StandInEvent()
-    calls: list[bool] = []
-    watcher.watch_event(event, HANG, calls.append)
-    time.sleep(SETTLE)
-    assert calls == []
+    called = Called()
+    watcher.watch_event(event, HANG, called.back("event"))
+    assert event.wait_queried(2)  # polled, and found pending, twice
+    assert called.calls == []
     event.complete()
-    assert wait_until(lambda: calls == [True])
+    assert called.wait(("event", True))
 
 
 def test_an_event_still_pending_past_its_timeout_is_called_back_false(
     watcher: EventWatcher,
 ) -> None:
-    calls: list[bool] = []
-    watcher.watch_event(StandInEvent(), 0.02, calls.append)
-    assert wait_until(lambda: calls == [False])
+    called = Called()
+    watcher.watch_event(StandInEvent(), 0.02, called.back("event"))
+    assert called.wait(("event", False))
 
 
 def test_events_are_called_back_in_the_order_they_complete_not_the_order_given(
     watcher: EventWatcher,
 ) -> None:
     first, second = StandInEvent(), StandInEvent()
-    calls: list[str] = []
-    watcher.watch_event(first, HANG, lambda ok: calls.append("first"))
-    watcher.watch_event(second, HANG, lambda ok: calls.append("second"))
+    called = Called()
+    watcher.watch_event(first, HANG, called.back("first"))
+    watcher.watch_event(second, HANG, called.back("second"))
     second.complete()
-    assert wait_until(lambda: calls == ["second"])
+    assert called.wait(("second", True))
     first.complete()
-    assert wait_until(lambda: calls == ["second", "first"])
+    assert called.wait(("second", True), ("first", True))
 
 
 def test_an_event_that_cannot_be_polled_fails_alone(watcher: EventWatcher) -> None:
     good = StandInEvent()
-    calls: dict[str, bool] = {}
-    watcher.watch_event(StandInEvent(fail=True), HANG, lambda ok: calls.setdefault("bad", ok))
-    watcher.watch_event(good, HANG, lambda ok: calls.setdefault("good", ok))
-    assert wait_until(lambda: calls == {"bad": False})
+    called = Called()
+    watcher.watch_event(StandInEvent(fail=True), HANG, called.back("bad"))
+    watcher.watch_event(good, HANG, called.back("good"))
+    assert called.wait(("bad", False))
     good.complete()
-    assert wait_until(lambda: calls == {"bad": False, "good": True})
+    assert called.wait(("bad", False), ("good", True))
 
 
 def test_a_callback_that_raises_does_not_stop_the_others(watcher: EventWatcher) -> None:
     first, second = StandInEvent(), StandInEvent()
-    calls: list[bool] = []
+    called = Called()
+    raised = threading.Event()
 
     def broken(ok: bool) -> None:
+        raised.set()
         raise RuntimeError("a bug in a callback")
 
     watcher.watch_event(first, HANG, broken)
     first.complete()
-    time.sleep(SETTLE)
-    watcher.watch_event(second, HANG, calls.append)
+    assert raised.wait(HANG)  # the watcher's thread is raising, or has raised
+    watcher.watch_event(second, HANG, called.back("second"))
     second.complete()
-    assert wait_until(lambda: calls == [True])
+    assert called.wait(("second", True))
 
 
 def test_close_lets_pending_events_finish_within_its_timeout_then_fails_the_rest(
     events: Events,
 ) -> None:
     watcher = EventWatcher(open_event=events.open)
-    finishing, stuck = StandInEvent(), StandInEvent()
-    calls: dict[str, bool] = {}
-    watcher.watch_event(finishing, HANG, lambda ok: calls.setdefault("finishing", ok))
-    watcher.watch_event(stuck, HANG, lambda ok: calls.setdefault("stuck", ok))
-    threading.Timer(0.02, finishing.complete).start()
-    watcher.close(timeout=0.2)
-    assert calls == {"finishing": True, "stuck": False}
-    watcher.watch_event(StandInEvent(), HANG, lambda ok: calls.setdefault("late", ok))
-    assert calls["late"] is False  # closed: called back at once, never polled
+    closing = threading.Event()
+    finishing, stuck = StandInEvent(done_when=closing), StandInEvent()
+    called = Called()
+    watcher.watch_event(finishing, HANG, called.back("finishing"))
+    watcher.watch_event(stuck, HANG, called.back("stuck"))
+    assert finishing.wait_queried(1)  # pending when close begins
+    closing.set()  # finishing completes at its next query, which close waits for
+    watcher.close(timeout=0.5)
+    assert called.calls == [("finishing", True), ("stuck", False)]
+    watcher.watch_event(StandInEvent(), HANG, called.back("late"))
+    assert called.calls[-1] == ("late", False)  # closed: called back at once, never polled
 
 
 def test_a_handle_is_opened_on_the_watcher_thread_not_the_callers(events: Events) -> None:
@@ -174,9 +208,9 @@ def test_a_handle_is_opened_on_the_watcher_thread_not_the_callers(events: Events
     watcher = EventWatcher("watcher-under-test", open_event=open_event)
     handle, event = events.new()
     event.complete()
-    calls: list[bool] = []
-    watcher.watch(handle, HANG, calls.append)
-    assert wait_until(lambda: calls == [True])
+    called = Called()
+    watcher.watch(handle, HANG, called.back("event"))
+    assert called.wait(("event", True))
     assert opened_on == ["watcher-under-test"]
     watcher.close(timeout=0)
 

@@ -28,7 +28,8 @@ from kvrpc.lane import NOT_TAKEN, DirectLane
 from kvrpc.transport import TransportOptions
 
 ECHO = ProtocolDefinition("lane.echo", (object,), object)
-NAP = ProtocolDefinition("lane.nap", (float, int), int)  # sleeps, then returns its tag
+# LATE(1) is held until LATE(2) runs; LATE(2) answers once LATE(1) has: a late reply first.
+LATE = ProtocolDefinition("lane.late", (int,), int)
 RECORD = ProtocolDefinition("lane.record", (int,), int)
 HOLD = ProtocolDefinition("lane.hold", (), str, HandlerType.BLOCKING)  # waits for release
 BIG = ProtocolDefinition("lane.big", (int,), bytes)
@@ -51,8 +52,15 @@ class Served:
     async def _main(self) -> None:
         server = RPCServer(self.url, max_workers=4, shutdown_grace=0.2)
 
-        async def nap(seconds: float, tag: int) -> int:
-            await asyncio.sleep(seconds)
+        second_running, first_answered = asyncio.Event(), asyncio.Event()
+
+        async def late(tag: int) -> int:
+            if tag == 1:
+                await second_running.wait()
+                first_answered.set()  # its reply goes out as this returns
+            else:
+                second_running.set()
+                await first_answered.wait()
             return tag
 
         def record(seq: int) -> int:
@@ -65,7 +73,7 @@ class Served:
             return "held"
 
         server.register(ECHO, lambda value: value)
-        server.register(NAP, nap)
+        server.register(LATE, late)
         server.register(RECORD, record)
         server.register(HOLD, hold)
         server.register(BIG, lambda size: b"x" * size)
@@ -144,10 +152,10 @@ def test_a_lane_call_past_its_deadline_times_out_and_its_late_reply_is_skipped(
     served: Served,
 ) -> None:
     with SyncClient(served.url, registry=served.registry) as client:
-        with pytest.raises(RequestTimeout, match=r"lane\.nap"):
-            client.call(NAP, 0.5, 1, timeout=0.05)
+        with pytest.raises(RequestTimeout, match=r"lane\.late"):
+            client.call(LATE, 1, timeout=0.05)  # held until the next call runs
         # The next call on the lane reads the late reply first, and skips it.
-        assert client.call(NAP, 0.6, 2) == 2
+        assert client.call(LATE, 2) == 2
         assert client.stats.late_replies == 1
         assert client.stats.direct_calls == 1
 

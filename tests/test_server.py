@@ -37,6 +37,7 @@ from kvrpc.errors import (
     register_error,
 )
 from kvrpc.testing.raw import RawClient
+from kvrpc.testing.waiting import until
 
 ADD = ProtocolDefinition("calc.add", (int, int), int)
 SLEEP = ProtocolDefinition("calc.sleep", (float,), str, HandlerType.BLOCKING)
@@ -202,13 +203,17 @@ async def test_blocking_handler_does_not_delay_ping(server: RPCServer, url: str)
 async def test_blocking_pool_is_bounded_by_max_workers(url: str) -> None:
     running, peak = 0, 0
     lock = threading.Lock()
+    two_running, release = threading.Event(), threading.Event()
 
-    def work(seconds: float) -> str:
+    def work(_seconds: float) -> str:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
-        time.sleep(seconds)
+            if running == 2:
+                two_running.set()
+        # Held until the pool is full: a pool of more than two would run more at once.
+        assert release.wait(WAIT), "the test never released the handler"
         with lock:
             running -= 1
         return "done"
@@ -216,7 +221,9 @@ async def test_blocking_pool_is_bounded_by_max_workers(url: str) -> None:
     async with RPCServer(url, max_workers=2) as server:
         server.register(SLEEP, work)
         async with AsyncClient(url, registry=server.registry) as client:
-            futures = [await client.submit(SLEEP, 0.05) for _ in range(6)]
+            futures = [await client.submit(SLEEP, 0.0) for _ in range(6)]
+            assert await asyncio.to_thread(two_running.wait, WAIT)
+            release.set()
             assert await asyncio.gather(*futures) == ["done"] * 6
     assert peak == 2
 
@@ -367,13 +374,17 @@ async def test_response_sent_to_server_is_dropped_and_counted(server: RPCServer,
 
 async def test_bad_input_does_not_disturb_calls_in_flight(server: RPCServer, url: str) -> None:
     install_calc(server)
+    held = Gate()
+    server.register(HELD, held.blocking)
     peer = await raw_peer(url)
     async with AsyncClient(url, registry=server.registry) as client:
-        slow = [await client.submit(SLEEP, 0.1) for _ in range(3)]
+        slow = [await client.submit(HELD, 0.0) for _ in range(3)]
         quick = [await client.submit(ADD, i, 1) for i in range(50)]
         for junk in ([os.urandom(200)], [b"\x95\x01\x00"], [codec.encode_response(1, None)[0]]):
             await peer.send(junk)
         assert await asyncio.gather(*quick) == [i + 1 for i in range(50)]
+        assert not any(future.done() for future in slow)  # in flight all along
+        held.release()
         assert len(await asyncio.gather(*slow)) == 3
     await peer.close()
 
@@ -414,8 +425,8 @@ async def test_graceful_shutdown_finishes_running_requests(url: str) -> None:
         running = await client.submit(HELD, 0.0)
         await held.started_in_thread()
         shutdown = asyncio.create_task(server.__aexit__(None, None, None))
-        while server.serving:  # noqa: ASYNC110 - the drain begins in the shutdown's first step
-            await asyncio.sleep(0)
+        # The drain begins in the shutdown's first step: a flag, with no event to wait on.
+        await until(lambda: not server.serving, "the drain to begin")
         # While draining, new work is refused rather than started.
         with pytest.raises(ServerBusy, match="shutting down"):
             await client.call(ADD, 1, 1)
@@ -444,8 +455,7 @@ async def test_shutdown_cancels_work_past_the_grace_period(url: str) -> None:
 async def test_serve_returns_after_stop(url: str) -> None:
     server = RPCServer(url)
     serving = asyncio.create_task(server.serve())
-    while not server.serving:  # noqa: ASYNC110 - polling a flag is the point of the test
-        await asyncio.sleep(0.001)
+    await until(lambda: server.serving, "serve() to have started")  # the flag is under test
     async with AsyncClient(url, connect_timeout=5) as client:
         assert await client.call("rpc.ping") == "pong"
     server.stop()
@@ -507,15 +517,12 @@ async def test_a_client_that_hangs_up_has_its_running_results_dropped_unsent(
         async with AsyncClient(url, registry=server.registry, timeout=WAIT) as client:
             await client.submit(ASLEEP, 0.0)
             await held.started.wait()
-        async with asyncio.timeout(WAIT):  # the transport reports the hang-up
-            while server.transport_stats()["disconnects"] < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0)
+        # Counters, with no event to wait on: the transport reports the hang-up.
+        await until(lambda: server.transport_stats()["disconnects"] >= 1, "the hang-up", WAIT)
         responses = server.stats.responses
         assert server.stats.in_flight == 1  # the run goes on: it still holds the loop
         held.release()
-        async with asyncio.timeout(WAIT):
-            while server.stats.in_flight:  # noqa: ASYNC110
-                await asyncio.sleep(0)
+        await until(lambda: server.stats.in_flight == 0, "the run to end", WAIT)
         assert server.stats.abandoned == 1
         assert server.stats.responses == responses  # nothing was encoded for a gone peer
         await still_serving(url)

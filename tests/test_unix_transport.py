@@ -28,10 +28,12 @@ from kvrpc import AsyncClient, RPCServer
 from kvrpc.auth import Authenticator, ServerHandshake, Verdict
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
+from kvrpc.testing.waiting import until
 from kvrpc.transport import (
     ClientInbox,
     Inbox,
     Oversized,
+    ReadControl,
     ServerSink,
     TransportOptions,
     connect_client,
@@ -52,14 +54,53 @@ def sock_path() -> Iterator[str]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+class WatchedInbox(Inbox):
+    """The core's :class:`Inbox`, read by hand, that also says when its state changes.
+
+    ``lost`` lists the peers the transport reported lost (the inbox tells of each after its
+    queued messages); :meth:`wait` re-checks a condition at each loss, pause or resume, so
+    a test waits on what the transport did rather than polling its counters.
+    """
+
+    def __init__(self) -> None:
+        self.lost: list[bytes] = []
+        self._changed = asyncio.Event()
+        super().__init__(on_peer_lost=self._peer_reported_lost)
+
+    def bind(self, control: ReadControl) -> None:
+        """Drive ``control``'s reading, noting each pause and resume."""
+        inbox = self
+
+        class Noted:
+            def pause_reading(self) -> None:
+                control.pause_reading()
+                inbox._changed.set()
+
+            def resume_reading(self) -> None:
+                control.resume_reading()
+                inbox._changed.set()
+
+        super().bind(Noted())
+
+    async def wait(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _peer_reported_lost(self, peer: bytes) -> None:
+        self.lost.append(peer)
+        self._changed.set()
+
+
 @pytest.fixture
-def inbox() -> Inbox:
+def inbox() -> WatchedInbox:
     """The ``server`` fixture's sink, to read it by hand."""
-    return Inbox()
+    return WatchedInbox()
 
 
 @pytest.fixture
-async def server(sock_path: str, inbox: Inbox) -> AsyncIterator[UnixServerTransport]:
+async def server(sock_path: str, inbox: WatchedInbox) -> AsyncIterator[UnixServerTransport]:
     transport = create_server(f"unix://{sock_path}", TransportOptions(max_message_size=1 << 20))
     assert isinstance(transport, UnixServerTransport)
     inbox.bind(transport)
@@ -70,10 +111,10 @@ async def server(sock_path: str, inbox: Inbox) -> AsyncIterator[UnixServerTransp
 
 async def started(
     path: str, options: TransportOptions | None = None, sink: ServerSink | None = None
-) -> tuple[UnixServerTransport, Inbox]:
+) -> tuple[UnixServerTransport, WatchedInbox]:
     """A started server delivering into ``sink``, or into the inbox returned with it."""
     server = UnixServerTransport(path, options or TransportOptions())
-    inbox = Inbox()
+    inbox = WatchedInbox()
     inbox.bind(server)
     await server.start(sink if sink is not None else inbox)
     return server, inbox
@@ -99,13 +140,6 @@ async def raw_connection(path: str) -> socket.socket:
 def wire(*frames: bytes) -> bytes:
     """One message as the framing puts it on the socket."""
     return frame_prefix(frames)[0] + b"".join(frames)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    # Polling: the counters tested here have no event to wait on, by design.
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
 
 
 async def selector_round() -> None:
@@ -258,7 +292,7 @@ async def test_a_socket_file_left_by_a_dead_server_is_replaced(sock_path: str) -
 
 
 async def test_a_live_servers_path_is_refused(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     with pytest.raises(TransportError, match="already listening"):
         await UnixServerTransport(sock_path, TransportOptions()).start(Inbox())
@@ -313,7 +347,7 @@ async def test_a_closed_server_delivers_nothing_more_and_reports_no_peer_lost(
 
 
 async def test_a_length_prefix_far_over_the_cap_disconnects_that_peer_and_is_counted(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     loop = asyncio.get_running_loop()
     good, _ = await connected(sock_path)
@@ -328,7 +362,7 @@ async def test_a_length_prefix_far_over_the_cap_disconnects_that_peer_and_is_cou
 
 
 async def test_a_message_over_the_cap_arrives_as_oversized_and_the_peer_stays(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, _ = await connected(sock_path)
     await client.send([b"header", bytes(1 << 20)])
@@ -342,32 +376,33 @@ async def test_a_message_over_the_cap_arrives_as_oversized_and_the_peer_stays(
 
 
 async def test_a_peer_that_hangs_up_mid_message_is_counted_as_malformed(
-    server: UnixServerTransport, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     loop = asyncio.get_running_loop()
     sock = await raw_connection(sock_path)
     await loop.sock_sendall(sock, struct.pack("!IQ", 1, 100) + b"only part")
     sock.close()
-    await until(lambda: server.stats()["disconnects"] == 1)
+    await inbox.wait(lambda: len(inbox.lost) == 1)  # the transport reports the hang-up
     assert server.stats()["connections"] == 1
     assert server.stats()["disconnects"] == 1
     assert server.stats()["malformed"] == 1
 
 
 async def test_a_clean_hang_up_is_a_disconnect_not_malformed(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, _ = await connected(sock_path)
     await client.send([b"bye"])
     await inbox.recv()
     await client.close()
-    await until(lambda: server.stats()["disconnects"] == 1)
+    await inbox.wait(lambda: len(inbox.lost) == 1)
+    assert server.stats()["disconnects"] == 1
     assert server.stats()["malformed"] == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
 async def test_many_bad_connections_leak_no_file_descriptors(
-    server: UnixServerTransport, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     loop = asyncio.get_running_loop()
     before = open_fds()
@@ -377,9 +412,8 @@ async def test_many_bad_connections_leak_no_file_descriptors(
             if index % 2:
                 await loop.sock_sendall(sock, b"\0\0\0\0")  # zero frames
             sock.close()
-        async with asyncio.timeout(5):
-            while server.stats()["disconnects"] < 50 * round_:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
+        await inbox.wait(lambda round_=round_: len(inbox.lost) == 50 * round_)
+        assert server.stats()["disconnects"] == 50 * round_
     # At most as many as before: an earlier test's client that the collector closes meanwhile
     # can only lower the count, and a leak here would raise it.
     assert open_fds() <= before
@@ -390,7 +424,7 @@ async def test_many_bad_connections_leak_no_file_descriptors(
 
 
 async def test_frames_of_every_buffer_kind_arrive_byte_identical(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, sink = await connected(sock_path)
     # 960 kB of 2-D float64s: more than a socket buffer, so it goes out in parts.
@@ -405,7 +439,7 @@ async def test_frames_of_every_buffer_kind_arrive_byte_identical(
 
 
 async def test_a_message_of_1024_frames_crosses_the_iov_limit_in_order(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, _ = await connected(sock_path)
     frames = [b"%d" % i * (i % 7) for i in range(1024)]
@@ -433,7 +467,7 @@ async def test_messages_from_concurrent_senders_never_interleave(sock_path: str)
 
 
 async def test_a_full_inbox_pauses_the_server_until_recv_catches_up(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, _ = await connected(sock_path)
     count = 3000
@@ -441,7 +475,7 @@ async def test_a_full_inbox_pauses_the_server_until_recv_catches_up(
         await client.send([b"%d" % index, bytes(1000)])
     # The inbox pauses the transport once it holds its limit of 1024, give or take what one
     # 256 KiB read holds; the rest waits in the sockets and the client's write queue.
-    await until(lambda: inbox.paused)
+    await inbox.wait(lambda: inbox.paused)
     queued = inbox.queued
     assert inbox.limit <= queued <= inbox.limit + 256
     await selector_round()
@@ -454,13 +488,13 @@ async def test_a_full_inbox_pauses_the_server_until_recv_catches_up(
 
 
 async def test_a_send_to_a_peer_that_left_is_skipped(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, _ = await connected(sock_path)
     await client.send([b"hi"])
     peer, _ = await inbox.recv()
     await client.close()
-    await until(lambda: server.stats()["disconnects"] == 1)
+    await inbox.wait(lambda: len(inbox.lost) == 1)
     assert server.stats()["skipped"] == 0
     server.send(peer, [b"nobody listens"])
     assert server.stats()["skipped"] == 1
@@ -511,7 +545,7 @@ async def test_pause_reading_stops_every_connection_until_resume_reading(
 
 
 async def test_resume_reading_leaves_a_peer_backlogged_by_unread_replies_unread(
-    server: UnixServerTransport, inbox: Inbox, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     loop = asyncio.get_running_loop()
     sock = await raw_connection(sock_path)
@@ -533,7 +567,7 @@ async def test_resume_reading_leaves_a_peer_backlogged_by_unread_replies_unread(
         received += len(await loop.sock_recv(sock, 1 << 20))
     assert received == expected
     connection = server._connections[peer]  # white-box: the backlog has no event of its own
-    await until(lambda: not connection.backlogged)
+    await until(lambda: not connection.backlogged, "the backlog to drain")
     await selector_round()
     assert inbox.queued == 0  # drained, but the pause still holds
     server.resume_reading()
@@ -650,7 +684,8 @@ async def test_with_auth_only_a_peer_that_passed_its_handshake_is_delivered_or_l
     with pytest.raises(AuthenticationFailed, match="wrong token"):
         await impostor.connect(impostor_sink)
     await client.close()
-    await until(lambda: server.stats()["disconnects"] == 4)
+    # Three of the four never passed the handshake, so only the counter tells of them.
+    await until(lambda: server.stats()["disconnects"] == 4, "four disconnects")
     await selector_round()
     assert recorder.events == [
         ("deliver", peer, (b"authenticated",)),
@@ -755,7 +790,7 @@ async def test_a_client_reports_each_lost_connection_once_and_not_the_one_close_
     # A reply that reaches the client's socket as it closes: never delivered.
     third.send(peer, [b"too late"])
     await client.close()
-    await until(lambda: third.stats()["disconnects"] == 1)
+    await inbox.wait(lambda: len(inbox.lost) == 1)
     await selector_round()
     assert [event[0] for event in sink.events] == ["lost", "deliver", "lost"]
     assert sink.events[1] == ("deliver", (b"reply",))
@@ -804,7 +839,7 @@ async def test_a_message_right_behind_the_servers_accept_is_delivered_at_once(
 
 
 async def test_close_fails_a_waiting_send_refuses_later_ones_and_reports_no_loss(
-    server: UnixServerTransport, sock_path: str
+    server: UnixServerTransport, inbox: WatchedInbox, sock_path: str
 ) -> None:
     client, sink = await connected(sock_path)
     server.pause_reading()  # nothing is read: the large send waits for room
@@ -818,7 +853,7 @@ async def test_close_fails_a_waiting_send_refuses_later_ones_and_reports_no_loss
         await client.send([b"late"])
     assert not client.try_send([b"late"])
     server.resume_reading()  # a paused server would not see the hang-up either
-    await until(lambda: server.stats()["disconnects"] == 1)
+    await inbox.wait(lambda: len(inbox.lost) == 1)
     await selector_round()
     assert sink.losses == 0
     await client.close()
@@ -861,7 +896,7 @@ async def test_a_client_calls_again_after_the_server_restarts(sock_path: str) ->
     try:
         # The hang-up fails whatever was pending; wait for it, as a real restart (which takes
         # longer than one loop iteration) would.
-        await until(lambda: client.stats.disconnects == 1)
+        await until(lambda: client.stats.disconnects == 1, "the client to see the hang-up")
         async with RPCServer(url):
             assert await client.call("rpc.ping") == "pong"
     finally:

@@ -43,6 +43,7 @@ from kvrpc.testing.suite_server import (
     serve_conformance,
     serving_child,
 )
+from kvrpc.testing.waiting import until
 from kvrpc.transport import (
     ClientInbox,
     ClientTransport,
@@ -216,9 +217,7 @@ class TransportConformance(StreamConformance):
             await first.close()
             # Its last message comes first, then the loss (the inbox keeps their order).
             assert await server.recv(CALL_TIMEOUT) == (peers[0], encode_request(2, PING.name, ()))
-            with anyio.fail_after(CALL_TIMEOUT):
-                while not server.lost:  # noqa: ASYNC110 (a list the sink appends to)
-                    await asyncio.sleep(0.005)
+            await server.wait(lambda: bool(server.lost), CALL_TIMEOUT)
             assert server.lost == [peers[0]]
             # The other connection still works, and closing the server reports nothing.
             await second.send(encode_request(3, PING.name, ()))
@@ -268,9 +267,7 @@ class TransportConformance(StreamConformance):
 
             sending = [asyncio.create_task(send_all(t, c)) for t, c in clients.items()]
             # Nothing is read until the inbox has filled and paused the transport.
-            with anyio.fail_after(CALL_TIMEOUT):
-                while not server.inbox.paused:  # noqa: ASYNC110 (a flag the inbox sets)
-                    await asyncio.sleep(0.005)
+            await server.wait(lambda: server.inbox.paused, CALL_TIMEOUT)
             got: dict[bytes, list[int]] = {b"1": [], b"2": []}
             for _ in range(300):
                 _, frames = await server.recv(CALL_TIMEOUT)
@@ -377,9 +374,7 @@ class TransportConformance(StreamConformance):
         try:
             # A restart takes a while in real life; by then the client has seen the loss. (A
             # request sent in the instant between the two can fail with ConnectionLost.)
-            with anyio.fail_after(LOSS_DEADLINE):
-                while client.stats.disconnects == 0:  # noqa: ASYNC110 (a counter, no event)
-                    await asyncio.sleep(0.01)
+            await until(lambda: client.stats.disconnects > 0, "the loss seen", LOSS_DEADLINE)
             async with serve_conformance(url):
                 assert await client.call(ECHO, "after") == "after"
         finally:
@@ -395,9 +390,7 @@ class TransportConformance(StreamConformance):
         async with serve_conformance(url) as server:
             await client.connect()
             pending = [await client.submit(SLEEP, 30.0) for _ in range(3)]
-            with anyio.fail_after(LOSS_DEADLINE):  # until all three run on the server
-                while server.stats.in_flight < 3:  # noqa: ASYNC110 (a counter, no event)
-                    await asyncio.sleep(0)
+            await until(lambda: server.stats.in_flight == 3, "all three running", LOSS_DEADLINE)
         try:
             await _all_fail_with_connection_lost(pending)
             with pytest.raises(ConnectionLost):  # nobody there: fails, does not hang
@@ -529,9 +522,11 @@ class TransportConformance(StreamConformance):
                     finally:
                         sock.close()
             assert await good.call(ECHO, "after") == "after"
-            with anyio.fail_after(CALL_TIMEOUT):
-                while server.transport_stats()["malformed"] + server.stats.dropped < 1:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+            await until(
+                lambda: server.transport_stats()["malformed"] + server.stats.dropped >= 1,
+                "a malformed input counted",
+                CALL_TIMEOUT,
+            )
 
     @pytest.mark.asyncio
     async def test_ten_thousand_bad_connections_leak_no_descriptors_or_memory(
@@ -588,13 +583,13 @@ def codec_reply_id(frames: list[Any]) -> int | None:
 
 
 async def _settle(server: RPCServer) -> None:
-    """Wait until the server has seen every raw connection close."""
-    with anyio.move_on_after(10):
-        while True:
-            stats = server.transport_stats()
-            if stats["connections"] <= stats["disconnects"] + 1:  # +1: the good client
-                return
-            await asyncio.sleep(0.02)
+    """Wait until the server has seen every raw connection close (its counters tell)."""
+
+    def settled() -> bool:
+        stats = server.transport_stats()
+        return stats["connections"] <= stats["disconnects"] + 1  # +1: the good client
+
+    await until(settled, "every raw connection seen closed", 10)
 
 
 def _rss_bytes() -> int:

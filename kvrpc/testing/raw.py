@@ -8,7 +8,7 @@ test can ``await recv()`` one message at a time, exactly as the transport delive
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from kvrpc.codec import Buffer
@@ -17,6 +17,7 @@ from kvrpc.transport import (
     ClientTransport,
     Inbox,
     Peer,
+    ReadControl,
     ServerTransport,
     TransportOptions,
     connect_client,
@@ -30,7 +31,8 @@ class RawServer:
     """A server transport at ``url`` whose messages wait in an :class:`Inbox` for :meth:`recv`.
 
     ``limit`` is the inbox's bound: past it the transport is paused until :meth:`recv` has
-    taken half of them. ``lost`` lists the peers the transport reported gone, in order.
+    taken half of them. ``lost`` lists the peers the transport reported gone, in order;
+    :meth:`wait` waits for a state of either to come about.
     """
 
     def __init__(
@@ -38,8 +40,25 @@ class RawServer:
     ) -> None:
         self.transport: ServerTransport = create_server(url, options or TransportOptions())
         self.lost: list[Peer] = []
-        self.inbox = Inbox(on_peer_lost=self.lost.append, limit=limit)
-        self.inbox.bind(self.transport)
+        self._changed = asyncio.Event()
+        self.inbox = Inbox(on_peer_lost=self._peer_lost, limit=limit)
+        self.inbox.bind(_NotedReading(self.transport, self._changed.set))
+
+    async def wait(self, condition: Callable[[], bool], timeout: float | None = None) -> None:
+        """Return once ``condition()`` holds; TimeoutError after ``timeout`` seconds.
+
+        It is checked now and again after each peer loss and each time the inbox pauses or
+        resumes the transport's reading: for conditions on :attr:`lost` and
+        ``inbox.paused``, which change only then.
+        """
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _peer_lost(self, peer: Peer) -> None:
+        self.lost.append(peer)
+        self._changed.set()
 
     async def start(self) -> RawServer:
         """Bind and begin delivering into the inbox."""
@@ -69,6 +88,22 @@ class RawServer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class _NotedReading:
+    """The transport's reading, as the inbox drives it, calling ``noted`` after each change."""
+
+    def __init__(self, control: ReadControl, noted: Callable[[], None]) -> None:
+        self._control = control
+        self._noted = noted
+
+    def pause_reading(self) -> None:
+        self._control.pause_reading()
+        self._noted()
+
+    def resume_reading(self) -> None:
+        self._control.resume_reading()
+        self._noted()
 
 
 class RawClient:

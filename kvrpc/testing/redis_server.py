@@ -146,8 +146,10 @@ class RedisCluster:
                 self.nodes.append(node)
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             self.nodes[0].cli("--cluster", "create", *addresses, "--cluster-yes", timeout=60)
+            # Every node, not the first only: a node that has not yet heard the new slot map
+            # answers CLUSTERDOWN to the writes that reach it.
             deadline = time.monotonic() + _START_WAIT * 3
-            while "cluster_state:ok" not in self.nodes[0].cli("cluster", "info"):
+            while not all("cluster_state:ok" in n.cli("cluster", "info") for n in self.nodes):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
                 time.sleep(0.05)

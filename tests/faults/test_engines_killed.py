@@ -35,7 +35,8 @@ class Survivor:
         self.rounds = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
-        self._quiet = threading.Event()  # set: hold still between rounds
+        self._go = threading.Event()  # clear: hold still between rounds
+        self._go.set()
         self._still = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -43,9 +44,9 @@ class Survivor:
     def _run(self) -> None:
         ids = itertools.count()
         while not self._stop.is_set():
-            if self._quiet.is_set():
+            if not self._go.is_set():
                 self._still.set()
-                time.sleep(0.01)
+                self._go.wait()  # until go_on, or close
                 continue
             seed = 1 + next(ids) % 4  # four prompts, stored once and retrieved from then on
             try:
@@ -60,11 +61,11 @@ class Survivor:
     def hold_still(self) -> None:
         """Wait until the survivor is between rounds, holding no pins, and keep it there."""
         self._still.clear()
-        self._quiet.set()
+        self._go.clear()
         assert self._still.wait(30), "the survivor's round did not end"
 
     def go_on(self) -> None:
-        self._quiet.clear()
+        self._go.set()
 
     def served_after(self, rounds: int) -> None:
         """Wait for two more rounds than ``rounds``: the server still serves the survivor."""
@@ -75,6 +76,7 @@ class Survivor:
 
     def close(self) -> None:
         self._stop.set()
+        self._go.set()  # a survivor holding still wakes to see the stop
         self._thread.join(30)
         self.engine.close()
 

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from kvrpc.kv.protocols import KVCacheRegistration, RetrieveReply
 from kvrpc.kv.server.serving import GB, KVServerSettings, serve_kv
 from kvrpc.kv.shm import shared_ref
 from kvrpc.protocol import PING, STATS
+from kvrpc.testing.waiting import wait_until as shared_wait_until
 from kvrpc.transport import PeerCredentials
 
 T = TypeVar("T")
@@ -267,16 +267,10 @@ def wait_until(
     """Poll ``get()`` until ``ok`` holds for its value; fail naming ``what`` after ``timeout``.
 
     For state only observable by asking (a server's counters): the deadline bounds a hang,
-    it never decides a test's outcome.
+    it never decides a test's outcome. :func:`kvrpc.testing.waiting.wait_until` with this
+    directory's ``WAIT``.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = get()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last value {value!r}")
-        time.sleep(0.005)
+    return shared_wait_until(get, ok, what, timeout)
 
 
 def fill_random(layers: list[torch.Tensor], seed: int) -> None:

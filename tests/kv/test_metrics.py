@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ import torch
 from kvrpc.kv import LoadStoreOp, PollingSchedulerAdapter, WorkerAdapter
 from kvrpc.testing.redis_server import RedisProcess, redis_available
 from kvrpc.testing.serve import ServeProcess
+from kvrpc.testing.waiting import wait_until
 
 from .conftest import (
     BLOCK,
@@ -71,15 +71,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def poll(get_value: Callable[[], tuple[bool, str]], what: str) -> str:
-    """Call ``get_value`` until it reports True; its last text is returned or shown."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        ok, text = get_value()
-        if ok:
-            return text
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; last: {text!r}")
-        time.sleep(0.05)
+    """Call ``get_value`` until it reports True; its last text is returned or shown.
+
+    A child's HTTP endpoint has no event to wait on: it is asked again, every 50 ms (each
+    request costs the child a scrape), until it answers so.
+    """
+    return wait_until(get_value, lambda got: got[0], what, DEADLINE, interval=0.05)[1]
 
 
 @contextlib.contextmanager

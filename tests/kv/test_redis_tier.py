@@ -24,6 +24,7 @@ from kvrpc.kv.server.records import Namespace
 from kvrpc.kv.server.tiers import values
 from kvrpc.kv.server.tiers.breaker import Breaker, BreakerState
 from kvrpc.testing.redis_server import RedisCluster, RedisProcess, redis_available
+from kvrpc.testing.waiting import until
 
 from .conftest import (
     BLOCK,
@@ -32,6 +33,7 @@ from .conftest import (
     LAYERS,
     MODEL,
     OK,
+    WAIT,
     Keep,
     KVServer,
     RawClient,
@@ -137,14 +139,6 @@ def store_client(redis: RedisProcess) -> Any:
     return redis_py.Redis.from_url(redis.url)
 
 
-async def until(condition: Callable[[], bool], what: str, wait: float = 10.0) -> None:
-    deadline = time.monotonic() + wait
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 class Tier:
     """A RedisTier with its background work running, for one test."""
 
@@ -152,7 +146,9 @@ class Tier:
         from kvrpc.kv.server.tiers.redistier import RedisSettings, RedisTier
 
         self.tier = RedisTier(RedisSettings(url, part_bytes=4096, **settings), chunk_tokens=8)
+        #: The keys whose writes are done with their data (written, skipped or dropped).
         self.released: list[bytes] = []
+        self._released_more = asyncio.Event()
 
     async def __aenter__(self) -> Tier:
         self.task = asyncio.create_task(self.tier.run())
@@ -163,9 +159,22 @@ class Tier:
         await asyncio.gather(self.task, return_exceptions=True)
         await self.tier.aclose()
 
-    def offer(self, ns: Namespace, seed: int, data: torch.Tensor) -> bool:
+    def offer(
+        self, ns: Namespace, seed: int, data: torch.Tensor, checksum: int | None = None
+    ) -> bool:
         key = pool_key(ns, seed)
-        return self.tier.offer(ns, key, data, lambda: self.released.append(key))
+        return self.tier.offer(ns, key, data, lambda: self._release(key), checksum)
+
+    async def released_count(self, count: int, timeout: float = WAIT) -> None:
+        """Wait until ``count`` writes are done with their data (the tier tells each)."""
+        async with asyncio.timeout(timeout):
+            while len(self.released) < count:
+                self._released_more.clear()
+                await self._released_more.wait()
+
+    def _release(self, key: bytes) -> None:  # on the loop, from the tier's writer
+        self.released.append(key)
+        self._released_more.set()
 
     async def load(self, ns: Namespace, seed: int) -> torch.Tensor | None:
         key = pool_key(ns, seed)
@@ -188,7 +197,7 @@ async def test_a_written_chunk_is_found_and_loaded_byte_identical_in_parts(
     data = chunk(1)
     async with Tier(redis.url, direct_reads=direct) as t:
         assert t.offer(ns, 1, data)
-        await until(lambda: t.released, "the write to finish")
+        await t.released_count(1)
         assert t.tier.stats()["writes"] == 1
         loaded = await t.load(ns, 1)
         assert loaded is not None and torch.equal(loaded, data)
@@ -212,7 +221,7 @@ async def test_a_corrupted_part_or_header_is_a_miss_counted_and_deleted(
     async with Tier(redis.url, direct_reads=direct) as t:
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
-        await until(lambda: len(t.released) == 2, "both writes")
+        await t.released_count(2)
         base1 = base_of(ns, 1)
         base2 = base_of(ns, 2)
         # One byte of a part changed (same length): only the checksum can tell.
@@ -231,9 +240,10 @@ async def test_the_header_carries_the_chunks_own_checksum(redis: RedisProcess) -
     ns = namespace()
     async with Tier(redis.url) as t:
         given = integrity.checksum(chunk(1))
-        assert t.tier.offer(ns, pool_key(ns, 1), chunk(1), lambda: None, given)
+        assert t.offer(ns, 1, chunk(1), given)
         assert t.offer(ns, 2, chunk(2))  # stored without one: the writer computes it
-        await until(lambda: t.tier.stats()["writes"] == 2, "both writes")
+        await t.released_count(2)
+        assert t.tier.stats()["writes"] == 2
         headers = await t.tier.find(ns, [pool_key(ns, 1), pool_key(ns, 2)])
         assert [h.checksum if h else None for h in headers] == [
             given,
@@ -251,7 +261,7 @@ async def test_every_corrupt_byte_planted_in_a_part_is_detected_as_a_miss_and_de
     async with Tier(redis.url, direct_reads=direct) as t:
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
-        await until(lambda: len(t.released) == 2, "both writes")
+        await t.released_count(2)
         base = base_of(ns, 1)
         part, at = divmod(offset, 4096)
         store = store_client(redis)
@@ -271,8 +281,9 @@ async def test_a_value_whose_checksum_names_other_bytes_is_never_loaded(
     ns = namespace()
     async with Tier(redis.url) as t:
         wrong = integrity.checksum(chunk(9))
-        assert t.tier.offer(ns, pool_key(ns, 1), chunk(1), lambda: None, wrong)
-        await until(lambda: t.tier.stats()["writes"] == 1, "the write")
+        assert t.offer(ns, 1, chunk(1), wrong)
+        await t.released_count(1)
+        assert t.tier.stats()["writes"] == 1
         assert await t.load(ns, 1) is None
         assert t.tier.stats()["corrupt"] == 1
 
@@ -286,7 +297,7 @@ async def test_a_part_cut_short_or_of_another_type_is_a_miss_and_the_next_load_w
     async with Tier(redis.url, direct_reads=direct) as t:
         for seed in (1, 2, 3):
             assert t.offer(ns, seed, chunk(seed))
-        await until(lambda: len(t.released) == 3, "the writes")
+        await t.released_count(3)
         store = store_client(redis)
         base1 = base_of(ns, 1)
         base2 = base_of(ns, 2)
@@ -309,7 +320,7 @@ def test_direct_reads_log_in_with_the_urls_password_and_database() -> None:
     async def round_trip(url: str) -> dict[str, int]:
         async with Tier(url) as t:
             assert t.offer(ns, 5, chunk(5))
-            await until(lambda: t.released, "the write")
+            await t.released_count(1)
             loaded = await t.load(ns, 5)
             assert loaded is not None and torch.equal(loaded, chunk(5))
             return t.tier.stats()
@@ -328,7 +339,7 @@ async def test_a_header_of_another_namespace_or_length_is_never_loaded(
     ns = namespace()
     async with Tier(redis.url) as t:
         assert t.offer(ns, 3, chunk(3))
-        await until(lambda: t.released, "the write")
+        await t.released_count(1)
         base = base_of(ns, 3)
         store_client(redis).set(base + b":h", values.pack_header(ns.id, NBYTES - 1, NBYTES, 0))
         assert await t.load(ns, 3) is None
@@ -350,7 +361,7 @@ async def test_writes_past_the_budget_are_dropped_and_counted_never_queued(
             assert stats["write_queued_bytes"] <= 2 * NBYTES
         finally:
             redis.resume()
-        await until(lambda: len(t.released) == 2, "the queued writes to end")
+        await t.released_count(2)
         assert t.tier.stats()["write_queued_bytes"] == 0
 
 
@@ -361,7 +372,7 @@ async def test_a_killed_store_is_skipped_fast_and_used_again_once_it_is_back(
     ns = namespace()
     async with Tier(redis.url, timeout=0.5) as t:
         assert t.offer(ns, 1, chunk(1))
-        await until(lambda: t.released, "the write")
+        await t.released_count(1)
         redis.kill()
         started = time.monotonic()
         assert await t.tier.find(ns, [pool_key(ns, 1)]) == [None]
@@ -372,9 +383,10 @@ async def test_a_killed_store_is_skipped_fast_and_used_again_once_it_is_back(
         assert t.tier.stats()["write_skipped"] == 1
         assert await t.tier.find(ns, [pool_key(ns, 1)]) == [None]  # asks nothing while skipped
         redis.start()  # an empty server on the same port
-        await until(t.tier.available, "the probe to bring the tier back", wait=30)
+        # The probe is the tier's own timer, with no event to wait on.
+        await until(t.tier.available, "the probe to bring the tier back", 30)
         assert t.offer(ns, 2, chunk(2))
-        await until(lambda: len(t.released) == 2, "a write after the restart")
+        await t.released_count(2)
         loaded = await t.load(ns, 2)
         assert loaded is not None and torch.equal(loaded, chunk(2))
 
@@ -386,13 +398,13 @@ async def test_a_full_store_refuses_writes_counted_and_reads_go_on(
     ns = namespace()
     async with Tier(redis.url) as t:
         assert t.offer(ns, 1, chunk(1))
-        await until(lambda: t.released, "the first write")
+        await t.released_count(1)
         used = int(redis.cli("info", "memory").split("used_memory:")[1].split()[0])
         redis.cli("config", "set", "maxmemory", str(used + 1000))
         redis.cli("config", "set", "maxmemory-policy", "noeviction")
         for seed in range(2, 6):
             assert t.offer(ns, seed, chunk(seed))
-        await until(lambda: len(t.released) == 5, "the refused writes to end")
+        await t.released_count(5)
         stats = t.tier.stats()
         assert stats["write_errors"] >= 1 and stats["state"] == 0  # refused, not down
         loaded = await t.load(ns, 1)
@@ -407,7 +419,7 @@ async def test_a_key_of_another_type_is_a_bad_key_deleted_and_the_tier_stays_up(
     async with Tier(redis.url) as t:
         for seed in (1, 2):
             assert t.offer(ns, seed, chunk(seed))
-        await until(lambda: len(t.released) == 2, "both writes")
+        await t.released_count(2)
         base1 = base_of(ns, 1)
         base2 = base_of(ns, 2)
         direct = store_client(redis)
@@ -438,6 +450,7 @@ async def test_the_deadline_covers_the_wait_for_a_connection(redis: RedisProcess
 async def test_the_stores_memory_and_its_limit_are_reported(redis: RedisProcess) -> None:
     redis.cli("config", "set", "maxmemory", str(64 << 20))
     async with Tier(redis.url) as t:
+        # Read by the tier's own timer, with no event to wait on.
         await until(lambda: t.tier.stats()["capacity"] == 64 << 20, "the first INFO memory")
         assert t.tier.stats()["used_bytes"] > 0
 
