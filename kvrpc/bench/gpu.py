@@ -474,8 +474,9 @@ def _first_layer(
     Each round stores the batch, then retrieves it layer-wise with the chunk hashes given
     (hashed once, as an engine's scheduler has them) and times, from the submit: the
     server's stamp that layer 0's copy is enqueued, layer 0 in its blocks, and the whole
-    retrieve settled. The stamp is polled without sleeping, so it is seen within a
-    microsecond or two of being written.
+    retrieve settled. The stamp is polled every few microseconds, sleeping between polls:
+    a loop that never lets go of the GIL would starve the client's own thread, which reads
+    the reply (by up to the interpreter's 5 ms switch interval a hand-over).
     """
     hashes = hashes_from_tokens(tokens, _CHUNK_SIZE)
     op = LoadStoreOp(retrieve_ids, chunk_hashes=hashes)
@@ -488,7 +489,8 @@ def _first_layer(
         start = time.perf_counter()
         progress = worker.submit_retrieve_request(request_id, op, layerwise=True)
         while not progress.layer_enqueued(0):
-            pass
+            # Let go of the GIL: this process's client thread must read the reply first.
+            time.sleep(5e-6)
         at_enqueued = time.perf_counter()
         if not progress.wait_layer(0, timeout=60):
             raise KVError("a layer-wise retrieve's first layer did not arrive")
