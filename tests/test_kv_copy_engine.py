@@ -613,12 +613,16 @@ def test_a_store_folds_each_chunks_checksum_on_the_gpu_as_the_cpu_folds_its_slot
 
 
 def _stamped_gates(engine: CopyEngine, announced: Any) -> list[StampedEvent]:
-    """What a worker polls for each layer of an announced retrieve (see kvrpc.kv.stamps)."""
+    """What a worker polls for each layer of an announced retrieve (see kvrpc.kv.stamps).
+
+    The stamps are mapped as a worker maps them; the events are the engine's own, since
+    CUDA refuses to open an interprocess handle in the process that made it.
+    """
     assert engine.stamps.ref is not None
-    stamps = open_stamps(engine.stamps.ref)  # mapped as a worker maps it
+    stamps = open_stamps(engine.stamps.ref)
     return [
-        StampedEvent(handle.open, stamps, announced.first_turn + layer)
-        for layer, handle in enumerate(announced.handles)
+        StampedEvent(lambda event=event: event, stamps, announced.first_turn + layer)
+        for layer, event in enumerate(announced.events)
     ]
 
 
