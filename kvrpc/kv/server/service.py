@@ -537,15 +537,11 @@ class KVService:
             events = [] if result is None else result[2]
             return LayerCopyReply(**outcome_fields(answered), layer_events=events)
         started = time.perf_counter()
-        now = time.monotonic()
-        instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
-        plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
-        cache = self.mappings.cuda(instance)
+        plan, cache, expires, transfer, late = self._begin_cuda_retrieve(
+            client_id, instance_id, request_ids, keys, block_ids, deadline
+        )
         if not plan.found:
             return LayerCopyReply(**outcome_fields(plan.results))
-        expires = None if deadline is None else now + deadline
-        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
-        late = functools.partial(self.state.abandon_retrieve, plan)
         settle = functools.partial(self.state.settle_retrieve, plan)
         error, announced = await self.gpu.copy_announced(
             cache, transfer, ready, late, settle, started, expires
@@ -560,6 +556,31 @@ class KVService:
             stamps=announced.stamps.ref,
             first_turn=announced.first_turn,
         )
+
+    def _begin_cuda_retrieve(
+        self,
+        client_id: bytes,
+        instance_id: int,
+        request_ids: list[str],
+        keys: KeyBatch,
+        block_ids: torch.Tensor,
+        deadline: float | None,
+    ) -> tuple[
+        RetrievePlan, CudaCache, float | None, Callable[[Any], Transfer], Callable[[], None]
+    ]:
+        """A ``cuda_ipc`` retrieve's state decided: (plan, cache, expiry, job maker, abandon).
+
+        The deadline (seconds) counts from here; the job maker builds the engine's
+        :class:`Transfer` once the worker's event is ready.
+        """
+        now = time.monotonic()
+        instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
+        plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
+        cache = self.mappings.cuda(instance)
+        expires = None if deadline is None else now + deadline
+        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
+        late = functools.partial(self.state.abandon_retrieve, plan)
+        return plan, cache, expires, transfer, late
 
     async def _cuda_retrieve(
         self,
@@ -579,15 +600,11 @@ class KVService:
         (nothing found, or the copy refused); else the copy settles once it completed.
         """
         started = time.perf_counter()
-        now = time.monotonic()
-        instance = self.state.instance(client_id, instance_id, now, "cuda_ipc")
-        plan = self.state.begin_retrieve(instance, request_ids, keys, block_ids)
-        cache = self.mappings.cuda(instance)
+        plan, cache, expires, transfer, late = self._begin_cuda_retrieve(
+            client_id, instance_id, request_ids, keys, block_ids, deadline
+        )
         if not plan.found:
             return plan.results, None
-        expires = None if deadline is None else now + deadline
-        transfer = functools.partial(self.mappings.transfer, cache, block_ids, plan.found, expires)
-        late = functools.partial(self.state.abandon_retrieve, plan)
         engine = cache.engine
         submit = engine.submit_retrieve_layers if layers else engine.submit_retrieve
         error, result = await self.gpu.copy(cache, submit, transfer, ready, late, expires)
