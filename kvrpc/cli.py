@@ -168,6 +168,14 @@ def _parser() -> argparse.ArgumentParser:
         "at a time, this many per loop turn (default: 64)",
     )
     serve.add_argument(
+        "--inbox-burst-bytes",
+        type=_byte_count,
+        metavar="SIZE",
+        help="bytes of requests one read (and one loop turn of the queue) handles at most, "
+        "beside --inbox-burst's count; a larger request is handled alone: bytes, or with a "
+        "unit (256KiB, 1MiB) (default: kvrpc.config's, 256KiB)",
+    )
+    serve.add_argument(
         "--stream-idle-timeout",
         type=_positive_float,
         default=60.0,
@@ -469,6 +477,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="the server's --inbox-burst, for the servers this bench starts (default: its own)",
     )
+    rpc.add_argument(
+        "--inbox-burst-bytes",
+        type=_byte_count,
+        metavar="SIZE",
+        help="the server's --inbox-burst-bytes, for the servers this bench starts "
+        "(default: its own)",
+    )
     rpc.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _plot_option(rpc, "bars of kvrpc and each baseline: ping p50/p99, pipelined calls/s")
     rpc.set_defaults(run=_run_bench_rpc, check=_checks(rpc, _check_bench_rpc))
@@ -571,6 +586,12 @@ def _parser() -> argparse.ArgumentParser:
     slow.add_argument("--rounds", type=_positive_int, default=3, help="idle/flooded pairs")
     slow.add_argument(
         "--inbox-burst", type=_positive_int, help="the server's --inbox-burst (default: its own)"
+    )
+    slow.add_argument(
+        "--inbox-burst-bytes",
+        type=_byte_count,
+        metavar="SIZE",
+        help="the server's --inbox-burst-bytes (default: its own)",
     )
     slow.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     slow.set_defaults(run=_run_bench_slow_reader)
@@ -937,6 +958,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         max_workers=args.max_workers,
         inbox_burst=args.inbox_burst,
+        inbox_burst_bytes=args.inbox_burst_bytes,
         stream_idle_timeout=args.stream_idle_timeout,
         client_timeout=args.client_timeout,
         disk_dir=args.disk_dir,
@@ -1176,7 +1198,9 @@ def _run_bench_slow_reader(args: argparse.Namespace) -> int:
     from kvrpc.bench.peers import run_slow_reader_bench
 
     figures = asyncio.run(
-        run_slow_reader_bench(args.url, args.seconds, args.rounds, args.inbox_burst)
+        run_slow_reader_bench(
+            args.url, args.seconds, args.rounds, args.inbox_burst, args.inbox_burst_bytes
+        )
     )
     return _report(figures, args.json)
 
@@ -1279,6 +1303,17 @@ def _positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, not {text!r}")
     return value
+
+
+def _byte_count(text: str) -> int:
+    """A whole number of bytes above 0: a bare number is bytes, or give a unit (256KiB)."""
+    try:
+        nbytes = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if nbytes == 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
+    return nbytes
 
 
 def _gib(text: str) -> float:

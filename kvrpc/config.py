@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = ["ClientConfig", "ClientSettings", "ServerConfig", "ServerSettings", "load"]
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -47,6 +48,12 @@ class ServerConfig(_Settings):
     #: Requests of one read handled at once, straight from the read callback; the rest are
     #: queued and taken one per client in turn, this many per event-loop turn.
     inbox_burst: int = Field(64, ge=1)
+    #: Bytes of requests (their frames' lengths) handled at most in one read, and per turn of
+    #: the queue, beside ``inbox_burst``'s count; a larger request is handled alone. 256 KiB
+    #: lets 64 small pipelined calls go at once while a client flooding 64 KiB requests gets
+    #: 3 handled per turn, so another client's request waits behind about 200 KiB of work, not
+    #: a megabyte. See :class:`~kvrpc.transport.Inbox`.
+    inbox_burst_bytes: int = Field(256 * KiB, ge=1)
     #: Seconds a stream's producer waits for credit from a consumer that reads nothing
     #: before the stream ends with ``StreamIdle``.
     stream_idle_timeout: float = Field(60.0, gt=0)
@@ -74,6 +81,7 @@ class ServerSettings(TypedDict, total=False):
     peer_stall_timeout: float
     inbox_limit: int
     inbox_burst: int
+    inbox_burst_bytes: int
     stream_idle_timeout: float
     auth_token_file: str | None
     curve_secret_file: str | None

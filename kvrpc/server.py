@@ -257,6 +257,7 @@ class RPCServer:
                 self._peer_lost,
                 limit=self.config.inbox_limit,
                 burst=self.config.inbox_burst,
+                burst_bytes=self.config.inbox_burst_bytes,
             )
             inbox.bind(transport)
             self._dispatcher.accept()

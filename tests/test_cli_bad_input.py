@@ -20,6 +20,7 @@ _BAD_VALUES = {
     cli._positive_int: ["0", "-3", "1.5", "x", ""],
     cli._positive_float: ["0", "-1", "inf", "nan", "x"],
     cli._gib: ["0", "-1", "inf", "nan", "8XB", "GiB"],
+    cli._byte_count: ["0", "0.5", "-1", "inf", "8XB", "KiB"],
     cli._token_count: ["0", "300", "x"],
     cli._redis_url: ["localhost:6379", "http://x"],
     cli._plot_path: ["/no/such/directory/plot.png", "", "/tmp"],

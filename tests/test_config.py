@@ -16,6 +16,8 @@ from kvrpc import AsyncClient, RPCServer, SyncClient
         ("max_in_flight_per_peer", -1),
         ("max_message_size", 10),
         ("shutdown_grace", -0.5),
+        ("inbox_burst", 0),
+        ("inbox_burst_bytes", 0),
         ("max_workers", "8"),  # strict: no coercion from strings
     ],
 )
@@ -39,3 +41,20 @@ def test_settings_are_kept_as_given() -> None:
     assert (server.max_workers, server.shutdown_grace) == (3, 1.0)
     client = AsyncClient("inproc://config-test", timeout=None, max_in_flight=7)
     assert (client.timeout, client.max_in_flight) == (None, 7)
+
+
+async def test_the_server_s_inbox_takes_both_burst_bounds_from_its_config() -> None:
+    default = RPCServer("inproc://config-inbox-default")
+    assert default.config.inbox_burst_bytes == 256 * 1024
+    async with RPCServer("inproc://config-inbox", inbox_burst=8, inbox_burst_bytes=4096) as server:
+        inbox = server._inbox
+        assert inbox is not None
+        assert (inbox.burst, inbox.burst_bytes) == (8, 4096)
+
+
+def test_kvrpc_serve_leaves_the_inbox_byte_budget_to_the_config_unless_given() -> None:
+    from kvrpc import cli
+
+    assert cli._parser().parse_args(["serve"]).inbox_burst_bytes is None  # ServerConfig's
+    given = cli._parser().parse_args(["serve", "--inbox-burst-bytes", "64KiB"])
+    assert given.inbox_burst_bytes == 64 * 1024

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
-from kvrpc.codec import Buffer
+from kvrpc.codec import Buffer, encode_request
+from kvrpc.config import ServerConfig
+from kvrpc.protocol import ECHO, PING
 from kvrpc.transport import Inbox, Peer
 
 A, B, C = b"A", b"B", b"C"
@@ -19,12 +21,17 @@ A, B, C = b"A", b"B", b"C"
 class Harness:
     """An inbox whose handler records, whose transport is a pause flag, whose loop is a list."""
 
-    def __init__(self, *, limit: int = 100, burst: int = 4) -> None:
+    def __init__(self, *, limit: int = 100, burst: int = 4, burst_bytes: int | None = None) -> None:
         self.handled: list[tuple[Peer, bytes]] = []
         self.events: list[str] = []
         self.later: list[Callable[[], None]] = []
         self.inbox = Inbox(
-            self.handle, self.lost, limit=limit, burst=burst, schedule=self.later.append
+            self.handle,
+            self.lost,
+            limit=limit,
+            burst=burst,
+            burst_bytes=burst_bytes,
+            schedule=self.later.append,
         )
         self.inbox.bind(self)
 
@@ -45,6 +52,13 @@ class Harness:
         """One read callback of the transport: deliver each message, then read_done."""
         for peer, body in messages:
             self.inbox.deliver(peer, [body.encode()])
+        self.inbox.read_done()
+
+    def read_sized(self, *messages: tuple[Peer, str, int]) -> None:
+        """One read of messages of a given size: the body, then a frame padding it out."""
+        for peer, body, size in messages:
+            head = body.encode()
+            self.inbox.deliver(peer, [head, bytes(size - len(head))])
         self.inbox.read_done()
 
     def turn(self) -> None:
@@ -161,11 +175,89 @@ def test_after_close_nothing_is_handled() -> None:
     assert h.inbox.queued == 0
 
 
+def test_a_read_of_large_messages_handles_only_what_fits_the_byte_budget() -> None:
+    h = Harness(burst=64, burst_bytes=1000)
+    h.read_sized(*((A, str(n), 300) for n in range(10)))
+    assert h.events == ["A:0", "A:1", "A:2"]  # 900 bytes; a fourth would make 1200
+    assert h.inbox.queued == 7
+    h.turn()  # each turn of the queue has the same budget
+    assert h.events[3:] == ["A:3", "A:4", "A:5"]
+    h.turn()
+    h.turn()
+    assert h.events[6:] == ["A:6", "A:7", "A:8", "A:9"]
+    assert h.inbox.queued == 0 and h.later == []
+
+
+def test_small_messages_still_burst_by_count_under_a_byte_budget() -> None:
+    h = Harness(burst=4, burst_bytes=1000)
+    h.read_sized(*((A, str(n), 10) for n in range(6)))
+    assert h.events == ["A:0", "A:1", "A:2", "A:3"]  # 40 bytes: the count ends the burst
+    h.turn()
+    assert h.events[4:] == ["A:4", "A:5"]
+
+
+def test_the_server_defaults_let_64_pings_go_at_once_and_few_64_kib_requests() -> None:
+    """The reason for ``inbox_burst_bytes``' default, with the frames a client really sends."""
+    config = ServerConfig()
+    handled: list[Peer] = []
+    later: list[Callable[[], None]] = []
+    inbox = Inbox(
+        lambda peer, frames: handled.append(peer),
+        burst=config.inbox_burst,
+        burst_bytes=config.inbox_burst_bytes,
+        schedule=later.append,
+    )
+    ping = encode_request(1, PING.name, ())
+    for _ in range(100):
+        inbox.deliver(A, ping)
+    inbox.read_done()
+    assert len(handled) == 64 == config.inbox_burst
+    handled.clear()
+    echo = encode_request(2, ECHO.name, (bytes(64 * 1024),))
+    for _ in range(16):  # what the zmq transport reads in one callback
+        inbox.deliver(B, echo)
+    inbox.deliver(C, ping)  # another client's ping in the same read
+    inbox.read_done()
+    assert handled == [B, B, B, C]
+
+
+def test_a_message_larger_than_the_budget_is_handled_alone_and_not_starved() -> None:
+    h = Harness(burst=8, burst_bytes=1000)
+    h.read_sized((A, "big", 5000), (A, "after", 10), (B, "small", 10))
+    assert h.events == ["A:big"]  # the first of a read always goes, however large
+    h.turn()
+    assert h.events[1:] == ["A:after", "B:small"]
+    # One that comes after others in a read waits for a turn of its own, and gets it.
+    h.read_sized((A, "0", 600), (B, "huge", 5000), (A, "1", 600), (C, "2", 100))
+    assert h.events[3:] == ["A:0", "C:2"]  # A:1 would pass the budget; C:2 fits beside A:0
+    h.turn()
+    assert h.events[5:] == ["B:huge"]  # alone: A:1 would pass the budget after it
+    h.turn()
+    assert h.events[6:] == ["A:1"]
+    assert h.inbox.queued == 0 and h.later == []
+
+
+def test_queued_turns_obey_the_byte_budget_and_alternate_peers() -> None:
+    h = Harness(burst=64, burst_bytes=1000)
+    h.read_sized(*((A, str(n), 400) for n in range(6)))
+    h.read_sized(*((B, str(n), 400) for n in range(4)))  # a new read, a new budget
+    assert h.events == ["A:0", "A:1", "B:0", "B:1"]
+    h.turn()
+    assert h.events[4:] == ["A:2", "B:2"]  # A:3 next would make 1200 bytes
+    h.turn()
+    assert h.events[6:] == ["A:3", "B:3"]
+    h.turn()
+    assert h.events[8:] == ["A:4", "A:5"]
+    assert h.inbox.queued == 0 and h.later == []
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="limit"):
         Inbox(limit=1)
     with pytest.raises(ValueError, match="burst"):
         Inbox(burst=0)
+    with pytest.raises(ValueError, match="burst_bytes"):
+        Inbox(burst_bytes=0)
 
 
 async def test_without_a_handler_messages_wait_for_recv_in_turn_order() -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from kvrpc.bench.rpc import _child, _server_for, percentile
+from kvrpc.bench.rpc import _child, _server_for, inbox_options, percentile
 from kvrpc.client import AsyncClient
 from kvrpc.codec import encode_request
 from kvrpc.errors import KvrpcError
@@ -32,22 +32,26 @@ _progress = Progress("bench slow-reader")
 
 
 async def run_slow_reader_bench(
-    url: str, seconds: float, rounds: int, inbox_burst: int | None = None
+    url: str,
+    seconds: float,
+    rounds: int,
+    inbox_burst: int | None = None,
+    inbox_burst_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Ping ``url`` for ``seconds`` idle, then as long beside a flooder, ``rounds`` times.
 
-    ``inbox_burst``: the server's ``--inbox-burst`` (None: its default).
+    ``inbox_burst`` and ``inbox_burst_bytes``: the server's ``--inbox-burst`` and
+    ``--inbox-burst-bytes`` (None: its default).
     """
     try:
-        return await _measure(url, seconds, rounds, inbox_burst)
+        return await _measure(url, seconds, rounds, inbox_options(inbox_burst, inbox_burst_bytes))
     finally:
         _progress.close()
 
 
 async def _measure(
-    url: str, seconds: float, rounds: int, inbox_burst: int | None
+    url: str, seconds: float, rounds: int, options: tuple[str, ...]
 ) -> dict[str, Any]:
-    options = () if inbox_burst is None else ("--inbox-burst", str(inbox_burst))
     async with _server_for(url, *options) as where, AsyncClient(url, timeout=10.0) as client:
         idle: list[float] = []
         flooded: list[float] = []
@@ -68,7 +72,12 @@ async def _measure(
                 / max(percentile(idle_times, 0.99), 1e-9)
             )
         stats = await client.call(STATS)
-    figures: dict[str, Any] = {"server": where, "url": url, "rounds": rounds}
+    figures: dict[str, Any] = {
+        "server": where,
+        "url": url,
+        "server_options": " ".join(options) or "its defaults",
+        "rounds": rounds,
+    }
     for name, samples in (("idle", idle), ("flooded", flooded)):
         figures[f"ping_{name}_p50_us"] = percentile(samples, 0.5) * 1e6
         figures[f"ping_{name}_p99_us"] = percentile(samples, 0.99) * 1e6

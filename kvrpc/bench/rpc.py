@@ -34,6 +34,7 @@ from kvrpc.transport import TransportURL, parse_url
 
 __all__ = [
     "EchoPath",
+    "inbox_options",
     "measure_import",
     "percentile",
     "run_rpc_bench",
@@ -171,9 +172,18 @@ async def _server_for(url: str, *serve_options: str) -> AsyncIterator[str]:
 
 
 def serve_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """The ``kvrpc serve`` flags ``bench rpc``'s options ask for (its ``--inbox-burst``)."""
-    burst: int | None = args.inbox_burst
-    return ("--inbox-burst", str(burst)) if burst is not None else ()
+    """The ``kvrpc serve`` flags ``bench rpc``'s options ask for (its ``--inbox-burst*``)."""
+    return inbox_options(args.inbox_burst, args.inbox_burst_bytes)
+
+
+def inbox_options(burst: int | None, burst_bytes: int | None) -> tuple[str, ...]:
+    """``kvrpc serve``'s ``--inbox-burst`` and ``--inbox-burst-bytes`` for those given."""
+    options: tuple[str, ...] = ()
+    if burst is not None:
+        options += ("--inbox-burst", str(burst))
+    if burst_bytes is not None:
+        options += ("--inbox-burst-bytes", str(burst_bytes))
+    return options
 
 
 def _raw_url(url: TransportURL) -> TransportURL:

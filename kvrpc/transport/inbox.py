@@ -7,11 +7,19 @@ and no further loop turn) or queues it, and it owns the one rule about reading:
 
 - A peer's messages are handled in the order they came. Once one of a peer's messages is
   queued, the peer's later messages queue behind it.
-- At most ``burst`` messages of one read are handled straight from it; the rest queue, and
-  the queue is worked off one loop turn at a time, ``burst`` messages per turn, taking one
-  message from each peer in turn. A peer that sends thousands of requests in one write then
-  delays another peer's request by at most one of its own, not by all of them, and the
-  loop's other work (timers, finished runs, other sockets) gets a turn between bursts.
+- At most ``burst`` messages, and at most ``burst_bytes`` bytes, of one read are handled
+  straight from it; the rest queue, and the queue is worked off one loop turn at a time,
+  within the same two bounds per turn, taking one message from each peer in turn. A peer
+  that sends thousands of requests in one write then delays another peer's request by at
+  most one of its own, not by all of them, and the loop's other work (timers, finished
+  runs, other sockets) gets a turn between bursts.
+- The byte bound is what keeps large messages fair: handling a message costs about its
+  size (decoding, copying, the reply), so 64 small calls go at once while 64 KiB requests
+  go a few at a time. A message is handled in a read or turn only if it fits what is left
+  of ``burst_bytes``, except the first of the read or turn, which is always handled: a
+  message larger than the whole budget is handled alone, never starved. A message's size
+  is the sum of ``len()`` of its frames, as the transport delivered them (bytes, or
+  byte-format buffers), so measuring it copies and decodes nothing.
 - While ``limit`` messages or more are queued, the transport is told to pause reading (the
   kernel's socket buffers, then the senders, wait); below half of it, to resume. The inbox's
   memory is bounded by ``limit`` messages plus what one read delivers.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -58,9 +67,11 @@ class Inbox:
     ``handler(peer, frames)`` handles one message and must not block; ``on_peer_lost(peer)``
     is told of a lost peer after that peer's queued messages. Both run on the loop's thread,
     and an exception from either is logged, never raised into the transport. Call
-    :meth:`bind` with the transport before it starts delivering. ``schedule(fn)`` runs ``fn``
-    in a later loop turn (the running loop's ``call_soon`` by default). See the module
-    docstring for the rules.
+    :meth:`bind` with the transport before it starts delivering. ``burst`` and
+    ``burst_bytes`` bound what one read, and one loop turn of the queue, handles (None for
+    ``burst_bytes``: the count alone; the server passes ``ServerConfig.inbox_burst_bytes``).
+    ``schedule(fn)`` runs ``fn`` in a later loop turn (the running loop's ``call_soon`` by
+    default). See the module docstring for the rules.
     """
 
     def __init__(
@@ -70,12 +81,19 @@ class Inbox:
         *,
         limit: int = 1024,
         burst: int = 64,
+        burst_bytes: int | None = None,
         schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         if limit < 2 or burst < 1:
             raise ValueError(f"need limit >= 2 and burst >= 1, not {limit} and {burst}")
+        if burst_bytes is not None and burst_bytes < 1:
+            raise ValueError(f"need burst_bytes >= 1 (or None), not {burst_bytes}")
         self.limit = limit
         self.burst = burst
+        #: Bytes of messages handled at most per read or turn (None: bounded by count only).
+        self.burst_bytes = burst_bytes
+        # The same bound as a plain int for the hot path: no None test per message.
+        self._budget = burst_bytes if burst_bytes is not None else sys.maxsize
         self._handler = handler
         self._on_peer_lost = on_peer_lost
         self._control: ReadControl | None = None
@@ -83,6 +101,7 @@ class Inbox:
         self._turns: deque[Peer] = deque()  # peers with something queued, in serving order
         self._queued = 0
         self._this_read = 0  # messages handled straight from the current read
+        self._this_read_bytes = 0  # and their bytes
         self._paused = False
         self._pump_scheduled = False
         self._closed = False
@@ -114,9 +133,13 @@ class Inbox:
             return
         handler = self._handler
         if handler is not None and self._this_read < self.burst and peer not in self._queues:
-            self._this_read += 1
-            self._call(handler, peer, frames)
-            return
+            size = sum(map(len, frames))
+            spent = self._this_read_bytes
+            if not self._this_read or spent + size <= self._budget:
+                self._this_read += 1
+                self._this_read_bytes = spent + size
+                self._call(handler, peer, frames)
+                return
         self._enqueue(peer, frames)
 
     def peer_lost(self, peer: Peer) -> None:
@@ -131,6 +154,7 @@ class Inbox:
     def read_done(self) -> None:
         """The transport's read callback has delivered all it read: a new read may burst."""
         self._this_read = 0
+        self._this_read_bytes = 0
 
     def close(self) -> None:
         """Drop what is queued and take nothing more; a waiting :meth:`recv` raises."""
@@ -213,13 +237,24 @@ class Inbox:
         return peer, item
 
     def _pump(self) -> None:
-        """Handle up to ``burst`` queued items, one per peer in turn; again next turn if more."""
+        """Handle a burst of queued items, one per peer in turn; again next turn if more.
+
+        A burst is what a read may handle: up to ``burst`` items and ``burst_bytes`` bytes,
+        the first item always. An item that does not fit ends the turn and opens the next.
+        """
         self._pump_scheduled = False
         handler = self._handler
         assert handler is not None
-        for _ in range(self.burst):
+        budget = self._budget
+        spent = 0
+        for taken in range(self.burst):
             if not self._queued or self._closed:
                 return
+            head = self._queues[self._turns[0]][0]
+            size = sum(map(len, head)) if isinstance(head, list) else 0  # a loss costs nothing
+            if taken and spent + size > budget:
+                break
+            spent += size
             peer, item = self._next()
             if item is _LOST:
                 self._report_lost(peer)

@@ -73,7 +73,11 @@ class ServerSink(Protocol):
     """
 
     def deliver(self, peer: Peer, frames: list[Buffer]) -> None:
-        """One message from ``peer``; the frames belong to the sink from now on."""
+        """One message from ``peer``; the frames belong to the sink from now on.
+
+        Each frame's ``len()`` is its size in bytes (``bytes``, ``bytearray`` or a
+        byte-format ``memoryview``): the inbox bounds the work of one read by it.
+        """
 
     def read_done(self) -> None:
         """The read callback that delivered the last messages has delivered all it read.

@@ -9,12 +9,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvrpc.kv.protocols import kv_registry
 from kvrpc.kv.server.caps import ClientCaps
 from kvrpc.kv.server.service import KVService
 from kvrpc.server import RPCServer
 from kvrpc.transport import default_url
+
+if TYPE_CHECKING:
+    from kvrpc.config import ServerSettings
 
 __all__ = ["KVServerSettings", "serve_kv"]
 
@@ -57,6 +61,9 @@ class KVServerSettings:
     max_workers: int = 4
     #: Requests of one read the RPC server handles at once (see ``ServerConfig.inbox_burst``).
     inbox_burst: int = 64
+    #: Bytes of requests one read handles at most (``ServerConfig.inbox_burst_bytes``);
+    #: None: that field's default, which is written there alone.
+    inbox_burst_bytes: int | None = None
     #: Seconds a stream (``kv.events``) waits for credit from a consumer that reads nothing.
     stream_idle_timeout: float = 60.0
     client_timeout: float = 8.0
@@ -150,34 +157,26 @@ async def serve_kv(
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.00025))
     url = settings.url if settings.url is not None else default_url()
 
-    def curve_for(where: str) -> str | None:
-        # CURVE is a zmq+tcp option; a unix socket beside it keeps its file-mode guard.
-        return settings.curve_secret_file if where.startswith("zmq+tcp://") else None
+    shared: ServerSettings = {
+        "max_workers": settings.max_workers,
+        "inbox_burst": settings.inbox_burst,
+        "stream_idle_timeout": settings.stream_idle_timeout,
+        "auth_token_file": settings.auth_token_file,
+    }
+    if settings.inbox_burst_bytes is not None:  # else ServerConfig's default, written there
+        shared["inbox_burst_bytes"] = settings.inbox_burst_bytes
 
-    server = RPCServer(
-        url,
-        registry=kv_registry(),
-        max_workers=settings.max_workers,
-        inbox_burst=settings.inbox_burst,
-        stream_idle_timeout=settings.stream_idle_timeout,
-        auth_token_file=settings.auth_token_file,
-        curve_secret_file=curve_for(url),
-    )
+    def rpc_server(where: str) -> RPCServer:
+        # CURVE is a zmq+tcp option; a unix socket beside it keeps its file-mode guard.
+        curve = settings.curve_secret_file if where.startswith("zmq+tcp://") else None
+        each: ServerSettings = {**shared, "curve_secret_file": curve}
+        return RPCServer(where, registry=kv_registry(), **each)
+
+    server = rpc_server(url)
     service.register(server)
     # One service behind every URL: a host's workers register on a local socket (the only
     # kind that may map their memory) while a scheduler on another host asks over TCP.
-    also = [
-        RPCServer(
-            extra,
-            registry=kv_registry(),
-            max_workers=settings.max_workers,
-            inbox_burst=settings.inbox_burst,
-            stream_idle_timeout=settings.stream_idle_timeout,
-            auth_token_file=settings.auth_token_file,
-            curve_secret_file=curve_for(extra),
-        )
-        for extra in settings.also_urls
-    ]
+    also = [rpc_server(extra) for extra in settings.also_urls]
     for extra_server in also:
         service.register(extra_server)
     metrics = None
