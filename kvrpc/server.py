@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, cast
 
 import anyio
 
@@ -161,6 +161,7 @@ class RPCServer:
         )
         self._inbox: Inbox | None = None
         self._transport: ServerTransport | None = None
+        self._credentials = False  # whether the transport tells peers' credentials
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: OwnedTaskGroup | None = None
         self._exit_stack: AsyncExitStack | None = None
@@ -252,6 +253,9 @@ class RPCServer:
             stack.push_async_callback(tasks.close)
             self._tasks = tasks
             self._transport = self._replies.transport = transport
+            # Asked once: an isinstance against a runtime-checkable Protocol walks its
+            # members every time, and every request that asks for its peer would pay it.
+            self._credentials = isinstance(transport, SupportsPeerCredentials)
             inbox = Inbox(
                 self._on_frames,
                 self._peer_lost,
@@ -431,8 +435,8 @@ class RPCServer:
     def _peer_info(self, peer: Peer) -> PeerInfo:
         transport = self._transport
         credentials = None
-        if isinstance(transport, SupportsPeerCredentials):
-            credentials = transport.peer_credentials(peer)
+        if self._credentials and transport is not None:
+            credentials = cast(SupportsPeerCredentials, transport).peer_credentials(peer)
         return PeerInfo(peer, self._scheme, credentials)
 
 

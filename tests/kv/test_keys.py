@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
+import random
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgpack
+import numpy
 import pytest
 import torch
 from hypothesis import given
@@ -393,6 +397,77 @@ def test_non_integer_token_ids_are_refused() -> None:
         hashes_from_tokens(torch.zeros(2, dtype=torch.bool), 4)  # checked even with no chunk
     with pytest.raises(ValueError, match=r"must be 1-D, got shape \(2, 4\)"):
         hashes_from_tokens(torch.zeros(2, 4, dtype=torch.int64), 4)
+
+
+def random_prompt(count: int, seed: int) -> list[int]:
+    """``count`` ids over the whole int32 range, the extremes included now and then."""
+    rng = random.Random(seed)
+    edges = [-(2**31), -1, 0, 1, 2**31 - 1]
+    return [
+        rng.choice(edges) if rng.random() < 0.05 else rng.randrange(-(2**31), 2**31)
+        for _ in range(count)
+    ]
+
+
+# Every form a prompt may come in, made from the same ids: each must hash like the list.
+PROMPT_FORMS: dict[str, Callable[[list[int]], Any]] = {
+    "tuple": tuple,
+    "array i": lambda ids: array.array("i", ids),
+    "array q": lambda ids: array.array("q", ids),
+    "memoryview": lambda ids: memoryview(array.array("i", ids)),
+    "numpy int64": lambda ids: numpy.array(ids, dtype=numpy.int64),
+    "numpy int32": lambda ids: numpy.array(ids, dtype=numpy.int32),
+    "numpy >i4": lambda ids: numpy.array(ids, dtype=">i4"),
+    "numpy strided": lambda ids: numpy.repeat(numpy.array(ids, dtype=numpy.int32), 2)[::2],
+    "torch int64": lambda ids: torch.tensor(ids, dtype=torch.int64),
+}
+
+
+@pytest.mark.parametrize("form", PROMPT_FORMS.values(), ids=PROMPT_FORMS.keys())
+@pytest.mark.parametrize(
+    ("count", "chunk_size"),
+    [(0, 256), (255, 256), (256, 256), (32 * 1024 + 100, 256), (3 * 16 + 5, 16), (7, 1)],
+)
+def test_every_form_of_a_prompt_hashes_as_the_definition_says(
+    form: Callable[[list[int]], Any], count: int, chunk_size: int
+) -> None:
+    ids = random_prompt(count, seed=count + chunk_size)
+    expected = reference_token_hashes(ids, chunk_size)
+    assert hashes_from_tokens(ids, chunk_size) == expected
+    assert hashes_from_tokens(form(ids), chunk_size) == expected
+    assert hashes_from_tokens(form(ids), chunk_size, "salt") == hashes_from_tokens(
+        ids, chunk_size, "salt"
+    )
+
+
+def test_small_unsigned_and_byte_forms_hash_their_values() -> None:
+    ids = [i % 256 for i in tokens(3 * 64 + 1)]
+    expected = reference_token_hashes(ids, 64)
+    assert hashes_from_tokens(bytes(ids), 64) == expected  # a byte per id, not int32 bytes
+    assert hashes_from_tokens(bytearray(ids), 64) == expected
+    for dtype in ("uint8", "int16", "uint16", "uint32", "uint64"):
+        assert hashes_from_tokens(numpy.array(ids, dtype=dtype), 64) == expected
+
+
+def test_numpy_and_array_ids_outside_int32_are_refused_as_a_list_is() -> None:
+    ids = tokens(256)
+    for bad in (2**31, -(2**31) - 1):
+        with pytest.raises(ValueError, match=f"token id {bad} at index 7 is outside"):
+            hashes_from_tokens(numpy.array([*ids[:7], bad, *ids[8:]], dtype=numpy.int64), 256)
+        with pytest.raises(ValueError, match=f"token id {bad} at index 7 is outside"):
+            hashes_from_tokens(array.array("q", [*ids[:7], bad, *ids[8:]]), 256)
+    with pytest.raises(ValueError, match=f"token id {2**32 - 1} at index 7 is outside"):
+        hashes_from_tokens(numpy.array([*ids[:7], 2**32 - 1, *ids[8:]], dtype=numpy.uint32), 256)
+    # As for a list, the ignored partial chunk is not looked at.
+    tail = numpy.array([*ids, 2**40], dtype=numpy.int64)
+    assert hashes_from_tokens(tail, 256) == hashes_from_tokens(ids, 256)
+
+
+def test_numpy_arrays_of_other_kinds_are_refused_as_a_list_of_them_is() -> None:
+    with pytest.raises(TypeError, match="index 0 is a float64, not an int"):
+        hashes_from_tokens(numpy.zeros(8), 4)
+    with pytest.raises(TypeError):  # each item is a row: not an int
+        hashes_from_tokens(numpy.zeros((8, 2), dtype=numpy.int32), 4)
 
 
 def test_chunk_size_below_one_is_a_config_error() -> None:

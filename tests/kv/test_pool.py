@@ -226,6 +226,71 @@ def test_pin_many_refuses_a_slot_that_is_not_ready_and_unpin_many_one_not_pinned
         pool.unpin_many([ready, ready])
 
 
+def test_a_batch_that_fails_midway_keeps_what_it_did_before_and_the_counts_agree() -> None:
+    pool = ChunkPool(6 * SLOT, SLOT)
+    slots = stored(pool, 0, 1, 2, 3)
+    with pytest.raises(ValueError, match="not in range"):
+        pool.pin_many([slots[0], slots[1], 99, slots[2]])
+    assert [pool.pins(s) for s in slots] == [1, 1, 0, 0]
+    assert pool.pinned_slots == 2
+    with pytest.raises(ValueError, match="not pinned"):
+        pool.unpin_many([slots[1], slots[3]])
+    assert [pool.pins(s) for s in slots] == [1, 0, 0, 0]
+    assert pool.pinned_slots == 1
+    # slots[1] came back as the most recently used: the other unpinned ones go first, then
+    # it, and the pinned slots[0] never does.
+    assert evicted_by_filling(pool, 10, 5) == [key(2), key(3), key(1)]
+    assert pool.lookup(key(0)) == slots[0]
+
+
+def test_unpin_many_into_an_empty_lru_links_the_slots_in_the_order_given() -> None:
+    pool = ChunkPool(3 * SLOT, SLOT)
+    slots = stored(pool, 0, 1, 2)
+    pool.pin_many(slots)  # the LRU is empty now
+    pool.unpin_many([slots[2], slots[0], slots[1]])
+    assert evicted_by_filling(pool, 10, 3) == [key(2), key(0), key(1)]
+
+
+def test_lookup_run_finds_the_leading_ready_keys_as_lookup_does() -> None:
+    pool = ChunkPool(16 * SLOT, SLOT)
+    slots = stored(pool, *range(8))
+    hashes = [key(i)[:32] for i in range(10)]
+    suffix = key(0)[32:]
+    assert pool.lookup_run(hashes[:8], suffix) == slots
+    assert pool.lookup_run(iter(hashes), suffix) == slots  # stops at the absent key(8)
+    assert pool.lookup_run([], suffix) == []
+    assert pool.lookup_run(hashes, b"other") == []
+    assert pool.reserve(key(3)) is Reserve.EXISTS
+    pool.remove(key(3))
+    assert pool.lookup_run(hashes, suffix) == slots[:3]
+    refill = pool.reserve(key(3))
+    assert isinstance(refill, int)
+    assert pool.lookup_run(hashes, suffix) == slots[:3]  # a filling key ends the run too
+    pool.commit(refill)
+    assert pool.lookup_run(hashes[:8], suffix) == [*slots[:3], refill, *slots[4:]]
+
+
+def test_lookup_run_agrees_with_lookup_in_a_crowded_table() -> None:
+    # Many keys in a small table: long probe runs, and keys removed from their middle.
+    rng = random.Random(5)
+    pool = ChunkPool(64 * SLOT, SLOT)
+    stored(pool, *range(64))
+    for i in rng.sample(range(64), 20):
+        pool.remove(key(i))
+    stored(pool, *range(100, 110))
+    order = [key(i)[:32] for i in rng.sample([*range(64), *range(100, 110)], 74)]
+    suffix = key(0)[32:]
+    expected: list[int] = []
+    for chunk_hash in order:
+        slot = pool.lookup(chunk_hash + suffix)
+        if slot is None:
+            break
+        expected.append(slot)
+    assert pool.lookup_run(order, suffix) == expected
+    present = [h for h in order if pool.lookup(h + suffix) is not None]
+    assert pool.lookup_run(present, suffix) == [pool.lookup(h + suffix) for h in present]
+
+
 def test_touch_of_a_pinned_slot_keeps_it_out_of_the_lru() -> None:
     pool = ChunkPool(2 * SLOT, SLOT)
     slots = stored(pool, 0, 1)

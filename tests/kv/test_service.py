@@ -15,10 +15,10 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import msgpack
 import pytest
@@ -463,6 +463,51 @@ def test_a_check_of_a_pending_lookup_waits_its_poll_grace_for_the_answer(
     # that only glanced (poll_grace=0) would mostly see None, one that waits sees the answer.
     threading.Thread(target=kv_server.resume).start()
     assert scheduler.check_lookup_result("graced") == 2 * CHUNK
+
+
+class CountedTokens(Sequence[int]):
+    """Token ids that count their reads: hashing them reads them, a repeated check must not."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        self.reads += 1
+        return self.ids[index]
+
+
+def test_a_waiting_request_is_hashed_once_however_often_it_is_submitted_and_checked(
+    kv_server: KVServer, kv_cache: Callable[..., list[torch.Tensor]], opened: Keep
+) -> None:
+    # vLLM asks again for a request that waits; the adapter answers from what it has.
+    workers = open_workers(kv_server.url, kv_cache, opened)
+    ids = prompt(2, seed=62, extra=3)
+    store_all(workers, "s", LoadStoreOp(blocks(0, 2), token_ids=ids))
+    scheduler = opened(SchedulerAdapter(kv_server.url, MODEL, WORLD, 0, BLOCK))
+    tokens = CountedTokens(ids)
+    kv_server.stall()
+    scheduler.maybe_submit_lookup_request("waiting", token_ids=tokens)
+    hashed = tokens.reads
+    assert hashed > 0
+    for _ in range(3):
+        scheduler.maybe_submit_lookup_request("waiting", token_ids=tokens)
+        assert scheduler.check_lookup_result("waiting") is None  # the server is stalled
+    kv_server.resume()
+    assert lookup_tokens(scheduler, "waiting", token_ids=tokens) == 2 * CHUNK
+    assert tokens.reads == hashed
+    # Told to forget it, the adapter keeps nothing: the next lookup hashes the prompt again,
+    # and finds the same chunks.
+    scheduler.cleanup_lookup_result("waiting")
+    assert lookup_tokens(scheduler, "waiting", token_ids=tokens) == 2 * CHUNK
+    assert tokens.reads == 2 * hashed
 
 
 def test_a_poll_grace_outside_zero_to_one_second_is_refused(kv_server: KVServer) -> None:

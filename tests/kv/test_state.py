@@ -1410,6 +1410,14 @@ def test_a_pool_key_is_the_hash_the_namespace_and_the_worker(worker_id: int) -> 
     assert poolkeys.pool_keys(b"", suffix) == [] and poolkeys.chunk_hashes(b"") == []
 
 
+@pytest.mark.parametrize("count", [1, 128, 1024, 1025, 5000])
+def test_a_batch_of_any_size_splits_into_its_hashes_in_order(count: int) -> None:
+    # Batches up to 1,024 keys are cut by a cached Struct, larger ones by slicing.
+    chunk_hashes = hashes(count, count)
+    split = poolkeys.chunk_hashes(b"".join(chunk_hashes))
+    assert split == chunk_hashes and all(type(h) is bytes for h in split)
+
+
 # ------------------------------------------------------------------ a remote tier
 
 

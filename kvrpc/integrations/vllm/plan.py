@@ -174,7 +174,11 @@ class SchedulerPlan:
         it, never changes it).
         """
         lookable = max(0, prompt_len - 1) // self.chunk_size * self.chunk_size
-        hashes = hashes_from_tokens(list(tokens[:lookable]), self.chunk_size, cache_salt)
+        window = tokens[:lookable]
+        # vLLM's token list slices to a list already: copying it again costs ~2 ns an id.
+        if not isinstance(window, list):
+            window = list(window)
+        hashes = hashes_from_tokens(window, self.chunk_size, cache_salt)
         self._requests[request_id] = _Request(request_id, tokens, prompt_len, cache_salt, hashes)
         return list(hashes)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import weakref
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -247,6 +247,32 @@ class ChunkPool:
             slot = table[i]
         return None
 
+    def lookup_run(self, hashes: Iterable[bytes], suffix: bytes) -> list[int]:
+        """The slots of ``hash + suffix`` for ``hashes`` in order, up to the first not ready.
+
+        :meth:`lookup` for each key in turn, stopping at the first that finds nothing: a
+        scheduler's lookup scans each rank's run of chunks this way (hundreds of keys), so the
+        probe is written out here rather than paid as a method call per key. Does not change
+        the LRU order.
+        """
+        keys = self._keys
+        table = self._table
+        mask = self._mask
+        state = self._state
+        slots: list[int] = []
+        append = slots.append
+        for chunk_hash in hashes:
+            key = chunk_hash + suffix
+            i = hash(key) & mask
+            slot = table[i]
+            while slot >= 0 and keys[slot] != key:
+                i = (i + 1) & mask
+                slot = table[i]
+            if slot < 0 or state[slot] != _READY:
+                break
+            append(slot)
+        return slots
+
     def touch(self, slot: int) -> None:
         """Mark a ready slot as the most recently used, the last to be evicted.
 
@@ -356,7 +382,7 @@ class ChunkPool:
             self._pinned -= 1
             self._link_mru(slot)
 
-    def pin_many(self, slots: Sequence[int]) -> None:
+    def pin_many(self, slots: Iterable[int]) -> None:
         """:meth:`pin` for each slot in turn: the same checks, without a call per slot.
 
         A scheduler's lookup pins every matched chunk of every rank (hundreds); this is its
@@ -364,35 +390,51 @@ class ChunkPool:
         """
         num_slots, state, pins = self._num_slots, self._state, self._pins
         prev, nxt = self._prev, self._next
-        for slot in slots:
-            if not 0 <= slot < num_slots or state[slot] != _READY:
-                self._check_state(slot, _READY, "pin_many")
-            count = pins[slot]
-            if count == 0:
-                before, after = prev[slot], nxt[slot]
-                nxt[before] = after
-                prev[after] = before
-                self._pinned += 1
-            pins[slot] = count + 1
+        newly = 0  # counted here and added once: an attribute write per slot costs more
+        try:
+            for slot in slots:
+                if not 0 <= slot < num_slots or state[slot] != _READY:
+                    self._check_state(slot, _READY, "pin_many")
+                count = pins[slot]
+                if not count:
+                    before = prev[slot]
+                    after = nxt[slot]
+                    nxt[before] = after
+                    prev[after] = before
+                    newly += 1
+                pins[slot] = count + 1
+        finally:
+            self._pinned += newly
 
     def unpin_many(self, slots: Iterable[int]) -> None:
-        """:meth:`unpin` for each slot in turn; raises on a slot with no pin."""
+        """:meth:`unpin` for each slot in turn; raises on a slot with no pin.
+
+        Slots whose last pin goes become the most recently used in the order given, as
+        with :meth:`unpin` one by one; the slots before a bad one stay unpinned.
+        """
         num_slots, pins = self._num_slots, self._pins
         prev, nxt = self._prev, self._next
-        for slot in slots:
-            if not 0 <= slot < num_slots:
-                self._check_slot(slot)
-            count = pins[slot]
-            if count <= 0:
-                raise ValueError(f"ChunkPool.unpin_many: slot {slot} is not pinned")
-            pins[slot] = count - 1
-            if count == 1:
-                self._pinned -= 1
-                last = prev[num_slots]  # link as the most recently used, before the sentinel
-                prev[slot] = last
-                nxt[slot] = num_slots
-                nxt[last] = slot
-                prev[num_slots] = slot
+        # The released slots are chained after the most recently used one as they come, and
+        # the chain is closed onto the sentinel once, at the end: two writes a slot, not four.
+        last = prev[num_slots]
+        released = 0
+        try:
+            for slot in slots:
+                if not 0 <= slot < num_slots:
+                    self._check_slot(slot)
+                count = pins[slot]
+                if count <= 0:
+                    raise ValueError(f"ChunkPool.unpin_many: slot {slot} is not pinned")
+                pins[slot] = count - 1
+                if count == 1:
+                    prev[slot] = last
+                    nxt[last] = slot
+                    last = slot
+                    released += 1
+        finally:
+            nxt[last] = num_slots
+            prev[num_slots] = last
+            self._pinned -= released
 
     def checksum(self, slot: int) -> int | None:
         """The checksum committed with a ready slot's chunk; None if it has none."""

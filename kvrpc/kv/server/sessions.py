@@ -92,7 +92,6 @@ class SessionBook:
             return 0
         session_key = (ns.id, request_id)
         earlier = self._check_open(client_id, session_key)
-        find = pool.lookup
         # Decided into this lookup's own table first, and kept only once the client's caps
         # allow it: a refused lookup changes nothing, not even the session it would replace.
         pins: dict[int, int] = {}
@@ -103,12 +102,7 @@ class SessionBook:
         matched = n
         per_rank: list[list[int]] = []
         for _, suffix in ranks:
-            slots: list[int] = []
-            for chunk_hash in hashes[:matched]:
-                slot = find(chunk_hash + suffix)
-                if slot is None:
-                    break
-                slots.append(slot)
+            slots = pool.lookup_run(hashes if matched == n else hashes[:matched], suffix)
             matched = len(slots)
             per_rank.append(slots)
         to_pin: list[int] = []
