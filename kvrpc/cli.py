@@ -196,6 +196,18 @@ def _parser() -> argparse.ArgumentParser:
         help="MiB of each of a GPU copy engine's two staging buffers",
     )
     serve.add_argument(
+        "--store-copies",
+        choices=("kernels", "dma"),
+        default="kernels",
+        help=(
+            "how a GPU store moves blocks into L1: 'kernels' gathers them on the GPU into a "
+            "staging buffer, then copies it; 'dma' copies them straight from the blocks with "
+            "pitched DMA, running no kernel beside the engine's own (a fragmented block "
+            "table goes through the kernels; kv.stats cuda_dma_store_fallbacks counts it). "
+            "Default: kernels"
+        ),
+    )
+    serve.add_argument(
         "--verify-retrieves",
         action="store_true",
         help=(
@@ -536,6 +548,18 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--group-mib", type=_positive_int, default=256, help="the server's --cuda-group-mib"
     )
+    gpu.add_argument(
+        "--store-copies",
+        choices=("kernels", "dma"),
+        default="kernels",
+        help="the server's --store-copies; the store-paths figure runs the other beside it",
+    )
+    gpu.add_argument(
+        "--block-runs",
+        type=_positive_int,
+        default=1,
+        help="block ids drawn as random runs of this many consecutive blocks [1: each at random]",
+    )
     gpu.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     _plot_option(gpu, "transfers vs pinned copies, first transfer, loop stall, GPU memory")
     gpu.set_defaults(run=_run_bench_gpu, check=_checks(gpu, _check_bench_plot))
@@ -568,6 +592,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("l1", "redis"),
         default="l1",
         help="serve hits from L1, or from a local redis-server (L1 emptied before each) [l1]",
+    )
+    e2e.add_argument(
+        "--store-copies",
+        choices=("kernels", "dma"),
+        default="kernels",
+        help="the server's --store-copies: how it stores blocks (the decode figure's stores)",
     )
     e2e.add_argument(
         "--cuda-graphs",
@@ -971,6 +1001,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_timeout=args.redis_timeout,
         loop_probe=args.loop_probe,
         cuda_group_mib=args.cuda_group_mib,
+        store_copies=args.store_copies,
         verify_retrieves=args.verify_retrieves,
         checksums=args.checksums,
         auth_token_file=args.auth_token_file,

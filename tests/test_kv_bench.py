@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvrpc.bench.e2e import _goals, length_label, ttft_table
-from kvrpc.bench.gpu import first_transfer_figures
+from kvrpc.bench.gpu import block_order, first_transfer_figures
 from kvrpc.bench.kv import QUICK_NOTE
 from kvrpc.cli import _cell
 from kvrpc.testing.redis_server import redis_available
@@ -263,3 +263,20 @@ def test_ttft_table_has_a_row_per_length_and_a_dash_for_a_figure_not_taken() -> 
         "1.00",
         "-",
     ]
+
+
+@pytest.mark.parametrize(("blocks", "run"), [(64, 1), (64, 16), (70, 16), (5, 8)])
+def test_bench_gpu_block_order_is_every_block_once_in_random_runs_of_consecutive_ids(
+    blocks: int, run: int
+) -> None:
+    order = block_order(blocks, run, seed=6)
+    assert sorted(order) == list(range(blocks))
+    # Run k (blocks k * run onward) sits in one stretch of the order, ascending.
+    where = {block: index for index, block in enumerate(order)}
+    for start in range(0, blocks, run):
+        members = range(start, min(blocks, start + run))
+        first = where[start]
+        assert [where[b] for b in members] == list(range(first, first + len(members)))
+    starts = [b for b in order if b % run == 0]
+    if blocks // run > 2:
+        assert starts != sorted(starts)  # the runs themselves come in random order

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -36,6 +36,7 @@ from kvrpc.kv.server.copy_plan import (
     scatter_group,
     warm_group_sizes,
 )
+from kvrpc.kv.server.dma_plan import plan_calls, plan_groups
 from kvrpc.kv.server.lanes import IpcEventRing
 from kvrpc.kv.stamps import StampedEvent, open_stamps
 
@@ -459,9 +460,10 @@ def pinned_pool(slots: int, slot_nbytes: int) -> torch.Tensor:
     return torch.full((slots * slot_nbytes,), PATTERN, dtype=torch.uint8).pin_memory()
 
 
-def engine_for(layout: KVLayout, chunks_a_group: int = 3) -> CopyEngine:
+def engine_for(layout: KVLayout, chunks_a_group: int = 3, **options: Any) -> CopyEngine:
     group = chunks_a_group * layout.chunk_nbytes(GPU_BPC)
-    return CopyEngine(torch.device("cuda", torch.cuda.current_device()), group_bytes=group)
+    device = torch.device("cuda", torch.cuda.current_device())
+    return CopyEngine(device, group_bytes=group, **options)
 
 
 def blocks_of(layers: list[torch.Tensor], layout: KVLayout, ids: list[int]) -> list[torch.Tensor]:
@@ -696,3 +698,158 @@ def test_an_announced_retrieve_past_its_deadline_fails_every_layer_and_writes_no
             assert torch.equal(got, want)
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------ DMA stores (no kernels)
+
+# Block tables a DMA store copies a run at a time: a fresh allocator's, and a chunk a run
+# with the chunks anywhere. Five chunks: groups of 1, 3 and 1 (see engine_for).
+DMA_TABLES = {
+    "consecutive": list(range(8, 8 + 5 * GPU_BPC)),
+    "chunk-runs": [b for start in (40, 4, 24, 56, 12) for b in range(start, start + GPU_BPC)],
+}
+dma_tables = pytest.mark.parametrize("table", list(DMA_TABLES))
+
+
+def stored_by(
+    engine: CopyEngine, layers: list[torch.Tensor], layout: KVLayout, ids: list[int], **kw: Any
+) -> tuple[Transfer, torch.Tensor]:
+    """Store ``ids`` (five chunks) into a fresh pinned pool; (the transfer, the pool)."""
+    slot_nbytes = kw.pop("slot_nbytes", layout.chunk_nbytes(GPU_BPC))
+    host = pinned_pool(16, slot_nbytes)
+    rows = torch.tensor(ids, dtype=torch.int64).view(-1, GPU_BPC)
+    transfer = Transfer(layers, layout, rows, host, [9, 10, 11, 0, 2], slot_nbytes, **kw)
+    run(engine, engine.submit_store, transfer)
+    if transfer.folded is not None:
+        transfer.folded.result(timeout=60)
+    return transfer, host
+
+
+@pytest.mark.parametrize("spare", [0, 4096], ids=["exact-slots", "larger-slots"])
+@dma_tables
+@gpu_layouts
+@pytest.mark.cuda
+@needs_gpu
+def test_a_dma_store_writes_the_pool_byte_for_byte_as_a_kernel_store_with_the_same_checksums(
+    name: str, table: str, spare: int
+) -> None:
+    layout = gpu_layout(name)
+    layers = gpu_layers(layout, seed=50)
+    ids = DMA_TABLES[table]
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC) + spare
+    kernels, dma = engine_for(layout), engine_for(layout, store_copies="dma")
+    try:
+        by_kernels, kernel_pool = stored_by(
+            kernels, layers, layout, ids, slot_nbytes=slot_nbytes, checksum=True
+        )
+        by_dma, dma_pool = stored_by(
+            dma, layers, layout, ids, slot_nbytes=slot_nbytes, checksum=True
+        )
+        assert torch.equal(dma_pool, kernel_pool)  # the chunks, and every byte around them
+        assert by_dma.folded is not None and by_kernels.folded is None
+        assert by_dma.checksums is not None and by_kernels.checksums is not None
+        assert integrity.combine(by_dma.checksums) == integrity.combine(by_kernels.checksums)
+        assert (dma.dma_stores, dma.dma_fallbacks, kernels.dma_stores) == (1, 0, 0)
+        assert dma.dma_copies > 0
+        # No kernel ran for it: the DMA engine never made a staging buffer to gather into.
+        assert dma.staging_bytes() == 0 and len(dma.graphs) == 0
+    finally:
+        kernels.close()
+        dma.close()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_a_dma_store_of_a_fragmented_table_past_the_call_limit_goes_through_the_kernels() -> None:
+    layout = gpu_layout("paged-bf16")
+    layers = gpu_layers(layout, seed=51)
+    order = torch.randperm(GPU_BLOCKS, generator=torch.Generator().manual_seed(52)).tolist()
+    fragmented, runs = order[: 5 * GPU_BPC], DMA_TABLES["consecutive"]
+    # A call limit that a consecutive table fits (two copies a group and layer: K and V)
+    # and a fragmented one (a copy per block and layer) does not.
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+
+    def calls(ids: list[int]) -> int:  # the engine's groups for five chunks: 1, 3 and 1
+        rows = torch.tensor(ids).view(5, GPU_BPC).tolist()
+        groups = plan_groups(layout, rows, [9, 10, 11, 0, 2], slot_nbytes, [1, 3, 1])
+        return plan_calls(groups, layout.num_layers)
+
+    assert calls(runs) <= 64 < calls(fragmented)
+    dma = engine_for(layout, store_copies="dma", dma_free_calls=64, dma_bytes_per_call=1 << 40)
+    try:
+        _, pool = stored_by(dma, layers, layout, fragmented, checksum=True)
+        assert (dma.dma_stores, dma.dma_fallbacks) == (0, 1)
+        _, again = stored_by(dma, layers, layout, runs, checksum=True)
+        assert (dma.dma_stores, dma.dma_fallbacks) == (1, 1)
+        for ids, host in ((fragmented, pool), (runs, again)):
+            expected = torch.zeros(5, layout.chunk_nbytes(GPU_BPC), dtype=torch.uint8)
+            rows = torch.tensor(ids, dtype=torch.int64).view(5, GPU_BPC)
+            gather_chunks([t.cpu() for t in layers], layout, rows, list(expected.unbind(0)))
+            for row, slot in enumerate([9, 10, 11, 0, 2]):
+                got = host[slot * slot_nbytes : (slot + 1) * slot_nbytes]
+                assert torch.equal(got, expected[row])
+    finally:
+        dma.close()
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_a_dma_store_copies_the_blocks_as_the_workers_ready_event_left_them() -> None:
+    layout = gpu_layout("blocks_first-fp16")
+    layers = gpu_layers(layout, seed=53)
+    ids = DMA_TABLES["consecutive"]
+    fresh = gpu_layers(layout, seed=54)
+    dma = engine_for(layout, store_copies="dma")
+    try:
+        # The "worker" writes the blocks on a stream of its own, after a long kernel; its
+        # ready event comes after the writes. The store is enqueued at once, and must copy
+        # the new bytes, not the old.
+        writer = cast(Any, torch.cuda).Stream()
+        writer.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(writer):
+            torch.cuda._sleep(int(2e8))
+            for layer, new in zip(layers, fresh, strict=True):
+                layer.copy_(new)
+            ready = cast(Any, torch.cuda).Event()
+            ready.record(writer)
+        _, host = stored_by(dma, layers, layout, ids, ready=ready)
+        assert dma.dma_stores == 1
+        expected = torch.zeros(5, layout.chunk_nbytes(GPU_BPC), dtype=torch.uint8)
+        rows = torch.tensor(ids, dtype=torch.int64).view(5, GPU_BPC)
+        gather_chunks([t.cpu() for t in fresh], layout, rows, list(expected.unbind(0)))
+        slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+        for row, slot in enumerate([9, 10, 11, 0, 2]):
+            assert torch.equal(host[slot * slot_nbytes : (slot + 1) * slot_nbytes], expected[row])
+    finally:
+        dma.close()
+
+
+@gpu_layouts
+@pytest.mark.cuda
+@needs_gpu
+def test_a_dma_engines_warm_up_changes_no_byte_and_its_first_store_makes_nothing(
+    name: str,
+) -> None:
+    layout = gpu_layout(name)
+    layers = gpu_layers(layout, seed=55)
+    slot_nbytes = layout.chunk_nbytes(GPU_BPC)
+    host = pinned_pool(16, slot_nbytes)
+    before = [layer.view(torch.uint8).clone() for layer in layers]
+    dma = engine_for(layout, store_copies="dma")
+    try:
+        dma.submit_warm(layers, layout, GPU_BPC, host, slot_nbytes).result(timeout=120)
+        torch.cuda.synchronize()
+        assert bool((host == PATTERN).all())
+        for layer, old in zip(layers, before, strict=True):
+            assert torch.equal(layer.view(torch.uint8), old)
+        warmed = engine_state(dma)
+        rows = torch.tensor(DMA_TABLES["chunk-runs"], dtype=torch.int64).view(5, GPU_BPC)
+        transfer = Transfer(layers, layout, rows, host, [9, 10, 11, 0, 2], slot_nbytes)
+        transfer.checksum = True
+        run(dma, dma.submit_store, transfer)
+        assert transfer.folded is not None
+        transfer.folded.result(timeout=60)
+        assert dma.dma_stores == 1
+        assert engine_state(dma) == warmed
+    finally:
+        dma.close()

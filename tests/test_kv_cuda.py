@@ -180,6 +180,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         del child
 
 
+@pytest.fixture(scope="module")
+def dma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``kvrpc serve --store-copies dma --verify-retrieves`` child for the module.
+
+    Verifying every retrieve checks the checksums the DMA store folded on the CPU against
+    the chunk's bytes back in the blocks (on the GPU): a fold that differs from the GPU's
+    fails the retrieve as CHECKSUM_MISMATCH.
+    """
+    tmp = tmp_path_factory.mktemp("cuda-dma")
+    url = f"unix://{tmp}/kv.sock"
+    options = ("--chunk-size", str(CHUNK_SIZE), "--cpu-buffer-size", "1", "--client-timeout", "3")
+    dma = ("--store-copies", "dma", "--verify-retrieves")
+    with kv_server_child(url, str(tmp), *options, *dma) as child:
+        yield url
+        del child
+
+
 @pytest.fixture
 def client(server: str) -> Iterator[SyncClient]:
     with SyncClient(server, registry=kv_registry(), timeout=30) as client:
@@ -374,6 +391,42 @@ def test_stored_in_one_process_retrieved_in_another_bitwise(
             assert _digest(layers, kind, into_ids) == stored_digest
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("table", ["consecutive", "random"])
+def test_a_dma_server_stores_what_a_lookup_then_finds_and_a_retrieve_brings_back_bitwise(
+    dma_server: str, table: str
+) -> None:
+    model = f"dma-{table}"
+    layers = _make_layers("paged", "bfloat16", seed=60)
+    tokens = _tokens(61, 6)
+    order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(62)).tolist()
+    stored = list(range(24)) if table == "consecutive" else order[:24]
+    into = list(range(100, 124)) if table == "consecutive" else order[24:48]
+    digest = _digest(layers, "paged", stored)
+    with (
+        SyncClient(dma_server, registry=kv_registry(), timeout=30) as client,
+        WorkerAdapter(dma_server, model, 1, 0, BLOCK_SIZE) as worker,
+    ):
+        worker.register_kv_caches({f"layer{i}": t for i, t in enumerate(layers)})
+        before = _stats(client)
+        worker.submit_store_request("s", LoadStoreOp(stored, tokens))
+        _wait(worker, "s", store=True)
+        # Sent once the worker saw its store finish: finds every chunk, folded or not.
+        with PollingSchedulerAdapter(dma_server, model, 1, 0, BLOCK_SIZE) as scheduler:
+            scheduler.maybe_submit_lookup_request("look", token_ids=tokens)
+            assert scheduler.check_lookup_result("look") == len(tokens)
+            scheduler.end_session("look")
+        assert _digest(layers, "paged", into) != digest
+        worker.submit_retrieve_request("r", LoadStoreOp(into, tokens))
+        _wait(worker, "r", store=False)
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert _digest(layers, "paged", into) == digest
+        after = _stats(client)
+    # 6 chunks of 4 blocks and 4 layers: even a copy per block is within the free calls.
+    assert after["cuda_dma_stores"] - before.get("cuda_dma_stores", 0) == 1
+    assert after["cuda_dma_store_fallbacks"] == 0
+    assert after["retrieve_corrupt"] == 0 and after["checksums_missed"] == 0
 
 
 def test_two_workers_store_at_once_and_each_rank_gets_its_own_back(

@@ -340,6 +340,25 @@ def test_a_full_cache_refuses_to_allocate_and_names_the_counts() -> None:
     assert len(cache.allocate(4)) == 4
 
 
+def test_blocks_freed_together_come_back_in_the_order_they_were_handed_out() -> None:
+    cache = PagedKVCache.empty(
+        num_layers=1,
+        num_blocks=12,
+        block_size=16,
+        kv_heads=1,
+        head_dim=8,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    first = cache.allocate(5)
+    assert first == [0, 1, 2, 3, 4]  # a fresh cache hands out an ascending run
+    second = cache.allocate(3)
+    cache.free(first)
+    assert cache.allocate(5) == first  # still ascending: one run for a DMA store
+    cache.free(second)
+    assert cache.allocate(2) == second[:2]
+
+
 def test_importing_the_driver_does_not_import_transformers() -> None:
     code = (
         "import sys, kvrpc, kvrpc.integrations.transformers; "

@@ -137,6 +137,8 @@ class E2EBenchOptions:
     """One of :data:`TIERS`: where a hit's prefix is served from."""
     cuda_graphs: bool = False
     """The decode figure's steps replay a CUDA graph (CUDA only)."""
+    store_copies: str = "kernels"
+    """The server's ``--store-copies``: how its copy engine stores blocks."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> E2EBenchOptions:
@@ -156,6 +158,7 @@ class E2EBenchOptions:
             plot=args.plot,
             tier=args.tier,
             cuda_graphs=bool(args.cuda_graphs),
+            store_copies=args.store_copies,
         )
 
 
@@ -263,6 +266,7 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
         "suffix_tokens": _SUFFIX,
         "rounds": options.rounds,
         "decode_cuda_graphs": options.cuda_graphs,
+        "store_copies": options.store_copies,
     }
     _progress(f"model: {figures['model']} on {device}")
     model = random_llama(shape, device, dtype, longest)
@@ -279,6 +283,8 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
             str(_CHUNK_SIZE),
             "--cpu-buffer-size",
             f"{max(0.05, pool_bytes / _GIB):.3f}",
+            "--store-copies",
+            options.store_copies,
         )
         if redis_tier:
             budget = shape.kv_bytes(max(lengths) + _CHUNK_SIZE, item)
@@ -379,6 +385,12 @@ def run_e2e_bench(options: E2EBenchOptions) -> dict[str, Any]:
             # writes past the budget are dropped (and counted) there.
             figures.update(_redis_figures(figures, lengths, source.stats()))
         figures.update(_decode_figures(engine, keep.get(source_length), options, fresh))
+        # Which path the server's stores took (DMA hands a fragmented block table to the
+        # kernels): the decode figure beside them means little without it.
+        with SyncClient(url, registry=protocols.kv_registry(), timeout=60.0) as stats_client:
+            stats = stats_client.call(protocols.STATS)
+        figures["store_dma_stores"] = int(stats.get("cuda_dma_stores", 0))
+        figures["store_dma_fallbacks"] = int(stats.get("cuda_dma_store_fallbacks", 0))
         for done in keep.values():
             engine.release(done)
     figures.update(_goals(figures))

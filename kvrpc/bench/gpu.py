@@ -25,9 +25,16 @@
   beside its copy) against the same store on a second ``kvrpc serve --no-checksums`` child
   that the worker registered with too, rounds alternating between the two: the overhead of
   the median store time and of the engine's GPU time (goal: below 3%).
+* **store paths**: the store through the gather kernels against the store through DMA alone
+  (``kvrpc serve --store-copies``: the main server's setting, and a third child with the
+  other), rounds alternating, on blocks in runs of a chunk each (random chunks) so that
+  the DMA path applies; with the driver calls it took and the batches it handed to the
+  kernels (``store_path_dma_fallbacks``, 0 unless the plan was too fragmented).
 
 Default workload (the issue's): 32 layers of ``[2, 4000, 16, 8, 128]`` bfloat16, chunks of
-256 tokens (16 blocks), 64 chunks a batch (2 GiB), block ids drawn at random.
+256 tokens (16 blocks), 64 chunks a batch (2 GiB), block ids drawn at random (``--block-runs
+N``: in random runs of N consecutive blocks), stores through the kernels (``--store-copies
+dma``: through DMA, where the block table allows).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from kvrpc.kv.layout import KVLayout
 from kvrpc.progress import Progress
 from kvrpc.protocol import PING
 
-__all__ = ["GPUBenchOptions", "first_transfer_figures", "run_gpu_bench"]
+__all__ = ["GPUBenchOptions", "block_order", "first_transfer_figures", "run_gpu_bench"]
 
 _T = TypeVar("_T")
 
@@ -86,6 +93,8 @@ class GPUBenchOptions:
     storm: int = 6
     pings: int = 2000
     group_mib: int = 256
+    store_copies: str = "kernels"
+    block_runs: int = 1
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GPUBenchOptions:
@@ -102,7 +111,19 @@ class GPUBenchOptions:
             storm=2 if quick else 6,
             pings=200 if quick else 2000,
             group_mib=args.group_mib,
+            store_copies=args.store_copies,
+            block_runs=args.block_runs,
         )
+
+
+def block_order(blocks: int, run: int, seed: int) -> list[int]:
+    """Block ids ``0 .. blocks - 1`` in random runs of ``run`` ascending consecutive ids.
+
+    The runs start at multiples of ``run`` (a last, shorter run holds the remainder), in an
+    order drawn from ``seed``: ``run`` 1 is a plain random permutation.
+    """
+    starts = torch.randperm(-(-blocks // run), generator=torch.Generator().manual_seed(seed))
+    return [b for s in starts.tolist() for b in range(s * run, min(blocks, (s + 1) * run))]
 
 
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -134,7 +155,7 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
     layout = KVLayout.from_tensors(layers)
     chunk_nbytes = layout.chunk_nbytes(per_chunk)
     nbytes = options.chunks * chunk_nbytes
-    order = torch.randperm(options.blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    order = block_order(options.blocks, options.block_runs, seed=6)
     moved = options.chunks * per_chunk
     store_ids, retrieve_ids = order[:moved], order[moved : 2 * moved]
     tokens = torch.randint(0, 32000, (options.chunks * _CHUNK_SIZE,)).tolist()
@@ -144,6 +165,8 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         "layout": layout.describe(),
         "chunks": options.chunks,
         "batch_bytes": nbytes,
+        "store_copies": options.store_copies,
+        "block_runs": options.block_runs,
     }
     pool_gib = max(1.0, 2.25 * nbytes / (1 << 30))  # two batches: the duplex figure
     with (
@@ -161,7 +184,9 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
             "--cuda-group-mib",
             str(options.group_mib),
         )
-        child = stack.enter_context(kv_server_child(url, tmp, *server_options))
+        child = stack.enter_context(
+            kv_server_child(url, tmp, *server_options, "--store-copies", options.store_copies)
+        )
         _progress(f"server {child.pid}: {child.ready_line}")
         client = stack.enter_context(SyncClient(url, registry=protocols.kv_registry(), timeout=300))
         worker = stack.enter_context(WorkerAdapter(url, _MODEL, 1, 0, _BLOCK_SIZE))
@@ -178,12 +203,14 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         serial = iter(range(1 << 62))
 
-        def storer(worker: WorkerAdapter, client: SyncClient) -> Callable[..., Any]:
+        def storer(
+            worker: WorkerAdapter, client: SyncClient, op: LoadStoreOp | None = None
+        ) -> Callable[..., Any]:
             def store(check: bool = True) -> tuple[float, dict[str, Any]]:
                 request_id = f"store-{next(serial)}"
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                worker.submit_store_request(request_id, store_op)
+                worker.submit_store_request(request_id, store_op if op is None else op)
                 wait_finished(worker, request_id, store=True, poll=0.0001)
                 elapsed = time.perf_counter() - start
                 stats: dict[str, Any] = {}
@@ -278,7 +305,10 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         figures.update(_first_layer(options, worker, client, store, retrieve_ids, tokens))
         client.call(protocols.CLEAR)
         off_url = figure_url(url, 1)
-        stack.enter_context(kv_server_child(off_url, tmp, *server_options, "--no-checksums"))
+        same_path = ("--store-copies", options.store_copies)
+        stack.enter_context(
+            kv_server_child(off_url, tmp, *server_options, *same_path, "--no-checksums")
+        )
         off_client = stack.enter_context(
             SyncClient(off_url, registry=protocols.kv_registry(), timeout=300)
         )
@@ -287,9 +317,30 @@ def run_gpu_bench(options: GPUBenchOptions) -> dict[str, Any]:
         figures.update(
             _checksum_cost(options, (store, client), (storer(off_worker, off_client), off_client))
         )
+        # The other store path, on a third child, against this server's: on blocks in runs
+        # of a chunk each (chunks in random order), which the DMA path copies a run at once.
+        other = "dma" if options.store_copies == "kernels" else "kernels"
+        other_url = figure_url(url, 2)
+        stack.enter_context(
+            kv_server_child(other_url, tmp, *server_options, "--store-copies", other)
+        )
+        other_client = stack.enter_context(
+            SyncClient(other_url, registry=protocols.kv_registry(), timeout=300)
+        )
+        other_worker = stack.enter_context(WorkerAdapter(other_url, _MODEL, 1, 0, _BLOCK_SIZE))
+        other_worker.register_kv_caches({f"layer.{i}": t for i, t in enumerate(layers)})
+        runs_op = LoadStoreOp(block_order(options.blocks, per_chunk, seed=7)[:moved], tokens)
+        paths = {
+            options.store_copies: (storer(worker, client, runs_op), client),
+            other: (storer(other_worker, other_client, runs_op), other_client),
+        }
+        figures.update(_store_paths(options, paths, nbytes, figures["d2h_gb_per_s"]))
         stats = client.call(protocols.STATS)
         peak = int(stats.get("cuda_peak_allocated_bytes", 0))
         figures["engine_staging_bytes"] = int(stats.get("cuda_staging_bytes", 0))
+        # Which path the main server's stores took, over the whole run (all of its figures).
+        figures["engine_dma_stores"] = int(stats.get("cuda_dma_stores", 0))
+        figures["engine_dma_store_fallbacks"] = int(stats.get("cuda_dma_store_fallbacks", 0))
         figures["engine_peak_gpu_bytes"] = peak
         figures["engine_peak_to_batch"] = round(peak / nbytes, 3)
         figures["memory_goal"] = goal(
@@ -378,6 +429,51 @@ def _checksum_cost(
             f"store with checksums < {1 + _CHECKSUM_GOAL:g}x the store without",
         ),
     }
+
+
+def _store_paths(
+    options: GPUBenchOptions,
+    paths: dict[str, tuple[Callable[..., Any], SyncClient]],
+    nbytes: int,
+    d2h_gb_per_s: float,
+) -> dict[str, Any]:
+    """The store through the kernels against the store through DMA, rounds alternating.
+
+    ``paths`` maps each ``--store-copies`` value to a store on a server of that setting and
+    a client of it; every store is cleared after it. Each server's first store of these
+    blocks is not timed (the DMA side's first plan, the kernel side's first use of them).
+    """
+    for store, client in paths.values():
+        store()
+        client.call(protocols.CLEAR)
+    taken: dict[str, list[float]] = {name: [] for name in paths}
+    engine: dict[str, list[float]] = {name: [] for name in paths}
+    last: dict[str, dict[str, Any]] = {}
+    for turn in range(options.rounds):
+        _progress(f"store paths: round {turn + 1}/{options.rounds}")
+        for name, (store, client) in sorted(paths.items()):
+            elapsed, stats = store()
+            client.call(protocols.CLEAR)
+            taken[name].append(elapsed)
+            engine[name].append(stats["cuda_last_batch_gpu_us"] / 1e6)
+            last[name] = stats
+    figures: dict[str, Any] = {}
+    for name in sorted(paths):
+        median = statistics.median(taken[name])
+        figures[f"store_path_{name}_ms"] = round(median * 1e3, 2)
+        figures[f"store_path_{name}_gb_per_s"] = round(nbytes / median / 1e9, 2)
+        figures[f"store_path_{name}_to_d2h"] = round(nbytes / median / 1e9 / d2h_gb_per_s, 3)
+        figures[f"store_path_{name}_engine_gpu_ms"] = round(
+            statistics.median(engine[name]) * 1e3, 2
+        )
+    dma = last.get("dma", {})
+    figures["store_path_dma_stores"] = int(dma.get("cuda_dma_stores", 0))
+    figures["store_path_dma_fallbacks"] = int(dma.get("cuda_dma_store_fallbacks", 0))
+    figures["store_path_dma_copies"] = int(dma.get("cuda_dma_copies", 0))
+    if "dma" in paths and "kernels" in paths:
+        ratio = statistics.median(taken["dma"]) / statistics.median(taken["kernels"])
+        figures["store_path_dma_to_kernels"] = round(ratio, 3)
+    return figures
 
 
 def _spread(pinned: list[float], taken: list[float]) -> list[float]:

@@ -597,3 +597,36 @@ def test_counters_and_outcomes_match_a_reference_model_over_random_operations(se
         assert pool.bytes_used + pool.bytes_free == pool.capacity_bytes
         for k, n in model.pins.items():
             assert pool.pins(slot_of[k]) == n
+
+
+# ---------------------------------------------------------------- checksums added later
+
+
+def test_a_checksum_added_after_the_commit_is_kept_while_the_slot_holds_that_fill() -> None:
+    pool = ChunkPool(4 * SLOT, SLOT)
+    slot = pool.reserve(key(1))
+    assert isinstance(slot, int)
+    fill = pool.fill(slot)
+    pool.commit(slot)  # committed without one
+    assert pool.checksum(slot) is None
+    assert pool.add_checksum(slot, fill, 0xABC) is True
+    assert pool.checksum(slot) == 0xABC
+    assert pool.add_checksum(slot, fill, 0xDEF) is False  # one it has is never replaced
+    assert pool.checksum(slot) == 0xABC
+
+
+def test_a_checksum_is_never_added_to_a_slot_filled_again_freed_or_still_filling() -> None:
+    pool = ChunkPool(SLOT, SLOT)  # one slot: every new key takes it again
+    (slot,) = stored(pool, 1)
+    first = pool.fill(slot)
+    (again,) = stored(pool, 2)  # evicts key 1, same slot, another fill
+    assert again == slot and pool.fill(slot) != first
+    assert pool.add_checksum(slot, first, 7) is False
+    assert pool.checksum(slot) is None
+    pool.clear()
+    assert pool.add_checksum(slot, pool.fill(slot), 7) is False  # free
+    filling = pool.reserve(key(3))
+    assert filling == slot
+    assert pool.add_checksum(slot, pool.fill(slot), 7) is False  # not committed yet
+    pool.commit(slot)
+    assert pool.add_checksum(slot, pool.fill(slot), 7) is True

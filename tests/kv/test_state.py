@@ -620,6 +620,45 @@ def test_a_lookup_during_a_store_sees_none_or_all_of_it() -> None:
     assert (state.counters.stores, state.stats(0)["chunks"]) == (4, 4)
 
 
+def test_checksums_folded_after_the_commit_are_added_to_the_chunks_still_there() -> None:
+    state = make_state(slots=4)
+    instance = register(state)
+    stored = hashes(3, 1)
+    plan = state.begin_store(instance, keys_for(instance, stored), rows(3))
+    fills = state.fills(plan)  # read while the slots fill, as the shell does
+    state.settle_store(plan, None)  # committed before its checksums were folded
+    pool = pool_of(state)
+    slots = [slot for _, slot in plan.reserved]
+    assert [pool.checksum(slot) for slot in slots] == [None] * 3
+    # One chunk is dropped and its slot taken by another before the folds end.
+    assert pool.remove(stored[1] + instance.suffix)
+    other = hashes(1, 9)
+    store(state, instance, other)
+    assert slot_of(state, instance, other[0]) == slots[1]
+
+    assert state.add_checksums(plan, fills, [11, 22, 33]) == 2
+
+    assert pool.checksum(slot_of(state, instance, stored[0])) == 11  # type: ignore[arg-type]
+    assert pool.checksum(slot_of(state, instance, stored[2])) == 33  # type: ignore[arg-type]
+    assert slot_of(state, instance, stored[1]) is None
+    counts = state.stats(0)
+    assert (counts["checksums_late"], counts["checksums_missed"]) == (2, 1)
+
+
+def test_checksums_whose_fold_failed_are_counted_missed_and_leave_the_chunks_as_they_are() -> None:
+    state = make_state(slots=4)
+    instance = register(state)
+    plan = state.begin_store(instance, keys_for(instance, hashes(2, 1)), rows(2))
+    fills = state.fills(plan)
+    state.settle_store(plan, None)
+
+    assert state.add_checksums(plan, fills, None) == 0
+
+    assert [pool_of(state).checksum(slot) for _, slot in plan.reserved] == [None, None]
+    assert state.stats(0)["checksums_missed"] == 2
+    assert state.stats(0)["chunks"] == 2
+
+
 def test_a_second_store_of_a_key_is_refused_and_keeps_the_first_copy() -> None:
     state = make_state()
     instance = register(state)

@@ -50,7 +50,11 @@ def slot_indices(block_table: Sequence[int], start: int, end: int, block_size: i
 class PagedKVCache:
     """Per-layer KV tensors ``[2, num_blocks, block_size, kv_heads, head_dim]`` and a free list.
 
-    ``allocate`` hands out block ids, ``free`` takes them back; nothing is zeroed.
+    ``allocate`` hands out block ids, ``free`` takes them back; nothing is zeroed. Blocks
+    freed together come back in the order they were handed out: a fresh cache hands out
+    ascending runs, and a reused table keeps them, which a server's DMA store copies a run
+    at a time (``kvrpc serve --store-copies dma``); a table in descending order would cost
+    it a copy per block.
     """
 
     layers: list[torch.Tensor]
@@ -102,8 +106,8 @@ class PagedKVCache:
         return taken[::-1]
 
     def free(self, block_ids: Sequence[int]) -> None:
-        """Give blocks back."""
-        self.free_blocks.extend(block_ids)
+        """Give blocks back; the next ``allocate`` of as many returns them in this order."""
+        self.free_blocks.extend(reversed(block_ids))
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold ``tokens`` tokens."""

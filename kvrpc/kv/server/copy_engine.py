@@ -29,6 +29,16 @@ event recorded after it; waiting for that event happens in a pool
 of waiter threads (:meth:`CopyEngine.wait`), never on the event loop and never in the
 engine thread, so the next batch is enqueued while this one is still moving.
 
+With ``store_copies="dma"`` (``kvrpc serve --store-copies dma``) a store runs no kernel at
+all: the store lane's DMA stream copies the blocks straight from the worker's layers into
+the pinned slots, one ``cuMemcpy2DAsync`` per run of consecutive blocks and layer
+(:mod:`~kvrpc.kv.server.dma_plan`, :func:`~kvrpc.kv.server.dma.copy_runs_to_host`).
+Kernels of this process take turns on the SMs with the engine's own (a decode step, say);
+the copy engines' DMA does not. A batch whose block table is too fragmented for that
+(:func:`~kvrpc.kv.server.dma_plan.call_limit`) goes through the kernels and is counted in
+:attr:`CopyEngine.dma_fallbacks`. Its checksums are folded on the CPU from the slots, group
+by group as each lands, in the engine's fold threads (:attr:`Transfer.folded`).
+
 The plan maths (views, groups, slot runs: :mod:`~kvrpc.kv.server.copy_plan`) are plain
 torch and work on any device; the lanes and event rings (:mod:`~kvrpc.kv.server.lanes`), the
 graph cache (:mod:`~kvrpc.kv.server.graphs`) and the warm-up (:mod:`~kvrpc.kv.server.warmup`)
@@ -39,7 +49,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -48,12 +60,14 @@ from typing import Any, cast
 import torch
 
 from kvrpc.cuda import CudaEventHandle, poll_event
-from kvrpc.errors import DeadlinePassed
+from kvrpc.errors import DeadlinePassed, KVConfigError
 from kvrpc.kv import integrity
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.server import dma, dma_plan
 from kvrpc.kv.server.copy_plan import (
     GroupViews,
     Transfer,
+    fold_slots,
     group_sizes,
     group_views,
     host_runs,
@@ -68,7 +82,7 @@ from kvrpc.kv.server.lanes import IpcEventRing, Lane, LayerAnnouncement
 from kvrpc.kv.server.warmup import warm
 from kvrpc.kv.stamps import LayerStamps
 
-__all__ = ["CopyEngine", "DeadlinePassed", "LayerAnnouncement", "Transfer"]
+__all__ = ["CopyEngine", "DeadlinePassed", "LayerAnnouncement", "StoreCopies", "Transfer"]
 
 #: Completion events each engine cycles through (see :class:`_IpcEventRing`).
 _DONE_EVENTS = 256
@@ -82,13 +96,39 @@ logger = logging.getLogger("kvrpc.kv")
 _cuda = cast(Any, torch.cuda)
 
 
+class StoreCopies(enum.StrEnum):
+    """How a store moves blocks to the pool: the value is ``kvrpc serve --store-copies``'s.
+
+    - ``KERNELS``: gather kernels into a GPU staging buffer, a checksum fold kernel, then
+      one DMA per run of slots (the pipeline of the module docstring);
+    - ``DMA``: pitched device-to-host copies straight from the blocks, no kernel; checksums
+      folded on the CPU. Too fragmented a block table goes through the kernels.
+    """
+
+    KERNELS = "kernels"
+    DMA = "dma"
+
+    @classmethod
+    def parse(cls, value: str) -> StoreCopies:
+        """``value`` as a :class:`StoreCopies`; :class:`KVConfigError` naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(c.value) for c in cls)
+            raise KVConfigError(f"store copies must be one of {choices}, not {value!r}") from None
+
+
 class CopyEngine:
     """One GPU's copy engine: an executor thread, a lane per direction, their staging rings.
 
     ``group_bytes`` bounds one staging buffer (rounded down to whole chunks, at least one)
     and ``depth`` is how many each lane has; ``waiters`` threads wait for completion events,
     and as many others poll workers' ready events, so that slow or dead workers never delay
-    the completions of the others.
+    the completions of the others. ``store_copies`` picks the store path
+    (:class:`StoreCopies`); a DMA store may take
+    ``call_limit(nbytes, dma_free_calls, dma_bytes_per_call)`` driver calls
+    (:func:`~kvrpc.kv.server.dma_plan.call_limit`), and ``waiters`` more threads fold its
+    checksums.
     """
 
     def __init__(
@@ -98,14 +138,23 @@ class CopyEngine:
         group_bytes: int = 256 << 20,
         depth: int = 2,
         waiters: int = 4,
+        store_copies: StoreCopies | str = StoreCopies.KERNELS,
+        dma_free_calls: int = dma_plan.FREE_CALLS,
+        dma_bytes_per_call: int = dma_plan.BYTES_PER_CALL,
     ) -> None:
         self.device = device
         self.group_bytes = group_bytes
         self.depth = depth
+        self.store_copies = StoreCopies.parse(str(store_copies))
+        self.dma_free_calls = dma_free_calls
+        self.dma_bytes_per_call = dma_bytes_per_call
         name = f"kvrpc-copy-{device.index}"
         self.executor = concurrent.futures.ThreadPoolExecutor(1, name)
         self.waiters = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-wait")
         self.pollers = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-poll")
+        # DMA stores' CPU checksum folds: threads of their own, so that a fold never holds
+        # up a completion wait (waiters) nor the polling of a worker's event (pollers).
+        self.folders = concurrent.futures.ThreadPoolExecutor(waiters, f"{name}-fold")
         self._store_lane = Lane()
         self._retrieve_lane = Lane()
         self._done = IpcEventRing(device, _DONE_EVENTS)
@@ -131,6 +180,12 @@ class CopyEngine:
         self.last_gpu_seconds = 0.0
         #: GPU time of every timed batch so far, in seconds: the engine's busy time.
         self.gpu_seconds = 0.0
+        #: Stores that went through DMA alone, and the driver calls they took.
+        self.dma_stores = 0
+        self.dma_copies = 0
+        #: Stores asked for through DMA that went through the kernels instead: a block
+        #: table too fragmented for the call limit (or no driver entry point).
+        self.dma_fallbacks = 0
 
     # --------------------------------------------------------------- run in the engine thread
 
@@ -140,15 +195,7 @@ class CopyEngine:
 
     def _setup(self, lane: Lane, per_group: int, chunk_nbytes: int, layer_bytes: int) -> None:
         """Make the lane's streams on first use, and buffers for groups of ``per_group``."""
-        if lane.kernels is None:
-            torch.cuda.set_device(self.device)
-            lane.kernels = _cuda.Stream(self.device)
-            lane.dma = _cuda.Stream(self.device)
-            # Recorded again each use: a stream's wait takes the record it sees when
-            # enqueued, and making events costs more than the rest of a layer's enqueue on
-            # some hosts.
-            lane.loaded = [_cuda.Event() for _ in range(self.depth)]
-            lane.freed = [_cuda.Event() for _ in range(self.depth)]
+        self._streams(lane)
         need = per_group * chunk_nbytes
         if not lane.staging or lane.staging[0].numel() < need:
             self._drain(lane)
@@ -164,6 +211,18 @@ class CopyEngine:
             lane.scratch = torch.empty(scratch, dtype=torch.uint8, device=self.device)
             lane.views.clear()
             self.graphs.clear()
+
+    def _streams(self, lane: Lane) -> None:
+        """Make the lane's streams and reusable events on first use (no buffers)."""
+        if lane.kernels is None:
+            torch.cuda.set_device(self.device)
+            lane.kernels = _cuda.Stream(self.device)
+            lane.dma = _cuda.Stream(self.device)
+            # Recorded again each use: a stream's wait takes the record it sees when
+            # enqueued, and making events costs more than the rest of a layer's enqueue on
+            # some hosts.
+            lane.loaded = [_cuda.Event() for _ in range(self.depth)]
+            lane.freed = [_cuda.Event() for _ in range(self.depth)]
 
     def _drain(self, *lanes: Lane) -> None:
         for lane in lanes or (self._store_lane, self._retrieve_lane):
@@ -277,6 +336,115 @@ class CopyEngine:
         if lanes is not None:
             self._checksums_to_host(transfer, lanes, gather, copy)
         return self._finish(copy, started, chunk_nbytes * len(transfer.slots))
+
+    def _store_any(self, transfer: Transfer) -> tuple[Any, CudaEventHandle]:
+        """A store by the engine's :attr:`store_copies`: DMA where its plan fits, else kernels."""
+        if self.store_copies is StoreCopies.DMA:
+            groups = self._dma_plan(transfer)
+            if groups is not None:
+                return self._store_dma(transfer, groups)
+            self.dma_fallbacks += 1
+        return self._store(transfer)
+
+    def _dma_plan(self, transfer: Transfer) -> list[dma_plan.DmaGroup] | None:
+        """The DMA store's groups and copies, or None if they take too many driver calls.
+
+        Groups as a kernel store's (:func:`group_sizes`): each is folded once it has landed,
+        and the small last group keeps what is left to fold after the batch short.
+        """
+        if not dma.available():
+            return None
+        layout = transfer.layout
+        layout.check_block_ids(transfer.block_ids)  # the copies read wherever an id points
+        n, bpc = len(transfer.slots), transfer.block_ids.shape[1]
+        chunk_nbytes = layout.chunk_nbytes(bpc)
+        per_group = min(self._fit(chunk_nbytes), -(-n // self.depth))
+        rows = transfer.block_ids.tolist()
+        groups = dma_plan.plan_groups(
+            layout, rows, transfer.slots, transfer.slot_nbytes, group_sizes(n, per_group)
+        )
+        calls = dma_plan.plan_calls(groups, layout.num_layers)
+        limit = dma_plan.call_limit(n * chunk_nbytes, self.dma_free_calls, self.dma_bytes_per_call)
+        return groups if calls <= limit else None
+
+    def _store_dma(
+        self, transfer: Transfer, groups: list[dma_plan.DmaGroup]
+    ) -> tuple[Any, CudaEventHandle]:
+        """Copy the blocks straight into the slots on the store lane's DMA stream.
+
+        No kernel runs: the copy engines' DMA does not take SMs from the worker's own
+        kernels. With checksums, an event after each group tells a fold thread that the
+        group's slots hold their bytes (see :meth:`_fold_later` for why there).
+        """
+        lane = self._store_lane
+        self._streams(lane)
+        copy = lane.dma
+        layout = transfer.layout
+        bpc = transfer.block_ids.shape[1]
+        layer_bytes = layout.layer_chunk_nbytes(bpc)
+        if transfer.ready is not None:
+            copy.wait_event(transfer.ready)
+        started = _cuda.Event(enable_timing=True)
+        started.record(copy)
+        landed: list[tuple[Any, dma_plan.DmaGroup]] = []
+        calls = 0
+        try:
+            for group in groups:
+                calls += dma.copy_runs_to_host(
+                    transfer.layers, transfer.host, group.copies, layer_bytes, copy
+                )
+                if transfer.checksum:
+                    event = _cuda.Event()
+                    event.record(copy)
+                    landed.append((event, group))
+                time.sleep(0)  # let the event loop's thread take the GIL between groups
+        except BaseException:
+            # The copies enqueued already are let finish before anyone hears of the failure:
+            # the store then aborts its slots, which a copy still in flight must not write.
+            with contextlib.suppress(Exception):
+                copy.synchronize()
+            raise
+        self.dma_stores += 1
+        self.dma_copies += calls
+        if transfer.checksum:
+            transfer.checksums = torch.empty((len(transfer.slots), 2), dtype=torch.int64)
+            transfer.folded = self._fold_later(transfer, landed, transfer.checksums)
+        return self._finish(copy, started, layout.chunk_nbytes(bpc) * len(transfer.slots))
+
+    def _fold_later(
+        self,
+        transfer: Transfer,
+        landed: list[tuple[Any, dma_plan.DmaGroup]],
+        out: torch.Tensor,
+    ) -> concurrent.futures.Future[None]:
+        """Fold each group's slots on the CPU once its event completed; resolves after all.
+
+        In the fold threads, group by group, as each lands: not in the engine thread, which
+        would hold up every later batch's enqueue (and this batch's reply) for the folds;
+        not after the completion event, which would leave every fold until the last byte
+        landed. The batch's completion event is recorded after the copies alone, so the
+        worker may reuse its blocks as soon as they are read; the server commits the chunks
+        with their checksums once this resolves, or without them earlier if a handler sees
+        the event first (the service then adds them as they come, see ``KVService``).
+        """
+        bpc = transfer.block_ids.shape[1]
+        chunk_nbytes = transfer.layout.chunk_nbytes(bpc)
+        jobs = []
+        for event, group in landed:
+            slots = transfer.slots[group.first : group.first + group.count]
+            rows = out[group.first : group.first + group.count]
+            jobs.append(
+                self.folders.submit(
+                    _fold_group,
+                    event,
+                    transfer.host,
+                    slots,
+                    transfer.slot_nbytes,
+                    chunk_nbytes,
+                    rows,
+                )
+            )
+        return _all_done(jobs)
 
     def _checksums_to_host(self, transfer: Transfer, lanes: Any, gather: Any, copy: Any) -> None:
         """Copy the folded checksums into pinned ``transfer.checksums``, before the done event."""
@@ -438,7 +606,7 @@ class CopyEngine:
         self, transfer: Transfer
     ) -> concurrent.futures.Future[tuple[Any, CudaEventHandle]]:
         """Enqueue a store in the engine thread; resolves to (done event, its IPC handle)."""
-        return self.executor.submit(self._store, transfer)
+        return self.executor.submit(self._store_any, transfer)
 
     def submit_retrieve(
         self, transfer: Transfer
@@ -542,7 +710,49 @@ class CopyEngine:
         self.executor.shutdown(wait=True)
         self.waiters.shutdown(wait=True)
         self.pollers.shutdown(wait=True)
+        self.folders.shutdown(wait=True)
         self.stamps.release()
+
+
+def _fold_group(
+    landed: Any,
+    host: torch.Tensor,
+    slots: list[int],
+    slot_nbytes: int,
+    chunk_nbytes: int,
+    out: torch.Tensor,
+) -> None:
+    """In a fold thread: wait for a DMA group's event, then fold its slots into ``out``."""
+    landed.synchronize()  # releases the GIL while it waits
+    out.copy_(fold_slots(host, slots, slot_nbytes, chunk_nbytes))
+
+
+def _all_done(futures: list[concurrent.futures.Future[None]]) -> concurrent.futures.Future[None]:
+    """A future resolved once every one of ``futures`` is: with the first failure, if any."""
+    combined: concurrent.futures.Future[None] = concurrent.futures.Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(future: concurrent.futures.Future[None]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if not last:
+            return
+        for each in futures:
+            failure = each.exception() if not each.cancelled() else None
+            if each.cancelled():
+                failure = concurrent.futures.CancelledError("a checksum fold was cancelled")
+            if failure is not None:
+                combined.set_exception(failure)
+                return
+        combined.set_result(None)
+
+    if not futures:
+        combined.set_result(None)
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
 
 
 def _release(engine: CopyEngine, tensors: list[torch.Tensor]) -> None:

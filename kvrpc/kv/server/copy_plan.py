@@ -8,6 +8,7 @@ the job record itself. No streams, no threads; tested on the CPU against
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvrpc.kv import integrity
 from kvrpc.kv.layout import SKIP_BLOCK, KVLayout
 from kvrpc.kv.server.dma import pitched_runs
 
@@ -27,6 +29,7 @@ __all__ = [
     "Transfer",
     "carrier_dtype",
     "contiguous_runs",
+    "fold_slots",
     "gather_group",
     "gather_views",
     "group_sizes",
@@ -254,8 +257,12 @@ class Transfer:
     checksum: bool = False
     """Store: fold each chunk's checksum on the GPU beside the copy (:mod:`kvrpc.kv.integrity`)."""
     checksums: torch.Tensor | None = None
-    """Store with ``checksum``: set by the engine, pinned int64 ``[n, 2]``, each chunk's
-    lanes; filled on the host once the batch's completion event has completed."""
+    """Store with ``checksum``: set by the engine, int64 ``[n, 2]`` on the host, each
+    chunk's lanes. Through the kernels (pinned) it is filled once the batch's completion
+    event has completed; through DMA once :attr:`folded` has."""
+    folded: concurrent.futures.Future[None] | None = None
+    """DMA store with ``checksum``: resolves once the CPU has folded every chunk's slot
+    into :attr:`checksums` (or failed to). None on the kernel path."""
     announced: LayerAnnouncement | None = None
     """Layer-wise retrieve: the :class:`~kvrpc.kv.server.lanes.LayerAnnouncement` its reply
     named (None: the engine takes the layers' events itself)."""
@@ -276,6 +283,25 @@ def host_runs(
         for start, slot in enumerate(slots):
             begin = slot * size
             out.append((transfer.host[begin : begin + chunk_nbytes], start, 1))
+    return out
+
+
+def fold_slots(
+    host: torch.Tensor, slots: Sequence[int], slot_nbytes: int, chunk_nbytes: int
+) -> torch.Tensor:
+    """Each slot's :func:`~kvrpc.kv.integrity.fold` lanes, int64 ``[len(slots), 2]``.
+
+    Reads the first ``chunk_nbytes`` of each of ``slots`` in ``host`` (the pool's 1-D uint8
+    buffer, slots ``slot_nbytes`` apart): one fold per run of consecutive slots, as a
+    strided view, never a copy of the bytes. The same lanes the GPU folds from a staging
+    row of the same bytes. Torch ops, which release the GIL: call it from a thread.
+    """
+    out = torch.empty((len(slots), 2), dtype=torch.int64)
+    for start, length in contiguous_runs(slots):
+        begin = slots[start] * slot_nbytes
+        span = host[begin : begin + (length - 1) * slot_nbytes + chunk_nbytes]
+        rows = span.as_strided((length, chunk_nbytes), (slot_nbytes, 1))
+        out[start : start + length] = integrity.fold(rows)
     return out
 
 

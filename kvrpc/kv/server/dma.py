@@ -1,4 +1,4 @@
-"""Host-to-device copies of strided rows, one CUDA driver call per run of rows.
+"""Pitched copies between the GPU and pinned memory, one CUDA driver call per run of rows.
 
 A layer-wise retrieve moves, for each layer, one slice of every chunk's pool slot: rows of
 a layer's width, ``slot_nbytes`` apart in pinned memory. Through ``Tensor.copy_`` that is a
@@ -7,8 +7,14 @@ layer, thousands a batch, and the copy engine thread's Python then sets the pace
 PCIe. ``cuMemcpy2DAsync`` moves rows at a fixed pitch in one call: with the pool's slots
 mostly consecutive, a layer is a call or a few.
 
+The other direction serves the DMA store (``kvrpc serve --store-copies dma``): a worker's
+blocks go straight from its layer tensors into the pool slots, no kernel in between, one
+call per :class:`~kvrpc.kv.server.dma_plan.PitchedCopy` and layer
+(:func:`copy_runs_to_host`).
+
 The driver is reached through ``ctypes`` (``libcuda.so.1``, present wherever a GPU is);
-where it cannot be loaded the copies fall back to ``Tensor.copy_``, row by row.
+where it cannot be loaded the host-to-device copies fall back to ``Tensor.copy_``, row by
+row, and the copy engine stores through its kernels instead (:func:`available`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["copy_rows_to_device", "copy_runs_to_device", "pitched_runs"]
+from kvrpc.kv.server.dma_plan import PitchedCopy
+
+__all__ = [
+    "available",
+    "copy_rows_to_device",
+    "copy_runs_to_device",
+    "copy_runs_to_host",
+    "pitched_runs",
+]
 
 logger = logging.getLogger("kvrpc.kv")
 
@@ -63,6 +77,11 @@ def _memcpy_2d() -> Any:
     function.argtypes = (ctypes.POINTER(_Memcpy2D), ctypes.c_void_p)
     function.restype = ctypes.c_int
     return function
+
+
+def available() -> bool:
+    """Whether ``cuMemcpy2DAsync`` can be called (the driver library loaded)."""
+    return _memcpy_2d() is not None
 
 
 def pitched_runs(offsets: Sequence[int], pitch: int) -> list[tuple[int, int]]:
@@ -126,3 +145,46 @@ def copy_runs_to_device(
         status = memcpy(pointer, handle)
         if status != 0:
             raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {status}")
+
+
+def copy_runs_to_host(
+    layers: Sequence[torch.Tensor],
+    host: torch.Tensor,
+    copies: Sequence[PitchedCopy],
+    layer_stride: int,
+    stream: Any,
+) -> int:
+    """Enqueue ``copies`` for every layer on ``stream``: device to pinned host; the calls made.
+
+    Layer ``l``'s copy reads ``layers[l]`` at ``copy.src`` and writes ``host`` at ``copy.dst +
+    l * layer_stride`` (the layer's part of a slot). ``layers`` are contiguous CUDA tensors
+    on ``stream``'s device, ``host`` a pinned 1-D uint8 tensor. Asynchronous: both must stay
+    alive and the layers unchanged until ``stream`` has run the copies. Raises
+    ``RuntimeError`` where the driver cannot be reached (see :func:`available`) or refuses a
+    copy; the copies enqueued before a refusal still run.
+    """
+    memcpy = _memcpy_2d()
+    if memcpy is None:
+        raise RuntimeError("the CUDA driver is not reachable through ctypes; cannot copy")
+    handle = ctypes.c_void_p(stream.cuda_stream)
+    spec = _Memcpy2D(srcMemoryType=_DEVICE, dstMemoryType=_HOST)
+    pointer = ctypes.byref(spec)
+    base = host.data_ptr()
+    calls = 0
+    for layer_index, layer in enumerate(layers):
+        source = layer.data_ptr()
+        target = base + layer_index * layer_stride
+        for copy in copies:
+            spec.srcDevice = source + copy.src
+            spec.srcPitch = copy.src_pitch
+            spec.dstHost = target + copy.dst
+            spec.dstPitch = copy.dst_pitch
+            spec.WidthInBytes = copy.width
+            spec.Height = copy.height
+            status = memcpy(pointer, handle)
+            if status != 0:
+                raise RuntimeError(
+                    f"cuMemcpy2DAsync (device to host) failed with CUDA error {status}"
+                )
+            calls += 1
+    return calls

@@ -32,7 +32,13 @@ from kvrpc.errors import CudaUnavailable, KVConfigError
 from kvrpc.kv.cuda_ipc import CudaIPCWrapper
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.outcomes import DEADLINE_PASSED, WORKER_GONE, KeyFailure, KeyStatus, copy_failed
-from kvrpc.kv.server.copy_engine import CopyEngine, DeadlinePassed, LayerAnnouncement, Transfer
+from kvrpc.kv.server.copy_engine import (
+    CopyEngine,
+    DeadlinePassed,
+    LayerAnnouncement,
+    StoreCopies,
+    Transfer,
+)
 from kvrpc.kv.server.pool import ChunkPool
 
 __all__ = ["CudaCache", "GpuCopies"]
@@ -58,6 +64,9 @@ class _Answered:
     done: Any  # the engine's completion event
     settle: Callable[[KeyFailure | None], None]
     settled: bool = False
+    #: What else the background settle waits for after ``done`` (a DMA store's checksum
+    #: folds); a handler that finds ``done`` completed settles without waiting for it.
+    after: concurrent.futures.Future[None] | None = None
 
     def finish(self, error: KeyFailure | None) -> None:
         if not self.settled:
@@ -71,7 +80,8 @@ class GpuCopies:
     ``group_bytes`` sizes each of an engine's staging buffers; a worker's event that has not
     completed within ``client_timeout`` seconds fails the copy (a live worker records it
     just before asking); ``spawn(fn, *args)`` runs a background coroutine in the service's
-    task group (the settles of answered copies).
+    task group (the settles of answered copies); ``store_copies`` is each engine's store
+    path (:class:`~kvrpc.kv.server.copy_engine.StoreCopies`).
     """
 
     def __init__(
@@ -79,7 +89,9 @@ class GpuCopies:
         group_bytes: int,
         client_timeout: float,
         spawn: Callable[..., None],
+        store_copies: StoreCopies | str = StoreCopies.KERNELS,
     ) -> None:
+        self.store_copies = StoreCopies.parse(str(store_copies))
         self.group_bytes = group_bytes
         self.client_timeout = client_timeout
         self._spawn = spawn
@@ -121,7 +133,9 @@ class GpuCopies:
         assert device.index is not None
         engine = self.engines.get(device.index)
         if engine is None:
-            engine = CopyEngine(device, group_bytes=self.group_bytes)
+            engine = CopyEngine(
+                device, group_bytes=self.group_bytes, store_copies=self.store_copies
+            )
             self.engines[device.index] = engine
         opened = engine.executor.submit(_open_cuda_all, wrappers, layout, ready_events)
         layers = await asyncio.wrap_future(opened)
@@ -246,15 +260,19 @@ class GpuCopies:
         settle: Callable[[KeyFailure | None], None],
         enqueued: tuple[Any, ...],
         started: float,
+        after: concurrent.futures.Future[None] | None = None,
     ) -> list[KeyFailure | None]:
         """What to answer for an enqueued copy now; ``settle`` runs once it has completed.
 
         ``enqueued`` is the engine's result (its completion event and handle first). The
         reply goes with ``results`` as they are, so the settle that follows must not change
         what was already answered: they are copied here. ``started`` is when the handler
-        began (``time.perf_counter()``), for ``cuda_last_handler_us``.
+        began (``time.perf_counter()``), for ``cuda_last_handler_us``. With ``after``, the
+        background settle also waits for it (a failure is logged, and settles all the
+        same); a handler that finds the copy's event completed settles at once, so that a
+        lookup sent after the worker saw its store finish finds the chunks.
         """
-        answered = _Answered(enqueued[0], settle)
+        answered = _Answered(enqueued[0], settle, after=after)
         self._answered.append(answered)
         self._spawn(self._settle_after, engine, enqueued[1], answered)
         self.last_handler_seconds = time.perf_counter() - started
@@ -292,6 +310,11 @@ class GpuCopies:
         waited = engine.wait(answered.done, handle)
         try:
             await asyncio.wrap_future(waited)
+            if answered.after is not None and not answered.settled:
+                try:
+                    await asyncio.wrap_future(answered.after)
+                except Exception as exc:  # the bytes are in; only their checksums are not
+                    logger.error("folding a DMA store's checksums failed", exc_info=exc)
         except asyncio.CancelledError:  # shutting down: settle when the GPU is done with it
             loop = asyncio.get_running_loop()
 
@@ -362,6 +385,9 @@ class GpuCopies:
             "cuda_last_batch_gpu_us": round(max(e.last_gpu_seconds for e in engines) * 1e6),
             "cuda_busy_us": round(sum(e.gpu_seconds for e in engines) * 1e6),
             "cuda_last_handler_us": round(self.last_handler_seconds * 1e6),
+            "cuda_dma_stores": sum(e.dma_stores for e in engines),
+            "cuda_dma_copies": sum(e.dma_copies for e in engines),
+            "cuda_dma_store_fallbacks": sum(e.dma_fallbacks for e in engines),
             # Everything this process allocated on its GPUs: the engines' buffers and
             # temporaries (the workers' KV caches are mapped, not allocated here).
             "cuda_peak_allocated_bytes": sum(

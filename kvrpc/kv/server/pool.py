@@ -26,12 +26,12 @@ memory after use.
 
 Memory: the only Python object per stored chunk is its key. Everything else lives in flat
 arrays allocated once, at construction: slot -> key (a list), the LRU links, pin counts, states,
-the free stack, the chunks' checksums, and key -> slot as an open-addressing hash table of slot
-numbers. That is about 130 bytes of metadata per chunk with 42-byte keys (the key object takes
-80 of them), the same at every pool size; a dict from key to slot would add a boxed int and a
-dict entry per chunk and reach 205 bytes at some sizes. Every operation except
-:meth:`~ChunkPool.clear` and :meth:`~ChunkPool.keys` is O(1) (expected, for the hash table,
-which is at most half full).
+the free stack, the chunks' checksums, a fill count per slot, and key -> slot as an
+open-addressing hash table of slot numbers. That is about 135 bytes of metadata per chunk with
+42-byte keys (the key object takes 80 of them), the same at every pool size; a dict from key
+to slot would add a boxed int and a dict entry per chunk and reach 205 bytes at some sizes.
+Every operation except :meth:`~ChunkPool.clear` and :meth:`~ChunkPool.keys` is O(1)
+(expected, for the hash table, which is at most half full).
 """
 
 from __future__ import annotations
@@ -142,6 +142,9 @@ class ChunkPool:
         # 9 bytes a slot, beside the rest of the flat tables.
         self._sums = array("Q", [0]) * num_slots
         self._summed = array("b", [0]) * num_slots
+        # How many times each slot was reserved (mod 2**32): a checksum computed after a
+        # chunk was committed is added only if the slot has not been filled again since.
+        self._fills = array("I", [0]) * num_slots
         # Doubly linked LRU list of ready, unpinned slots through index `num_slots`, the
         # sentinel: _next[sentinel] is the least recently used slot, _prev[sentinel] the most.
         self._next = array("i", [num_slots]) * (num_slots + 1)
@@ -332,6 +335,7 @@ class ChunkPool:
         table[i] = slot
         self._home[slot] = home
         self._state[slot] = _FILLING
+        self._fills[slot] = (self._fills[slot] + 1) & 0xFFFFFFFF
         keys[slot] = key
         self._filling += 1
         return slot
@@ -435,6 +439,28 @@ class ChunkPool:
             nxt[last] = num_slots
             prev[num_slots] = last
             self._pinned -= released
+
+    def fill(self, slot: int) -> int:
+        """Which fill of ``slot`` this is: a number that changes whenever it is reserved.
+
+        Read it while the fill is in progress (or once it is committed) and pass it to
+        :meth:`add_checksum`, which then knows whether the slot still holds that fill.
+        """
+        self._check_slot(slot)
+        return self._fills[slot]
+
+    def add_checksum(self, slot: int, fill: int, checksum: int) -> bool:
+        """Give a chunk committed without a checksum the one computed since; True if taken.
+
+        Taken only while ``slot`` is ready, still holds fill ``fill`` (:meth:`fill`) and has
+        no checksum: a slot freed, evicted or filled again since keeps what it has.
+        """
+        self._check_slot(slot)
+        if self._state[slot] != _READY or self._fills[slot] != fill or self._summed[slot]:
+            return False
+        self._sums[slot] = checksum
+        self._summed[slot] = 1
+        return True
 
     def checksum(self, slot: int) -> int | None:
         """The checksum committed with a ready slot's chunk; None if it has none."""

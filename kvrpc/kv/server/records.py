@@ -200,3 +200,8 @@ class Counters:
     #: Retrieved keys whose request id named another engine's session: copied, that
     #: session's pins left alone.
     retrieve_other_engine: int = 0
+    #: DMA-stored chunks committed before the CPU had folded their checksums (a handler
+    #: saw the copy's event first), given their checksum once it was folded...
+    checksums_late: int = 0
+    #: ...and those that never got one: the slot was filled again first, or the fold failed.
+    checksums_missed: int = 0

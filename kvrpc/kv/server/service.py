@@ -20,6 +20,8 @@ copy engine while the slots they touch are reserved (a store) or pinned (a retri
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import inspect
 import itertools
@@ -82,7 +84,9 @@ class KVService:
     PCIe speed. ``checksums`` off stores chunks without their checksum (the tiers then
     compute it when they write; for measuring its cost); ``verify_retrieves`` checks every
     retrieve's bytes in the blocks (a debug mode, see :mod:`~kvrpc.kv.server.verify`).
-    ``caps`` bounds what each client may hold (:class:`ClientCaps`' defaults if None).
+    ``store_copies`` is how a GPU store moves blocks: ``"kernels"`` or ``"dma"``
+    (:class:`~kvrpc.kv.server.copy_engine.StoreCopies`). ``caps`` bounds what each client
+    may hold (:class:`ClientCaps`' defaults if None).
     :attr:`events` is the hub of ``kv.events``: what L1 and the tiers hold, as it changes.
     Open it (``async with``) on the server's loop before serving: that starts the task
     that drops silent clients (and a remote tier's writers and probe).
@@ -102,6 +106,7 @@ class KVService:
         checksums: bool = True,
         verify_retrieves: bool = False,
         caps: ClientCaps | None = None,
+        store_copies: str = "kernels",
     ) -> None:
         if cpu_buffer_bytes < 1:
             raise KVConfigError(f"the CPU buffer must be at least 1 byte, not {cpu_buffer_bytes}")
@@ -118,7 +123,7 @@ class KVService:
         self.lower_tier = lower_tier
         self.remote_tier = remote_tier
         self.cpu = CpuCopies(copy_workers)
-        self.gpu = GpuCopies(cuda_group_bytes, client_timeout, self._start)
+        self.gpu = GpuCopies(cuda_group_bytes, client_timeout, self._start, store_copies)
         listed = lower_tier if isinstance(lower_tier, Enumerable) else None
         chunk_events = ChunkEvents(self.state, disk=listed)
         self.events: EventHub = chunk_events.hub
@@ -368,8 +373,11 @@ class KVService:
         if error is not None:
             self._settle_store(plan, error)
             return CudaCopyReply(**outcome_fields(plan.results))
-        settle = functools.partial(self._settle_cuda_store, plan, made[0])
-        answered = self.gpu.settle_later(cache.engine, plan.results, settle, result, started)
+        job = made[0]
+        settle = functools.partial(self._settle_cuda_store, plan, job)
+        answered = self.gpu.settle_later(
+            cache.engine, plan.results, settle, result, started, after=job.folded
+        )
         return CudaCopyReply(**outcome_fields(answered), cuda_event=result[1])
 
     async def _admit_store(
@@ -389,10 +397,39 @@ class KVService:
     def _settle_cuda_store(
         self, plan: StorePlan, transfer: Transfer, error: KeyFailure | None
     ) -> None:
-        """Settle a completed GPU store: the engine's checksums are on the host by now."""
+        """Settle a completed GPU store, with its checksums where they are on the host.
+
+        A kernel store's are, with its completion event. A DMA store's are folded on the
+        CPU as its groups land (:attr:`Transfer.folded`): a handler that finds the event
+        completed commits the chunks at once all the same, so that a lookup sent after the
+        worker saw the store finish finds them, and they get their checksums as the folds
+        end (:meth:`KVState.add_checksums`). The worker's event is never held back for them.
+        """
+        folded = transfer.folded
         if error is None and transfer.checksums is not None:
-            plan.checksums = integrity.combine(transfer.checksums)
+            if folded is None or _succeeded(folded):
+                plan.checksums = integrity.combine(transfer.checksums)
+            else:
+                self._checksums_later(plan, folded, transfer.checksums)
         self._settle_store(plan, error)
+
+    def _checksums_later(
+        self, plan: StorePlan, folded: concurrent.futures.Future[None], sums: torch.Tensor
+    ) -> None:
+        """Once ``folded`` resolves, give ``plan``'s chunks (committed now) their checksums."""
+        fills = self.state.fills(plan)  # before the commit: the slots are still filling
+        loop = asyncio.get_running_loop()
+
+        def on_loop() -> None:
+            values = integrity.combine(sums) if _succeeded(folded) else None
+            if self.state.pool is not None:
+                self.state.add_checksums(plan, fills, values)
+
+        def folds_done(_: object) -> None:  # in a fold thread, or here if already done
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to add to
+                loop.call_soon_threadsafe(on_loop)
+
+        folded.add_done_callback(folds_done)
 
     def _settle_store(self, plan: StorePlan, error: KeyFailure | None) -> None:
         saves = self.state.settle_store(plan, error)
@@ -748,6 +785,11 @@ def _caller_checked(
         return handler(client_id, *args)
 
     return checked_first
+
+
+def _succeeded(future: concurrent.futures.Future[None]) -> bool:
+    """Whether ``future`` has resolved, neither cancelled nor failed."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _settling_first(settle: Callable[[], None], handler: Callable[..., Any]) -> Callable[..., Any]:

@@ -40,7 +40,10 @@ class KVServerSettings:
     queued for it within ``redis_write_budget`` GiB, lookups ask it what L1 and disk miss;
     see :class:`~kvrpc.kv.server.tiers.redistier.RedisSettings`. ``loop_probe`` samples
     the event loop's responsiveness every millisecond, for ``kv.stats`` (benchmarks).
-    ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers.
+    ``cuda_group_mib`` is the size of each of a GPU copy engine's two staging buffers;
+    ``store_copies`` how its stores move blocks: ``"kernels"`` (gather kernels, then DMA) or
+    ``"dma"`` (DMA straight from the blocks, no kernel; see
+    :class:`~kvrpc.kv.server.copy_engine.StoreCopies`).
     ``verify_retrieves`` checks every retrieve's bytes in the blocks against the chunk's
     checksum (a debug mode); ``checksums`` off stores chunks without computing theirs
     (the tiers then compute it as they write; for measuring what it costs).
@@ -77,6 +80,7 @@ class KVServerSettings:
     redis_timeout: float = 1.0
     loop_probe: bool = False
     cuda_group_mib: int = 256
+    store_copies: str = "kernels"
     verify_retrieves: bool = False
     checksums: bool = True
     #: Serve /metrics, /livez and /readyz on this port (0: any free one); None: no endpoint.
@@ -150,6 +154,7 @@ async def serve_kv(
         checksums=settings.checksums,
         verify_retrieves=settings.verify_retrieves,
         caps=settings.client_caps,
+        store_copies=settings.store_copies,
     )
     # A thread holding the GIL in Python (a copy engine enqueuing launches) keeps the event
     # loop waiting until the interpreter asks it to switch, every 5 ms by default. This

@@ -488,6 +488,30 @@ class KVState:
         self.saving += len(saves)
         return saves
 
+    def fills(self, plan: StorePlan) -> list[int]:
+        """The pool's fill number of each reserved slot (see :meth:`add_checksums`)."""
+        pool = self._require_pool()
+        return [pool.fill(slot) for _, slot in plan.reserved]
+
+    def add_checksums(
+        self, plan: StorePlan, fills: Sequence[int], sums: Sequence[int] | None
+    ) -> int:
+        """Checksums folded after ``plan`` was committed without them; returns how many taken.
+
+        ``fills`` are :meth:`fills` read before the commit, ``sums`` the checksums in
+        ``reserved``'s order (None: the fold failed). A chunk whose slot was freed or filled
+        again since keeps what it has now (:meth:`ChunkPool.add_checksum`); the rest are
+        counted in ``checksums_late``, those left out in ``checksums_missed``.
+        """
+        pool = self._require_pool()
+        taken = 0
+        if sums is not None:
+            pairs = zip(plan.reserved, fills, sums, strict=True)
+            taken = sum(pool.add_checksum(slot, fill, value) for (_, slot), fill, value in pairs)
+        self.counters.checksums_late += taken
+        self.counters.checksums_missed += len(fills) - taken
+        return taken
+
     def saved(self, saves: Sequence[tuple[bytes, int]]) -> None:
         """The lower tier is done reading these slots (saved or not): unpin them together.
 
@@ -667,6 +691,8 @@ class KVState:
             "client_limits": counters.client_limits,
             "not_owner": counters.not_owner,
             "retrieve_other_engine": counters.retrieve_other_engine,
+            "checksums_late": counters.checksums_late,
+            "checksums_missed": counters.checksums_missed,
             "instances": len(self.instances),
             "prefetch_jobs": counters.prefetch_jobs,
             "prefetch_jobs_open": len(self.sessions.jobs),

@@ -17,6 +17,7 @@ import torch
 from kvrpc.errors import KVError
 from kvrpc.kv import integrity
 from kvrpc.kv.layout import KVLayout
+from kvrpc.kv.server import dma
 from kvrpc.kv.server.copy_plan import (
     gather_views,
     layer_views,
@@ -25,6 +26,7 @@ from kvrpc.kv.server.copy_plan import (
     yield_gil,
 )
 from kvrpc.kv.server.dma import copy_rows_to_device
+from kvrpc.kv.server.dma_plan import PitchedCopy
 
 if TYPE_CHECKING:
     from kvrpc.kv.server.copy_engine import CopyEngine
@@ -142,6 +144,17 @@ def warm(
     with torch.cuda.stream(store.dma):
         width = min(sink.numel(), rows.numel())
         sink[:width].copy_(rows[:width], non_blocking=True)
+    if engine.store_copies == "dma" and dma.available():
+        # The DMA store's pitched device-to-host path, from a layer into the sink: its
+        # first call per direction sets up the driver's path. The fold threads bind the
+        # device's context on their first CUDA call, as the waiters do below.
+        width = min(sink.numel(), layout.block_nbytes)
+        dma.copy_runs_to_host(
+            layers[:1], sink, [PitchedCopy(0, 0, width, 1, width, width)], 0, store.dma
+        )
+        landed = _cuda.Event()
+        landed.record(store.dma)
+        engine.folders.submit(landed.synchronize).result()
     step("dma_store")
 
     # Retrieve lane: the host-to-device paths read the pool (a read changes no byte):
