@@ -195,11 +195,9 @@ def _parser() -> argparse.ArgumentParser:
         default=256,
         help="MiB of each of a GPU copy engine's two staging buffers",
     )
-    serve.add_argument(
-        "--store-copies",
-        choices=("kernels", "dma"),
-        default="kernels",
-        help=(
+    _store_copies_option(
+        serve,
+        (
             "how a GPU store moves blocks into L1: 'kernels' gathers them on the GPU into a "
             "staging buffer, then copies it; 'dma' copies them straight from the blocks with "
             "pitched DMA, running no kernel beside the engine's own (a fragmented block "
@@ -548,11 +546,8 @@ def _parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--group-mib", type=_positive_int, default=256, help="the server's --cuda-group-mib"
     )
-    gpu.add_argument(
-        "--store-copies",
-        choices=("kernels", "dma"),
-        default="kernels",
-        help="the server's --store-copies; the store-paths figure runs the other beside it",
+    _store_copies_option(
+        gpu, "the server's --store-copies; the store-paths figure runs the other beside it"
     )
     gpu.add_argument(
         "--block-runs",
@@ -593,11 +588,8 @@ def _parser() -> argparse.ArgumentParser:
         default="l1",
         help="serve hits from L1, or from a local redis-server (L1 emptied before each) [l1]",
     )
-    e2e.add_argument(
-        "--store-copies",
-        choices=("kernels", "dma"),
-        default="kernels",
-        help="the server's --store-copies: how it stores blocks (the decode figure's stores)",
+    _store_copies_option(
+        e2e, "the server's --store-copies: how it stores blocks (the decode figure's stores)"
     )
     e2e.add_argument(
         "--cuda-graphs",
@@ -1422,6 +1414,13 @@ def _plotter(bench: str, path: str | None) -> Callable[[dict[str, Any]], str] | 
         return plot_path
 
     return draw
+
+
+def _store_copies_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--store-copies {kernels,dma}``: StoreCopies's values (the CLI must not import torch)."""
+    parser.add_argument(
+        "--store-copies", choices=("kernels", "dma"), default="kernels", help=help_text
+    )
 
 
 def _plot_option(parser: argparse.ArgumentParser, what: str) -> None:
