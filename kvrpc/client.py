@@ -468,13 +468,17 @@ class AsyncClient:
         assert self._deadlines is not None
         self._deadlines.add(request_id, sink, definition, seconds, on_done)
 
-    async def _send(self, request_id: int, frames: list[Buffer]) -> None:
-        """Send one registered request; a failure fails that request, never the client."""
+    async def _send(self, request_id: int, frames: list[Buffer]) -> ConnectionLost | None:
+        """Send one registered request; a failure fails that request, never the client.
+
+        Returns the :class:`ConnectionLost` that failed it, if one did.
+        """
         assert self._transport is not None
         try:
             await self._transport.send(frames)
         except ConnectionLost as exc:
             self._calls.fail(request_id, exc)
+            return exc
         except TransportError as exc:  # this message could not go (too many frames, say)
             self._calls.fail(request_id, self._send_failure(request_id, exc))
         except Exception as exc:
@@ -483,6 +487,7 @@ class AsyncClient:
             logger.exception("sending to %s failed", self.url)
             self._broken = self._send_failure(request_id, exc)
             self._calls.fail_all(self._broken)
+        return None
 
     def _send_failure(self, request_id: int, exc: Exception) -> TransportError:
         call = self._calls.get(request_id)
@@ -548,9 +553,16 @@ class AsyncClient:
             while self._outbox:
                 request_id, frames = self._outbox[0]
                 try:
-                    await self._send(request_id, frames)
+                    lost = await self._send(request_id, frames)
                 finally:
                     self._outbox.popleft()
+                if lost is not None:
+                    # The requests queued behind this one waited for the same connection: a
+                    # send that gave up on it (a server away for the whole reconnect timeout)
+                    # fails them too, rather than each waiting that timeout again in turn,
+                    # which would outlast their deadlines. Later submissions try afresh.
+                    while self._outbox:
+                        self._calls.fail(self._outbox.popleft()[0], lost)
 
 
 class SyncClient:

@@ -12,6 +12,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,11 +25,11 @@ from kvrpc_unix import (
     frame_prefix,
 )
 
-from kvrpc import AsyncClient, RPCServer
+from kvrpc import AsyncClient, RPCServer, SyncClient
 from kvrpc.auth import Authenticator, ServerHandshake, Verdict
 from kvrpc.codec import Buffer
 from kvrpc.errors import AuthenticationFailed, ConnectionLost, InvalidURL, TransportError
-from kvrpc.testing.waiting import until
+from kvrpc.testing.waiting import until, wait_until
 from kvrpc.transport import (
     ClientInbox,
     Inbox,
@@ -901,6 +902,42 @@ async def test_a_client_calls_again_after_the_server_restarts(sock_path: str) ->
             assert await client.call("rpc.ping") == "pong"
     finally:
         await client.aclose()
+
+
+def test_sync_calls_queued_while_the_server_is_away_fail_together_not_one_timeout_each(
+    sock_path: str,
+) -> None:
+    """Calls queued behind a send that gave up on the server share its ConnectionLost.
+
+    Each waiting ``reconnect_timeout`` again in turn would take 40 x 0.25 s, far past the
+    calls' 5 s deadline, and most would end in RequestTimeout (a lost call the caller cannot
+    tell from a slow server).
+    """
+    url = f"unix://{sock_path}"
+    started, stop = threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        async with RPCServer(url):
+            started.set()
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    assert started.wait(10)
+    client = SyncClient(url, direct=False, reconnect_timeout=0.25, timeout=5.0)
+    try:
+        assert client.call("rpc.ping") == "pong"
+        stop.set()
+        thread.join(10)
+        wait_until(
+            lambda: client.stats.disconnects, lambda n: n == 1, "the client to see the hang-up"
+        )
+        futures = [client.submit("rpc.ping") for _ in range(40)]
+        errors = [type(future.exception(timeout=30)) for future in futures]
+        assert errors == [ConnectionLost] * 40
+    finally:
+        stop.set()
+        client.close()
 
 
 # ----------------------------------------------------------------------------- the baseline
