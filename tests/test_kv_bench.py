@@ -36,7 +36,15 @@ def test_quick_kv_bench_takes_all_three_figures_and_writes_them_as_json(tmp_path
     assert figures["lookup_prompt_tokens"] == 32768
     assert figures["lookup_chunks_matched"] == 128
     assert figures["lookup_pins_taken"] == figures["lookup_pins_released"] == 256
-    for name in ("ping", "lookup", "lookup_raw", "hashing", "end_session_raw"):
+    for name in (
+        "ping",
+        "lookup",
+        "lookup_raw",
+        "hashing",
+        "lookup_by_block_hashes",
+        "hashing_block_hashes",
+        "end_session_raw",
+    ):
         assert 0 < figures[f"{name}_p50_us"] <= figures[f"{name}_p99_us"], name
     assert figures["lookup_to_ping_p50_ratio"] > 0
 

@@ -6,6 +6,7 @@ functions (the connector under vLLM's own scheduler is tested in tests/vllm_sche
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from kvrpc.integrations.vllm.settings import ConnectorSettings
 from kvrpc.kv.client.completions import Completions
 from kvrpc.kv.client.ledger import RequestLedger
 from kvrpc.kv.client.progress import RetrieveProgress
-from kvrpc.kv.keys import hashes_from_tokens
+from kvrpc.kv.keys import hashes_from_block_hashes, hashes_from_tokens
 from kvrpc.kv.layout import LayoutKind
 
 CHUNK, BLOCK = 64, 16
@@ -367,6 +368,58 @@ def test_decode_chunks_are_stored_only_when_asked() -> None:
         assert list(transfers[-1].op.chunk_hashes or ()) == hashes_from_tokens(
             grown[:stored_to], CHUNK
         )
+
+
+def block_hashes(n: int, seed: str = "a") -> list[bytes]:
+    """``n`` made-up engine block hashes (vLLM's are prefix-chained; the plan only reads them)."""
+    return [hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(n)]
+
+
+def test_chunks_keyed_by_the_engines_block_hashes_use_each_chunks_last_one() -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, block_hashes_per_chunk=PER_CHUNK)
+    engine = block_hashes(12)  # 200 tokens: 12 whole blocks of 16
+    looked_up = p.begin("r", tokens(200), 200, block_hashes=engine)
+    assert looked_up == hashes_from_block_hashes(engine[:12], PER_CHUNK)  # 3 chunks
+    assert set(looked_up).isdisjoint(hashes_from_tokens(tokens(192), CHUNK))
+    # The tokens do not enter: other tokens under the same block hashes give the same keys.
+    assert p.begin("s", tokens(200, first=7), 200, block_hashes=engine) == looked_up
+    # Tokens still key the requests given no block hashes, in the same plan.
+    assert p.begin("t", tokens(200), 200) == hashes_from_tokens(tokens(192), CHUNK)
+
+
+def test_decode_chunks_keyed_by_block_hashes_wait_for_the_engine_to_hash_their_blocks() -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, save_decode_cache=True, block_hashes_per_chunk=PER_CHUNK)
+    grown, engine = tokens(130), block_hashes(8)
+    p.begin("r", grown, 130, block_hashes=engine)
+    p.on_lookup("r", 0, 0)
+    p.on_alloc("r", list(range(13)), 0)
+    p.on_scheduled("r", list(range(13)), 130, replace_blocks=True)
+    assert stored_ranges(p.take_transfers()) == [(0, 128)]
+    grown.extend(range(70))
+    p.on_scheduled("r", [], 199)  # chunk 2 is computed, but vLLM has not hashed its blocks
+    assert p.take_transfers() == []
+    engine.extend(block_hashes(4, "b"))  # now it has
+    p.on_scheduled("r", [], 200)
+    (store,) = p.take_transfers()
+    assert (store.op.start, store.op.end) == (128, 192)
+    assert list(store.op.chunk_hashes or ()) == hashes_from_block_hashes(engine, PER_CHUNK)
+
+
+def test_a_request_not_cached_is_never_looked_up_nor_stored() -> None:
+    p = SchedulerPlan(CHUNK, BLOCK, save_decode_cache=True)
+    grown = tokens(300)
+    assert p.begin("r", grown, 300, cached=False) == []
+    p.on_lookup("r", 0, 0)
+    p.on_alloc("r", list(range(19)), 0)
+    p.on_scheduled("r", list(range(19)), 300, replace_blocks=True)
+    grown.extend(range(100))
+    p.on_scheduled("r", list(range(19, 25)), 400)
+    assert p.take_transfers() == []
+
+
+def test_block_hashes_need_a_plan_that_knows_how_many_make_a_chunk() -> None:
+    with pytest.raises(ValueError, match="block_hashes_per_chunk"):
+        plan().begin("r", tokens(200), 200, block_hashes=block_hashes(12))
 
 
 def stored_ranges(transfers: list[Transfer]) -> list[tuple[int, int]]:

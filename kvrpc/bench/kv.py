@@ -10,10 +10,14 @@ its slot size from the first layout registered with it, and the figures use diff
   ``kv.lookup`` of the already hashed :class:`~kvrpc.kv.KeyBatch` and the ``kv.end_session``
   after it, to show where the time goes. Each adapter lookup is followed by the adapter's
   ``end_session``, which does not wait: the server handles it just before the next lookup,
-  as it would in an engine. Goal: lookup p50 at most 2x ping p50. Beside them, the same lookup
-  through the non-blocking :class:`~kvrpc.kv.SchedulerAdapter`, its ``check_lookup_result``
-  polled in a loop without sleeping (as a busy scheduler thread polls) and with a 20 us sleep
-  between checks. Goal: the busy poll's p50 at most 1.2x the sleeping one's.
+  as it would in an engine. Goal: lookup p50 at most 2x ping p50. The same lookup keyed by
+  the engine's own block hashes (``block_hashes=``, as the vLLM connector sends with
+  ``kvrpc.chunk_keys = "block_hashes"``; 2,048 made-up 32-byte hashes, which vLLM computes
+  anyway) is timed beside it, with its own hashing alone, against the same goal. Beside
+  them, the same lookup through the non-blocking :class:`~kvrpc.kv.SchedulerAdapter`, its
+  ``check_lookup_result`` polled in a loop without sleeping (as a busy scheduler thread
+  polls) and with a 20 us sleep between checks. Goal: the busy poll's p50 at most 1.2x the
+  sleeping one's.
 * **transfer**: a batched store of ``chunks`` chunks from a worker's shared-memory KV cache into
   the server, and a batched retrieve of them into other blocks, through
   :class:`~kvrpc.kv.WorkerAdapter`, against a single-threaded ``torch`` copy of the same number
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -47,7 +52,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +69,7 @@ from kvrpc.kv.client import (
     SchedulerAdapter,
     WorkerAdapter,
 )
-from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_tokens
+from kvrpc.kv.keys import HASH_SIZE, KeyBatch, hashes_from_block_hashes, hashes_from_tokens
 from kvrpc.kv.layout import KVLayout
 from kvrpc.kv.protocols import KVCacheRegistration
 from kvrpc.kv.shm import release_shared, shared_empty, shared_ref
@@ -100,6 +105,7 @@ _GIB = 1 << 30
 _BLOCK_SIZE = 16
 _CHUNK_SIZE = 256
 _PROMPT_CHUNKS = 128  # a 32k-token prompt
+_PROMPT_BLOCKS = _PROMPT_CHUNKS * _CHUNK_SIZE // _BLOCK_SIZE
 _LOOKUP_WORLD_SIZE = 2
 # Goals: lookup p50 / ping p50 at most; store and retrieve GB/s / memcpy GB/s at least;
 # server bytes per stored chunk, beyond the pool's pages, at most.
@@ -293,13 +299,19 @@ def goal(met: bool, text: str) -> str:
 
 
 def serve_stored_prompt(
-    stack: contextlib.ExitStack, url: str, tmp: str, *server_options: str
+    stack: contextlib.ExitStack,
+    url: str,
+    tmp: str,
+    *server_options: str,
+    engine_hashes: Sequence[bytes] | None = None,
 ) -> tuple[list[int], SyncClient]:
     """A ``kvrpc serve`` at ``url`` holding the 32k-token lookup prompt for both ranks.
 
     The server (with ``server_options`` beside its chunk size and a small pool) and a client
-    of it close with ``stack``; returns the prompt's token ids and the client. Raises
-    :class:`KVError` if the stores did not leave every chunk on the server.
+    of it close with ``stack``; returns the prompt's token ids and the client. With
+    ``engine_hashes`` (an engine's block hashes of the prompt) it is stored a second time,
+    keyed by those. Raises :class:`KVError` if the stores did not leave every chunk on the
+    server.
     """
     per_chunk = _CHUNK_SIZE // _BLOCK_SIZE
     num_blocks = _PROMPT_CHUNKS * per_chunk
@@ -316,10 +328,15 @@ def serve_stored_prompt(
         worker.register_kv_caches({"layer.0": layer})
         worker.submit_store_request("prompt", LoadStoreOp(range(num_blocks), prompt))
         wait_finished(worker, "prompt", store=True)
+        if engine_hashes is not None:
+            op = LoadStoreOp(range(num_blocks), block_hashes=engine_hashes)
+            worker.submit_store_request("prompt-by-blocks", op)
+            wait_finished(worker, "prompt-by-blocks", store=True)
     client = stack.enter_context(_client(url))
     stored = client.call(protocols.STATS)["chunks"]
-    if stored != _LOOKUP_WORLD_SIZE * _PROMPT_CHUNKS:
-        raise KVError(f"the prompt's stores left {stored} chunks on the server, not 256")
+    expected = _LOOKUP_WORLD_SIZE * _PROMPT_CHUNKS * (1 if engine_hashes is None else 2)
+    if stored != expected:
+        raise KVError(f"the prompt's stores left {stored} chunks on the server, not {expected}")
     return prompt, client
 
 
@@ -332,13 +349,23 @@ def lookup_scheduler(stack: contextlib.ExitStack, url: str) -> PollingSchedulerA
     return scheduler
 
 
-def timed_lookup(scheduler: PollingSchedulerAdapter, prompt: list[int], request_id: str) -> float:
+def timed_lookup(
+    scheduler: PollingSchedulerAdapter,
+    prompt: list[int],
+    request_id: str,
+    engine_hashes: Sequence[bytes] | None = None,
+) -> float:
     """Seconds one adapter lookup of ``prompt`` takes to its answer (its end_session untimed).
 
-    Raises :class:`KVError` unless it matched the whole prompt.
+    The adapter hashes the prompt's tokens, or keys its chunks by ``engine_hashes`` where
+    given (the engine's own block hashes of it). Raises :class:`KVError` unless it matched
+    the whole prompt.
     """
     start = time.perf_counter()
-    scheduler.maybe_submit_lookup_request(request_id, token_ids=prompt)
+    if engine_hashes is None:
+        scheduler.maybe_submit_lookup_request(request_id, token_ids=prompt)
+    else:
+        scheduler.maybe_submit_lookup_request(request_id, block_hashes=engine_hashes)
     tokens = scheduler.check_lookup_result(request_id)
     elapsed = time.perf_counter() - start
     scheduler.end_session(request_id)
@@ -350,7 +377,9 @@ def timed_lookup(scheduler: PollingSchedulerAdapter, prompt: list[int], request_
 def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, Any]:
     """Adapter lookup p50 of a fully cached 32k-token prompt vs ``rpc.ping`` p50."""
     with contextlib.ExitStack() as stack:
-        prompt, client = serve_stored_prompt(stack, url, tmp)
+        # What vLLM's scheduler holds for the prompt anyway: a 32-byte hash per block.
+        engine_hashes = [hashlib.sha256(b"block %d" % i).digest() for i in range(_PROMPT_BLOCKS)]
+        prompt, client = serve_stored_prompt(stack, url, tmp, engine_hashes=engine_hashes)
         hashes = hashes_from_tokens(prompt, _CHUNK_SIZE)
         keys = KeyBatch(_MODEL, _LOOKUP_WORLD_SIZE, None, b"".join(hashes))
         figures: dict[str, Any] = {
@@ -368,6 +397,9 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
         def adapter_lookup() -> float:
             return timed_lookup(scheduler, prompt, f"lookup-{next(serial)}")
 
+        def lookup_by_block_hashes() -> float:
+            return timed_lookup(scheduler, prompt, f"by-blocks-{next(serial)}", engine_hashes)
+
         end_sessions: list[float] = []
 
         def raw_lookup() -> float:
@@ -383,6 +415,9 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
 
         def hashing() -> None:
             hashes_from_tokens(prompt, _CHUNK_SIZE)
+
+        def hashing_block_hashes() -> None:
+            hashes_from_block_hashes(engine_hashes, _CHUNK_SIZE // _BLOCK_SIZE)
 
         # The non-blocking adapter an engine's scheduler uses, polled as vLLM's scheduler
         # polls it: in a loop without sleeping, and with a 20 us sleep between checks.
@@ -400,6 +435,8 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
             "lookup": adapter_lookup,
             "lookup_raw": raw_lookup,
             "hashing": hashing,
+            "lookup_by_block_hashes": lookup_by_block_hashes,
+            "hashing_block_hashes": hashing_block_hashes,
             "lookup_busy_poll": polled(None),
             "lookup_sleep_poll": polled(_POLL_PAUSE_S),
         }
@@ -418,6 +455,12 @@ def _lookup_figures(options: KVBenchOptions, url: str, tmp: str) -> dict[str, An
     figures["lookup_to_ping_p50_ratio"] = ratio
     figures["lookup_raw_to_ping_p50_ratio"] = figures["lookup_raw_p50_us"] / figures["ping_p50_us"]
     figures["lookup_goal"] = goal(ratio <= _LOOKUP_GOAL, f"lookup p50 <= {_LOOKUP_GOAL:g}x ping")
+    by_blocks = figures["lookup_by_block_hashes_p50_us"] / figures["ping_p50_us"]
+    figures["lookup_by_block_hashes_to_ping_p50_ratio"] = by_blocks
+    figures["lookup_by_block_hashes_goal"] = goal(
+        by_blocks <= _LOOKUP_GOAL,
+        f"lookup keyed by the engine's block hashes p50 <= {_LOOKUP_GOAL:g}x ping",
+    )
     busy = figures["lookup_busy_poll_p50_us"] / figures["lookup_sleep_poll_p50_us"]
     figures["busy_poll_to_sleep_poll_p50_ratio"] = busy
     figures["busy_poll_goal"] = goal(

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import vllm_harness as harness  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
+from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
@@ -76,6 +77,7 @@ class Engine:
     """vLLM's Scheduler with KvrpcConnector, and two worker processes, stepped by hand."""
 
     def __init__(self, model: str, extra: dict[str, Any], kv_events: Any = None) -> None:
+        self.closed = False
         self.config = harness.vllm_config(model, extra, TP, kv_events=kv_events)
         self.scheduler = Scheduler(
             vllm_config=self.config,
@@ -134,10 +136,10 @@ class Engine:
         return connector
 
     def add(self, request_id: str, tokens: list[int], *, max_tokens: int = 2,
-            cache_salt: str | None = None) -> Request:  # fmt: skip
+            cache_salt: str | None = None, lora: LoRARequest | None = None) -> Request:  # fmt: skip
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         request = Request(
-            request_id, tokens, params, None, cache_salt=cache_salt,
+            request_id, tokens, params, None, cache_salt=cache_salt, lora_request=lora,
             block_hasher=get_request_block_hasher(harness.BLOCK_SIZE, sha256),
         )  # fmt: skip
         self.requests[request_id] = request
@@ -260,6 +262,10 @@ class Engine:
         return [self.blocks(rank, [block]) for rank in range(TP)]
 
     def close(self) -> None:
+        """Stop the workers and the scheduler; idempotent (a test may close one early)."""
+        if self.closed:
+            return
+        self.closed = True
         for pipe in self.pipes:
             pipe.send(("stop",))
         for pipe, worker in zip(self.pipes, self.workers, strict=True):
@@ -377,6 +383,48 @@ def test_another_cache_salt_never_hits(engine: Callable[..., Engine]) -> None:
     run.scheduler.reset_prefix_cache()
     run.serve("tenant-a-again", [*shared, 7], cache_salt="a")
     assert run.scheduled["tenant-a-again"] == 128
+
+
+def test_chunks_keyed_by_vllms_block_hashes_are_loaded_byte_for_byte_and_only_so(
+    engine: Callable[..., Engine], server: Server
+) -> None:
+    """``kvrpc.chunk_keys = "block_hashes"``: the lookup hashes no token, and still hits."""
+    run = engine(**{"kvrpc.chunk_keys": "block_hashes"})
+    shared = prompt(192, seed=21)
+    run.serve("first", shared + prompt(8, seed=22))
+    assert run.stats.data["stored_chunks"] == 3 * TP
+    expected = rank_bytes(run, run.tables["first"][:12])
+    run.scheduler.reset_prefix_cache()
+    run.serve("second", shared + prompt(40, seed=23))
+    assert run.scheduled["second"] == 192
+    assert run.load_errors == set()
+    assert same(rank_bytes(run, run.tables["second"][:12]), expected)
+    run.close()
+    # Keys made from tokens name other chunks: an engine hashing tokens finds none of them.
+    by_tokens = engine()
+    by_tokens.serve("third", shared + prompt(8, seed=24))
+    assert by_tokens.scheduled["third"] == 0
+
+
+def test_a_lora_requests_chunks_never_serve_the_base_model_nor_another_lora(
+    engine: Callable[..., Engine],
+) -> None:
+    """Keyed by vLLM's block hashes (they name the LoRA), though chunk_keys is 'tokens'."""
+    run = engine()
+    shared = prompt(128, seed=25)
+    run.serve("base", [*shared, 1])
+    run.scheduler.reset_prefix_cache()
+    run.serve("lora-a", [*shared, 2], lora=LoRARequest("a", 1, "/adapters/a"))
+    assert run.scheduled["lora-a"] == 0  # the base model's chunks are not the LoRA's
+    run.scheduler.reset_prefix_cache()
+    run.serve("lora-b", [*shared, 3], lora=LoRARequest("b", 2, "/adapters/b"))
+    assert run.scheduled["lora-b"] == 0
+    run.scheduler.reset_prefix_cache()
+    run.serve("lora-a-again", [*shared, 4], lora=LoRARequest("a", 1, "/adapters/a"))
+    assert run.scheduled["lora-a-again"] == 128
+    run.scheduler.reset_prefix_cache()
+    run.serve("base-again", [*shared, 5])
+    assert run.scheduled["base-again"] == 128
 
 
 def test_blocks_vllm_holds_of_a_partly_cached_chunk_are_not_written(

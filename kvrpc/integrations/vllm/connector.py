@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -139,6 +140,61 @@ class KvrpcConnectorStats(KVConnectorStats):  # type: ignore[misc]
         return not any(self.data.values())
 
 
+def _beyond_tokens(request: Request) -> bool:
+    """Whether the request's KV depends on more than its tokens and cache salt.
+
+    A LoRA changes the keys and values a prompt makes, and a multimodal input or prompt
+    embeddings stand behind placeholder token ids: hashing the tokens would give another
+    request's chunks. vLLM's block hashes cover all three.
+    """
+    return bool(
+        getattr(request, "lora_request", None)
+        or getattr(request, "mm_features", None)
+        or getattr(request, "prompt_embeds", None) is not None
+    )
+
+
+def _block_hashes_per_chunk(
+    settings: ConnectorSettings,
+    vllm_config: VllmConfig,
+    kv_cache_config: KVCacheConfig | None,
+    chunk_size: int,
+) -> int:
+    """How many of vLLM's block hashes make a kvrpc chunk; 0 when they cannot key chunks.
+
+    Requests beyond their tokens (:func:`_beyond_tokens`) are keyed by them whatever
+    ``kvrpc.chunk_keys`` says; with 0 such requests are neither looked up nor stored.
+    """
+    cache_config = vllm_config.cache_config
+    hash_block_size = int(
+        getattr(kv_cache_config, "hash_block_size", None) or cache_config.block_size
+    )
+    if chunk_size % hash_block_size:
+        message = (
+            f"the server's chunk size ({chunk_size}) is not a multiple of vLLM's hash block "
+            f"size ({hash_block_size})"
+        )
+        if settings.chunk_keys == "block_hashes":
+            raise KVConfigError(f"kvrpc.chunk_keys = 'block_hashes' cannot work: {message}")
+        logger.warning("%s: requests with a LoRA or multimodal inputs are not cached", message)
+        return 0
+    algo = str(getattr(cache_config, "prefix_caching_hash_algo", "sha256"))
+    if (
+        settings.chunk_keys == "block_hashes"
+        and algo.startswith("xxhash")
+        and os.environ.get("PYTHONHASHSEED") is None
+    ):
+        # vLLM then seeds its block hashes at random in each process: nothing this engine
+        # stores is found by another engine, or by this one after a restart.
+        logger.warning(
+            "kvrpc.chunk_keys = 'block_hashes' with --prefix-caching-hash-algo %s and no "
+            "PYTHONHASHSEED: vLLM's block hashes differ in every engine process, so kvrpc's "
+            "stored chunks hit only within this run; set PYTHONHASHSEED to share them",
+            algo,
+        )
+    return chunk_size // hash_block_size
+
+
 class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
     """kvrpc as vLLM's KV connector; configured by ``kvrpc.*`` keys (see :mod:`.settings`)."""
 
@@ -210,11 +266,15 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 lookup_timeout=settings.lookup_timeout,
                 **options,
             )
+            self._by_block_hashes = settings.chunk_keys == "block_hashes"
             self.plan = SchedulerPlan(
                 self.scheduler.chunk_size,
                 self.block_size,
                 save_decode_cache=settings.save_decode_cache,
                 sync_loads=settings.layerwise,
+                block_hashes_per_chunk=_block_hashes_per_chunk(
+                    settings, vllm_config, kv_cache_config, self.scheduler.chunk_size
+                ),
             )
             self._asked: dict[str, float] = {}
             self._matched: dict[str, int] = {}
@@ -285,11 +345,15 @@ class KvrpcConnector(KVConnectorBase_V1):  # type: ignore[misc]
             # New, or preempted and back (its own stored chunks may hit now): look up.
             self._matched.pop(request_id, None)
             adapter.cleanup_lookup_result(request_id)
+            by_blocks = self._by_block_hashes or _beyond_tokens(request)
+            cached = not by_blocks or bool(self.plan.block_hashes_per_chunk)
             hashes = self.plan.begin(
                 request_id,
                 request.all_token_ids,
                 request.num_prompt_tokens,
                 getattr(request, "cache_salt", None),
+                request.block_hashes if by_blocks and cached else None,
+                cached=cached,
             )
             if self.events is not None:
                 self._requests[request_id] = request

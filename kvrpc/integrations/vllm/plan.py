@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from kvrpc.kv.client import LoadStoreOp
 from kvrpc.kv.client.hosts import host_of_rank
-from kvrpc.kv.keys import hashes_from_tokens
+from kvrpc.kv.keys import hashes_from_block_hashes, hashes_from_tokens
 
 __all__ = ["KVRanks", "Phase", "ReleasePins", "SchedulerPlan", "Transfer", "kv_ranks"]
 
@@ -118,6 +118,10 @@ class _Request:
     prompt_len: int
     cache_salt: str | None
     hashes: list[bytes]
+    # vLLM's own block hashes of the request (a list it extends as tokens come), when the
+    # plan keys chunks by them; None: by the tokens.
+    block_hashes: Sequence[bytes] | None = None
+    cached: bool = True  # False: never looked up nor stored
     phase: Phase = Phase.LOOKING
     local: int = 0
     hit: int = 0
@@ -136,9 +140,17 @@ class SchedulerPlan:
         *,
         save_decode_cache: bool = False,
         sync_loads: bool = False,
+        block_hashes_per_chunk: int = 0,
     ):
         if chunk_size % block_size:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of block {block_size}")
+        if block_hashes_per_chunk < 0:
+            raise ValueError(f"block hashes per chunk must be >= 0, not {block_hashes_per_chunk}")
+        #: The engine's block hashes per chunk, for requests keyed by them (the hash of a
+        #: chunk's last one names it, see :func:`~kvrpc.kv.keys.hashes_from_block_hashes`);
+        #: 0: the engine's blocks do not tile chunks, and every request is keyed by its
+        #: tokens (:func:`~kvrpc.kv.keys.hashes_from_tokens`).
+        self.block_hashes_per_chunk = block_hashes_per_chunk
         self.chunk_size = chunk_size
         self.block_size = block_size
         self.blocks_per_chunk = chunk_size // block_size
@@ -167,20 +179,39 @@ class SchedulerPlan:
         tokens: Sequence[int],
         prompt_len: int,
         cache_salt: str | None = None,
+        block_hashes: Sequence[bytes] | None = None,
+        *,
+        cached: bool = True,
     ) -> list[bytes]:
         """Start (or start over) planning a request; returns the chunk hashes to look up.
 
         ``tokens`` is the request's token list, which may grow as it decodes (the plan reads
-        it, never changes it).
+        it, never changes it). With ``block_hashes`` (vLLM's list of the request's block
+        hashes, which grows too) the request's chunks are keyed by those, which cover what
+        the tokens do not (the cache salt, a LoRA, multimodal inputs); it needs a plan made
+        with ``block_hashes_per_chunk``. A request not ``cached`` is never looked up nor
+        stored: one whose KV its tokens do not determine, when no block hashes can key it.
         """
-        lookable = max(0, prompt_len - 1) // self.chunk_size * self.chunk_size
-        window = tokens[:lookable]
+        if block_hashes is not None and not self.block_hashes_per_chunk:
+            raise ValueError("block hashes given to a plan made without block_hashes_per_chunk")
+        request = _Request(request_id, tokens, prompt_len, cache_salt, [], block_hashes, cached)
+        if cached:
+            request.hashes = self._chunk_hashes(request, max(0, prompt_len - 1) // self.chunk_size)
+        self._requests[request_id] = request
+        return list(request.hashes)
+
+    def _chunk_hashes(self, request: _Request, chunks: int) -> list[bytes]:
+        """The hashes of the request's first ``chunks`` chunks (fewer if not all are known)."""
+        per_chunk = self.block_hashes_per_chunk
+        if request.block_hashes is not None:
+            # The engine has hashed every whole block of the tokens it holds: a chunk's key
+            # costs one SHA-256 over its last block's hash, not one over its 256 token ids.
+            return hashes_from_block_hashes(request.block_hashes[: chunks * per_chunk], per_chunk)
+        window = request.tokens[: chunks * self.chunk_size]
         # vLLM's token list slices to a list already: copying it again costs ~2 ns an id.
         if not isinstance(window, list):
             window = list(window)
-        hashes = hashes_from_tokens(window, self.chunk_size, cache_salt)
-        self._requests[request_id] = _Request(request_id, tokens, prompt_len, cache_salt, hashes)
-        return list(hashes)
+        return hashes_from_tokens(window, self.chunk_size, request.cache_salt)
 
     def on_lookup(self, request_id: str, matched: int, local: int) -> int:
         """How many tokens to load (0 or more) given the two hits.
@@ -268,6 +299,8 @@ class SchedulerPlan:
         request = self._requests.get(request_id)
         if request is None:
             return
+        if not request.cached:
+            return  # nor its blocks kept: no transfer of it ever names them
         if replace_blocks:
             request.blocks = list(new_block_ids)
         else:
@@ -279,8 +312,10 @@ class SchedulerPlan:
         if ready <= first:
             return
         if len(request.hashes) < ready:
-            tokens = list(request.tokens[: ready * self.chunk_size])
-            request.hashes = hashes_from_tokens(tokens, self.chunk_size, request.cache_salt)
+            request.hashes = self._chunk_hashes(request, ready)
+            ready = len(request.hashes)  # a chunk whose block hashes vLLM has not made yet
+            if ready <= first:
+                return
         request.stored_chunks = ready
         self._add_transfer(request, False, first, ready)
 

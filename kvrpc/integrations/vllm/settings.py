@@ -82,6 +82,15 @@ class ConnectorSettings(BaseModel):
     save_decode_cache: bool = Field(
         default=False, description="Also store the chunks that decoding fills, not only prompts."
     )
+    chunk_keys: Literal["tokens", "block_hashes"] = Field(
+        default="tokens",
+        description=(
+            "What names a chunk on the server: 'tokens' hashes its token ids (any engine or "
+            "router that hashes the same tokens finds it); 'block_hashes' reuses vLLM's own "
+            "block hashes, so a lookup hashes nothing (about 1/256 of the work), and hits "
+            "only engines with the same --prefix-caching-hash-algo and hash seed."
+        ),
+    )
     layerwise: bool = Field(
         default=False,
         description=(
