@@ -603,8 +603,15 @@ def hashes_from_block_hashes(
     new_context = _SHA256.copy
     hashes: list[bytes] = []
     previous = _BLOCK_ROOT
+    sha256 = hashlib.sha256
     for index in range(blocks_per_chunk - 1, len(block_hashes), blocks_per_chunk):
         raw = block_hashes[index]
+        if type(raw) is bytes:
+            # vLLM's own kind: one hash of the joined 65 bytes costs a third less than a
+            # context copied and updated three times, for the same digest.
+            previous = sha256(previous + _TAG_BYTES + raw).digest()
+            hashes.append(previous)
+            continue
         context = new_context()
         context.update(previous)
         if isinstance(raw, bytes | bytearray | memoryview):
