@@ -654,7 +654,54 @@ class SyncClient:
             raise ClientClosed(f"client for {self.url} is closed")
         self._refuse_loop_thread()
         request_id, definition, frames = self._client.prepare(protocol, payload)
+        self._settle_direct()
         return self._submit_prepared(request_id, definition, frames, timeout)
+
+    def submit_direct(
+        self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT
+    ) -> MessagingFuture[Any]:
+        """Send a request now from this thread; its reply is read when its future is looked at.
+
+        Send now, read later: on the direct lane (see :mod:`kvrpc.lane`), the request goes
+        out in this call, and the returned :class:`~kvrpc.lane.LaneFuture` reads the reply
+        in whichever thread polls it (``done``), waits on it, or sends on the lane next; its
+        done-callbacks run there, and its deadline is noticed then too. No thread crossing
+        either way: for a thread that sends several requests and then polls for them, as a
+        scheduler does. Until they are all settled this thread's calls take the lane too, and
+        its plain ``submit`` first waits for them, so that nothing overtakes them. Where the
+        lane cannot take it (none on this transport, another thread's, or calls of this
+        client pending on the loop path) it is an ordinary :meth:`submit`.
+        """
+        if self._closed or self._loop is None:
+            raise ClientClosed(f"client for {self.url} is closed")
+        self._refuse_loop_thread()
+        request_id, definition, frames = self._client.prepare(protocol, payload)
+        lane = self._lane
+        if lane is not None and (lane.owned_here() or self._unsettled == 0):
+            seconds = self._client.timeout if isinstance(timeout, _Default) else timeout
+            # With every slot taken by this thread's own lane calls, only reading frees one.
+            while not self._slots.acquire(blocking=False):
+                if lane.owned_here():
+                    lane.pump(None, None)
+                else:
+                    self._slots.acquire()
+                    break
+            future = lane.submit(request_id, definition, frames, seconds, self._slots.release)
+            if future is not None:
+                future.add_done_callback(functools.partial(self._withdraw_direct, request_id))
+                return future
+            self._slots.release()
+        return self._submit_prepared(request_id, definition, frames, timeout)
+
+    def _settle_direct(self) -> None:
+        # This thread's lane calls first: a request of it on the loop path must not pass them.
+        lane = self._lane
+        while lane is not None and lane.owned_here():
+            lane.pump(None, None)
+
+    def _withdraw_direct(self, request_id: int, future: MessagingFuture[Any]) -> None:
+        if future.cancelled() and self._lane is not None:
+            self._lane.withdraw(request_id)  # its slot comes back now, not at its reply
 
     def _hand_over(self) -> None:
         # On the loop thread: everything submitted since the last wake-up, in order.
@@ -699,6 +746,8 @@ class SyncClient:
     def call(self, protocol: ProtocolRef, *payload: Any, timeout: Timeout = DEFAULT) -> Any:
         """Call and block for the response; raises what :meth:`AsyncClient.call` raises."""
         lane = self._lane
+        if lane is not None and lane.owned_here():  # behind this thread's direct submits
+            return self.submit_direct(protocol, *payload, timeout=timeout).result()
         # Only with nothing of this client pending, so that a call never overtakes a request
         # the same thread submitted before it (the lane is another connection).
         if lane is not None and self._unsettled == 0 and not self._closed:
@@ -756,6 +805,7 @@ class SyncClient:
         if self._closed or self._loop is None:
             raise ClientClosed(f"client for {self.url} is closed")
         self._refuse_loop_thread()
+        self._settle_direct()
         client = self._client
         request_id, definition, frames = client.prepare(protocol, payload, window)
         seconds = client.timeout if isinstance(timeout, _Default) else timeout

@@ -75,11 +75,14 @@ def test_bench_rpc_over_a_socket_measures_the_sync_client_beside_blocking_raw_cl
     assert "[bench rpc] sync round" in done.stderr  # KVRPC_PROGRESS=1: plain lines, piped
     figures = json.loads(out.read_text())
     # kvrpc's two clients, the transport's own raw clients and plain pyzmq, all in one run.
-    for prefix in ("", "raw_", "sync_", "raw_sync_", "raw_zmq_sync_"):
+    for prefix in ("", "raw_", "sync_", "sync_direct_", "raw_sync_", "raw_zmq_sync_"):
         assert 0 < figures[f"{prefix}ping_p50_us"] <= figures[f"{prefix}ping_p99_us"], prefix
         assert figures[f"{prefix}pipelined_calls_per_s"] > 0, prefix
     assert figures["sync_ping_p50_ratio_to_raw_sync"] == pytest.approx(
         figures["sync_ping_p50_us"] / figures["raw_sync_ping_p50_us"]
+    )
+    assert figures["sync_direct_pipelined_ratio_to_raw_sync"] == pytest.approx(
+        figures["sync_direct_pipelined_calls_per_s"] / figures["raw_sync_pipelined_calls_per_s"]
     )
     assert figures["pipelined_p99_over_p50"] >= 1
     assert "lmcache_ping_p50_us" not in figures  # only with --vs lmcache

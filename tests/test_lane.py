@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvrpc import (
+    ClientClosed,
     ConnectionLost,
     HandlerType,
     ProtocolDefinition,
@@ -24,7 +25,7 @@ from kvrpc import (
     SyncClient,
 )
 from kvrpc.errors import MessageTooLarge
-from kvrpc.lane import NOT_TAKEN, DirectLane
+from kvrpc.lane import NOT_TAKEN, DirectLane, LaneFuture
 from kvrpc.transport import TransportOptions
 
 ECHO = ProtocolDefinition("lane.echo", (object,), object)
@@ -256,3 +257,115 @@ def test_a_call_after_a_settled_submit_finishes_after_that_submits_done_callback
             assert submitted.result(10) == "first"
             assert client.call(ECHO, "second") == "second"
             assert ran == [1]
+
+
+# ------------------------------------------------------------- send now, read later
+
+
+def test_direct_submits_go_out_at_once_and_their_futures_read_their_own_replies(
+    served: Served,
+) -> None:
+    with SyncClient(served.url, registry=served.registry) as client:
+        futures = [client.submit_direct(RECORD, n) for n in range(40)]
+        assert all(isinstance(f, LaneFuture) for f in futures)
+        assert [f.result(10) for f in futures] == list(range(40))
+        assert served.record == list(range(40))
+        assert client.stats.direct_calls == 40
+        assert client.stats.requests == client.stats.replies == 40
+
+
+def test_polling_done_alone_settles_a_direct_submit(served: Served) -> None:
+    with SyncClient(served.url, registry=served.registry) as client:
+        future = client.submit_direct(ECHO, "polled")
+        polls = 0
+        while not future.done():  # nothing else reads the lane: each poll reads what came
+            polls += 1
+            assert polls < 10_000_000, "a polled direct submit never settled"
+        assert future.result(0) == "polled"
+
+
+def test_a_threads_later_calls_and_submits_never_overtake_its_direct_submits(
+    served: Served,
+) -> None:
+    with SyncClient(served.url, registry=served.registry) as client:
+        for round_ in range(10):
+            base = 4 * round_
+            first = client.submit_direct(RECORD, base)
+            assert client.call(RECORD, base + 1) == base + 1  # on the lane, behind it
+            second = client.submit_direct(RECORD, base + 2)
+            plain = client.submit(RECORD, base + 3)  # waits for both, then the loop path
+            assert second.done() and first.done()
+            assert plain.result(10) == base + 3
+        assert served.record == list(range(40))
+
+
+def test_another_threads_calls_take_the_loop_path_while_one_thread_owns_the_lane(
+    served: Served,
+) -> None:
+    with SyncClient(served.url, registry=served.registry) as client:
+        held = client.submit_direct(HOLD)
+        assert served.holding.wait(10)
+        with ThreadPoolExecutor(1) as other:
+            assert other.submit(client.call, ECHO, "beside").result(10) == "beside"
+            assert client.stats.direct_calls == 1  # only the HOLD
+        served.release.set()
+        assert held.result(10) == "held"
+
+
+def test_more_direct_submits_than_slots_are_all_answered(served: Served) -> None:
+    with SyncClient(served.url, registry=served.registry, max_in_flight=4) as client:
+        futures = [client.submit_direct(ECHO, n) for n in range(50)]  # reads to free slots
+        assert [f.result(10) for f in futures] == list(range(50))
+
+
+def test_a_cancelled_direct_submit_gives_its_slot_back_at_once(served: Served) -> None:
+    with SyncClient(served.url, registry=served.registry, max_in_flight=1) as client:
+        held = client.submit_direct(HOLD)
+        assert served.holding.wait(10)
+        assert held.cancel()
+        # The only slot is free again, though HOLD's reply has not come.
+        assert client.submit_direct(ECHO, "next").result(10) == "next"
+        served.release.set()
+
+
+def test_a_direct_submit_past_its_deadline_times_out_and_its_late_reply_is_skipped(
+    served: Served,
+) -> None:
+    with SyncClient(served.url, registry=served.registry) as client:
+        late = client.submit_direct(LATE, 1, timeout=0.05)
+        with pytest.raises(RequestTimeout, match=r"lane\.late"):
+            late.result(10)  # reading the lane notices the deadline
+        assert client.submit_direct(LATE, 2).result(10) == 2
+        assert client.stats.late_replies == 1
+
+
+def test_a_server_gone_fails_the_pending_direct_submits_with_connection_lost(
+    served: Served,
+) -> None:
+    client = SyncClient(served.url, registry=served.registry, timeout=60.0)
+    try:
+        held = [client.submit_direct(HOLD) for _ in range(3)]
+        assert served.holding.wait(10)
+        served.begin_stop()
+        for future in held:
+            assert isinstance(future.exception(20), ConnectionLost)
+    finally:
+        client.close()
+
+
+def test_closing_the_client_fails_its_pending_direct_submits(served: Served) -> None:
+    client = SyncClient(served.url, registry=served.registry, timeout=60.0)
+    held = client.submit_direct(HOLD)
+    assert served.holding.wait(10)
+    client.close()
+    assert isinstance(held.exception(10), ClientClosed)
+    served.release.set()
+
+
+async def test_a_direct_submits_future_can_be_awaited(served: Served) -> None:
+    client = await asyncio.to_thread(SyncClient, served.url, registry=served.registry)
+    try:
+        future = client.submit_direct(ECHO, "awaited")
+        assert await asyncio.wait_for(future, 10) == "awaited"
+    finally:
+        await asyncio.to_thread(client.close)

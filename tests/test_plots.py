@@ -195,7 +195,9 @@ def test_each_bench_plot_writes_a_png_and_leaves_the_figures_as_they_were(
 
 
 def test_the_rpc_plot_knows_every_prefix_the_rpc_bench_writes() -> None:
-    assert set(RPC_CONTENDERS) == {"", "raw_", "sync_", "raw_sync_", "raw_zmq_sync_", "lmcache_"}
+    assert set(RPC_CONTENDERS) == {
+        *("", "raw_", "sync_", "sync_direct_", "raw_sync_", "raw_zmq_sync_", "lmcache_")
+    }
 
 
 def test_an_inproc_rpc_run_with_no_baseline_still_plots(tmp_path: Path) -> None:

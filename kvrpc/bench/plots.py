@@ -25,6 +25,7 @@ RPC_CONTENDERS: dict[str, str] = {
     "": "kvrpc AsyncClient",
     "raw_": "raw asyncio baseline",
     "sync_": "kvrpc SyncClient",
+    "sync_direct_": "kvrpc SyncClient, submit_direct",
     "raw_sync_": "raw blocking client",
     "raw_zmq_sync_": "raw blocking pyzmq",
     "lmcache_": "LMCache MQ client",

@@ -8,6 +8,8 @@ from a process of its own and is measured in turns with the others, in one run:
   ``kvrpc serve`` at the URL (``call`` for the sequential figure, so the calling thread's
   direct lane answers it where the transport has one; ``submit`` when pipelined), and
   ``sync_loop_``, the same with ``direct=False``: every call through the client's loop thread;
+  and ``sync_direct_``, pipelined with ``submit_direct`` (sent from the caller's thread, each
+  reply read there as it is waited for: no thread crossing at all);
 * ``raw_sync_``: the URL's socket library used plainly from the caller's thread, with no
   kvrpc (the ``kvrpc.baselines`` entry point's blocking client: a pyzmq DEALER, a blocking
   Unix socket), sending messages the size of a kvrpc ping;
@@ -87,14 +89,15 @@ class SyncOptions:
 
 
 class _KvrpcSync:
-    def __init__(self, client: SyncClient) -> None:
+    def __init__(self, client: SyncClient, direct: bool = False) -> None:
         self.client = client
+        self.submit = client.submit_direct if direct else client.submit
 
     def call(self) -> None:
         self.client.call(PING)
 
     def send(self) -> Any:
-        return self.client.submit(PING)
+        return self.submit(PING)
 
     def wait(self, handle: Any) -> None:
         handle.result()
@@ -124,6 +127,9 @@ class _RawSync:
     def close(self) -> None:
         self.client.close()
 
+
+# kvrpc's own contenders; every other one is a baseline their figures are divided by.
+_KVRPC_PATHS = ("sync_", "sync_loop_", "sync_direct_")
 
 # On a terminal, a status line rewritten in place; piped, nothing (see kvrpc.progress).
 _progress = Progress("bench rpc")
@@ -162,14 +168,19 @@ def run_sync_bench(options: SyncOptions) -> dict[str, Any]:
         figures["sync_pipelined_p99_over_p50"] = (
             figures["sync_pipelined_p99_us"] / figures["sync_pipelined_p50_us"]
         )
-        for other in (p for p in paths if p not in ("sync_", "sync_loop_")):
+        figures["sync_direct_pipelined_p99_over_p50"] = (
+            figures["sync_direct_pipelined_p99_us"] / figures["sync_direct_pipelined_p50_us"]
+        )
+        for other in (p for p in paths if p not in _KVRPC_PATHS):
             name = other.rstrip("_")
             figures[f"sync_ping_p50_ratio_to_{name}"] = (
                 figures["sync_ping_p50_us"] / figures[f"{other}ping_p50_us"]
             )
-            figures[f"sync_pipelined_ratio_to_{name}"] = (
-                figures["sync_pipelined_calls_per_s"] / figures[f"{other}pipelined_calls_per_s"]
-            )
+            for mine in ("sync_", "sync_direct_"):
+                figures[f"{mine}pipelined_ratio_to_{name}"] = (
+                    figures[f"{mine}pipelined_calls_per_s"]
+                    / figures[f"{other}pipelined_calls_per_s"]
+                )
         for path in paths.values():
             path.close()
     return figures
@@ -187,6 +198,8 @@ def _contenders(
         "sync_": _KvrpcSync(SyncClient(options.url, timeout=60.0)),
         # The same client with every call through its loop thread: what the lane saves.
         "sync_loop_": _KvrpcSync(SyncClient(options.url, timeout=60.0, direct=False)),
+        # Pipelined with submit_direct: sent from the caller's thread, read as it waits.
+        "sync_direct_": _KvrpcSync(SyncClient(options.url, timeout=60.0), direct=True),
     }
     raws = [("raw_sync_", url.scheme)]
     if not url.scheme.startswith("zmq+"):

@@ -271,6 +271,8 @@ class BlockingClientTransport(Protocol):
     def recv(self, timeout: float | None) -> list[Buffer]:
         """The next message, waiting up to ``timeout`` seconds (None: no limit).
 
+        A ``timeout`` of 0 never waits, and still returns a message that has arrived.
+
         Raises ``TimeoutError`` when none came in time (the connection stays usable), and
         :class:`~kvrpc.errors.ConnectionLost` once the connection is gone (it is then
         unusable). A message over ``max_message_size`` comes back as an :class:`Oversized`.

@@ -108,6 +108,14 @@ class ServerLink:
         """Submit a ``kv.*`` call that carries this adapter's client id first."""
         return self.client.submit(protocol, self.client_id, *args)
 
+    def submit_direct(self, protocol: ProtocolDefinition, *args: Any) -> MessagingFuture[Any]:
+        """:meth:`submit`, sent now from this thread, its reply read when the future is polled.
+
+        See :meth:`~kvrpc.client.SyncClient.submit_direct`: for a caller that polls its
+        futures from one thread, as a scheduler does.
+        """
+        return self.client.submit_direct(protocol, self.client_id, *args)
+
     def call(self, protocol: ProtocolDefinition, *args: Any) -> Any:
         """Call a ``kv.*`` protocol that carries this adapter's client id first."""
         return self.client.call(protocol, self.client_id, *args)

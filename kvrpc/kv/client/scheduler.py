@@ -154,7 +154,7 @@ class SchedulerAdapter:
             self._lookups[request_id] = self._submit_everywhere(request_id, wire_id, keys, hashes)
             return
         try:
-            future = self._link.submit(protocols.LOOKUP, wire_id, keys, self.engine_id)
+            future = self._link.submit_direct(protocols.LOOKUP, wire_id, keys, self.engine_id)
         except KvrpcError as exc:
             logger.warning("lookup for request %r not sent, computing it: %s", request_id, exc)
             self._lookups[request_id] = _Lookup([], tokens=0)
@@ -169,7 +169,7 @@ class SchedulerAdapter:
         for link in self._links:
             try:
                 answers.append(
-                    _Answer(link.submit(protocols.LOOKUP, wire_id, keys, self.engine_id))
+                    _Answer(link.submit_direct(protocols.LOOKUP, wire_id, keys, self.engine_id))
                 )
             except KvrpcError as exc:
                 logger.warning(
@@ -222,7 +222,7 @@ class SchedulerAdapter:
             return
         keys = KeyBatch(self.model_name, self.world_size, None, b"".join(hashes))
         try:
-            future = link.submit(protocols.RELEASE_PINS, wire_id, keys)
+            future = link.submit_direct(protocols.RELEASE_PINS, wire_id, keys)
         except KvrpcError as exc:  # the session's pins go with it, or with this client
             logger.debug("release_pins for %r not sent to %s: %s", request_id, link.url, exc)
             return
@@ -279,7 +279,7 @@ class SchedulerAdapter:
                 answer.job = result
             assert answer.job is not None
             try:
-                answer.future = link.submit(protocols.QUERY_PREFETCH_STATUS, answer.job)
+                answer.future = link.submit_direct(protocols.QUERY_PREFETCH_STATUS, answer.job)
             except KvrpcError as exc:
                 logger.warning("prefetch status for %r not asked: %s", request_id, exc)
                 answer.chunks = 0
@@ -336,7 +336,9 @@ class SchedulerAdapter:
 
     def _end(self, link: ServerLink, request_id: str, wire_id: str) -> None:
         try:
-            future = link.submit(protocols.END_SESSION, self.model_name, self.world_size, wire_id)
+            future = link.submit_direct(
+                protocols.END_SESSION, self.model_name, self.world_size, wire_id
+            )
         except KvrpcError as exc:  # the server releases them when this client goes silent
             logger.debug("end_session for %r not sent to %s: %s", request_id, link.url, exc)
             return

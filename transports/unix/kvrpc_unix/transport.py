@@ -1139,16 +1139,20 @@ class UnixBlockingClient:
         """The next message within ``timeout`` seconds; :class:`ConnectionLost` once lost."""
         reader = self._reader
         deadline = None if timeout is None else time.monotonic() + timeout
+        read = False  # a timeout of 0 still takes what has arrived: one read that never waits
         while not reader.messages:
             if self._broken:
                 raise ConnectionLost(f"connection to unix://{self.path} is closed")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"no message from unix://{self.path} within {timeout}s")
+                if read:
+                    raise TimeoutError(f"no message from unix://{self.path} within {timeout}s")
+                left = 0.0
+            read = True
             self._sock.settimeout(left)
             try:
                 size = self._sock.recv_into(reader.get_buffer())
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: the read that never waits
                 continue
             except OSError as exc:
                 self._broken = True
