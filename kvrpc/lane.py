@@ -152,7 +152,7 @@ class DirectLane:
                 self._lost("the lane's connection could not take a request")
                 return None
             future: LaneFuture[Any] = LaneFuture(self)
-            table.add(request_id, future, definition, timeout, time.monotonic(), on_done)
+            table.add(request_id, future.sink, definition, timeout, time.monotonic(), on_done)
             self.stats.direct_calls += 1
             self._owner = me
             self._read_ready()  # replies that came meanwhile, for futures nobody polls
@@ -333,11 +333,13 @@ class LaneFuture(MessagingFuture[T]):
     thread (see the module doc): any thread may, and no event loop is involved.
     """
 
-    __slots__ = ("_lane",)
+    __slots__ = ("_lane", "sink")
 
     def __init__(self, lane: DirectLane) -> None:
         super().__init__()
         self._lane = lane
+        #: What the lane's call table resolves: it never reads the lane, as ``done`` does.
+        self.sink = _Sink(self)
 
     def settled(self) -> bool:
         """True once resolved, without reading anything."""
@@ -377,3 +379,21 @@ class LaneFuture(MessagingFuture[T]):
 
     def __repr__(self) -> str:
         return f"<LaneFuture {'done' if self._future.done() else 'pending'}>"
+
+
+class _Sink:
+    """A :class:`LaneFuture` as its lane's :class:`~kvrpc.calls.CallTable` sees it."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: LaneFuture[Any]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.settled()
+
+    def set_result(self, value: Any, /) -> None:
+        self._future.set_result(value)
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        self._future.set_exception(exc)
