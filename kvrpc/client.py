@@ -688,7 +688,6 @@ class SyncClient:
                     break
             future = lane.submit(request_id, definition, frames, seconds, self._slots.release)
             if future is not None:
-                future.add_done_callback(functools.partial(self._withdraw_direct, request_id))
                 return future
             self._slots.release()
         return self._submit_prepared(request_id, definition, frames, timeout)
@@ -698,10 +697,6 @@ class SyncClient:
         lane = self._lane
         while lane is not None and lane.owned_here():
             lane.pump(None, None)
-
-    def _withdraw_direct(self, request_id: int, future: MessagingFuture[Any]) -> None:
-        if future.cancelled() and self._lane is not None:
-            self._lane.withdraw(request_id)  # its slot comes back now, not at its reply
 
     def _hand_over(self) -> None:
         # On the loop thread: everything submitted since the last wake-up, in order.

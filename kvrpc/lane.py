@@ -101,15 +101,8 @@ class DirectLane:
         try:
             if self._table:  # another thread's submitted calls own it (see owned_here)
                 return NOT_TAKEN
-            conn = self._connection()
+            conn = self._send(frames)
             if conn is None:
-                return NOT_TAKEN
-            try:
-                sent = conn.send(frames)
-            except TransportError:  # the loop path reports what it says about this message
-                sent = False
-            if not sent:
-                self._drop()
                 return NOT_TAKEN
             self.stats.requests += 1
             return self._await_reply(conn, request_id, definition, timeout)
@@ -141,17 +134,9 @@ class DirectLane:
             table = self._table
             if table and self._owner is not me:
                 return None
-            conn = self._connection()
-            if conn is None:
+            if self._send(frames) is None:
                 return None
-            try:
-                sent = conn.send(frames)
-            except TransportError:
-                sent = False
-            if not sent:
-                self._lost("the lane's connection could not take a request")
-                return None
-            future: LaneFuture[Any] = LaneFuture(self)
+            future: LaneFuture[Any] = LaneFuture(self, request_id)
             table.add(request_id, future.sink, definition, timeout, time.monotonic(), on_done)
             self.stats.direct_calls += 1
             self._owner = me
@@ -250,6 +235,21 @@ class DirectLane:
             table.receive(frames, self._options.max_message_size)
             conn = self._conn
 
+    def _send(self, frames: Sequence[Buffer]) -> BlockingClientTransport | None:
+        # Holding the lock: connect if need be and send the message whole on the connection
+        # returned, or drop it (failing the lane's submitted calls) and return None; then the
+        # loop path takes the message and reports what it has to say about it.
+        conn = self._connection()
+        if conn is None:
+            return None
+        try:
+            if conn.send(frames):
+                return conn
+        except TransportError:
+            pass
+        self._lost("the lane's connection could not take a request")
+        return None
+
     def _lost(self, reason: str) -> None:
         # Holding the lock: the submitted calls' replies will never come on this connection.
         if self._conn is not None:
@@ -333,11 +333,12 @@ class LaneFuture(MessagingFuture[T]):
     thread (see the module doc): any thread may, and no event loop is involved.
     """
 
-    __slots__ = ("_lane", "sink")
+    __slots__ = ("_lane", "_request_id", "sink")
 
-    def __init__(self, lane: DirectLane) -> None:
+    def __init__(self, lane: DirectLane, request_id: int) -> None:
         super().__init__()
         self._lane = lane
+        self._request_id = request_id
         #: What the lane's call table resolves: it never reads the lane, as ``done`` does.
         self.sink = _Sink(self)
 
@@ -372,6 +373,17 @@ class LaneFuture(MessagingFuture[T]):
         """The call's error, or None if it succeeded; waits like :meth:`result`."""
         self._lane.pump(self, timeout)
         return self._future.exception(0)
+
+    def cancel(self) -> bool:
+        """Stop waiting for the result; True if it was not done yet.
+
+        The call leaves the lane's table at once, so its slot comes back now and its reply,
+        should it still come, is skipped as late.
+        """
+        cancelled = self._future.cancel()
+        if cancelled:
+            self._lane.withdraw(self._request_id)
+        return cancelled
 
     def __await__(self) -> Generator[Any, None, T]:
         # Nothing on the event loop reads the lane: a worker thread waits for the reply.
